@@ -1,0 +1,258 @@
+//! Wires the stages together and runs them until the cancellation token fires, then shuts down
+//! in order: stop consuming → finish in-flight sends (bounded) → store their outcomes →
+//! release this instance's leases → flush the producer → exit.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use anyhow::Context;
+use rdkafka::producer::{FutureProducer, Producer};
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, Semaphore, mpsc},
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Config,
+    dispatch::{Dispatcher, LeaseClock},
+    http::{self, HttpState},
+    ingest::Ingest,
+    kafka::{self, IngestConsumer},
+    metrics::{Metrics, StatusLabel},
+    report::Report,
+    send::{SendContext, Worker},
+    store::Store,
+};
+
+pub struct App {
+    config: Config,
+    store: Store,
+    producer: FutureProducer,
+    consumer: Arc<IngestConsumer>,
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+}
+
+impl App {
+    /// Connects to the dependencies, prepares the collection and topics, and binds the HTTP
+    /// port. Fails with context when a dependency is unusable.
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        tracing::info!(
+            instance = %config.instance_id,
+            brokers = %config.kafka.brokers,
+            topic_in = %config.kafka.topic_in,
+            topic_out = %config.kafka.topic_out,
+            database = %config.mongo.database,
+            collection = %config.mongo.collection,
+            smtp = %format!("{}:{}", config.smtp.host, config.smtp.port),
+            workers = config.smtp.max_senders,
+            rate = %format!("{} per {}", config.smtp.rate_max_letters, humantime::format_duration(config.smtp.rate_period)),
+            "starting mailsender"
+        );
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::connect(&config.mongo).await?;
+        retry_at_start("preparing MongoDB", || store.prepare(config.dispatch.lease)).await?;
+        if config.kafka.create_topics {
+            let topics =
+                [config.kafka.topic_in.as_str(), config.kafka.topic_out.as_str(), config.kafka.topic_dlq.as_str()];
+            retry_at_start("creating Kafka topics", || kafka::ensure_topics(&config.kafka, &topics)).await?;
+        }
+        let producer = kafka::producer(&config.kafka)?;
+        let consumer = Arc::new(kafka::consumer(&config.kafka, metrics.clone())?);
+        let listener = TcpListener::bind(config.http.addr)
+            .await
+            .with_context(|| format!("binding HTTP_ADDR {}", config.http.addr))?;
+        Ok(App { config, store, producer, consumer, listener, metrics })
+    }
+
+    pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let App { config, store, producer, consumer, listener, metrics } = self;
+        let owner = config.instance_id.clone();
+        let wake = Arc::new(Notify::new());
+        let lease = Arc::new(LeaseClock::new(config.dispatch.lease));
+        let consumer_running = Arc::new(AtomicBool::new(false));
+        let abort = CancellationToken::new();
+        let background = CancellationToken::new();
+
+        let http_state = Arc::new(HttpState {
+            producer: producer.clone(),
+            store: store.clone(),
+            topic_in: config.kafka.topic_in.clone(),
+            smtp_addr: (config.smtp.host.clone(), config.smtp.port),
+            admin_token: config.http.admin_token.clone(),
+            metrics: metrics.clone(),
+            consumer_running: consumer_running.clone(),
+            shutdown: shutdown.clone(),
+            readiness: Default::default(),
+        });
+        tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+        let http_stop = CancellationToken::new();
+        let http = tokio::spawn(
+            axum::serve(listener, http::router(http_state, config.http.max_body_bytes))
+                .with_graceful_shutdown(http_stop.clone().cancelled_owned())
+                .into_future(),
+        );
+
+        let mut ingest = tokio::spawn(
+            Ingest {
+                consumer,
+                producer: producer.clone(),
+                store: store.clone(),
+                config: config.kafka.clone(),
+                metrics: metrics.clone(),
+                wake: wake.clone(),
+                running: consumer_running,
+            }
+            .run(shutdown.clone()),
+        );
+
+        let send_context =
+            Arc::new(SendContext::new(config.smtp.clone(), config.dispatch.clone(), lease.clone(), metrics.clone())?);
+        let workers_count = config.smtp.max_senders;
+        let rate = config.smtp.rate_max_letters as f64 / config.smtp.rate_period.as_secs_f64();
+        let (letters_tx, letters_rx) = async_channel::bounded(workers_count);
+        let (outcomes_tx, outcomes_rx) = mpsc::channel(512);
+        let dispatcher = tokio::spawn(
+            Dispatcher {
+                store: store.clone(),
+                config: config.dispatch.clone(),
+                owner: owner.clone(),
+                capacity: Arc::new(Semaphore::new(Dispatcher::capacity(&config.dispatch, workers_count, rate))),
+                wake,
+                lease: lease.clone(),
+            }
+            .run(letters_tx, shutdown.clone()),
+        );
+        let mut workers = JoinSet::new();
+        for id in 0..workers_count {
+            let worker = Worker::new(id, send_context.clone());
+            workers.spawn(worker.run(letters_rx.clone(), outcomes_tx.clone(), shutdown.clone(), abort.clone()));
+        }
+        drop((letters_rx, outcomes_tx));
+
+        let reporter = Report {
+            store: store.clone(),
+            producer: producer.clone(),
+            topic: config.kafka.topic_out.clone(),
+            owner: owner.clone(),
+            metrics: metrics.clone(),
+        };
+        let report = tokio::spawn(reporter.clone().run(outcomes_rx, shutdown.clone()));
+        let mut chores = JoinSet::new();
+        chores.spawn(reporter.republish(config.dispatch.republish_interval, background.clone()));
+        chores.spawn(Dispatcher::maintain(
+            store.clone(),
+            config.dispatch.clone(),
+            owner.clone(),
+            lease,
+            background.clone(),
+        ));
+        chores.spawn(refresh_status_gauge(store.clone(), metrics.clone(), background.clone()));
+
+        let mut failure = None;
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            result = &mut ingest => {
+                failure = Some(match result {
+                    Ok(Ok(())) => anyhow::anyhow!("ingest stopped unexpectedly"),
+                    Ok(Err(error)) => error.context("ingest failed"),
+                    Err(error) => anyhow::Error::new(error).context("ingest panicked"),
+                });
+                shutdown.cancel();
+            }
+        }
+        tracing::info!(
+            timeout_s = config.shutdown_timeout.as_secs_f64(),
+            "shutting down: consumption stops, in-flight sends finish"
+        );
+
+        if failure.is_none()
+            && let Ok(Err(error)) = ingest.await
+        {
+            tracing::warn!(error = format!("{error:#}"), "ingest ended with an error");
+        }
+        let _ = dispatcher.await;
+        let finished =
+            tokio::time::timeout(config.shutdown_timeout, async { while workers.join_next().await.is_some() {} }).await;
+        if finished.is_err() {
+            tracing::warn!("in-flight sends did not finish within SHUTDOWN_TIMEOUT; abandoning them");
+            abort.cancel();
+            while workers.join_next().await.is_some() {}
+        }
+        // Every worker is gone, so the outcome channel is closed: this returns once the last
+        // outcome is written.
+        let _ = report.await;
+        background.cancel();
+        while chores.join_next().await.is_some() {}
+
+        match store.release_all(&owner).await {
+            Ok(released) => tracing::info!(released, "returned this instance's unsent letters to awaiting"),
+            Err(error) => tracing::error!(
+                error = format!("{error:#}"),
+                "releasing letters failed; their leases will expire instead"
+            ),
+        }
+        if let Err(error) = producer.flush(Duration::from_secs(5)) {
+            tracing::warn!(error = %error, "producer flush at shutdown");
+        }
+        http_stop.cancel();
+        let _ = http.await;
+        tracing::info!("mailsender stopped");
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Dependencies may start after us (a fresh cluster, the local stack): retry for a while
+/// before giving up, so start-up order does not matter.
+async fn retry_at_start<F, Fut>(what: &str, mut operation: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match operation().await {
+            Ok(()) => return Ok(()),
+            Err(error) if attempt < 6 => {
+                tracing::warn!(error = format!("{error:#}"), attempt, "{what} failed; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(error) => return Err(error.context(format!("{what} failed after {attempt} attempts"))),
+        }
+    }
+}
+
+/// Keeps the letters-by-status gauge current with one aggregation every 15 s, so scrapes cost
+/// nothing.
+async fn refresh_status_gauge(store: Store, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(15));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        match store.count_by_status().await {
+            Ok(counts) => {
+                for status in ["awaiting", "processing", "sent", "error"] {
+                    let n = counts.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
+                    metrics.by_status.get_or_create(&StatusLabel { status: status.to_owned() }).set(n);
+                }
+            }
+            Err(error) => tracing::debug!(error = format!("{error:#}"), "counting letters by status failed"),
+        }
+    }
+}

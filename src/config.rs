@@ -1,0 +1,503 @@
+//! Typed configuration, read once from the environment at start-up.
+//!
+//! Variable names and defaults stay compatible with the Go service this one replaces; everything
+//! new has a default, so an old deployment's environment starts the new service unchanged.
+//! A missing or invalid value is reported with the variable's name and what was expected.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use lettre::message::Mailbox;
+use secrecy::SecretString;
+
+/// A configuration problem, naming the variable so an operator can fix it without reading code.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var} is required: {expected}")]
+    Missing { var: &'static str, expected: &'static str },
+    #[error("{var}={value:?} is invalid: expected {expected}")]
+    Invalid { var: &'static str, value: String, expected: String },
+    /// Used for secrets, whose values must not be echoed.
+    #[error("{var} is invalid: expected {expected}")]
+    InvalidSecret { var: &'static str, expected: &'static str },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain text only; for a relay on the same host or a test sink.
+    None,
+    /// STARTTLS when the server offers it, plain text otherwise (what most MTAs do).
+    Opportunistic,
+    /// STARTTLS is required; a server that does not offer it is an error.
+    StartTls,
+    /// TLS from the first byte (SMTPS, usually port 465).
+    Implicit,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub mongo: MongoConfig,
+    pub smtp: SmtpConfig,
+    pub dispatch: DispatchConfig,
+    pub http: HttpConfig,
+    /// Identifies this replica as the owner of the letters it leases.
+    pub instance_id: String,
+    /// How long in-flight sends may take to finish once shutdown starts.
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic_in: String,
+    pub topic_out: String,
+    pub topic_dlq: String,
+    pub group_id: String,
+    /// Static group membership: a restarted pod with the same id gets its partitions back at
+    /// once instead of waiting out the session timeout of its previous incarnation.
+    pub group_instance_id: Option<String>,
+    pub session_timeout: Duration,
+    /// Partition count used when the service creates a missing topic.
+    pub partitions: i32,
+    pub create_topics: bool,
+    /// Most letters gathered from Kafka before they are written to MongoDB in one insert.
+    pub ingest_batch: usize,
+    /// Longest a partial ingest batch waits for more messages before it is written.
+    pub ingest_linger: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum MongoTarget {
+    Uri(SecretString),
+    Host { host: String, port: u16, username: String, password: SecretString },
+}
+
+#[derive(Debug, Clone)]
+pub struct MongoConfig {
+    pub target: MongoTarget,
+    pub database: String,
+    pub collection: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub user: Option<String>,
+    pub password: Option<SecretString>,
+    pub from: Mailbox,
+    pub tls: TlsMode,
+    pub tls_insecure_skip_verify: bool,
+    pub tls_ca_file: Option<PathBuf>,
+    pub helo_name: String,
+    /// Number of SMTP workers, each with its own reused connection.
+    pub max_senders: usize,
+    pub rate_period: Duration,
+    pub rate_max_letters: u32,
+    pub rate_burst: u32,
+    /// Bound on one whole SMTP transaction (connect included).
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    pub lease: Duration,
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Most letters claimed from MongoDB in one round trip.
+    pub claim_batch: usize,
+    /// How often an idle dispatcher looks for due letters (retries, other replicas' inserts).
+    pub poll_interval: Duration,
+    /// How often outcomes that were stored but never published are looked for.
+    pub republish_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub addr: SocketAddr,
+    pub max_body_bytes: usize,
+    pub admin_token: Option<SecretString>,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars().collect())
+    }
+
+    /// Builds the configuration from a set of variables, so tests need not touch the process
+    /// environment.
+    pub fn from_vars(vars: HashMap<String, String>) -> Result<Self, ConfigError> {
+        let env = Env { vars };
+
+        let kafka = KafkaConfig {
+            brokers: env.required("KAFKA_BROKERS", "a comma-separated list of host:port")?,
+            topic_in: env.string("KAFKA_TOPIC_MAILSENDER", "mts-to-mailsender"),
+            topic_out: env.string("KAFKA_TOPIC_PROFILE", "mts-to-profile"),
+            topic_dlq: env.string("KAFKA_TOPIC_DLQ", "mts-to-mailsender.dlq"),
+            group_id: env.string("KAFKA_GROUPID", "mailsender"),
+            group_instance_id: env.optional("KAFKA_GROUP_INSTANCE_ID"),
+            session_timeout: env.duration("KAFKA_SESSION_TIMEOUT", "45s")?,
+            partitions: env
+                .parse("KAFKA_TOPIC_PARTITIONS", 3, "a partition count from 1 to 1000", |n| (1..=1000).contains(n))?,
+            create_topics: env.boolean("KAFKA_CREATE_TOPICS", true)?,
+            ingest_batch: env
+                .parse("INGEST_BATCH", 500, "a letter count from 1 to 10000", |n| (1..=10_000).contains(n))?,
+            ingest_linger: env.duration("INGEST_LINGER", "20ms")?,
+        };
+
+        let mongo = MongoConfig {
+            target: mongo_target(&env)?,
+            database: env.string("MONGODB_BASE_NAME", "mts"),
+            collection: env.string("MONGODB_COLLECTION", "letters"),
+        };
+
+        let tls = match env.string("SMTP_TLS", "opportunistic").to_ascii_lowercase().as_str() {
+            "none" | "off" | "plain" => TlsMode::None,
+            "opportunistic" | "auto" => TlsMode::Opportunistic,
+            "starttls" | "required" => TlsMode::StartTls,
+            "implicit" | "smtps" | "tls" => TlsMode::Implicit,
+            other => {
+                return Err(ConfigError::Invalid {
+                    var: "SMTP_TLS",
+                    value: other.to_owned(),
+                    expected: "one of none, opportunistic, starttls, implicit".into(),
+                });
+            }
+        };
+        let default_port = match tls {
+            TlsMode::Implicit => 465,
+            TlsMode::StartTls => 587,
+            TlsMode::None | TlsMode::Opportunistic => 25,
+        };
+        let user = env.optional("SMTP_USER");
+        let from = match env.optional("SMTP_FROM") {
+            Some(from) => from.parse::<Mailbox>().map_err(|_| ConfigError::Invalid {
+                var: "SMTP_FROM",
+                value: from.clone(),
+                expected: "a mailbox such as `Mailer <noreply@example.com>`".into(),
+            })?,
+            // The Go service sent as its SMTP user, which is usually an address.
+            None => user
+                .as_deref()
+                .and_then(|user| user.parse::<Mailbox>().ok())
+                .unwrap_or_else(|| Mailbox::new(None, "mailsender@localhost".parse().expect("valid literal address"))),
+        };
+        let smtp = SmtpConfig {
+            host: env.required("SMTP_HOST", "the SMTP server's host name or address")?,
+            port: env.parse("SMTP_PORT", default_port, "a port number from 1 to 65535", |p: &u16| *p > 0)?,
+            password: env.secret("SMTP_PASSWORD"),
+            user,
+            from,
+            tls,
+            tls_insecure_skip_verify: env.boolean("SMTP_TLS_INSECURE_SKIP_VERIFY", false)?,
+            tls_ca_file: env.optional("SMTP_TLS_CA_FILE").map(PathBuf::from),
+            helo_name: env.optional("SMTP_HELO_NAME").unwrap_or_else(default_hostname),
+            max_senders: env.parse("SMTP_MAX_SENDERS", 4, "a worker count from 1 to 256", |n| (1..=256).contains(n))?,
+            rate_period: env.duration("SMTP_RATE_LIMIT_PERIOD", "5s")?,
+            rate_max_letters: env
+                .parse("SMTP_RATE_LIMIT_MAX_LETTERS", 5, "a letter count of at least 1", |n| *n >= 1)?,
+            rate_burst: env.parse("SMTP_RATE_LIMIT_BURST", 1, "a letter count of at least 1", |n| *n >= 1)?,
+            timeout: env.duration("SMTP_TIMEOUT", "30s")?,
+        };
+        if smtp.password.is_some() && smtp.user.is_none() {
+            return Err(ConfigError::Missing { var: "SMTP_USER", expected: "set together with SMTP_PASSWORD" });
+        }
+        if smtp.rate_burst > smtp.rate_max_letters {
+            return Err(ConfigError::Invalid {
+                var: "SMTP_RATE_LIMIT_BURST",
+                value: smtp.rate_burst.to_string(),
+                expected: format!("at most SMTP_RATE_LIMIT_MAX_LETTERS ({})", smtp.rate_max_letters),
+            });
+        }
+        if smtp.rate_period.is_zero() {
+            return Err(ConfigError::Invalid {
+                var: "SMTP_RATE_LIMIT_PERIOD",
+                value: "0".into(),
+                expected: "a positive duration".into(),
+            });
+        }
+
+        let dispatch = DispatchConfig {
+            lease: env.duration("LEASE_DURATION", "30s")?,
+            max_attempts: env
+                .parse("SMTP_MAX_ATTEMPTS", 5, "an attempt count from 1 to 100", |n| (1..=100).contains(n))?,
+            backoff_base: env.duration("RETRY_BACKOFF_BASE", "10s")?,
+            backoff_max: env.duration("RETRY_BACKOFF_MAX", "10m")?,
+            claim_batch: env.parse("CLAIM_BATCH", 256, "a letter count from 1 to 5000", |n| (1..=5000).contains(n))?,
+            poll_interval: env.duration("DISPATCH_POLL_INTERVAL", "1s")?,
+            republish_interval: env.duration("REPUBLISH_INTERVAL", "30s")?,
+        };
+        if dispatch.lease < Duration::from_secs(3) {
+            return Err(ConfigError::Invalid {
+                var: "LEASE_DURATION",
+                value: humantime::format_duration(dispatch.lease).to_string(),
+                expected: "at least 3s".into(),
+            });
+        }
+
+        let http = HttpConfig {
+            addr: env.parse(
+                "HTTP_ADDR",
+                SocketAddr::from(([0, 0, 0, 0], 8000)),
+                "an address such as 0.0.0.0:8000",
+                |_| true,
+            )?,
+            max_body_bytes: env.parse("HTTP_MAX_BODY_BYTES", 1 << 20, "a byte count from 1 KiB to 64 MiB", |n| {
+                (1024..=64 << 20).contains(n)
+            })?,
+            admin_token: env.secret("ADMIN_TOKEN"),
+        };
+
+        let log_format = match env.string("LOG_FORMAT", "text").to_ascii_lowercase().as_str() {
+            "text" | "pretty" | "" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::Invalid {
+                    var: "LOG_FORMAT",
+                    value: other.into(),
+                    expected: "text or json".into(),
+                });
+            }
+        };
+
+        Ok(Config {
+            instance_id: env
+                .optional("INSTANCE_ID")
+                .unwrap_or_else(|| format!("{}-{}", default_hostname(), short_random())),
+            shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT", "20s")?,
+            kafka,
+            mongo,
+            smtp,
+            dispatch,
+            http,
+            log_format,
+        })
+    }
+}
+
+fn mongo_target(env: &Env) -> Result<MongoTarget, ConfigError> {
+    if let Some(uri) = env.optional("MONGO_LOCAL") {
+        if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {
+            return Err(ConfigError::InvalidSecret {
+                var: "MONGO_LOCAL",
+                expected: "a URI starting with mongodb:// or mongodb+srv://",
+            });
+        }
+        return Ok(MongoTarget::Uri(uri.into()));
+    }
+    const EXPECTED: &str = "MONGO_LOCAL (a full MongoDB URI) or MONGO_NODEPORT_SVC_SERVICE_HOST, _PORT, MONGODB_USERNAME and MONGODB_PASSWORD";
+    Ok(MongoTarget::Host {
+        host: env.required("MONGO_NODEPORT_SVC_SERVICE_HOST", EXPECTED)?,
+        port: env.parse("MONGO_NODEPORT_SVC_SERVICE_PORT", 27017, "a port number from 1 to 65535", |p: &u16| *p > 0)?,
+        username: env.required("MONGODB_USERNAME", EXPECTED)?,
+        password: env
+            .secret("MONGODB_PASSWORD")
+            .ok_or(ConfigError::Missing { var: "MONGODB_PASSWORD", expected: EXPECTED })?,
+    })
+}
+
+fn default_hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn short_random() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+}
+
+struct Env {
+    vars: HashMap<String, String>,
+}
+
+impl Env {
+    /// Empty values count as unset, as they did for the Go service.
+    fn optional(&self, var: &str) -> Option<String> {
+        self.vars.get(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, var: &str, default: &str) -> String {
+        self.optional(var).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn required(&self, var: &'static str, expected: &'static str) -> Result<String, ConfigError> {
+        self.optional(var).ok_or(ConfigError::Missing { var, expected })
+    }
+
+    fn secret(&self, var: &str) -> Option<SecretString> {
+        self.optional(var).map(SecretString::from)
+    }
+
+    fn parse<T: std::str::FromStr>(
+        &self,
+        var: &'static str,
+        default: T,
+        expected: &str,
+        valid: impl Fn(&T) -> bool,
+    ) -> Result<T, ConfigError> {
+        let Some(raw) = self.optional(var) else { return Ok(default) };
+        match raw.parse::<T>() {
+            Ok(value) if valid(&value) => Ok(value),
+            _ => Err(ConfigError::Invalid { var, value: raw, expected: expected.to_owned() }),
+        }
+    }
+
+    fn boolean(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        let Some(raw) = self.optional(var) else { return Ok(default) };
+        match raw.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(ConfigError::Invalid { var, value: raw, expected: "true or false".into() }),
+        }
+    }
+
+    /// Durations as the Go service wrote them (`5s`, `500ms`, `1m30s`) or plain seconds.
+    fn duration(&self, var: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        let raw = self.string(var, default);
+        parse_duration(&raw).ok_or_else(|| ConfigError::Invalid {
+            var,
+            value: raw,
+            expected: "a duration such as 500ms, 5s or 1m30s".into(),
+        })
+    }
+}
+
+pub fn parse_duration(raw: &str) -> Option<Duration> {
+    let raw = raw.trim();
+    if let Ok(seconds) = raw.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(raw).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut map: HashMap<String, String> = [
+            ("KAFKA_BROKERS", "127.0.0.1:9092"),
+            ("MONGO_LOCAL", "mongodb://127.0.0.1:27017"),
+            ("SMTP_HOST", "smtp.example.com"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in pairs {
+            map.insert(k.to_string(), v.to_string());
+        }
+        map
+    }
+
+    #[test]
+    fn defaults_match_the_go_service() {
+        let config = Config::from_vars(vars(&[])).unwrap();
+        assert_eq!(config.kafka.topic_in, "mts-to-mailsender");
+        assert_eq!(config.kafka.topic_out, "mts-to-profile");
+        assert_eq!(config.kafka.topic_dlq, "mts-to-mailsender.dlq");
+        assert_eq!(config.kafka.group_id, "mailsender");
+        assert_eq!(config.mongo.database, "mts");
+        assert_eq!(config.mongo.collection, "letters");
+        assert_eq!(config.smtp.rate_period, Duration::from_secs(5));
+        assert_eq!(config.smtp.rate_max_letters, 5);
+        assert_eq!(config.smtp.rate_burst, 1);
+        assert_eq!(config.smtp.tls, TlsMode::Opportunistic);
+        assert_eq!(config.smtp.port, 25);
+        assert_eq!(config.http.addr.port(), 8000);
+        assert!(config.dispatch.lease <= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn missing_required_variable_is_named() {
+        let mut map = vars(&[]);
+        map.remove("SMTP_HOST");
+        let error = Config::from_vars(map).unwrap_err().to_string();
+        assert!(error.contains("SMTP_HOST"), "{error}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable_and_the_expectation() {
+        for (var, value, expected) in [
+            ("SMTP_PORT", "abc", "port number"),
+            ("SMTP_RATE_LIMIT_PERIOD", "soon", "duration"),
+            ("SMTP_MAX_SENDERS", "0", "worker count"),
+            ("SMTP_TLS", "maybe", "starttls"),
+            ("SMTP_FROM", "not an address", "mailbox"),
+            ("LOG_FORMAT", "xml", "json"),
+            ("SMTP_TLS_INSECURE_SKIP_VERIFY", "perhaps", "true or false"),
+        ] {
+            let error = Config::from_vars(vars(&[(var, value)])).unwrap_err().to_string();
+            assert!(error.contains(var) && error.contains(expected), "{var}: {error}");
+        }
+    }
+
+    #[test]
+    fn go_style_durations_parse() {
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("fast"), None);
+    }
+
+    #[test]
+    fn nodeport_variables_build_a_mongo_target() {
+        let mut map = vars(&[
+            ("MONGO_NODEPORT_SVC_SERVICE_HOST", "mongo.svc"),
+            ("MONGO_NODEPORT_SVC_SERVICE_PORT", "30017"),
+            ("MONGODB_USERNAME", "mts"),
+            ("MONGODB_PASSWORD", "p@ss:word"),
+        ]);
+        map.remove("MONGO_LOCAL");
+        let config = Config::from_vars(map.clone()).unwrap();
+        match config.mongo.target {
+            MongoTarget::Host { host, port, username, password } => {
+                assert_eq!((host.as_str(), port, username.as_str()), ("mongo.svc", 30017, "mts"));
+                assert_eq!(password.expose_secret(), "p@ss:word");
+            }
+            MongoTarget::Uri(_) => panic!("expected host target"),
+        }
+        map.remove("MONGODB_PASSWORD");
+        let error = Config::from_vars(map).unwrap_err().to_string();
+        assert!(error.contains("MONGODB_PASSWORD"), "{error}");
+    }
+
+    #[test]
+    fn secrets_never_reach_debug_output() {
+        let config = Config::from_vars(vars(&[
+            ("SMTP_USER", "mailer@example.com"),
+            ("SMTP_PASSWORD", "hunter2-secret"),
+            ("ADMIN_TOKEN", "admin-secret-token"),
+            ("MONGO_LOCAL", "mongodb://u:mongo-secret@h:1"),
+        ]))
+        .unwrap();
+        let debug = format!("{config:?}");
+        for secret in ["hunter2-secret", "admin-secret-token", "mongo-secret"] {
+            assert!(!debug.contains(secret), "{secret} leaked: {debug}");
+        }
+        // The SMTP user doubles as the sender when SMTP_FROM is unset, as in the Go service.
+        assert_eq!(config.smtp.from.email.to_string(), "mailer@example.com");
+    }
+
+    #[test]
+    fn burst_cannot_exceed_the_budget() {
+        let error = Config::from_vars(vars(&[("SMTP_RATE_LIMIT_MAX_LETTERS", "5"), ("SMTP_RATE_LIMIT_BURST", "6")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("SMTP_RATE_LIMIT_BURST"), "{error}");
+    }
+}

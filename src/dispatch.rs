@@ -1,0 +1,211 @@
+//! The dispatcher: claims due letters from MongoDB in batches, leased to this instance, and hands
+//! them to the SMTP workers through a bounded channel. It also keeps its leases alive and returns
+//! letters whose owner died to `awaiting`.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::DispatchConfig,
+    model::{Letter, now_ms},
+    store::Store,
+};
+
+/// A letter leased to this instance, on its way to a worker. The permit bounds how many letters
+/// the instance holds at once; it is released when the worker is done with the letter.
+pub struct Claimed {
+    pub letter: Letter,
+    pub claimed_at: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// When our leases were last confirmed by MongoDB. A worker sends a letter only while its lease
+/// is known to hold with a margin, so a replica cut off from MongoDB stops sending before the
+/// others may take its letters over.
+pub struct LeaseClock {
+    epoch: Instant,
+    lease: Duration,
+    renewed_ms: AtomicU64,
+}
+
+impl LeaseClock {
+    pub fn new(lease: Duration) -> LeaseClock {
+        LeaseClock { epoch: Instant::now(), lease, renewed_ms: AtomicU64::new(0) }
+    }
+
+    fn renewed(&self, at: Instant) {
+        let ms = at.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.renewed_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Whether a letter claimed at `claimed_at` is still safely ours.
+    pub fn trusted(&self, claimed_at: Instant) -> bool {
+        let renewed = self.epoch + Duration::from_millis(self.renewed_ms.load(Ordering::Relaxed));
+        let margin = self.lease / 4;
+        Instant::now() + margin < renewed.max(claimed_at) + self.lease
+    }
+}
+
+pub struct Dispatcher {
+    pub store: Store,
+    pub config: DispatchConfig,
+    pub owner: String,
+    /// Letters this instance may hold at once (claimed and not yet finished by a worker).
+    pub capacity: Arc<Semaphore>,
+    pub wake: Arc<Notify>,
+    pub lease: Arc<LeaseClock>,
+}
+
+impl Dispatcher {
+    /// How many letters to hold: enough to keep every worker busy through one claim round trip,
+    /// but never more than the rate limit lets us send within half a lease, so leases are not
+    /// held on letters that could not be sent anyway.
+    pub fn capacity(config: &DispatchConfig, workers: usize, letters_per_second: f64) -> usize {
+        let sendable = (letters_per_second * config.lease.as_secs_f64() / 2.0) as usize;
+        sendable.clamp(workers.max(1), (2 * config.claim_batch).max(workers))
+    }
+
+    pub async fn run(self, out: async_channel::Sender<Claimed>, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                permit = self.capacity.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let mut permits = vec![first];
+            while permits.len() < self.config.claim_batch {
+                match self.capacity.clone().try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
+            }
+            let started = now_ms();
+            let lease_until = started + self.config.lease.as_millis() as i64;
+            let renewed_at = Instant::now();
+            match self.store.claim(&self.owner, permits.len(), started, lease_until).await {
+                Ok(letters) if letters.is_empty() => {
+                    failures = 0;
+                    drop(permits);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    }
+                }
+                Ok(letters) => {
+                    failures = 0;
+                    self.lease.renewed(renewed_at);
+                    tracing::debug!(count = letters.len(), "claimed letters");
+                    for letter in letters {
+                        let Some(permit) = permits.pop() else { break };
+                        let claimed = Claimed { letter, claimed_at: renewed_at, _permit: permit };
+                        // Workers stop reading at shutdown; what is left is released by the app.
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => return,
+                            sent = out.send(claimed) => if sent.is_err() { return },
+                        }
+                    }
+                }
+                Err(error) => {
+                    drop(permits);
+                    failures = failures.saturating_add(1);
+                    let pause = Duration::from_millis(200 * 2u64.pow(failures.min(5)));
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        retry_in_ms = pause.as_millis() as u64,
+                        "claiming letters failed"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+        tracing::debug!("dispatcher stopped");
+    }
+
+    /// Renews this instance's leases and reaps other instances' expired ones, on a timer.
+    pub async fn maintain(
+        store: Store,
+        config: DispatchConfig,
+        owner: String,
+        lease: Arc<LeaseClock>,
+        shutdown: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(config.lease / 3);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            let at = Instant::now();
+            let now = now_ms();
+            match store.renew(&owner, now + config.lease.as_millis() as i64).await {
+                Ok(renewed) => {
+                    lease.renewed(at);
+                    if renewed > 0 {
+                        tracing::debug!(renewed, "leases renewed");
+                    }
+                }
+                Err(error) => tracing::warn!(error = format!("{error:#}"), "renewing leases failed"),
+            }
+            match store.reap_expired(now).await {
+                Ok(0) => {}
+                Ok(reaped) => tracing::info!(reaped, "returned letters with expired leases to awaiting"),
+                Err(error) => tracing::warn!(error = format!("{error:#}"), "reaping expired leases failed"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(lease_s: u64, claim_batch: usize) -> DispatchConfig {
+        DispatchConfig {
+            lease: Duration::from_secs(lease_s),
+            max_attempts: 5,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            claim_batch,
+            poll_interval: Duration::from_secs(1),
+            republish_interval: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn capacity_follows_the_rate_limit() {
+        // The Go defaults, 5 letters per 5 s: hold only what can be sent within half a lease.
+        assert_eq!(Dispatcher::capacity(&config(30, 256), 4, 1.0), 15);
+        // Never fewer than one letter per worker, never more than two claim batches.
+        assert_eq!(Dispatcher::capacity(&config(30, 256), 8, 0.1), 8);
+        assert_eq!(Dispatcher::capacity(&config(30, 256), 8, 10_000.0), 512);
+    }
+
+    #[test]
+    fn lease_trust_expires_without_renewal() {
+        let clock = LeaseClock::new(Duration::from_millis(400));
+        let claimed = Instant::now();
+        assert!(clock.trusted(claimed));
+        std::thread::sleep(Duration::from_millis(320));
+        assert!(!clock.trusted(claimed), "a lease within its last quarter must not be trusted");
+        clock.renewed(Instant::now());
+        assert!(clock.trusted(claimed));
+    }
+}

@@ -1,0 +1,218 @@
+//! Ingest: Kafka batches in, letters stored in MongoDB, offsets stored only after that.
+//!
+//! Messages are gathered for a short linger and written with one insert, so MongoDB sees one
+//! round trip per few hundred letters. Each letter's `source` (topic/partition/offset/index) is
+//! unique in MongoDB, which makes a redelivered message harmless. A message that is not a batch
+//! goes to the dead-letter topic with the reason and its coordinates, and its offset moves on.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use rdkafka::{
+    Message,
+    consumer::{CommitMode, Consumer},
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
+use tokio::{sync::Notify, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::KafkaConfig,
+    kafka::IngestConsumer,
+    metrics::Metrics,
+    model::{Letter, now_ms, parse_batch},
+    store::Store,
+};
+
+/// A Kafka message that is not a batch, with where it came from.
+#[derive(Debug)]
+struct DeadLetter {
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    reason: String,
+}
+
+/// What has been read from Kafka but is not durable yet.
+#[derive(Default)]
+struct Pending {
+    letters: Vec<Letter>,
+    dead: Vec<DeadLetter>,
+    /// Highest offset read per partition.
+    offsets: BTreeMap<i32, i64>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+}
+
+pub struct Ingest {
+    pub consumer: Arc<IngestConsumer>,
+    pub producer: FutureProducer,
+    pub store: Store,
+    pub config: KafkaConfig,
+    pub metrics: Arc<Metrics>,
+    pub wake: Arc<Notify>,
+    /// Whether the consumer loop is running, for readiness.
+    pub running: Arc<AtomicBool>,
+}
+
+impl Ingest {
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.consumer.subscribe(&[&self.config.topic_in])?;
+        self.running.store(true, Ordering::Relaxed);
+        let mut pending = Pending::default();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.flush(&mut pending, &shutdown).await;
+                    deadline = None;
+                }
+                message = self.consumer.recv() => match message {
+                    Ok(message) => {
+                        self.add(&mut pending, &message);
+                        deadline.get_or_insert_with(|| Instant::now() + self.config.ingest_linger);
+                        if pending.letters.len() >= self.config.ingest_batch {
+                            self.flush(&mut pending, &shutdown).await;
+                            deadline = None;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %error, "kafka consumer error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+            }
+        }
+        self.running.store(false, Ordering::Relaxed);
+        // Whatever was read is still written once; if that fails, its offsets stay uncommitted
+        // and the next owner of the partition reads it again.
+        if !pending.is_empty() {
+            let attempt_once = CancellationToken::new();
+            attempt_once.cancel();
+            self.flush(&mut pending, &attempt_once).await;
+        }
+        if let Err(error) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(error = %error, "final offset commit");
+        }
+        self.consumer.unsubscribe();
+        tracing::info!("ingest stopped");
+        Ok(())
+    }
+
+    fn add(&self, pending: &mut Pending, message: &rdkafka::message::BorrowedMessage<'_>) {
+        let (partition, offset) = (message.partition(), message.offset());
+        pending.offsets.insert(partition, offset);
+        let key = message.key().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+        match parse_batch(message.payload().unwrap_or_default()) {
+            Ok(mailings) => {
+                self.metrics.received.inc_by(mailings.len() as u64);
+                let now = now_ms();
+                for (index, mailing) in mailings.into_iter().enumerate() {
+                    let source = format!("{}/{partition}/{offset}/{index}", self.config.topic_in);
+                    pending.letters.push(Letter::from_mailing(mailing, &key, source, now));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(partition, offset, kafka_key = %key, reason = %error, "malformed message sent to the dead-letter topic");
+                pending.dead.push(DeadLetter {
+                    partition,
+                    offset,
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                    reason: error.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Makes everything pending durable, then stores the offsets. Retries while MongoDB or the
+    /// broker is unreachable: not consuming meanwhile is the back-pressure.
+    async fn flush(&self, pending: &mut Pending, shutdown: &CancellationToken) {
+        let batch = std::mem::take(pending);
+        let mut pause = Duration::from_millis(200);
+        let durable = loop {
+            match self.write(&batch).await {
+                Ok(()) => break true,
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        letters = batch.letters.len(),
+                        retry_in_ms = pause.as_millis() as u64,
+                        "storing a batch failed; consumption paused"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break false,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        if !durable {
+            return;
+        }
+        for (partition, offset) in &batch.offsets {
+            // Fails only if the partition was revoked meanwhile; its new owner re-reads the
+            // messages and the unique source index drops the repeats.
+            if let Err(error) = self.consumer.store_offset(&self.config.topic_in, *partition, *offset) {
+                tracing::debug!(partition, offset, error = %error, "offset not stored");
+            }
+        }
+        if !batch.letters.is_empty() {
+            self.wake.notify_one();
+        }
+    }
+
+    async fn write(&self, batch: &Pending) -> anyhow::Result<()> {
+        if !batch.letters.is_empty() {
+            let report = self.store.insert(&batch.letters).await?;
+            self.metrics.stored.inc_by(report.inserted as u64);
+            self.metrics.duplicates.inc_by(report.duplicates as u64);
+            if report.duplicates > 0 {
+                tracing::info!(
+                    duplicates = report.duplicates,
+                    "skipped letters already stored from a redelivered message"
+                );
+            }
+        }
+        for dead in &batch.dead {
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "x-error", value: Some(dead.reason.as_bytes()) })
+                .insert(Header { key: "x-source-topic", value: Some(self.config.topic_in.as_bytes()) })
+                .insert(Header { key: "x-source-partition", value: Some(dead.partition.to_string().as_bytes()) })
+                .insert(Header { key: "x-source-offset", value: Some(dead.offset.to_string().as_bytes()) });
+            let mut record =
+                FutureRecord::<[u8], [u8]>::to(&self.config.topic_dlq).payload(&dead.payload).headers(headers);
+            if let Some(key) = &dead.key {
+                record = record.key(key);
+            }
+            self.producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .map_err(|(error, _)| anyhow::anyhow!("producing to the dead-letter topic: {error}"))?;
+            self.metrics.dead_letters.inc();
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,196 @@
+//! Prometheus metrics. Stages update them as events happen; nothing is computed per scrape
+//! except encoding, so a scrape never queries MongoDB.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+        info::Info,
+    },
+    registry::Registry,
+};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub partition: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub received: Counter,
+    pub stored: Counter,
+    pub duplicates: Counter,
+    pub dead_letters: Counter,
+    pub sent: Counter,
+    pub failed: Family<ReasonLabel, Counter>,
+    pub retried: Counter,
+    pub published: Counter,
+    pub send_duration: Histogram,
+    pub rate_limit_wait: Histogram,
+    pub in_flight: Gauge,
+    pub by_status: Family<StatusLabel, Gauge<i64, AtomicI64>>,
+    pub consumer_lag: Family<PartitionLabel, Gauge<i64, AtomicI64>>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("mailsender");
+        let metrics = Metrics {
+            received: Counter::default(),
+            stored: Counter::default(),
+            duplicates: Counter::default(),
+            dead_letters: Counter::default(),
+            sent: Counter::default(),
+            failed: Family::default(),
+            retried: Counter::default(),
+            published: Counter::default(),
+            send_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            rate_limit_wait: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            in_flight: Gauge::default(),
+            by_status: Family::default(),
+            consumer_lag: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("letters_received", "Letters decoded from Kafka batches", metrics.received.clone());
+        registry.register("letters_stored", "Letters newly written to MongoDB", metrics.stored.clone());
+        registry.register(
+            "letters_duplicate",
+            "Letters skipped at ingest because a redelivered message had already stored them",
+            metrics.duplicates.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Kafka messages set aside on the dead-letter topic",
+            metrics.dead_letters.clone(),
+        );
+        registry.register("letters_sent", "Letters accepted by the SMTP server", metrics.sent.clone());
+        registry.register("letters_failed", "Letters that ended in error, by reason class", metrics.failed.clone());
+        registry.register(
+            "letters_retried",
+            "Send attempts that failed transiently and were rescheduled",
+            metrics.retried.clone(),
+        );
+        registry.register(
+            "status_published",
+            "Status messages delivered to the status topic",
+            metrics.published.clone(),
+        );
+        registry.register("send_duration_seconds", "Time of one SMTP transaction", metrics.send_duration.clone());
+        registry.register(
+            "rate_limit_wait_seconds",
+            "Time a worker waited on the global rate limiter before a send",
+            metrics.rate_limit_wait.clone(),
+        );
+        registry.register("sends_in_flight", "SMTP transactions in progress", metrics.in_flight.clone());
+        registry.register("letters", "Letters in MongoDB by status, refreshed periodically", metrics.by_status.clone());
+        registry.register(
+            "consumer_lag",
+            "Messages behind the partition end, per partition",
+            metrics.consumer_lag.clone(),
+        );
+        registry.register("build", "Build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
+        Metrics { registry, ..metrics }
+    }
+
+    pub fn fail(&self, reason: &'static str) {
+        self.failed.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// OpenMetrics text, for scrapers that ask for it.
+    pub fn encode_openmetrics(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The classic Prometheus text format (0.0.4), which every scraper and `promtool` read.
+    pub fn encode(&self) -> String {
+        to_classic(&self.encode_openmetrics())
+    }
+}
+
+/// Rewrites OpenMetrics text as classic Prometheus text: counter families take their `_total`
+/// sample name, `info` becomes a gauge named `_info`, and `# EOF`/`# UNIT` go.
+fn to_classic(openmetrics: &str) -> String {
+    let mut renames: Vec<(String, String)> = Vec::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some((name, kind)) = rest.split_once(' ')
+        {
+            match kind {
+                "counter" => renames.push((name.to_owned(), format!("{name}_total"))),
+                "info" => renames.push((name.to_owned(), format!("{name}_info"))),
+                _ => {}
+            }
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# TYPE ", "# HELP "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            let (_, classic) = renames.iter().find(|(from, _)| from == name)?;
+            let tail = if tail == "info" { "gauge" } else { tail };
+            Some(format!("{prefix}{classic} {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_the_documented_families() {
+        let metrics = Metrics::new();
+        metrics.sent.inc();
+        metrics.fail("permanent");
+        metrics.by_status.get_or_create(&StatusLabel { status: "sent".into() }).set(3);
+        let text = metrics.encode();
+        assert!(text.contains("# TYPE mailsender_letters_sent_total counter"), "{text}");
+        assert!(text.contains("# TYPE mailsender_build_info gauge"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
+        for family in [
+            "mailsender_letters_received_total",
+            "mailsender_letters_stored_total",
+            "mailsender_letters_sent_total 1",
+            "mailsender_letters_failed_total{reason=\"permanent\"} 1",
+            "mailsender_letters_retried_total",
+            "mailsender_send_duration_seconds_bucket",
+            "mailsender_rate_limit_wait_seconds_bucket",
+            "mailsender_sends_in_flight",
+            "mailsender_letters{status=\"sent\"} 3",
+            "mailsender_build_info{version=",
+        ] {
+            assert!(text.contains(family), "{family} missing from\n{text}");
+        }
+    }
+}

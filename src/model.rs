@@ -1,0 +1,385 @@
+//! The shapes that cross the service's edges: the input batch, the stored letter and the status
+//! message. Field names follow the Go service this one replaces.
+
+use std::{collections::HashSet, fmt};
+
+use lettre::Address;
+use mongodb::bson::{Bson, DateTime, oid::ObjectId};
+use serde::{Deserialize, Serialize};
+
+/// What a producer must send, quoted in every rejection so the fix is obvious.
+pub const EXPECTED_BATCH: &str = r#"a non-empty JSON array of mailings, each {"Subject": string, "Body": string (HTML), "Addresses": [string, ...] (at least one mailbox), "Token": string}"#;
+
+/// One element of an input batch. Go's JSON decoder matched keys case-insensitively, so the
+/// lower-case spellings that producers may rely on are accepted too.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Mailing {
+    #[serde(rename = "Subject", alias = "subject")]
+    pub subject: String,
+    #[serde(rename = "Body", alias = "body")]
+    pub body: String,
+    #[serde(rename = "Addresses", alias = "addresses")]
+    pub addresses: Vec<String>,
+    #[serde(rename = "Token", alias = "token")]
+    pub token: String,
+}
+
+/// Why a Kafka message or an HTTP body is not a batch at all.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BatchError {
+    #[error("not valid JSON for a batch: {0}")]
+    Json(String),
+    #[error("the batch is an empty array")]
+    Empty,
+    #[error("the message has no payload")]
+    NoPayload,
+}
+
+/// Parses a batch. Shape errors reject the whole message; content errors (a bad address, a
+/// subject with a line break) are per mailing, see [`Mailing::validate`].
+pub fn parse_batch(payload: &[u8]) -> Result<Vec<Mailing>, BatchError> {
+    if payload.is_empty() {
+        return Err(BatchError::NoPayload);
+    }
+    let mailings: Vec<Mailing> = serde_json::from_slice(payload).map_err(|e| BatchError::Json(e.to_string()))?;
+    if mailings.is_empty() {
+        return Err(BatchError::Empty);
+    }
+    Ok(mailings)
+}
+
+/// A mailing checked for what would break or abuse the SMTP exchange.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    /// Distinct valid mailboxes, in input order.
+    pub recipients: Vec<String>,
+    /// Addresses refused before any SMTP exchange, with the reason.
+    pub rejected: Vec<Rejection>,
+    /// Set when nothing can be sent at all.
+    pub error: Option<String>,
+}
+
+impl Mailing {
+    pub fn validate(&self) -> Checked {
+        let mut recipients = Vec::new();
+        let mut rejected = Vec::new();
+        let mut seen = HashSet::new();
+        for raw in &self.addresses {
+            let address = raw.trim();
+            match parse_mailbox(address) {
+                Ok(address) => {
+                    if seen.insert(address.to_ascii_lowercase()) {
+                        recipients.push(address);
+                    }
+                }
+                Err(reason) => rejected.push(Rejection { address: raw.clone(), reply: reason }),
+            }
+        }
+        let error = if self.subject.contains(['\r', '\n', '\0']) {
+            Some("Subject contains a line break or NUL, which could inject headers".to_owned())
+        } else if self.addresses.is_empty() {
+            Some("Addresses is empty: a letter needs at least one recipient".to_owned())
+        } else if recipients.is_empty() {
+            Some("no valid recipient address".to_owned())
+        } else {
+            None
+        };
+        Checked { recipients, rejected, error }
+    }
+}
+
+/// Accepts a bare mailbox (`user@domain`), the only form that can go in RCPT TO.
+pub fn parse_mailbox(address: &str) -> Result<String, String> {
+    if address.is_empty() {
+        return Err("invalid address: empty".to_owned());
+    }
+    if address.chars().any(|c| c.is_control() || c.is_whitespace() || c == '<' || c == '>' || c == ',') {
+        return Err(format!(
+            "invalid address {address:?}: contains a space, control character, comma or angle bracket"
+        ));
+    }
+    address.parse::<Address>().map(|a| a.to_string()).map_err(|e| format!("invalid address {address:?}: {e}"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Awaiting,
+    Processing,
+    Sent,
+    Error,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Awaiting => "awaiting",
+            Status::Processing => "processing",
+            Status::Sent => "sent",
+            Status::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A recipient the SMTP server (or validation) refused, with the reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    #[serde(rename = "Address", alias = "address")]
+    pub address: String,
+    #[serde(rename = "Reply", alias = "reply")]
+    pub reply: String,
+}
+
+/// A letter as stored in MongoDB. The first block of fields is the Go service's; the rest carry
+/// idempotency, leases, retries and per-recipient state, and default when absent so documents the
+/// Go service wrote still load.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Letter {
+    #[serde(rename = "_id")]
+    pub id: ObjectId,
+    pub addresses: Vec<String>,
+    pub subject: String,
+    pub body: String,
+    pub token: String,
+    pub status: Status,
+    pub kafkakey: String,
+
+    /// `topic/partition/offset/index` of the mailing this letter came from; unique, so a
+    /// redelivered Kafka message cannot create its letters twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub attempts: i32,
+    /// When an `awaiting` letter may next be sent, in Unix milliseconds. Integer rather than a
+    /// BSON date because range queries on dates are several times slower on the Mongo-wire server.
+    #[serde(default)]
+    pub due_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
+    /// Recipients that accepted the letter in an earlier attempt; not sent again on retry.
+    #[serde(default)]
+    pub delivered: Vec<String>,
+    #[serde(default)]
+    pub rejected: Vec<Rejection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reply: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Present (1) while a final outcome has not yet been published to the status topic. An
+    /// integer, not a boolean: the Mongo-wire server stores booleans set by `$set` as integers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreported: Option<i32>,
+    /// A BSON date when inserted; kept loosely typed because some Mongo-wire servers hand
+    /// dates back in other shapes. Queries use the integer millisecond fields instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Bson>,
+    /// Last change, in Unix milliseconds.
+    #[serde(default)]
+    pub updated_ms: i64,
+}
+
+impl Letter {
+    /// Builds the stored letter for one mailing of a batch. A mailing that fails validation is
+    /// stored already failed, so its producer hears about it on the status topic.
+    pub fn from_mailing(mailing: Mailing, kafka_key: &str, source: String, now_ms: i64) -> Letter {
+        let checked = mailing.validate();
+        let failed = checked.error.is_some();
+        Letter {
+            id: ObjectId::new(),
+            addresses: mailing.addresses,
+            subject: mailing.subject,
+            body: mailing.body,
+            token: mailing.token,
+            status: if failed { Status::Error } else { Status::Awaiting },
+            kafkakey: kafka_key.to_owned(),
+            source: Some(source),
+            attempts: 0,
+            due_ms: now_ms,
+            owner: None,
+            lease_ms: None,
+            claim: None,
+            delivered: Vec::new(),
+            rejected: checked.rejected,
+            last_reply: None,
+            error: checked.error,
+            unreported: failed.then_some(1),
+            created_at: Some(Bson::DateTime(DateTime::from_millis(now_ms))),
+            updated_ms: now_ms,
+        }
+    }
+
+    /// Recipients still to be tried: valid, not yet accepted, not refused for good.
+    pub fn pending_recipients(&self) -> Vec<String> {
+        let done: HashSet<String> = self
+            .delivered
+            .iter()
+            .map(|a| a.to_ascii_lowercase())
+            .chain(self.rejected.iter().map(|r| r.address.trim().to_ascii_lowercase()))
+            .collect();
+        let mut seen = HashSet::new();
+        self.addresses
+            .iter()
+            .filter_map(|raw| parse_mailbox(raw.trim()).ok())
+            .filter(|a| !done.contains(&a.to_ascii_lowercase()) && seen.insert(a.to_ascii_lowercase()))
+            .collect()
+    }
+}
+
+/// The message published to the status topic for each letter that reaches `sent` or `error`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusMessage {
+    #[serde(rename = "ID")]
+    pub id: String,
+    #[serde(rename = "Addresses")]
+    pub addresses: Vec<String>,
+    #[serde(rename = "Subject")]
+    pub subject: String,
+    #[serde(rename = "Body")]
+    pub body: String,
+    #[serde(rename = "Token")]
+    pub token: String,
+    #[serde(rename = "Status")]
+    pub status: Status,
+    #[serde(rename = "KafkaKey")]
+    pub kafka_key: String,
+    #[serde(rename = "Error", default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(rename = "Attempts")]
+    pub attempts: i32,
+    #[serde(rename = "LastReply", default, skip_serializing_if = "Option::is_none")]
+    pub last_reply: Option<String>,
+    #[serde(rename = "Delivered", default)]
+    pub delivered: Vec<String>,
+    #[serde(rename = "Rejected", default)]
+    pub rejected: Vec<Rejection>,
+}
+
+impl From<&Letter> for StatusMessage {
+    fn from(letter: &Letter) -> Self {
+        StatusMessage {
+            id: letter.id.to_hex(),
+            addresses: letter.addresses.clone(),
+            subject: letter.subject.clone(),
+            body: letter.body.clone(),
+            token: letter.token.clone(),
+            status: letter.status,
+            kafka_key: letter.kafkakey.clone(),
+            error: letter.error.clone(),
+            attempts: letter.attempts,
+            last_reply: letter.last_reply.clone(),
+            delivered: letter.delivered.clone(),
+            rejected: letter.rejected.clone(),
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mailing(subject: &str, addresses: &[&str]) -> Mailing {
+        Mailing {
+            subject: subject.into(),
+            body: "<p>hi</p>".into(),
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            token: "tok".into(),
+        }
+    }
+
+    #[test]
+    fn parses_the_go_shape_and_lower_case_keys() {
+        let batch = parse_batch(
+            br#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t"},
+            {"subject":"s2","body":"b2","addresses":["b@x.org"],"token":"t2","Extra":1}]"#,
+        )
+        .unwrap();
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[1].addresses, vec!["b@x.org"]);
+    }
+
+    #[test]
+    fn shape_errors_reject_the_batch() {
+        for bad in [
+            &b"not json"[..],
+            b"{}",
+            b"[]",
+            b"",
+            br#"[{"Subject":1,"Body":"b","Addresses":[],"Token":"t"}]"#,
+            br#"[{"Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#,
+            br#"[{"Subject":"s","Body":"b","Addresses":"a@x.org","Token":"t"}]"#,
+            br#"[{"Subject":"s","Body":"b","Addresses":[["a@x.org"]],"Token":"t"}]"#,
+            br#"[null]"#,
+            b"\xff\xfe[]",
+        ] {
+            assert!(parse_batch(bad).is_err(), "{:?} should be rejected", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn validation_fails_a_letter_not_a_batch() {
+        let ok = mailing("hello", &["a@x.org", "A@x.org", "bad address", "b@x.org"]).validate();
+        assert_eq!(ok.recipients, vec!["a@x.org", "b@x.org"]);
+        assert_eq!(ok.rejected.len(), 1);
+        assert!(ok.rejected[0].reply.contains("invalid address"));
+        assert_eq!(ok.error, None);
+
+        assert!(mailing("hi\r\nBcc: evil@x.org", &["a@x.org"]).validate().error.unwrap().contains("line break"));
+        assert!(mailing("hi", &[]).validate().error.unwrap().contains("empty"));
+        assert!(mailing("hi", &["", "nope"]).validate().error.unwrap().contains("no valid recipient"));
+        assert!(mailing("hi", &["a@x.org>\r\nRCPT TO:<evil@x.org"]).validate().error.is_some());
+    }
+
+    #[test]
+    fn pending_recipients_skip_delivered_and_rejected() {
+        let mut letter =
+            Letter::from_mailing(mailing("s", &["a@x.org", "b@x.org", "c@x.org", "junk"]), "k", "t/0/1/0".into(), 0);
+        assert_eq!(letter.status, Status::Awaiting);
+        letter.delivered.push("a@x.org".into());
+        letter.rejected.push(Rejection { address: "B@x.org".into(), reply: "550".into() });
+        assert_eq!(letter.pending_recipients(), vec!["c@x.org"]);
+    }
+
+    #[test]
+    fn invalid_mailing_is_stored_failed_and_reportable() {
+        let letter = Letter::from_mailing(mailing("s", &[]), "k", "t/0/1/0".into(), 5);
+        assert_eq!(letter.status, Status::Error);
+        assert_eq!(letter.unreported, Some(1));
+        let message = serde_json::to_value(StatusMessage::from(&letter)).unwrap();
+        for field in ["ID", "Addresses", "Subject", "Body", "Token", "Status", "KafkaKey", "Error"] {
+            assert!(message.get(field).is_some(), "{field} missing in {message}");
+        }
+        assert_eq!(message["Status"], "error");
+    }
+
+    #[test]
+    fn letter_round_trips_through_bson_and_go_documents_load() {
+        let letter = Letter::from_mailing(mailing("s", &["a@x.org"]), "k", "t/0/1/0".into(), 5);
+        let doc = mongodb::bson::to_document(&letter).unwrap();
+        assert_eq!(doc.get_str("status").unwrap(), "awaiting");
+        assert_eq!(doc.get_str("kafkakey").unwrap(), "k");
+        let back: Letter = mongodb::bson::from_document(doc).unwrap();
+        assert_eq!(back, letter);
+
+        let go = mongodb::bson::doc! {
+            "_id": ObjectId::new(), "addresses": ["a@x.org"], "subject": "s", "body": "b",
+            "token": "t", "status": "awaiting", "kafkakey": "k",
+        };
+        let legacy: Letter = mongodb::bson::from_document(go).unwrap();
+        assert_eq!(legacy.attempts, 0);
+        assert_eq!(legacy.pending_recipients(), vec!["a@x.org"]);
+    }
+}

@@ -1,0 +1,497 @@
+//! The SMTP workers. Each worker keeps one connection open and reuses it between letters; all
+//! workers share one rate limiter. Every recipient goes in the envelope only (RCPT TO), one
+//! command each, so a refused address fails alone instead of failing the letter.
+
+use std::{
+    fmt, io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use lettre::{
+    Address,
+    transport::smtp::{
+        authentication::{Credentials, Mechanism},
+        client::{AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters},
+        commands::{Data, Mail, Rcpt, Rset},
+        extension::{ClientId, Extension, MailBodyParameter, MailParameter},
+        response::Response,
+    },
+};
+use rand::Rng;
+use secrecy::ExposeSecret;
+use tokio::{net::TcpStream, sync::mpsc};
+use tokio_util::{compat::Compat, sync::CancellationToken};
+
+use crate::{
+    config::{DispatchConfig, SmtpConfig, TlsMode},
+    dispatch::{Claimed, LeaseClock},
+    message,
+    metrics::Metrics,
+    model::{Letter, Rejection, now_ms},
+    store::{AttemptRecord, Outcome},
+};
+
+/// Why a send attempt failed, split the way callers act on it.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum SendError {
+    /// Worth retrying later: 4xx replies, refused or dropped connections, timeouts.
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying cannot help: 5xx replies, a message that cannot be built.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl SendError {
+    fn from_smtp(context: &str, error: lettre::transport::smtp::Error) -> SendError {
+        let text = format!("{context}: {error}");
+        if error.is_permanent() { SendError::Permanent(text) } else { SendError::Transient(text) }
+    }
+}
+
+/// What one SMTP transaction achieved, recipient by recipient.
+#[derive(Debug, Default)]
+pub struct Delivery {
+    pub accepted: Vec<String>,
+    /// Refused for good (5xx, or an address the server cannot take).
+    pub refused: Vec<Rejection>,
+    /// Refused for now (4xx): tried again on the next attempt.
+    pub deferred: Vec<Rejection>,
+    /// The server's reply to the message data, when it was sent.
+    pub reply: Option<String>,
+}
+
+/// Everything a worker needs that is shared by all workers.
+pub struct SendContext {
+    pub smtp: SmtpConfig,
+    pub retry: DispatchConfig,
+    pub tls: Option<TlsParameters>,
+    pub limiter: DefaultDirectRateLimiter,
+    pub lease: Arc<LeaseClock>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl SendContext {
+    pub fn new(
+        smtp: SmtpConfig,
+        retry: DispatchConfig,
+        lease: Arc<LeaseClock>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let tls = match smtp.tls {
+            TlsMode::None => None,
+            _ => Some(tls_parameters(&smtp)?),
+        };
+        Ok(SendContext { limiter: rate_limiter(&smtp), smtp, retry, tls, lease, metrics })
+    }
+}
+
+/// At most `rate_max_letters` per `rate_period`, spread evenly. With the default burst of 1 no
+/// window of one period ever holds more than the budget; a larger burst trades that guarantee
+/// for lower latency after idle time (a window may then hold budget + burst - 1).
+pub fn rate_limiter(smtp: &SmtpConfig) -> DefaultDirectRateLimiter {
+    let interval = (smtp.rate_period / smtp.rate_max_letters).max(Duration::from_nanos(1));
+    let burst = std::num::NonZeroU32::new(smtp.rate_burst).unwrap_or(std::num::NonZeroU32::MIN);
+    let quota = Quota::with_period(interval).unwrap_or_else(|| Quota::per_second(std::num::NonZeroU32::MAX));
+    RateLimiter::direct(quota.allow_burst(burst))
+}
+
+fn tls_parameters(smtp: &SmtpConfig) -> anyhow::Result<TlsParameters> {
+    use anyhow::Context as _;
+    let mut builder = TlsParameters::builder(smtp.host.clone())
+        .dangerous_accept_invalid_certs(smtp.tls_insecure_skip_verify)
+        .dangerous_accept_invalid_hostnames(smtp.tls_insecure_skip_verify);
+    if let Some(path) = &smtp.tls_ca_file {
+        let pem = std::fs::read(path).with_context(|| format!("reading SMTP_TLS_CA_FILE {}", path.display()))?;
+        let certificate = Certificate::from_pem(&pem)
+            .with_context(|| format!("SMTP_TLS_CA_FILE {} is not a PEM certificate", path.display()))?;
+        builder = builder.add_root_certificate(certificate);
+    }
+    builder.build_rustls().context("building the SMTP TLS configuration")
+}
+
+/// One SMTP worker and its reusable connection.
+pub struct Worker {
+    id: usize,
+    ctx: Arc<SendContext>,
+    connection: Option<AsyncSmtpConnection>,
+}
+
+impl Worker {
+    pub fn new(id: usize, ctx: Arc<SendContext>) -> Worker {
+        Worker { id, ctx, connection: None }
+    }
+
+    /// Sends letters until shutdown. A letter not yet started when shutdown comes is dropped
+    /// here and returned to `awaiting` by the final release; a send in progress finishes unless
+    /// `abort` fires (the shutdown deadline passed).
+    pub async fn run(
+        mut self,
+        letters: async_channel::Receiver<Claimed>,
+        outcomes: mpsc::Sender<AttemptRecord>,
+        shutdown: CancellationToken,
+        abort: CancellationToken,
+    ) {
+        loop {
+            let claimed = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                claimed = letters.recv() => match claimed {
+                    Ok(claimed) => claimed,
+                    Err(_) => break,
+                },
+            };
+            let waiting = Instant::now();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = self.ctx.limiter.until_ready() => {}
+            }
+            self.ctx.metrics.rate_limit_wait.observe(waiting.elapsed().as_secs_f64());
+            if !self.ctx.lease.trusted(claimed.claimed_at) {
+                // MongoDB has not confirmed our leases for too long: another replica may own
+                // this letter by now. Leave it to whoever holds it.
+                tracing::warn!(letter_id = %claimed.letter.id, "lease no longer trusted; letter skipped");
+                continue;
+            }
+            let letter_id = claimed.letter.id;
+            let record = tokio::select! {
+                biased;
+                _ = abort.cancelled() => {
+                    tracing::warn!(letter_id = %letter_id, "send abandoned at the shutdown deadline");
+                    break;
+                }
+                record = self.attempt(claimed.letter) => record,
+            };
+            if outcomes.send(record).await.is_err() {
+                break;
+            }
+        }
+        if let Some(mut connection) = self.connection.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), connection.quit()).await;
+        }
+        tracing::debug!(worker = self.id, "smtp worker stopped");
+    }
+
+    /// One attempt at one letter, turned into the record the report stage stores.
+    pub async fn attempt(&mut self, mut letter: Letter) -> AttemptRecord {
+        let span = tracing::info_span!("send", letter_id = %letter.id, kafka_key = %letter.kafkakey, attempt = letter.attempts + 1);
+        let _enter = span.enter();
+        letter.attempts += 1;
+        let recipients = letter.pending_recipients();
+        let started = Instant::now();
+        self.ctx.metrics.in_flight.inc();
+        let result = match recipients.first() {
+            None => Err(SendError::Permanent("no recipient left to send to".into())),
+            Some(first) => match message::build(&letter, &self.ctx.smtp.from, first) {
+                Err(error) => Err(SendError::Permanent(error.to_string())),
+                Ok(bytes) => match tokio::time::timeout(self.ctx.smtp.timeout, self.deliver(&recipients, &bytes)).await
+                {
+                    Ok(result) => result,
+                    Err(_) => {
+                        self.connection = None;
+                        Err(SendError::Transient(format!(
+                            "SMTP transaction timed out after {}",
+                            humantime::format_duration(self.ctx.smtp.timeout)
+                        )))
+                    }
+                },
+            },
+        };
+        self.ctx.metrics.in_flight.dec();
+        self.ctx.metrics.send_duration.observe(started.elapsed().as_secs_f64());
+        let outcome = self.decide(&mut letter, result);
+        match &outcome {
+            Outcome::Sent => {
+                self.ctx.metrics.sent.inc();
+                tracing::info!(delivered = letter.delivered.len(), refused = letter.rejected.len(), "letter sent");
+            }
+            Outcome::Failed { reason } => tracing::warn!(reason = %reason, "letter failed"),
+            Outcome::Retry { reason, due_ms } => {
+                self.ctx.metrics.retried.inc();
+                tracing::info!(reason = %reason, retry_in_ms = due_ms - now_ms(), "letter deferred");
+            }
+            Outcome::Released => {}
+        }
+        AttemptRecord { letter, outcome }
+    }
+
+    /// Applies the result of an attempt to the letter's recipient state and picks the outcome.
+    fn decide(&self, letter: &mut Letter, result: Result<Delivery, SendError>) -> Outcome {
+        let exhausted = letter.attempts as u32 >= self.ctx.retry.max_attempts;
+        match result {
+            Err(SendError::Permanent(reason)) => {
+                self.ctx.metrics.fail("permanent");
+                letter.last_reply = Some(reason.clone());
+                Outcome::Failed { reason }
+            }
+            Err(SendError::Transient(reason)) => {
+                letter.last_reply = Some(reason.clone());
+                if exhausted {
+                    self.ctx.metrics.fail("attempts_exhausted");
+                    let reason = format!("gave up after {} attempts: {reason}", letter.attempts);
+                    if letter.delivered.is_empty() { Outcome::Failed { reason } } else { Outcome::Sent }
+                } else {
+                    Outcome::Retry {
+                        due_ms: now_ms() + backoff(&self.ctx.retry, letter.attempts).as_millis() as i64,
+                        reason,
+                    }
+                }
+            }
+            Ok(delivery) => {
+                letter.delivered.extend(delivery.accepted);
+                letter.rejected.extend(delivery.refused);
+                letter.last_reply = delivery.reply.or(letter.last_reply.take());
+                if !delivery.deferred.is_empty() && !exhausted {
+                    let reason =
+                        format!("{} recipient(s) deferred: {}", delivery.deferred.len(), delivery.deferred[0].reply);
+                    return Outcome::Retry {
+                        due_ms: now_ms() + backoff(&self.ctx.retry, letter.attempts).as_millis() as i64,
+                        reason,
+                    };
+                }
+                letter.rejected.extend(delivery.deferred);
+                if letter.delivered.is_empty() {
+                    self.ctx.metrics.fail("recipients_refused");
+                    let reason = match letter.rejected.first() {
+                        Some(first) => {
+                            format!("every recipient was refused; first: {} ({})", first.address, first.reply)
+                        }
+                        None => "no recipient accepted the letter".to_owned(),
+                    };
+                    Outcome::Failed { reason }
+                } else {
+                    Outcome::Sent
+                }
+            }
+        }
+    }
+
+    /// Runs the transaction, on the kept connection when there is one. A kept connection the
+    /// server closed while idle gets one fresh retry, which does not count as an attempt.
+    async fn deliver(&mut self, recipients: &[String], message: &[u8]) -> Result<Delivery, SendError> {
+        let reused = self.connection.is_some();
+        match self.transaction(recipients, message).await {
+            Err(SendError::Transient(reason)) if reused && self.connection.is_none() => {
+                tracing::debug!(reason = %reason, "kept connection failed; reconnecting");
+                self.transaction(recipients, message).await
+            }
+            other => other,
+        }
+    }
+
+    async fn transaction(&mut self, recipients: &[String], message: &[u8]) -> Result<Delivery, SendError> {
+        let mut connection = match self.connection.take() {
+            Some(connection) if !connection.has_broken() => connection,
+            _ => connect(&self.ctx).await?,
+        };
+        let result = transaction(&mut connection, &self.ctx.smtp, recipients, message).await;
+        // Keep the connection only after a clean exchange; anything else may have left the
+        // session mid-command.
+        if result.is_ok() && !connection.has_broken() {
+            self.connection = Some(connection);
+        } else {
+            connection.abort().await;
+        }
+        result
+    }
+}
+
+/// Exponential backoff with "equal jitter": half the delay is fixed, half random, so retries from
+/// one outage spread out instead of returning together.
+pub fn backoff(retry: &DispatchConfig, attempts: i32) -> Duration {
+    let exponent = attempts.saturating_sub(1).clamp(0, 30) as u32;
+    let delay = retry.backoff_base.saturating_mul(1 << exponent).min(retry.backoff_max);
+    let half = delay / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+async fn connect(ctx: &SendContext) -> Result<AsyncSmtpConnection, SendError> {
+    let smtp = &ctx.smtp;
+    let transient =
+        |what: &str, e: &dyn fmt::Display| SendError::Transient(format!("{what} {}:{}: {e}", smtp.host, smtp.port));
+    let tcp = TcpStream::connect((smtp.host.as_str(), smtp.port)).await.map_err(|e| transient("connecting to", &e))?;
+    // lettre writes the message and its final dot separately; without TCP_NODELAY each letter
+    // waits ~40 ms for a delayed ACK, capping a connection near 22 letters/s.
+    tcp.set_nodelay(true).map_err(|e| transient("configuring socket to", &e))?;
+    let hello = ClientId::Domain(smtp.helo_name.clone());
+    let mut connection = match (&ctx.tls, smtp.tls) {
+        (Some(tls), TlsMode::Implicit) => {
+            // lettre offers no public way to wrap a socket we configured in TLS other than its
+            // (deprecated-for-public-use) network stream; bridging it back to tokio's traits
+            // keeps TCP_NODELAY and lettre's own certificate handling.
+            #[allow(deprecated)]
+            let mut stream = lettre::transport::smtp::client::AsyncNetworkStream::use_existing_tokio1(Box::new(tcp));
+            stream.upgrade_tls(tls.clone()).await.map_err(|e| transient("TLS handshake with", &e))?;
+            let stream = TlsStream(tokio_util::compat::FuturesAsyncReadCompatExt::compat(stream));
+            AsyncSmtpConnection::connect_with_transport(Box::new(stream), &hello).await
+        }
+        _ => AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &hello).await,
+    }
+    .map_err(|e| SendError::from_smtp(&format!("greeting from {}:{}", smtp.host, smtp.port), e))?;
+
+    if let Some(tls) = &ctx.tls {
+        let offered = connection.can_starttls();
+        match smtp.tls {
+            TlsMode::StartTls if !offered => {
+                return Err(SendError::Transient(format!(
+                    "{}:{} does not offer STARTTLS, which SMTP_TLS=starttls requires",
+                    smtp.host, smtp.port
+                )));
+            }
+            TlsMode::StartTls | TlsMode::Opportunistic if offered => {
+                connection.starttls(tls.clone(), &hello).await.map_err(|e| SendError::from_smtp("STARTTLS", e))?;
+            }
+            _ => {}
+        }
+    }
+    if let (Some(user), Some(password)) = (&smtp.user, &smtp.password) {
+        let credentials = Credentials::new(user.clone(), password.expose_secret().to_owned());
+        connection
+            .auth(&[Mechanism::Plain, Mechanism::Login], &credentials)
+            .await
+            .map_err(|e| SendError::from_smtp("authentication", e))?;
+    }
+    Ok(connection)
+}
+
+fn reply_text(response: &Response) -> String {
+    let lines: Vec<&str> = response.message().collect();
+    format!("{} {}", response.code(), lines.join(" "))
+}
+
+async fn transaction(
+    connection: &mut AsyncSmtpConnection,
+    smtp: &SmtpConfig,
+    recipients: &[String],
+    message: &[u8],
+) -> Result<Delivery, SendError> {
+    let mut delivery = Delivery::default();
+    let utf8 = connection.server_info().supports_feature(Extension::SmtpUtfEight);
+    let mut envelope = Vec::with_capacity(recipients.len());
+    for recipient in recipients {
+        match recipient.parse::<Address>() {
+            Ok(address) if AsRef::<str>::as_ref(&address).is_ascii() || utf8 => envelope.push(address),
+            Ok(_) => delivery.refused.push(Rejection {
+                address: recipient.clone(),
+                reply: "the SMTP server does not support SMTPUTF8, required for this address".into(),
+            }),
+            Err(e) => {
+                delivery.refused.push(Rejection { address: recipient.clone(), reply: format!("invalid address: {e}") })
+            }
+        }
+    }
+    if envelope.is_empty() {
+        return Ok(delivery);
+    }
+
+    let mut parameters = Vec::new();
+    if utf8 && envelope.iter().any(|a| !AsRef::<str>::as_ref(a).is_ascii()) {
+        parameters.push(MailParameter::SmtpUtfEight);
+    }
+    if !message.is_ascii() && connection.server_info().supports_feature(Extension::EightBitMime) {
+        parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    connection
+        .command(Mail::new(Some(smtp.from.email.clone()), parameters))
+        .await
+        .map_err(|e| SendError::from_smtp("MAIL FROM", e))?;
+
+    for address in envelope {
+        match connection.command(Rcpt::new(address.clone(), Vec::new())).await {
+            Ok(_) => delivery.accepted.push(address.to_string()),
+            Err(e) if e.is_permanent() => {
+                delivery.refused.push(Rejection { address: address.to_string(), reply: e.to_string() })
+            }
+            Err(e) if e.is_transient() => {
+                delivery.deferred.push(Rejection { address: address.to_string(), reply: e.to_string() })
+            }
+            Err(e) => return Err(SendError::from_smtp("RCPT TO", e)),
+        }
+    }
+    if delivery.accepted.is_empty() {
+        // Nothing to send: end the transaction cleanly so the connection can be reused.
+        connection.command(Rset).await.map_err(|e| SendError::from_smtp("RSET", e))?;
+        return Ok(delivery);
+    }
+    connection.command(Data).await.map_err(|e| SendError::from_smtp("DATA", e))?;
+    let reply = connection.message(message).await.map_err(|e| SendError::from_smtp("message data", e))?;
+    delivery.reply = Some(reply_text(&reply));
+    Ok(delivery)
+}
+
+/// Bridges lettre's TLS stream (futures-io traits) back to the tokio traits lettre's connection
+/// takes.
+#[allow(deprecated)]
+struct TlsStream(Compat<lettre::transport::smtp::client::AsyncNetworkStream>);
+
+impl fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsStream")
+    }
+}
+
+impl AsyncTokioStream for TlsStream {
+    fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.0.get_ref().peer_addr()
+    }
+}
+
+impl tokio::io::AsyncRead for TlsStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry() -> DispatchConfig {
+        DispatchConfig {
+            lease: Duration::from_secs(30),
+            max_attempts: 5,
+            backoff_base: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(600),
+            claim_batch: 256,
+            poll_interval: Duration::from_secs(1),
+            republish_interval: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_within_jitter_and_cap() {
+        let retry = retry();
+        for (attempt, nominal) in [(1, 10), (2, 20), (3, 40), (4, 80), (10, 600)] {
+            for _ in 0..50 {
+                let delay = backoff(&retry, attempt);
+                assert!(
+                    delay >= Duration::from_secs(nominal) / 2 && delay <= Duration::from_secs(nominal),
+                    "{attempt}: {delay:?}"
+                );
+            }
+        }
+    }
+}

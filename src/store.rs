@@ -1,0 +1,374 @@
+//! The letter store: every MongoDB operation the service performs, each batched.
+//!
+//! The Mongo-wire server we test on answers about 90 single-document claims per second, so no
+//! per-letter query is allowed on the common path: letters are inserted in batches, claimed in
+//! batches (find ids, update them to `processing` under a claim token, read back what this claim
+//! won), and outcomes are written as one multi-statement `update` command per batch.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::TryStreamExt;
+use mongodb::{
+    Client, Collection, Database, IndexModel,
+    bson::{Bson, Document, doc, oid::ObjectId},
+    error::{ErrorKind, WriteFailure},
+    options::{ClientOptions, Credential, IndexOptions, ServerAddress},
+};
+use secrecy::ExposeSecret;
+
+use crate::{
+    config::{MongoConfig, MongoTarget},
+    model::{Letter, Rejection, Status},
+};
+
+const DUPLICATE_KEY: i32 = 11000;
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: Database,
+    letters: Collection<Letter>,
+}
+
+/// The result of one send attempt, as the report stage writes it back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Sent,
+    Failed {
+        reason: String,
+    },
+    /// Transient failure: back to `awaiting`, due again at `due_ms`.
+    Retry {
+        reason: String,
+        due_ms: i64,
+    },
+    /// Not attempted (shutdown, or the lease could no longer be trusted): back to `awaiting`
+    /// as it was, without counting an attempt.
+    Released,
+}
+
+/// A letter's state after an attempt, written in one statement.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub letter: Letter,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct InsertReport {
+    pub inserted: usize,
+    pub duplicates: usize,
+}
+
+impl Store {
+    pub async fn connect(config: &MongoConfig) -> anyhow::Result<Store> {
+        let mut options = match &config.target {
+            MongoTarget::Uri(uri) => {
+                ClientOptions::parse(uri.expose_secret()).await.context("MONGO_LOCAL is not a usable MongoDB URI")?
+            }
+            MongoTarget::Host { host, port, username, password } => ClientOptions::builder()
+                .hosts(vec![ServerAddress::Tcp { host: host.clone(), port: Some(*port) }])
+                .credential(
+                    Credential::builder()
+                        .username(username.clone())
+                        .password(password.expose_secret().to_owned())
+                        .build(),
+                )
+                .build(),
+        };
+        // Fail fast so the stages' own retry loops (and readiness) see an outage within seconds.
+        options.server_selection_timeout.get_or_insert(Duration::from_secs(5));
+        options.connect_timeout.get_or_insert(Duration::from_secs(5));
+        options.app_name.get_or_insert_with(|| "mailsender".to_owned());
+        let client = Client::with_options(options).context("building the MongoDB client")?;
+        let db = client.database(&config.database);
+        let letters = db.collection::<Letter>(&config.collection);
+        Ok(Store { db, letters })
+    }
+
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        self.db.run_command(doc! { "ping": 1 }).await.context("MongoDB ping")?;
+        Ok(())
+    }
+
+    /// Creates the indexes and brings documents written by the Go service into the shape the
+    /// claim queries expect. Safe to run on every start and from several replicas at once.
+    pub async fn prepare(&self, lease: Duration) -> anyhow::Result<()> {
+        let indexes = [
+            IndexModel::builder()
+                .keys(doc! { "source": 1 })
+                .options(IndexOptions::builder().unique(true).sparse(true).build())
+                .build(),
+            IndexModel::builder().keys(doc! { "status": 1, "due_ms": 1 }).build(),
+            IndexModel::builder().keys(doc! { "owner": 1, "status": 1 }).build(),
+            IndexModel::builder().keys(doc! { "unreported": 1 }).build(),
+        ];
+        self.letters.create_indexes(indexes).await.context("creating letter indexes")?;
+
+        // Go-era letters have no due time; make them due now.
+        self.letters
+            .update_many(
+                doc! { "status": "awaiting", "due_ms": { "$exists": false } },
+                doc! { "$set": { "due_ms": 0_i64 } },
+            )
+            .await
+            .context("migrating awaiting letters without due_ms")?;
+        // Go-era `processing` letters have no owner that could ever release them: give them a
+        // lease that expires, so the reaper returns them to `awaiting`.
+        let expiry = crate::model::now_ms() + lease.as_millis() as i64;
+        self.letters
+            .update_many(
+                doc! { "status": "processing", "lease_ms": { "$exists": false } },
+                doc! { "$set": { "lease_ms": expiry } },
+            )
+            .await
+            .context("migrating processing letters without a lease")?;
+        Ok(())
+    }
+
+    /// Inserts letters; those whose `source` is already stored (a redelivered Kafka message) are
+    /// skipped, not duplicated.
+    pub async fn insert(&self, letters: &[Letter]) -> anyhow::Result<InsertReport> {
+        if letters.is_empty() {
+            return Ok(InsertReport::default());
+        }
+        match self.letters.insert_many(letters).ordered(false).await {
+            Ok(result) => Ok(InsertReport { inserted: result.inserted_ids.len(), duplicates: 0 }),
+            Err(error) => {
+                if let ErrorKind::InsertMany(failure) = error.kind.as_ref()
+                    && failure.write_concern_error.is_none()
+                    && let Some(write_errors) = &failure.write_errors
+                    && write_errors.iter().all(|e| e.code == DUPLICATE_KEY)
+                {
+                    let duplicates = write_errors.len();
+                    return Ok(InsertReport { inserted: letters.len() - duplicates, duplicates });
+                }
+                Err(anyhow::Error::new(error).context("inserting letters"))
+            }
+        }
+    }
+
+    /// Leases up to `max` due letters to `owner` until `lease_until_ms`. Several replicas may
+    /// claim at once: the update only takes letters still `awaiting`, and each replica reads back
+    /// only the letters its own claim token marked.
+    pub async fn claim(
+        &self,
+        owner: &str,
+        max: usize,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> anyhow::Result<Vec<Letter>> {
+        let ids: Vec<Bson> = self
+            .letters
+            .clone_with_type::<Document>()
+            .find(doc! { "status": "awaiting", "due_ms": { "$lte": now_ms } })
+            .sort(doc! { "due_ms": 1 })
+            .limit(max as i64)
+            .projection(doc! { "_id": 1 })
+            .await
+            .context("finding due letters")?
+            .try_collect::<Vec<Document>>()
+            .await
+            .context("reading due letters")?
+            .into_iter()
+            .filter_map(|d| d.get("_id").cloned())
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let token = ObjectId::new().to_hex();
+        self.letters
+            .update_many(
+                doc! { "_id": { "$in": &ids }, "status": "awaiting" },
+                doc! { "$set": {
+                    "status": "processing", "owner": owner, "lease_ms": lease_until_ms, "claim": &token,
+                    "updated_ms": now_ms,
+                } },
+            )
+            .await
+            .context("claiming letters")?;
+        let claimed = self
+            .letters
+            .find(doc! { "_id": { "$in": &ids }, "claim": &token })
+            .await
+            .context("reading claimed letters")?
+            .try_collect()
+            .await
+            .context("reading claimed letters")?;
+        Ok(claimed)
+    }
+
+    /// Extends the lease of every letter `owner` holds. One round trip whatever it holds.
+    pub async fn renew(&self, owner: &str, lease_until_ms: i64) -> anyhow::Result<u64> {
+        let result = self
+            .letters
+            .update_many(
+                doc! { "owner": owner, "status": "processing" },
+                doc! { "$set": { "lease_ms": lease_until_ms } },
+            )
+            .await
+            .context("renewing leases")?;
+        Ok(result.modified_count)
+    }
+
+    /// Returns letters whose owner stopped renewing (it died) to `awaiting`.
+    pub async fn reap_expired(&self, now_ms: i64) -> anyhow::Result<u64> {
+        let result = self
+            .letters
+            .update_many(
+                doc! { "status": "processing", "lease_ms": { "$lt": now_ms } },
+                doc! {
+                    "$set": { "status": "awaiting", "due_ms": now_ms, "updated_ms": now_ms },
+                    "$unset": { "owner": "", "lease_ms": "", "claim": "" },
+                },
+            )
+            .await
+            .context("reaping expired leases")?;
+        Ok(result.modified_count)
+    }
+
+    /// Returns every letter `owner` still holds to `awaiting` (graceful shutdown). Another
+    /// replica's letters are never touched.
+    pub async fn release_all(&self, owner: &str) -> anyhow::Result<u64> {
+        let now_ms = crate::model::now_ms();
+        let result = self
+            .letters
+            .update_many(
+                doc! { "owner": owner, "status": "processing" },
+                doc! {
+                    "$set": { "status": "awaiting", "due_ms": now_ms, "updated_ms": now_ms },
+                    "$unset": { "owner": "", "lease_ms": "", "claim": "" },
+                },
+            )
+            .await
+            .context("releasing own letters")?;
+        Ok(result.modified_count)
+    }
+
+    /// Writes a batch of attempt outcomes in one round trip. Each statement only applies while
+    /// `owner` still holds the letter; returns how many did not (their lease had been lost).
+    pub async fn record(&self, owner: &str, records: &[AttemptRecord]) -> anyhow::Result<usize> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let now_ms = crate::model::now_ms();
+        let updates: Vec<Document> = records.iter().map(|r| outcome_statement(owner, r, now_ms)).collect();
+        let reply = self
+            .db
+            .run_command(doc! { "update": self.letters.name(), "updates": updates, "ordered": false })
+            .await
+            .context("recording outcomes")?;
+        if let Ok(errors) = reply.get_array("writeErrors")
+            && !errors.is_empty()
+        {
+            anyhow::bail!("recording outcomes: {} write errors, first: {}", errors.len(), errors[0]);
+        }
+        let matched = match reply.get("n") {
+            Some(Bson::Int32(n)) => *n as usize,
+            Some(Bson::Int64(n)) => *n as usize,
+            _ => records.len(),
+        };
+        Ok(records.len().saturating_sub(matched))
+    }
+
+    /// Marks final outcomes as published to the status topic.
+    pub async fn mark_reported(&self, ids: &[ObjectId]) -> anyhow::Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.letters
+            .update_many(doc! { "_id": { "$in": ids } }, doc! { "$unset": { "unreported": "" } })
+            .await
+            .context("marking outcomes reported")?;
+        Ok(())
+    }
+
+    /// Final outcomes stored at least `min_age` ago and still not published.
+    pub async fn unreported(&self, updated_before_ms: i64, limit: usize) -> anyhow::Result<Vec<Letter>> {
+        self.letters
+            .find(doc! { "unreported": 1_i32, "updated_ms": { "$lt": updated_before_ms } })
+            .limit(limit as i64)
+            .await
+            .context("finding unreported outcomes")?
+            .try_collect()
+            .await
+            .context("reading unreported outcomes")
+    }
+
+    /// Letters per status, for the metrics gauge. One aggregation, run on a timer, never per scrape.
+    pub async fn count_by_status(&self) -> anyhow::Result<Vec<(String, i64)>> {
+        let mut cursor = self
+            .letters
+            .aggregate([doc! { "$group": { "_id": "$status", "n": { "$sum": 1 } } }])
+            .await
+            .context("counting letters by status")?;
+        let mut counts = Vec::new();
+        while let Some(row) = cursor.try_next().await.context("counting letters by status")? {
+            let status = row.get_str("_id").unwrap_or("unknown").to_owned();
+            let n = match row.get("n") {
+                Some(Bson::Int32(n)) => *n as i64,
+                Some(Bson::Int64(n)) => *n,
+                Some(Bson::Double(n)) => *n as i64,
+                _ => 0,
+            };
+            counts.push((status, n));
+        }
+        Ok(counts)
+    }
+
+    pub fn collection(&self) -> &Collection<Letter> {
+        &self.letters
+    }
+}
+
+fn rejections(rejected: &[Rejection]) -> Vec<Document> {
+    rejected.iter().map(|r| doc! { "address": &r.address, "reply": &r.reply }).collect()
+}
+
+fn outcome_statement(owner: &str, record: &AttemptRecord, now_ms: i64) -> Document {
+    let letter = &record.letter;
+    let filter = doc! { "_id": letter.id, "owner": owner, "status": "processing" };
+    let mut set = doc! {
+        "updated_ms": now_ms,
+        "attempts": letter.attempts,
+        "delivered": &letter.delivered,
+        "rejected": rejections(&letter.rejected),
+    };
+    if let Some(reply) = &letter.last_reply {
+        set.insert("last_reply", reply);
+    }
+    let mut unset = doc! { "owner": "", "lease_ms": "", "claim": "" };
+    match &record.outcome {
+        Outcome::Sent => {
+            set.insert("status", Status::Sent.as_str());
+            set.insert("unreported", 1_i32);
+            unset.insert("error", "");
+        }
+        Outcome::Failed { reason } => {
+            set.insert("status", Status::Error.as_str());
+            set.insert("error", reason);
+            set.insert("unreported", 1_i32);
+        }
+        Outcome::Retry { reason, due_ms } => {
+            set.insert("status", Status::Awaiting.as_str());
+            set.insert("error", reason);
+            set.insert("due_ms", *due_ms);
+        }
+        Outcome::Released => {
+            set = doc! { "status": Status::Awaiting.as_str(), "due_ms": now_ms, "updated_ms": now_ms };
+        }
+    }
+    doc! { "q": filter, "u": { "$set": set, "$unset": unset }, "multi": false, "upsert": false }
+}
+
+/// Whether an error means MongoDB is unreachable (worth waiting for) rather than a bug.
+pub fn is_unavailable(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.downcast_ref::<mongodb::error::Error>().is_some_and(|e| {
+            matches!(
+                e.kind.as_ref(),
+                ErrorKind::ServerSelection { .. } | ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. }
+            ) || matches!(e.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteConcernError(_)))
+        })
+    })
+}
