@@ -119,6 +119,7 @@ impl App {
             Arc::new(SendContext::new(config.smtp.clone(), config.dispatch.clone(), lease.clone(), metrics.clone())?);
         let workers_count = config.smtp.max_senders;
         let rate = config.smtp.rate_max_letters as f64 / config.smtp.rate_period.as_secs_f64();
+        let capacity = Dispatcher::capacity(&config.dispatch, workers_count, rate);
         let (letters_tx, letters_rx) = async_channel::bounded(workers_count);
         let (outcomes_tx, outcomes_rx) = mpsc::channel(512);
         let dispatcher = tokio::spawn(
@@ -126,9 +127,10 @@ impl App {
                 store: store.clone(),
                 config: config.dispatch.clone(),
                 owner: owner.clone(),
-                capacity: Arc::new(Semaphore::new(Dispatcher::capacity(&config.dispatch, workers_count, rate))),
+                capacity: Arc::new(Semaphore::new(capacity)),
                 wake,
                 lease: lease.clone(),
+                low_water: Dispatcher::low_water(&config.dispatch, capacity),
             }
             .run(letters_tx, shutdown.clone()),
         );
@@ -148,7 +150,11 @@ impl App {
         };
         let report = tokio::spawn(reporter.clone().run(outcomes_rx, shutdown.clone()));
         let mut chores = JoinSet::new();
-        chores.spawn(reporter.republish(config.dispatch.republish_interval, background.clone()));
+        chores.spawn(reporter.republish(
+            config.dispatch.republish_interval,
+            config.kafka.message_timeout + Duration::from_secs(15),
+            background.clone(),
+        ));
         chores.spawn(Dispatcher::maintain(
             store.clone(),
             config.dispatch.clone(),

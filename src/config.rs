@@ -65,6 +65,8 @@ pub struct KafkaConfig {
     /// once instead of waiting out the session timeout of its previous incarnation.
     pub group_instance_id: Option<String>,
     pub session_timeout: Duration,
+    /// How long the producer keeps trying to deliver a message before giving up on it.
+    pub message_timeout: Duration,
     /// Partition count used when the service creates a missing topic.
     pub partitions: i32,
     pub create_topics: bool,
@@ -146,6 +148,7 @@ impl Config {
             group_id: env.string("KAFKA_GROUPID", "mailsender"),
             group_instance_id: env.optional("KAFKA_GROUP_INSTANCE_ID"),
             session_timeout: env.duration("KAFKA_SESSION_TIMEOUT", "45s")?,
+            message_timeout: env.duration("KAFKA_MESSAGE_TIMEOUT", "60s")?,
             partitions: env
                 .parse("KAFKA_TOPIC_PARTITIONS", 3, "a partition count from 1 to 1000", |n| (1..=1000).contains(n))?,
             create_topics: env.boolean("KAFKA_CREATE_TOPICS", true)?,

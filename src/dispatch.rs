@@ -62,6 +62,8 @@ pub struct Dispatcher {
     pub capacity: Arc<Semaphore>,
     pub wake: Arc<Notify>,
     pub lease: Arc<LeaseClock>,
+    /// Free slots needed before the next claim.
+    pub low_water: usize,
 }
 
 impl Dispatcher {
@@ -73,18 +75,30 @@ impl Dispatcher {
         sendable.clamp(workers.max(1), (2 * config.claim_batch).max(workers))
     }
 
+    /// Half the capacity, but no more than one claim batch.
+    pub fn low_water(config: &DispatchConfig, capacity: usize) -> usize {
+        (capacity / 2).clamp(1, config.claim_batch.max(1))
+    }
+
     pub async fn run(self, out: async_channel::Sender<Claimed>, shutdown: CancellationToken) {
         let mut failures = 0u32;
         loop {
+            // Claim only once a good share of the capacity is free: claiming one letter at a
+            // time as each send finishes would cost three round trips per letter.
             let first = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                permit = self.capacity.clone().acquire_owned() => match permit {
+                permit = self.capacity.clone().acquire_many_owned(self.low_water as u32) => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
                 },
             };
             let mut permits = vec![first];
+            for _ in 1..self.low_water {
+                if let Some(one) = permits[0].split(1) {
+                    permits.push(one);
+                }
+            }
             while permits.len() < self.config.claim_batch {
                 match self.capacity.clone().try_acquire_owned() {
                     Ok(permit) => permits.push(permit),

@@ -38,7 +38,7 @@ pub fn producer(config: &KafkaConfig) -> anyhow::Result<FutureProducer> {
         .set("linger.ms", "5")
         // Undelivered status messages stay `unreported` in MongoDB and are republished later,
         // so the producer need not hold them for long during a broker outage.
-        .set("message.timeout.ms", "60000")
+        .set("message.timeout.ms", config.message_timeout.as_millis().to_string())
         .set("queue.buffering.max.kbytes", "8192")
         .set("message.max.bytes", "2097152")
         .create()

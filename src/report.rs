@@ -20,9 +20,6 @@ use crate::{
 
 /// Most outcomes written in one round trip.
 const WRITE_BATCH: usize = 256;
-/// An unreported outcome younger than this may still be on its way through the producer
-/// (whose message timeout is 60 s); only older ones are republished.
-const REPUBLISH_MIN_AGE: Duration = Duration::from_secs(75);
 
 #[derive(Clone)]
 pub struct Report {
@@ -119,8 +116,10 @@ impl Report {
         }
     }
 
-    /// Republishes final outcomes that were stored but never acknowledged by the broker.
-    pub async fn republish(self, interval: Duration, shutdown: CancellationToken) {
+    /// Republishes final outcomes that were stored but never acknowledged by the broker. Only
+    /// outcomes older than `min_age` (longer than the producer's message timeout) are taken, as
+    /// younger ones may still be on their way through the producer.
+    pub async fn republish(self, interval: Duration, min_age: Duration, shutdown: CancellationToken) {
         let (reported_tx, reported_rx) = mpsc::channel::<ObjectId>(4096);
         let marker = tokio::spawn(mark_reported(self.store.clone(), reported_rx));
         let mut ticker = tokio::time::interval(interval);
@@ -130,7 +129,7 @@ impl Report {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
             }
-            let before = now_ms() - REPUBLISH_MIN_AGE.as_millis() as i64;
+            let before = now_ms() - min_age.as_millis() as i64;
             match self.store.unreported(before, 500).await {
                 Ok(letters) if letters.is_empty() => {}
                 Ok(letters) => {

@@ -1,0 +1,129 @@
+//! What operators rely on, checked with the tools they use: probes, Prometheus metrics through
+//! `promtool`, the Postman collection through `newman`, JSON logs.
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use common::*;
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn check_artifacts(args: &[&str]) -> (bool, String) {
+    let output = Command::new("bash")
+        .arg(repo_root().join("scripts/check-artifacts.sh"))
+        .args(args)
+        .output()
+        .expect("running scripts/check-artifacts.sh");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn probes_report_each_dependency() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[]).await;
+    let (status, body) = app.get("/health").await;
+    assert_eq!(status, 200, "{body}");
+
+    let ready: Value = wait_for("readiness", LONG, || async {
+        let (status, body) = app.get("/ready").await;
+        (status == 200).then(|| serde_json::from_str(&body).unwrap())
+    })
+    .await;
+    assert_eq!(ready["status"], "ready");
+    for check in ["kafka", "mongo", "smtp", "consumer"] {
+        assert_eq!(ready["checks"][check], "ok", "{ready}");
+    }
+
+    // The SMTP server goes away: readiness fails and names it, liveness does not.
+    drop(sink);
+    let not_ready: Value = wait_for("readiness to fail", LONG, || async {
+        let (status, body) = app.get("/ready").await;
+        (status == 503).then(|| serde_json::from_str(&body).unwrap())
+    })
+    .await;
+    assert_eq!(not_ready["status"], "not ready");
+    assert_ne!(not_ready["checks"]["smtp"], "ok", "{not_ready}");
+    assert_eq!(not_ready["checks"]["mongo"], "ok", "{not_ready}");
+    assert_eq!(app.get("/health").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_pass_promtool_and_count_what_happened() {
+    let sink = SmtpSink::start().await;
+    sink.control(serde_json::json!({ "rcpt_replies": { "refused@example.org": "550 5.1.1 no" } }));
+    let app = TestApp::spawn(&sink, &[]).await;
+    let mut batch = batch("metrics", 3, 1);
+    batch.as_array_mut().unwrap().push(serde_json::json!({
+        "Subject": "refused", "Body": "x", "Addresses": ["refused@example.org"], "Token": "t"
+    }));
+    assert_eq!(app.post("/post", batch.to_string()).await.0, 202);
+    app.wait_all_final(4, LONG).await;
+
+    let text = wait_for("metrics to count the letters", LONG, || async {
+        let (_, text) = app.get("/metrics").await;
+        (text.contains("mailsender_letters_sent_total 3") && text.contains("mailsender_status_published_total 4"))
+            .then_some(text)
+    })
+    .await;
+    for family in [
+        "mailsender_letters_received_total 4",
+        "mailsender_letters_stored_total 4",
+        "mailsender_letters_failed_total{reason=\"recipients_refused\"} 1",
+        "mailsender_send_duration_seconds_count 4",
+        "mailsender_rate_limit_wait_seconds_count 4",
+        "mailsender_sends_in_flight 0",
+        "mailsender_build_info{version=",
+    ] {
+        assert!(text.contains(family), "{family} missing from\n{text}");
+    }
+
+    let file = std::env::temp_dir().join(format!("{}-metrics.txt", app.name));
+    std::fs::write(&file, &text).unwrap();
+    let (ok, output) = check_artifacts(&["promtool", "--raw", file.to_str().unwrap()]);
+    assert!(ok, "promtool check metrics failed:\n{output}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postman_collection_passes_against_the_live_service() {
+    let sink = SmtpSink::start().await;
+    let mut app = TestApp::spawn(&sink, &[("ADMIN_TOKEN", "postman-secret")]).await;
+    wait_for("readiness", LONG, || async { (app.get("/ready").await.0 == 200).then_some(()) }).await;
+
+    let (ok, output) = check_artifacts(&["newman", &app.http, "postman-secret", "--with-halt"]);
+    assert!(ok, "newman run failed:\n{output}");
+    // The collection posts a batch of two mailings, then halts the service.
+    let status = app.wait_exit(LONG).await;
+    assert!(status.success(), "exit after /halt: {status}");
+    assert!(sink.received().len() <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_carry_letter_id_and_source_key() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[("LOG_FORMAT", "json"), ("RUST_LOG", "info")]).await;
+    app.produce(Some("log-key-7"), batch("logs", 2, 1).to_string().as_bytes()).await;
+    let letters = app.wait_all_final(2, LONG).await;
+
+    let log = wait_for("letter log lines", LONG, || async {
+        let log = app.log();
+        (log.matches("letter sent").count() >= 2).then_some(log)
+    })
+    .await;
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect();
+    let sent: Vec<&Value> = lines.iter().filter(|l| l["message"] == "letter sent").collect();
+    assert_eq!(sent.len(), 2);
+    for line in sent {
+        let span = &line["span"];
+        assert_eq!(span["kafka_key"], "log-key-7", "{line}");
+        let id = span["letter_id"].as_str().unwrap();
+        assert!(letters.iter().any(|l| l.id.to_hex() == id), "{line}");
+        assert!(line["level"].is_string() && line["timestamp"].is_string(), "{line}");
+    }
+}
