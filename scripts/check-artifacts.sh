@@ -240,9 +240,11 @@ known = set(os.environ["KNOWN_ENV"].split()) | {"POD_NAME"}
 for where, keys in (("ConfigMap", cm["data"]), ("Secret", sec.get("stringData", {})), ("container env", env)):
     unknown = sorted(set(keys) - known)
     check(not unknown, f"{where}: unknown variable(s) {unknown} (typo?)")
-for key in ("INSTANCE_ID", "KAFKA_GROUP_INSTANCE_ID"):
-    check(env.get(key, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name",
-          f"{key} must come from metadata.name (downward API)")
+check(env.get("INSTANCE_ID", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name",
+      "INSTANCE_ID must come from metadata.name (downward API)")
+# A Deployment renames pods on every rollout; static membership would strand partitions.
+check("KAFKA_GROUP_INSTANCE_ID" not in env and "KAFKA_GROUP_INSTANCE_ID" not in cm["data"],
+      "KAFKA_GROUP_INSTANCE_ID must not be set on a Deployment (use it with a StatefulSet)")
 
 def seconds(s):
     m = re.fullmatch(r"(\d+)(ms|s|m)?", str(s).strip())
