@@ -138,14 +138,22 @@ async fn post_batch(State(state): State<Arc<HttpState>>, body: Bytes) -> Respons
     };
     let key = uuid::Uuid::new_v4().to_string();
     let record = FutureRecord::to(&state.topic_in).key(&key).payload(body.as_ref());
-    match state.producer.send(record, Duration::from_secs(5)).await {
-        Ok(_) => {
+    // Bounded well below a client's patience: with the broker down, librdkafka would keep
+    // retrying for its whole message timeout.
+    let delivery = tokio::time::timeout(Duration::from_secs(10), state.producer.send(record, Duration::from_secs(5)));
+    let failure = match delivery.await {
+        Ok(Ok(_)) => None,
+        Ok(Err((e, _))) => Some(e.to_string()),
+        Err(_) => Some("no acknowledgement within 10 s".to_owned()),
+    };
+    match failure {
+        None => {
             tracing::info!(kafka_key = %key, mailings = mailings.len(), "batch accepted");
             (StatusCode::ACCEPTED, Json(json!({ "key": key, "mailings": mailings.len() }))).into_response()
         }
-        Err((e, _)) => {
-            tracing::warn!(error = %e, "producing a posted batch failed");
-            error(StatusCode::SERVICE_UNAVAILABLE, format!("Kafka did not accept the batch: {e}"), None)
+        Some(reason) => {
+            tracing::warn!(error = %reason, "producing a posted batch failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, format!("Kafka did not accept the batch: {reason}"), None)
         }
     }
 }

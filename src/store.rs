@@ -213,36 +213,26 @@ impl Store {
 
     /// Returns letters whose owner stopped renewing (it died) to `awaiting`.
     pub async fn reap_expired(&self, now_ms: i64) -> anyhow::Result<u64> {
-        let result = self
-            .letters
-            .update_many(
-                doc! { "status": "processing", "lease_ms": { "$lt": now_ms } },
-                doc! {
-                    "$set": { "status": "awaiting", "due_ms": now_ms, "updated_ms": now_ms },
-                    "$unset": { "owner": "", "lease_ms": "", "claim": "" },
-                },
-            )
+        self.return_to_awaiting(doc! { "status": "processing", "lease_ms": { "$lt": now_ms } }, now_ms)
             .await
-            .context("reaping expired leases")?;
-        Ok(result.modified_count)
+            .context("reaping expired leases")
     }
 
     /// Returns every letter `owner` still holds to `awaiting` (graceful shutdown). Another
     /// replica's letters are never touched.
     pub async fn release_all(&self, owner: &str) -> anyhow::Result<u64> {
-        let now_ms = crate::model::now_ms();
-        let result = self
-            .letters
-            .update_many(
-                doc! { "owner": owner, "status": "processing" },
-                doc! {
-                    "$set": { "status": "awaiting", "due_ms": now_ms, "updated_ms": now_ms },
-                    "$unset": { "owner": "", "lease_ms": "", "claim": "" },
-                },
-            )
+        self.return_to_awaiting(doc! { "owner": owner, "status": "processing" }, crate::model::now_ms())
             .await
-            .context("releasing own letters")?;
-        Ok(result.modified_count)
+            .context("releasing own letters")
+    }
+
+    /// Makes the matching leased letters due again at once, without counting an attempt.
+    async fn return_to_awaiting(&self, filter: Document, now_ms: i64) -> mongodb::error::Result<u64> {
+        let update = doc! {
+            "$set": { "status": "awaiting", "due_ms": now_ms, "updated_ms": now_ms },
+            "$unset": { "owner": "", "lease_ms": "", "claim": "" },
+        };
+        Ok(self.letters.update_many(filter, update).await?.modified_count)
     }
 
     /// Writes a batch of attempt outcomes in one round trip. Each statement only applies while
