@@ -1,15 +1,18 @@
-//! Report: stores each attempt's outcome, then publishes final outcomes to the status topic.
+//! Report: publishes each final outcome to the status topic, then stores every attempt's outcome.
 //!
-//! Outcomes are written in batches, one round trip each. A final outcome is stored with an
-//! `unreported` mark before it is published; the mark is cleared once the broker acknowledged
-//! the status message. Whatever a broker outage or a crash left unpublished is found by the
-//! republisher from MongoDB, so no status message is lost (one may be published twice).
+//! Outcomes arrive in batches. The status messages of final outcomes (`sent`, `error`) are
+//! published first, concurrently, with a bounded wait for the broker's acknowledgement; then the
+//! whole batch is written in one round trip. An outcome whose status message was not
+//! acknowledged is stored `unreported`, and the republisher publishes it later from MongoDB, so a
+//! broker outage or a crash loses no status message (one may be published twice). Publishing
+//! first saves a second write per letter (clearing a mark) on the common path.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
+use futures::future::join_all;
 use mongodb::bson::oid::ObjectId;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio::{sync::mpsc, task::JoinSet};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -20,6 +23,11 @@ use crate::{
 
 /// Most outcomes written in one round trip.
 const WRITE_BATCH: usize = 256;
+/// How long a batch waits for the broker while it answers; acknowledgements take milliseconds.
+const PUBLISH_WAIT: Duration = Duration::from_secs(5);
+/// How long a batch waits while the broker is known to be failing, so an outage does not slow
+/// sending down: those outcomes are stored unreported and republished later.
+const PUBLISH_WAIT_DEGRADED: Duration = Duration::from_millis(200);
 
 #[derive(Clone)]
 pub struct Report {
@@ -34,34 +42,26 @@ impl Report {
     /// Runs until every worker has dropped its sender, so no outcome is left unwritten at
     /// shutdown. `shutdown` only bounds how long a failing write is retried once shutting down.
     pub async fn run(self, mut outcomes: mpsc::Receiver<AttemptRecord>, shutdown: CancellationToken) {
-        let (reported_tx, reported_rx) = mpsc::channel::<ObjectId>(4096);
-        let marker = tokio::spawn(mark_reported(self.store.clone(), reported_rx));
-        let mut deliveries = JoinSet::new();
         let mut batch = Vec::with_capacity(WRITE_BATCH);
+        let mut broker_healthy = true;
         while outcomes.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-            self.write(&batch, &shutdown).await;
-            for record in batch.drain(..) {
-                let status = match &record.outcome {
-                    Outcome::Sent => Status::Sent,
-                    Outcome::Failed { .. } => Status::Error,
-                    Outcome::Retry { .. } | Outcome::Released => continue,
-                };
-                let mut letter = record.letter;
-                letter.status = status;
-                if let Outcome::Failed { reason } = record.outcome {
-                    letter.error = Some(reason);
-                }
-                deliveries.spawn(self.clone().publish(letter, reported_tx.clone()));
+            for record in &mut batch {
+                final_status(record);
             }
-            while deliveries.try_join_next().is_some() {}
+            let finals: Vec<&Letter> = batch
+                .iter()
+                .filter(|r| matches!(r.outcome, Outcome::Sent | Outcome::Failed { .. }))
+                .map(|r| &r.letter)
+                .collect();
+            let wait = if broker_healthy { PUBLISH_WAIT } else { PUBLISH_WAIT_DEGRADED };
+            let published = self.publish(&finals, wait).await;
+            broker_healthy = published.len() == finals.len();
+            for record in &mut batch {
+                record.published = published.contains(&record.letter.id);
+            }
+            self.write(&batch, &shutdown).await;
+            batch.clear();
         }
-        drop(reported_tx);
-        // Bounded: what is not acknowledged by then stays `unreported` and is republished.
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            while deliveries.join_next().await.is_some() {}
-            let _ = marker.await;
-        })
-        .await;
         tracing::debug!("report stopped");
     }
 
@@ -93,35 +93,39 @@ impl Report {
         }
     }
 
-    /// Publishes one status message and, once the broker acknowledged it, queues its id to be
-    /// marked reported.
-    async fn publish(self, letter: Letter, reported: mpsc::Sender<ObjectId>) {
-        let payload = match serde_json::to_vec(&StatusMessage::from(&letter)) {
-            Ok(payload) => payload,
-            Err(error) => {
-                tracing::error!(letter_id = %letter.id, error = %error, "status message not serialisable");
-                return;
+    /// Publishes status messages concurrently; returns the ids the broker acknowledged within
+    /// `wait`.
+    async fn publish(&self, letters: &[&Letter], wait: Duration) -> HashSet<ObjectId> {
+        let sends = letters.iter().map(|letter| async move {
+            let payload = match serde_json::to_vec(&StatusMessage::from(*letter)) {
+                Ok(payload) => payload,
+                Err(error) => {
+                    tracing::error!(letter_id = %letter.id, error = %error, "status message not serialisable");
+                    return None;
+                }
+            };
+            let record = FutureRecord::to(&self.topic).key(&letter.kafkakey).payload(&payload);
+            match tokio::time::timeout(wait, self.producer.send(record, Duration::ZERO)).await {
+                Ok(Ok(_)) => Some(letter.id),
+                Ok(Err((error, _))) => {
+                    tracing::warn!(letter_id = %letter.id, kafka_key = %letter.kafkakey, error = %error, "status message not published; stored for republishing");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(letter_id = %letter.id, kafka_key = %letter.kafkakey, "status message not acknowledged in time; stored for republishing");
+                    None
+                }
             }
-        };
-        let record = FutureRecord::to(&self.topic).key(&letter.kafkakey).payload(&payload);
-        match self.producer.send(record, Duration::from_secs(5)).await {
-            Ok(_) => {
-                self.metrics.published.inc();
-                let _ = reported.send(letter.id).await;
-            }
-            Err((error, _)) => tracing::warn!(
-                letter_id = %letter.id, kafka_key = %letter.kafkakey, error = %error,
-                "status message not published; it will be republished from MongoDB"
-            ),
-        }
+        });
+        let published: HashSet<ObjectId> = join_all(sends).await.into_iter().flatten().collect();
+        self.metrics.published.inc_by(published.len() as u64);
+        published
     }
 
     /// Republishes final outcomes that were stored but never acknowledged by the broker. Only
     /// outcomes older than `min_age` (longer than the producer's message timeout) are taken, as
     /// younger ones may still be on their way through the producer.
     pub async fn republish(self, interval: Duration, min_age: Duration, shutdown: CancellationToken) {
-        let (reported_tx, reported_rx) = mpsc::channel::<ObjectId>(4096);
-        let marker = tokio::spawn(mark_reported(self.store.clone(), reported_rx));
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -130,32 +134,33 @@ impl Report {
                 _ = ticker.tick() => {}
             }
             let before = now_ms() - min_age.as_millis() as i64;
-            match self.store.unreported(before, 500).await {
-                Ok(letters) if letters.is_empty() => {}
-                Ok(letters) => {
-                    tracing::info!(count = letters.len(), "republishing unreported outcomes");
-                    let mut set = JoinSet::new();
-                    for letter in letters {
-                        set.spawn(self.clone().publish(letter, reported_tx.clone()));
-                    }
-                    while set.join_next().await.is_some() {}
+            let letters = match self.store.unreported(before, WRITE_BATCH).await {
+                Ok(letters) if letters.is_empty() => continue,
+                Ok(letters) => letters,
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), "looking for unreported outcomes failed");
+                    continue;
                 }
-                Err(error) => tracing::warn!(error = format!("{error:#}"), "looking for unreported outcomes failed"),
+            };
+            let published = self.publish(&letters.iter().collect::<Vec<_>>(), PUBLISH_WAIT).await;
+            tracing::info!(found = letters.len(), published = published.len(), "republished unreported outcomes");
+            let ids: Vec<ObjectId> = published.into_iter().collect();
+            if let Err(error) = self.store.mark_reported(&ids).await {
+                // Harmless: they are published again next time, at worst twice.
+                tracing::warn!(error = format!("{error:#}"), count = ids.len(), "marking outcomes reported failed");
             }
         }
-        drop(reported_tx);
-        let _ = marker.await;
     }
 }
 
-/// Clears `unreported` marks in batches.
-async fn mark_reported(store: Store, mut ids: mpsc::Receiver<ObjectId>) {
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    while ids.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-        if let Err(error) = store.mark_reported(&batch).await {
-            // Harmless: they are republished later, at worst twice.
-            tracing::warn!(error = format!("{error:#}"), count = batch.len(), "marking outcomes reported failed");
+/// Sets the status (and reason) the status message must carry for a final outcome.
+fn final_status(record: &mut AttemptRecord) {
+    match &record.outcome {
+        Outcome::Sent => record.letter.status = Status::Sent,
+        Outcome::Failed { reason } => {
+            record.letter.status = Status::Error;
+            record.letter.error = Some(reason.clone());
         }
-        batch.clear();
+        Outcome::Retry { .. } | Outcome::Released => {}
     }
 }

@@ -217,7 +217,7 @@ impl Worker {
             }
             Outcome::Released => {}
         }
-        AttemptRecord { letter, outcome }
+        AttemptRecord { letter, outcome, published: false }
     }
 
     /// Applies the result of an attempt to the letter's recipient state and picks the outcome.

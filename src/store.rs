@@ -52,6 +52,9 @@ pub enum Outcome {
 pub struct AttemptRecord {
     pub letter: Letter,
     pub outcome: Outcome,
+    /// Whether the broker already acknowledged the status message of a final outcome; when not,
+    /// the letter is stored `unreported` for the republisher.
+    pub published: bool,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -331,13 +334,11 @@ fn outcome_statement(owner: &str, record: &AttemptRecord, now_ms: i64) -> Docume
     match &record.outcome {
         Outcome::Sent => {
             set.insert("status", Status::Sent.as_str());
-            set.insert("unreported", 1_i32);
             unset.insert("error", "");
         }
         Outcome::Failed { reason } => {
             set.insert("status", Status::Error.as_str());
             set.insert("error", reason);
-            set.insert("unreported", 1_i32);
         }
         Outcome::Retry { reason, due_ms } => {
             set.insert("status", Status::Awaiting.as_str());
@@ -347,6 +348,9 @@ fn outcome_statement(owner: &str, record: &AttemptRecord, now_ms: i64) -> Docume
         Outcome::Released => {
             set = doc! { "status": Status::Awaiting.as_str(), "due_ms": now_ms, "updated_ms": now_ms };
         }
+    }
+    if matches!(record.outcome, Outcome::Sent | Outcome::Failed { .. }) && !record.published {
+        set.insert("unreported", 1_i32);
     }
     doc! { "q": filter, "u": { "$set": set, "$unset": unset }, "multi": false, "upsert": false }
 }

@@ -98,6 +98,8 @@ async fn posted_batch_is_stored_sent_bcc_only_and_reported() {
         for field in ["_id", "addresses", "subject", "body", "token", "status", "kafkakey"] {
             assert!(doc.contains_key(field), "{field} missing from {doc}");
         }
+        // Published before it was stored: no republishing is pending.
+        assert!(!doc.contains_key("unreported"), "{doc}");
     }
 }
 

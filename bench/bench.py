@@ -1,0 +1,1072 @@
+#!/usr/bin/env python3
+"""mailsender benchmark: drives the release binary against the local stack and prints a table.
+
+Run through bench/run.sh, which builds the service, starts a private stack and passes the paths here.
+Every figure is measured in its own runs with a fresh database, fresh topics and a fresh consumer group;
+the table shows the median of the runs. A figure that cannot be measured shows "n/a (reason)": the
+benchmark never fails because of a figure.
+"""
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+
+from confluent_kafka import Consumer, Producer, TopicPartition, OFFSET_BEGINNING, TIMESTAMP_CREATE_TIME
+from confluent_kafka.admin import AdminClient
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MIB = 1024 * 1024
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what, timeout, check, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f}s")
+        time.sleep(interval)
+
+
+def read_port_file(path, timeout=15):
+    def check():
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            return int(text) if text else None
+        except (FileNotFoundError, ValueError):
+            return None
+    return wait_until(f"port file {path}", timeout, check)
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def percentile(values, p):
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the pieces: SMTP sink, the service, Kafka load and status collection, counting proxies
+# ------------------------------------------------------------------------------------------------------------
+
+class Sink:
+    """scripts/smtp_sink.py in its own process, recording every message with a timestamp."""
+
+    def __init__(self, ctx, name):
+        self.dir = os.path.join(ctx.work, name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.out = os.path.join(self.dir, "sink.jsonl")
+        self.control_path = os.path.join(self.dir, "control.json")
+        port_file = os.path.join(self.dir, "sink.port")
+        for p in (self.out, port_file, self.control_path):
+            if os.path.exists(p):
+                os.remove(p)
+        self.log = open(os.path.join(self.dir, "sink.log"), "ab")
+        self.proc = subprocess.Popen(
+            [ctx.python, os.path.join(ctx.repo, "scripts", "smtp_sink.py"), "--host", "127.0.0.1", "--port", "0",
+             "--port-file", port_file, "--out", self.out, "--control", self.control_path],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.port = read_port_file(port_file)
+
+    def control(self, value):
+        tmp = self.control_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(value, f)
+        os.replace(tmp, self.control_path)
+
+    def records(self):
+        """[(ts, first recipient)] of every message received so far."""
+        out = []
+        try:
+            with open(self.out, encoding="utf-8") as f:
+                for line in f:
+                    if not line.endswith("\n"):
+                        break
+                    rec = json.loads(line)
+                    out.append((rec["ts"], (rec.get("rcpt_tos") or [""])[0], rec))
+        except FileNotFoundError:
+            pass
+        return out
+
+    def count(self):
+        try:
+            with open(self.out, "rb") as f:
+                return sum(1 for _ in f)
+        except FileNotFoundError:
+            return 0
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class Service:
+    """The release binary with a fresh database, topics and group, and an HTTP port of its own."""
+
+    def __init__(self, ctx, name, smtp_port, overrides=None, brokers=None, mongo_uri=None):
+        self.ctx = ctx
+        self.name = name
+        self.tag = f"b{uuid.uuid4().hex[:10]}"
+        self.dir = os.path.join(ctx.work, name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.http_port = free_port()
+        self.topic_in = f"bench-{self.tag}-in"
+        self.topic_out = f"bench-{self.tag}-out"
+        self.topic_dlq = f"bench-{self.tag}-dlq"
+        self.database = f"bench_{self.tag}"
+        self.brokers = brokers or ctx.brokers
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "KAFKA_BROKERS": self.brokers,
+            "MONGO_LOCAL": mongo_uri or ctx.mongo_uri,
+            "MONGODB_BASE_NAME": self.database,
+            "KAFKA_TOPIC_MAILSENDER": self.topic_in,
+            "KAFKA_TOPIC_PROFILE": self.topic_out,
+            "KAFKA_TOPIC_DLQ": self.topic_dlq,
+            "KAFKA_GROUPID": f"bench-{self.tag}",
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": str(smtp_port),
+            "SMTP_TLS": "none",
+            "SMTP_MAX_SENDERS": str(ctx.senders),
+            "HTTP_ADDR": f"127.0.0.1:{self.http_port}",
+            "INSTANCE_ID": f"bench-{self.tag}",
+            "RUST_LOG": "warn",
+        }
+        env.update(UNLIMITED)
+        env.update(overrides or {})
+        self.env = env
+        self.log_path = os.path.join(self.dir, "mailsender.log")
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([ctx.binary], env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        try:
+            wait_until("mailsender /ready", 60, self._ready, interval=0.1)
+        except Exception:
+            self.kill()
+            raise RuntimeError(f"mailsender did not become ready; log: {self.log_path}\n{self.log_tail()}")
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"mailsender exited with {self.proc.returncode}:\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(self.url("/ready"), timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, n=15):
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def cpu_seconds(self):
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+    def status_kib(self, field):
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        return None
+
+    def hwm_mib(self):
+        return self.status_kib("VmHWM") / 1024.0
+
+    def rss_mib(self):
+        return self.status_kib("VmRSS") / 1024.0
+
+    def metrics(self):
+        with urllib.request.urlopen(self.url("/metrics"), timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    pass
+        return out
+
+    def metric(self, name):
+        return self.metrics().get(name, 0.0)
+
+    def halt(self):
+        req = urllib.request.Request(self.url("/halt"), method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status
+
+    def stop(self, timeout=40):
+        """Graceful stop; returns the exit code (None if it had to be killed)."""
+        if self.proc.poll() is None:
+            try:
+                self.halt()
+            except (urllib.error.URLError, OSError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return None
+        self.log.close()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        try:
+            self.log.close()
+        except OSError:
+            pass
+
+    def cleanup(self):
+        """Drops the run's database and topics so repeated runs do not pile up data."""
+        try:
+            import pymongo
+            client = pymongo.MongoClient(self.ctx.mongo_uri, serverSelectionTimeoutMS=3000)
+            client.drop_database(self.database)
+            client.close()
+        except Exception as e:  # noqa: BLE001 (best effort)
+            log(f"dropping {self.database}: {e}")
+        if self.brokers == self.ctx.brokers:
+            try:
+                admin = AdminClient({"bootstrap.servers": self.brokers, "client.id": "bench"})
+                for f in admin.delete_topics([self.topic_in, self.topic_out, self.topic_dlq],
+                                             operation_timeout=10).values():
+                    try:
+                        f.result(15)
+                    except Exception:  # noqa: BLE001
+                        pass
+            except Exception as e:  # noqa: BLE001
+                log(f"deleting topics: {e}")
+
+
+# The rate limit "out of the way": one million letters per second.
+UNLIMITED = {"SMTP_RATE_LIMIT_PERIOD": "1s", "SMTP_RATE_LIMIT_MAX_LETTERS": "1000000",
+             "SMTP_RATE_LIMIT_BURST": "1000"}
+
+
+class Load:
+    """Produces batches of letters (JSON arrays of mailings), one Kafka message per batch, each with its own key."""
+
+    def __init__(self, ctx, brokers):
+        self.ctx = ctx
+        self.producer = Producer({"bootstrap.servers": brokers, "client.id": "bench", "linger.ms": 2,
+                                  "message.max.bytes": 8 * MIB, "acks": "all"})
+        self.errors = []
+        body_unit = "<p>Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.</p>\n"
+        self.body = (body_unit * (ctx.body_bytes // len(body_unit) + 1))[:ctx.body_bytes]
+
+    def batch(self, tag, start, count):
+        return [{"Subject": f"Benchmark letter {tag} {i}", "Body": self.body,
+                 "Addresses": [f"{tag}-{i}-a@example.com", f"{tag}-{i}-b@example.com"], "Token": f"{tag}-{i}"}
+                for i in range(start, start + count)]
+
+    def _delivered(self, err, _msg):
+        if err is not None:
+            self.errors.append(str(err))
+
+    def send(self, topic, key, letters):
+        payload = json.dumps(letters).encode()
+        while True:
+            try:
+                self.producer.produce(topic, key=key.encode(), value=payload, on_delivery=self._delivered)
+                break
+            except BufferError:
+                self.producer.poll(0.01)
+        self.producer.poll(0)
+
+    def produce(self, topic, tag, total, per_batch):
+        """Produces `total` letters at once; returns {key: produce time}."""
+        sent = {}
+        i = 0
+        while i < total:
+            n = min(per_batch, total - i)
+            key = f"{tag}-k{i}"
+            sent[key] = (time.time(), n)
+            self.send(topic, key, self.batch(tag, i, n))
+            i += n
+        self.flush()
+        return sent
+
+    def flush(self):
+        left = self.producer.flush(60)
+        if left or self.errors:
+            raise RuntimeError(f"producing: {left} undelivered, errors: {self.errors[:3]}")
+
+
+class Collector(threading.Thread):
+    """Reads the status topic from the beginning without a consumer group (assign, no join)."""
+
+    def __init__(self, brokers, topic):
+        super().__init__(daemon=True)
+        self.brokers = brokers
+        self.topic = topic
+        self.lock = threading.Lock()
+        self.seen = []  # (key, status, kafka ts seconds or None, receive time)
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+        self.error = None
+        self.start()
+        if not self.ready.wait(30):
+            raise RuntimeError(f"status collector did not start: {self.error}")
+
+    def run(self):
+        try:
+            c = Consumer({"bootstrap.servers": self.brokers, "client.id": "bench", "group.id": f"bench-{uuid.uuid4()}",
+                          "enable.auto.commit": False, "fetch.wait.max.ms": 10, "fetch.min.bytes": 1,
+                          "enable.partition.eof": False})
+            md = c.list_topics(self.topic, timeout=20)
+            parts = sorted(md.topics[self.topic].partitions)
+            if not parts:
+                raise RuntimeError(f"topic {self.topic} has no partitions")
+            c.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
+        except Exception as e:  # noqa: BLE001
+            self.error = e
+            return
+        self.ready.set()
+        try:
+            while not self.stopping.is_set():
+                msgs = c.consume(500, 0.1)
+                now = time.time()
+                rows = []
+                for m in msgs:
+                    if m.error():
+                        continue
+                    ts_type, ts = m.timestamp()
+                    v = m.value() or b""
+                    status = "sent" if b'"Status":"sent"' in v else "error" if b'"Status":"error"' in v else "?"
+                    rows.append(((m.key() or b"").decode(), status,
+                                 ts / 1000.0 if ts_type == TIMESTAMP_CREATE_TIME and ts > 0 else None, now))
+                if rows:
+                    with self.lock:
+                        self.seen.extend(rows)
+        finally:
+            c.close()
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.seen)
+
+    def wait_keys(self, keys, letters, timeout):
+        """Waits until `letters` status messages carrying one of `keys` arrived; returns them."""
+        keys = set(keys)
+
+        def check():
+            got = [r for r in self.snapshot() if r[0] in keys]
+            return got if len(got) >= letters else None
+        try:
+            return wait_until(f"{letters} status messages", timeout, check, interval=0.02)
+        except TimeoutError:
+            got = len([r for r in self.snapshot() if r[0] in keys])
+            raise TimeoutError(f"only {got} of {letters} status messages within {timeout:.0f}s")
+
+    def stop(self):
+        self.stopping.set()
+        self.join(10)
+
+
+def status_time(row):
+    """When a status message came to be: its CreateTime (set by the service's producer), else its arrival."""
+    return row[2] if row[2] is not None else row[3]
+
+
+def warm_up(ctx, load, collector, svc, letters=None):
+    """One small batch through the whole pipeline: the group has joined, connections are open."""
+    n = letters or 2 * ctx.senders
+    sent = load.produce(svc.topic_in, "warm" + svc.tag[:4], n, n)
+    collector.wait_keys(sent.keys(), n, 120)
+
+
+class Proxy:
+    def __init__(self, ctx, name, mode, upstream, listen_port=0):
+        self.dir = os.path.join(ctx.work, "proxies")
+        os.makedirs(self.dir, exist_ok=True)
+        port_file = os.path.join(self.dir, f"{name}.port")
+        self.stats = os.path.join(self.dir, f"{name}.stats.json")
+        for p in (port_file, self.stats):
+            if os.path.exists(p):
+                os.remove(p)
+        self.log = open(os.path.join(self.dir, f"{name}.log"), "ab")
+        self.proc = subprocess.Popen(
+            [ctx.python, os.path.join(ctx.bench_dir, "proxy.py"), "--mode", mode, "--listen-port", str(listen_port),
+             "--upstream", upstream, "--port-file", port_file, "--stats", self.stats],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.port = read_port_file(port_file)
+        self.seq = 0
+
+    def counts(self):
+        self.proc.send_signal(signal.SIGUSR1)
+        want = self.seq + 1
+
+        def check():
+            try:
+                with open(self.stats) as f:
+                    data = json.load(f)
+                return data if data["seq"] >= want else None
+            except (FileNotFoundError, ValueError):
+                return None
+        data = wait_until("proxy stats", 10, check, interval=0.01)
+        self.seq = data["seq"]
+        return Counter(data["counts"])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+class Tansu:
+    """A private tansu broker that advertises the Kafka counting proxy's port, so that every connection a client
+    opens (bootstrap, then the advertised broker) goes through the proxy."""
+
+    def __init__(self, ctx):
+        self.dir = os.path.join(ctx.work, "tansu-rt")
+        if os.path.isdir(self.dir):
+            subprocess.run(["rm", "-rf", self.dir], check=False)
+        os.makedirs(self.dir)
+        self.port = free_port()
+        self.proxy_port = free_port()
+        self.log = open(os.path.join(self.dir, "tansu.log"), "ab")
+        self.proc = subprocess.Popen(
+            [ctx.tansu, "broker", "--storage-engine", "sqlite://tansu.db",
+             "--listener-url", f"tcp://127.0.0.1:{self.port}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{self.proxy_port}"],
+            cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "RUST_LOG": "warn"})
+
+        def listening():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tansu exited with {self.proc.returncode}; see {self.dir}/tansu.log")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+        wait_until("private tansu", 30, listening, interval=0.1)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        subprocess.run(["rm", "-rf", self.dir], check=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# figures
+# ------------------------------------------------------------------------------------------------------------
+
+def run_throughput(ctx, run):
+    """Figures 1, 2 and 8 from one service: idle CPU, then N letters with the rate limit out of the way."""
+    sink = Sink(ctx, f"tp{run}")
+    svc = collector = None
+    res = {}
+    try:
+        svc = Service(ctx, f"tp{run}", sink.port)
+        load = Load(ctx, ctx.brokers)
+        collector = Collector(ctx.brokers, svc.topic_out)
+        warm_up(ctx, load, collector, svc)
+
+        # Figure 8: idle cost after the warm-up (connections open, group joined).
+        time.sleep(ctx.settle)
+        c0, t0 = svc.cpu_seconds(), time.monotonic()
+        time.sleep(ctx.idle_seconds)
+        c1, t1 = svc.cpu_seconds(), time.monotonic()
+        res["idle_pct"] = 100.0 * (c1 - c0) / (t1 - t0)
+        idle_rate = (c1 - c0) / (t1 - t0)
+
+        # Figures 1 and 2.
+        n = ctx.letters
+        tag = "tp" + svc.tag[-6:]
+        cpu_a = svc.cpu_seconds()
+        start = time.time()
+        sent = load.produce(svc.topic_in, tag, n, ctx.per_batch)
+        produced = time.time()
+        rows = collector.wait_keys(sent.keys(), n, ctx.timeout)
+        last = max(status_time(r) for r in rows)
+        time.sleep(1.0)  # let the last outcomes be marked reported
+        cpu_b = svc.cpu_seconds()
+        after = time.time()
+        res["throughput"] = n / (last - start)
+        res["produce_s"] = produced - start
+        cpu = (cpu_b - cpu_a) - idle_rate * max(0.0, after - last)
+        res["cpu_ms_per_1000"] = 1000.0 * cpu / n * 1000.0
+        res["hwm_mib"] = svc.hwm_mib()
+        res["sent"] = sum(1 for r in rows if r[1] == "sent")
+        recs = sink.records()
+        measured = [rec for (_, rcpt, rec) in recs if rcpt.startswith(tag + "-")]
+        res["sink_received"] = len(measured)
+        if measured:
+            ctx.sample_message = measured[0]["raw"]
+            ctx.sample_from = measured[0]["mail_from"]
+        res["exit"] = svc.stop()
+        return res
+    finally:
+        if collector:
+            collector.stop()
+        if svc:
+            svc.kill()
+            svc.cleanup()
+        sink.stop()
+
+
+def run_ceiling(ctx, run):
+    """The sink's own ceiling: a bare client, same message, same recipients count, same concurrency."""
+    sink = Sink(ctx, f"ceil{run}")
+    try:
+        msg_file = os.path.join(ctx.work, "sample.eml")
+        if ctx.sample_message is None:
+            # No service run gave a message: build one of about the same shape.
+            body = Load(ctx, ctx.brokers).body
+            ctx.sample_message = ("From: mailsender@localhost\r\nTo: undisclosed-recipients:;\r\n"
+                                  "Subject: Benchmark letter\r\nMIME-Version: 1.0\r\n"
+                                  "Content-Type: text/html; charset=utf-8\r\n\r\n" + body + "\r\n")
+        with open(msg_file, "w", encoding="utf-8", newline="") as f:
+            f.write(ctx.sample_message)
+        out = subprocess.run(
+            [ctx.python, os.path.join(ctx.bench_dir, "smtp_blast.py"), "--port", str(sink.port),
+             "--count", str(ctx.letters), "--concurrency", str(ctx.senders), "--message-file", msg_file,
+             "--mail-from", ctx.sample_from or "mailsender@localhost",
+             "--rcpt", "c1-a@example.com", "--rcpt", "c1-b@example.com"],
+            capture_output=True, text=True, timeout=ctx.timeout)
+        if out.returncode != 0:
+            raise RuntimeError(f"smtp_blast failed: {out.stderr[-500:]}")
+        data = json.loads(out.stdout.strip().splitlines()[-1])
+        recs = sink.records()
+        if len(recs) >= 2:
+            ts = [r[0] for r in recs]
+            data["sink_span_rate"] = (len(ts) - 1) / (max(ts) - min(ts))
+        return {"ceiling": data["per_second"], "ceiling_client_cpu_s": data["cpu_seconds"],
+                "message_bytes": data["message_bytes"]}
+    finally:
+        sink.stop()
+
+
+def run_round_trips(ctx, run):
+    """Figure 3: every connection of the service goes through a counting proxy."""
+    sink = Sink(ctx, f"rt{run}")
+    tansu = svc = collector = None
+    proxies = []
+    try:
+        tansu = Tansu(ctx)
+        kproxy = Proxy(ctx, f"kafka{run}", "kafka", f"127.0.0.1:{tansu.port}", listen_port=tansu.proxy_port)
+        proxies.append(kproxy)
+        mongo_host_port = ctx.mongo_uri.split("//", 1)[1].split("/", 1)[0]
+        mproxy = Proxy(ctx, f"mongo{run}", "mongo", mongo_host_port)
+        proxies.append(mproxy)
+        sproxy = Proxy(ctx, f"smtp{run}", "smtp", f"127.0.0.1:{sink.port}")
+        proxies.append(sproxy)
+        brokers = f"127.0.0.1:{kproxy.port}"
+        svc = Service(ctx, f"rt{run}", sproxy.port, brokers=brokers,
+                      mongo_uri=f"mongodb://127.0.0.1:{mproxy.port}/?directConnection=true")
+        load = Load(ctx, brokers)
+        collector = Collector(brokers, svc.topic_out)
+        warm_up(ctx, load, collector, svc)
+        time.sleep(ctx.settle)
+
+        # Idle rates over a few seconds, for the idle-cost analysis.
+        i0 = [p.counts() for p in proxies]
+        ti0 = time.monotonic()
+        time.sleep(ctx.rt_idle_seconds)
+        i1 = [p.counts() for p in proxies]
+        idle_s = time.monotonic() - ti0
+
+        n = ctx.rt_letters
+        tag = "rt" + svc.tag[-6:]
+        before = [p.counts() for p in proxies]
+        sent = load.produce(svc.topic_in, tag, n, ctx.per_batch)
+        rows = collector.wait_keys(sent.keys(), n, ctx.timeout)
+        time.sleep(1.0)  # the last outcomes marked reported
+        after = [p.counts() for p in proxies]
+        delta = [a - b for a, b in zip(after, before)]
+        idle = [(b - a) for a, b in zip(i0, i1)]
+
+        def mailsender_only(c):
+            return Counter({k.split("/", 1)[1]: v for k, v in c.items() if k.startswith("mailsender/")})
+        kafka = mailsender_only(delta[0])
+        res = {
+            "letters": n, "sent": sum(1 for r in rows if r[1] == "sent"),
+            "mongo": dict(delta[1]), "kafka": dict(kafka), "smtp": dict(delta[2]),
+            "mongo_per_letter": sum(delta[1].values()) / n,
+            "kafka_per_letter": sum(kafka.values()) / n,
+            "kafka_produce_per_letter": kafka.get("Produce", 0) / n,
+            "kafka_fetch_per_letter": kafka.get("Fetch", 0) / n,
+            "smtp_per_letter": sum(delta[2].values()) / n,
+            "idle_seconds": idle_s,
+            "idle_mongo_per_s": sum(idle[1].values()) / idle_s,
+            "idle_kafka_per_s": sum(mailsender_only(idle[0]).values()) / idle_s,
+            "idle_mongo": dict(idle[1]), "idle_kafka": dict(mailsender_only(idle[0])),
+        }
+        svc.stop()
+        return res
+    finally:
+        if collector:
+            collector.stop()
+        if svc:
+            svc.kill()
+            svc.cleanup()
+        for p in proxies:
+            p.stop()
+        if tansu:
+            tansu.stop()
+        sink.stop()
+
+
+def run_latency(ctx, run, rate):
+    """Figure 4: produce to status message, letters produced at `rate` letters/s in small batches."""
+    sink = Sink(ctx, f"lat{run}")
+    svc = collector = None
+    try:
+        svc = Service(ctx, f"lat{run}", sink.port)
+        load = Load(ctx, ctx.brokers)
+        collector = Collector(ctx.brokers, svc.topic_out)
+        warm_up(ctx, load, collector, svc)
+        time.sleep(ctx.settle)
+        tag = "lat" + svc.tag[-6:]
+        b = ctx.latency_batch
+        interval = b / rate
+        sent = {}
+        t0 = time.monotonic()
+        i = 0
+        total = max(b, int(rate * ctx.latency_seconds) // b * b)
+        while i < total:
+            due = t0 + (i // b) * interval
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            key = f"{tag}-k{i}"
+            sent[key] = time.time()
+            load.send(svc.topic_in, key, load.batch(tag, i, b))
+            i += b
+        load.flush()
+        rows = collector.wait_keys(sent.keys(), total, ctx.timeout)
+        lat = [status_time(r) - sent[r[0]] for r in rows]
+        offered = total / (time.monotonic() - t0)
+        svc.stop()
+        return {"p50_ms": 1000 * percentile(lat, 50), "p99_ms": 1000 * percentile(lat, 99),
+                "max_ms": 1000 * max(lat), "letters": total, "rate": rate, "offered": offered}
+    finally:
+        if collector:
+            collector.stop()
+        if svc:
+            svc.kill()
+            svc.cleanup()
+        sink.stop()
+
+
+def max_window(ts, width=1.0):
+    """Largest number of timestamps in any half-open window [t, t + width)."""
+    ts = sorted(ts)
+    best = j = 0
+    for i in range(len(ts)):
+        while ts[i] - ts[j] >= width:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def run_rate(ctx, run):
+    """Figure 5: SMTP_RATE_LIMIT 100 letters per 1 s, burst 1, with a backlog for the whole window."""
+    sink = Sink(ctx, f"rate{run}")
+    svc = collector = None
+    limit = ctx.rate_limit
+    try:
+        svc = Service(ctx, f"rate{run}", sink.port, overrides={
+            "SMTP_RATE_LIMIT_PERIOD": "1s", "SMTP_RATE_LIMIT_MAX_LETTERS": str(limit),
+            "SMTP_RATE_LIMIT_BURST": "1"})
+        load = Load(ctx, ctx.brokers)
+        collector = Collector(ctx.brokers, svc.topic_out)
+        warm_up(ctx, load, collector, svc, letters=4)
+        time.sleep(ctx.settle)
+        tag = "rate" + svc.tag[-6:]
+        n = int(limit * ctx.rate_seconds)
+        sent = load.produce(svc.topic_in, tag, n, ctx.per_batch)
+        collector.wait_keys(sent.keys(), n, ctx.rate_seconds * 3 + 60)
+        ts = sorted(t for (t, rcpt, _) in sink.records() if rcpt.startswith(tag + "-"))
+        svc.stop()
+        if len(ts) < 2:
+            raise RuntimeError("the sink recorded fewer than 2 letters")
+        # Windows of 1 s that lie wholly inside the sending (no edge effects at the start or end).
+        return {"rate": (len(ts) - 1) / (ts[-1] - ts[0]), "max_1s": max_window(ts), "letters": len(ts),
+                "span_s": ts[-1] - ts[0], "limit": limit,
+                "max_gap_ms": 1000 * max(b - a for a, b in zip(ts, ts[1:]))}
+    finally:
+        if collector:
+            collector.stop()
+        if svc:
+            svc.kill()
+            svc.cleanup()
+        sink.stop()
+
+
+def run_backlog(ctx, run, backlog):
+    """Figure 6: `backlog` letters waiting in MongoDB while the rate limit (100/s) sends them slowly."""
+    sink = Sink(ctx, f"bl{run}-{backlog}")
+    svc = collector = None
+    try:
+        svc = Service(ctx, f"bl{run}-{backlog}", sink.port, overrides={
+            "SMTP_RATE_LIMIT_PERIOD": "1s", "SMTP_RATE_LIMIT_MAX_LETTERS": str(ctx.rate_limit),
+            "SMTP_RATE_LIMIT_BURST": "1"})
+        load = Load(ctx, ctx.brokers)
+        collector = Collector(ctx.brokers, svc.topic_out)
+        warm_up(ctx, load, collector, svc, letters=4)
+        base_stored = svc.metric("mailsender_letters_stored_total")
+        tag = "bl" + svc.tag[-6:]
+        t0 = time.monotonic()
+        load.produce(svc.topic_in, tag, backlog, ctx.backlog_batch)
+        samples = []
+
+        def stored():
+            samples.append(svc.rss_mib())
+            return svc.metric("mailsender_letters_stored_total") - base_stored >= backlog
+        wait_until(f"{backlog} letters stored", ctx.timeout, stored, interval=0.25)
+        ingest_s = time.monotonic() - t0
+        end = time.monotonic() + ctx.backlog_hold
+        while time.monotonic() < end:
+            samples.append(svc.rss_mib())
+            time.sleep(0.25)
+        res = {"backlog": backlog, "hwm_mib": svc.hwm_mib(), "rss_end_mib": samples[-1],
+               "ingest_s": ingest_s, "sent_meanwhile": svc.metric("mailsender_letters_sent_total")}
+        svc.stop(timeout=60)
+        return res
+    finally:
+        if collector:
+            collector.stop()
+        if svc:
+            svc.kill()
+            svc.cleanup()
+        sink.stop()
+
+
+def run_shutdown(ctx, run):
+    """Figure 7: POST /halt while every worker is in the middle of a slow send (the sink delays its DATA reply)."""
+    sink = Sink(ctx, f"halt{run}")
+    svc = collector = None
+    delay = ctx.halt_send_delay
+    try:
+        svc = Service(ctx, f"halt{run}", sink.port)
+        load = Load(ctx, ctx.brokers)
+        collector = Collector(ctx.brokers, svc.topic_out)
+        warm_up(ctx, load, collector, svc)
+        time.sleep(ctx.settle)
+        sink.control({"data_delay_s": delay})
+        tag = "halt" + svc.tag[-6:]
+        load.produce(svc.topic_in, tag, 20 * ctx.senders, ctx.per_batch)
+        base = sink.count()
+        # One wave of sends done; halt a third of the way into the next one, with every worker busy.
+        wait_until("a first wave of slow sends", 60, lambda: sink.count() >= base + ctx.senders, interval=0.01)
+        time.sleep(delay / 3)
+        busy = svc.metric("mailsender_sends_in_flight")
+        t_halt = time.time()
+        svc.halt()
+        svc.proc.wait(60)
+        t_exit = time.time()
+        code = svc.proc.returncode
+        after = [t for (t, rcpt, _) in sink.records() if rcpt.startswith(tag + "-") and t >= t_halt]
+        inflight_s = max(after) - t_halt if after else 0.0
+        return {"halt_to_exit_ms": 1000 * (t_exit - t_halt), "inflight_ms": 1000 * inflight_s,
+                "busy_workers": busy, "finished_after_halt": len(after), "exit_code": code,
+                "send_s": delay}
+    finally:
+        if collector:
+            collector.stop()
+        if svc:
+            svc.kill()
+            svc.cleanup()
+        sink.stop()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# driver and report
+# ------------------------------------------------------------------------------------------------------------
+
+def attempt(ctx, label, fn, *args):
+    try:
+        t0 = time.monotonic()
+        res = fn(ctx, *args)
+        log(f"{label}: {json.dumps(res, default=str)} ({time.monotonic() - t0:.0f}s)")
+        return res
+    except Exception as e:  # noqa: BLE001 (a figure never fails the benchmark)
+        log(f"{label}: FAILED: {e}")
+        if ctx.verbose:
+            traceback.print_exc()
+        ctx.failures.append(f"{label}: {e}")
+        return None
+
+
+def med(results, key):
+    return median([r.get(key) for r in results if r and r.get(key) is not None])
+
+
+def fmt(v, nd=1):
+    return "n/a" if v is None else f"{v:,.{nd}f}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--repo", required=True)
+    p.add_argument("--binary", required=True)
+    p.add_argument("--stack-env", required=True)
+    p.add_argument("--tansu", required=True)
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True, help="results markdown file")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--runs", type=int)
+    p.add_argument("--senders", type=int, default=8)
+    p.add_argument("--figures", default="1,2,3,4,5,6,7,8")
+    p.add_argument("--verbose", action="store_true")
+    a = p.parse_args()
+
+    ctx = argparse.Namespace()
+    ctx.repo, ctx.binary, ctx.tansu, ctx.python, ctx.work = a.repo, a.binary, a.tansu, a.python, a.work
+    ctx.bench_dir = os.path.dirname(os.path.abspath(__file__))
+    ctx.verbose = a.verbose
+    ctx.senders = a.senders
+    ctx.failures = []
+    ctx.sample_message = None
+    ctx.sample_from = None
+    env = {}
+    with open(a.stack_env) as f:
+        for line in f:
+            k, _, v = line.strip().partition("=")
+            if k:
+                env[k] = v
+    ctx.brokers, ctx.mongo_uri = env["KAFKA_BROKERS"], env["MONGO_LOCAL"]
+    os.makedirs(ctx.work, exist_ok=True)
+
+    quick = a.quick
+    ctx.runs = a.runs or (1 if quick else 3)
+    ctx.letters = 2000 if quick else 10000
+    ctx.rt_letters = 2000 if quick else 10000
+    ctx.per_batch = 100
+    ctx.body_bytes = 1024
+    ctx.idle_seconds = 10 if quick else 30
+    ctx.rt_idle_seconds = 5 if quick else 10
+    ctx.settle = 3
+    ctx.timeout = 600
+    ctx.latency_seconds = 10 if quick else 20
+    ctx.latency_batch = 10
+    ctx.rate_limit = 100
+    ctx.rate_seconds = 10 if quick else 30
+    ctx.backlog_small = 1000
+    ctx.backlog_big = 20000 if quick else 100000
+    ctx.backlog_batch = 500
+    ctx.backlog_hold = 5 if quick else 10
+    ctx.halt_send_delay = 1.0
+    figures = {int(x) for x in a.figures.split(",") if x.strip()}
+
+    started = time.time()
+    load_start = loadavg()
+    log(f"mode {'quick' if quick else 'full'}: {ctx.runs} run(s) per figure, {ctx.senders} SMTP workers; "
+        f"load average {load_start}")
+
+    R = {}
+    if figures & {1, 2, 8}:
+        R["tp"] = [attempt(ctx, f"throughput run {i + 1}", run_throughput, i) for i in range(ctx.runs)]
+    if 1 in figures:
+        R["ceil"] = [attempt(ctx, f"sink ceiling run {i + 1}", run_ceiling, i) for i in range(ctx.runs)]
+    if 3 in figures:
+        R["rt"] = [attempt(ctx, f"round-trip run {i + 1}", run_round_trips, i) for i in range(ctx.runs)]
+    if 4 in figures:
+        tp = med(R.get("tp") or [], "throughput")
+        rate = (tp / 2) if tp else 100.0
+        R["lat_rate"] = rate
+        R["lat"] = [attempt(ctx, f"latency run {i + 1} at {rate:.0f}/s", run_latency, i, rate)
+                    for i in range(ctx.runs)]
+    if 5 in figures:
+        R["rate"] = [attempt(ctx, f"rate-limit run {i + 1}", run_rate, i) for i in range(ctx.runs)]
+    if 6 in figures:
+        R["bl_small"] = [attempt(ctx, f"backlog {ctx.backlog_small} run {i + 1}", run_backlog, i, ctx.backlog_small)
+                         for i in range(ctx.runs)]
+        R["bl_big"] = [attempt(ctx, f"backlog {ctx.backlog_big} run {i + 1}", run_backlog, i, ctx.backlog_big)
+                       for i in range(ctx.runs)]
+    if 7 in figures:
+        R["halt"] = [attempt(ctx, f"shutdown run {i + 1}", run_shutdown, i) for i in range(ctx.runs)]
+
+    report = render(ctx, R, figures, quick, load_start, loadavg(), time.time() - started)
+    print(report)
+    with open(a.out, "w") as f:
+        f.write(report)
+    log(f"results written to {a.out}")
+
+
+def verdict(ok):
+    return "n/a" if ok is None else ("met" if ok else "**not met**")
+
+
+def render(ctx, R, figures, quick, load_start, load_end, elapsed):
+    rows = []
+
+    def row(num, name, measured, target, ok):
+        rows.append(f"| {num} | {name} | {measured} | {target} | {verdict(ok)} |")
+
+    nruns = ctx.runs
+    if figures & {1, 2, 8}:
+        tp = R.get("tp") or []
+        ok_tp = [r for r in tp if r]
+    else:
+        tp, ok_tp = [], []
+    if 1 in figures:
+        thr = med(tp, "throughput")
+        ceil = med(R.get("ceil") or [], "ceiling")
+        ratio = thr / ceil if thr and ceil else None
+        row("1", f"End-to-end throughput, {ctx.letters:,} letters × 2 recipients, rate limit off, "
+                 f"{ctx.senders} SMTP workers",
+            f"{fmt(thr)} letters/s; sink ceiling {fmt(ceil)} msg/s; ratio {fmt(ratio * 100 if ratio else None)} %",
+            "≥ 80 % of the sink's ceiling", None if ratio is None else ratio >= 0.8)
+    if 2 in figures:
+        cpu = med(tp, "cpu_ms_per_1000")
+        row("2a", "mailsender CPU (user+sys) per 1,000 letters", f"{fmt(cpu)} ms", "≤ 50 ms",
+            None if cpu is None else cpu <= 50)
+        hwm = med(tp, "hwm_mib")
+        row("2b", "Peak RSS (VmHWM) in the throughput run", f"{fmt(hwm)} MiB", "≤ 32 MiB",
+            None if hwm is None else hwm <= 32)
+    if 3 in figures:
+        rt = R.get("rt") or []
+        m = med(rt, "mongo_per_letter")
+        row("3a", "MongoDB round trips per letter (steady state)", f"{fmt(m, 3)}", "≤ 0.1",
+            None if m is None else m <= 0.1)
+        k = med(rt, "kafka_per_letter")
+        kp, kf = med(rt, "kafka_produce_per_letter"), med(rt, "kafka_fetch_per_letter")
+        row("3b", "Kafka requests per letter (mailsender's clients)",
+            f"{fmt(k, 3)} (Produce {fmt(kp, 3)}, Fetch {fmt(kf, 3)})", "— (no target)", None)
+        s = med(rt, "smtp_per_letter")
+        row("3c", "SMTP round trips per letter", f"{fmt(s, 3)}",
+            "— (no target; 5 = MAIL + 2 RCPT + DATA + body)", None)
+    if 4 in figures:
+        lat = R.get("lat") or []
+        p50, p99 = med(lat, "p50_ms"), med(lat, "p99_ms")
+        row("4", f"Latency produce → status message at {fmt(R.get('lat_rate'), 0)} letters/s "
+                 f"(half of figure 1), batches of {ctx.latency_batch}",
+            f"p50 {fmt(p50, 0)} ms, p99 {fmt(p99, 0)} ms", "— (no target)", None)
+    if 5 in figures:
+        rr = R.get("rate") or []
+        rate, mx = med(rr, "rate"), med(rr, "max_1s")
+        mx_all = max([r["max_1s"] for r in rr if r] or [0]) or None
+        row("5a", f"Rate limit {ctx.rate_limit}/1 s for {ctx.rate_seconds} s: measured rate",
+            f"{fmt(rate, 2)} letters/s ({fmt((rate / ctx.rate_limit - 1) * 100 if rate else None, 2)} %)",
+            f"{ctx.rate_limit} ± 1 %", None if rate is None else abs(rate / ctx.rate_limit - 1) <= 0.01)
+        row("5b", "Largest number of letters in any 1-second window (burst 1)",
+            f"{fmt(mx, 0)} (worst run {fmt(mx_all, 0)})", f"≤ {ctx.rate_limit} (budget + burst − 1)",
+            None if mx_all is None else mx_all <= ctx.rate_limit)
+    if 6 in figures:
+        small, big = med(R.get("bl_small") or [], "hwm_mib"), med(R.get("bl_big") or [], "hwm_mib")
+        ok = None
+        if small is not None and big is not None:
+            ok = big <= 32 and big <= small * 1.10 + 1
+        row("6", f"Peak RSS with a backlog waiting in MongoDB, rate limited to {ctx.rate_limit}/s",
+            f"{fmt(big)} MiB at {ctx.backlog_big:,} letters vs {fmt(small)} MiB at {ctx.backlog_small:,}",
+            "≤ 32 MiB, no growth with the backlog (≤ +10 %)", ok)
+    if 7 in figures:
+        h = R.get("halt") or []
+        t, inflight = med(h, "halt_to_exit_ms"), med(h, "inflight_ms")
+        worst = [r["halt_to_exit_ms"] - r["inflight_ms"] for r in h if r]
+        row("7", f"POST /halt → exit, all {ctx.senders} workers busy with {ctx.halt_send_delay:.0f} s sends",
+            f"{fmt(t, 0)} ms (in-flight sends ended {fmt(inflight, 0)} ms after /halt)",
+            "≤ 1,000 ms + slowest in-flight send", (max(worst) <= 1000) if worst else None)
+    if 8 in figures:
+        idle = med(tp, "idle_pct")
+        row("8", f"Idle CPU over {ctx.idle_seconds} s (after a warm-up; no letters)", f"{fmt(idle, 2)} % of one core",
+            "≤ 1 %", None if idle is None else idle <= 1.0)
+
+    try:
+        rev = subprocess.run(["git", "-C", ctx.repo, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ctx.repo, "status", "--porcelain", "src", "Cargo.toml"],
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        rev, dirty = "?", ""
+    out = [
+        "# mailsender benchmark results",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; commit {rev}{' + uncommitted changes in src/' if dirty else ''}",
+        f"- mode: {'quick' if quick else 'full'}, {nruns} run(s) per figure, medians shown; took {elapsed / 60:.1f} min",
+        f"- machine: {os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}; "
+        f"load average at start {load_start}, at end {load_end}",
+        "- stack: tansu (sqlite), nx-27017, scripts/smtp_sink.py (aiosmtpd), all on this machine; "
+        "mailsender built with `cargo build --release --locked`, `RUST_LOG=warn`",
+        "",
+        "| # | figure | measured (median) | target | verdict |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "## Details per run",
+        "",
+    ]
+    for key, runs in R.items():
+        if isinstance(runs, list):
+            for i, r in enumerate(runs):
+                out.append(f"- `{key}` run {i + 1}: " + (json.dumps(r, default=str) if r else "failed"))
+    if ctx.failures:
+        out += ["", "## Failures", ""] + [f"- {f}" for f in ctx.failures]
+    out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
