@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Context;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use tokio::{
     net::TcpListener,
     sync::{Notify, Semaphore, mpsc},
@@ -22,7 +22,7 @@ use crate::{
     dispatch::{Dispatcher, LeaseClock},
     http::{self, HttpState},
     ingest::Ingest,
-    kafka::{self, IngestConsumer},
+    kafka::{self, IngestConsumer, StatusProducer},
     metrics::{Metrics, StatusLabel},
     report::Report,
     send::{SendContext, Worker},
@@ -32,7 +32,7 @@ use crate::{
 pub struct App {
     config: Config,
     store: Store,
-    producer: FutureProducer,
+    producer: StatusProducer,
     consumer: Arc<IngestConsumer>,
     listener: TcpListener,
     metrics: Arc<Metrics>,
@@ -55,14 +55,14 @@ impl App {
             "starting mailsender"
         );
         let metrics = Arc::new(Metrics::new());
-        let store = Store::connect(&config.mongo).await?;
+        let store = Store::connect(&config.mongo, metrics.clone()).await?;
         retry_at_start("preparing MongoDB", || store.prepare(config.dispatch.lease)).await?;
         if config.kafka.create_topics {
             let topics =
                 [config.kafka.topic_in.as_str(), config.kafka.topic_out.as_str(), config.kafka.topic_dlq.as_str()];
             retry_at_start("creating Kafka topics", || kafka::ensure_topics(&config.kafka, &topics)).await?;
         }
-        let producer = kafka::producer(&config.kafka)?;
+        let producer = kafka::producer(&config.kafka, metrics.clone())?;
         let consumer = Arc::new(kafka::consumer(&config.kafka, metrics.clone())?);
         let listener = TcpListener::bind(config.http.addr)
             .await

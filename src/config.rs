@@ -67,6 +67,8 @@ pub struct KafkaConfig {
     pub session_timeout: Duration,
     /// How long the producer keeps trying to deliver a message before giving up on it.
     pub message_timeout: Duration,
+    /// How often librdkafka reports statistics (consumer lag, requests sent) to the metrics.
+    pub statistics_interval: Duration,
     /// Partition count used when the service creates a missing topic.
     pub partitions: i32,
     pub create_topics: bool,
@@ -149,6 +151,7 @@ impl Config {
             group_instance_id: env.optional("KAFKA_GROUP_INSTANCE_ID"),
             session_timeout: env.duration("KAFKA_SESSION_TIMEOUT", "45s")?,
             message_timeout: env.duration("KAFKA_MESSAGE_TIMEOUT", "60s")?,
+            statistics_interval: env.duration("KAFKA_STATISTICS_INTERVAL", "15s")?,
             partitions: env
                 .parse("KAFKA_TOPIC_PARTITIONS", 3, "a partition count from 1 to 1000", |n| (1..=1000).contains(n))?,
             create_topics: env.boolean("KAFKA_CREATE_TOPICS", true)?,

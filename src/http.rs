@@ -18,21 +18,21 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    kafka,
+    kafka::{self, StatusProducer},
     metrics::Metrics,
     model::{EXPECTED_BATCH, Mailing, parse_batch},
     store::Store,
 };
 
 pub struct HttpState {
-    pub producer: FutureProducer,
+    pub producer: StatusProducer,
     pub store: Store,
     pub topic_in: String,
     pub smtp_addr: (String, u16),

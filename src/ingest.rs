@@ -18,14 +18,14 @@ use rdkafka::{
     Message,
     consumer::{CommitMode, Consumer},
     message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
+    producer::FutureRecord,
 };
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::KafkaConfig,
-    kafka::IngestConsumer,
+    kafka::{IngestConsumer, StatusProducer},
     metrics::Metrics,
     model::{Letter, now_ms, parse_batch},
     store::Store,
@@ -58,7 +58,7 @@ impl Pending {
 
 pub struct Ingest {
     pub consumer: Arc<IngestConsumer>,
-    pub producer: FutureProducer,
+    pub producer: StatusProducer,
     pub store: Store,
     pub config: KafkaConfig,
     pub metrics: Arc<Metrics>,

@@ -4,7 +4,13 @@
 //! 64 MiB per partition); the values here bound memory to a few MiB, which is plenty for a
 //! service whose throughput is capped by SMTP.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context;
 use rdkafka::{
@@ -19,7 +25,7 @@ use rdkafka::{
 
 use crate::{
     config::KafkaConfig,
-    metrics::{Metrics, PartitionLabel},
+    metrics::{ClientLabel, Metrics, PartitionLabel},
 };
 
 fn base(config: &KafkaConfig) -> ClientConfig {
@@ -32,7 +38,9 @@ fn base(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
-pub fn producer(config: &KafkaConfig) -> anyhow::Result<FutureProducer> {
+pub type StatusProducer = FutureProducer<StatsContext>;
+
+pub fn producer(config: &KafkaConfig, metrics: Arc<Metrics>) -> anyhow::Result<StatusProducer> {
     base(config)
         .set("acks", "all")
         .set("linger.ms", "5")
@@ -41,17 +49,28 @@ pub fn producer(config: &KafkaConfig) -> anyhow::Result<FutureProducer> {
         .set("message.timeout.ms", config.message_timeout.as_millis().to_string())
         .set("queue.buffering.max.kbytes", "8192")
         .set("message.max.bytes", "2097152")
-        .create()
+        .set("statistics.interval.ms", config.statistics_interval.as_millis().to_string())
+        .create_with_context(StatsContext { metrics, client: "producer", sent: AtomicI64::new(0) })
         .context("creating the Kafka producer")
 }
 
-/// Logs rebalances and exports consumer lag from librdkafka's statistics.
-pub struct IngestContext {
+/// Turns librdkafka's statistics into metrics: requests sent (a cumulative total in each
+/// report, turned into counter increments) and, for the consumer, lag per partition.
+pub struct StatsContext {
     pub metrics: Arc<Metrics>,
+    pub client: &'static str,
+    sent: AtomicI64,
 }
 
-impl ClientContext for IngestContext {
+impl ClientContext for StatsContext {
     fn stats(&self, statistics: Statistics) {
+        let before = self.sent.swap(statistics.tx, Ordering::Relaxed);
+        if statistics.tx > before {
+            self.metrics
+                .kafka_requests
+                .get_or_create(&ClientLabel { client: self.client })
+                .inc_by((statistics.tx - before) as u64);
+        }
         for topic in statistics.topics.values() {
             for (partition, stats) in &topic.partitions {
                 if *partition >= 0 && stats.consumer_lag >= 0 {
@@ -63,7 +82,13 @@ impl ClientContext for IngestContext {
     }
 }
 
-impl ConsumerContext for IngestContext {
+impl rdkafka::producer::ProducerContext for StatsContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+/// Logs rebalances and failed commits.
+impl ConsumerContext for StatsContext {
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => tracing::info!(partitions = partitions.count(), "partitions assigned"),
@@ -81,7 +106,7 @@ impl ConsumerContext for IngestContext {
     }
 }
 
-pub type IngestConsumer = StreamConsumer<IngestContext>;
+pub type IngestConsumer = StreamConsumer<StatsContext>;
 
 pub fn consumer(config: &KafkaConfig, metrics: Arc<Metrics>) -> anyhow::Result<IngestConsumer> {
     let mut client = base(config);
@@ -99,11 +124,13 @@ pub fn consumer(config: &KafkaConfig, metrics: Arc<Metrics>) -> anyhow::Result<I
         .set("fetch.max.bytes", "4194304")
         .set("max.partition.fetch.bytes", "1048576")
         .set("receive.message.max.bytes", "4195328")
-        .set("statistics.interval.ms", "15000");
+        .set("statistics.interval.ms", config.statistics_interval.as_millis().to_string());
     if let Some(instance) = &config.group_instance_id {
         client.set("group.instance.id", instance);
     }
-    client.create_with_context(IngestContext { metrics }).context("creating the Kafka consumer")
+    client
+        .create_with_context(StatsContext { metrics, client: "consumer", sent: AtomicI64::new(0) })
+        .context("creating the Kafka consumer")
 }
 
 /// Creates the topics that do not exist yet; the brokers we meet may not auto-create them.
@@ -125,7 +152,7 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> anyhow::Res
 
 /// Whether the brokers answer a metadata request (for readiness). Blocking in librdkafka, so it
 /// runs off the async threads.
-pub async fn reachable(producer: &FutureProducer, timeout: Duration) -> anyhow::Result<()> {
+pub async fn reachable(producer: &StatusProducer, timeout: Duration) -> anyhow::Result<()> {
     use rdkafka::producer::Producer;
     let client = producer.clone();
     tokio::task::spawn_blocking(move || client.client().fetch_metadata(None, timeout).map(|_| ()))

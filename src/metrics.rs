@@ -30,6 +30,16 @@ pub struct PartitionLabel {
     pub partition: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabel {
+    pub command: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientLabel {
+    pub client: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub received: Counter,
@@ -45,6 +55,10 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub by_status: Family<StatusLabel, Gauge<i64, AtomicI64>>,
     pub consumer_lag: Family<PartitionLabel, Gauge<i64, AtomicI64>>,
+    pub mongo_commands: Family<CommandLabel, Counter>,
+    pub smtp_commands: Counter,
+    pub smtp_connections: Counter,
+    pub kafka_requests: Family<ClientLabel, Counter>,
 }
 
 impl Metrics {
@@ -64,6 +78,10 @@ impl Metrics {
             in_flight: Gauge::default(),
             by_status: Family::default(),
             consumer_lag: Family::default(),
+            mongo_commands: Family::default(),
+            smtp_commands: Counter::default(),
+            smtp_connections: Counter::default(),
+            kafka_requests: Family::default(),
             registry: Registry::default(),
         };
         registry.register("letters_received", "Letters decoded from Kafka batches", metrics.received.clone());
@@ -102,6 +120,22 @@ impl Metrics {
             "consumer_lag",
             "Messages behind the partition end, per partition",
             metrics.consumer_lag.clone(),
+        );
+        registry.register(
+            "mongo_commands",
+            "Commands sent to MongoDB (round trips), by command name",
+            metrics.mongo_commands.clone(),
+        );
+        registry.register(
+            "smtp_commands",
+            "SMTP commands sent in letter transactions (MAIL, RCPT, DATA, message, RSET)",
+            metrics.smtp_commands.clone(),
+        );
+        registry.register("smtp_connections", "SMTP connections opened", metrics.smtp_connections.clone());
+        registry.register(
+            "kafka_requests",
+            "Requests sent to Kafka brokers, from librdkafka's statistics",
+            metrics.kafka_requests.clone(),
         );
         registry.register("build", "Build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
         Metrics { registry, ..metrics }

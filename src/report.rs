@@ -11,11 +11,12 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use futures::future::join_all;
 use mongodb::bson::oid::ObjectId;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    kafka::StatusProducer,
     metrics::Metrics,
     model::{Letter, Status, StatusMessage, now_ms},
     store::{AttemptRecord, Outcome, Store},
@@ -32,7 +33,7 @@ const PUBLISH_WAIT_DEGRADED: Duration = Duration::from_millis(200);
 #[derive(Clone)]
 pub struct Report {
     pub store: Store,
-    pub producer: FutureProducer,
+    pub producer: StatusProducer,
     pub topic: String,
     pub owner: String,
     pub metrics: Arc<Metrics>,

@@ -25,6 +25,7 @@ use rand::Rng;
 use secrecy::ExposeSecret;
 use tokio::{net::TcpStream, sync::mpsc};
 use tokio_util::{compat::Compat, sync::CancellationToken};
+use tracing::Instrument;
 
 use crate::{
     config::{DispatchConfig, SmtpConfig, TlsMode},
@@ -178,9 +179,13 @@ impl Worker {
     }
 
     /// One attempt at one letter, turned into the record the report stage stores.
-    pub async fn attempt(&mut self, mut letter: Letter) -> AttemptRecord {
+    pub async fn attempt(&mut self, letter: Letter) -> AttemptRecord {
+        // Every line logged while sending carries the letter's id and source key.
         let span = tracing::info_span!("send", letter_id = %letter.id, kafka_key = %letter.kafkakey, attempt = letter.attempts + 1);
-        let _enter = span.enter();
+        self.attempt_in_span(letter).instrument(span).await
+    }
+
+    async fn attempt_in_span(&mut self, mut letter: Letter) -> AttemptRecord {
         letter.attempts += 1;
         let recipients = letter.pending_recipients();
         let started = Instant::now();
@@ -289,7 +294,7 @@ impl Worker {
             Some(connection) if !connection.has_broken() => connection,
             _ => connect(&self.ctx).await?,
         };
-        let result = transaction(&mut connection, &self.ctx.smtp, recipients, message).await;
+        let result = transaction(&mut connection, &self.ctx, recipients, message).await;
         // Keep the connection only after a clean exchange; anything else may have left the
         // session mid-command.
         if result.is_ok() && !connection.has_broken() {
@@ -314,6 +319,7 @@ async fn connect(ctx: &SendContext) -> Result<AsyncSmtpConnection, SendError> {
     let smtp = &ctx.smtp;
     let transient =
         |what: &str, e: &dyn fmt::Display| SendError::Transient(format!("{what} {}:{}: {e}", smtp.host, smtp.port));
+    ctx.metrics.smtp_connections.inc();
     let tcp = TcpStream::connect((smtp.host.as_str(), smtp.port)).await.map_err(|e| transient("connecting to", &e))?;
     // lettre writes the message and its final dot separately; without TCP_NODELAY each letter
     // waits ~40 ms for a delayed ACK, capping a connection near 22 letters/s.
@@ -366,10 +372,12 @@ fn reply_text(response: &Response) -> String {
 
 async fn transaction(
     connection: &mut AsyncSmtpConnection,
-    smtp: &SmtpConfig,
+    ctx: &SendContext,
     recipients: &[String],
     message: &[u8],
 ) -> Result<Delivery, SendError> {
+    let smtp = &ctx.smtp;
+    let commands = &ctx.metrics.smtp_commands;
     let mut delivery = Delivery::default();
     let utf8 = connection.server_info().supports_feature(Extension::SmtpUtfEight);
     let mut envelope = Vec::with_capacity(recipients.len());
@@ -396,6 +404,7 @@ async fn transaction(
     if !message.is_ascii() && connection.server_info().supports_feature(Extension::EightBitMime) {
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
+    commands.inc_by(1 + envelope.len() as u64);
     connection
         .command(Mail::new(Some(smtp.from.email.clone()), parameters))
         .await
@@ -415,9 +424,11 @@ async fn transaction(
     }
     if delivery.accepted.is_empty() {
         // Nothing to send: end the transaction cleanly so the connection can be reused.
+        commands.inc();
         connection.command(Rset).await.map_err(|e| SendError::from_smtp("RSET", e))?;
         return Ok(delivery);
     }
+    commands.inc_by(2);
     connection.command(Data).await.map_err(|e| SendError::from_smtp("DATA", e))?;
     let reply = connection.message(message).await.map_err(|e| SendError::from_smtp("message data", e))?;
     delivery.reply = Some(reply_text(&reply));

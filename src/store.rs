@@ -5,7 +5,7 @@
 //! batches (find ids, update them to `processing` under a claim token, read back what this claim
 //! won), and outcomes are written as one multi-statement `update` command per batch.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use futures::TryStreamExt;
@@ -13,12 +13,14 @@ use mongodb::{
     Client, Collection, Database, IndexModel,
     bson::{Bson, Document, doc, oid::ObjectId},
     error::{ErrorKind, WriteFailure},
+    event::{EventHandler, command::CommandEvent},
     options::{ClientOptions, Credential, IndexOptions, ServerAddress},
 };
 use secrecy::ExposeSecret;
 
 use crate::{
     config::{MongoConfig, MongoTarget},
+    metrics::{CommandLabel, Metrics},
     model::{Letter, Rejection, Status},
 };
 
@@ -64,7 +66,7 @@ pub struct InsertReport {
 }
 
 impl Store {
-    pub async fn connect(config: &MongoConfig) -> anyhow::Result<Store> {
+    pub async fn connect(config: &MongoConfig, metrics: Arc<Metrics>) -> anyhow::Result<Store> {
         let mut options = match &config.target {
             MongoTarget::Uri(uri) => {
                 ClientOptions::parse(uri.expose_secret()).await.context("MONGO_LOCAL is not a usable MongoDB URI")?
@@ -83,6 +85,12 @@ impl Store {
         options.server_selection_timeout.get_or_insert(Duration::from_secs(5));
         options.connect_timeout.get_or_insert(Duration::from_secs(5));
         options.app_name.get_or_insert_with(|| "mailsender".to_owned());
+        // Every command is a round trip; counting them shows the batching at work.
+        options.command_event_handler = Some(EventHandler::callback(move |event: CommandEvent| {
+            if let CommandEvent::Started(started) = event {
+                metrics.mongo_commands.get_or_create(&CommandLabel { command: started.command_name }).inc();
+            }
+        }));
         let client = Client::with_options(options).context("building the MongoDB client")?;
         let db = client.database(&config.database);
         let letters = db.collection::<Letter>(&config.collection);

@@ -76,6 +76,10 @@ async fn metrics_pass_promtool_and_count_what_happened() {
         "mailsender_rate_limit_wait_seconds_count 4",
         "mailsender_sends_in_flight 0",
         "mailsender_build_info{version=",
+        // MAIL + RCPT + DATA + message for the three sent; MAIL + RCPT + RSET for the refused one.
+        "mailsender_smtp_commands_total 15",
+        "mailsender_mongo_commands_total{command=\"insert\"}",
+        "mailsender_mongo_commands_total{command=\"update\"}",
     ] {
         assert!(text.contains(family), "{family} missing from\n{text}");
     }

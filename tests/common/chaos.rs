@@ -123,9 +123,9 @@ impl Stack {
     /// Stops one server: `signal` to its process group (stack.sh starts each in its own
     /// session), then waits until it is gone. `KILL` is a crash, `TERM` a clean stop.
     pub fn stop(&self, server: Server, signal: &str) {
-        let pid = self.pid(server).unwrap_or_else(|| {
-            panic!("{} is not running (no live pid in {}/pids)", server.name(), self.run.display())
-        });
+        let pid = self
+            .pid(server)
+            .unwrap_or_else(|| panic!("{} is not running (no live pid in {}/pids)", server.name(), self.run.display()));
         let status = Command::new("kill").arg(format!("-{signal}")).arg("--").arg(format!("-{pid}")).status().unwrap();
         assert!(status.success(), "kill -{signal} -{pid} failed");
         let started = Instant::now();
@@ -329,7 +329,11 @@ impl Replica {
             if let Some(status) = replica.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("replica {} exited during start-up with {status}:\n{}", replica.instance_id, replica.log());
             }
-            assert!(started.elapsed() < Duration::from_secs(60), "replica {} did not become healthy", replica.instance_id);
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "replica {} did not become healthy",
+                replica.instance_id
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         replica

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# mailsender benchmark: installs and starts a private local stack, builds the service in release mode,
+# pushes letters through it and prints a table of figures (also written to bench/results.md).
+#
+# Usage: bench/run.sh [--quick] [--runs N] [--senders N] [--figures 1,2,...] [--keep-stack] [--verbose]
+#   --quick        1 run per figure and smaller sizes (a few minutes); default: full mode, 3 runs, medians
+#   --runs N       runs per figure (overrides the mode's default)
+#   --senders N    SMTP_MAX_SENDERS, and the bare client's concurrency for the sink ceiling (default 8)
+#   --figures L    only these figures (1..8; 1, 2 and 8 share their runs)
+#   --out FILE     results file (default bench/results.md)
+#   --keep-stack   leave the stack running afterwards (stop it with the same env and scripts/stack.sh down)
+#
+# Environment: BENCH_RUN (run dir, default /tmp/bench-run), BENCH_KAFKA_PORT (29392), BENCH_MONGO_PORT (28417),
+# MAILSENDER_CACHE (installed servers, as for scripts/stack.sh).
+# A figure that cannot be measured shows "n/a (...)"; only a failed set-up makes this script fail.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH=$ROOT/bench
+CACHE=${MAILSENDER_CACHE:-$HOME/.cache/mailsender}
+export MAILSENDER_RUN=${BENCH_RUN:-/tmp/bench-run}
+export KAFKA_PORT=${BENCH_KAFKA_PORT:-29392}
+export MONGO_PORT=${BENCH_MONGO_PORT:-28417}
+PY=$CACHE/venv/bin/python
+
+keep=0
+args=()
+out=$BENCH/results.md
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --quick | --verbose) args+=("$1") ;;
+        --runs | --senders | --figures) args+=("$1" "$2"); shift ;;
+        --out) out=$2; shift ;;
+        --keep-stack) keep=1 ;;
+        -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+
+"$ROOT/scripts/stack.sh" install
+
+log "cargo build --release --locked"
+(cd "$ROOT" && cargo build --release --locked --quiet)
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/mailsender
+[[ -x $BIN ]] || { log "no binary at $BIN"; exit 1; }
+
+stop_stack() {
+    if [[ $keep -eq 0 ]]; then
+        "$ROOT/scripts/stack.sh" down || true
+        # Only what this benchmark wrote: its databases and broker data.
+        rm -rf "$MAILSENDER_RUN/nx-data" "$MAILSENDER_RUN/tansu.db"* "$MAILSENDER_RUN/work"
+    fi
+}
+trap stop_stack EXIT
+"$ROOT/scripts/stack.sh" up --no-maildev >/dev/null
+
+log "load average before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
+"$PY" "$BENCH/bench.py" --repo "$ROOT" --binary "$BIN" --stack-env "$MAILSENDER_RUN/stack.env" \
+    --tansu "$CACHE/tansu/bin/tansu" --python "$PY" --work "$MAILSENDER_RUN/work" --out "$out" "${args[@]}"
