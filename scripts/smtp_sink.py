@@ -113,9 +113,18 @@ class Recorder:
 
 
 class Handler:
-    def __init__(self, control, recorder):
+    def __init__(self, control, recorder, pipelining=True):
         self.control = control
         self.recorder = recorder
+        self.pipelining = pipelining
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        # aiosmtpd handles pipelined commands (it reads them in order from its stream) but does
+        # not say so; real MTAs do, and clients only pipeline when told.
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         reply = self.control.get().get("mail_reply")
@@ -202,7 +211,7 @@ def raise_nofile_limit():
 async def main_async(args):
     control = Control(args.control)
     recorder = Recorder(args.out)
-    handler = Handler(control, recorder)
+    handler = Handler(control, recorder, pipelining=not args.no_pipelining)
 
     ssl_ctx = None
     if args.tls_mode != "none":
@@ -264,6 +273,7 @@ def main():
     p.add_argument("--max-size", type=int, default=64 * 1024 * 1024, help="max message bytes (0 = no limit)")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="close idle connections after this many s")
     p.add_argument("--backlog", type=int, default=1024)
+    p.add_argument("--no-pipelining", action="store_true", help="do not advertise PIPELINING (RFC 2920)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every SMTP command to stderr")
     args = p.parse_args()
 

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use mailsender::{App, Config, telemetry};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let config = match Config::from_env() {
         Ok(config) => config,

@@ -16,7 +16,7 @@ use lettre::{
     transport::smtp::{
         authentication::{Credentials, Mechanism},
         client::{AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters},
-        commands::{Data, Mail, Rcpt, Rset},
+        commands::{Data, Ehlo, Mail, Rcpt, Rset},
         extension::{ClientId, Extension, MailBodyParameter, MailParameter},
         response::Response,
     },
@@ -115,11 +115,19 @@ fn tls_parameters(smtp: &SmtpConfig) -> anyhow::Result<TlsParameters> {
     builder.build_rustls().context("building the SMTP TLS configuration")
 }
 
+/// An open SMTP connection and what the server said it can do beyond what lettre tracks.
+pub struct Session {
+    connection: AsyncSmtpConnection,
+    /// RFC 2920: MAIL, every RCPT and DATA go in one write, and their replies are read
+    /// together, instead of one round trip each.
+    pipelining: bool,
+}
+
 /// One SMTP worker and its reusable connection.
 pub struct Worker {
     id: usize,
     ctx: Arc<SendContext>,
-    connection: Option<AsyncSmtpConnection>,
+    connection: Option<Session>,
 }
 
 impl Worker {
@@ -172,8 +180,8 @@ impl Worker {
                 break;
             }
         }
-        if let Some(mut connection) = self.connection.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), connection.quit()).await;
+        if let Some(mut session) = self.connection.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), session.connection.quit()).await;
         }
         tracing::debug!(worker = self.id, "smtp worker stopped");
     }
@@ -290,17 +298,17 @@ impl Worker {
     }
 
     async fn transaction(&mut self, recipients: &[String], message: &[u8]) -> Result<Delivery, SendError> {
-        let mut connection = match self.connection.take() {
-            Some(connection) if !connection.has_broken() => connection,
+        let mut session = match self.connection.take() {
+            Some(session) if !session.connection.has_broken() => session,
             _ => connect(&self.ctx).await?,
         };
-        let result = transaction(&mut connection, &self.ctx, recipients, message).await;
+        let result = transaction(&mut session, &self.ctx, recipients, message).await;
         // Keep the connection only after a clean exchange; anything else may have left the
         // session mid-command.
-        if result.is_ok() && !connection.has_broken() {
-            self.connection = Some(connection);
+        if result.is_ok() && !session.connection.has_broken() {
+            self.connection = Some(session);
         } else {
-            connection.abort().await;
+            session.connection.abort().await;
         }
         result
     }
@@ -315,7 +323,7 @@ pub fn backoff(retry: &DispatchConfig, attempts: i32) -> Duration {
     half + half.mul_f64(rand::rng().random::<f64>())
 }
 
-async fn connect(ctx: &SendContext) -> Result<AsyncSmtpConnection, SendError> {
+async fn connect(ctx: &SendContext) -> Result<Session, SendError> {
     let smtp = &ctx.smtp;
     let transient =
         |what: &str, e: &dyn fmt::Display| SendError::Transient(format!("{what} {}:{}: {e}", smtp.host, smtp.port));
@@ -362,7 +370,15 @@ async fn connect(ctx: &SendContext) -> Result<AsyncSmtpConnection, SendError> {
             .await
             .map_err(|e| SendError::from_smtp("authentication", e))?;
     }
-    Ok(connection)
+    // lettre keeps only the EHLO keywords it uses; ask once more to learn about PIPELINING.
+    let ehlo = connection.command(Ehlo::new(hello)).await.map_err(|e| SendError::from_smtp("EHLO", e))?;
+    let pipelining = ehlo.message().any(|line| line.trim().eq_ignore_ascii_case("PIPELINING"));
+    tracing::debug!(
+        pipelining,
+        encrypted = connection.is_encrypted() || smtp.tls == TlsMode::Implicit,
+        "SMTP connection ready"
+    );
+    Ok(Session { connection, pipelining })
 }
 
 fn reply_text(response: &Response) -> String {
@@ -370,13 +386,30 @@ fn reply_text(response: &Response) -> String {
     format!("{} {}", response.code(), lines.join(" "))
 }
 
+/// Several commands written at once (RFC 2920 pipelining). lettre writes a command's `Display`
+/// in one go and reads one reply; the remaining replies are read with `read_response`.
+struct Pipelined(String);
+
+impl fmt::Display for Pipelined {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+type Reply = Result<Response, lettre::transport::smtp::Error>;
+
+/// A reply without a code means the connection failed, not the command.
+fn is_network(error: &lettre::transport::smtp::Error) -> bool {
+    !(error.is_permanent() || error.is_transient())
+}
+
 async fn transaction(
-    connection: &mut AsyncSmtpConnection,
+    session: &mut Session,
     ctx: &SendContext,
     recipients: &[String],
     message: &[u8],
 ) -> Result<Delivery, SendError> {
-    let smtp = &ctx.smtp;
+    let connection = &mut session.connection;
     let commands = &ctx.metrics.smtp_commands;
     let mut delivery = Delivery::default();
     let utf8 = connection.server_info().supports_feature(Extension::SmtpUtfEight);
@@ -404,35 +437,75 @@ async fn transaction(
     if !message.is_ascii() && connection.server_info().supports_feature(Extension::EightBitMime) {
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
-    commands.inc_by(1 + envelope.len() as u64);
-    connection
-        .command(Mail::new(Some(smtp.from.email.clone()), parameters))
-        .await
-        .map_err(|e| SendError::from_smtp("MAIL FROM", e))?;
+    let mail = Mail::new(Some(ctx.smtp.from.email.clone()), parameters);
 
-    for address in envelope {
-        match connection.command(Rcpt::new(address.clone(), Vec::new())).await {
+    // Every reply is read before anything is decided, so the session stays in step whatever
+    // the server answered.
+    let (mail_reply, rcpt_replies, data_reply) = if session.pipelining {
+        let mut batch = mail.to_string();
+        for address in &envelope {
+            batch.push_str(&Rcpt::new(address.clone(), Vec::new()).to_string());
+        }
+        batch.push_str(&Data.to_string());
+        commands.inc_by(envelope.len() as u64 + 2);
+        let mail_reply = connection.command(Pipelined(batch)).await;
+        let mut rcpt_replies = Vec::with_capacity(envelope.len());
+        for _ in &envelope {
+            rcpt_replies.push(connection.read_response().await);
+        }
+        (mail_reply, rcpt_replies, Some(connection.read_response().await))
+    } else {
+        commands.inc();
+        let mail_reply = connection.command(mail).await;
+        let mut rcpt_replies: Vec<Reply> = Vec::with_capacity(envelope.len());
+        if mail_reply.is_ok() {
+            for address in &envelope {
+                commands.inc();
+                rcpt_replies.push(connection.command(Rcpt::new(address.clone(), Vec::new())).await);
+            }
+        }
+        let any_accepted = rcpt_replies.iter().any(Result::is_ok);
+        let data_reply = if any_accepted {
+            commands.inc();
+            Some(connection.command(Data).await)
+        } else {
+            None
+        };
+        (mail_reply, rcpt_replies, data_reply)
+    };
+
+    mail_reply.map_err(|e| SendError::from_smtp("MAIL FROM", e))?;
+    for (address, reply) in envelope.iter().zip(rcpt_replies) {
+        match reply {
             Ok(_) => delivery.accepted.push(address.to_string()),
+            Err(e) if is_network(&e) => return Err(SendError::from_smtp("RCPT TO", e)),
             Err(e) if e.is_permanent() => {
                 delivery.refused.push(Rejection { address: address.to_string(), reply: e.to_string() })
             }
-            Err(e) if e.is_transient() => {
-                delivery.deferred.push(Rejection { address: address.to_string(), reply: e.to_string() })
-            }
-            Err(e) => return Err(SendError::from_smtp("RCPT TO", e)),
+            Err(e) => delivery.deferred.push(Rejection { address: address.to_string(), reply: e.to_string() }),
         }
     }
-    if delivery.accepted.is_empty() {
-        // Nothing to send: end the transaction cleanly so the connection can be reused.
-        commands.inc();
-        connection.command(Rset).await.map_err(|e| SendError::from_smtp("RSET", e))?;
-        return Ok(delivery);
+    match data_reply {
+        // Lock-step with no recipient accepted: DATA was never sent. End the transaction
+        // cleanly so the connection can be reused.
+        None => {
+            commands.inc();
+            connection.command(Rset).await.map_err(|e| SendError::from_smtp("RSET", e))?;
+            Ok(delivery)
+        }
+        // Pipelined with no recipient accepted: the server refuses DATA and the transaction is over.
+        Some(Err(e)) if delivery.accepted.is_empty() && !is_network(&e) => Ok(delivery),
+        Some(Err(e)) => Err(SendError::from_smtp("DATA", e)),
+        Some(Ok(_)) if delivery.accepted.is_empty() => {
+            Err(SendError::Transient("the server accepted DATA without any recipient".into()))
+        }
+        Some(Ok(_)) => {
+            commands.inc();
+            let reply = connection.message(message).await.map_err(|e| SendError::from_smtp("message data", e))?;
+            delivery.reply = Some(reply_text(&reply));
+            Ok(delivery)
+        }
     }
-    commands.inc_by(2);
-    connection.command(Data).await.map_err(|e| SendError::from_smtp("DATA", e))?;
-    let reply = connection.message(message).await.map_err(|e| SendError::from_smtp("message data", e))?;
-    delivery.reply = Some(reply_text(&reply));
-    Ok(delivery)
 }
 
 /// Bridges lettre's TLS stream (futures-io traits) back to the tokio traits lettre's connection

@@ -241,7 +241,15 @@ async fn malformed_kafka_message_is_dead_lettered_and_does_not_block_its_partiti
 
 #[tokio::test(flavor = "multi_thread")]
 async fn permanent_smtp_failures_are_reported_with_the_reason() {
-    let sink = SmtpSink::start().await;
+    permanent_failures(SmtpSink::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn permanent_smtp_failures_without_pipelining() {
+    permanent_failures(SmtpSink::start_lockstep().await).await;
+}
+
+async fn permanent_failures(sink: SmtpSink) {
     sink.control(json!({ "rcpt_replies": {
         "bounce@example.org": "550 5.1.1 No such user here",
         "gone@example.org": "550 5.1.1 Mailbox gone",

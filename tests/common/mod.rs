@@ -113,6 +113,15 @@ impl SmtpSink {
     }
 
     pub async fn start_with(tls: SinkTls) -> SmtpSink {
+        Self::start_full(tls, true).await
+    }
+
+    /// A sink that does not advertise PIPELINING, so clients talk in lock-step.
+    pub async fn start_lockstep() -> SmtpSink {
+        Self::start_full(SinkTls::None, false).await
+    }
+
+    async fn start_full(tls: SinkTls, pipelining: bool) -> SmtpSink {
         let dir = tempfile::tempdir().unwrap();
         let port_file = dir.path().join("port");
         let mut command = Command::new(python());
@@ -127,6 +136,9 @@ impl SmtpSink {
             .arg(dir.path().join("control.json"))
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.path().join("sink.log")).unwrap());
+        if !pipelining {
+            command.arg("--no-pipelining");
+        }
         let mode = match tls {
             SinkTls::None => None,
             SinkTls::StartTls => Some("starttls"),
