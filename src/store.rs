@@ -175,6 +175,7 @@ impl Store {
             .find(doc! { "status": "awaiting", "due_ms": { "$lte": now_ms } })
             .sort(doc! { "due_ms": 1 })
             .limit(max as i64)
+            .batch_size(max as u32)
             .projection(doc! { "_id": 1 })
             .await
             .context("finding due letters")?
@@ -201,6 +202,8 @@ impl Store {
         let claimed = self
             .letters
             .find(doc! { "_id": { "$in": &ids }, "claim": &token })
+            // One reply for the whole claim instead of a getMore per 101 letters.
+            .batch_size(ids.len() as u32)
             .await
             .context("reading claimed letters")?
             .try_collect()
