@@ -321,3 +321,28 @@ async fn tls_is_used_and_certificates_are_verified() {
     );
     assert!(untrusted.received().is_empty(), "a letter went out over an unverified connection");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_and_sigint_shut_down_gracefully() {
+    let sink = SmtpSink::start().await;
+    let mut app = TestApp::spawn(&sink, &[]).await;
+    for signal in ["-TERM", "-INT"] {
+        assert_eq!(app.post("/post", batch(&format!("signal{signal}"), 2, 1).to_string()).await.0, 202);
+        let pid = app.pid().unwrap().to_string();
+        wait_for("the batch to be stored", LONG, || async {
+            (app.letters().await.len() % 2 == 0 && !app.letters().await.is_empty()).then_some(())
+        })
+        .await;
+        assert!(std::process::Command::new("kill").args([signal, &pid]).status().unwrap().success());
+        let status = app.wait_exit(Duration::from_secs(30)).await;
+        assert!(status.success(), "{signal}: exit status {status}; log:\n{}", app.log());
+        assert!(app.log().contains("mailsender stopped"), "{signal}: no orderly stop in the log");
+        assert!(
+            app.letters().await.iter().all(|l| l.status != Status::Processing),
+            "{signal}: letters left processing"
+        );
+        app.start().await;
+    }
+    let letters = app.wait_all_final(4, LONG).await;
+    assert!(letters.iter().all(|l| l.status == Status::Sent));
+}
