@@ -164,28 +164,31 @@ impl App {
         ));
         chores.spawn(refresh_status_gauge(store.clone(), metrics.clone(), background.clone()));
 
-        let mut failure = None;
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            result = &mut ingest => {
-                failure = Some(match result {
-                    Ok(Ok(())) => anyhow::anyhow!("ingest stopped unexpectedly"),
-                    Ok(Err(error)) => error.context("ingest failed"),
-                    Err(error) => anyhow::Error::new(error).context("ingest panicked"),
-                });
-                shutdown.cancel();
-            }
+        // Ingest ending on its own is a failure; ending because shutdown was requested is not.
+        // `biased` and the re-check matter: on one thread, both can be ready at the same poll.
+        let early = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            result = &mut ingest => Some(result),
+        };
+        let ended_early = early.is_some() && !shutdown.is_cancelled();
+        if ended_early {
+            shutdown.cancel();
         }
         tracing::info!(
             timeout_s = config.shutdown_timeout.as_secs_f64(),
             "shutting down: consumption stops, in-flight sends finish"
         );
-
-        if failure.is_none()
-            && let Ok(Err(error)) = ingest.await
-        {
-            tracing::warn!(error = format!("{error:#}"), "ingest ended with an error");
-        }
+        let ingest_result = match early {
+            Some(result) => result,
+            None => ingest.await,
+        };
+        let failure = match ingest_result {
+            Ok(Ok(())) if ended_early => Some(anyhow::anyhow!("ingest stopped unexpectedly")),
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.context("ingest failed")),
+            Err(error) => Some(anyhow::Error::new(error).context("ingest panicked")),
+        };
         let _ = dispatcher.await;
         let finished =
             tokio::time::timeout(config.shutdown_timeout, async { while workers.join_next().await.is_some() {} }).await;

@@ -326,13 +326,11 @@ async fn tls_is_used_and_certificates_are_verified() {
 async fn sigterm_and_sigint_shut_down_gracefully() {
     let sink = SmtpSink::start().await;
     let mut app = TestApp::spawn(&sink, &[]).await;
-    for signal in ["-TERM", "-INT"] {
+    for (round, signal) in ["-TERM", "-INT"].into_iter().enumerate() {
         assert_eq!(app.post("/post", batch(&format!("signal{signal}"), 2, 1).to_string()).await.0, 202);
         let pid = app.pid().unwrap().to_string();
-        wait_for("the batch to be stored", LONG, || async {
-            (app.letters().await.len() % 2 == 0 && !app.letters().await.is_empty()).then_some(())
-        })
-        .await;
+        let stored = 2 * (round + 1);
+        app.wait_for_letters("the batch to be stored", LONG, |letters| letters.len() == stored).await;
         assert!(std::process::Command::new("kill").args([signal, &pid]).status().unwrap().success());
         let status = app.wait_exit(Duration::from_secs(30)).await;
         assert!(status.success(), "{signal}: exit status {status}; log:\n{}", app.log());
