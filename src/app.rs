@@ -76,7 +76,9 @@ impl App {
 
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let App { config, store, producer, consumer, listener, metrics } = self;
-        let owner = config.instance_id.clone();
+        // One owner per process start: a restarted process (same INSTANCE_ID) must not renew the
+        // leases of letters its killed predecessor claimed; they expire and are reaped.
+        let owner = format!("{}-{}", config.instance_id, &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let wake = Arc::new(Notify::new());
         let lease = Arc::new(LeaseClock::new(config.dispatch.lease));
         let consumer_running = Arc::new(AtomicBool::new(false));

@@ -120,7 +120,6 @@ impl Dispatcher {
                 }
                 Ok(letters) => {
                     failures = 0;
-                    self.lease.renewed(renewed_at);
                     tracing::debug!(count = letters.len(), "claimed letters");
                     for letter in letters {
                         let Some(permit) = permits.pop() else { break };

@@ -128,10 +128,18 @@ pub fn check_batch(body: &[u8]) -> Result<Vec<Mailing>, String> {
     Ok(mailings)
 }
 
-async fn post_batch(State(state): State<Arc<HttpState>>, body: Bytes) -> Response {
+async fn post_batch(
+    State(state): State<Arc<HttpState>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
     if state.shutdown.is_cancelled() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down", None);
     }
+    // A body over HTTP_MAX_BODY_BYTES (413) or cut short gets the same JSON error shape as the rest.
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(rejection.status(), rejection.body_text(), None),
+    };
     let mailings = match check_batch(&body) {
         Ok(mailings) => mailings,
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason, Some(EXPECTED_BATCH)),

@@ -61,6 +61,7 @@ impl Report {
                 record.published = published.contains(&record.letter.id);
             }
             self.write(&batch, &shutdown).await;
+            // Dropping the records releases their `unrecorded` permits.
             batch.clear();
         }
         tracing::debug!("report stopped");

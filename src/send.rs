@@ -23,7 +23,10 @@ use lettre::{
 };
 use rand::Rng;
 use secrecy::ExposeSecret;
-use tokio::{net::TcpStream, sync::mpsc};
+use tokio::{
+    net::TcpStream,
+    sync::{Semaphore, mpsc},
+};
 use tokio_util::{compat::Compat, sync::CancellationToken};
 use tracing::Instrument;
 
@@ -74,7 +77,14 @@ pub struct SendContext {
     pub limiter: DefaultDirectRateLimiter,
     pub lease: Arc<LeaseClock>,
     pub metrics: Arc<Metrics>,
+    /// Letters that reached the SMTP server and whose outcome is not stored yet. After a crash
+    /// these are sent again, so their number is bounded: `UNRECORDED_PER_WORKER` per worker,
+    /// enough for the report stage to batch its writes without stalling the workers.
+    pub unrecorded: Arc<Semaphore>,
 }
+
+/// See [`SendContext::unrecorded`].
+pub const UNRECORDED_PER_WORKER: usize = 8;
 
 impl SendContext {
     pub fn new(
@@ -87,7 +97,8 @@ impl SendContext {
             TlsMode::None => None,
             _ => Some(tls_parameters(&smtp)?),
         };
-        Ok(SendContext { limiter: rate_limiter(&smtp), smtp, retry, tls, lease, metrics })
+        let unrecorded = Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER));
+        Ok(SendContext { limiter: rate_limiter(&smtp), smtp, retry, tls, lease, metrics, unrecorded })
     }
 }
 
@@ -165,8 +176,27 @@ impl Worker {
                 // MongoDB has not confirmed our leases for too long: another replica may own
                 // this letter by now. Leave it to whoever holds it.
                 tracing::warn!(letter_id = %claimed.letter.id, "lease no longer trusted; letter skipped");
+                // Released, not dropped: maintenance would otherwise renew its lease forever.
+                let record = AttemptRecord {
+                    letter: claimed.letter,
+                    outcome: Outcome::Released,
+                    published: false,
+                    unrecorded: None,
+                };
+                if outcomes.send(record).await.is_err() {
+                    break;
+                }
                 continue;
             }
+            // A crash re-sends what reached the SMTP server but is not recorded yet: bound it.
+            let unrecorded = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                permit = self.ctx.unrecorded.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
             let letter_id = claimed.letter.id;
             let record = tokio::select! {
                 biased;
@@ -176,6 +206,7 @@ impl Worker {
                 }
                 record = self.attempt(claimed.letter) => record,
             };
+            let record = AttemptRecord { unrecorded: Some(unrecorded), ..record };
             if outcomes.send(record).await.is_err() {
                 break;
             }
@@ -230,7 +261,7 @@ impl Worker {
             }
             Outcome::Released => {}
         }
-        AttemptRecord { letter, outcome, published: false }
+        AttemptRecord { letter, outcome, published: false, unrecorded: None }
     }
 
     /// Applies the result of an attempt to the letter's recipient state and picks the outcome.

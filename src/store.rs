@@ -50,13 +50,15 @@ pub enum Outcome {
 }
 
 /// A letter's state after an attempt, written in one statement.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct AttemptRecord {
     pub letter: Letter,
     pub outcome: Outcome,
     /// Whether the broker already acknowledged the status message of a final outcome; when not,
     /// the letter is stored `unreported` for the republisher.
     pub published: bool,
+    /// Held until the outcome is stored; see `SendContext::unrecorded`.
+    pub unrecorded: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -18,6 +18,10 @@ use std::{
     io::Write,
     path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -266,6 +270,120 @@ impl Drop for ChaosSink {
     }
 }
 
+/// A minimal SMTP server in the test process that, unlike scripts/smtp_sink.py, takes a message
+/// as delivered the moment its data ends, and only then waits `delay` before the 250 reply, as a
+/// real server that queued the message would. (aiosmtpd cancels its handler, and so forgets the
+/// message, when the client disconnects during a delayed reply.) So a send cut short by a kill
+/// -9 of the client counts as delivered, and its resend as a duplicate.
+pub struct EagerSink {
+    pub port: u16,
+    received: Arc<Mutex<Vec<Received>>>,
+    delay_ms: Arc<AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl EagerSink {
+    pub async fn start(delay: Duration) -> EagerSink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let delay_ms = Arc::new(AtomicU64::new(delay.as_millis() as u64));
+        let (log, delay) = (received.clone(), delay_ms.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(eager_session(stream, log.clone(), delay.clone()));
+            }
+        });
+        EagerSink { port, received, delay_ms, accept }
+    }
+
+    /// The wait before each 250 reply from now on.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for EagerSink {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn eager_session(stream: tokio::net::TcpStream, log: Arc<Mutex<Vec<Received>>>, delay_ms: Arc<AtomicU64>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let mut line = Vec::new();
+    let (mut from, mut rcpts) = (String::new(), Vec::new());
+    let address = |line: &str| line.split_once('<').and_then(|(_, r)| r.split_once('>')).map(|(a, _)| a.to_owned());
+    if write.write_all(b"220 eager-sink ESMTP\r\n").await.is_err() {
+        return;
+    }
+    loop {
+        line.clear();
+        match read.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+        let verb = text.get(..4).unwrap_or_default().to_ascii_uppercase();
+        let reply: &[u8] = match verb.as_str() {
+            "EHLO" => b"250-eager-sink\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n",
+            "HELO" | "NOOP" => b"250 OK\r\n",
+            "MAIL" => {
+                from = address(&text).unwrap_or_default();
+                rcpts.clear();
+                b"250 OK\r\n"
+            }
+            "RCPT" => {
+                rcpts.push(address(&text).unwrap_or_default());
+                b"250 OK\r\n"
+            }
+            "RSET" => {
+                rcpts.clear();
+                b"250 OK\r\n"
+            }
+            "QUIT" => {
+                let _ = write.write_all(b"221 Bye\r\n").await;
+                return;
+            }
+            "DATA" => {
+                if write.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n").await.is_err() {
+                    return;
+                }
+                loop {
+                    line.clear();
+                    match read.read_until(b'\n', &mut line).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) if line == b".\r\n" => break,
+                        Ok(_) => {}
+                    }
+                }
+                let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+                log.lock().unwrap().push(Received {
+                    ts,
+                    mail_from: from.clone(),
+                    rcpt_tos: std::mem::take(&mut rcpts),
+                    headers: Vec::new(),
+                    raw: String::new(),
+                    tls: false,
+                });
+                tokio::time::sleep(Duration::from_millis(delay_ms.load(Ordering::Relaxed))).await;
+                b"250 OK queued\r\n"
+            }
+            _ => b"502 Command not implemented\r\n",
+        };
+        if write.write_all(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// How often each recipient address reached the SMTP server(s).
 pub fn rcpt_counts<'a>(received: impl IntoIterator<Item = &'a Received>) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
@@ -492,6 +610,16 @@ pub fn diagnose(letters: &[Letter]) -> String {
 /// nothing has progressed for `stall` (e.g. letters stuck in `processing` under leases that
 /// keep being renewed), and at the latest after `timeout`.
 pub async fn wait_all_final(app: &TestApp, count: usize, stall: Duration, timeout: Duration) -> Vec<Letter> {
+    try_wait_all_final(app, count, stall, timeout).await.unwrap_or_else(|failure| panic!("{failure}"))
+}
+
+/// [`wait_all_final`], returning the diagnosis instead of panicking.
+pub async fn try_wait_all_final(
+    app: &TestApp,
+    count: usize,
+    stall: Duration,
+    timeout: Duration,
+) -> Result<Vec<Letter>, String> {
     let started = Instant::now();
     let mut last_progress = Instant::now();
     let mut last_final = usize::MAX;
@@ -499,20 +627,21 @@ pub async fn wait_all_final(app: &TestApp, count: usize, stall: Duration, timeou
         let letters = app.letters().await;
         let finals = letters.iter().filter(|l| is_final(l)).count();
         if letters.len() == count && finals == count {
-            return letters;
+            return Ok(letters);
         }
         if finals != last_final {
             last_final = finals;
             last_progress = Instant::now();
         }
-        assert!(
-            last_progress.elapsed() < stall && started.elapsed() < timeout,
-            "{} of {count} letters final and no progress for {:?} (after {:?} in all): {}",
-            finals,
-            last_progress.elapsed(),
-            started.elapsed(),
-            diagnose(&letters)
-        );
+        if last_progress.elapsed() >= stall || started.elapsed() >= timeout {
+            return Err(format!(
+                "{} of {count} letters final and no progress for {:?} (after {:?} in all): {}",
+                finals,
+                last_progress.elapsed(),
+                started.elapsed(),
+                diagnose(&letters)
+            ));
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -521,17 +650,28 @@ pub async fn wait_all_final(app: &TestApp, count: usize, stall: Duration, timeou
 // figures
 // ------------------------------------------------------------------------------------------------
 
+/// Marks `test` as started in target/faults-report.txt, so figures of an earlier run never pass
+/// for this run's when it fails before reporting.
+pub fn report_start(test: &str) {
+    let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    write_report(test, &[format!("run started at unix time {at} did not finish; see the test output")]);
+}
+
 /// Prints `lines` and stores them in target/faults-report.txt under `test`, replacing that
 /// test's lines from an earlier run.
 pub fn report(test: &str, lines: &[String]) {
-    let prefix = format!("[{test}]");
     for line in lines {
-        println!("{prefix} {line}");
+        println!("[{test}] {line}");
     }
+    write_report(test, lines);
+}
+
+fn write_report(test: &str, lines: &[String]) {
+    let prefix = format!("[{test}]");
     let path = repo_root().join("target/faults-report.txt");
     let old = fs::read_to_string(&path).unwrap_or_default();
     let mut text: String = old.lines().filter(|l| !l.starts_with(&prefix)).map(|l| format!("{l}\n")).collect();
-    for line in lines {
+    for line in lines.iter().flat_map(|l| l.lines()) {
         text.push_str(&format!("{prefix} {line}\n"));
     }
     let _ = fs::create_dir_all(repo_root().join("target"));
