@@ -9,7 +9,6 @@ use std::{
 };
 
 use anyhow::Context;
-use rdkafka::producer::Producer;
 use tokio::{
     net::TcpListener,
     sync::{Notify, Semaphore, mpsc},
@@ -215,6 +214,7 @@ impl App {
         if let Err(error) = producer.flush(Duration::from_secs(5)) {
             tracing::warn!(error = %error, "producer flush at shutdown");
         }
+        producer.close();
         http_stop.cancel();
         let _ = http.await;
         tracing::info!("mailsender stopped");

@@ -18,7 +18,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use rdkafka::producer::FutureRecord;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
@@ -145,13 +144,15 @@ async fn post_batch(
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason, Some(EXPECTED_BATCH)),
     };
     let key = uuid::Uuid::new_v4().to_string();
-    let record = FutureRecord::to(&state.topic_in).key(&key).payload(body.as_ref());
     // Bounded well below a client's patience: with the broker down, librdkafka would keep
     // retrying for its whole message timeout.
-    let delivery = tokio::time::timeout(Duration::from_secs(10), state.producer.send(record, Duration::from_secs(5)));
+    let delivery = tokio::time::timeout(
+        Duration::from_secs(10),
+        state.producer.send(&state.topic_in, Some(key.as_bytes()), &body, None),
+    );
     let failure = match delivery.await {
         Ok(Ok(_)) => None,
-        Ok(Err((e, _))) => Some(e.to_string()),
+        Ok(Err(e)) => Some(e.to_string()),
         Err(_) => Some("no acknowledgement within 10 s".to_owned()),
     };
     match failure {

@@ -18,7 +18,6 @@ use rdkafka::{
     Message,
     consumer::{CommitMode, Consumer},
     message::{Header, OwnedHeaders},
-    producer::FutureRecord,
 };
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -195,15 +194,10 @@ impl Ingest {
                 .insert(Header { key: "x-source-topic", value: Some(self.config.topic_in.as_bytes()) })
                 .insert(Header { key: "x-source-partition", value: Some(dead.partition.to_string().as_bytes()) })
                 .insert(Header { key: "x-source-offset", value: Some(dead.offset.to_string().as_bytes()) });
-            let mut record =
-                FutureRecord::<[u8], [u8]>::to(&self.config.topic_dlq).payload(&dead.payload).headers(headers);
-            if let Some(key) = &dead.key {
-                record = record.key(key);
-            }
             self.producer
-                .send(record, Duration::from_secs(10))
+                .send(&self.config.topic_dlq, dead.key.as_deref(), &dead.payload, Some(headers))
                 .await
-                .map_err(|(error, _)| anyhow::anyhow!("producing to the dead-letter topic: {error}"))?;
+                .map_err(|error| anyhow::anyhow!("producing to the dead-letter topic: {error}"))?;
             self.metrics.dead_letters.inc();
         }
         Ok(())

@@ -11,7 +11,6 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use futures::future::join_all;
 use mongodb::bson::oid::ObjectId;
-use rdkafka::producer::FutureRecord;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -106,10 +105,10 @@ impl Report {
                     return None;
                 }
             };
-            let record = FutureRecord::to(&self.topic).key(&letter.kafkakey).payload(&payload);
-            match tokio::time::timeout(wait, self.producer.send(record, Duration::ZERO)).await {
+            let send = self.producer.send(&self.topic, Some(letter.kafkakey.as_bytes()), &payload, None);
+            match tokio::time::timeout(wait, send).await {
                 Ok(Ok(_)) => Some(letter.id),
-                Ok(Err((error, _))) => {
+                Ok(Err(error)) => {
                     tracing::warn!(letter_id = %letter.id, kafka_key = %letter.kafkakey, error = %error, "status message not published; stored for republishing");
                     None
                 }
