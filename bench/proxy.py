@@ -9,10 +9,12 @@ Forwards bytes unchanged in both directions and counts the requests the client s
   smtp   one count per command line (EHLO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, ...) plus one "<EOD>" per
          message body ended by CRLF.CRLF: every one of these waits for a server reply (no PIPELINING)
   kafka  one count per request frame, keyed by "client.id/ApiName" (the client id is in every request header)
-Every command is one round trip here: none of the clients measured pipelines requests.
+Round trips are counted apart from commands, as "turns": on each connection, every time the client sends after
+the server has sent (or first), one turn begins. A pipelined SMTP client (MAIL, RCPTs and DATA in one write)
+thus makes two turns per message whatever its command count; a lock-step one makes one turn per command.
 
-On SIGUSR1 the counts are written to --stats (atomically) as {"seq": n, "counts": {...}, "connections": n};
-also on SIGTERM/SIGINT, before exiting.
+On SIGUSR1 the counts are written to --stats (atomically) as
+{"seq": n, "counts": {...}, "turns": n, "connections": n}; also on SIGTERM/SIGINT, before exiting.
 """
 import argparse
 import asyncio
@@ -29,7 +31,8 @@ KAFKA_APIS = {
     10: "FindCoordinator", 11: "JoinGroup", 12: "Heartbeat", 13: "LeaveGroup", 14: "SyncGroup",
     15: "DescribeGroups", 16: "ListGroups", 17: "SaslHandshake", 18: "ApiVersions", 19: "CreateTopics",
     20: "DeleteTopics", 22: "InitProducerId", 32: "DescribeConfigs", 36: "SaslAuthenticate",
-    42: "DeleteGroups", 60: "DescribeCluster", 68: "ConsumerGroupHeartbeat",
+    42: "DeleteGroups", 60: "DescribeCluster", 68: "ConsumerGroupHeartbeat", 71: "GetTelemetrySubscriptions",
+    72: "PushTelemetry",
 }
 
 MONGO_OPS = {2001: "OP_UPDATE", 2002: "OP_INSERT", 2004: "OP_QUERY", 2005: "OP_GET_MORE", 2006: "OP_DELETE",
@@ -39,6 +42,7 @@ MONGO_OPS = {2001: "OP_UPDATE", 2002: "OP_INSERT", 2004: "OP_QUERY", 2005: "OP_G
 class Counts:
     def __init__(self):
         self.counts = Counter()
+        self.turns = 0
         self.connections = 0
         self.seq = 0
 
@@ -124,12 +128,13 @@ def kafka_counter(counts):
 COUNTERS = {"mongo": mongo_counter, "smtp": smtp_counter, "kafka": kafka_counter}
 
 
-async def pump(reader, writer, feed):
+async def pump(reader, writer, feed, turn):
     try:
         while True:
             data = await reader.read(65536)
             if not data:
                 break
+            turn(data)
             if feed is not None:
                 feed(data)
             writer.write(data)
@@ -164,7 +169,18 @@ async def handle(client_reader, client_writer, args, counts):
     nodelay(client_writer)
     nodelay(up_writer)
     feed = COUNTERS[args.mode](counts)
-    await asyncio.gather(pump(client_reader, up_writer, feed), pump(up_reader, client_writer, None))
+    last = {"from": "server"}
+
+    def client_sent(_data):
+        if last["from"] != "client":
+            counts.turns += 1
+            last["from"] = "client"
+
+    def server_sent(_data):
+        last["from"] = "server"
+
+    await asyncio.gather(pump(client_reader, up_writer, feed, client_sent),
+                         pump(up_reader, client_writer, None, server_sent))
     for w in (client_writer, up_writer):
         try:
             w.close()
@@ -177,7 +193,8 @@ def dump(path, counts):
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".stats.", dir=d)
     with os.fdopen(fd, "w") as f:
-        json.dump({"seq": counts.seq, "counts": dict(counts.counts), "connections": counts.connections}, f)
+        json.dump({"seq": counts.seq, "counts": dict(counts.counts), "turns": counts.turns,
+                   "connections": counts.connections}, f)
     os.replace(tmp, path)
 
 

@@ -9,6 +9,7 @@
 #   --figures L    only these figures (1..8; 1, 2 and 8 share their runs)
 #   --out FILE     results file (default bench/results.md)
 #   --keep-stack   leave the stack running afterwards (stop it with the same env and scripts/stack.sh down)
+#   --letters N, --backlog N, --rate-burst N, --service-env NAME=VALUE, --verbose: see bench/README.md
 #
 # Environment: BENCH_RUN (run dir, default /tmp/bench-run), BENCH_KAFKA_PORT (29392), BENCH_MONGO_PORT (28417),
 # MAILSENDER_CACHE (installed servers, as for scripts/stack.sh).
@@ -29,7 +30,7 @@ out=$BENCH/results.md
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick | --verbose) args+=("$1") ;;
-        --runs | --senders | --figures) args+=("$1" "$2"); shift ;;
+        --runs | --senders | --figures | --letters | --backlog | --service-env | --rate-burst) args+=("$1" "$2"); shift ;;
         --out) out=$2; shift ;;
         --keep-stack) keep=1 ;;
         -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
