@@ -1123,3 +1123,56 @@ async fn admin_token_guards_post_and_halt() {
     );
     assert!(!app.log().contains(token), "the admin token reached the log");
 }
+
+/// `/halt` returns this instance's leased letters to `awaiting` and never touches another
+/// replica's, which keep their owner and are sent by it.
+#[tokio::test(flavor = "multi_thread")]
+async fn halt_reverts_only_its_own_letters() {
+    let _serial = chaos::serial().await;
+    let sink = SmtpSink::start().await;
+    sink.control(json!({ "data_delay_s": 0.5 }));
+    // 2 letters/s and a 6 s lease: each replica holds at most 6 letters, so both get some.
+    let limits = [("SMTP_MAX_SENDERS", "2"), ("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "2")];
+    let mut a = TestApp::spawn(&sink, &limits).await;
+    let b = Replica::start(Replica::env_from(&a, &format!("{}-b", a.name), sink.port)).await;
+    let (owner_a, owner_b) = (format!("{}-", a.env["INSTANCE_ID"]), format!("{}-", b.instance_id));
+    let held_by = |letters: &[Letter], owner: &str| -> HashSet<String> {
+        letters
+            .iter()
+            .filter(|l| l.status == Status::Processing && l.owner.as_deref().is_some_and(|o| o.starts_with(owner)))
+            .map(|l| l.id.to_hex())
+            .collect()
+    };
+    assert_eq!(a.post("/post", batch("halt-own", 24, 1).to_string()).await.0, 202);
+    let letters = a
+        .wait_for_letters("both replicas to hold letters", LONG, |letters| {
+            !held_by(letters, &owner_a).is_empty() && !held_by(letters, &owner_b).is_empty()
+        })
+        .await;
+    let held_by_b = held_by(&letters, &owner_b);
+
+    assert_eq!(a.post("/halt", "").await.0, 202);
+    let exit = a.wait_exit(LONG).await;
+    assert!(exit.success(), "a exited with {exit}");
+    let after = a.letters().await;
+    assert!(held_by(&after, &owner_a).is_empty(), "a left letters processing after /halt");
+    for letter in after.iter().filter(|l| held_by_b.contains(&l.id.to_hex())) {
+        let kept = letter.status == Status::Sent
+            || (letter.status == Status::Processing
+                && letter.owner.as_deref().is_some_and(|o| o.starts_with(&owner_b)));
+        assert!(kept, "a's /halt touched b's letter {}: {:?} owned by {:?}", letter.id, letter.status, letter.owner);
+    }
+    report(
+        "halt_own",
+        &[format!(
+            "a held some letters, b held {} at a's /halt; b's kept their owner; a left none processing",
+            held_by_b.len()
+        )],
+    );
+
+    // b alone finishes everything, a's reverted letters included.
+    sink.control(json!({}));
+    let letters = a.wait_all_final(24, LONG).await;
+    assert!(letters.iter().all(|l| l.status == Status::Sent));
+    drop(b);
+}
