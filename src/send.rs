@@ -27,7 +27,7 @@ use rand::Rng;
 use secrecy::ExposeSecret;
 use tokio::{
     net::TcpStream,
-    sync::{Semaphore, mpsc},
+    sync::{Semaphore, SetOnce, mpsc},
 };
 use tokio_util::{compat::Compat, sync::CancellationToken};
 use tracing::Instrument;
@@ -106,20 +106,34 @@ impl SendContext {
 
 /// The global rate limit shared by all workers: at most `rate_max_letters` per `rate_period`,
 /// spread evenly, and never more than `rate_max_letters + rate_burst - 1` in any window of one
-/// period.
+/// period, as counted by the receiving server.
 ///
 /// governor paces the letters. Its GCRA restarts the schedule from a late wake-up, so with a
 /// burst of exactly 1 every few hundred microseconds of timer latency is lost for good and the
-/// rate falls 2–5 % short. One extra cell of burst absorbs that lateness. A sliding window of the
-/// last send times then keeps the hard cap that extra cell would otherwise loosen.
+/// rate falls 2–5 % short. One extra cell of burst absorbs that lateness. A sliding window then
+/// keeps the hard cap. It remembers when each of the last `cap` sends *completed*, and a new send
+/// starts only one period after the completion of the send `cap` places earlier. A server records
+/// a letter before it acknowledges it, so however its own timing jitters, no window of one period
+/// on its side can hold more than `cap`. The price is a rate short by about one transaction's
+/// latency per period (0.5 % at 5 ms per 1 s).
 pub struct RateLimit {
     pacer: DefaultDirectRateLimiter,
-    /// Start times of the last `cap` sends (empty when the cap is too large to track).
-    window: tokio::sync::Mutex<VecDeque<Instant>>,
+    /// Completion times of the last `cap` sends, oldest first; unset while a send is in progress.
+    window: tokio::sync::Mutex<VecDeque<Arc<SetOnce<Instant>>>>,
     cap: usize,
-    /// One period plus a small margin for the jitter between a send's start and its arrival,
-    /// so the receiving server also never counts more than the cap in one period.
-    span: Duration,
+    period: Duration,
+}
+
+/// Held for the duration of one send; records its completion in the rate limit's window when
+/// dropped, whatever the outcome.
+pub struct SendSlot(Option<Arc<SetOnce<Instant>>>);
+
+impl Drop for SendSlot {
+    fn drop(&mut self) {
+        if let Some(done) = &self.0 {
+            let _ = done.set(Instant::now());
+        }
+    }
 }
 
 /// Above this many letters per period the window costs more memory than it is worth; the
@@ -132,31 +146,33 @@ impl RateLimit {
         let burst = NonZeroU32::new(smtp.rate_burst.saturating_add(1)).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::with_period(interval).unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX));
         let cap = (smtp.rate_max_letters + smtp.rate_burst - 1) as usize;
-        let margin = (smtp.rate_period / 200).min(Duration::from_millis(10));
         RateLimit {
             pacer: RateLimiter::direct(quota.allow_burst(burst)),
             window: tokio::sync::Mutex::new(VecDeque::with_capacity(cap.min(WINDOW_LIMIT))),
             cap,
-            span: smtp.rate_period + margin,
+            period: smtp.rate_period,
         }
     }
 
-    /// Waits until one more letter may be sent.
-    pub async fn acquire(&self) {
+    /// Waits until one more letter may be sent; hold the slot until the send is over.
+    pub async fn acquire(&self) -> SendSlot {
         self.pacer.until_ready().await;
         if self.cap > WINDOW_LIMIT {
-            return;
+            return SendSlot(None);
         }
         // Held while waiting, so letters leave in the order the pacer admitted them.
         let mut window = self.window.lock().await;
         if window.len() >= self.cap
-            && let Some(&oldest) = window.front()
+            && let Some(oldest) = window.front().cloned()
         {
-            // Nothing is changed before the wait, so a cancelled wait leaves the window intact.
-            tokio::time::sleep_until((oldest + self.span).into()).await;
+            // Nothing is changed before the waits, so a cancelled wait leaves the window intact.
+            let completed = *oldest.wait().await;
+            tokio::time::sleep_until((completed + self.period).into()).await;
             window.pop_front();
         }
-        window.push_back(Instant::now());
+        let slot = Arc::new(SetOnce::new());
+        window.push_back(slot.clone());
+        SendSlot(Some(slot))
     }
 }
 
@@ -214,11 +230,11 @@ impl Worker {
                 },
             };
             let waiting = Instant::now();
-            tokio::select! {
+            let slot = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                _ = self.ctx.limiter.acquire() => {}
-            }
+                slot = self.ctx.limiter.acquire() => slot,
+            };
             self.ctx.metrics.rate_limit_wait.observe(waiting.elapsed().as_secs_f64());
             if !self.ctx.lease.trusted(claimed.claimed_at) {
                 // MongoDB has not confirmed our leases for too long: another replica may own
@@ -254,6 +270,8 @@ impl Worker {
                 }
                 record = self.attempt(claimed.letter) => record,
             };
+            // The server has answered: this is the completion the rate limit's window counts from.
+            drop(slot);
             let record = AttemptRecord { unrecorded: Some(unrecorded), ..record };
             if outcomes.send(record).await.is_err() {
                 break;
@@ -666,8 +684,9 @@ mod tests {
             let (limit, times) = (limit.clone(), times.clone());
             tasks.push(tokio::spawn(async move {
                 for _ in 0..15 {
-                    limit.acquire().await;
+                    let _slot = limit.acquire().await;
                     times.lock().unwrap().push(start.elapsed());
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }));
         }
