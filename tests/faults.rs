@@ -24,16 +24,6 @@ use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// Lower-cased addresses of a batch built by `common::batch`.
-fn addresses_of(batch: &Value) -> Vec<String> {
-    batch
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|m| m["Addresses"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_lowercase()))
-        .collect()
-}
-
 /// Status-message IDs seen on a topic, read until `ids` are all there or `timeout` passes; and
 /// how many messages were read.
 async fn status_ids(topic: &str, ids: &HashSet<String>, timeout: Duration) -> (HashSet<String>, usize) {

@@ -6,19 +6,9 @@ use std::{collections::HashSet, time::Duration};
 
 use common::*;
 use mailsender::model::Status;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(60);
-
-/// Every address of the batch, lower-cased, to look for in headers.
-fn all_addresses(batch: &Value) -> Vec<String> {
-    batch
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|m| m["Addresses"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_lowercase()))
-        .collect()
-}
 
 fn assert_bcc_only(received: &[Received], addresses: &[String]) {
     for message in received {
@@ -68,7 +58,7 @@ async fn posted_batch_is_stored_sent_bcc_only_and_reported() {
         }
         assert!(message.header("Content-Type").unwrap().contains("text/html"));
     }
-    assert_bcc_only(&received, &all_addresses(&batch));
+    assert_bcc_only(&received, &addresses_of(&batch));
 
     let statuses = app.consume(&app.topic_out, 6, LONG).await;
     let mut ids = HashSet::new();
@@ -117,7 +107,7 @@ async fn batch_produced_to_kafka_keeps_its_own_key() {
         assert_eq!(status.json()["Status"], "sent");
     }
     let received = sink.wait_for_count(3, LONG).await;
-    assert_bcc_only(&received, &all_addresses(&batch));
+    assert_bcc_only(&received, &addresses_of(&batch));
     let letters = app.wait_all_final(3, LONG).await;
     assert!(letters.iter().all(|l| l.kafkakey == "profile-key-42" && l.status == Status::Sent));
 }

@@ -27,9 +27,8 @@ use std::{
 
 use mailsender::model::{Letter, Status, now_ms};
 use rdkafka::{
-    ClientConfig, Message,
+    ClientConfig,
     consumer::{Consumer, StreamConsumer},
-    message::Headers,
     producer::{FutureProducer, FutureRecord},
 };
 use serde_json::Value;
@@ -538,23 +537,7 @@ pub async fn read_topic(topic: &str, timeout: Duration, mut done: impl FnMut(&[C
             }
             Err(_) => break,
         };
-        let headers = message
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|header| {
-                        (header.key.to_owned(), String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.push(Consumed {
-            key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            payload: message.payload().unwrap_or_default().to_vec(),
-            headers,
-            partition: message.partition(),
-            offset: message.offset(),
-        });
+        out.push(Consumed::from_message(&message));
     }
     out
 }

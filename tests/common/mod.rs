@@ -432,6 +432,26 @@ pub struct Consumed {
 }
 
 impl Consumed {
+    pub fn from_message(message: &rdkafka::message::BorrowedMessage<'_>) -> Consumed {
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|header| {
+                        (header.key.to_owned(), String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Consumed {
+            key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            payload: message.payload().unwrap_or_default().to_vec(),
+            headers,
+            partition: message.partition(),
+            offset: message.offset(),
+        }
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.payload).expect("JSON status message")
     }
@@ -454,25 +474,19 @@ pub async fn consume(topic: &str, count: usize, timeout: Duration) -> Vec<Consum
             Ok(Err(error)) => panic!("consuming {topic}: {error}"),
             Err(_) => panic!("timed out after {timeout:?} with {} of {count} messages on {topic}", out.len()),
         };
-        let headers = message
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|header| {
-                        (header.key.to_owned(), String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.push(Consumed {
-            key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            payload: message.payload().unwrap_or_default().to_vec(),
-            headers,
-            partition: message.partition(),
-            offset: message.offset(),
-        });
+        out.push(Consumed::from_message(&message));
     }
     out
+}
+
+/// Every address of a batch, lower-cased.
+pub fn addresses_of(batch: &Value) -> Vec<String> {
+    batch
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|m| m["Addresses"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_lowercase()))
+        .collect()
 }
 
 /// A batch of `count` mailings, `per_letter` addresses each, all distinct.
