@@ -33,7 +33,9 @@ use rdkafka::{
 };
 use serde_json::Value;
 
-use crate::common::{Consumed, Received, TestApp, brokers, free_port, python, repo_root, unique, wait_for};
+use crate::common::{
+    Consumed, Received, TestApp, brokers, free_port, python, repo_root, unique, wait_for, wait_healthy,
+};
 
 // ------------------------------------------------------------------------------------------------
 // serialisation
@@ -435,24 +437,7 @@ impl Replica {
             .spawn()
             .unwrap();
         let mut replica = Replica { instance_id, env, http, child: Some(child), log };
-        let url = format!("{}/health", replica.http);
-        let started = Instant::now();
-        loop {
-            if let Ok(response) = reqwest::get(&url).await
-                && response.status().is_success()
-            {
-                break;
-            }
-            if let Some(status) = replica.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("replica {} exited during start-up with {status}:\n{}", replica.instance_id, replica.log());
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "replica {} did not become healthy",
-                replica.instance_id
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_healthy(&replica.http, replica.child.as_mut().unwrap(), &replica.log).await;
         replica
     }
 

@@ -197,6 +197,33 @@ pub fn test_certs() -> PathBuf {
     dir
 }
 
+/// Waits until the process started at `http` answers `/health`; panics with its log if it exits
+/// or stays unhealthy for a minute.
+pub async fn wait_healthy(http: &str, child: &mut Child, log: &Path) {
+    let url = format!("{http}/health");
+    let started = Instant::now();
+    loop {
+        if let Ok(response) = reqwest::get(&url).await
+            && response.status().is_success()
+        {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "mailsender exited during start-up with {status}; log: {}\n{}",
+                log.display(),
+                fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "mailsender did not become healthy; log: {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A running mailsender process with its own topics, database and group.
 pub struct TestApp {
     pub name: String,
@@ -283,24 +310,7 @@ impl TestApp {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let url = format!("{}/health", self.http);
-        let started = Instant::now();
-        loop {
-            if let Ok(response) = reqwest::get(&url).await
-                && response.status().is_success()
-            {
-                break;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("mailsender exited during start-up with {status}; log: {}\n{}", log.display(), self.log());
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "mailsender did not become healthy; log: {}",
-                log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_healthy(&self.http, self.child.as_mut().unwrap(), &log).await;
     }
 
     pub fn log_path(&self) -> PathBuf {
