@@ -557,6 +557,15 @@ class Tansu:
 # figures
 # ------------------------------------------------------------------------------------------------------------
 
+def teardown(collector, svc):
+    """Stops a run's status collector and service process (either may never have started)."""
+    if collector:
+        collector.stop()
+    if svc:
+        svc.kill()
+        svc.cleanup()
+
+
 def run_throughput(ctx, run):
     """Figures 1, 2 and 8 from one service: idle CPU, then N letters with the rate limit out of the way."""
     sink = Sink(ctx, f"tp{run}")
@@ -617,11 +626,7 @@ def run_throughput(ctx, run):
         res["exit"] = svc.stop()
         return res
     finally:
-        if collector:
-            collector.stop()
-        if svc:
-            svc.kill()
-            svc.cleanup()
+        teardown(collector, svc)
         sink.stop()
 
 
@@ -725,11 +730,7 @@ def run_round_trips(ctx, run):
         res["exit"] = svc.stop()
         return res
     finally:
-        if collector:
-            collector.stop()
-        if svc:
-            svc.kill()
-            svc.cleanup()
+        teardown(collector, svc)
         for p in proxies:
             p.stop()
         if tansu:
@@ -800,11 +801,7 @@ def run_latency(ctx, run, rate):
                 "smtp_to_status_p50_ms": 1000 * percentile(after_smtp, 50) if after_smtp else None,
                 "exit": code}
     finally:
-        if collector:
-            collector.stop()
-        if svc:
-            svc.kill()
-            svc.cleanup()
+        teardown(collector, svc)
         sink.stop()
 
 
@@ -847,11 +844,7 @@ def run_rate(ctx, run):
                 "max_gap_ms": 1000 * max(b - a for a, b in zip(ts, ts[1:])),
                 "gaps_over_2x": sum(1 for a, b in zip(ts, ts[1:]) if b - a > 2.0 / limit), "exit": code}
     finally:
-        if collector:
-            collector.stop()
-        if svc:
-            svc.kill()
-            svc.cleanup()
+        teardown(collector, svc)
         sink.stop()
 
 
@@ -898,11 +891,7 @@ def run_backlog(ctx, run, backlog):
         res["exit"] = svc.stop(timeout=60)
         return res
     finally:
-        if collector:
-            collector.stop()
-        if svc:
-            svc.kill()
-            svc.cleanup()
+        teardown(collector, svc)
         sink.stop()
 
 
@@ -936,11 +925,7 @@ def run_shutdown(ctx, run):
                 "busy_workers": busy, "finished_after_halt": len(after), "exit_code": code,
                 "send_s": delay}
     finally:
-        if collector:
-            collector.stop()
-        if svc:
-            svc.kill()
-            svc.cleanup()
+        teardown(collector, svc)
         sink.stop()
 
 
