@@ -18,13 +18,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
-    dispatch::{Dispatcher, LeaseClock},
     http::{self, HttpState},
-    ingest::Ingest,
     kafka::{self, IngestConsumer, StatusProducer},
     metrics::{Metrics, StatusLabel},
-    report::Report,
-    send::{SendContext, Worker},
+    pipeline::{
+        dispatch::{Dispatcher, LeaseClock},
+        ingest::Ingest,
+        report::Report,
+        send::{SendContext, Worker},
+    },
     store::Store,
 };
 
@@ -117,7 +119,7 @@ impl App {
         );
 
         let send_context =
-            Arc::new(SendContext::new(config.smtp.clone(), config.dispatch.clone(), lease.clone(), metrics.clone())?);
+            Arc::new(SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), metrics.clone())?);
         let workers_count = config.smtp.max_senders;
         let rate = config.smtp.rate_max_letters as f64 / config.smtp.rate_period.as_secs_f64();
         let capacity = Dispatcher::capacity(&config.dispatch, workers_count, rate);

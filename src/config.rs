@@ -7,6 +7,8 @@
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use lettre::message::Mailbox;
+
+use crate::smtp::Timeouts;
 use secrecy::SecretString;
 
 /// A configuration problem, naming the variable so an operator can fix it without reading code.
@@ -27,18 +29,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// How the SMTP connection is secured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsMode {
-    /// Plain text only; for a relay on the same host or a test sink.
-    None,
-    /// STARTTLS when the server offers it, plain text otherwise (what most MTAs do).
-    Opportunistic,
-    /// STARTTLS is required; a server that does not offer it is an error.
-    StartTls,
-    /// TLS from the first byte (SMTPS, usually port 465).
-    Implicit,
-}
+pub use crate::smtp::TlsMode;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -107,8 +98,14 @@ pub struct SmtpConfig {
     pub rate_period: Duration,
     pub rate_max_letters: u32,
     pub rate_burst: u32,
-    /// Bound on one whole SMTP transaction (connect included).
-    pub timeout: Duration,
+    /// Per-phase SMTP timeouts (RFC 5321 §4.5.3.2).
+    pub timeouts: Timeouts,
+    /// Most recipients in one SMTP transaction; a letter with more goes in several.
+    pub max_recipients: usize,
+    /// A kept connection idle longer than this is checked (NOOP) before it carries a letter.
+    pub idle_check_after: Duration,
+    /// While a relay throttles, the rate recovers by a quarter every this long.
+    pub throttle_recovery_step: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -149,9 +146,9 @@ impl Config {
             topic_dlq: env.string("KAFKA_TOPIC_DLQ", "mts-to-mailsender.dlq"),
             group_id: env.string("KAFKA_GROUPID", "mailsender"),
             group_instance_id: env.optional("KAFKA_GROUP_INSTANCE_ID"),
-            session_timeout: env.duration("KAFKA_SESSION_TIMEOUT", "45s")?,
-            message_timeout: env.duration("KAFKA_MESSAGE_TIMEOUT", "60s")?,
-            statistics_interval: env.duration("KAFKA_STATISTICS_INTERVAL", "15s")?,
+            session_timeout: env.positive_duration("KAFKA_SESSION_TIMEOUT", "45s")?,
+            message_timeout: env.positive_duration("KAFKA_MESSAGE_TIMEOUT", "60s")?,
+            statistics_interval: env.positive_duration("KAFKA_STATISTICS_INTERVAL", "15s")?,
             partitions: env
                 .parse("KAFKA_TOPIC_PARTITIONS", 3, "a partition count from 1 to 1000", |n| (1..=1000).contains(n))?,
             create_topics: env.boolean("KAFKA_CREATE_TOPICS", true)?,
@@ -212,7 +209,15 @@ impl Config {
             rate_max_letters: env
                 .parse("SMTP_RATE_LIMIT_MAX_LETTERS", 5, "a letter count of at least 1", |n| *n >= 1)?,
             rate_burst: env.parse("SMTP_RATE_LIMIT_BURST", 1, "a letter count of at least 1", |n| *n >= 1)?,
-            timeout: env.duration("SMTP_TIMEOUT", "30s")?,
+            timeouts: smtp_timeouts(&env)?,
+            max_recipients: env.parse(
+                "SMTP_MAX_RECIPIENTS",
+                50,
+                "a recipient count from 1 to 1000 per SMTP transaction",
+                |n| (1..=1000).contains(n),
+            )?,
+            idle_check_after: env.positive_duration("SMTP_IDLE_CHECK_AFTER", "5s")?,
+            throttle_recovery_step: env.positive_duration("SMTP_THROTTLE_RECOVERY_STEP", "5s")?,
         };
         if smtp.password.is_some() && smtp.user.is_none() {
             return Err(ConfigError::Missing { var: "SMTP_USER", expected: "set together with SMTP_PASSWORD" });
@@ -236,12 +241,19 @@ impl Config {
             lease: env.duration("LEASE_DURATION", "30s")?,
             max_attempts: env
                 .parse("SMTP_MAX_ATTEMPTS", 5, "an attempt count from 1 to 100", |n| (1..=100).contains(n))?,
-            backoff_base: env.duration("RETRY_BACKOFF_BASE", "10s")?,
-            backoff_max: env.duration("RETRY_BACKOFF_MAX", "10m")?,
+            backoff_base: env.positive_duration("RETRY_BACKOFF_BASE", "10s")?,
+            backoff_max: env.positive_duration("RETRY_BACKOFF_MAX", "10m")?,
             claim_batch: env.parse("CLAIM_BATCH", 256, "a letter count from 1 to 5000", |n| (1..=5000).contains(n))?,
-            poll_interval: env.duration("DISPATCH_POLL_INTERVAL", "1s")?,
-            republish_interval: env.duration("REPUBLISH_INTERVAL", "30s")?,
+            poll_interval: env.positive_duration("DISPATCH_POLL_INTERVAL", "1s")?,
+            republish_interval: env.positive_duration("REPUBLISH_INTERVAL", "30s")?,
         };
+        if dispatch.backoff_base > dispatch.backoff_max {
+            return Err(ConfigError::Invalid {
+                var: "RETRY_BACKOFF_BASE",
+                value: humantime::format_duration(dispatch.backoff_base).to_string(),
+                expected: format!("at most RETRY_BACKOFF_MAX ({})", humantime::format_duration(dispatch.backoff_max)),
+            });
+        }
         if dispatch.lease < Duration::from_secs(3) {
             return Err(ConfigError::Invalid {
                 var: "LEASE_DURATION",
@@ -288,6 +300,29 @@ impl Config {
             log_format,
         })
     }
+}
+
+/// The per-phase timeouts. `SMTP_TIMEOUT`, the one bound of earlier versions, still sets every
+/// phase but RSET/NOOP when given, so an existing deployment keeps its behaviour; each phase's own
+/// variable wins over it.
+fn smtp_timeouts(env: &Env) -> Result<Timeouts, ConfigError> {
+    let defaults = Timeouts::default();
+    let legacy = match env.optional("SMTP_TIMEOUT") {
+        Some(_) => Some(env.positive_duration("SMTP_TIMEOUT", "")?),
+        None => None,
+    };
+    let phase = |var: &'static str, default: Duration| -> Result<Duration, ConfigError> {
+        let default = legacy.unwrap_or(default);
+        env.positive_duration(var, &humantime::format_duration(default).to_string())
+    };
+    Ok(Timeouts {
+        connect: phase("SMTP_TIMEOUT_CONNECT", defaults.connect)?,
+        greeting: phase("SMTP_TIMEOUT_GREETING", defaults.greeting)?,
+        command: phase("SMTP_TIMEOUT_COMMAND", defaults.command)?,
+        data: phase("SMTP_TIMEOUT_DATA", defaults.data)?,
+        data_end: phase("SMTP_TIMEOUT_DATA_END", defaults.data_end)?,
+        short: env.positive_duration("SMTP_TIMEOUT_RSET", &humantime::format_duration(defaults.short).to_string())?,
+    })
 }
 
 fn mongo_target(env: &Env) -> Result<MongoTarget, ConfigError> {
@@ -367,6 +402,15 @@ impl Env {
             "0" | "false" | "no" | "off" => Ok(false),
             _ => Err(ConfigError::Invalid { var, value: raw, expected: "true or false".into() }),
         }
+    }
+
+    /// A duration that must not be zero (a zero timeout fails everything, a zero interval spins).
+    fn positive_duration(&self, var: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        let value = self.duration(var, default)?;
+        if value.is_zero() {
+            return Err(ConfigError::Invalid { var, value: "0".into(), expected: "a duration above zero".into() });
+        }
+        Ok(value)
     }
 
     /// Durations as the Go service wrote them (`5s`, `500ms`, `1m30s`) or plain seconds.
@@ -497,6 +541,40 @@ mod tests {
         }
         // The SMTP user doubles as the sender when SMTP_FROM is unset, as in the Go service.
         assert_eq!(config.smtp.from.email.to_string(), "mailer@example.com");
+    }
+
+    #[test]
+    fn zero_durations_and_crossed_bounds_are_refused_by_name() {
+        for var in [
+            "SMTP_TIMEOUT",
+            "SMTP_TIMEOUT_DATA_END",
+            "SMTP_IDLE_CHECK_AFTER",
+            "REPUBLISH_INTERVAL",
+            "DISPATCH_POLL_INTERVAL",
+            "RETRY_BACKOFF_BASE",
+            "KAFKA_MESSAGE_TIMEOUT",
+        ] {
+            let error = Config::from_vars(vars(&[(var, "0s")])).unwrap_err().to_string();
+            assert!(error.contains(var) && error.contains("above zero"), "{var}: {error}");
+        }
+        let error = Config::from_vars(vars(&[("RETRY_BACKOFF_BASE", "5m"), ("RETRY_BACKOFF_MAX", "1m")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("RETRY_BACKOFF_BASE") && error.contains("RETRY_BACKOFF_MAX"), "{error}");
+    }
+
+    #[test]
+    fn smtp_timeout_of_earlier_versions_sets_every_phase() {
+        let config = Config::from_vars(vars(&[("SMTP_TIMEOUT", "10s"), ("SMTP_TIMEOUT_DATA_END", "1m")])).unwrap();
+        let t = config.smtp.timeouts;
+        assert_eq!(
+            (t.connect, t.greeting, t.command, t.data),
+            (Duration::from_secs(10), Duration::from_secs(10), Duration::from_secs(10), Duration::from_secs(10))
+        );
+        assert_eq!(t.data_end, Duration::from_secs(60));
+        let defaults = Config::from_vars(vars(&[])).unwrap().smtp.timeouts;
+        assert_eq!(defaults.data_end, Duration::from_secs(600));
+        assert_eq!(defaults.command, Duration::from_secs(300));
     }
 
     #[test]

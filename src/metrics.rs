@@ -1,7 +1,7 @@
 //! Prometheus metrics. Stages update them as events happen; nothing is computed per scrape
 //! except encoding, so a scrape never queries MongoDB.
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -58,6 +58,8 @@ pub struct Metrics {
     pub mongo_commands: Family<CommandLabel, Counter>,
     pub smtp_commands: Counter,
     pub smtp_connections: Counter,
+    pub throttle_events: Counter,
+    pub send_rate: Gauge<f64, AtomicU64>,
     pub kafka_requests: Family<ClientLabel, Counter>,
 }
 
@@ -81,6 +83,8 @@ impl Metrics {
             mongo_commands: Family::default(),
             smtp_commands: Counter::default(),
             smtp_connections: Counter::default(),
+            throttle_events: Counter::default(),
+            send_rate: Gauge::default(),
             kafka_requests: Family::default(),
             registry: Registry::default(),
         };
@@ -128,10 +132,20 @@ impl Metrics {
         );
         registry.register(
             "smtp_commands",
-            "SMTP commands sent in letter transactions (MAIL, RCPT, DATA, message, RSET)",
+            "SMTP commands sent (EHLO, MAIL, RCPT, DATA, the message, RSET, NOOP, ...): the client's share of round trips",
             metrics.smtp_commands.clone(),
         );
         registry.register("smtp_connections", "SMTP connections opened", metrics.smtp_connections.clone());
+        registry.register(
+            "smtp_throttle_events",
+            "Replies in which the SMTP server said the instance sends too fast (421/450/451/454 rate replies)",
+            metrics.throttle_events.clone(),
+        );
+        registry.register(
+            "send_rate_limit",
+            "Letters per second this instance allows itself now: the budget, or less while the relay throttles",
+            metrics.send_rate.clone(),
+        );
         registry.register(
             "kafka_requests",
             "Requests sent to Kafka brokers, from librdkafka's statistics",

@@ -3,9 +3,11 @@
 
 use std::{collections::HashSet, fmt};
 
-use lettre::Address;
 use mongodb::bson::{Bson, DateTime, oid::ObjectId};
 use serde::{Deserialize, Serialize};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::{address::Recipient, smtp::message::check_subject};
 
 /// What a producer must send, quoted in every rejection so the fix is obvious.
 pub const EXPECTED_BATCH: &str = r#"a non-empty JSON array of mailings, each {"Subject": string, "Body": string (HTML), "Addresses": [string, ...] (at least one mailbox), "Token": string}"#;
@@ -52,7 +54,7 @@ pub fn parse_batch(payload: &[u8]) -> Result<Vec<Mailing>, BatchError> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checked {
     /// Distinct valid mailboxes, in input order.
-    pub recipients: Vec<String>,
+    pub recipients: Vec<Recipient>,
     /// Addresses refused before any SMTP exchange, with the reason.
     pub rejected: Vec<Rejection>,
     /// Set when nothing can be sent at all.
@@ -65,18 +67,17 @@ impl Mailing {
         let mut rejected = Vec::new();
         let mut seen = HashSet::new();
         for raw in &self.addresses {
-            let address = raw.trim();
-            match parse_mailbox(address) {
-                Ok(address) => {
-                    if seen.insert(address.to_ascii_lowercase()) {
-                        recipients.push(address);
+            match Recipient::parse(raw) {
+                Ok(recipient) => {
+                    if seen.insert(recipient.key()) {
+                        recipients.push(recipient);
                     }
                 }
                 Err(reason) => rejected.push(Rejection { address: raw.clone(), reply: reason }),
             }
         }
-        let error = if self.subject.contains(['\r', '\n', '\0']) {
-            Some("Subject contains a line break or NUL, which could inject headers".to_owned())
+        let error = if let Err(reason) = check_subject(&self.subject) {
+            Some(reason)
         } else if self.addresses.is_empty() {
             Some("Addresses is empty: a letter needs at least one recipient".to_owned())
         } else if recipients.is_empty() {
@@ -86,19 +87,6 @@ impl Mailing {
         };
         Checked { recipients, rejected, error }
     }
-}
-
-/// Accepts a bare mailbox (`user@domain`), the only form that can go in RCPT TO.
-pub fn parse_mailbox(address: &str) -> Result<String, String> {
-    if address.is_empty() {
-        return Err("invalid address: empty".to_owned());
-    }
-    if address.chars().any(|c| c.is_control() || c.is_whitespace() || c == '<' || c == '>' || c == ',') {
-        return Err(format!(
-            "invalid address {address:?}: contains a space, control character, comma or angle bracket"
-        ));
-    }
-    address.parse::<Address>().map(|a| a.to_string()).map_err(|e| format!("invalid address {address:?}: {e}"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,20 +207,41 @@ impl Letter {
     }
 
     /// Recipients still to be tried: valid, not yet accepted, not refused for good.
-    pub fn pending_recipients(&self) -> Vec<String> {
-        let done: HashSet<String> = self
-            .delivered
-            .iter()
-            .map(|a| a.to_ascii_lowercase())
-            .chain(self.rejected.iter().map(|r| r.address.trim().to_ascii_lowercase()))
-            .collect();
-        let mut seen = HashSet::new();
-        self.addresses
-            .iter()
-            .filter_map(|raw| parse_mailbox(raw.trim()).ok())
-            .filter(|a| !done.contains(&a.to_ascii_lowercase()) && seen.insert(a.to_ascii_lowercase()))
-            .collect()
+    pub fn pending_recipients(&self) -> Vec<Recipient> {
+        let key = |raw: &str| Recipient::parse(raw).map(|r| r.key()).unwrap_or_else(|_| raw.trim().to_lowercase());
+        let mut done: HashSet<String> =
+            self.delivered.iter().map(|a| key(a)).chain(self.rejected.iter().map(|r| key(&r.address))).collect();
+        self.addresses.iter().filter_map(|raw| Recipient::parse(raw).ok()).filter(|r| done.insert(r.key())).collect()
     }
+}
+
+/// The result of one send attempt, as the report stage writes it back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Sent,
+    Failed {
+        reason: String,
+    },
+    /// Transient failure: back to `awaiting`, due again at `due_ms`.
+    Retry {
+        reason: String,
+        due_ms: i64,
+    },
+    /// Not attempted (shutdown, or the lease could no longer be trusted): back to `awaiting`
+    /// as it was, without counting an attempt.
+    Released,
+}
+
+/// A letter's state after an attempt, written in one statement.
+#[derive(Debug)]
+pub struct AttemptRecord {
+    pub letter: Letter,
+    pub outcome: Outcome,
+    /// Whether the broker already acknowledged the status message of a final outcome; when not,
+    /// the letter is stored `unreported` for the republisher.
+    pub published: bool,
+    /// Held until the outcome is stored; it bounds the sends a crash could repeat.
+    pub unrecorded: Option<OwnedSemaphorePermit>,
 }
 
 /// The message published to the status topic for each letter that reaches `sent` or `error`.
@@ -332,7 +341,8 @@ mod tests {
     #[test]
     fn validation_fails_a_letter_not_a_batch() {
         let ok = mailing("hello", &["a@x.org", "A@x.org", "bad address", "b@x.org"]).validate();
-        assert_eq!(ok.recipients, vec!["a@x.org", "b@x.org"]);
+        let recipients: Vec<&str> = ok.recipients.iter().map(Recipient::as_str).collect();
+        assert_eq!(recipients, vec!["a@x.org", "b@x.org"]);
         assert_eq!(ok.rejected.len(), 1);
         assert!(ok.rejected[0].reply.contains("invalid address"));
         assert_eq!(ok.error, None);
@@ -350,7 +360,8 @@ mod tests {
         assert_eq!(letter.status, Status::Awaiting);
         letter.delivered.push("a@x.org".into());
         letter.rejected.push(Rejection { address: "B@x.org".into(), reply: "550".into() });
-        assert_eq!(letter.pending_recipients(), vec!["c@x.org"]);
+        let pending: Vec<String> = letter.pending_recipients().iter().map(|r| r.to_string()).collect();
+        assert_eq!(pending, vec!["c@x.org"]);
     }
 
     #[test]
@@ -380,6 +391,6 @@ mod tests {
         };
         let legacy: Letter = mongodb::bson::from_document(go).unwrap();
         assert_eq!(legacy.attempts, 0);
-        assert_eq!(legacy.pending_recipients(), vec!["a@x.org"]);
+        assert_eq!(legacy.pending_recipients()[0].as_str(), "a@x.org");
     }
 }

@@ -20,7 +20,7 @@ use secrecy::ExposeSecret;
 use crate::{
     config::{MongoConfig, MongoTarget},
     metrics::{CommandLabel, Metrics},
-    model::{Letter, Rejection, Status},
+    model::{AttemptRecord, Letter, Outcome, Rejection, Status},
 };
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -30,35 +30,6 @@ pub struct Store {
     db: Database,
     letters: Collection<Letter>,
     metrics: Arc<Metrics>,
-}
-
-/// The result of one send attempt, as the report stage writes it back.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Sent,
-    Failed {
-        reason: String,
-    },
-    /// Transient failure: back to `awaiting`, due again at `due_ms`.
-    Retry {
-        reason: String,
-        due_ms: i64,
-    },
-    /// Not attempted (shutdown, or the lease could no longer be trusted): back to `awaiting`
-    /// as it was, without counting an attempt.
-    Released,
-}
-
-/// A letter's state after an attempt, written in one statement.
-#[derive(Debug)]
-pub struct AttemptRecord {
-    pub letter: Letter,
-    pub outcome: Outcome,
-    /// Whether the broker already acknowledged the status message of a final outcome; when not,
-    /// the letter is stored `unreported` for the republisher.
-    pub published: bool,
-    /// Held until the outcome is stored; see `SendContext::unrecorded`.
-    pub unrecorded: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -118,17 +89,10 @@ impl Store {
             IndexModel::builder().keys(doc! { "unreported": 1 }).build(),
         ];
         self.count("createIndexes", 1);
-        self.count("update", 2);
+        self.count("update", 1);
         self.letters.create_indexes(indexes).await.context("creating letter indexes")?;
 
-        // Go-era letters have no due time; make them due now.
-        self.letters
-            .update_many(
-                doc! { "status": "awaiting", "due_ms": { "$exists": false } },
-                doc! { "$set": { "due_ms": 0_i64 } },
-            )
-            .await
-            .context("migrating awaiting letters without due_ms")?;
+        self.adopt_legacy().await?;
         // Go-era `processing` letters have no owner that could ever release them: give them a
         // lease that expires, so the reaper returns them to `awaiting`.
         let expiry = crate::model::now_ms() + lease.as_millis() as i64;
@@ -140,6 +104,21 @@ impl Store {
             .await
             .context("migrating processing letters without a lease")?;
         Ok(())
+    }
+
+    /// Makes letters the Go service wrote (no due time) claimable. Run at start and by the lease
+    /// maintenance, because the old service may still be writing beside this one (a canary).
+    pub async fn adopt_legacy(&self) -> anyhow::Result<u64> {
+        self.count("update", 1);
+        let result = self
+            .letters
+            .update_many(
+                doc! { "status": "awaiting", "due_ms": { "$exists": false } },
+                doc! { "$set": { "due_ms": 0_i64 } },
+            )
+            .await
+            .context("migrating awaiting letters without due_ms")?;
+        Ok(result.modified_count)
     }
 
     /// Inserts letters; those whose `source` is already stored (a redelivered Kafka message) are
@@ -208,9 +187,33 @@ impl Store {
             )
             .await
             .context("claiming letters")?;
-        let claimed = self
+        // From here on the letters are ours: any failure must hand them back, or `renew` would
+        // keep them leased (and unsent) for as long as this process lives.
+        match self.read_claimed(&ids, &token).await {
+            Ok((letters, malformed)) => {
+                if !malformed.is_empty() {
+                    self.fail_malformed(&malformed, now_ms).await;
+                }
+                Ok(letters)
+            }
+            Err(error) => {
+                if let Err(release) =
+                    self.return_to_awaiting(doc! { "claim": &token, "status": "processing" }, now_ms).await
+                {
+                    tracing::warn!(error = %release, "releasing an unreadable claim failed; its leases will expire");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Reads back what a claim took, document by document, so that one malformed document does
+    /// not strand its neighbours: it comes back apart, with the reason.
+    async fn read_claimed(&self, ids: &[Bson], token: &str) -> anyhow::Result<(Vec<Letter>, Vec<(Bson, String)>)> {
+        let documents: Vec<Document> = self
             .letters
-            .find(doc! { "_id": { "$in": &ids }, "claim": &token })
+            .clone_with_type::<Document>()
+            .find(doc! { "_id": { "$in": ids }, "claim": token })
             // One reply for the whole claim instead of a getMore per 101 letters.
             .batch_size(ids.len() as u32)
             .await
@@ -218,7 +221,32 @@ impl Store {
             .try_collect()
             .await
             .context("reading claimed letters")?;
-        Ok(claimed)
+        let mut letters = Vec::with_capacity(documents.len());
+        let mut malformed = Vec::new();
+        for document in documents {
+            let id = document.get("_id").cloned().unwrap_or(Bson::Null);
+            match mongodb::bson::from_document::<Letter>(document) {
+                Ok(letter) => letters.push(letter),
+                Err(error) => malformed.push((id, format!("the stored letter cannot be read: {error}"))),
+            }
+        }
+        Ok((letters, malformed))
+    }
+
+    /// Ends letters whose stored document this version cannot read, with the reason, instead of
+    /// retrying them forever.
+    async fn fail_malformed(&self, malformed: &[(Bson, String)], now_ms: i64) {
+        for (id, reason) in malformed {
+            tracing::error!(letter_id = %id, reason = %reason, "malformed letter document set to error");
+            self.count("update", 1);
+            let update = doc! {
+                "$set": { "status": "error", "error": reason, "updated_ms": now_ms },
+                "$unset": { "owner": "", "lease_ms": "", "claim": "" },
+            };
+            if let Err(error) = self.letters.update_one(doc! { "_id": id }, update).await {
+                tracing::warn!(letter_id = %id, error = %error, "failing a malformed letter failed; its lease will expire");
+            }
+        }
     }
 
     /// Extends the lease of every letter `owner` holds. One round trip whatever it holds.

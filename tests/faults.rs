@@ -80,7 +80,8 @@ const KILL_SENDERS: usize = 4;
 /// One instance, 2,000 letters, SIGKILL 5 times at random moments of the sending phase and
 /// restart each time with the same configuration, INSTANCE_ID included (as a crashed container
 /// comes back in its pod). Nothing may be lost or stored twice; a letter may be delivered twice
-/// only if its send was in flight at a kill, so at most SMTP_MAX_SENDERS per kill.
+/// only if its send reached the SMTP server and its outcome was not stored yet at a kill: at most
+/// UNRECORDED_PER_WORKER (8) per worker per kill, the bound the README states.
 ///
 /// Group membership is dynamic with a 6 s session timeout: tansu 0.6.0 does not settle a fresh
 /// group of static members (`group.instance.id`): it assigns and at once revokes the partitions
@@ -197,7 +198,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_bounds_duplicates() {
     let duplicates: usize = counts.values().map(|n| n - 1).sum();
     // Sends in flight at a kill: letters handed to SMTP whose outcome was not stored yet, at
     // most UNRECORDED_PER_WORKER per worker.
-    let bound = KILLS * KILL_SENDERS * mailsender::send::UNRECORDED_PER_WORKER;
+    let bound = KILLS * KILL_SENDERS * mailsender::pipeline::send::UNRECORDED_PER_WORKER;
 
     // Every outcome reaches the status topic, even those whose publication a kill interrupted.
     let ids: HashSet<String> = letters.iter().map(|l| l.id.to_hex()).collect();
@@ -349,11 +350,11 @@ async fn replicas_share_work_once_and_take_over_a_killed_replicas_letters() {
         "phase 2: 300 letters, c killed holding {} leased letters; all sent {:.1}s later; duplicates {duplicates} (bound: c's 4 senders x {})",
         held.len(),
         takeover.as_secs_f64(),
-        mailsender::send::UNRECORDED_PER_WORKER
+        mailsender::pipeline::send::UNRECORDED_PER_WORKER
     ));
     report("replicas", &lines);
     assert_eq!(missing, 0, "addresses never delivered after the kill");
-    let bound = 4 * mailsender::send::UNRECORDED_PER_WORKER;
+    let bound = 4 * mailsender::pipeline::send::UNRECORDED_PER_WORKER;
     assert!(duplicates <= bound, "{duplicates} duplicates: more than the killed replica's {bound} sends in flight");
     drop(b);
 }

@@ -373,6 +373,11 @@ async fn eager_session(stream: tokio::net::TcpStream, log: Arc<Mutex<Vec<Receive
                     headers: Vec::new(),
                     raw: String::new(),
                     tls: false,
+                    mail_options: Vec::new(),
+                    conn: 0,
+                    tx: 0,
+                    raw_b64: String::new(),
+                    max_line: 0,
                 });
                 tokio::time::sleep(Duration::from_millis(delay_ms.load(Ordering::Relaxed))).await;
                 b"250 OK queued\r\n"

@@ -86,11 +86,52 @@ pub struct Received {
     pub raw: String,
     #[serde(default)]
     pub tls: bool,
+    #[serde(default)]
+    pub mail_options: Vec<String>,
+    /// Connection number and transaction number within it, from 1.
+    #[serde(default)]
+    pub conn: u64,
+    #[serde(default)]
+    pub tx: u64,
+    /// The exact bytes received (after dot-unstuffing), base64.
+    #[serde(default)]
+    pub raw_b64: String,
+    /// The longest line of the message as received, in octets without CRLF.
+    #[serde(default)]
+    pub max_line: usize,
 }
 
 impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.decode(&self.raw_b64).expect("raw_b64 is base64")
+    }
+}
+
+/// One line of the sink's wire transcript.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct WireLine {
+    pub ts: f64,
+    pub conn: u64,
+    /// "c" from the client, "s" from the server.
+    pub dir: String,
+    pub line: String,
+}
+
+/// How a test SMTP server is started.
+pub struct SinkOptions {
+    pub tls: SinkTls,
+    pub pipelining: bool,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for SinkOptions {
+    fn default() -> Self {
+        SinkOptions { tls: SinkTls::None, pipelining: true, extra_args: Vec::new() }
     }
 }
 
@@ -113,15 +154,16 @@ impl SmtpSink {
     }
 
     pub async fn start_with(tls: SinkTls) -> SmtpSink {
-        Self::start_full(tls, true).await
+        Self::start_options(SinkOptions { tls, ..Default::default() }).await
     }
 
     /// A sink that does not advertise PIPELINING, so clients talk in lock-step.
     pub async fn start_lockstep() -> SmtpSink {
-        Self::start_full(SinkTls::None, false).await
+        Self::start_options(SinkOptions { pipelining: false, ..Default::default() }).await
     }
 
-    async fn start_full(tls: SinkTls, pipelining: bool) -> SmtpSink {
+    pub async fn start_options(options: SinkOptions) -> SmtpSink {
+        let SinkOptions { tls, pipelining, extra_args } = options;
         let dir = tempfile::tempdir().unwrap();
         let port_file = dir.path().join("port");
         let mut command = Command::new(python());
@@ -134,6 +176,9 @@ impl SmtpSink {
             .arg(dir.path().join("mail.jsonl"))
             .arg("--control")
             .arg(dir.path().join("control.json"))
+            .arg("--transcript")
+            .arg(dir.path().join("transcript.jsonl"))
+            .args(&extra_args)
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.path().join("sink.log")).unwrap());
         if !pipelining {
@@ -169,6 +214,20 @@ impl SmtpSink {
     pub fn received(&self) -> Vec<Received> {
         let Ok(text) = fs::read_to_string(self.dir.path().join("mail.jsonl")) else { return Vec::new() };
         text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("sink line")).collect()
+    }
+
+    /// Every line that crossed the wire, in order.
+    pub fn transcript(&self) -> Vec<WireLine> {
+        let Ok(text) = fs::read_to_string(self.dir.path().join("transcript.jsonl")) else { return Vec::new() };
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).expect("transcript line"))
+            .collect()
+    }
+
+    /// The commands the client sent (verb and arguments), in order.
+    pub fn client_lines(&self) -> Vec<String> {
+        self.transcript().into_iter().filter(|l| l.dir == "c").map(|l| l.line).collect()
     }
 
     pub async fn wait_for_count(&self, count: usize, timeout: Duration) -> Vec<Received> {
@@ -384,6 +443,12 @@ impl TestApp {
             .try_collect()
             .await
             .unwrap()
+    }
+
+    /// Writes documents straight into the letters collection, as another writer (the Go
+    /// service, an older version, a hand edit) would.
+    pub async fn insert_raw(&self, documents: Vec<Document>) {
+        self.mongo.database(&self.database).collection::<Document>("letters").insert_many(documents).await.unwrap();
     }
 
     pub async fn wait_for_letters(

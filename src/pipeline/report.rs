@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     kafka::StatusProducer,
     metrics::Metrics,
-    model::{Letter, Status, StatusMessage, now_ms},
-    store::{AttemptRecord, Outcome, Store},
+    model::{AttemptRecord, Letter, Outcome, Status, StatusMessage, now_ms},
+    store::Store,
 };
 
 /// Most outcomes written in one round trip.

@@ -177,6 +177,11 @@ impl Dispatcher {
                 }
                 Err(error) => tracing::warn!(error = format!("{error:#}"), "renewing leases failed"),
             }
+            match store.adopt_legacy().await {
+                Ok(0) => {}
+                Ok(adopted) => tracing::info!(adopted, "letters written by the Go service made claimable"),
+                Err(error) => tracing::warn!(error = format!("{error:#}"), "adopting Go-era letters failed"),
+            }
             match store.reap_expired(now).await {
                 Ok(0) => {}
                 Ok(reaped) => tracing::info!(reaped, "returned letters with expired leases to awaiting"),

@@ -1,0 +1,133 @@
+//! A recipient address, parsed once at the edge and carried as a type: the form the producer
+//! wrote (what status messages echo), and the forms SMTP needs (ASCII with the domain in punycode,
+//! or UTF-8 where the server offers SMTPUTF8).
+
+use std::fmt;
+
+use lettre::Address;
+
+/// A mailbox that can go in `RCPT TO`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Recipient {
+    /// As given by the producer (trimmed): what status messages and the letter's state use.
+    address: String,
+    local: String,
+    domain: String,
+    /// The domain in its ASCII form (IDNA punycode for an internationalised domain).
+    ascii_domain: String,
+}
+
+/// How a recipient must be written in the envelope for a given server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvelopeForm {
+    /// Plain ASCII: the domain in punycode if it was internationalised.
+    Ascii(String),
+    /// UTF-8, which needs the server's SMTPUTF8 extension (RFC 6531) and the `SMTPUTF8` MAIL
+    /// parameter.
+    Utf8(String),
+    /// The local part is not ASCII and the server lacks SMTPUTF8: it cannot be sent there.
+    Unsendable(String),
+}
+
+impl Recipient {
+    /// Accepts a bare mailbox (`user@domain`), the only form that can go in `RCPT TO`.
+    pub fn parse(raw: &str) -> Result<Recipient, String> {
+        let address = raw.trim();
+        if address.is_empty() {
+            return Err("invalid address: empty".to_owned());
+        }
+        if address.chars().any(|c| c.is_control() || c.is_whitespace() || c == '<' || c == '>' || c == ',') {
+            return Err(format!(
+                "invalid address {address:?}: contains a space, control character, comma or angle bracket"
+            ));
+        }
+        let parsed = address.parse::<Address>().map_err(|e| format!("invalid address {address:?}: {e}"))?;
+        let (local, domain) = (parsed.user().to_owned(), parsed.domain().to_owned());
+        let ascii_domain = if domain.is_ascii() {
+            domain.to_ascii_lowercase()
+        } else {
+            idna::domain_to_ascii(&domain)
+                .map_err(|e| format!("invalid address {address:?}: the domain cannot be written in ASCII: {e}"))?
+        };
+        Ok(Recipient { address: parsed.to_string(), local, domain, ascii_domain })
+    }
+
+    /// The address as given.
+    pub fn as_str(&self) -> &str {
+        &self.address
+    }
+
+    /// Case-insensitive identity, for de-duplication and for matching earlier outcomes. Local
+    /// parts are case-sensitive in theory but not at any real mailbox provider.
+    pub fn key(&self) -> String {
+        format!("{}@{}", self.local.to_lowercase(), self.ascii_domain)
+    }
+
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// Whether sending to this address needs SMTPUTF8 (its local part is not ASCII).
+    pub fn needs_utf8(&self) -> bool {
+        !self.local.is_ascii()
+    }
+
+    /// The envelope form for a server that does (`smtputf8`) or does not offer SMTPUTF8. An
+    /// internationalised domain goes as punycode whenever the local part allows ASCII, which every
+    /// server accepts.
+    pub fn envelope_form(&self, smtputf8: bool) -> EnvelopeForm {
+        if self.local.is_ascii() {
+            EnvelopeForm::Ascii(format!("{}@{}", self.local, self.ascii_domain))
+        } else if smtputf8 {
+            EnvelopeForm::Utf8(format!("{}@{}", self.local, self.domain))
+        } else {
+            EnvelopeForm::Unsendable(
+                "the address's local part is not ASCII and the SMTP server does not offer SMTPUTF8 (RFC 6531)"
+                    .to_owned(),
+            )
+        }
+    }
+}
+
+impl fmt::Display for Recipient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.address)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_addresses_parse_and_keep_their_form() {
+        let r = Recipient::parse("  Alice@Example.ORG ").unwrap();
+        assert_eq!(r.as_str(), "Alice@Example.ORG");
+        assert_eq!(r.key(), "alice@example.org");
+        assert_eq!(r.envelope_form(false), EnvelopeForm::Ascii("Alice@example.org".into()));
+    }
+
+    #[test]
+    fn internationalised_domain_goes_as_punycode() {
+        let r = Recipient::parse("ivan@пример.рф").unwrap();
+        assert_eq!(r.envelope_form(false), EnvelopeForm::Ascii("ivan@xn--e1afmkfd.xn--p1ai".into()));
+        assert_eq!(r.envelope_form(true), EnvelopeForm::Ascii("ivan@xn--e1afmkfd.xn--p1ai".into()));
+        assert!(!r.needs_utf8());
+    }
+
+    #[test]
+    fn utf8_local_part_needs_smtputf8() {
+        let r = Recipient::parse("иван@пример.рф").unwrap();
+        assert!(r.needs_utf8());
+        assert_eq!(r.envelope_form(true), EnvelopeForm::Utf8("иван@пример.рф".into()));
+        assert!(matches!(r.envelope_form(false), EnvelopeForm::Unsendable(reason) if reason.contains("SMTPUTF8")));
+    }
+
+    #[test]
+    fn malformed_addresses_are_refused_with_a_reason() {
+        for bad in ["", "nope", "a b@x.org", "a@x.org>\r\nRCPT TO:<e@x.org", "<a@x.org>", "a@", "@x.org"] {
+            let error = Recipient::parse(bad).unwrap_err();
+            assert!(error.contains("invalid address"), "{bad:?}: {error}");
+        }
+    }
+}

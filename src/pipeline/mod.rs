@@ -1,0 +1,8 @@
+//! The stages of the pipeline, each a task: ingest → (MongoDB) → dispatch → send ×N → report.
+
+pub mod dispatch;
+pub mod ingest;
+pub mod policy;
+pub mod rate_limit;
+pub mod report;
+pub mod send;

@@ -1,0 +1,416 @@
+//! The SMTP workers. Each worker keeps one connection open and reuses it between letters; all
+//! workers share one rate limit. Every recipient goes in the envelope only, in transactions of at
+//! most `SMTP_MAX_RECIPIENTS`; the SMTP conversation itself is `crate::smtp`'s, and what its
+//! replies mean for the letter is `policy`'s.
+
+use std::{
+    collections::VecDeque,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use lettre::message::Mailbox;
+use rand::Rng;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{
+    dispatch::{Claimed, LeaseClock},
+    policy::{self, AttemptReport, Failure},
+    rate_limit::RateLimit,
+};
+use crate::{
+    address::Recipient,
+    config::{DispatchConfig, SmtpConfig},
+    metrics::Metrics,
+    model::{AttemptRecord, Letter, Outcome, Rejection, now_ms},
+    smtp::{
+        self, Command, Connection, RcptResult, Reply, SmtpError,
+        message::{self, Content},
+        transaction,
+    },
+};
+
+/// Everything a worker needs that is shared by all workers.
+pub struct SendContext {
+    pub smtp: smtp::Settings,
+    pub from: Mailbox,
+    /// Most recipients in one transaction.
+    pub max_recipients: usize,
+    /// A kept connection idle longer than this is checked with NOOP before use.
+    pub idle_check_after: Duration,
+    pub retry: DispatchConfig,
+    pub limiter: RateLimit,
+    pub lease: Arc<LeaseClock>,
+    pub metrics: Arc<Metrics>,
+    /// Letters that reached the SMTP server and whose outcome is not stored yet. After a crash
+    /// these are sent again, so their number is bounded: `UNRECORDED_PER_WORKER` per worker,
+    /// enough for the report stage to batch its writes without stalling the workers.
+    pub unrecorded: Arc<Semaphore>,
+}
+
+/// See [`SendContext::unrecorded`].
+pub const UNRECORDED_PER_WORKER: usize = 8;
+
+impl SendContext {
+    pub fn new(
+        smtp: &SmtpConfig,
+        retry: DispatchConfig,
+        lease: Arc<LeaseClock>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let tls_config = match smtp.tls {
+            smtp::TlsMode::None => None,
+            _ => Some(smtp::client::tls_config(smtp.tls_ca_file.as_ref(), smtp.tls_insecure_skip_verify)?),
+        };
+        let settings = smtp::Settings {
+            host: smtp.host.clone(),
+            port: smtp.port,
+            tls: smtp.tls,
+            tls_config,
+            helo_name: smtp.helo_name.clone(),
+            credentials: smtp.user.clone().zip(smtp.password.clone()),
+            timeouts: smtp.timeouts.clone(),
+            commands: metrics.smtp_commands.clone(),
+            connections: metrics.smtp_connections.clone(),
+        };
+        Ok(SendContext {
+            smtp: settings,
+            from: smtp.from.clone(),
+            max_recipients: smtp.max_recipients,
+            idle_check_after: smtp.idle_check_after,
+            retry,
+            limiter: RateLimit::new(smtp, metrics.clone()),
+            lease,
+            unrecorded: Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER)),
+            metrics,
+        })
+    }
+}
+
+/// One SMTP worker and its reusable connection.
+pub struct Worker {
+    id: usize,
+    ctx: Arc<SendContext>,
+    connection: Option<Connection>,
+}
+
+impl Worker {
+    pub fn new(id: usize, ctx: Arc<SendContext>) -> Worker {
+        Worker { id, ctx, connection: None }
+    }
+
+    /// Sends letters until shutdown. A letter not yet started when shutdown comes is dropped
+    /// here and returned to `awaiting` by the final release; a send in progress finishes unless
+    /// `abort` fires (the shutdown deadline passed).
+    pub async fn run(
+        mut self,
+        letters: async_channel::Receiver<Claimed>,
+        outcomes: mpsc::Sender<AttemptRecord>,
+        shutdown: CancellationToken,
+        abort: CancellationToken,
+    ) {
+        loop {
+            let claimed = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                claimed = letters.recv() => match claimed {
+                    Ok(claimed) => claimed,
+                    Err(_) => break,
+                },
+            };
+            let waiting = Instant::now();
+            let slot = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                slot = self.ctx.limiter.acquire() => slot,
+            };
+            self.ctx.metrics.rate_limit_wait.observe(waiting.elapsed().as_secs_f64());
+            if !self.ctx.lease.trusted(claimed.claimed_at) {
+                // MongoDB has not confirmed our leases for too long: another replica may own
+                // this letter by now. Leave it to whoever holds it.
+                tracing::warn!(letter_id = %claimed.letter.id, "lease no longer trusted; letter skipped");
+                // Released, not dropped: maintenance would otherwise renew its lease forever.
+                let record = AttemptRecord {
+                    letter: claimed.letter,
+                    outcome: Outcome::Released,
+                    published: false,
+                    unrecorded: None,
+                };
+                if outcomes.send(record).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            // A crash re-sends what reached the SMTP server but is not recorded yet: bound it.
+            let unrecorded = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                permit = self.ctx.unrecorded.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let letter_id = claimed.letter.id;
+            let record = tokio::select! {
+                biased;
+                _ = abort.cancelled() => {
+                    tracing::warn!(letter_id = %letter_id, "send abandoned at the shutdown deadline");
+                    break;
+                }
+                record = self.attempt(claimed.letter) => record,
+            };
+            // The server has answered: this is the completion the rate limit's window counts from.
+            drop(slot);
+            let record = AttemptRecord { unrecorded: Some(unrecorded), ..record };
+            if outcomes.send(record).await.is_err() {
+                break;
+            }
+        }
+        if let Some(connection) = self.connection.take() {
+            connection.quit(Duration::from_secs(2)).await;
+        }
+        tracing::debug!(worker = self.id, "smtp worker stopped");
+    }
+
+    /// One attempt at one letter, turned into the record the report stage stores.
+    pub async fn attempt(&mut self, letter: Letter) -> AttemptRecord {
+        // Every line logged while sending carries the letter's id and source key.
+        let span = tracing::info_span!("send", letter_id = %letter.id, kafka_key = %letter.kafkakey, attempt = letter.attempts + 1);
+        self.attempt_in_span(letter).instrument(span).await
+    }
+
+    async fn attempt_in_span(&mut self, mut letter: Letter) -> AttemptRecord {
+        letter.attempts += 1;
+        let recipients = letter.pending_recipients();
+        let started = Instant::now();
+        self.ctx.metrics.in_flight.inc();
+        let id = letter.id.to_hex();
+        let content = Content { id: &id, subject: &letter.subject, html: &letter.body };
+        let report = match message::build(content, &self.ctx.from) {
+            Err(error) => AttemptReport { failure: Some(Failure::Permanent(error.to_string())), ..Default::default() },
+            Ok(_) if recipients.is_empty() => AttemptReport::default(),
+            Ok(bytes) => self.deliver(recipients, &bytes).await,
+        };
+        self.ctx.metrics.in_flight.dec();
+        self.ctx.metrics.send_duration.observe(started.elapsed().as_secs_f64());
+        let outcome = policy::decide(&mut letter, report, &self.ctx.retry, now_ms(), rand::rng().random());
+        match &outcome {
+            Outcome::Sent => {
+                self.ctx.metrics.sent.inc();
+                tracing::info!(delivered = letter.delivered.len(), refused = letter.rejected.len(), "letter sent");
+            }
+            Outcome::Failed { reason } => {
+                self.ctx.metrics.fail(failure_class(reason));
+                tracing::warn!(reason = %reason, "letter failed");
+            }
+            Outcome::Retry { reason, due_ms } => {
+                self.ctx.metrics.retried.inc();
+                tracing::info!(reason = %reason, retry_in_ms = due_ms - now_ms(), "letter deferred");
+            }
+            Outcome::Released => {}
+        }
+        AttemptRecord { letter, outcome, published: false, unrecorded: None }
+    }
+
+    /// Sends the message to `recipients`, in as many transactions as the chunk size and the
+    /// server's recipient cap need, all in this one attempt.
+    async fn deliver(&mut self, recipients: Vec<Recipient>, message: &[u8]) -> AttemptReport {
+        let mut report = AttemptReport::default();
+        let mut queue: VecDeque<Recipient> = recipients.into();
+        // Fresh connections taken because a kept one turned out broken, or the server found the
+        // session in a bad state (503): they cost the letter nothing, but only once.
+        let mut fresh_starts = 0;
+        while !queue.is_empty() {
+            let take = queue.len().min(self.ctx.max_recipients);
+            let chunk: Vec<Recipient> = queue.drain(..take).collect();
+            let reused = self.connection.is_some();
+            let ctx = self.ctx.clone();
+            let result = match self.session().await {
+                Ok(connection) => {
+                    transaction::send(connection, ctx.from.email.as_ref(), &chunk, message, &ctx.smtp.timeouts).await
+                }
+                Err(error) => Err(error),
+            };
+            let step = match result {
+                Ok(transaction) => self.apply(transaction, chunk, &mut queue, &mut report),
+                Err(error) => {
+                    self.connection = None;
+                    if let Some(reply) = error.reply().filter(|r| r.is_throttle()) {
+                        self.ctx.limiter.throttled(reply);
+                    }
+                    let retry_now = reused && fresh_starts == 0 && is_stale_connection(&error);
+                    if retry_now {
+                        tracing::debug!(error = %error, "kept connection failed before the message; reconnecting");
+                        fresh_starts += 1;
+                        requeue(&mut queue, chunk);
+                        continue;
+                    }
+                    Step::Stop(failure_of(&error))
+                }
+            };
+            match step {
+                Step::Continue => {}
+                Step::Reconnect(chunk) if fresh_starts == 0 => {
+                    fresh_starts += 1;
+                    self.connection = None;
+                    requeue(&mut queue, chunk);
+                }
+                Step::Reconnect(_) => {
+                    report.failure =
+                        Some(Failure::Transient("the SMTP server refused MAIL FROM twice with 503".to_owned()));
+                    break;
+                }
+                Step::Stop(failure) => {
+                    report.failure = Some(failure);
+                    break;
+                }
+            }
+        }
+        report
+    }
+
+    /// Turns one transaction's replies into recipient outcomes; says whether to go on.
+    fn apply(
+        &mut self,
+        transaction: smtp::Transaction,
+        chunk: Vec<Recipient>,
+        queue: &mut VecDeque<Recipient>,
+        report: &mut AttemptReport,
+    ) -> Step {
+        if let Some(mail) = transaction.mail.as_ref().filter(|m| !m.is_positive()) {
+            if mail.code == 503 {
+                // The server thinks a transaction is still open: a fault of the session, not of
+                // the letter. Start over on a new connection.
+                tracing::info!(reply = %mail, "MAIL FROM refused with 503; reconnecting");
+                return Step::Reconnect(chunk);
+            }
+            return Step::Stop(self.failure_of_reply(mail));
+        }
+        let mut accepted = Vec::new();
+        let mut capped = Vec::new();
+        let mut first_cap = None;
+        let refused_before = report.refused.len();
+        let delivered_now = transaction.delivered();
+        for (recipient, result) in chunk.into_iter().zip(transaction.rcpt) {
+            match result {
+                RcptResult::Unsendable(reason) => {
+                    report.refused.push(Rejection { address: recipient.to_string(), reply: reason })
+                }
+                RcptResult::Replied(reply) if reply.is_positive() => accepted.push(recipient),
+                RcptResult::Replied(reply) if reply.is_too_many_recipients() => {
+                    first_cap.get_or_insert(reply);
+                    capped.push(recipient);
+                }
+                RcptResult::Replied(reply) if reply.is_permanent() => {
+                    report.refused.push(Rejection { address: recipient.to_string(), reply: reply.to_string() })
+                }
+                RcptResult::Replied(reply) => {
+                    if reply.is_throttle() {
+                        self.ctx.limiter.throttled(&reply);
+                    }
+                    report.deferred.push(Rejection { address: recipient.to_string(), reply: reply.to_string() })
+                }
+            }
+        }
+        let refused_now = report.refused.len() > refused_before;
+        // Recipients over the server's cap go in the next transaction, at once.
+        requeue(queue, capped);
+        if delivered_now {
+            report.delivered.extend(accepted.iter().map(Recipient::to_string));
+            report.last_reply = transaction.end.as_ref().map(Reply::to_string);
+        } else if !accepted.is_empty() {
+            // Recipients were accepted, but the message was not: DATA or the final reply.
+            let refusal = transaction.end.as_ref().or(transaction.data.as_ref());
+            if let Some(reply) = refusal.filter(|r| !r.is_positive()) {
+                return Step::Stop(self.failure_of_reply(reply));
+            }
+        }
+        if !delivered_now && !refused_now && !queue.is_empty() {
+            // Nothing moved: the server takes no recipient at all in one transaction.
+            let reason = match first_cap {
+                Some(reply) => format!("the SMTP server accepted no recipient of a transaction: {reply}"),
+                None => "the SMTP server accepted no recipient of a transaction".to_owned(),
+            };
+            return Step::Stop(Failure::Transient(reason));
+        }
+        Step::Continue
+    }
+
+    /// What a negative reply to MAIL, DATA or the message means for the letter; a throttle
+    /// reply also slows the whole instance down.
+    fn failure_of_reply(&self, reply: &Reply) -> Failure {
+        let reason = format!("{}: {reply}", reply.command);
+        if reply.is_throttle() {
+            self.ctx.limiter.throttled(reply);
+            Failure::Throttled(reason)
+        } else if reply.is_permanent() {
+            Failure::Permanent(reason)
+        } else {
+            Failure::Transient(reason)
+        }
+    }
+
+    /// The kept connection, checked with NOOP when it sat idle, or a new one.
+    async fn session(&mut self) -> Result<&mut Connection, SmtpError> {
+        if let Some(connection) = self.connection.as_mut()
+            && connection.idle() > self.ctx.idle_check_after
+            && let Err(error) = connection.check(self.ctx.smtp.timeouts.short).await
+        {
+            tracing::debug!(error = %error, "idle connection no longer usable; reconnecting");
+            self.connection = None;
+        }
+        let connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => Connection::connect(&self.ctx.smtp).await?,
+        };
+        Ok(self.connection.insert(connection))
+    }
+}
+
+/// What to do after a transaction.
+enum Step {
+    Continue,
+    /// The session was at fault: send this chunk again on a new connection.
+    Reconnect(Vec<Recipient>),
+    Stop(Failure),
+}
+
+/// Puts recipients back at the front of the queue, in their order.
+fn requeue(queue: &mut VecDeque<Recipient>, recipients: Vec<Recipient>) {
+    for recipient in recipients.into_iter().rev() {
+        queue.push_front(recipient);
+    }
+}
+
+/// A kept connection that failed before the message was handed over (the server dropped it
+/// while idle): sending again at once on a new one cannot duplicate anything.
+fn is_stale_connection(error: &SmtpError) -> bool {
+    matches!(error, SmtpError::Io { .. } | SmtpError::Closed { .. })
+        && !matches!(error.command(), Command::DataEnd | Command::Connect | Command::Greeting)
+}
+
+fn failure_of(error: &SmtpError) -> Failure {
+    let reason = if error.command() == Command::DataEnd {
+        format!("{error} (after the message was sent: it may have been delivered, so it is retried later)")
+    } else {
+        error.to_string()
+    };
+    match error.reply() {
+        Some(reply) if reply.is_throttle() => Failure::Throttled(reason),
+        _ if error.is_transient() => Failure::Transient(reason),
+        _ => Failure::Permanent(reason),
+    }
+}
+
+/// The metrics label of a failed letter.
+fn failure_class(reason: &str) -> &'static str {
+    if reason.starts_with("gave up after") {
+        "attempts_exhausted"
+    } else if reason.starts_with("every recipient was refused") {
+        "recipients_refused"
+    } else {
+        "permanent"
+    }
+}

@@ -1,0 +1,184 @@
+//! Builds the RFC 5322 message. Recipients travel only in the SMTP envelope: the headers name no
+//! recipient, so a bulk letter never discloses one recipient to another.
+
+use std::time::SystemTime;
+
+use lettre::message::{
+    Mailbox, SinglePart,
+    header::{Header, HeaderName, HeaderValue},
+};
+
+/// The longest Subject accepted, in characters. A header line may hold 998 octets (RFC 5322
+/// §2.1.1); lettre folds a Subject at its spaces and encodes non-ASCII words in short encoded
+/// words, but cannot break one long ASCII word. 900 keeps any word within a line after
+/// `Subject: `.
+pub const SUBJECT_MAX_CHARS: usize = 900;
+
+/// The longest line SMTP allows, without its CRLF (RFC 5321 §4.5.3.1.6).
+pub const MAX_LINE_OCTETS: usize = 998;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the message: {0}")]
+pub struct MessageError(String);
+
+/// What a message is made of.
+#[derive(Debug, Clone, Copy)]
+pub struct Content<'a> {
+    /// The left part of the Message-ID; the From domain is the right part.
+    pub id: &'a str,
+    pub subject: &'a str,
+    pub html: &'a str,
+}
+
+/// `To: undisclosed-recipients:;` — the empty group mail clients write for Bcc-only letters;
+/// some filters score a letter without any To header as spam.
+#[derive(Debug, Clone)]
+struct UndisclosedRecipients;
+
+impl Header for UndisclosedRecipients {
+    fn name() -> HeaderName {
+        HeaderName::new_from_ascii_str("To")
+    }
+
+    fn parse(_: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(UndisclosedRecipients)
+    }
+
+    fn display(&self) -> HeaderValue {
+        HeaderValue::new(Self::name(), "undisclosed-recipients:;".to_owned())
+    }
+}
+
+/// Why a Subject cannot be sent, if it cannot.
+pub fn check_subject(subject: &str) -> Result<(), String> {
+    if subject.contains(['\r', '\n', '\0']) {
+        return Err("Subject contains a line break or NUL, which could inject headers".to_owned());
+    }
+    let chars = subject.chars().count();
+    if chars > SUBJECT_MAX_CHARS {
+        return Err(format!("Subject has {chars} characters; at most {SUBJECT_MAX_CHARS} fit in a mail header"));
+    }
+    Ok(())
+}
+
+/// Bare CR and bare LF become CRLF, the only line end SMTP knows; the body the recipient decodes
+/// is then the posted one with its line ends normalised.
+pub fn normalize_line_ends(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 32);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' => {
+                if chars.peek() == Some(&'\n') {
+                    chars.next();
+                }
+                out.push_str("\r\n");
+            }
+            '\n' => out.push_str("\r\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The formatted message. Its Message-ID derives from the letter id, so every chunk, every retry
+/// and a resend after a crash carry the same id and receivers can recognise the duplicate.
+pub fn build(content: Content<'_>, from: &Mailbox) -> Result<Vec<u8>, MessageError> {
+    check_subject(content.subject).map_err(MessageError)?;
+    let domain = from.email.domain();
+    // lettre needs an envelope to format a message whose headers name no recipient; the SMTP
+    // envelope is written by our client, so this one is never used.
+    let envelope = lettre::address::Envelope::new(Some(from.email.clone()), vec![from.email.clone()])
+        .map_err(|e| MessageError(e.to_string()))?;
+    let message = lettre::Message::builder()
+        .from(from.clone())
+        .header(UndisclosedRecipients)
+        .subject(content.subject)
+        .date(SystemTime::now())
+        .message_id(Some(format!("<{}@{}>", content.id, domain)))
+        .envelope(envelope)
+        .singlepart(SinglePart::html(normalize_line_ends(content.html)))
+        .map_err(|e| MessageError(e.to_string()))?;
+    let raw = message.formatted();
+    if let Some(longest) = raw.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l).len()).max()
+        && longest > MAX_LINE_OCTETS
+    {
+        return Err(MessageError(format!("a line of {longest} octets exceeds SMTP's {MAX_LINE_OCTETS}")));
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ADDRESSES: [&str; 2] = ["alice@example.org", "bob@example.net"];
+
+    fn content<'a>(subject: &'a str, html: &'a str) -> Content<'a> {
+        Content { id: "65a1b2c3d4e5f60718293a4b", subject, html }
+    }
+
+    fn headers(raw: &str) -> &str {
+        raw.split("\r\n\r\n").next().unwrap()
+    }
+
+    #[test]
+    fn has_the_required_headers_and_no_recipient() {
+        let from: Mailbox = "Mailer <noreply@example.com>".parse().unwrap();
+        let raw = String::from_utf8(build(content("Hello", "<p>Hi there</p>"), &from).unwrap()).unwrap();
+        let head = headers(&raw);
+        for needle in [
+            "From: Mailer <noreply@example.com>",
+            "Subject: Hello",
+            "Date: ",
+            "MIME-Version: 1.0",
+            "Content-Type: text/html; charset=utf-8",
+            "To: undisclosed-recipients:;",
+            "Message-ID: <65a1b2c3d4e5f60718293a4b@example.com>",
+        ] {
+            assert!(head.contains(needle), "missing {needle:?} in\n{head}");
+        }
+        for address in ADDRESSES {
+            assert!(!head.to_lowercase().contains(address), "{address} leaked into\n{head}");
+        }
+        assert!(!head.contains("Bcc"), "{head}");
+    }
+
+    #[test]
+    fn non_ascii_subject_is_encoded_and_body_is_7bit() {
+        let from: Mailbox = "noreply@example.com".parse().unwrap();
+        let raw = build(content("Привет, мир ✓", "<p>Grüße — 你好</p>"), &from).unwrap();
+        let text = String::from_utf8(raw.clone()).unwrap();
+        assert!(headers(&text).contains("Subject: =?utf-8?"), "subject not RFC 2047 encoded:\n{text}");
+        assert!(raw.is_ascii(), "the whole message should be 7-bit after transfer encoding");
+    }
+
+    #[test]
+    fn subject_with_line_breaks_or_too_long_is_refused() {
+        let from: Mailbox = "noreply@example.com".parse().unwrap();
+        assert!(build(content("hi\r\nBcc: evil@example.org", "x"), &from).is_err());
+        let long = "x".repeat(SUBJECT_MAX_CHARS + 1);
+        assert!(build(content(&long, "x"), &from).unwrap_err().to_string().contains("at most 900"));
+        let longest = "y".repeat(SUBJECT_MAX_CHARS);
+        assert!(build(content(&longest, "x"), &from).is_ok());
+    }
+
+    #[test]
+    fn long_subjects_and_bodies_keep_every_line_within_998_octets() {
+        let from: Mailbox = "noreply@example.com".parse().unwrap();
+        let words = "word ".repeat(180);
+        let cyrillic = "Щ".repeat(SUBJECT_MAX_CHARS);
+        let body = format!("{}\n.dot\rcr\r\nend", "Ж".repeat(20_000));
+        for subject in [words.trim(), cyrillic.as_str(), &"z".repeat(SUBJECT_MAX_CHARS)] {
+            let raw = build(content(subject, &body), &from).unwrap();
+            let longest = raw.split(|b| *b == b'\n').map(<[u8]>::len).max().unwrap();
+            assert!(longest <= MAX_LINE_OCTETS + 1, "a line of {longest} octets");
+        }
+    }
+
+    #[test]
+    fn bare_cr_and_lf_become_crlf() {
+        assert_eq!(normalize_line_ends("a\nb\rc\r\nd\r"), "a\r\nb\r\nc\r\nd\r\n");
+        assert_eq!(normalize_line_ends("no breaks"), "no breaks");
+    }
+}

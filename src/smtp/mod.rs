@@ -1,0 +1,11 @@
+//! The SMTP client: one conversation with the relay, knowing nothing of letters, leases or
+//! workers. The pipeline decides what a reply means for a letter.
+
+pub mod client;
+pub mod message;
+pub mod reply;
+pub mod transaction;
+
+pub use client::{Capabilities, Connection, Settings, Timeouts, TlsMode};
+pub use reply::{Command, EnhancedCode, Reply, SmtpError};
+pub use transaction::{RcptResult, Transaction};

@@ -1,0 +1,332 @@
+//! SMTP replies as values (RFC 5321 §4.2, enhanced status codes of RFC 3463), and the client's
+//! error. A reply keeps the command it answered, because the same code means different things
+//! after different commands (552 after RCPT is "too many recipients", after the data it is
+//! "message too big").
+
+use std::{fmt, time::Duration};
+
+/// The command a reply answered; also names the phase an error happened in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Connect,
+    Greeting,
+    Ehlo,
+    StartTls,
+    Auth,
+    MailFrom,
+    RcptTo,
+    Data,
+    /// Writing the message and reading the reply to the final dot.
+    DataEnd,
+    Rset,
+    Noop,
+    Quit,
+}
+
+impl Command {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Connect => "connecting",
+            Command::Greeting => "greeting",
+            Command::Ehlo => "EHLO",
+            Command::StartTls => "STARTTLS",
+            Command::Auth => "AUTH",
+            Command::MailFrom => "MAIL FROM",
+            Command::RcptTo => "RCPT TO",
+            Command::Data => "DATA",
+            Command::DataEnd => "message data",
+            Command::Rset => "RSET",
+            Command::Noop => "NOOP",
+            Command::Quit => "QUIT",
+        }
+    }
+
+    /// Whether a failure here belongs to the message (its envelope or content) rather than to the
+    /// connection: a failure of EHLO, STARTTLS, AUTH, RSET or NOOP says nothing about the letter,
+    /// which may go again at once on another connection.
+    pub fn is_message_phase(self) -> bool {
+        matches!(self, Command::MailFrom | Command::RcptTo | Command::Data | Command::DataEnd)
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An enhanced status code (RFC 3463), `class.subject.detail`, e.g. 5.1.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnhancedCode {
+    pub class: u8,
+    pub subject: u16,
+    pub detail: u16,
+}
+
+impl fmt::Display for EnhancedCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.class, self.subject, self.detail)
+    }
+}
+
+impl EnhancedCode {
+    /// Parses the code at the start of a reply's text, as servers that advertise
+    /// ENHANCEDSTATUSCODES (and most that do not) write it.
+    fn parse_prefix(text: &str) -> Option<(EnhancedCode, &str)> {
+        let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
+        let mut parts = word.split('.');
+        let class: u8 = parts.next()?.parse().ok()?;
+        let subject: u16 = parts.next()?.parse().ok()?;
+        let detail: u16 = parts.next()?.parse().ok()?;
+        if parts.next().is_some() || !matches!(class, 2 | 4 | 5) || subject > 999 || detail > 999 {
+            return None;
+        }
+        Some((EnhancedCode { class, subject, detail }, rest))
+    }
+}
+
+/// One complete (possibly multi-line) reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub enhanced: Option<EnhancedCode>,
+    /// The text of every line, without codes, joined with a space.
+    pub text: String,
+    pub command: Command,
+}
+
+impl Reply {
+    /// Parses the lines of one reply (without CRLF), all carrying the same code.
+    pub fn parse(lines: &[String], command: Command) -> Result<Reply, String> {
+        let mut code = None;
+        let mut texts = Vec::with_capacity(lines.len());
+        let mut enhanced = None;
+        for line in lines {
+            let digits = line.get(..3).filter(|d| d.bytes().all(|b| b.is_ascii_digit()));
+            let Some(digits) = digits else { return Err(format!("malformed SMTP reply line {line:?}")) };
+            let this: u16 = digits.parse().map_err(|_| format!("malformed SMTP reply line {line:?}"))?;
+            if !(200..600).contains(&this) || code.is_some_and(|c| c != this) {
+                return Err(format!("malformed SMTP reply line {line:?}"));
+            }
+            code = Some(this);
+            let text = line.get(4..).unwrap_or_default();
+            let text = match EnhancedCode::parse_prefix(text) {
+                Some((found, rest)) => {
+                    enhanced.get_or_insert(found);
+                    rest
+                }
+                None => text,
+            };
+            texts.push(text.trim());
+        }
+        let code = code.ok_or_else(|| "empty SMTP reply".to_owned())?;
+        Ok(Reply { code, enhanced, text: texts.join(" ").trim().to_owned(), command })
+    }
+
+    pub fn is_positive(&self) -> bool {
+        self.code < 400
+    }
+
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+
+    /// "Too many recipients" (RFC 5321 §4.5.3.1.10): 452 after RCPT, and 552 after RCPT, which
+    /// the RFC asks clients to treat the same way. The remaining recipients go in a new
+    /// transaction at once.
+    pub fn is_too_many_recipients(&self) -> bool {
+        self.command == Command::RcptTo
+            && (self.code == 452 || self.code == 552)
+            && self.enhanced.is_none_or(|e| (e.subject, e.detail) == (5, 3) || e.subject != 1)
+    }
+
+    /// The server says "too fast": Gmail `450 4.2.1 … rate limit`, `421 4.7.28`, SES `454
+    /// Throttling failure`. Told apart from other transient replies by the enhanced code where
+    /// relays use a dedicated one, and otherwise by the words relays write, since RFC 5321 has
+    /// no code of its own for it.
+    pub fn is_throttle(&self) -> bool {
+        if !matches!(self.code, 421 | 450 | 451 | 452 | 454) || self.is_too_many_recipients() {
+            return false;
+        }
+        if self.enhanced.is_some_and(|e| (e.class, e.subject, e.detail) == (4, 7, 28)) {
+            return true;
+        }
+        let text = self.text.to_ascii_lowercase();
+        [
+            "rate limit",
+            "rate-limit",
+            "ratelimit",
+            "at a rate",
+            "throttl",
+            "too fast",
+            "too many messages",
+            "sending rate",
+            "slow down",
+        ]
+        .iter()
+        .any(|needle| text.contains(needle))
+    }
+
+    /// The mailbox does not exist (5.1.x): the address itself is bad, not the message.
+    pub fn is_bad_mailbox(&self) -> bool {
+        self.is_permanent() && self.enhanced.is_some_and(|e| e.class == 5 && e.subject == 1)
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.code)?;
+        if let Some(enhanced) = self.enhanced {
+            write!(f, " {enhanced}")?;
+        }
+        if !self.text.is_empty() {
+            write!(f, " {}", self.text)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why an SMTP exchange could not go on. A negative reply to a command of a transaction is not
+/// an error (it is a [`Reply`] the caller judges); these are the cases where the session itself
+/// failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SmtpError {
+    #[error("{command} to {server}: {source}")]
+    Io {
+        command: Command,
+        server: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} to {server}: no reply within {}", humantime::format_duration(*after))]
+    Timeout { command: Command, server: String, after: Duration },
+    #[error("{command} to {server}: the server closed the connection")]
+    Closed { command: Command, server: String },
+    /// A negative reply where the session cannot go on (greeting, EHLO, STARTTLS, AUTH).
+    #[error("{} to {server} refused: {reply}", reply.command)]
+    Refused { reply: Reply, server: String },
+    #[error("{command} to {server}: {message}")]
+    Protocol { command: Command, server: String, message: String },
+    #[error("TLS with {server}: {message}")]
+    Tls { server: String, message: String },
+    /// Sending would break a rule the operator set (TLS required, no credentials in clear text).
+    #[error("{0}")]
+    Policy(String),
+}
+
+impl SmtpError {
+    /// The phase the session failed in.
+    pub fn command(&self) -> Command {
+        match self {
+            SmtpError::Io { command, .. }
+            | SmtpError::Timeout { command, .. }
+            | SmtpError::Closed { command, .. }
+            | SmtpError::Protocol { command, .. } => *command,
+            SmtpError::Refused { reply, .. } => reply.command,
+            SmtpError::Tls { .. } => Command::StartTls,
+            SmtpError::Policy(_) => Command::Connect,
+        }
+    }
+
+    /// Retrying later may help (everything but a 5xx refusal of the session or a policy the
+    /// operator must change).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SmtpError::Refused { reply, .. } => !reply.is_permanent(),
+            _ => true,
+        }
+    }
+
+    /// The reply behind the error, when the server gave one.
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            SmtpError::Refused { reply, .. } => Some(reply),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(line: &str, command: Command) -> Reply {
+        Reply::parse(&[line.to_owned()], command).unwrap()
+    }
+
+    #[test]
+    fn parses_codes_enhanced_codes_and_multiline_text() {
+        let r = Reply::parse(&["250-first".into(), "250 2.1.0 second".into()], Command::MailFrom).unwrap();
+        assert_eq!(r.code, 250);
+        assert_eq!(r.text, "first second");
+        let r = reply("550 5.1.1 <x@y.org>: Recipient address rejected", Command::RcptTo);
+        assert_eq!(r.enhanced, Some(EnhancedCode { class: 5, subject: 1, detail: 1 }));
+        assert_eq!(r.to_string(), "550 5.1.1 <x@y.org>: Recipient address rejected");
+        assert!(r.is_permanent() && r.is_bad_mailbox());
+        assert_eq!(reply("250", Command::Noop).text, "");
+        for bad in ["25 ok", "abc ok", "999 x", ""] {
+            assert!(Reply::parse(&[bad.to_owned()], Command::Noop).is_err(), "{bad}");
+        }
+        assert!(Reply::parse(&["250-a".into(), "251 b".into()], Command::Noop).is_err());
+    }
+
+    #[test]
+    fn replies_are_classified_by_value() {
+        // (reply, command, too many recipients, throttle, transient, bad mailbox)
+        let table = [
+            ("452 4.5.3 Too many recipients", Command::RcptTo, true, false, true, false),
+            ("552 5.5.3 Too many recipients", Command::RcptTo, true, false, false, false),
+            ("452 Too many recipients received this hour", Command::RcptTo, true, false, true, false),
+            ("552 5.3.4 Message size exceeds fixed limit", Command::DataEnd, false, false, false, false),
+            ("552 5.2.2 Mailbox full", Command::RcptTo, true, false, false, false),
+            (
+                "454 4.7.0 Throttling failure: Maximum sending rate exceeded.",
+                Command::MailFrom,
+                false,
+                true,
+                true,
+                false,
+            ),
+            (
+                "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents additional messages from being delivered",
+                Command::RcptTo,
+                false,
+                true,
+                true,
+                false,
+            ),
+            (
+                "421 4.7.28 Our system has detected an unusual rate of unsolicited mail",
+                Command::MailFrom,
+                false,
+                true,
+                true,
+                false,
+            ),
+            (
+                "421 4.3.2 Service not available, closing transmission channel",
+                Command::Greeting,
+                false,
+                false,
+                true,
+                false,
+            ),
+            ("451 4.3.0 Temporary local problem", Command::DataEnd, false, false, true, false),
+            ("454 4.7.0 TLS not available due to local problem", Command::StartTls, false, false, true, false),
+            ("550 5.1.1 No such user", Command::RcptTo, false, false, false, true),
+            ("550 5.7.1 Message rejected by policy", Command::RcptTo, false, false, false, false),
+            ("503 5.5.1 Error: nested MAIL command", Command::MailFrom, false, false, false, false),
+        ];
+        for (line, command, too_many, throttle, transient, bad_mailbox) in table {
+            let r = reply(line, command);
+            assert_eq!(r.is_too_many_recipients(), too_many, "too many: {line}");
+            assert_eq!(r.is_throttle(), throttle, "throttle: {line}");
+            assert_eq!(r.is_transient(), transient, "transient: {line}");
+            assert_eq!(r.is_bad_mailbox(), bad_mailbox, "bad mailbox: {line}");
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! One mail transaction on an open connection: MAIL, one RCPT per recipient, DATA and the
+//! message, pipelined (RFC 2920) when the server offers it. Every reply is read before anything
+//! is decided, so the session stays in step whatever the server answered, and a transaction that
+//! did not end with the message accepted is closed with RSET, so the next one starts clean.
+
+use super::{
+    client::{Connection, Timeouts},
+    reply::{Command, Reply, SmtpError},
+};
+use crate::address::{EnvelopeForm, Recipient};
+
+/// What the server said to one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptResult {
+    Replied(Reply),
+    /// Never offered to the server: its address cannot be written for it (a UTF-8 local part
+    /// without SMTPUTF8).
+    Unsendable(String),
+}
+
+/// The replies of one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    /// The reply to MAIL FROM; `None` when no recipient could be offered at all.
+    pub mail: Option<Reply>,
+    /// One result per recipient, in the order given.
+    pub rcpt: Vec<RcptResult>,
+    /// The reply to DATA, when it was sent.
+    pub data: Option<Reply>,
+    /// The reply to the final dot, when the message was sent.
+    pub end: Option<Reply>,
+}
+
+impl Transaction {
+    /// Whether the server took the message for the recipients it accepted.
+    pub fn delivered(&self) -> bool {
+        self.end.as_ref().is_some_and(Reply::is_positive)
+    }
+}
+
+/// Runs one transaction. On an error the connection is in an unknown state and must be dropped;
+/// an error whose command is [`Command::DataEnd`] came after the message was handed over, so the
+/// message may have been delivered.
+pub async fn send(
+    connection: &mut Connection,
+    from: &str,
+    recipients: &[Recipient],
+    message: &[u8],
+    timeouts: &Timeouts,
+) -> Result<Transaction, SmtpError> {
+    if !connection.is_clean() {
+        connection.reset(timeouts.short).await?;
+    }
+    let caps = connection.capabilities.clone();
+    let mut rcpt: Vec<RcptResult> = Vec::with_capacity(recipients.len());
+    let mut offered = Vec::with_capacity(recipients.len());
+    let mut utf8 = false;
+    for (index, recipient) in recipients.iter().enumerate() {
+        match recipient.envelope_form(caps.smtputf8) {
+            EnvelopeForm::Ascii(address) => offered.push((index, address)),
+            EnvelopeForm::Utf8(address) => {
+                utf8 = true;
+                offered.push((index, address));
+            }
+            EnvelopeForm::Unsendable(reason) => {
+                rcpt.push(RcptResult::Unsendable(reason));
+                continue;
+            }
+        }
+        // Placeholder, replaced by the server's reply below.
+        rcpt.push(RcptResult::Unsendable(String::new()));
+    }
+    let mut transaction = Transaction { mail: None, rcpt, data: None, end: None };
+    if offered.is_empty() {
+        return Ok(transaction);
+    }
+
+    let mut mail = format!("MAIL FROM:<{from}>");
+    if caps.size.is_some() {
+        mail.push_str(&format!(" SIZE={}", message.len()));
+    }
+    if !message.is_ascii() && caps.eightbitmime {
+        mail.push_str(" BODY=8BITMIME");
+    }
+    if utf8 || !from.is_ascii() {
+        mail.push_str(" SMTPUTF8");
+    }
+    let rcpt_line = |address: &str| format!("RCPT TO:<{address}>\r\n");
+
+    connection.set_clean(false);
+    if caps.pipelining {
+        let mut batch = format!("{mail}\r\n");
+        for (_, address) in &offered {
+            batch.push_str(&rcpt_line(address));
+        }
+        batch.push_str("DATA\r\n");
+        connection.write(&batch, Command::MailFrom, timeouts.command, offered.len() as u64 + 2).await?;
+        let mail_reply = connection.read_reply(Command::MailFrom, timeouts.command).await?;
+        for (index, _) in &offered {
+            let reply = connection.read_reply(Command::RcptTo, timeouts.command).await?;
+            transaction.rcpt[*index] = RcptResult::Replied(reply);
+        }
+        transaction.data = Some(connection.read_reply(Command::Data, timeouts.data).await?);
+        transaction.mail = Some(mail_reply);
+    } else {
+        let mail_reply = connection.command(&mail, Command::MailFrom, timeouts.command).await?;
+        let accepted = mail_reply.is_positive();
+        transaction.mail = Some(mail_reply);
+        if !accepted {
+            connection.set_clean(true);
+            return Ok(transaction);
+        }
+        let mut any = false;
+        for (index, address) in &offered {
+            connection.write(&rcpt_line(address), Command::RcptTo, timeouts.command, 1).await?;
+            let reply = connection.read_reply(Command::RcptTo, timeouts.command).await?;
+            any |= reply.is_positive();
+            transaction.rcpt[*index] = RcptResult::Replied(reply);
+        }
+        if any {
+            transaction.data = Some(connection.command("DATA", Command::Data, timeouts.data).await?);
+        }
+    }
+
+    let accepted = transaction.rcpt.iter().any(|r| matches!(r, RcptResult::Replied(reply) if reply.is_positive()));
+    match &transaction.data {
+        Some(data) if data.code == 354 && accepted => {
+            connection.write_bytes(&dot_stuffed(message), Command::DataEnd, timeouts.data).await?;
+            connection.commands_sent(1);
+            transaction.end = Some(connection.read_reply(Command::DataEnd, timeouts.data_end).await?);
+            // Whatever the reply, the transaction is over (RFC 5321 §4.1.1.4).
+            connection.set_clean(true);
+        }
+        Some(data) if data.code == 354 => {
+            // The server opened the data phase without any accepted recipient: there is no
+            // message to give it, and no clean way to close the phase. Drop the connection.
+            return Err(SmtpError::Protocol {
+                command: Command::Data,
+                server: connection.server().to_owned(),
+                message: "the server accepted DATA without any recipient".into(),
+            });
+        }
+        // MAIL, every RCPT or DATA refused: the transaction may still be open on the server
+        // (Postfix keeps it and answers the next MAIL with 503), so close it.
+        _ => connection.reset(timeouts.short).await?,
+    }
+    Ok(transaction)
+}
+
+/// The message as it goes on the wire: CRLF line ends, lines starting with a dot doubled
+/// (RFC 5321 §4.5.2), and the final `.` line.
+pub fn dot_stuffed(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 5);
+    let mut line_start = true;
+    for &byte in message {
+        if line_start && byte == b'.' {
+            out.push(b'.');
+        }
+        out.push(byte);
+        line_start = byte == b'\n';
+    }
+    if !message.is_empty() && !message.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_stuffing_doubles_leading_dots_and_terminates() {
+        assert_eq!(dot_stuffed(b"a\r\n.b\r\n..c\r\n"), b"a\r\n..b\r\n...c\r\n.\r\n");
+        assert_eq!(dot_stuffed(b".start\r\nend"), b"..start\r\nend\r\n.\r\n");
+        assert_eq!(dot_stuffed(b"x.y\r\n"), b"x.y\r\n.\r\n");
+    }
+}

@@ -1,0 +1,101 @@
+//! Where the happy path ends: letters that must not be stranded, and status messages that must
+//! tell the truth.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mailsender::model::Status;
+use mongodb::bson::{Document, doc, oid::ObjectId};
+use serde_json::json;
+
+const LONG: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_letter_retried_then_sent_reports_no_error() {
+    let sink = SmtpSink::start().await;
+    sink.control(json!({ "data_reply": "451 4.3.0 Temporary local problem, try later" }));
+    let app = TestApp::spawn(&sink, &[("RETRY_BACKOFF_BASE", "1s"), ("RETRY_BACKOFF_MAX", "1s")]).await;
+    app.produce(Some("retried"), batch("retried", 1, 1).to_string().as_bytes()).await;
+    app.wait_for_letters("a first, failed attempt", LONG, |l| l.iter().any(|l| l.attempts >= 1)).await;
+    sink.control(json!({}));
+    let letters = app.wait_all_final(1, LONG).await;
+    assert_eq!(letters[0].status, Status::Sent);
+    assert!(letters[0].attempts >= 2);
+    let statuses = app.consume(&app.topic_out, 1, LONG).await;
+    let message = statuses[0].json();
+    assert_eq!(message["Status"], "sent", "{message}");
+    assert!(message.get("Error").is_none(), "a sent letter reports an old error: {message}");
+    assert!(letters[0].error.is_none(), "{:?}", letters[0].error);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recipients_never_reached_are_listed_when_attempts_run_out() {
+    let sink = SmtpSink::start().await;
+    sink.control(json!({ "rcpt_replies": { "busy@example.org": "450 4.2.0 Mailbox busy" } }));
+    let app =
+        TestApp::spawn(&sink, &[("SMTP_MAX_ATTEMPTS", "2"), ("RETRY_BACKOFF_BASE", "2s"), ("RETRY_BACKOFF_MAX", "2s")])
+            .await;
+    let batch = json!([{ "Subject": "partial", "Body": "<p>x</p>", "Addresses": ["fine@example.org", "busy@example.org"], "Token": "t" }]);
+    app.produce(Some("partial"), batch.to_string().as_bytes()).await;
+    // First attempt: one delivered, one deferred. The last attempt then fails as a whole.
+    app.wait_for_letters("the first attempt", LONG, |l| l.iter().any(|l| l.attempts >= 1)).await;
+    sink.control(json!({ "mail_reply": "451 4.3.0 Temporary local problem" }));
+    let letters = app.wait_all_final(1, LONG).await;
+    assert_eq!(letters[0].status, Status::Sent);
+    let message = app.consume(&app.topic_out, 1, LONG).await[0].json();
+    assert_eq!(message["Delivered"], json!(["fine@example.org"]), "{message}");
+    let rejected = message["Rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 1, "the unreached recipient is accounted for: {message}");
+    assert_eq!(rejected[0]["Address"], "busy@example.org");
+    let reply = rejected[0]["Reply"].as_str().unwrap();
+    assert!(reply.contains("gave up after 2 attempts") && reply.contains("451"), "{reply}");
+}
+
+fn stored(subject: &str, address: &str) -> Document {
+    doc! {
+        "_id": ObjectId::new(), "addresses": [address], "subject": subject, "body": "<p>stored</p>",
+        "token": "t", "status": "awaiting", "kafkakey": "direct", "due_ms": 0_i64, "attempts": 0,
+        "delivered": [], "rejected": [], "updated_ms": 0_i64,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_document_fails_alone_and_strands_none_of_its_neighbours() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[]).await;
+    let mut malformed = stored("malformed", "m@example.org");
+    // A field of the wrong type, as a hand edit or another writer might leave it.
+    malformed.insert("subject", 42);
+    let mut documents = vec![malformed];
+    documents.extend((0..3).map(|i| stored(&format!("good {i}"), &format!("good{i}@example.org"))));
+    // One insert, so one claim takes them together.
+    app.insert_raw(documents).await;
+    sink.wait_for_count(3, LONG).await;
+    let raw = wait_for("the malformed letter to end", LONG, || async {
+        let raw = app.raw_letters().await;
+        raw.iter().all(|d| d.get_str("status").is_ok_and(|s| s == "sent" || s == "error")).then_some(raw)
+    })
+    .await;
+    let bad = raw.iter().find(|d| d.get_i32("subject").is_ok()).unwrap();
+    assert_eq!(bad.get_str("status").unwrap(), "error", "{bad}");
+    assert!(bad.get_str("error").unwrap().contains("cannot be read"), "{bad}");
+    assert_eq!(raw.iter().filter(|d| d.get_str("status").unwrap() == "sent").count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn letters_the_go_service_writes_while_this_one_runs_are_sent() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[]).await;
+    // The Go service's shape: no due time, no source, no attempts.
+    app.insert_raw(vec![doc! {
+        "_id": ObjectId::new(), "addresses": ["canary@example.org"], "subject": "from Go", "body": "<p>go</p>",
+        "token": "t", "status": "awaiting", "kafkakey": "go-key",
+    }])
+    .await;
+    let received = sink.wait_for_count(1, LONG).await;
+    assert_eq!(received[0].rcpt_tos, vec!["canary@example.org"]);
+    let letters = app.wait_all_final(1, LONG).await;
+    assert_eq!(letters[0].status, Status::Sent);
+}
