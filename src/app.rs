@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::Context;
+use futures::FutureExt as _;
 use tokio::{
     net::TcpListener,
     sync::{Notify, Semaphore, mpsc},
@@ -125,22 +126,34 @@ impl App {
         let capacity = Dispatcher::capacity(&config.dispatch, workers_count, rate);
         let (letters_tx, letters_rx) = async_channel::bounded(workers_count);
         let (outcomes_tx, outcomes_rx) = mpsc::channel(512);
+        // Every stage below runs supervised: one that ends or panics outside shutdown starts the
+        // shutdown (which releases what this instance holds) and makes the process exit non-zero,
+        // so Kubernetes restarts it instead of leaving a live pod that moves no letter.
+        let failures = Failures::new(config.fault_injection.clone());
         let dispatcher = tokio::spawn(
-            Dispatcher {
-                store: store.clone(),
-                config: config.dispatch.clone(),
-                owner: owner.clone(),
-                capacity: Arc::new(Semaphore::new(capacity)),
-                wake,
-                lease: lease.clone(),
-                low_water: Dispatcher::low_water(&config.dispatch, capacity),
-            }
-            .run(letters_tx, shutdown.clone()),
+            failures.supervise(
+                "dispatcher",
+                &shutdown,
+                Dispatcher {
+                    store: store.clone(),
+                    config: config.dispatch.clone(),
+                    owner: owner.clone(),
+                    capacity: Arc::new(Semaphore::new(capacity)),
+                    wake,
+                    lease: lease.clone(),
+                    low_water: Dispatcher::low_water(&config.dispatch, capacity),
+                }
+                .run(letters_tx, shutdown.clone()),
+            ),
         );
         let mut workers = JoinSet::new();
         for id in 0..workers_count {
             let worker = Worker::new(id, send_context.clone());
-            workers.spawn(worker.run(letters_rx.clone(), outcomes_tx.clone(), shutdown.clone(), abort.clone()));
+            workers.spawn(failures.supervise(
+                "an SMTP worker",
+                &shutdown,
+                worker.run(letters_rx.clone(), outcomes_tx.clone(), shutdown.clone(), abort.clone()),
+            ));
         }
         drop((letters_rx, outcomes_tx));
 
@@ -150,22 +163,35 @@ impl App {
             topic: config.kafka.topic_out.clone(),
             owner: owner.clone(),
             metrics: metrics.clone(),
+            body_max: config.kafka.status_body_max_bytes,
         };
-        let report = tokio::spawn(reporter.clone().run(outcomes_rx, shutdown.clone()));
+        // The report stage ends when every worker is gone, which only happens at shutdown.
+        let report =
+            tokio::spawn(failures.supervise("report", &shutdown, reporter.clone().run(outcomes_rx, shutdown.clone())));
         let mut chores = JoinSet::new();
-        chores.spawn(reporter.republish(
-            config.dispatch.republish_interval,
-            config.kafka.message_timeout + Duration::from_secs(15),
-            background.clone(),
+        // Chores run until `background` fires, after the workers; ending before is a failure.
+        chores.spawn(failures.supervise_until(
+            "the republisher",
+            &background,
+            &shutdown,
+            reporter.republish(
+                config.dispatch.republish_interval,
+                config.kafka.message_timeout + Duration::from_secs(15),
+                background.clone(),
+            ),
         ));
-        chores.spawn(Dispatcher::maintain(
-            store.clone(),
-            config.dispatch.clone(),
-            owner.clone(),
-            lease,
-            background.clone(),
+        chores.spawn(failures.supervise_until(
+            "lease maintenance",
+            &background,
+            &shutdown,
+            Dispatcher::maintain(store.clone(), config.dispatch.clone(), owner.clone(), lease, background.clone()),
         ));
-        chores.spawn(refresh_status_gauge(store.clone(), metrics.clone(), background.clone()));
+        chores.spawn(failures.supervise_until(
+            "the status gauge",
+            &background,
+            &shutdown,
+            refresh_status_gauge(store.clone(), metrics.clone(), background.clone()),
+        ));
 
         // Ingest ending on its own is a failure; ending because shutdown was requested is not.
         // `biased` and the re-check matter: on one thread, both can be ready at the same poll.
@@ -193,6 +219,7 @@ impl App {
             Err(error) => Some(anyhow::Error::new(error).context("ingest panicked")),
         };
         let _ = dispatcher.await;
+        let failure = failure.or_else(|| failures.first());
         let finished =
             tokio::time::timeout(config.shutdown_timeout, async { while workers.join_next().await.is_some() {} }).await;
         if finished.is_err() {
@@ -205,6 +232,7 @@ impl App {
         let _ = report.await;
         background.cancel();
         while chores.join_next().await.is_some() {}
+        let failure = failure.or_else(|| failures.first());
 
         match store.release_all(&owner).await {
             Ok(released) => tracing::info!(released, "returned this instance's unsent letters to awaiting"),
@@ -224,6 +252,80 @@ impl App {
             Some(error) => Err(error),
             None => Ok(()),
         }
+    }
+}
+
+/// Stages that ended when they should not have; see [`Failures::supervise`].
+#[derive(Clone)]
+struct Failures {
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+    /// `MAILSENDER_FAULT_INJECTION=panic:STAGE`: that stage panics a second after it starts. For
+    /// the tests that prove a failing stage ends the process; never set in production.
+    inject: Option<String>,
+}
+
+impl Failures {
+    fn new(inject: Option<String>) -> Failures {
+        Failures { seen: Arc::default(), inject }
+    }
+
+    /// Runs a stage that should run until `shutdown`.
+    fn supervise<F>(
+        &self,
+        name: &'static str,
+        shutdown: &CancellationToken,
+        stage: F,
+    ) -> impl Future<Output = ()> + use<F>
+    where
+        F: Future<Output = ()>,
+    {
+        self.supervise_until(name, shutdown, shutdown, stage)
+    }
+
+    /// Runs a stage that should run until `until`; if it ends or panics before, records why and
+    /// cancels `shutdown`.
+    fn supervise_until<F>(
+        &self,
+        name: &'static str,
+        until: &CancellationToken,
+        shutdown: &CancellationToken,
+        stage: F,
+    ) -> impl Future<Output = ()> + use<F>
+    where
+        F: Future<Output = ()>,
+    {
+        let (failures, until, shutdown) = (self.clone(), until.clone(), shutdown.clone());
+        let inject = self.inject.as_deref().and_then(|i| i.strip_prefix("panic:")).is_some_and(|s| name.contains(s));
+        async move {
+            let stage = async move {
+                if inject {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    panic!("fault injected into {name}");
+                }
+                stage.await
+            };
+            let result = std::panic::AssertUnwindSafe(stage).catch_unwind().await;
+            let why = match result {
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".to_owned());
+                    format!("{name} panicked: {message}")
+                }
+                Ok(()) if !until.is_cancelled() => format!("{name} stopped unexpectedly"),
+                Ok(()) => return,
+            };
+            tracing::error!(stage = name, reason = %why, "a stage failed; shutting down");
+            failures.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(why);
+            shutdown.cancel();
+        }
+    }
+
+    fn first(&self) -> Option<anyhow::Error> {
+        let seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        seen.first().map(|why| anyhow::anyhow!("{why}"))
     }
 }
 

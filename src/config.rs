@@ -43,6 +43,8 @@ pub struct Config {
     /// How long in-flight sends may take to finish once shutdown starts.
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
+    /// `MAILSENDER_FAULT_INJECTION`, for tests only (see `app::Failures`).
+    pub fault_injection: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +69,8 @@ pub struct KafkaConfig {
     pub ingest_batch: usize,
     /// Longest a partial ingest batch waits for more messages before it is written.
     pub ingest_linger: Duration,
+    /// Bodies larger than this are left out of status messages (`BodyOmitted: true`).
+    pub status_body_max_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +159,12 @@ impl Config {
             ingest_batch: env
                 .parse("INGEST_BATCH", 500, "a letter count from 1 to 10000", |n| (1..=10_000).contains(n))?,
             ingest_linger: env.duration("INGEST_LINGER", "20ms")?,
+            status_body_max_bytes: env.parse(
+                "STATUS_BODY_MAX_BYTES",
+                64 * 1024,
+                "a byte count from 0 to 1048576",
+                |n| *n <= 1 << 20,
+            )?,
         };
 
         let mongo = MongoConfig {
@@ -298,6 +308,7 @@ impl Config {
             dispatch,
             http,
             log_format,
+            fault_injection: env.optional("MAILSENDER_FAULT_INJECTION"),
         })
     }
 }

@@ -3,6 +3,7 @@
 
 use std::{collections::HashSet, fmt};
 
+use base64::Engine as _;
 use mongodb::bson::{Bson, DateTime, oid::ObjectId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedSemaphorePermit;
@@ -136,7 +137,14 @@ pub struct Letter {
     pub body: String,
     pub token: String,
     pub status: Status,
+    /// The Kafka key as text (the Go service's field); lossy when the key is not UTF-8.
     pub kafkakey: String,
+    /// 1 when the source message had no key at all (`kafkakey` is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_null: Option<i32>,
+    /// The exact key bytes, base64, when they are not UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_b64: Option<String>,
 
     /// `topic/partition/offset/index` of the mailing this letter came from; unique, so a
     /// redelivered Kafka message cannot create its letters twice.
@@ -179,7 +187,7 @@ pub struct Letter {
 impl Letter {
     /// Builds the stored letter for one mailing of a batch. A mailing that fails validation is
     /// stored already failed, so its producer hears about it on the status topic.
-    pub fn from_mailing(mailing: Mailing, kafka_key: &str, source: String, now_ms: i64) -> Letter {
+    pub fn from_mailing(mailing: Mailing, kafka_key: Option<&[u8]>, source: String, now_ms: i64) -> Letter {
         let checked = mailing.validate();
         let failed = checked.error.is_some();
         Letter {
@@ -189,7 +197,11 @@ impl Letter {
             body: mailing.body,
             token: mailing.token,
             status: if failed { Status::Error } else { Status::Awaiting },
-            kafkakey: kafka_key.to_owned(),
+            kafkakey: kafka_key.map(String::from_utf8_lossy).unwrap_or_default().into_owned(),
+            key_null: kafka_key.is_none().then_some(1),
+            key_b64: kafka_key
+                .filter(|k| std::str::from_utf8(k).is_err())
+                .map(|k| base64::engine::general_purpose::STANDARD.encode(k)),
             source: Some(source),
             attempts: 0,
             due_ms: now_ms,
@@ -203,6 +215,18 @@ impl Letter {
             unreported: failed.then_some(1),
             created_at: Some(Bson::DateTime(DateTime::from_millis(now_ms))),
             updated_ms: now_ms,
+        }
+    }
+
+    /// The key bytes of the source message, for the status message: the same bytes, and no key
+    /// when it had none.
+    pub fn key_bytes(&self) -> Option<Vec<u8>> {
+        if self.key_null == Some(1) {
+            return None;
+        }
+        match &self.key_b64 {
+            Some(encoded) => base64::engine::general_purpose::STANDARD.decode(encoded).ok(),
+            None => Some(self.kafkakey.as_bytes().to_vec()),
         }
     }
 
@@ -255,6 +279,10 @@ pub struct StatusMessage {
     pub subject: String,
     #[serde(rename = "Body")]
     pub body: String,
+    /// Set when `Body` was left out because it is larger than `STATUS_BODY_MAX_BYTES`, so the
+    /// status message stays well within the broker's message size.
+    #[serde(rename = "BodyOmitted", default, skip_serializing_if = "std::ops::Not::not")]
+    pub body_omitted: bool,
     #[serde(rename = "Token")]
     pub token: String,
     #[serde(rename = "Status")]
@@ -273,13 +301,16 @@ pub struct StatusMessage {
     pub rejected: Vec<Rejection>,
 }
 
-impl From<&Letter> for StatusMessage {
-    fn from(letter: &Letter) -> Self {
+impl StatusMessage {
+    /// The status message of a letter; its body only up to `body_max` bytes.
+    pub fn new(letter: &Letter, body_max: usize) -> Self {
+        let body_omitted = letter.body.len() > body_max;
         StatusMessage {
             id: letter.id.to_hex(),
             addresses: letter.addresses.clone(),
             subject: letter.subject.clone(),
-            body: letter.body.clone(),
+            body: if body_omitted { String::new() } else { letter.body.clone() },
+            body_omitted,
             token: letter.token.clone(),
             status: letter.status,
             kafka_key: letter.kafkakey.clone(),
@@ -355,8 +386,12 @@ mod tests {
 
     #[test]
     fn pending_recipients_skip_delivered_and_rejected() {
-        let mut letter =
-            Letter::from_mailing(mailing("s", &["a@x.org", "b@x.org", "c@x.org", "junk"]), "k", "t/0/1/0".into(), 0);
+        let mut letter = Letter::from_mailing(
+            mailing("s", &["a@x.org", "b@x.org", "c@x.org", "junk"]),
+            Some(b"k"),
+            "t/0/1/0".into(),
+            0,
+        );
         assert_eq!(letter.status, Status::Awaiting);
         letter.delivered.push("a@x.org".into());
         letter.rejected.push(Rejection { address: "B@x.org".into(), reply: "550".into() });
@@ -366,19 +401,35 @@ mod tests {
 
     #[test]
     fn invalid_mailing_is_stored_failed_and_reportable() {
-        let letter = Letter::from_mailing(mailing("s", &[]), "k", "t/0/1/0".into(), 5);
+        let letter = Letter::from_mailing(mailing("s", &[]), Some(b"k"), "t/0/1/0".into(), 5);
         assert_eq!(letter.status, Status::Error);
         assert_eq!(letter.unreported, Some(1));
-        let message = serde_json::to_value(StatusMessage::from(&letter)).unwrap();
+        let message = serde_json::to_value(StatusMessage::new(&letter, 1 << 20)).unwrap();
         for field in ["ID", "Addresses", "Subject", "Body", "Token", "Status", "KafkaKey", "Error"] {
             assert!(message.get(field).is_some(), "{field} missing in {message}");
         }
+        assert!(message.get("BodyOmitted").is_none(), "{message}");
+        let capped = serde_json::to_value(StatusMessage::new(&letter, 3)).unwrap();
+        assert_eq!((capped["Body"].as_str(), capped["BodyOmitted"].as_bool()), (Some(""), Some(true)));
         assert_eq!(message["Status"], "error");
     }
 
     #[test]
+    fn kafka_keys_keep_their_bytes_and_their_absence() {
+        let text = Letter::from_mailing(mailing("s", &["a@x.org"]), Some(b"key-1"), "t/0/1/0".into(), 0);
+        assert_eq!((text.kafkakey.as_str(), text.key_bytes()), ("key-1", Some(b"key-1".to_vec())));
+        let none = Letter::from_mailing(mailing("s", &["a@x.org"]), None, "t/0/1/0".into(), 0);
+        assert_eq!((none.kafkakey.as_str(), none.key_bytes()), ("", None));
+        let binary = [0xff, 0x00, 0xfe, b'k'];
+        let bin = Letter::from_mailing(mailing("s", &["a@x.org"]), Some(&binary), "t/0/1/0".into(), 0);
+        assert_eq!(bin.key_bytes(), Some(binary.to_vec()));
+        let back: Letter = mongodb::bson::from_document(mongodb::bson::to_document(&bin).unwrap()).unwrap();
+        assert_eq!(back.key_bytes(), Some(binary.to_vec()));
+    }
+
+    #[test]
     fn letter_round_trips_through_bson_and_go_documents_load() {
-        let letter = Letter::from_mailing(mailing("s", &["a@x.org"]), "k", "t/0/1/0".into(), 5);
+        let letter = Letter::from_mailing(mailing("s", &["a@x.org"]), Some(b"k"), "t/0/1/0".into(), 5);
         let doc = mongodb::bson::to_document(&letter).unwrap();
         assert_eq!(doc.get_str("status").unwrap(), "awaiting");
         assert_eq!(doc.get_str("kafkakey").unwrap(), "k");

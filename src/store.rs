@@ -35,7 +35,8 @@ pub struct Store {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct InsertReport {
     pub inserted: usize,
-    pub duplicates: usize,
+    /// The sources of the letters skipped because they were already stored.
+    pub duplicates: Vec<String>,
 }
 
 impl Store {
@@ -129,15 +130,18 @@ impl Store {
         }
         self.count("insert", 1);
         match self.letters.insert_many(letters).ordered(false).await {
-            Ok(result) => Ok(InsertReport { inserted: result.inserted_ids.len(), duplicates: 0 }),
+            Ok(result) => Ok(InsertReport { inserted: result.inserted_ids.len(), duplicates: Vec::new() }),
             Err(error) => {
                 if let ErrorKind::InsertMany(failure) = error.kind.as_ref()
                     && failure.write_concern_error.is_none()
                     && let Some(write_errors) = &failure.write_errors
                     && write_errors.iter().all(|e| e.code == DUPLICATE_KEY)
                 {
-                    let duplicates = write_errors.len();
-                    return Ok(InsertReport { inserted: letters.len() - duplicates, duplicates });
+                    let duplicates: Vec<String> = write_errors
+                        .iter()
+                        .map(|e| letters.get(e.index).and_then(|l| l.source.clone()).unwrap_or_default())
+                        .collect();
+                    return Ok(InsertReport { inserted: letters.len() - duplicates.len(), duplicates });
                 }
                 Err(anyhow::Error::new(error).context("inserting letters"))
             }
@@ -333,6 +337,9 @@ impl Store {
         self.count("find", 1);
         self.letters
             .find(doc! { "unreported": 1_i32, "updated_ms": { "$lt": updated_before_ms } })
+            // Oldest first; a message that failed is postponed (see `postpone_unreported`), so a
+            // few that the broker keeps refusing cannot starve the rest.
+            .sort(doc! { "updated_ms": 1 })
             .limit(limit as i64)
             .batch_size(limit as u32)
             .await
@@ -340,6 +347,19 @@ impl Store {
             .try_collect()
             .await
             .context("reading unreported outcomes")
+    }
+
+    /// Puts unreported outcomes whose republishing failed at the back of the queue.
+    pub async fn postpone_unreported(&self, ids: &[ObjectId], now_ms: i64) -> anyhow::Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.count("update", 1);
+        self.letters
+            .update_many(doc! { "_id": { "$in": ids }, "unreported": 1_i32 }, doc! { "$set": { "updated_ms": now_ms } })
+            .await
+            .context("postponing unreported outcomes")?;
+        Ok(())
     }
 
     /// Letters per status, for the metrics gauge. One aggregation, run on a timer, never per scrape.

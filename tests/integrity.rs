@@ -99,3 +99,59 @@ async fn letters_the_go_service_writes_while_this_one_runs_are_sent() {
     let letters = app.wait_all_final(1, LONG).await;
     assert_eq!(letters[0].status, Status::Sent);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_that_fails_ends_the_process_loudly_after_releasing_its_letters() {
+    for stage in ["dispatcher", "SMTP worker", "report", "lease maintenance", "republisher"] {
+        let sink = SmtpSink::start().await;
+        let injection = format!("panic:{stage}");
+        let mut app = TestApp::spawn(&sink, &[("MAILSENDER_FAULT_INJECTION", injection.as_str())]).await;
+        let status = app.wait_exit(Duration::from_secs(30)).await;
+        assert!(!status.success(), "{stage}: the process went on (or exited 0) after the stage failed");
+        let log = app.log();
+        assert!(log.contains(&format!("{stage} panicked")), "{stage}: no reason in the log:\n{log}");
+        assert!(log.contains("mailsender stopped"), "{stage}: no orderly shutdown:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_messages_carry_the_source_key_bytes_and_a_missing_key_stays_missing() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[]).await;
+    let binary: &[u8] = &[0xff, 0x00, 0xfe, b'k', 0x80];
+    produce_bytes(&app.topic_in, None, batch("nokey", 1, 1).to_string().as_bytes()).await;
+    produce_bytes(&app.topic_in, Some(binary), batch("binkey", 1, 1).to_string().as_bytes()).await;
+    let statuses = app.consume(&app.topic_out, 2, LONG).await;
+    let by_subject =
+        |tag: &str| statuses.iter().find(|s| s.json()["Subject"].as_str().unwrap().starts_with(tag)).unwrap();
+    let none = by_subject("nokey");
+    assert_eq!(none.key_bytes, None, "a message without a key gets a status message without a key");
+    assert_eq!(none.json()["KafkaKey"], "");
+    let bin = by_subject("binkey");
+    assert_eq!(bin.key_bytes.as_deref(), Some(binary), "the key bytes come back unchanged");
+    assert!(bin.json()["KafkaKey"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recreated_topic_does_not_drop_new_mail_as_duplicates() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[]).await;
+    // Letters of the topic's previous incarnation (or another cluster), whose offsets start at 0
+    // too: in this version's form and in the form of earlier versions.
+    let mut old = Vec::new();
+    for partition in 0..2 {
+        for source in [format!("{}/{partition}/0/0", app.topic_in), format!("{}/{partition}/0/0@1000", app.topic_in)] {
+            let mut document = stored("old incarnation", "old@example.org");
+            document.insert("status", "sent");
+            document.insert("source", source);
+            old.push(document);
+        }
+    }
+    app.insert_raw(old).await;
+    app.produce(Some("fresh"), batch("fresh", 1, 1).to_string().as_bytes()).await;
+    let received = sink.wait_for_count(1, LONG).await;
+    assert_eq!(received[0].rcpt_tos, vec!["fresh-0-0@example.org"]);
+    let letters =
+        app.wait_for_letters("the new letter", LONG, |l| l.iter().any(|l| l.subject.starts_with("fresh"))).await;
+    assert_eq!(letters.len(), 5);
+}

@@ -1,7 +1,7 @@
 //! Ingest: Kafka batches in, letters stored in MongoDB, offsets stored only after that.
 //!
 //! Messages are gathered for a short linger and written with one insert, so MongoDB sees one
-//! round trip per few hundred letters. Each letter's `source` (topic/partition/offset/index) is
+//! round trip per few hundred letters. Each letter's `source` (topic/partition/offset/index@timestamp) is
 //! unique in MongoDB, which makes a redelivered message harmless. A message that is not a batch
 //! goes to the dead-letter topic with the reason and its coordinates, and its offset moves on.
 
@@ -120,9 +120,13 @@ impl Ingest {
             Ok(mailings) => {
                 self.metrics.received.inc_by(mailings.len() as u64);
                 let now = now_ms();
+                // The message's timestamp makes the identity one a recreated topic (or another
+                // cluster), whose offsets start again at 0, cannot collide with; a redelivery of
+                // the same message carries the same timestamp.
+                let stamp = message.timestamp().to_millis().map(|ms| format!("@{ms}")).unwrap_or_default();
                 for (index, mailing) in mailings.into_iter().enumerate() {
-                    let source = format!("{}/{partition}/{offset}/{index}", self.config.topic_in);
-                    pending.letters.push(Letter::from_mailing(mailing, &key, source, now));
+                    let source = format!("{}/{partition}/{offset}/{index}{stamp}", self.config.topic_in);
+                    pending.letters.push(Letter::from_mailing(mailing, message.key(), source, now));
                 }
             }
             Err(error) => {
@@ -180,11 +184,12 @@ impl Ingest {
         if !batch.letters.is_empty() {
             let report = self.store.insert(&batch.letters).await?;
             self.metrics.stored.inc_by(report.inserted as u64);
-            self.metrics.duplicates.inc_by(report.duplicates as u64);
-            if report.duplicates > 0 {
-                tracing::info!(
-                    duplicates = report.duplicates,
-                    "skipped letters already stored from a redelivered message"
+            self.metrics.duplicates.inc_by(report.duplicates.len() as u64);
+            if !report.duplicates.is_empty() {
+                tracing::warn!(
+                    duplicates = report.duplicates.len(),
+                    sources = ?report.duplicates,
+                    "skipped letters whose source (topic/partition/offset/index@timestamp) is already stored: a redelivered message"
                 );
             }
         }

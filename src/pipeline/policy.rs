@@ -135,7 +135,7 @@ mod tests {
                 addresses: addresses.iter().map(|a| a.to_string()).collect(),
                 token: "t".into(),
             },
-            "k",
+            Some(b"k"),
             "t/0/0/0".into(),
             0,
         );

@@ -36,6 +36,8 @@ pub struct Report {
     pub topic: String,
     pub owner: String,
     pub metrics: Arc<Metrics>,
+    /// Larger bodies are left out of status messages.
+    pub body_max: usize,
 }
 
 impl Report {
@@ -98,14 +100,15 @@ impl Report {
     /// `wait`.
     async fn publish(&self, letters: &[&Letter], wait: Duration) -> HashSet<ObjectId> {
         let sends = letters.iter().map(|letter| async move {
-            let payload = match serde_json::to_vec(&StatusMessage::from(*letter)) {
+            let payload = match serde_json::to_vec(&StatusMessage::new(letter, self.body_max)) {
                 Ok(payload) => payload,
                 Err(error) => {
                     tracing::error!(letter_id = %letter.id, error = %error, "status message not serialisable");
                     return None;
                 }
             };
-            let send = self.producer.send(&self.topic, Some(letter.kafkakey.as_bytes()), &payload, None);
+            let key = letter.key_bytes();
+            let send = self.producer.send(&self.topic, key.as_deref(), &payload, None);
             match tokio::time::timeout(wait, send).await {
                 Ok(Ok(_)) => Some(letter.id),
                 Ok(Err(error)) => {
@@ -145,6 +148,14 @@ impl Report {
             };
             let published = self.publish(&letters.iter().collect::<Vec<_>>(), PUBLISH_WAIT).await;
             tracing::info!(found = letters.len(), published = published.len(), "republished unreported outcomes");
+            let failed: Vec<ObjectId> = letters.iter().map(|l| l.id).filter(|id| !published.contains(id)).collect();
+            if let Err(error) = self.store.postpone_unreported(&failed, now_ms()).await {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    count = failed.len(),
+                    "postponing unreported outcomes failed"
+                );
+            }
             let ids: Vec<ObjectId> = published.into_iter().collect();
             if let Err(error) = self.store.mark_reported(&ids).await {
                 // Harmless: they are published again next time, at worst twice.

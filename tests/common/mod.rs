@@ -488,9 +488,14 @@ impl Drop for TestApp {
 }
 
 pub async fn produce(topic: &str, key: Option<&str>, payload: &[u8]) {
+    produce_bytes(topic, key.map(str::as_bytes), payload).await;
+}
+
+/// Produces with any key bytes, or none at all.
+pub async fn produce_bytes(topic: &str, key: Option<&[u8]>, payload: &[u8]) {
     let producer: FutureProducer =
         ClientConfig::new().set("bootstrap.servers", brokers()).set("message.timeout.ms", "20000").create().unwrap();
-    let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload);
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
     if let Some(key) = key {
         record = record.key(key);
     }
@@ -500,6 +505,7 @@ pub async fn produce(topic: &str, key: Option<&str>, payload: &[u8]) {
 #[derive(Debug, Clone)]
 pub struct Consumed {
     pub key: Option<String>,
+    pub key_bytes: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub headers: HashMap<String, String>,
     pub partition: i32,
@@ -520,6 +526,7 @@ impl Consumed {
             .unwrap_or_default();
         Consumed {
             key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            key_bytes: message.key().map(<[u8]>::to_vec),
             payload: message.payload().unwrap_or_default().to_vec(),
             headers,
             partition: message.partition(),
