@@ -108,9 +108,9 @@ ensure_promtool() {
   local aptlog="$CACHE/apt-prometheus.log"
   # The package also ships the Prometheus server and a systemd unit; it is
   # not started here (no systemd; invoke-rc.d's policy denies it).
-  if ! { "${sudo[@]}" apt-get update -qq &&
+  if ! { "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=300 update -qq &&
          "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-           apt-get install -y -qq --no-install-recommends prometheus; } >"$aptlog" 2>&1; then
+           apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends prometheus; } >"$aptlog" 2>&1; then
     tail -n 20 "$aptlog" >&2
     die "apt-get install prometheus failed (log: $aptlog)"
   fi

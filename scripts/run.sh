@@ -20,13 +20,17 @@ phases=()
 say() { printf '[run] %s\n' "$*" >&2; }
 phase_done() { phases+=("$(printf '%-34s %4ds' "$1" "$2")"); }
 
-# Waits for a background job, printing what it is doing every 30 s instead of staying silent.
-wait_job() { # wait_job PID WHAT LOG
-    local pid=$1 what=$2 logf=$3 since=$SECONDS
+# Waits for a background job, printing every 30 s what it is doing (the last line of its most
+# recently written log) instead of staying silent.
+wait_job() { # wait_job PID WHAT LOG...
+    local pid=$1 what=$2 since=$SECONDS next=30 newest
+    shift 2
     while kill -0 "$pid" 2>/dev/null; do
-        sleep 2
-        if (((SECONDS - since) % 30 < 2 && SECONDS - since >= 30)); then
-            say "$what: still working ($((SECONDS - since))s; log: $logf): $(tail -n1 "$logf" 2>/dev/null | tr -d '\r' | cut -c1-100)"
+        sleep 1
+        if ((SECONDS - since >= next)); then
+            next=$((next + 30))
+            newest=$(ls -t "$@" 2>/dev/null | head -n1)
+            say "$what: $((SECONDS - since))s so far (log: ${newest:-$1}): $(tail -n1 "${newest:-$1}" 2>/dev/null | tr -d '\r' | cut -c1-90)"
         fi
     done
     wait "$pid"
@@ -45,7 +49,7 @@ say "installing the local stack if needed (tansu, nx-27017, maildev; log: $insta
 install_started=$SECONDS
 scripts/stack.sh install >"$install_log" 2>&1 &
 install_pid=$!
-if ! wait_job "$install_pid" "stack install" "$install_log"; then
+if ! wait_job "$install_pid" "stack install" "$install_log" "$CACHE/tansu-install.log" "$CACHE/npm.log"; then
     tail -n 30 "$install_log" >&2
     say "installing the stack failed; see $install_log"
     exit 1
@@ -56,7 +60,7 @@ up_started=$SECONDS
 scripts/stack.sh up >"$CACHE/stack-up.log" 2>&1 || { cat "$CACHE/stack-up.log" >&2; exit 1; }
 phase_done "stack start" $((SECONDS - up_started))
 
-if ! wait_job "$build_pid" "cargo build" "$build_log"; then
+if ! wait_job "$build_pid" "service build" "$build_log"; then
     tail -n 30 "$build_log" >&2
     say "building mailsender failed; see $build_log"
     exit 1

@@ -65,11 +65,11 @@ apt_install() { # apt_install PKG... (only the missing ones are passed by caller
     command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install these packages by hand: $*"
     if [[ $APT_UPDATED -eq 0 ]]; then
         log "apt-get update"
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -qq
         APT_UPDATED=1
     fi
     log "apt-get install -y $*"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "$@"
 }
 
 find_cargo() {

@@ -6,6 +6,7 @@
 #   scripts/test.sh -- FILTER  only the cargo tests matching FILTER (the stack is still started)
 #
 # The test stack runs on its own ports and run dir, so it never touches a stack started by scripts/run.sh.
+# The phases' times are printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,20 +16,39 @@ export MAILSENDER_RUN=${MAILSENDER_TEST_RUN:-$CACHE/test-run}
 export KAFKA_PORT=${TEST_KAFKA_PORT:-29192} MONGO_PORT=${TEST_MONGO_PORT:-28217}
 filter=()
 if [[ ${1:-} == "--" ]]; then shift; filter=("$@"); fi
+mkdir -p "$CACHE"
 
 step() { printf '\n== %s ==\n' "$*"; }
-started=$(date +%s)
+started=$SECONDS
+phases=()
+phase_done() { phases+=("$(printf '%-44s %4ds' "$1" "$2")"); }
+print_phases() {
+    printf '\ntest.sh phases:\n'
+    for line in "${phases[@]}"; do printf '  %s\n' "$line"; done
+    printf '  %-44s %4ds\n' "total" $((SECONDS - started))
+}
 
-step "installing the local stack (cached after the first run), building the tests meanwhile"
-# The two builds overlap: each has long single-threaded stretches (configure scripts, linking).
-build_log=$(mktemp)
+step "installing the local stack and the checking tools (cached after the first run), building the tests meanwhile"
+# The three overlap: each has long single-threaded stretches (configure scripts, downloads, linking).
+build_log=$CACHE/test-build.log
+build_started=$SECONDS
 cargo test --locked --no-run >"$build_log" 2>&1 &
 build_pid=$!
+tools_pid=
+if [[ ${#filter[@]} -eq 0 ]]; then
+    scripts/check-artifacts.sh install >"$CACHE/tools-install.log" 2>&1 &
+    tools_pid=$!
+fi
+install_started=$SECONDS
 scripts/stack.sh install
+phase_done "stack install" $((SECONDS - install_started))
+if [[ -n $tools_pid ]] && ! wait "$tools_pid"; then cat "$CACHE/tools-install.log"; exit 1; fi
 if ! wait "$build_pid"; then cat "$build_log"; exit 1; fi
+phase_done "test build (overlapped with the install)" $((SECONDS - build_started))
 tail -n 3 "$build_log"
 
 step "starting a fresh test stack"
+up_started=$SECONDS
 scripts/stack.sh down >/dev/null 2>&1 || true
 rm -rf "$MAILSENDER_RUN"
 scripts/stack.sh up --no-maildev
@@ -37,17 +57,24 @@ set -a
 # shellcheck disable=SC1091
 . "$MAILSENDER_RUN/stack.env"
 set +a
+phase_done "stack start" $((SECONDS - up_started))
 
 if [[ ${#filter[@]} -eq 0 ]]; then
     step "formatting and lints"
+    lint_started=$SECONDS
     if cargo fmt --version >/dev/null 2>&1; then cargo fmt --all -- --check; else echo "rustfmt not installed; skipped"; fi
     if cargo clippy --version >/dev/null 2>&1; then cargo clippy --locked --all-targets -- -D warnings; else echo "clippy not installed; skipped"; fi
+    phase_done "formatting and lints" $((SECONDS - lint_started))
 
     step "artefact checks (k8s, compose, Dockerfile, Postman collection)"
+    checks_started=$SECONDS
     scripts/check-artifacts.sh
-    scripts/check-artifacts.sh install >/dev/null
+    phase_done "artefact checks" $((SECONDS - checks_started))
 fi
 
 step "cargo tests (unit, end-to-end, fault injection)"
+tests_started=$SECONDS
 cargo test --locked -- "${filter[@]}"
-echo "test.sh: finished in $(( $(date +%s) - started ))s"
+phase_done "cargo tests" $((SECONDS - tests_started))
+print_phases
+echo "test.sh: finished in $((SECONDS - started))s"

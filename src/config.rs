@@ -71,6 +71,11 @@ pub struct KafkaConfig {
     pub ingest_linger: Duration,
     /// Bodies larger than this are left out of status messages (`BodyOmitted: true`).
     pub status_body_max_bytes: usize,
+    /// The largest input message the consumer fetches. It must cover whatever the topic accepts,
+    /// or the partition stops at the first larger message.
+    pub max_message_bytes: usize,
+    /// Dead letters are cut to this size, so the copy fits the broker's own limit.
+    pub dlq_max_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +164,15 @@ impl Config {
             ingest_batch: env
                 .parse("INGEST_BATCH", 500, "a letter count from 1 to 10000", |n| (1..=10_000).contains(n))?,
             ingest_linger: env.duration("INGEST_LINGER", "20ms")?,
+            max_message_bytes: env.parse(
+                "KAFKA_MAX_MESSAGE_BYTES",
+                64 << 20,
+                "a byte count from 1 MiB to 1 GiB",
+                |n| ((1 << 20)..=(1 << 30)).contains(n),
+            )?,
+            dlq_max_bytes: env.parse("KAFKA_DLQ_MAX_BYTES", 1 << 20, "a byte count from 1 KiB to 2 MiB", |n| {
+                ((1 << 10)..=(2 << 20)).contains(n)
+            })?,
             status_body_max_bytes: env.parse(
                 "STATUS_BODY_MAX_BYTES",
                 64 * 1024,

@@ -191,9 +191,14 @@ pub fn consumer(config: &KafkaConfig, metrics: Arc<Metrics>) -> anyhow::Result<I
         .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
         .set("queued.min.messages", "1000")
         .set("queued.max.messages.kbytes", "2048")
-        .set("fetch.max.bytes", "4194304")
+        // A message larger than the partition's fetch size is still handed over alone (KIP-74),
+        // but only within the response limits: these two bound the largest message ingest can
+        // ever read, and a smaller bound would stop its partition for good. Some brokers (tansu)
+        // apply `fetch.max.bytes` strictly. Memory is only taken when such a message comes: the
+        // partition fetch size keeps ordinary responses small.
         .set("max.partition.fetch.bytes", "1048576")
-        .set("receive.message.max.bytes", "4195328")
+        .set("fetch.max.bytes", config.max_message_bytes.to_string())
+        .set("receive.message.max.bytes", (config.max_message_bytes + (1 << 20)).to_string())
         .set("statistics.interval.ms", config.statistics_interval.as_millis().to_string())
         // Some brokers (tansu among them) hold a fetch for its whole wait even when data is
         // there, so the wait is the floor of ingest latency: 100 ms instead of 500.

@@ -155,3 +155,38 @@ async fn a_recreated_topic_does_not_drop_new_mail_as_duplicates() {
         app.wait_for_letters("the new letter", LONG, |l| l.iter().any(|l| l.subject.starts_with("fresh"))).await;
     assert_eq!(letters.len(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_five_megabyte_message_is_processed_and_does_not_block_its_partition() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[]).await;
+    // 4.9 MB: tansu 0.6.0 serves messages up to about 5.1 MB (not 5 MiB) to any client.
+    let body = format!("<p>{}</p>", "newsletter with inline images ".repeat(4_900_000 / 30 + 1));
+    assert!(body.len() >= 4_900_000);
+    let big = json!([{ "Subject": "big", "Body": body, "Addresses": ["big@example.org"], "Token": "t" }]);
+    // The same key, so the same partition: the small batch sits behind the big one.
+    app.produce(Some("same-partition"), big.to_string().as_bytes()).await;
+    app.produce(Some("same-partition"), batch("small", 1, 1).to_string().as_bytes()).await;
+    // And a malformed one just as big: set aside, within the dead-letter limit.
+    let junk = format!("{{not a batch {}", "x".repeat(4_900_000));
+    app.produce(Some("same-partition"), junk.as_bytes()).await;
+    app.produce(Some("same-partition"), batch("after-junk", 1, 1).to_string().as_bytes()).await;
+
+    let letters = app.wait_all_final(3, Duration::from_secs(90)).await;
+    assert!(
+        letters.iter().all(|l| l.status == Status::Sent),
+        "{:?}",
+        letters.iter().map(|l| (&l.subject, l.status)).collect::<Vec<_>>()
+    );
+    let received = sink.wait_for_count(3, LONG).await;
+    let big_message = received.iter().find(|m| m.rcpt_tos == ["big@example.org"]).expect("the big letter");
+    assert!(big_message.raw.len() > 4_900_000);
+    let statuses = app.consume(&app.topic_out, 3, LONG).await;
+    let big_status = statuses.iter().map(|s| s.json()).find(|m| m["Subject"] == "big").unwrap();
+    assert_eq!(big_status["BodyOmitted"], true, "a 5 MB body does not go into the status message");
+    assert!(statuses.iter().all(|s| s.payload.len() < 64 * 1024));
+    let dead = app.consume(&app.topic_dlq, 1, LONG).await;
+    assert_eq!(dead[0].headers.get("x-truncated").map(String::as_str), Some("true"));
+    assert_eq!(dead[0].headers["x-original-size"], junk.len().to_string());
+    assert_eq!(dead[0].payload.len(), 1 << 20);
+}

@@ -194,13 +194,22 @@ impl Ingest {
             }
         }
         for dead in &batch.dead {
-            let headers = OwnedHeaders::new()
+            // The copy must fit the broker's limit, or the dead letter itself would block the
+            // partition; the original stays in the input topic until its retention.
+            let keep = dead.payload.len().min(self.config.dlq_max_bytes);
+            let size = dead.payload.len().to_string();
+            let mut headers = OwnedHeaders::new()
                 .insert(Header { key: "x-error", value: Some(dead.reason.as_bytes()) })
                 .insert(Header { key: "x-source-topic", value: Some(self.config.topic_in.as_bytes()) })
                 .insert(Header { key: "x-source-partition", value: Some(dead.partition.to_string().as_bytes()) })
                 .insert(Header { key: "x-source-offset", value: Some(dead.offset.to_string().as_bytes()) });
+            if keep < dead.payload.len() {
+                headers = headers
+                    .insert(Header { key: "x-truncated", value: Some(b"true".as_slice()) })
+                    .insert(Header { key: "x-original-size", value: Some(size.as_bytes()) });
+            }
             self.producer
-                .send(&self.config.topic_dlq, dead.key.as_deref(), &dead.payload, Some(headers))
+                .send(&self.config.topic_dlq, dead.key.as_deref(), &dead.payload[..keep], Some(headers))
                 .await
                 .map_err(|error| anyhow::anyhow!("producing to the dead-letter topic: {error}"))?;
             self.metrics.dead_letters.inc();

@@ -493,8 +493,12 @@ pub async fn produce(topic: &str, key: Option<&str>, payload: &[u8]) {
 
 /// Produces with any key bytes, or none at all.
 pub async fn produce_bytes(topic: &str, key: Option<&[u8]>, payload: &[u8]) {
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", brokers()).set("message.timeout.ms", "20000").create().unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("message.timeout.ms", "20000")
+        .set("message.max.bytes", "16777216")
+        .create()
+        .unwrap();
     let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
     if let Some(key) = key {
         record = record.key(key);
