@@ -3,9 +3,9 @@
 # web page) and runs mailsender against it in the foreground. Ctrl-C or POST /halt stops the
 # service; the stack keeps running (scripts/stack.sh down stops it).
 #
-# The first run installs the stack's servers and builds the service at the same time (the broker's
-# build is the long pole: about 10 minutes on 2 cores); later runs start in seconds. The phases'
-# times are printed before the service starts.
+# The first run installs the stack's servers and builds the service at the same time: about 7.5
+# minutes on 2 cores from an empty cache; later runs start in seconds. The phases' times are printed
+# before the service starts.
 #
 # Any variable from the README's configuration table can be set on the command line, e.g.
 #   SMTP_RATE_LIMIT_MAX_LETTERS=100 SMTP_RATE_LIMIT_PERIOD=1s scripts/run.sh

@@ -26,6 +26,8 @@ FLAGS
   --auth-user U, --auth-password P
                         the only credentials accepted (either one implies --auth; a missing one = "")
   --auth-required       MAIL before a successful AUTH gets "530 5.7.0 Authentication required" (implies --auth)
+  --auth-plaintext      also offer and accept AUTH without TLS, as a careless relay or a man in the middle that
+                        stripped STARTTLS to harvest passwords would (implies --auth)
   --hostname NAME       name in the banner and the EHLO reply (default smtp-sink.localhost)
   --max-size N          max message octets, advertised as SIZE N (default 64 MiB; 0 = no limit, no SIZE)
   --idle-timeout S      default of control key idle_timeout_s (default 300)
@@ -282,11 +284,12 @@ class State:
 
 
 class Handler:
-    def __init__(self, control, recorder, pipelining=True, auth=False):
+    def __init__(self, control, recorder, pipelining=True, auth=False, auth_plaintext=False):
         self.control = control
         self.recorder = recorder
         self.pipelining = pipelining
         self.auth = auth
+        self.auth_plaintext = auth_plaintext
 
     def throttled(self, ctl, where):
         """throttle_reply if throttling applies at `where` ("mail" or "data") right now, else None."""
@@ -315,7 +318,7 @@ class Handler:
         for kw in keywords:
             if kw.upper().startswith("AUTH"):
                 # aiosmtpd offers AUTH everywhere (auth_require_tls=False, see SinkSMTP.smtp_AUTH); we do not.
-                if not (self.auth and server.is_tls()):
+                if not (self.auth and (server.is_tls() or self.auth_plaintext)):
                     continue
             if kw == "HELP" and self.pipelining:
                 out.append("PIPELINING")
@@ -582,7 +585,8 @@ class SinkSMTP(SMTP):
         if not self.state.args.auth:
             await self.push("503 5.5.1 Error: authentication not enabled")
             return
-        if self.session.host_name and self.session.extended_smtp and not self.is_tls():
+        if (self.session.host_name and self.session.extended_smtp and not self.is_tls()
+                and not self.state.args.auth_plaintext):
             await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
             return
         self._in_auth = True
@@ -723,7 +727,8 @@ async def main_async(args):
     recorder = Recorder(args.out)
     transcript = Transcript(args.transcript)
     state = State(args, control, recorder, transcript)
-    handler = Handler(control, recorder, pipelining=not args.no_pipelining, auth=args.auth)
+    handler = Handler(control, recorder, pipelining=not args.no_pipelining, auth=args.auth,
+                      auth_plaintext=args.auth_plaintext)
 
     ssl_ctx = None
     if args.tls_mode != "none":
@@ -799,6 +804,9 @@ def main():
     p.add_argument("--auth-user", help="the only accepted AUTH login (implies --auth)")
     p.add_argument("--auth-password", help="the only accepted AUTH password (implies --auth)")
     p.add_argument("--auth-required", action="store_true", help="refuse MAIL before a successful AUTH (530)")
+    p.add_argument("--auth-plaintext", action="store_true",
+                   help="also offer and accept AUTH without TLS, as a careless relay or a man in the middle "
+                        "harvesting passwords does (implies --auth)")
     p.add_argument("--hostname", default="smtp-sink.localhost", help="name in the banner and EHLO reply")
     p.add_argument("--max-size", type=int, default=64 * 1024 * 1024, help="max message bytes (0 = no limit)")
     p.add_argument("--idle-timeout", type=float, default=300.0,
@@ -807,7 +815,7 @@ def main():
     p.add_argument("--no-pipelining", action="store_true", help="do not advertise PIPELINING (RFC 2920)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every SMTP command to stderr")
     args = p.parse_args()
-    if args.auth_user is not None or args.auth_password is not None or args.auth_required:
+    if args.auth_user is not None or args.auth_password is not None or args.auth_required or args.auth_plaintext:
         args.auth = True
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,

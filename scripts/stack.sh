@@ -110,13 +110,17 @@ install_tansu() {
     if tansu_ok; then log "tansu $TANSU_VERSION: present ($TANSU_BIN)"; flock -u 9; return 0; fi
     local cargo; cargo=$(find_cargo)
     log "tansu: cargo install tansu $TANSU_VERSION, $TANSU_FEATURES, $TANSU_PROFILE (about 5 min on 2 cores; log: $TANSU_LOG)"
-    if ! env "${TANSU_PROFILE_ENV[@]}" "$cargo" install --force tansu --version "$TANSU_VERSION" --features "$TANSU_FEATURES" \
+    # Its own target directory: a CARGO_TARGET_DIR set for the service's build would otherwise make the two
+    # builds wait for each other's lock; removed after a successful install (about 1 GiB).
+    local target=$CACHE/tansu-target
+    if ! env "${TANSU_PROFILE_ENV[@]}" CARGO_TARGET_DIR="$target" "$cargo" install --force tansu --version "$TANSU_VERSION" --features "$TANSU_FEATURES" \
             --root "$TANSU_ROOT" --locked >>"$TANSU_LOG" 2>&1; then
         log "tansu: install with --locked failed; retrying without --locked"
-        env "${TANSU_PROFILE_ENV[@]}" "$cargo" install --force tansu --version "$TANSU_VERSION" --features "$TANSU_FEATURES" \
+        env "${TANSU_PROFILE_ENV[@]}" CARGO_TARGET_DIR="$target" "$cargo" install --force tansu --version "$TANSU_VERSION" --features "$TANSU_FEATURES" \
             --root "$TANSU_ROOT" >>"$TANSU_LOG" 2>&1 || { tail -n 30 "$TANSU_LOG" >&2; die "tansu install failed; see $TANSU_LOG"; }
     fi
     printf '%s' "$TANSU_BUILD" >"$TANSU_MARKER"
+    rm -rf "$target"
     tansu_ok || die "cargo install finished but $TANSU_BIN / $TANSU_ROOT/.crates.toml do not show tansu $TANSU_VERSION"
     flock -u 9
     log "tansu $TANSU_VERSION: installed"
