@@ -187,6 +187,18 @@ impl App {
             Dispatcher::maintain(store.clone(), config.dispatch.clone(), owner.clone(), lease, background.clone()),
         ));
         chores.spawn(failures.supervise_until(
+            "retention",
+            &background,
+            &shutdown,
+            crate::retention::run(
+                store.clone(),
+                owner.clone(),
+                config.dispatch.retention,
+                config.dispatch.retention_interval,
+                background.clone(),
+            ),
+        ));
+        chores.spawn(failures.supervise_until(
             "the status gauge",
             &background,
             &shutdown,

@@ -129,6 +129,10 @@ pub struct DispatchConfig {
     pub poll_interval: Duration,
     /// How often outcomes that were stored but never published are looked for.
     pub republish_interval: Duration,
+    /// Finished letters older than this are deleted; zero keeps them.
+    pub retention: Duration,
+    /// How often retention runs (on one replica at a time).
+    pub retention_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -270,6 +274,8 @@ impl Config {
             claim_batch: env.parse("CLAIM_BATCH", 256, "a letter count from 1 to 5000", |n| (1..=5000).contains(n))?,
             poll_interval: env.positive_duration("DISPATCH_POLL_INTERVAL", "1s")?,
             republish_interval: env.positive_duration("REPUBLISH_INTERVAL", "30s")?,
+            retention: env.duration("LETTER_RETENTION", "30d")?,
+            retention_interval: env.positive_duration("LETTER_RETENTION_INTERVAL", "10m")?,
         };
         if dispatch.backoff_base > dispatch.backoff_max {
             return Err(ConfigError::Invalid {

@@ -10,6 +10,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod retention;
 pub mod smtp;
 pub mod store;
 pub mod telemetry;

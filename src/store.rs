@@ -29,6 +29,8 @@ const DUPLICATE_KEY: i32 = 11000;
 pub struct Store {
     db: Database,
     letters: Collection<Letter>,
+    /// Named leases for work only one replica should do at a time (retention).
+    locks: Collection<Document>,
     metrics: Arc<Metrics>,
 }
 
@@ -68,7 +70,8 @@ impl Store {
         let client = Client::with_options(options).context("building the MongoDB client")?;
         let db = client.database(&config.database);
         let letters = db.collection::<Letter>(&config.collection);
-        Ok(Store { db, letters, metrics })
+        let locks = db.collection::<Document>(&format!("{}_locks", config.collection));
+        Ok(Store { db, letters, locks, metrics })
     }
 
     pub async fn ping(&self) -> anyhow::Result<()> {
@@ -267,6 +270,23 @@ impl Store {
         Ok(result.modified_count)
     }
 
+    /// The letters leased to `owner` now.
+    pub async fn held_by(&self, owner: &str) -> anyhow::Result<std::collections::HashSet<ObjectId>> {
+        self.count("find", 1);
+        let documents: Vec<Document> = self
+            .letters
+            .clone_with_type::<Document>()
+            .find(doc! { "owner": owner, "status": "processing" })
+            .projection(doc! { "_id": 1 })
+            .batch_size(10_000)
+            .await
+            .context("reading held letters")?
+            .try_collect()
+            .await
+            .context("reading held letters")?;
+        Ok(documents.iter().filter_map(|d| d.get_object_id("_id").ok()).collect())
+    }
+
     /// Returns letters whose owner stopped renewing (it died) to `awaiting`.
     pub async fn reap_expired(&self, now_ms: i64) -> anyhow::Result<u64> {
         self.return_to_awaiting(doc! { "status": "processing", "lease_ms": { "$lt": now_ms } }, now_ms)
@@ -362,6 +382,65 @@ impl Store {
         Ok(())
     }
 
+    /// Takes the lock `name` for `owner` until `until_ms`, or extends it; false while another
+    /// owner holds it. One round trip, two the first time.
+    pub async fn try_lock(&self, name: &str, owner: &str, now_ms: i64, until_ms: i64) -> anyhow::Result<bool> {
+        self.count("update", 1);
+        let taken = self
+            .locks
+            .update_one(
+                doc! { "_id": name, "$or": [ { "until_ms": { "$lt": now_ms } }, { "owner": owner } ] },
+                doc! { "$set": { "owner": owner, "until_ms": until_ms } },
+            )
+            .await
+            .with_context(|| format!("taking the {name} lock"))?;
+        if taken.matched_count == 1 {
+            return Ok(true);
+        }
+        self.count("insert", 1);
+        match self.locks.insert_one(doc! { "_id": name, "owner": owner, "until_ms": until_ms }).await {
+            Ok(_) => Ok(true),
+            // It exists and another replica holds it.
+            Err(error) if is_duplicate(&error) => Ok(false),
+            Err(error) => Err(anyhow::Error::new(error).context(format!("creating the {name} lock"))),
+        }
+    }
+
+    /// Deletes up to `batch` finished letters last changed before `before_ms` whose status message
+    /// went out; returns how many. Bodies included, so the collection does not grow without bound.
+    pub async fn delete_finished(&self, before_ms: i64, batch: usize) -> anyhow::Result<u64> {
+        self.count("find", 1);
+        let ids: Vec<Bson> = self
+            .letters
+            .clone_with_type::<Document>()
+            .find(doc! {
+                "status": { "$in": ["sent", "error"] },
+                "updated_ms": { "$lt": before_ms },
+                "unreported": { "$exists": false },
+            })
+            .limit(batch as i64)
+            .batch_size(batch as u32)
+            .projection(doc! { "_id": 1 })
+            .await
+            .context("finding letters past retention")?
+            .try_collect::<Vec<Document>>()
+            .await
+            .context("finding letters past retention")?
+            .into_iter()
+            .filter_map(|d| d.get("_id").cloned())
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.count("delete", 1);
+        let deleted = self
+            .letters
+            .delete_many(doc! { "_id": { "$in": ids }, "status": { "$in": ["sent", "error"] } })
+            .await
+            .context("deleting letters past retention")?;
+        Ok(deleted.deleted_count)
+    }
+
     /// Letters per status, for the metrics gauge. One aggregation, run on a timer, never per scrape.
     pub async fn count_by_status(&self) -> anyhow::Result<Vec<(String, i64)>> {
         self.count("aggregate", 1);
@@ -428,6 +507,10 @@ fn outcome_statement(owner: &str, record: &AttemptRecord, now_ms: i64) -> Docume
         set.insert("unreported", 1_i32);
     }
     doc! { "q": filter, "u": { "$set": set, "$unset": unset }, "multi": false, "upsert": false }
+}
+
+fn is_duplicate(error: &mongodb::error::Error) -> bool {
+    matches!(error.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY)
 }
 
 /// Whether an error means MongoDB is unreachable (worth waiting for) rather than a bug.

@@ -190,3 +190,71 @@ async fn a_five_megabyte_message_is_processed_and_does_not_block_its_partition()
     assert_eq!(dead[0].headers["x-original-size"], junk.len().to_string());
     assert_eq!(dead[0].payload.len(), 1 << 20);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_letters_past_retention_are_deleted_and_nothing_else() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(
+        &sink,
+        &[("LETTER_RETENTION", "1h"), ("LETTER_RETENTION_INTERVAL", "500ms"), ("REPUBLISH_INTERVAL", "10m")],
+    )
+    .await;
+    let old = 1_000_i64; // 1970: long past any retention
+    let mut documents = Vec::new();
+    for (subject, status, unreported) in [
+        ("old sent", "sent", false),
+        ("old error", "error", false),
+        ("old sent, status not published yet", "sent", true),
+        ("old awaiting", "awaiting", false),
+    ] {
+        let mut document = stored(subject, "kept@example.org");
+        document.insert("status", status);
+        document.insert("updated_ms", old);
+        document.insert("due_ms", i64::MAX);
+        if unreported {
+            document.insert("unreported", 1);
+        }
+        documents.push(document);
+    }
+    let mut recent = stored("recent sent", "recent@example.org");
+    recent.insert("status", "sent");
+    recent.insert("updated_ms", mailsender::model::now_ms());
+    documents.push(recent);
+    app.insert_raw(documents).await;
+    let left = wait_for("retention to delete the old finished letters", LONG, || async {
+        let raw = app.raw_letters().await;
+        (raw.len() == 3).then_some(raw)
+    })
+    .await;
+    let mut subjects: Vec<&str> = left.iter().map(|d| d.get_str("subject").unwrap()).collect();
+    subjects.sort();
+    assert_eq!(subjects, ["old awaiting", "old sent, status not published yet", "recent sent"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn letters_another_replica_took_over_are_not_sent_from_here() {
+    let sink = SmtpSink::start().await;
+    sink.control(json!({ "data_delay_s": 1.0 }));
+    // One worker, one letter a second; leases renewed every 2 s (LEASE_DURATION 6 s).
+    let app = TestApp::spawn(&sink, &[("SMTP_MAX_SENDERS", "1")]).await;
+    assert_eq!(app.post("/post", batch("stolen", 12, 1).to_string()).await.0, 202);
+    app.wait_for_letters("letters leased", LONG, |l| l.iter().filter(|l| l.status == Status::Processing).count() >= 6)
+        .await;
+    sink.wait_for_count(1, LONG).await;
+    // Another replica reaped them while this one was cut off, and now holds them.
+    let far = mailsender::model::now_ms() + 600_000;
+    let stolen = app
+        .update_raw(
+            doc! { "status": "processing" },
+            doc! { "$set": { "owner": "another-replica", "lease_ms": far, "claim": "theirs" } },
+        )
+        .await;
+    assert!(stolen >= 5, "{stolen}");
+    let at_steal = sink.received().len();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = sink.received().len() - at_steal;
+    // The send in flight finishes, and at most what starts before the next renewal (2 s).
+    assert!(after <= 3, "{after} of {stolen} letters taken over by another replica were still sent from here");
+    let log = app.log();
+    assert!(log.contains("taken over by another"), "no warning in the log");
+}

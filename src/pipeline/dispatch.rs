@@ -3,13 +3,15 @@
 //! letters whose owner died to `awaiting`.
 
 use std::{
+    collections::{HashMap, HashSet},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
+use mongodb::bson::oid::ObjectId;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +27,19 @@ pub struct Claimed {
     pub letter: Letter,
     pub claimed_at: Instant,
     _permit: OwnedSemaphorePermit,
+    _held: Held,
+}
+
+/// Keeps a letter in the lease clock's set of held letters until the worker is done with it.
+struct Held {
+    clock: Arc<LeaseClock>,
+    id: ObjectId,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.clock.lock_held().remove(&self.id);
+    }
 }
 
 /// When our leases were last confirmed by MongoDB. A worker sends a letter only while its lease
@@ -34,16 +49,35 @@ pub struct LeaseClock {
     epoch: Instant,
     lease: Duration,
     renewed_ms: AtomicU64,
+    /// Letters this process holds (claimed, not yet finished by a worker), with when they were
+    /// claimed, and whether a renewal found them taken away.
+    held: Mutex<HashMap<ObjectId, (Instant, bool)>>,
 }
 
 impl LeaseClock {
     pub fn new(lease: Duration) -> LeaseClock {
-        LeaseClock { epoch: Instant::now(), lease, renewed_ms: AtomicU64::new(0) }
+        LeaseClock { epoch: Instant::now(), lease, renewed_ms: AtomicU64::new(0), held: Mutex::default() }
     }
 
-    fn renewed(&self, at: Instant) {
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectId, (Instant, bool)>> {
+        // The guarded code cannot panic, so a poisoned lock still holds consistent data.
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A renewal started at `at` found `still_ours` leased to this process. Only those are
+    /// confirmed: a letter claimed before `at` and missing there was taken over (reaped while this
+    /// replica was cut off, and claimed by another) and must not be sent from here.
+    fn renewed(&self, at: Instant, still_ours: &HashSet<ObjectId>) -> usize {
+        let mut lost = 0;
+        for (id, (claimed, taken)) in self.lock_held().iter_mut() {
+            if *claimed < at && !still_ours.contains(id) && !*taken {
+                *taken = true;
+                lost += 1;
+            }
+        }
         let ms = at.saturating_duration_since(self.epoch).as_millis() as u64;
         self.renewed_ms.fetch_max(ms, Ordering::Relaxed);
+        lost
     }
 
     /// Whether a letter claimed at `claimed_at` is still safely ours.
@@ -51,6 +85,16 @@ impl LeaseClock {
         let renewed = self.epoch + Duration::from_millis(self.renewed_ms.load(Ordering::Relaxed));
         let margin = self.lease / 4;
         Instant::now() + margin < renewed.max(claimed_at) + self.lease
+    }
+
+    /// Whether the last renewal found this letter leased to someone else.
+    pub fn taken(&self, id: &ObjectId) -> bool {
+        self.lock_held().get(id).is_some_and(|(_, taken)| *taken)
+    }
+
+    fn hold(self: &Arc<Self>, id: ObjectId, at: Instant) -> Held {
+        self.lock_held().insert(id, (at, false));
+        Held { clock: self.clone(), id }
     }
 }
 
@@ -121,9 +165,18 @@ impl Dispatcher {
                 Ok(letters) => {
                     failures = 0;
                     tracing::debug!(count = letters.len(), "claimed letters");
-                    for letter in letters {
-                        let Some(permit) = permits.pop() else { break };
-                        let claimed = Claimed { letter, claimed_at: renewed_at, _permit: permit };
+                    // Every claimed letter is held from now on, also those still waiting for a
+                    // worker, so a renewal can tell which of them were taken over meanwhile.
+                    let claimed: Vec<Claimed> = letters
+                        .into_iter()
+                        .zip(permits.drain(..))
+                        .map(|(letter, permit)| {
+                            let held = self.lease.hold(letter.id, renewed_at);
+                            Claimed { letter, claimed_at: renewed_at, _permit: permit, _held: held }
+                        })
+                        .collect();
+                    drop(permits);
+                    for claimed in claimed {
                         // Workers stop reading at shutdown; what is left is released by the app.
                         tokio::select! {
                             biased;
@@ -168,9 +221,22 @@ impl Dispatcher {
             }
             let at = Instant::now();
             let now = now_ms();
-            match store.renew(&owner, now + config.lease.as_millis() as i64).await {
-                Ok(renewed) => {
-                    lease.renewed(at);
+            // Renew, then read back what is still ours: a lease counts as confirmed only for the
+            // letters the renewal actually extended.
+            let renewal = async {
+                let renewed = store.renew(&owner, now + config.lease.as_millis() as i64).await?;
+                let ours = store.held_by(&owner).await?;
+                anyhow::Ok((renewed, ours))
+            };
+            match renewal.await {
+                Ok((renewed, ours)) => {
+                    let lost = lease.renewed(at, &ours);
+                    if lost > 0 {
+                        tracing::warn!(
+                            lost,
+                            "letters this instance held were taken over by another; they will not be sent from here"
+                        );
+                    }
                     if renewed > 0 {
                         tracing::debug!(renewed, "leases renewed");
                     }
@@ -204,6 +270,8 @@ mod tests {
             claim_batch,
             poll_interval: Duration::from_secs(1),
             republish_interval: Duration::from_secs(30),
+            retention: Duration::ZERO,
+            retention_interval: Duration::from_secs(600),
         }
     }
 
@@ -217,13 +285,29 @@ mod tests {
     }
 
     #[test]
+    fn a_renewal_confirms_only_the_letters_it_extended() {
+        let clock = Arc::new(LeaseClock::new(Duration::from_secs(30)));
+        let (kept, taken, late) = (ObjectId::new(), ObjectId::new(), ObjectId::new());
+        let before = Instant::now();
+        let _kept = clock.hold(kept, before);
+        let _taken = clock.hold(taken, before);
+        let renewal = Instant::now();
+        // Claimed after the renewal started: its absence from the read-back proves nothing.
+        let _late = clock.hold(late, Instant::now());
+        assert_eq!(clock.renewed(renewal, &HashSet::from([kept])), 1);
+        assert!(!clock.taken(&kept) && clock.taken(&taken) && !clock.taken(&late));
+        drop(_taken);
+        assert!(!clock.taken(&taken), "a finished letter is forgotten");
+    }
+
+    #[test]
     fn lease_trust_expires_without_renewal() {
         let clock = LeaseClock::new(Duration::from_millis(400));
         let claimed = Instant::now();
         assert!(clock.trusted(claimed));
         std::thread::sleep(Duration::from_millis(320));
         assert!(!clock.trusted(claimed), "a lease within its last quarter must not be trusted");
-        clock.renewed(Instant::now());
+        clock.renewed(Instant::now(), &HashSet::new());
         assert!(clock.trusted(claimed));
     }
 }

@@ -127,9 +127,9 @@ impl Worker {
                 slot = self.ctx.limiter.acquire() => slot,
             };
             self.ctx.metrics.rate_limit_wait.observe(waiting.elapsed().as_secs_f64());
-            if !self.ctx.lease.trusted(claimed.claimed_at) {
-                // MongoDB has not confirmed our leases for too long: another replica may own
-                // this letter by now. Leave it to whoever holds it.
+            if !self.ctx.lease.trusted(claimed.claimed_at) || self.ctx.lease.taken(&claimed.letter.id) {
+                // MongoDB has not confirmed our leases for too long, or the last renewal found this
+                // letter leased to another replica: leave it to whoever holds it.
                 tracing::warn!(letter_id = %claimed.letter.id, "lease no longer trusted; letter skipped");
                 // Released, not dropped: maintenance would otherwise renew its lease forever.
                 let record = AttemptRecord {

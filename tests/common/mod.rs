@@ -451,6 +451,12 @@ impl TestApp {
         self.mongo.database(&self.database).collection::<Document>("letters").insert_many(documents).await.unwrap();
     }
 
+    /// Changes stored letters behind the service's back (as another replica would).
+    pub async fn update_raw(&self, filter: Document, update: Document) -> u64 {
+        let letters = self.mongo.database(&self.database).collection::<Document>("letters");
+        letters.update_many(filter, update).await.unwrap().modified_count
+    }
+
     pub async fn wait_for_letters(
         &self,
         what: &str,
