@@ -76,6 +76,9 @@ pub struct KafkaConfig {
     pub max_message_bytes: usize,
     /// Dead letters are cut to this size, so the copy fits the broker's own limit.
     pub dlq_max_bytes: usize,
+    /// A partition whose position has not moved this long, with messages waiting, is reported
+    /// stalled (gauge and warning).
+    pub stall_warning: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +180,7 @@ impl Config {
             dlq_max_bytes: env.parse("KAFKA_DLQ_MAX_BYTES", 1 << 20, "a byte count from 1 KiB to 2 MiB", |n| {
                 ((1 << 10)..=(2 << 20)).contains(n)
             })?,
+            stall_warning: env.positive_duration("KAFKA_STALL_WARNING", "2m")?,
             status_body_max_bytes: env.parse(
                 "STATUS_BODY_MAX_BYTES",
                 64 * 1024,

@@ -5,11 +5,12 @@
 //! service whose throughput is capped by SMTP.
 
 use std::{
+    collections::HashMap,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicI64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -68,7 +69,7 @@ pub fn producer(config: &KafkaConfig, metrics: Arc<Metrics>) -> anyhow::Result<S
         .set("queue.buffering.max.kbytes", "8192")
         .set("message.max.bytes", "2097152")
         .set("statistics.interval.ms", config.statistics_interval.as_millis().to_string())
-        .create_with_context(StatsContext { metrics, client: "producer", sent: AtomicI64::new(0) })
+        .create_with_context(StatsContext::new(metrics, "producer", config.stall_warning))
         .context("creating the Kafka producer")?;
     let inner = Arc::new(ProducerInner { producer, stop: AtomicBool::new(false) });
     let polled = inner.clone();
@@ -126,6 +127,40 @@ pub struct StatsContext {
     pub metrics: Arc<Metrics>,
     pub client: &'static str,
     sent: AtomicI64,
+    /// Per partition: the consumer's position and since when it has not moved while messages wait.
+    positions: Mutex<HashMap<i32, (i64, Instant)>>,
+    stall_warning: Duration,
+}
+
+impl StatsContext {
+    fn new(metrics: Arc<Metrics>, client: &'static str, stall_warning: Duration) -> StatsContext {
+        StatsContext { metrics, client, sent: AtomicI64::new(0), positions: Mutex::default(), stall_warning }
+    }
+
+    /// A partition whose position has not moved for `stall_warning` while messages wait behind it
+    /// is stalled: a message that cannot be fetched, or ingest stuck. It shows in a gauge and a
+    /// warning, once per stall.
+    fn watch_position(&self, partition: i32, position: i64, lag: i64) {
+        let mut positions = self.positions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        let entry = positions.entry(partition).or_insert((position, now));
+        if entry.0 != position || lag <= 0 {
+            *entry = (position, now);
+        }
+        let stalled_for = now.saturating_duration_since(entry.1);
+        let stalled = lag > 0 && stalled_for >= self.stall_warning;
+        let gauge = self.metrics.partition_stalled.get_or_create(&PartitionLabel { partition: partition.to_string() });
+        if stalled && gauge.get() == 0 {
+            tracing::warn!(
+                partition,
+                position,
+                waiting = lag,
+                stalled_s = stalled_for.as_secs(),
+                "input partition stalled: its position has not moved while messages wait"
+            );
+        }
+        gauge.set(i64::from(stalled));
+    }
 }
 
 impl ClientContext for StatsContext {
@@ -142,6 +177,9 @@ impl ClientContext for StatsContext {
                 if *partition >= 0 && stats.consumer_lag >= 0 {
                     let label = PartitionLabel { partition: partition.to_string() };
                     self.metrics.consumer_lag.get_or_create(&label).set(stats.consumer_lag);
+                }
+                if self.client == "consumer" && *partition >= 0 && stats.app_offset >= 0 {
+                    self.watch_position(*partition, stats.app_offset, stats.consumer_lag);
                 }
             }
         }
@@ -207,7 +245,7 @@ pub fn consumer(config: &KafkaConfig, metrics: Arc<Metrics>) -> anyhow::Result<I
         client.set("group.instance.id", instance);
     }
     client
-        .create_with_context(StatsContext { metrics, client: "consumer", sent: AtomicI64::new(0) })
+        .create_with_context(StatsContext::new(metrics, "consumer", config.stall_warning))
         .context("creating the Kafka consumer")
 }
 

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub by_status: Family<StatusLabel, Gauge<i64, AtomicI64>>,
     pub consumer_lag: Family<PartitionLabel, Gauge<i64, AtomicI64>>,
+    pub partition_stalled: Family<PartitionLabel, Gauge<i64, AtomicI64>>,
     pub mongo_commands: Family<CommandLabel, Counter>,
     pub smtp_commands: Counter,
     pub smtp_connections: Counter,
@@ -80,6 +81,7 @@ impl Metrics {
             in_flight: Gauge::default(),
             by_status: Family::default(),
             consumer_lag: Family::default(),
+            partition_stalled: Family::default(),
             mongo_commands: Family::default(),
             smtp_commands: Counter::default(),
             smtp_connections: Counter::default(),
@@ -124,6 +126,11 @@ impl Metrics {
             "consumer_lag",
             "Messages behind the partition end, per partition",
             metrics.consumer_lag.clone(),
+        );
+        registry.register(
+            "partition_stalled",
+            "1 while an input partition's position has not moved for KAFKA_STALL_WARNING with messages waiting",
+            metrics.partition_stalled.clone(),
         );
         registry.register(
             "mongo_commands",

@@ -161,23 +161,8 @@ impl Store {
         now_ms: i64,
         lease_until_ms: i64,
     ) -> anyhow::Result<Vec<Letter>> {
-        self.count("find", 1);
-        let ids: Vec<Bson> = self
-            .letters
-            .clone_with_type::<Document>()
-            .find(doc! { "status": "awaiting", "due_ms": { "$lte": now_ms } })
-            .sort(doc! { "due_ms": 1 })
-            .limit(max as i64)
-            .batch_size(max as u32)
-            .projection(doc! { "_id": 1 })
-            .await
-            .context("finding due letters")?
-            .try_collect::<Vec<Document>>()
-            .await
-            .context("reading due letters")?
-            .into_iter()
-            .filter_map(|d| d.get("_id").cloned())
-            .collect();
+        let due = doc! { "status": "awaiting", "due_ms": { "$lte": now_ms } };
+        let ids = self.ids(due, Some(doc! { "due_ms": 1 }), max).await.context("finding due letters")?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -254,6 +239,18 @@ impl Store {
                 tracing::warn!(letter_id = %id, error = %error, "failing a malformed letter failed; its lease will expire");
             }
         }
+    }
+
+    /// The ids of up to `limit` letters matching `filter`, in one reply.
+    async fn ids(&self, filter: Document, sort: Option<Document>, limit: usize) -> anyhow::Result<Vec<Bson>> {
+        self.count("find", 1);
+        let letters = self.letters.clone_with_type::<Document>();
+        let mut find = letters.find(filter).limit(limit as i64).batch_size(limit as u32).projection(doc! { "_id": 1 });
+        if let Some(sort) = sort {
+            find = find.sort(sort);
+        }
+        let documents: Vec<Document> = find.await?.try_collect().await?;
+        Ok(documents.into_iter().filter_map(|d| d.get("_id").cloned()).collect())
     }
 
     /// Extends the lease of every letter `owner` holds. One round trip whatever it holds.
@@ -409,26 +406,12 @@ impl Store {
     /// Deletes up to `batch` finished letters last changed before `before_ms` whose status message
     /// went out; returns how many. Bodies included, so the collection does not grow without bound.
     pub async fn delete_finished(&self, before_ms: i64, batch: usize) -> anyhow::Result<u64> {
-        self.count("find", 1);
-        let ids: Vec<Bson> = self
-            .letters
-            .clone_with_type::<Document>()
-            .find(doc! {
-                "status": { "$in": ["sent", "error"] },
-                "updated_ms": { "$lt": before_ms },
-                "unreported": { "$exists": false },
-            })
-            .limit(batch as i64)
-            .batch_size(batch as u32)
-            .projection(doc! { "_id": 1 })
-            .await
-            .context("finding letters past retention")?
-            .try_collect::<Vec<Document>>()
-            .await
-            .context("finding letters past retention")?
-            .into_iter()
-            .filter_map(|d| d.get("_id").cloned())
-            .collect();
+        let past = doc! {
+            "status": { "$in": ["sent", "error"] },
+            "updated_ms": { "$lt": before_ms },
+            "unreported": { "$exists": false },
+        };
+        let ids = self.ids(past, None, batch).await.context("finding letters past retention")?;
         if ids.is_empty() {
             return Ok(0);
         }

@@ -258,3 +258,24 @@ async fn letters_another_replica_took_over_are_not_sent_from_here() {
     let log = app.log();
     assert!(log.contains("taken over by another"), "no warning in the log");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_that_cannot_move_shows_in_a_metric_and_a_warning() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[("KAFKA_STATISTICS_INTERVAL", "1s"), ("KAFKA_STALL_WARNING", "3s")]).await;
+    app.produce(Some("stall"), batch("before", 1, 1).to_string().as_bytes()).await;
+    sink.wait_for_count(1, LONG).await;
+    // tansu 0.6.0 stores a message of 5.4 MB but never serves it to a consumer: the partition
+    // cannot move past it, as it could not past any message larger than the consumer's limit.
+    let stuck =
+        json!([{ "Subject": "stuck", "Body": "x".repeat(5_400_000), "Addresses": ["s@example.org"], "Token": "t" }]);
+    app.produce(Some("stall"), stuck.to_string().as_bytes()).await;
+    app.produce(Some("stall"), batch("behind", 1, 1).to_string().as_bytes()).await;
+    let metrics = wait_for("the stalled partition in /metrics", LONG, || async {
+        let (_, text) = app.get("/metrics").await;
+        text.lines().any(|l| l.starts_with("mailsender_partition_stalled{") && l.ends_with(" 1")).then_some(text)
+    })
+    .await;
+    assert!(app.log().contains("input partition stalled"), "no warning in the log");
+    assert!(metrics.contains("# TYPE mailsender_partition_stalled gauge"));
+}
