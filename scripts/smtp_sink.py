@@ -453,14 +453,18 @@ class SinkSMTP(SMTP):
         self._timeout_handle = _NO_TIMER
         self.last_activity = self.loop.time()
 
-    async def _tap_readuntil(self, separator=b"\n"):
+    async def _waiting_for(self, read):
+        """Awaits a read from the client; meanwhile the connection counts as waiting (idle timeout)."""
         self.waiting = True
         self.last_activity = self.loop.time()
         try:
-            line = await self._raw_readuntil(separator)
+            return await read
         finally:
             self.waiting = False
             self.last_activity = self.loop.time()
+
+    async def _tap_readuntil(self, separator=b"\n"):
+        line = await self._waiting_for(self._raw_readuntil(separator))
         if self._partial:
             line, self._partial = self._partial + line, b""
         self._log_client(strip_eol(line))
@@ -468,13 +472,7 @@ class SinkSMTP(SMTP):
 
     async def _tap_read(self, n=-1):
         # Only used by aiosmtpd to drain an over-long command line: keep (the start of) it for the log.
-        self.waiting = True
-        self.last_activity = self.loop.time()
-        try:
-            data = await self._raw_read(n)
-        finally:
-            self.waiting = False
-            self.last_activity = self.loop.time()
+        data = await self._waiting_for(self._raw_read(n))
         if len(self._partial) < 65536:
             self._partial += data
         return data

@@ -63,10 +63,6 @@ impl Recipient {
         format!("{}@{}", self.local.to_lowercase(), self.ascii_domain)
     }
 
-    pub fn domain(&self) -> &str {
-        &self.domain
-    }
-
     /// Whether sending to this address needs SMTPUTF8 (its local part is not ASCII).
     pub fn needs_utf8(&self) -> bool {
         !self.local.is_ascii()

@@ -231,7 +231,6 @@ impl App {
             Err(error) => Some(anyhow::Error::new(error).context("ingest panicked")),
         };
         let _ = dispatcher.await;
-        let failure = failure.or_else(|| failures.first());
         let finished =
             tokio::time::timeout(config.shutdown_timeout, async { while workers.join_next().await.is_some() {} }).await;
         if finished.is_err() {

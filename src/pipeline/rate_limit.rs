@@ -196,11 +196,6 @@ impl RateLimit {
         }
     }
 
-    /// The rate allowed now, for the metrics.
-    pub fn current_rate(&self) -> f64 {
-        self.lock_slowdown().rate(self.configured, Instant::now()).unwrap_or(self.configured)
-    }
-
     fn lock_slowdown(&self) -> std::sync::MutexGuard<'_, Slowdown> {
         // The guarded code cannot panic, so a poisoned lock still holds consistent data.
         self.slowdown.lock().unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -386,10 +386,6 @@ impl Connection {
         Ok(())
     }
 
-    pub fn is_encrypted(&self) -> bool {
-        self.encrypted
-    }
-
     pub fn server(&self) -> &str {
         &self.server
     }

@@ -40,13 +40,6 @@ impl Command {
             Command::Quit => "QUIT",
         }
     }
-
-    /// Whether a failure here belongs to the message (its envelope or content) rather than to the
-    /// connection: a failure of EHLO, STARTTLS, AUTH, RSET or NOOP says nothing about the letter,
-    /// which may go again at once on another connection.
-    pub fn is_message_phase(self) -> bool {
-        matches!(self, Command::MailFrom | Command::RcptTo | Command::Data | Command::DataEnd)
-    }
 }
 
 impl fmt::Display for Command {

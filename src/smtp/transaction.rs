@@ -51,12 +51,14 @@ pub async fn send(
     if !connection.is_clean() {
         connection.reset(timeouts.short).await?;
     }
-    let caps = connection.capabilities.clone();
+    let caps = &connection.capabilities;
+    let (smtputf8, pipelining, eightbitmime, sized) =
+        (caps.smtputf8, caps.pipelining, caps.eightbitmime, caps.size.is_some());
     let mut rcpt: Vec<RcptResult> = Vec::with_capacity(recipients.len());
     let mut offered = Vec::with_capacity(recipients.len());
     let mut utf8 = false;
     for (index, recipient) in recipients.iter().enumerate() {
-        match recipient.envelope_form(caps.smtputf8) {
+        match recipient.envelope_form(smtputf8) {
             EnvelopeForm::Ascii(address) => offered.push((index, address)),
             EnvelopeForm::Utf8(address) => {
                 utf8 = true;
@@ -76,10 +78,10 @@ pub async fn send(
     }
 
     let mut mail = format!("MAIL FROM:<{from}>");
-    if caps.size.is_some() {
+    if sized {
         mail.push_str(&format!(" SIZE={}", message.len()));
     }
-    if !message.is_ascii() && caps.eightbitmime {
+    if !message.is_ascii() && eightbitmime {
         mail.push_str(" BODY=8BITMIME");
     }
     if utf8 || !from.is_ascii() {
@@ -88,7 +90,7 @@ pub async fn send(
     let rcpt_line = |address: &str| format!("RCPT TO:<{address}>\r\n");
 
     connection.set_clean(false);
-    if caps.pipelining {
+    if pipelining {
         let mut batch = format!("{mail}\r\n");
         for (_, address) in &offered {
             batch.push_str(&rcpt_line(address));
