@@ -46,6 +46,7 @@ pub struct Metrics {
     pub stored: Counter,
     pub duplicates: Counter,
     pub dead_letters: Counter,
+    pub dead_letters_kept: Counter,
     pub sent: Counter,
     pub failed: Family<ReasonLabel, Counter>,
     pub retried: Counter,
@@ -72,6 +73,7 @@ impl Metrics {
             stored: Counter::default(),
             duplicates: Counter::default(),
             dead_letters: Counter::default(),
+            dead_letters_kept: Counter::default(),
             sent: Counter::default(),
             failed: Family::default(),
             retried: Counter::default(),
@@ -101,6 +103,11 @@ impl Metrics {
             "dead_letters",
             "Kafka messages set aside on the dead-letter topic",
             metrics.dead_letters.clone(),
+        );
+        registry.register(
+            "dead_letters_kept_in_mongodb",
+            "Kafka messages the dead-letter topic did not take, kept in the <collection>_dead_letters collection instead",
+            metrics.dead_letters_kept.clone(),
         );
         registry.register("letters_sent", "Letters accepted by the SMTP server", metrics.sent.clone());
         registry.register("letters_failed", "Letters that ended in error, by reason class", metrics.failed.clone());

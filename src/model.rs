@@ -218,6 +218,34 @@ impl Letter {
         }
     }
 
+    /// A copy without what may be large: the body, the addresses and the per-recipient state.
+    pub fn clone_head(&self) -> Letter {
+        Letter {
+            id: self.id,
+            addresses: Vec::new(),
+            subject: self.subject.clone(),
+            body: String::new(),
+            token: self.token.clone(),
+            status: self.status,
+            kafkakey: self.kafkakey.clone(),
+            key_null: self.key_null,
+            key_b64: self.key_b64.clone(),
+            source: self.source.clone(),
+            attempts: self.attempts,
+            due_ms: self.due_ms,
+            owner: self.owner.clone(),
+            lease_ms: self.lease_ms,
+            claim: self.claim.clone(),
+            delivered: Vec::new(),
+            rejected: Vec::new(),
+            last_reply: self.last_reply.clone(),
+            error: self.error.clone(),
+            unreported: self.unreported,
+            created_at: self.created_at.clone(),
+            updated_ms: self.updated_ms,
+        }
+    }
+
     /// The key bytes of the source message, for the status message: the same bytes, and no key
     /// when it had none.
     pub fn key_bytes(&self) -> Option<Vec<u8>> {

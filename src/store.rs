@@ -31,15 +31,54 @@ pub struct Store {
     letters: Collection<Letter>,
     /// Named leases for work only one replica should do at a time (retention).
     locks: Collection<Document>,
+    /// Kafka messages that could be neither processed nor written to the dead-letter topic.
+    dead_letters: Collection<Document>,
     metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct InsertReport {
+    /// Letters stored, the failed stand-ins of refused ones included.
     pub inserted: usize,
+    /// Of `inserted`, the letters stored failed because MongoDB refused them as they were.
+    pub failed: usize,
     /// The sources of the letters skipped because they were already stored.
     pub duplicates: Vec<String>,
+    /// Letters that could not be stored at all, not even as failed.
+    pub unstorable: Vec<Unstorable>,
 }
+
+/// A letter MongoDB refused both as it was and as a failed letter without its body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unstorable {
+    /// Its index in the letters given to [`Store::insert`].
+    pub index: usize,
+    pub reason: String,
+}
+
+/// A Kafka message set aside, with where it came from and why.
+#[derive(Debug)]
+pub struct DeadLetterRecord<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+    pub reason: &'a str,
+    /// Why the dead-letter topic did not take it.
+    pub dlq_error: &'a str,
+}
+
+/// What one insert command did, by index into the documents it was given.
+#[derive(Debug, Default)]
+struct InsertOutcome {
+    inserted: usize,
+    duplicates: Vec<usize>,
+    refused: Vec<(usize, String)>,
+}
+
+/// MongoDB's own limit on one document (`maxBsonObjectSize`).
+const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
 
 impl Store {
     /// Counts a round trip. Counted here rather than through the driver's command events, which
@@ -71,7 +110,8 @@ impl Store {
         let db = client.database(&config.database);
         let letters = db.collection::<Letter>(&config.collection);
         let locks = db.collection::<Document>(&format!("{}_locks", config.collection));
-        Ok(Store { db, letters, locks, metrics })
+        let dead_letters = db.collection::<Document>(&format!("{}_dead_letters", config.collection));
+        Ok(Store { db, letters, locks, dead_letters, metrics })
     }
 
     pub async fn ping(&self) -> anyhow::Result<()> {
@@ -126,29 +166,101 @@ impl Store {
     }
 
     /// Inserts letters; those whose `source` is already stored (a redelivered Kafka message) are
-    /// skipped, not duplicated.
+    /// skipped, not duplicated. A letter MongoDB can never take (over its document size limit,
+    /// refused by a validator) is stored in its place as a failed letter without its body, so its
+    /// producer hears why on the status topic; one that cannot be stored even so is returned in
+    /// [`InsertReport::unstorable`] for the dead-letter topic. Only errors worth retrying (the
+    /// server unreachable, a step-down) fail the call.
     pub async fn insert(&self, letters: &[Letter]) -> anyhow::Result<InsertReport> {
-        if letters.is_empty() {
-            return Ok(InsertReport::default());
-        }
-        self.count("insert", 1);
-        match self.letters.insert_many(letters).ordered(false).await {
-            Ok(result) => Ok(InsertReport { inserted: result.inserted_ids.len(), duplicates: Vec::new() }),
-            Err(error) => {
-                if let ErrorKind::InsertMany(failure) = error.kind.as_ref()
-                    && failure.write_concern_error.is_none()
-                    && let Some(write_errors) = &failure.write_errors
-                    && write_errors.iter().all(|e| e.code == DUPLICATE_KEY)
-                {
-                    let duplicates: Vec<String> = write_errors
-                        .iter()
-                        .map(|e| letters.get(e.index).and_then(|l| l.source.clone()).unwrap_or_default())
-                        .collect();
-                    return Ok(InsertReport { inserted: letters.len() - duplicates.len(), duplicates });
-                }
-                Err(anyhow::Error::new(error).context("inserting letters"))
+        let mut report = InsertReport::default();
+        let mut refused: Vec<(usize, String)> = Vec::new();
+        let mut storable: Vec<usize> = Vec::with_capacity(letters.len());
+        for (index, letter) in letters.iter().enumerate() {
+            match oversize(letter) {
+                Some(reason) => refused.push((index, reason)),
+                None => storable.push(index),
             }
         }
+        let batch: Vec<&Letter> = storable.iter().map(|i| &letters[*i]).collect();
+        let outcome = self.insert_many(&batch).await?;
+        report.inserted += outcome.inserted;
+        report.duplicates.extend(outcome.duplicates.iter().map(|i| source_of(batch[*i])));
+        refused.extend(outcome.refused.into_iter().map(|(i, reason)| (storable[i], reason)));
+        if refused.is_empty() {
+            return Ok(report);
+        }
+
+        let stubs: Vec<Letter> = refused.iter().map(|(i, reason)| unstorable_stub(&letters[*i], reason)).collect();
+        for (index, reason) in &refused {
+            tracing::error!(
+                source = %source_of(&letters[*index]),
+                reason = %reason,
+                "a letter MongoDB cannot store is failed without its body"
+            );
+        }
+        let stub_refs: Vec<&Letter> = stubs.iter().collect();
+        let outcome = self.insert_many(&stub_refs).await?;
+        report.inserted += outcome.inserted;
+        report.failed += outcome.inserted;
+        report.duplicates.extend(outcome.duplicates.iter().map(|i| source_of(&stubs[*i])));
+        report.unstorable.extend(outcome.refused.into_iter().map(|(i, stub_reason)| Unstorable {
+            index: refused[i].0,
+            reason: format!("{}; failed letter not stored either: {stub_reason}", refused[i].1),
+        }));
+        Ok(report)
+    }
+
+    /// One unordered insert; sorts each refused document into duplicate or never storable.
+    async fn insert_many(&self, letters: &[&Letter]) -> anyhow::Result<InsertOutcome> {
+        if letters.is_empty() {
+            return Ok(InsertOutcome::default());
+        }
+        self.count("insert", 1);
+        let error = match self.letters.insert_many(letters.iter().copied()).ordered(false).await {
+            Ok(result) => return Ok(InsertOutcome { inserted: result.inserted_ids.len(), ..Default::default() }),
+            Err(error) => error,
+        };
+        if let ErrorKind::InsertMany(failure) = error.kind.as_ref()
+            && failure.write_concern_error.is_none()
+            && let Some(write_errors) = &failure.write_errors
+            && write_errors.iter().all(|e| e.code == DUPLICATE_KEY || is_permanent_write_error(e.code))
+        {
+            let mut outcome = InsertOutcome { inserted: letters.len() - write_errors.len(), ..Default::default() };
+            for write_error in write_errors {
+                if write_error.code == DUPLICATE_KEY {
+                    outcome.duplicates.push(write_error.index);
+                } else {
+                    let reason = format!("MongoDB refused the letter ({}): {}", write_error.code, write_error.message);
+                    outcome.refused.push((write_error.index, reason));
+                }
+            }
+            return Ok(outcome);
+        }
+        Err(anyhow::Error::new(error).context("inserting letters"))
+    }
+
+    /// Keeps a dead letter the dead-letter topic would not take, so that nothing is lost and its
+    /// partition can move on. The payload is cut to fit one document.
+    pub async fn keep_dead_letter(&self, dead: &DeadLetterRecord<'_>) -> anyhow::Result<()> {
+        const PAYLOAD_MAX: usize = MAX_DOCUMENT_BYTES - (1 << 20);
+        let keep = dead.payload.len().min(PAYLOAD_MAX);
+        let payload = mongodb::bson::Binary {
+            subtype: mongodb::bson::spec::BinarySubtype::Generic,
+            bytes: dead.payload[..keep].to_vec(),
+        };
+        let mut document = doc! {
+            "topic": dead.topic, "partition": dead.partition, "offset": dead.offset,
+            "reason": dead.reason, "dlq_error": dead.dlq_error,
+            "payload": payload, "size": dead.payload.len() as i64, "truncated": i32::from(keep < dead.payload.len()),
+            "created_at": mongodb::bson::DateTime::now(),
+        };
+        if let Some(key) = dead.key {
+            use base64::Engine;
+            document.insert("key_b64", base64::engine::general_purpose::STANDARD.encode(key));
+        }
+        self.count("insert", 1);
+        self.dead_letters.insert_one(document).await.context("keeping a dead letter in MongoDB")?;
+        Ok(())
     }
 
     /// Leases up to `max` due letters to `owner` until `lease_until_ms`. Several replicas may
@@ -490,6 +602,73 @@ fn outcome_statement(owner: &str, record: &AttemptRecord, now_ms: i64) -> Docume
         set.insert("unreported", 1_i32);
     }
     doc! { "q": filter, "u": { "$set": set, "$unset": unset }, "multi": false, "upsert": false }
+}
+
+/// Why a letter is too large to be a MongoDB document, if it is. The driver refuses such a
+/// document before sending anything and fails the whole insert with it, so it must be caught
+/// here. Only letters whose text comes near the limit pay for an exact measurement.
+fn oversize(letter: &Letter) -> Option<String> {
+    let text = letter.body.len()
+        + letter.subject.len()
+        + letter.token.len()
+        + letter.addresses.iter().map(|a| a.len() + 16).sum::<usize>();
+    if text < MAX_DOCUMENT_BYTES - (1 << 20) {
+        return None;
+    }
+    let size = match mongodb::bson::to_vec(letter) {
+        Ok(bytes) => bytes.len(),
+        Err(error) => return Some(format!("the letter cannot be encoded for MongoDB: {error}")),
+    };
+    (size > MAX_DOCUMENT_BYTES).then(|| {
+        format!("the letter is {size} bytes as a MongoDB document, over MongoDB's limit of {MAX_DOCUMENT_BYTES} bytes")
+    })
+}
+
+/// The failed letter stored in place of one MongoDB refused: without the body, which is what
+/// usually makes a letter too large, and without its recipients too if they alone are too many,
+/// with the reason, waiting to be reported.
+fn unstorable_stub(letter: &Letter, reason: &str) -> Letter {
+    let mut stub = letter.clone_head();
+    stub.status = Status::Error;
+    stub.unreported = Some(1);
+    stub.addresses = letter.addresses.clone();
+    stub.rejected = letter.rejected.clone();
+    stub.error = Some(format!("not stored: {reason}; the body was dropped"));
+    if oversize(&stub).is_some() {
+        stub.error =
+            Some(format!("not stored: {reason}; the body and the {} addresses were dropped", letter.addresses.len()));
+        stub.addresses = Vec::new();
+        stub.rejected = Vec::new();
+        stub.delivered = Vec::new();
+    }
+    stub
+}
+
+fn source_of(letter: &Letter) -> String {
+    letter.source.clone().unwrap_or_default()
+}
+
+/// Write errors that the same document will get again however often it is retried: a
+/// validator's refusal, a document or index key too large, a value MongoDB cannot store. Any
+/// other write error fails the insert, which is retried.
+fn is_permanent_write_error(code: i32) -> bool {
+    const DOCUMENT_VALIDATION_FAILURE: i32 = 121;
+    const BSON_OBJECT_TOO_LARGE: i32 = 10334;
+    const BAD_VALUE: i32 = 2;
+    const TYPE_MISMATCH: i32 = 14;
+    const KEY_TOO_LONG: i32 = 17280;
+    const DOLLAR_PREFIXED_FIELD_NAME: i32 = 52;
+    const INVALID_ID_FIELD: i32 = 53;
+    matches!(
+        code,
+        DOCUMENT_VALIDATION_FAILURE
+            | BSON_OBJECT_TOO_LARGE
+            | BAD_VALUE
+            | TYPE_MISMATCH
+            | KEY_TOO_LONG
+            | DOLLAR_PREFIXED_FIELD_NAME
+            | INVALID_ID_FIELD
+    )
 }
 
 fn is_duplicate(error: &mongodb::error::Error) -> bool {

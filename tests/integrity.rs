@@ -279,3 +279,75 @@ async fn a_partition_that_cannot_move_shows_in_a_metric_and_a_warning() {
     assert!(app.log().contains("input partition stalled"), "no warning in the log");
     assert!(metrics.contains("# TYPE mailsender_partition_stalled gauge"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_letter_too_large_for_mongodb_fails_alone_and_its_partition_moves_on() {
+    let sink = SmtpSink::start().await;
+    // Letters failed at ingest are reported by the republisher.
+    let app = TestApp::spawn(&sink, &[("REPUBLISH_INTERVAL", "1s"), ("KAFKA_MESSAGE_TIMEOUT", "2s")]).await;
+    // The broker here serves messages up to about 5 MB, but BSON spends 15 bytes on an array
+    // element that JSON writes in 4: 1.2 million short addresses make a document over MongoDB's
+    // 16 MiB limit, which no retry can change.
+    let addresses = vec!["a"; 1_200_000];
+    let huge = json!([
+        { "Subject": "huge", "Body": "<p>hi</p>", "Addresses": addresses, "Token": "huge-token" },
+        { "Subject": "beside", "Body": "<p>fits</p>", "Addresses": ["beside@example.org"], "Token": "t" },
+    ]);
+    app.produce(Some("same-partition"), huge.to_string().as_bytes()).await;
+    app.produce(Some("same-partition"), batch("after", 1, 1).to_string().as_bytes()).await;
+
+    let letters = app.wait_all_final(3, LONG).await;
+    let huge = letters.iter().find(|l| l.subject == "huge").expect("the huge letter, failed");
+    assert_eq!(huge.status, Status::Error);
+    let reason = huge.error.clone().unwrap_or_default();
+    assert!(reason.contains("over MongoDB's limit"), "{reason}");
+    assert!(reason.contains("1200000 addresses were dropped"), "{reason}");
+    for subject in ["beside", "after letter 0"] {
+        let letter = letters.iter().find(|l| l.subject == subject).unwrap_or_else(|| panic!("{subject}: {letters:?}"));
+        assert_eq!(letter.status, Status::Sent, "{subject}");
+    }
+    assert_eq!(sink.wait_for_count(2, LONG).await.len(), 2);
+    let statuses = app.consume(&app.topic_out, 3, LONG).await;
+    let status = statuses.iter().map(|s| s.json()).find(|m| m["Subject"] == "huge").expect("its status message");
+    assert_eq!(status["Status"], "error");
+    assert_eq!(status["Token"], "huge-token");
+    assert!(status["Error"].as_str().unwrap_or_default().contains("over MongoDB's limit"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_the_dead_letter_topic_refuses_is_kept_and_its_partition_moves_on() {
+    let sink = SmtpSink::start().await;
+    let name = unique("nodlq");
+    let (topic_in, topic_out) = (format!("{name}-in"), format!("{name}-out"));
+    create_topics(&[&topic_in, &topic_out], 2).await;
+    // The dead-letter topic was never created and the broker does not create topics on demand.
+    let app = TestApp::spawn(
+        &sink,
+        &[
+            ("KAFKA_CREATE_TOPICS", "false"),
+            ("KAFKA_TOPIC_MAILSENDER", &topic_in),
+            ("KAFKA_TOPIC_PROFILE", &topic_out),
+            ("KAFKA_TOPIC_DLQ", &format!("{name}-missing.dlq")),
+            ("KAFKA_MESSAGE_TIMEOUT", "2s"),
+        ],
+    )
+    .await;
+    app.produce(Some("same-partition"), b"{not a batch").await;
+    app.produce(Some("same-partition"), batch("after", 1, 1).to_string().as_bytes()).await;
+
+    let letters = app.wait_all_final(1, LONG).await;
+    assert_eq!(letters[0].status, Status::Sent);
+    let kept = wait_for("the dead letter kept in MongoDB", LONG, || async {
+        let kept = app.raw_documents("letters_dead_letters").await;
+        (!kept.is_empty()).then_some(kept)
+    })
+    .await;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let payload = kept[0].get_binary_generic("payload").unwrap();
+    assert_eq!(payload.as_slice(), b"{not a batch");
+    let reason = kept[0].get_str("reason").unwrap();
+    assert!(reason.contains("JSON"), "{reason}");
+    assert!(!kept[0].get_str("dlq_error").unwrap().is_empty());
+    let metrics = app.get("/metrics").await.1;
+    assert!(metrics.contains("mailsender_dead_letters_kept_in_mongodb_total 1"), "{metrics}");
+}

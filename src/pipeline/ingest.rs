@@ -17,6 +17,7 @@ use std::{
 use rdkafka::{
     Message,
     consumer::{CommitMode, Consumer},
+    error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
 };
 use tokio::{sync::Notify, time::Instant};
@@ -26,8 +27,8 @@ use crate::{
     config::KafkaConfig,
     kafka::{IngestConsumer, StatusProducer},
     metrics::Metrics,
-    model::{Letter, now_ms, parse_batch},
-    store::Store,
+    model::{Letter, Mailing, now_ms, parse_batch},
+    store::{DeadLetterRecord, Store},
 };
 
 /// A Kafka message that is not a batch, with where it came from.
@@ -44,6 +45,8 @@ struct DeadLetter {
 #[derive(Default)]
 struct Pending {
     letters: Vec<Letter>,
+    /// Partition and offset of each letter's message, for the dead-letter topic.
+    origins: Vec<(i32, i64)>,
     dead: Vec<DeadLetter>,
     /// Highest offset read per partition.
     offsets: BTreeMap<i32, i64>,
@@ -127,6 +130,7 @@ impl Ingest {
                 for (index, mailing) in mailings.into_iter().enumerate() {
                     let source = format!("{}/{partition}/{offset}/{index}{stamp}", self.config.topic_in);
                     pending.letters.push(Letter::from_mailing(mailing, message.key(), source, now));
+                    pending.origins.push((partition, offset));
                 }
             }
             Err(error) => {
@@ -145,10 +149,11 @@ impl Ingest {
     /// Makes everything pending durable, then stores the offsets. Retries while MongoDB or the
     /// broker is unreachable: not consuming meanwhile is the back-pressure.
     async fn flush(&self, pending: &mut Pending, shutdown: &CancellationToken) {
-        let batch = std::mem::take(pending);
+        let mut batch = std::mem::take(pending);
+        let has_letters = !batch.letters.is_empty();
         let mut pause = Duration::from_millis(200);
         let durable = loop {
-            match self.write(&batch).await {
+            match self.write(&mut batch).await {
                 Ok(()) => break true,
                 Err(error) => {
                     tracing::warn!(
@@ -175,12 +180,14 @@ impl Ingest {
                 tracing::debug!(partition, offset, error = %error, "offset not stored");
             }
         }
-        if !batch.letters.is_empty() {
+        if has_letters {
             self.wake.notify_one();
         }
     }
 
-    async fn write(&self, batch: &Pending) -> anyhow::Result<()> {
+    /// Stores the letters, then sets the dead letters aside. What is done is taken out of
+    /// `batch`, so a retry after a failure repeats only the rest.
+    async fn write(&self, batch: &mut Pending) -> anyhow::Result<()> {
         if !batch.letters.is_empty() {
             let report = self.store.insert(&batch.letters).await?;
             self.metrics.stored.inc_by(report.inserted as u64);
@@ -192,30 +199,94 @@ impl Ingest {
                     "skipped letters whose source (topic/partition/offset/index@timestamp) is already stored: a redelivered message"
                 );
             }
-        }
-        for dead in &batch.dead {
-            // The copy must fit the broker's limit, or the dead letter itself would block the
-            // partition; the original stays in the input topic until its retention.
-            let keep = dead.payload.len().min(self.config.dlq_max_bytes);
-            let size = dead.payload.len().to_string();
-            let mut headers = OwnedHeaders::new()
-                .insert(Header { key: "x-error", value: Some(dead.reason.as_bytes()) })
-                .insert(Header { key: "x-source-topic", value: Some(self.config.topic_in.as_bytes()) })
-                .insert(Header { key: "x-source-partition", value: Some(dead.partition.to_string().as_bytes()) })
-                .insert(Header { key: "x-source-offset", value: Some(dead.offset.to_string().as_bytes()) });
-            if keep < dead.payload.len() {
-                headers = headers
-                    .insert(Header { key: "x-truncated", value: Some(b"true".as_slice()) })
-                    .insert(Header { key: "x-original-size", value: Some(size.as_bytes()) });
+            for unstorable in report.unstorable {
+                let letter = &batch.letters[unstorable.index];
+                let (partition, offset) = batch.origins[unstorable.index];
+                tracing::error!(partition, offset, reason = %unstorable.reason, "a letter MongoDB cannot store goes to the dead-letter topic");
+                batch.dead.push(DeadLetter {
+                    partition,
+                    offset,
+                    key: letter.key_bytes(),
+                    payload: mailing_payload(letter),
+                    reason: unstorable.reason,
+                });
             }
-            self.producer
-                .send(&self.config.topic_dlq, dead.key.as_deref(), &dead.payload[..keep], Some(headers))
-                .await
-                .map_err(|error| anyhow::anyhow!("producing to the dead-letter topic: {error}"))?;
-            self.metrics.dead_letters.inc();
+            batch.letters.clear();
+            batch.origins.clear();
+        }
+        while let Some(dead) = batch.dead.first() {
+            self.set_aside(dead).await?;
+            batch.dead.remove(0);
         }
         Ok(())
     }
+
+    /// Writes a dead letter to the dead-letter topic or, when that topic does not take it
+    /// (missing, refused, or the broker unreachable for all of `KAFKA_MESSAGE_TIMEOUT`), to
+    /// MongoDB: either way it is kept and its partition moves on. Fails only when neither can be
+    /// written, and then the caller retries.
+    async fn set_aside(&self, dead: &DeadLetter) -> anyhow::Result<()> {
+        // The copy must fit the broker's limit, or the dead letter itself would block the
+        // partition; the original stays in the input topic until its retention.
+        let keep = dead.payload.len().min(self.config.dlq_max_bytes);
+        let size = dead.payload.len().to_string();
+        let mut headers = OwnedHeaders::new()
+            .insert(Header { key: "x-error", value: Some(dead.reason.as_bytes()) })
+            .insert(Header { key: "x-source-topic", value: Some(self.config.topic_in.as_bytes()) })
+            .insert(Header { key: "x-source-partition", value: Some(dead.partition.to_string().as_bytes()) })
+            .insert(Header { key: "x-source-offset", value: Some(dead.offset.to_string().as_bytes()) });
+        if keep < dead.payload.len() {
+            headers = headers
+                .insert(Header { key: "x-truncated", value: Some(b"true".as_slice()) })
+                .insert(Header { key: "x-original-size", value: Some(size.as_bytes()) });
+        }
+        let produced =
+            self.producer.send(&self.config.topic_dlq, dead.key.as_deref(), &dead.payload[..keep], Some(headers)).await;
+        let error = match produced {
+            Ok(()) => {
+                self.metrics.dead_letters.inc();
+                return Ok(());
+            }
+            // Only the local queue is full: nothing was tried yet.
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                anyhow::bail!("producing to the dead-letter topic: the local queue is full")
+            }
+            Err(error) => error,
+        };
+        let dlq_error = error.to_string();
+        self.store
+            .keep_dead_letter(&DeadLetterRecord {
+                topic: &self.config.topic_in,
+                partition: dead.partition,
+                offset: dead.offset,
+                key: dead.key.as_deref(),
+                payload: &dead.payload,
+                reason: &dead.reason,
+                dlq_error: &dlq_error,
+            })
+            .await?;
+        self.metrics.dead_letters_kept.inc();
+        tracing::error!(
+            partition = dead.partition,
+            offset = dead.offset,
+            reason = %dead.reason,
+            dlq_error = %dlq_error,
+            topic_dlq = %self.config.topic_dlq,
+            "the dead-letter topic did not take a dead letter: kept in MongoDB instead"
+        );
+        Ok(())
+    }
+}
+
+/// The letter as a one-mailing batch, the shape its producer sent.
+fn mailing_payload(letter: &Letter) -> Vec<u8> {
+    let mailing = Mailing {
+        subject: letter.subject.clone(),
+        body: letter.body.clone(),
+        addresses: letter.addresses.clone(),
+        token: letter.token.clone(),
+    };
+    serde_json::to_vec(&[mailing]).unwrap_or_default()
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -433,10 +433,15 @@ impl TestApp {
     }
 
     pub async fn raw_letters(&self) -> Vec<Document> {
+        self.raw_documents("letters").await
+    }
+
+    /// Every document of one collection of this app's database.
+    pub async fn raw_documents(&self, collection: &str) -> Vec<Document> {
         use futures::TryStreamExt;
         self.mongo
             .database(&self.database)
-            .collection::<Document>("letters")
+            .collection::<Document>(collection)
             .find(doc! {})
             .await
             .unwrap()
@@ -495,6 +500,31 @@ impl Drop for TestApp {
 
 pub async fn produce(topic: &str, key: Option<&str>, payload: &[u8]) {
     produce_bytes(topic, key.map(str::as_bytes), payload).await;
+}
+
+/// Produces one gzip-compressed message: a broker that takes a few MB on the wire can carry a
+/// payload many times larger.
+pub async fn produce_compressed(topic: &str, key: &str, payload: &[u8]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("message.timeout.ms", "20000")
+        .set("message.max.bytes", "67108864")
+        .set("compression.type", "gzip")
+        .create()
+        .unwrap();
+    let record = FutureRecord::<str, [u8]>::to(topic).key(key).payload(payload);
+    producer.send(record, Duration::from_secs(20)).await.map_err(|(e, _)| e).expect("producing to the test topic");
+}
+
+/// Creates topics, for a test that keeps the service from creating its own.
+pub async fn create_topics(topics: &[&str], partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let new: Vec<NewTopic<'_>> =
+        topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+    for result in admin.create_topics(&new, &AdminOptions::new()).await.unwrap() {
+        result.expect("creating a test topic");
+    }
 }
 
 /// Produces with any key bytes, or none at all.
