@@ -23,7 +23,7 @@ use crate::{
     kafka::{self, IngestConsumer, StatusProducer},
     metrics::{Metrics, StatusLabel},
     pipeline::{
-        dispatch::{Dispatcher, LeaseClock},
+        dispatch::{Dispatcher, LeaseClock, Memory},
         ingest::Ingest,
         report::Report,
         send::{SendContext, Worker},
@@ -56,6 +56,12 @@ impl App {
             rate = %format!("{} per {}", config.smtp.rate_max_letters, humantime::format_duration(config.smtp.rate_period)),
             "starting mailsender"
         );
+        // Test hook: `MAILSENDER_FAULT_INJECTION=clock_skew_ms:N` sets this host's clock N ms off.
+        if let Some(skew) = config.fault_injection.as_deref().and_then(|i| i.strip_prefix("clock_skew_ms:")) {
+            let skew: i64 = skew.parse().context("MAILSENDER_FAULT_INJECTION clock_skew_ms: not a number")?;
+            tracing::warn!(skew_ms = skew, "test hook: this process's wall clock is skewed");
+            crate::model::inject_clock_skew(skew);
+        }
         let metrics = Arc::new(Metrics::new());
         let store = Store::connect(&config.mongo, metrics.clone()).await?;
         retry_at_start("preparing MongoDB", || store.prepare(config.dispatch.lease)).await?;
@@ -142,6 +148,7 @@ impl App {
                     wake,
                     lease: lease.clone(),
                     low_water: Dispatcher::low_water(&config.dispatch, capacity),
+                    memory: Memory::new(config.dispatch.max_bytes),
                 }
                 .run(letters_tx, shutdown.clone()),
             ),

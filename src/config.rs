@@ -128,6 +128,9 @@ pub struct DispatchConfig {
     pub backoff_max: Duration,
     /// Most letters claimed from MongoDB in one round trip.
     pub claim_batch: usize,
+    /// Most bytes of letters (bodies, subjects, addresses) held in memory at once, from claim to
+    /// stored outcome; a single letter larger than this is still sent, alone.
+    pub max_bytes: usize,
     /// How often an idle dispatcher looks for due letters (retries, other replicas' inserts).
     pub poll_interval: Duration,
     /// How often outcomes that were stored but never published are looked for.
@@ -276,6 +279,9 @@ impl Config {
             backoff_base: env.positive_duration("RETRY_BACKOFF_BASE", "10s")?,
             backoff_max: env.positive_duration("RETRY_BACKOFF_MAX", "10m")?,
             claim_batch: env.parse("CLAIM_BATCH", 256, "a letter count from 1 to 5000", |n| (1..=5000).contains(n))?,
+            max_bytes: env.parse("DISPATCH_MAX_BYTES", 16 << 20, "a byte count from 1 MiB to 4 GiB", |n| {
+                ((1 << 20)..=(4 << 30)).contains(n)
+            })?,
             poll_interval: env.positive_duration("DISPATCH_POLL_INTERVAL", "1s")?,
             republish_interval: env.positive_duration("REPUBLISH_INTERVAL", "30s")?,
             retention: env.duration("LETTER_RETENTION", "30d")?,

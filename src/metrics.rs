@@ -62,6 +62,7 @@ pub struct Metrics {
     pub smtp_connections: Counter,
     pub throttle_events: Counter,
     pub send_rate: Gauge<f64, AtomicU64>,
+    pub clock_offset: Gauge<f64, AtomicU64>,
     pub kafka_requests: Family<ClientLabel, Counter>,
 }
 
@@ -89,6 +90,7 @@ impl Metrics {
             smtp_connections: Counter::default(),
             throttle_events: Counter::default(),
             send_rate: Gauge::default(),
+            clock_offset: Gauge::default(),
             kafka_requests: Family::default(),
             registry: Registry::default(),
         };
@@ -159,6 +161,11 @@ impl Metrics {
             "send_rate_limit",
             "Letters per second this instance allows itself now: the budget, or less while the relay throttles",
             metrics.send_rate.clone(),
+        );
+        registry.register(
+            "mongodb_clock_offset_seconds",
+            "MongoDB's clock minus this host's, as last measured; lease times follow MongoDB's",
+            metrics.clock_offset.clone(),
         );
         registry.register(
             "kafka_requests",

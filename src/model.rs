@@ -156,6 +156,10 @@ pub struct Letter {
     /// BSON date because range queries on dates are several times slower on the Mongo-wire server.
     #[serde(default)]
     pub due_ms: i64,
+    /// Bytes of the letter's text (body, subject, token, addresses), so a claim can take no more
+    /// than memory allows without reading the bodies first. Absent (0) on Go-era letters.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size_bytes: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -190,7 +194,7 @@ impl Letter {
     pub fn from_mailing(mailing: Mailing, kafka_key: Option<&[u8]>, source: String, now_ms: i64) -> Letter {
         let checked = mailing.validate();
         let failed = checked.error.is_some();
-        Letter {
+        let mut letter = Letter {
             id: ObjectId::new(),
             addresses: mailing.addresses,
             subject: mailing.subject,
@@ -205,6 +209,7 @@ impl Letter {
             source: Some(source),
             attempts: 0,
             due_ms: now_ms,
+            size_bytes: 0,
             owner: None,
             lease_ms: None,
             claim: None,
@@ -215,7 +220,14 @@ impl Letter {
             unreported: failed.then_some(1),
             created_at: Some(Bson::DateTime(DateTime::from_millis(now_ms))),
             updated_ms: now_ms,
-        }
+        };
+        letter.size_bytes = letter.text_bytes() as i64;
+        letter
+    }
+
+    /// Bytes of text this letter holds in memory.
+    pub fn text_bytes(&self) -> usize {
+        self.body.len() + self.subject.len() + self.token.len() + self.addresses.iter().map(String::len).sum::<usize>()
     }
 
     /// A copy without what may be large: the body, the addresses and the per-recipient state.
@@ -233,6 +245,7 @@ impl Letter {
             source: self.source.clone(),
             attempts: self.attempts,
             due_ms: self.due_ms,
+            size_bytes: self.size_bytes,
             owner: self.owner.clone(),
             lease_ms: self.lease_ms,
             claim: self.claim.clone(),
@@ -294,6 +307,9 @@ pub struct AttemptRecord {
     pub published: bool,
     /// Held until the outcome is stored; it bounds the sends a crash could repeat.
     pub unrecorded: Option<OwnedSemaphorePermit>,
+    /// The letter's share of the dispatcher's memory budget, returned once the outcome is stored
+    /// and published (the body is needed until then).
+    pub memory: Option<OwnedSemaphorePermit>,
 }
 
 /// The message published to the status topic for each letter that reaches `sent` or `error`.
@@ -351,8 +367,26 @@ impl StatusMessage {
     }
 }
 
+/// The host's wall clock in Unix milliseconds. Lease times compare across replicas, so they use
+/// [`crate::store::Store::now_ms`], this corrected to MongoDB's clock.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default();
+    host + CLOCK_SKEW_MS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Moves this process's wall clock, as if its host's clock were off: set only by the test hook
+/// `MAILSENDER_FAULT_INJECTION=clock_skew_ms:N`.
+static CLOCK_SKEW_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+pub fn inject_clock_skew(ms: i64) {
+    CLOCK_SKEW_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]

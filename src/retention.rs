@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{model::now_ms, store::Store};
+use crate::store::Store;
 
 /// Letters deleted per round trip.
 const BATCH: usize = 500;
@@ -23,7 +23,7 @@ pub async fn run(store: Store, owner: String, retention: Duration, interval: Dur
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let now = now_ms();
+        let now = store.now_ms();
         // The lock outlasts one round, so two replicas never delete side by side.
         match store.try_lock("retention", &owner, now, now + 2 * interval.as_millis() as i64).await {
             Ok(true) => {}

@@ -5,7 +5,13 @@
 //! batches (find ids, update them to `processing` under a claim token, read back what this claim
 //! won), and outcomes are written as one multi-statement `update` command per batch.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context;
 use futures::TryStreamExt;
@@ -33,6 +39,8 @@ pub struct Store {
     locks: Collection<Document>,
     /// Kafka messages that could be neither processed nor written to the dead-letter topic.
     dead_letters: Collection<Document>,
+    /// MongoDB's clock minus this host's, in milliseconds.
+    clock_offset_ms: Arc<AtomicI64>,
     metrics: Arc<Metrics>,
 }
 
@@ -54,6 +62,36 @@ pub struct Unstorable {
     /// Its index in the letters given to [`Store::insert`].
     pub index: usize,
     pub reason: String,
+}
+
+/// How much one claim may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimLimit {
+    pub count: usize,
+    pub bytes: usize,
+    /// Whether one letter larger than `bytes` may be taken when it comes first: true when nothing
+    /// else is held, so a letter bigger than the whole budget is still sent, alone.
+    pub oversize_alone: bool,
+}
+
+/// The size assumed for a letter the Go service wrote, which records none.
+pub const UNKNOWN_SIZE: usize = 256 * 1024;
+
+impl ClaimLimit {
+    /// The longest prefix of `letters` (id, size) within the limit.
+    fn fit<T>(&self, letters: impl Iterator<Item = (T, usize)>) -> Vec<T> {
+        let mut taken = Vec::new();
+        let mut total = 0usize;
+        for (id, size) in letters.take(self.count) {
+            let fits = total + size <= self.bytes || (taken.is_empty() && self.oversize_alone);
+            if !fits {
+                break;
+            }
+            total += size;
+            taken.push(id);
+        }
+        taken
+    }
 }
 
 /// A Kafka message set aside, with where it came from and why.
@@ -111,7 +149,34 @@ impl Store {
         let letters = db.collection::<Letter>(&config.collection);
         let locks = db.collection::<Document>(&format!("{}_locks", config.collection));
         let dead_letters = db.collection::<Document>(&format!("{}_dead_letters", config.collection));
-        Ok(Store { db, letters, locks, dead_letters, metrics })
+        Ok(Store { db, letters, locks, dead_letters, clock_offset_ms: Arc::default(), metrics })
+    }
+
+    /// The time by MongoDB's clock, as last measured: every time compared across replicas (lease
+    /// expiry, due times) uses it, so pods whose clocks disagree still agree on when a lease ends.
+    pub fn now_ms(&self) -> i64 {
+        crate::model::now_ms() + self.clock_offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// Measures the offset to MongoDB's clock (`hello`'s `localTime`), to within half a round
+    /// trip. Run at start and with every lease renewal, so a clock that drifts is followed.
+    pub async fn sync_clock(&self) -> anyhow::Result<i64> {
+        self.count("hello", 1);
+        let before = crate::model::now_ms();
+        let reply = self.db.run_command(doc! { "hello": 1 }).await.context("MongoDB hello")?;
+        let after = crate::model::now_ms();
+        let server = reply.get_datetime("localTime").context("MongoDB hello without localTime")?.timestamp_millis();
+        let offset = server - (before + after) / 2;
+        let previous = self.clock_offset_ms.swap(offset, Ordering::Relaxed);
+        self.metrics.clock_offset.set(offset as f64 / 1000.0);
+        if (offset - previous).abs() > 1000 || (previous == 0 && offset.abs() > 1000) {
+            tracing::warn!(
+                offset_ms = offset,
+                round_trip_ms = after - before,
+                "this host's clock differs from MongoDB's; lease times follow MongoDB's"
+            );
+        }
+        Ok(offset)
     }
 
     pub async fn ping(&self) -> anyhow::Result<()> {
@@ -139,7 +204,8 @@ impl Store {
         self.adopt_legacy().await?;
         // Go-era `processing` letters have no owner that could ever release them: give them a
         // lease that expires, so the reaper returns them to `awaiting`.
-        let expiry = crate::model::now_ms() + lease.as_millis() as i64;
+        self.sync_clock().await?;
+        let expiry = self.now_ms() + lease.as_millis() as i64;
         self.letters
             .update_many(
                 doc! { "status": "processing", "lease_ms": { "$exists": false } },
@@ -263,18 +329,18 @@ impl Store {
         Ok(())
     }
 
-    /// Leases up to `max` due letters to `owner` until `lease_until_ms`. Several replicas may
-    /// claim at once: the update only takes letters still `awaiting`, and each replica reads back
-    /// only the letters its own claim token marked.
+    /// Leases up to `limit.count` due letters, of at most `limit.bytes` together, to `owner` until
+    /// `lease_until_ms`. Several replicas may claim at once: the update only takes letters still
+    /// `awaiting`, and each replica reads back only the letters its own claim token marked.
     pub async fn claim(
         &self,
         owner: &str,
-        max: usize,
+        limit: ClaimLimit,
         now_ms: i64,
         lease_until_ms: i64,
     ) -> anyhow::Result<Vec<Letter>> {
         let due = doc! { "status": "awaiting", "due_ms": { "$lte": now_ms } };
-        let ids = self.ids(due, Some(doc! { "due_ms": 1 }), max).await.context("finding due letters")?;
+        let ids = self.due_ids(due, limit).await.context("finding due letters")?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -353,6 +419,27 @@ impl Store {
         }
     }
 
+    /// The ids of the first due letters that fit `limit`, in one reply: their sizes come with the
+    /// ids, so no body is read before the claim knows it has room for it.
+    async fn due_ids(&self, filter: Document, limit: ClaimLimit) -> anyhow::Result<Vec<Bson>> {
+        self.count("find", 1);
+        let letters = self.letters.clone_with_type::<Document>();
+        let found: Vec<Document> = letters
+            .find(filter)
+            .sort(doc! { "due_ms": 1 })
+            .limit(limit.count as i64)
+            .batch_size(limit.count as u32)
+            .projection(doc! { "_id": 1, "size_bytes": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        let sized = found.into_iter().filter_map(|d| {
+            let size = d.get("size_bytes").and_then(|s| s.as_i64().or_else(|| s.as_i32().map(i64::from)));
+            Some((d.get("_id")?.clone(), size.map_or(UNKNOWN_SIZE, |s| s.max(0) as usize)))
+        });
+        Ok(limit.fit(sized))
+    }
+
     /// The ids of up to `limit` letters matching `filter`, in one reply.
     async fn ids(&self, filter: Document, sort: Option<Document>, limit: usize) -> anyhow::Result<Vec<Bson>> {
         self.count("find", 1);
@@ -406,7 +493,7 @@ impl Store {
     /// Returns every letter `owner` still holds to `awaiting` (graceful shutdown). Another
     /// replica's letters are never touched.
     pub async fn release_all(&self, owner: &str) -> anyhow::Result<u64> {
-        self.return_to_awaiting(doc! { "owner": owner, "status": "processing" }, crate::model::now_ms())
+        self.return_to_awaiting(doc! { "owner": owner, "status": "processing" }, self.now_ms())
             .await
             .context("releasing own letters")
     }
@@ -427,7 +514,7 @@ impl Store {
         if records.is_empty() {
             return Ok(0);
         }
-        let now_ms = crate::model::now_ms();
+        let now_ms = self.now_ms();
         let updates: Vec<Document> = records.iter().map(|r| outcome_statement(owner, r, now_ms)).collect();
         self.count("update", 1);
         let reply = self
@@ -685,4 +772,21 @@ pub fn is_unavailable(error: &anyhow::Error) -> bool {
             ) || matches!(e.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteConcernError(_)))
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_takes_the_letters_that_fit_in_order() {
+        let limit = ClaimLimit { count: 4, bytes: 100, oversize_alone: false };
+        let letters = [("a", 40), ("b", 50), ("c", 20), ("d", 1)];
+        assert_eq!(limit.fit(letters.into_iter()), ["a", "b"], "stops at the first that does not fit");
+        assert_eq!(ClaimLimit { count: 1, ..limit }.fit(letters.into_iter()), ["a"]);
+        let huge = [("big", 500), ("small", 1)];
+        assert!(limit.fit(huge.into_iter()).is_empty(), "waits for room while other letters are held");
+        let alone = ClaimLimit { oversize_alone: true, ..limit };
+        assert_eq!(alone.fit(huge.into_iter()), ["big"], "a letter larger than the budget goes alone");
+    }
 }

@@ -416,7 +416,8 @@ async fn broker_restart_mid_run_loses_no_letter_and_no_status_message() {
 
     let letters = chaos::wait_all_final(&app, 220, Duration::from_secs(40), Duration::from_secs(120)).await;
     assert!(letters.iter().all(|l| l.status == Status::Sent), "{:?}", tally(&letters));
-    let counts = rcpt_counts(&sink.received());
+    let received = sink.received();
+    let counts = rcpt_counts(&received);
     assert_eq!(counts.len(), 220, "every letter reached the SMTP server");
     let duplicates: usize = counts.values().map(|n| n - 1).sum();
 
@@ -504,7 +505,8 @@ async fn mongo_restart_mid_run_loses_nothing_and_strands_no_letter() {
         report("mongo_restart", &[format!("FAILED {failure}")]);
         panic!("{failure}")
     });
-    let counts = rcpt_counts(&sink.received());
+    let received = sink.received();
+    let counts = rcpt_counts(&received);
     let missing = expected.iter().filter(|a| !counts.contains_key(*a)).count();
     let duplicates: usize = counts.values().map(|n| n - 1).sum();
     report(
@@ -581,7 +583,8 @@ async fn smtp_outage_and_4xx_replies_are_retried_until_sent() {
     }
     assert!(retried.len() >= 9, "only {} letters record more than one attempt", retried.len());
 
-    let counts = rcpt_counts(&sink.received());
+    let received = sink.received();
+    let counts = rcpt_counts(&received);
     let missing = expected.iter().filter(|a| !counts.contains_key(*a)).count();
     let duplicates: usize = counts.values().map(|n| n - 1).sum();
     assert_eq!(missing, 0, "addresses never delivered");
@@ -1166,4 +1169,43 @@ async fn halt_reverts_only_its_own_letters() {
     let letters = a.wait_all_final(24, LONG).await;
     assert!(letters.iter().all(|l| l.status == Status::Sent));
     drop(b);
+}
+
+/// Two replicas whose hosts' clocks are 20 s apart agree on when a lease ends: the one ahead does
+/// not reap (and send) the letters the other is sending.
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_with_clocks_apart_do_not_take_each_others_live_letters() {
+    let _serial = chaos::serial().await;
+    let sink = SmtpSink::start().await;
+    sink.control(json!({ "data_delay_s": 0.7 }));
+    // One worker at 0.7 s a letter: A holds its 12 letters (leased for 6 s, renewed every 2 s)
+    // for about 8 s.
+    let app = TestApp::spawn(&sink, &[("SMTP_MAX_SENDERS", "1"), ("LEASE_DURATION", "6s")]).await;
+    assert_eq!(app.post("/post", batch("skew", 12, 1).to_string()).await.0, 202);
+    app.wait_for_letters("letters leased by A", LONG, |l| {
+        l.iter().filter(|l| l.status == Status::Processing).count() >= 10
+    })
+    .await;
+    // B's host clock is 20 s ahead: by its own clock every lease A holds expired long ago.
+    let mut env = Replica::env_from(&app, &format!("{}-b", app.name), sink.port);
+    env.insert("MAILSENDER_FAULT_INJECTION".into(), "clock_skew_ms:20000".into());
+    let b = Replica::start(env).await;
+
+    let letters = app.wait_all_final(12, LONG).await;
+    assert!(letters.iter().all(|l| l.status == Status::Sent));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let received = sink.received();
+    let counts = rcpt_counts(&received);
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert_eq!(counts.len(), 12);
+    assert!(twice.is_empty(), "sent twice: {twice:?}");
+    let log = b.log();
+    assert!(!log.contains("returned letters with expired leases"), "B reaped A's live letters");
+    let metrics = reqwest::get(format!("{}/metrics", b.http)).await.unwrap().text().await.unwrap();
+    let offset: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("mailsender_mongodb_clock_offset_seconds "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("the clock offset metric");
+    assert!((-21.0..-19.0).contains(&offset), "B measured an offset of {offset} s");
 }

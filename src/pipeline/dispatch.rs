@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::DispatchConfig,
-    model::{Letter, now_ms},
-    store::Store,
+    model::Letter,
+    store::{ClaimLimit, Store},
 };
 
 /// A letter leased to this instance, on its way to a worker. The permit bounds how many letters
@@ -26,8 +26,42 @@ use crate::{
 pub struct Claimed {
     pub letter: Letter,
     pub claimed_at: Instant,
+    /// The letter's share of [`Memory`], kept until its outcome is stored (the report stage
+    /// still needs the body for the status message).
+    pub memory: Option<OwnedSemaphorePermit>,
     _permit: OwnedSemaphorePermit,
     _held: Held,
+}
+
+/// The bytes of letters the instance may hold at once, counted in KiB permits, so a backlog of
+/// letters with megabyte bodies is claimed a few at a time instead of hundreds.
+#[derive(Clone)]
+pub struct Memory {
+    permits: Arc<Semaphore>,
+    total_kib: u32,
+}
+
+impl Memory {
+    pub fn new(max_bytes: usize) -> Memory {
+        let total_kib = u32::try_from(max_bytes / 1024).unwrap_or(u32::MAX).clamp(1, Semaphore::MAX_PERMITS as u32);
+        Memory { permits: Arc::new(Semaphore::new(total_kib as usize)), total_kib }
+    }
+
+    /// Waits until at least half the budget is free, then takes all that is free.
+    async fn reserve(&self) -> Option<OwnedSemaphorePermit> {
+        let mut permit = self.permits.clone().acquire_many_owned(self.total_kib.div_ceil(2)).await.ok()?;
+        let rest = self.permits.available_permits() as u32;
+        if rest > 0
+            && let Ok(more) = self.permits.clone().try_acquire_many_owned(rest)
+        {
+            permit.merge(more);
+        }
+        Some(permit)
+    }
+}
+
+fn kib(bytes: usize) -> usize {
+    bytes.div_ceil(1024).max(1)
 }
 
 /// Keeps a letter in the lease clock's set of held letters until the worker is done with it.
@@ -108,6 +142,7 @@ pub struct Dispatcher {
     pub lease: Arc<LeaseClock>,
     /// Free slots needed before the next claim.
     pub low_water: usize,
+    pub memory: Memory,
 }
 
 impl Dispatcher {
@@ -149,10 +184,23 @@ impl Dispatcher {
                     Err(_) => break,
                 }
             }
-            let started = now_ms();
+            let mut room = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                room = self.memory.reserve() => match room {
+                    Some(room) => room,
+                    None => break,
+                },
+            };
+            let limit = ClaimLimit {
+                count: permits.len(),
+                bytes: room.num_permits() * 1024,
+                oversize_alone: room.num_permits() == self.memory.total_kib as usize,
+            };
+            let started = self.store.now_ms();
             let lease_until = started + self.config.lease.as_millis() as i64;
             let renewed_at = Instant::now();
-            match self.store.claim(&self.owner, permits.len(), started, lease_until).await {
+            match self.store.claim(&self.owner, limit, started, lease_until).await {
                 Ok(letters) if letters.is_empty() => {
                     failures = 0;
                     drop(permits);
@@ -172,10 +220,14 @@ impl Dispatcher {
                         .zip(permits.drain(..))
                         .map(|(letter, permit)| {
                             let held = self.lease.hold(letter.id, renewed_at);
-                            Claimed { letter, claimed_at: renewed_at, _permit: permit, _held: held }
+                            // A Go-era letter's size is known only now; if it is larger than
+                            // assumed, the budget is exceeded by that much, once.
+                            let memory = room.split(kib(letter.text_bytes()).min(room.num_permits()));
+                            Claimed { letter, claimed_at: renewed_at, memory, _permit: permit, _held: held }
                         })
                         .collect();
                     drop(permits);
+                    drop(room);
                     for claimed in claimed {
                         // Workers stop reading at shutdown; what is left is released by the app.
                         tokio::select! {
@@ -219,8 +271,11 @@ impl Dispatcher {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
             }
+            if let Err(error) = store.sync_clock().await {
+                tracing::warn!(error = format!("{error:#}"), "measuring MongoDB's clock failed");
+            }
             let at = Instant::now();
-            let now = now_ms();
+            let now = store.now_ms();
             // Renew, then read back what is still ours: a lease counts as confirmed only for the
             // letters the renewal actually extended.
             let renewal = async {
@@ -268,6 +323,7 @@ mod tests {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             claim_batch,
+            max_bytes: 16 << 20,
             poll_interval: Duration::from_secs(1),
             republish_interval: Duration::from_secs(30),
             retention: Duration::ZERO,

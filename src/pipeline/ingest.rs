@@ -27,7 +27,7 @@ use crate::{
     config::KafkaConfig,
     kafka::{IngestConsumer, StatusProducer},
     metrics::Metrics,
-    model::{Letter, Mailing, now_ms, parse_batch},
+    model::{Letter, Mailing, parse_batch},
     store::{DeadLetterRecord, Store},
 };
 
@@ -50,7 +50,13 @@ struct Pending {
     dead: Vec<DeadLetter>,
     /// Highest offset read per partition.
     offsets: BTreeMap<i32, i64>,
+    /// Payload bytes read, so a few big messages are written at once rather than lingering.
+    bytes: usize,
 }
+
+/// Pending payload bytes that end the linger early: with megabyte bodies, `INGEST_BATCH` letters
+/// would otherwise be held in memory at once.
+const PENDING_BYTES: usize = 8 << 20;
 
 impl Pending {
     fn is_empty(&self) -> bool {
@@ -87,7 +93,7 @@ impl Ingest {
                     Ok(message) => {
                         self.add(&mut pending, &message);
                         deadline.get_or_insert_with(|| Instant::now() + self.config.ingest_linger);
-                        if pending.letters.len() >= self.config.ingest_batch {
+                        if pending.letters.len() >= self.config.ingest_batch || pending.bytes >= PENDING_BYTES {
                             self.flush(&mut pending, &shutdown).await;
                             deadline = None;
                         }
@@ -118,11 +124,12 @@ impl Ingest {
     fn add(&self, pending: &mut Pending, message: &rdkafka::message::BorrowedMessage<'_>) {
         let (partition, offset) = (message.partition(), message.offset());
         pending.offsets.insert(partition, offset);
+        pending.bytes += message.payload_len();
         let key = message.key().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
         match parse_batch(message.payload().unwrap_or_default()) {
             Ok(mailings) => {
                 self.metrics.received.inc_by(mailings.len() as u64);
-                let now = now_ms();
+                let now = self.store.now_ms();
                 // The message's timestamp makes the identity one a recreated topic (or another
                 // cluster), whose offsets start again at 0, cannot collide with; a redelivery of
                 // the same message carries the same timestamp.

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     kafka::StatusProducer,
     metrics::Metrics,
-    model::{AttemptRecord, Letter, Outcome, Status, StatusMessage, now_ms},
+    model::{AttemptRecord, Letter, Outcome, Status, StatusMessage},
     store::Store,
 };
 
@@ -137,7 +137,7 @@ impl Report {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
             }
-            let before = now_ms() - min_age.as_millis() as i64;
+            let before = self.store.now_ms() - min_age.as_millis() as i64;
             let letters = match self.store.unreported(before, WRITE_BATCH).await {
                 Ok(letters) if letters.is_empty() => continue,
                 Ok(letters) => letters,
@@ -149,7 +149,7 @@ impl Report {
             let published = self.publish(&letters.iter().collect::<Vec<_>>(), PUBLISH_WAIT).await;
             tracing::info!(found = letters.len(), published = published.len(), "republished unreported outcomes");
             let failed: Vec<ObjectId> = letters.iter().map(|l| l.id).filter(|id| !published.contains(id)).collect();
-            if let Err(error) = self.store.postpone_unreported(&failed, now_ms()).await {
+            if let Err(error) = self.store.postpone_unreported(&failed, self.store.now_ms()).await {
                 tracing::warn!(
                     error = format!("{error:#}"),
                     count = failed.len(),

@@ -137,6 +137,7 @@ impl Worker {
                     outcome: Outcome::Released,
                     published: false,
                     unrecorded: None,
+                    memory: claimed.memory,
                 };
                 if outcomes.send(record).await.is_err() {
                     break;
@@ -153,6 +154,7 @@ impl Worker {
                 },
             };
             let letter_id = claimed.letter.id;
+            let memory = claimed.memory;
             let record = tokio::select! {
                 biased;
                 _ = abort.cancelled() => {
@@ -163,7 +165,7 @@ impl Worker {
             };
             // The server has answered: this is the completion the rate limit's window counts from.
             drop(slot);
-            let record = AttemptRecord { unrecorded: Some(unrecorded), ..record };
+            let record = AttemptRecord { unrecorded: Some(unrecorded), memory, ..record };
             if outcomes.send(record).await.is_err() {
                 break;
             }
@@ -211,7 +213,7 @@ impl Worker {
             }
             Outcome::Released => {}
         }
-        AttemptRecord { letter, outcome, published: false, unrecorded: None }
+        AttemptRecord { letter, outcome, published: false, unrecorded: None, memory: None }
     }
 
     /// Sends the message to `recipients`, in as many transactions as the chunk size and the
