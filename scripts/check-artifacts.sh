@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Validates mailsender's operations artefacts (docker/, k8s/, postman/) with
+# Validates mailsender's operations artefacts (docker/, k8s/, postman/, deploy/) with
 # real tools, installing them on first use into
 #   ${MAILSENDER_CACHE:-$HOME/.cache/mailsender}/venv-tools   (PyPI tools)
 #   ${MAILSENDER_CACHE:-$HOME/.cache/mailsender}/npm-tools    (newman)
 # and Debian's "prometheus" package for promtool.
 #
 # Usage:
-#   scripts/check-artifacts.sh                 static checks (k8s, compose, Dockerfile, Postman)
+#   scripts/check-artifacts.sh                 static checks (k8s, compose, Dockerfile, Postman,
+#                                              Grafana dashboard and alert rules through promtool)
 #   scripts/check-artifacts.sh static          same
 #   scripts/check-artifacts.sh install         only install the tools
 #   scripts/check-artifacts.sh newman BASE_URL [ADMIN_TOKEN] [--with-halt]
@@ -494,6 +495,162 @@ check_newman_loads() {
   fi
 }
 
+# ---------------------------------------------------------------- dashboard and alert rules
+DASHBOARD="$ROOT/deploy/grafana/mailsender.json"
+ALERTS="$ROOT/deploy/prometheus/mailsender-alerts.yaml"
+ALERT_TESTS="$ROOT/deploy/prometheus/mailsender-alerts.test.yaml"
+
+check_dashboard_json() {
+  # Valid JSON that Grafana can import: every query uses the ${datasource} variable, panel ids are
+  # unique, and no Grafana variable is used that the dashboard does not define.
+  python3 - "$DASHBOARD" <<'PY'
+import json, re, sys
+d = json.load(open(sys.argv[1], encoding="utf-8"))
+errors = []
+def check(cond, msg):
+    if not cond:
+        errors.append(msg)
+check(isinstance(d.get("title"), str) and d.get("uid") == "mailsender", "title and uid 'mailsender' required")
+check(isinstance(d.get("schemaVersion"), int), "schemaVersion required")
+variables = {v["name"]: v for v in d.get("templating", {}).get("list", [])}
+ds = variables.get("datasource", {})
+check(ds.get("type") == "datasource" and ds.get("query") == "prometheus",
+      "templating needs a variable 'datasource' of type datasource, query prometheus")
+panels = []
+def walk(ps):
+    for p in ps:
+        panels.append(p)
+        walk(p.get("panels", []))
+walk(d.get("panels", []))
+ids = [p.get("id") for p in panels]
+check(len(ids) == len(set(ids)) and None not in ids, f"panel ids missing or not unique: {ids}")
+builtin = {"__rate_interval", "__interval", "__interval_ms", "__range", "__range_s", "__range_ms"}
+targets = 0
+for p in panels:
+    if p.get("type") == "row":
+        continue
+    name = p.get("title", p.get("id"))
+    check(p.get("targets"), f"panel {name!r} has no queries")
+    check(set(p.get("gridPos", {})) >= {"h", "w", "x", "y"}, f"panel {name!r} lacks a gridPos")
+    for t in p.get("targets", []):
+        targets += 1
+        check(t.get("datasource", p.get("datasource", {})).get("uid") == "${datasource}",
+              f"panel {name!r} query {t.get('refId')}: datasource must be ${{datasource}}")
+        check(bool(t.get("expr", "").strip()), f"panel {name!r} query {t.get('refId')}: empty expr")
+for v in variables.values():
+    if v.get("type") == "query":
+        check(v.get("datasource", {}).get("uid") == "${datasource}", f"variable {v['name']}: datasource must be ${{datasource}}")
+for var in set(re.findall(r"\$\{?(\w+)", json.dumps(d))):
+    check(var in variables or var in builtin, f"unknown Grafana variable ${var}")
+if errors:
+    print("\n".join(errors)); sys.exit(1)
+print(f"{len(panels)} panels, {targets} queries, variables {sorted(variables)}")
+PY
+}
+
+# dashboard_rules OUT: writes every PromQL expression of the dashboard (panel queries and the
+# selectors of label_values() variables) as recording rules, Grafana variables replaced.
+dashboard_rules() {
+  python3 - "$DASHBOARD" "$1" <<'PY'
+import json, re, sys
+d = json.load(open(sys.argv[1], encoding="utf-8"))
+builtin = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h",
+           "__interval_ms": "60000", "__range_s": "3600", "__range_ms": "3600000"}
+variables = {v["name"] for v in d.get("templating", {}).get("list", [])}
+def substitute(expr, where):
+    def repl(m):
+        name = m.group(1) or m.group(2)
+        if name in builtin:
+            return builtin[name]
+        if name in variables:
+            return ".*"   # query variables are used in regex matchers: =~"$job"
+        sys.exit(f"{where}: unknown variable ${name}")
+    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", repl, expr)
+rules = []
+def walk(ps):
+    for p in ps:
+        for t in p.get("targets", []):
+            where = f"panel {p.get('id')} {p.get('title')!r} query {t.get('refId')}"
+            rules.append({"record": f"dashboard:panel_{p.get('id')}:{t.get('refId')}",
+                          "expr": substitute(t["expr"], where),
+                          "labels": {"panel": str(p.get("title"))}})
+        walk(p.get("panels", []))
+walk(d.get("panels", []))
+for v in d.get("templating", {}).get("list", []):
+    if v.get("type") != "query":
+        continue
+    q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+    m = re.fullmatch(r"\s*label_values\((.*),\s*\w+\s*\)\s*", q)
+    if not m:
+        sys.exit(f"variable {v['name']}: only label_values(SELECTOR, LABEL) is checked, not {q!r}")
+    rules.append({"record": f"dashboard:variable:{v['name']}", "expr": substitute(m.group(1), v["name"])})
+# JSON is YAML: promtool reads it as a rule file.
+json.dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(sys.argv[2], "w"), indent=1)
+print(f"{len(rules)} expressions")
+PY
+}
+
+check_dashboard_exprs() {
+  local dir rc=0
+  dir="$(mktemp -d)"
+  dashboard_rules "$dir/dashboard-rules.yaml" || rc=$?
+  [[ $rc -eq 0 ]] && { promtool check rules --lint=all --lint-fatal "$dir/dashboard-rules.yaml" || rc=$?; }
+  rm -rf "$dir"
+  return $rc
+}
+
+check_alert_rules() {
+  promtool check rules --lint=all --lint-fatal "$ALERTS"
+}
+
+check_alert_tests() {
+  promtool test rules "$ALERT_TESTS"
+}
+
+check_alert_tests_cover_every_alert() {
+  # Every alert has a test in which it fires and one, at a time past its `for:`, in which it must
+  # not; promtool has just run them, so each alert is shown to fire and to stay quiet. As a check
+  # of the check, the tests must fail once with every alert made to fire always.
+  local dir rc=0
+  dir="$(mktemp -d)"
+  cp "$ALERT_TESTS" "$dir/tests.yaml"
+  "$PY" - "$ALERTS" "$ALERT_TESTS" "$dir" <<'PY' || rc=$?
+import pathlib, re, subprocess, sys, yaml
+rules = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
+tests = yaml.safe_load(open(sys.argv[2], encoding="utf-8"))
+def minutes(d):
+    return sum(int(n) * {"s": 1 / 60, "m": 1, "h": 60}[u] for n, u in re.findall(r"(\d+)([smh])", d or "0m"))
+alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"] if "alert" in r}
+fires, quiet, errors = set(), set(), []
+for t in tests["tests"]:
+    for a in t.get("alert_rule_test", []):
+        name = a["alertname"]
+        if name not in alerts:
+            errors.append(f"test {t.get('name')!r} names unknown alert {name}")
+        elif a.get("exp_alerts"):
+            fires.add(name)
+        elif minutes(a["eval_time"]) >= minutes(alerts[name].get("for")):
+            quiet.add(name)
+for name in alerts:
+    if name not in fires:
+        errors.append(f"{name}: no test in which it fires")
+    if name not in quiet:
+        errors.append(f"{name}: no test (past its for:) in which it must not fire")
+for g in rules["groups"]:
+    for r in g["rules"]:
+        r["expr"] = "vector(1)"
+dir = pathlib.Path(sys.argv[3])
+(dir / pathlib.Path(sys.argv[1]).name).write_text(yaml.safe_dump(rules))
+if subprocess.run(["promtool", "test", "rules", str(dir / "tests.yaml")], capture_output=True).returncode == 0:
+    errors.append("the tests pass with every alert always firing")
+if errors:
+    print("\n".join(errors)); sys.exit(1)
+print(f"{len(alerts)} alerts, each with a firing and a quiet test; broken rules fail the tests")
+PY
+  rm -rf "$dir"
+  return $rc
+}
+
 static_checks() {
   ensure_py_tools
   ensure_newman
@@ -518,6 +675,13 @@ static_checks() {
   echo "== Postman"
   run_check "postman collection + environment load in postman-collection; scripts compile" check_collection
   run_check "newman loads the collection and environment" check_newman_loads
+  echo "== Grafana dashboard and Prometheus alert rules (promtool)"
+  ensure_promtool
+  run_check "deploy/grafana/mailsender.json is valid JSON; queries use \${datasource}" check_dashboard_json
+  run_check "every dashboard expression passes promtool check rules (as recording rules)" check_dashboard_exprs
+  run_check "deploy/prometheus/mailsender-alerts.yaml passes promtool check rules --lint=all" check_alert_rules
+  run_check "promtool test rules deploy/prometheus/mailsender-alerts.test.yaml" check_alert_tests
+  run_check "every alert has a test where it fires and one where it must not" check_alert_tests_cover_every_alert
   if [[ $SKIPPED -gt 0 ]]; then
     echo "($SKIPPED check(s) skipped)"
   fi
@@ -531,7 +695,7 @@ cmd_newman() {
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --with-halt) with_halt=1 ;;
-      -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+      -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
       *) positional+=("$1") ;;
     esac
     shift
@@ -645,7 +809,7 @@ main() {
     install) ensure_py_tools; ensure_newman; ensure_promtool ;;
     newman) cmd_newman "$@" ;;
     promtool) cmd_promtool "$@" ;;
-    -h|--help|help) sed -n '2,25p' "$0" ;;
+    -h|--help|help) sed -n '2,26p' "$0" ;;
     *) die "unknown subcommand: $cmd (static|install|newman|promtool)" ;;
   esac
 }

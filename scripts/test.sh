@@ -66,7 +66,7 @@ if [[ ${#filter[@]} -eq 0 ]]; then
     if cargo clippy --version >/dev/null 2>&1; then cargo clippy --locked --all-targets -- -D warnings; else echo "clippy not installed; skipped"; fi
     phase_done "formatting and lints" $((SECONDS - lint_started))
 
-    step "artefact checks (k8s, compose, Dockerfile, Postman collection)"
+    step "artefact checks (k8s, compose, Dockerfile, Postman collection, dashboard and alert rules)"
     checks_started=$SECONDS
     scripts/check-artifacts.sh
     phase_done "artefact checks" $((SECONDS - checks_started))
