@@ -174,6 +174,11 @@ impl ClientContext for StatsContext {
         }
         for topic in statistics.topics.values() {
             for (partition, stats) in &topic.partitions {
+                // librdkafka keeps reporting a partition it no longer fetches (given away in a
+                // rebalance) with its last lag; that one is another replica's to report.
+                if matches!(stats.fetch_state.as_str(), "none" | "stopped") {
+                    continue;
+                }
                 if *partition >= 0 && stats.consumer_lag >= 0 {
                     let label = PartitionLabel { partition: partition.to_string() };
                     self.metrics.consumer_lag.get_or_create(&label).set(stats.consumer_lag);
@@ -200,7 +205,18 @@ impl ConsumerContext for StatsContext {
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => tracing::info!(partitions = partitions.count(), "partitions assigned"),
-            Rebalance::Revoke(partitions) => tracing::info!(partitions = partitions.count(), "partitions revoked"),
+            Rebalance::Revoke(partitions) => {
+                tracing::info!(partitions = partitions.count(), "partitions revoked");
+                // Their lag and stall are now another replica's to report; a last value kept
+                // here would keep an alert firing for a partition this replica no longer reads.
+                let mut positions = self.positions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for element in partitions.elements() {
+                    let label = PartitionLabel { partition: element.partition().to_string() };
+                    self.metrics.consumer_lag.remove(&label);
+                    self.metrics.partition_stalled.remove(&label);
+                    positions.remove(&element.partition());
+                }
+            }
             Rebalance::Error(error) => tracing::warn!(error = %error, "rebalance error"),
         }
     }

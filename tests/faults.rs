@@ -1209,3 +1209,44 @@ async fn replicas_with_clocks_apart_do_not_take_each_others_live_letters() {
         .expect("the clock offset metric");
     assert!((-21.0..-19.0).contains(&offset), "B measured an offset of {offset} s");
 }
+
+/// The partitions whose lag `/metrics` reports, by their label.
+async fn lag_partitions(http: &str) -> HashSet<String> {
+    let metrics = reqwest::get(format!("{http}/metrics")).await.unwrap().text().await.unwrap();
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("mailsender_consumer_lag{partition=\""))
+        .filter_map(|rest| rest.split('"').next().map(str::to_owned))
+        .collect()
+}
+
+/// After a rebalance each partition's lag is reported by the replica that reads it, and only by
+/// that one: a replica keeps no stale gauge for a partition it gave away.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_partition_leaves_the_replicas_metrics() {
+    let _serial = chaos::serial().await;
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[("KAFKA_STATISTICS_INTERVAL", "1s"), ("KAFKA_SESSION_TIMEOUT", "6s")]).await;
+    // Lag is known once a partition has a committed offset: a batch on each.
+    for key in ["k0", "k1", "k2", "k3", "k4", "k5"] {
+        app.produce(Some(key), batch(key, 1, 1).to_string().as_bytes()).await;
+    }
+    app.wait_all_final(6, LONG).await;
+    wait_for("A reports both partitions", LONG, || async {
+        (lag_partitions(&app.http).await.len() == 2).then_some(())
+    })
+    .await;
+    let b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sink.port)).await;
+    wait_for("B assigned a partition", LONG, || async { b.log().contains("partitions assigned").then_some(()) }).await;
+    for key in ["k0", "k1", "k2", "k3", "k4", "k5"] {
+        app.produce(Some(key), batch(&format!("{key}-again"), 1, 1).to_string().as_bytes()).await;
+    }
+    app.wait_all_final(12, LONG).await;
+    let (a_parts, b_parts) = wait_for("each replica reports one partition", LONG, || async {
+        let (a, b) = (lag_partitions(&app.http).await, lag_partitions(&b.http).await);
+        eprintln!("A {a:?}, B {b:?}");
+        (a.len() == 1 && b.len() == 1).then_some((a, b))
+    })
+    .await;
+    assert!(a_parts.is_disjoint(&b_parts), "A {a_parts:?}, B {b_parts:?}");
+}
