@@ -183,6 +183,7 @@ impl App {
             &shutdown,
             reporter.republish(
                 config.dispatch.republish_interval,
+                config.dispatch.republish_batch,
                 config.kafka.message_timeout + Duration::from_secs(15),
                 background.clone(),
             ),

@@ -135,6 +135,8 @@ pub struct DispatchConfig {
     pub poll_interval: Duration,
     /// How often outcomes that were stored but never published are looked for.
     pub republish_interval: Duration,
+    /// Most unreported outcomes one republishing round takes.
+    pub republish_batch: usize,
     /// Finished letters older than this are deleted; zero keeps them.
     pub retention: Duration,
     /// How often retention runs (on one replica at a time).
@@ -284,6 +286,8 @@ impl Config {
             })?,
             poll_interval: env.positive_duration("DISPATCH_POLL_INTERVAL", "1s")?,
             republish_interval: env.positive_duration("REPUBLISH_INTERVAL", "30s")?,
+            republish_batch: env
+                .parse("REPUBLISH_BATCH", 256, "an outcome count from 1 to 5000", |n| (1..=5000).contains(n))?,
             retention: env.duration("LETTER_RETENTION", "30d")?,
             retention_interval: env.positive_duration("LETTER_RETENTION_INTERVAL", "10m")?,
         };

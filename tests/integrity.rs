@@ -404,3 +404,38 @@ async fn a_backlog_of_megabyte_letters_stays_under_the_memory_ceiling() {
     // Measured: 39 MiB; 98 MiB without the byte bound. The README states the ceiling.
     assert!(peak < 64.0, "peak RSS {peak:.1} MiB");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outcomes_the_broker_refuses_do_not_starve_the_republisher() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(
+        &sink,
+        &[("REPUBLISH_INTERVAL", "500ms"), ("REPUBLISH_BATCH", "5"), ("KAFKA_MESSAGE_TIMEOUT", "2s")],
+    )
+    .await;
+    // Ten unreported outcomes whose status messages the producer refuses (100,000 addresses make
+    // one larger than its 2 MiB limit), older than three that publish fine: a round takes five.
+    let addresses: Vec<String> = (0..100_000).map(|i| format!("member{i:06}@example.org")).collect();
+    let letter = |subject: String, addresses: Vec<String>, updated_ms: i64| {
+        doc! {
+            "_id": ObjectId::new(), "addresses": addresses, "subject": subject, "body": "<p>x</p>", "token": "t",
+            "status": "sent", "kafkakey": "k", "attempts": 1, "due_ms": 0_i64, "delivered": [], "rejected": [],
+            "unreported": 1, "updated_ms": updated_ms,
+        }
+    };
+    let refused: Vec<Document> =
+        (0..10).map(|i| letter(format!("refused {i}"), addresses.clone(), 1_000 + i)).collect();
+    app.insert_raw(refused).await;
+    let fine: Vec<Document> =
+        (0..3).map(|i| letter(format!("fine {i}"), vec![format!("fine{i}@example.org")], 2_000 + i)).collect();
+    app.insert_raw(fine).await;
+
+    let statuses = app.consume(&app.topic_out, 3, Duration::from_secs(30)).await;
+    let mut subjects: Vec<String> =
+        statuses.iter().map(|s| s.json()["Subject"].as_str().unwrap_or_default().to_owned()).collect();
+    subjects.sort();
+    assert_eq!(subjects, ["fine 0", "fine 1", "fine 2"]);
+    let raw = app.raw_letters().await;
+    let still: Vec<_> = raw.iter().filter(|d| d.get_i32("unreported").is_ok()).collect();
+    assert_eq!(still.len(), 10, "the refused ones stay unreported, for a later round");
+}

@@ -326,6 +326,7 @@ mod tests {
             max_bytes: 16 << 20,
             poll_interval: Duration::from_secs(1),
             republish_interval: Duration::from_secs(30),
+            republish_batch: 256,
             retention: Duration::ZERO,
             retention_interval: Duration::from_secs(600),
         }
