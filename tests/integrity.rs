@@ -337,6 +337,11 @@ async fn a_dead_letter_the_dead_letter_topic_refuses_is_kept_and_its_partition_m
 
     let letters = app.wait_all_final(1, LONG).await;
     assert_eq!(letters[0].status, Status::Sent);
+    // The partition moves on: a batch produced after the refusal is processed too.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    app.produce(Some("same-partition"), batch("later", 1, 1).to_string().as_bytes()).await;
+    let letters = app.wait_all_final(2, LONG).await;
+    assert!(letters.iter().all(|l| l.status == Status::Sent));
     let kept = wait_for("the dead letter kept in MongoDB", LONG, || async {
         let kept = app.raw_documents("letters_dead_letters").await;
         (!kept.is_empty()).then_some(kept)
