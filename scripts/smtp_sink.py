@@ -55,6 +55,7 @@ moment, preferably by rename). A missing key = the default behaviour. "reply" = 
   cap_reply       reply   default "452 4.5.3 Too many recipients" (e.g. "552 5.5.3 Too many recipients")
   data_reply      reply   final reply after the body instead of "250 OK"; the message is recorded only if 2xx
   data_delay_s    float   sleep before the final reply to the body (the reply is decided after it)
+  data_start_delay_s float sleep before the 354 reply to DATA (a slow relay at the start of the data phase)
   throttle_reply  reply   default "454 4.7.0 Throttling failure: Maximum sending rate exceeded"
   throttle_until  float   unix time; a MAIL FROM received before it gets throttle_reply (no transaction)
   max_rate_per_s  int     SES-like rate cap: a MAIL FROM gets throttle_reply if accepting it would make more
@@ -611,6 +612,9 @@ class SinkSMTP(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        start_delay = num(self.control.get().get("data_start_delay_s"))
+        if start_delay:
+            await asyncio.sleep(start_delay)
         await self.push("354 End data with <CR><LF>.<CR><LF>")
 
         data = []

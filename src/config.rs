@@ -298,11 +298,13 @@ impl Config {
                 expected: format!("at most RETRY_BACKOFF_MAX ({})", humantime::format_duration(dispatch.backoff_max)),
             });
         }
-        if dispatch.lease < Duration::from_secs(3) {
+        // A worker hands a message over (its final dot) only within the lease's last-but-one
+        // quarter; that quarter must leave the dot a second to be written.
+        if dispatch.lease < Duration::from_secs(4) {
             return Err(ConfigError::Invalid {
                 var: "LEASE_DURATION",
                 value: humantime::format_duration(dispatch.lease).to_string(),
-                expected: "at least 3s".into(),
+                expected: "at least 4s (its last quarter bounds the time a message's final dot may take)".into(),
             });
         }
 
@@ -606,6 +608,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("RETRY_BACKOFF_BASE") && error.contains("RETRY_BACKOFF_MAX"), "{error}");
+        let error = Config::from_vars(vars(&[("LEASE_DURATION", "3s")])).unwrap_err().to_string();
+        assert!(error.contains("LEASE_DURATION") && error.contains("final dot"), "{error}");
+        assert!(Config::from_vars(vars(&[("LEASE_DURATION", "4s")])).is_ok());
     }
 
     #[test]

@@ -444,3 +444,30 @@ async fn outcomes_the_broker_refuses_do_not_starve_the_republisher() {
     let still: Vec<_> = raw.iter().filter(|d| d.get_i32("unreported").is_ok()).collect();
     assert_eq!(still.len(), 10, "the refused ones stay unreported, for a later round");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_letter_taken_over_mid_transaction_is_withdrawn_before_its_final_dot() {
+    let sink = SmtpSink::start().await;
+    // The relay is slow to open the data phase: the lease checked before MAIL FROM is stale by
+    // the time the message could be handed over.
+    sink.control(json!({ "data_start_delay_s": 4.0 }));
+    let app = TestApp::spawn(&sink, &[("SMTP_MAX_SENDERS", "1"), ("LEASE_DURATION", "6s")]).await;
+    assert_eq!(app.post("/post", batch("midway", 1, 1).to_string()).await.0, 202);
+    wait_for("the worker in its transaction", LONG, || async {
+        sink.client_lines().iter().any(|l| l.starts_with("DATA")).then_some(())
+    })
+    .await;
+    // Another replica reaped the letter while this one was cut off, and now holds it; this
+    // one's next renewal (every 2 s) shows it gone, before the 354 comes.
+    let far = mailsender::model::now_ms() + 600_000;
+    let stolen = app
+        .update_raw(
+            doc! { "status": "processing" },
+            doc! { "$set": { "owner": "another-replica", "lease_ms": far, "claim": "theirs" } },
+        )
+        .await;
+    assert_eq!(stolen, 1);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(sink.received().is_empty(), "the message was handed over although the letter was another replica's");
+    assert!(app.log().contains("withdrawn before its final dot"), "no trace of the withdrawal in the log");
+}

@@ -161,7 +161,7 @@ impl Worker {
                     tracing::warn!(letter_id = %letter_id, "send abandoned at the shutdown deadline");
                     break;
                 }
-                record = self.attempt(claimed.letter) => record,
+                record = self.attempt(claimed.letter, claimed.claimed_at) => record,
             };
             // The server has answered: this is the completion the rate limit's window counts from.
             drop(slot);
@@ -177,13 +177,13 @@ impl Worker {
     }
 
     /// One attempt at one letter, turned into the record the report stage stores.
-    pub async fn attempt(&mut self, letter: Letter) -> AttemptRecord {
+    pub async fn attempt(&mut self, letter: Letter, claimed_at: Instant) -> AttemptRecord {
         // Every line logged while sending carries the letter's id and source key.
         let span = tracing::info_span!("send", letter_id = %letter.id, kafka_key = %letter.kafkakey, attempt = letter.attempts + 1);
-        self.attempt_in_span(letter).instrument(span).await
+        self.attempt_in_span(letter, claimed_at).instrument(span).await
     }
 
-    async fn attempt_in_span(&mut self, mut letter: Letter) -> AttemptRecord {
+    async fn attempt_in_span(&mut self, mut letter: Letter, claimed_at: Instant) -> AttemptRecord {
         letter.attempts += 1;
         let recipients = letter.pending_recipients();
         let started = Instant::now();
@@ -193,7 +193,7 @@ impl Worker {
         let report = match message::build(content, &self.ctx.from) {
             Err(error) => AttemptReport { failure: Some(Failure::Permanent(error.to_string())), ..Default::default() },
             Ok(_) if recipients.is_empty() => AttemptReport::default(),
-            Ok(bytes) => self.deliver(recipients, &bytes).await,
+            Ok(bytes) => self.deliver(recipients, &bytes, (claimed_at, letter.id)).await,
         };
         self.ctx.metrics.in_flight.dec();
         self.ctx.metrics.send_duration.observe(started.elapsed().as_secs_f64());
@@ -218,7 +218,12 @@ impl Worker {
 
     /// Sends the message to `recipients`, in as many transactions as the chunk size and the
     /// server's recipient cap need, all in this one attempt.
-    async fn deliver(&mut self, recipients: Vec<Recipient>, message: &[u8]) -> AttemptReport {
+    async fn deliver(
+        &mut self,
+        recipients: Vec<Recipient>,
+        message: &[u8],
+        lease: (Instant, mongodb::bson::oid::ObjectId),
+    ) -> AttemptReport {
         let mut report = AttemptReport::default();
         let mut queue: VecDeque<Recipient> = recipients.into();
         // Fresh connections taken because a kept one turned out broken, or the server found the
@@ -231,7 +236,18 @@ impl Worker {
             let ctx = self.ctx.clone();
             let result = match self.session().await {
                 Ok(connection) => {
-                    transaction::send(connection, ctx.from.email.as_ref(), &chunk, message, &ctx.smtp.timeouts).await
+                    // The lease is checked again right before the final dot: a replica cut off
+                    // from MongoDB must not hand over a letter another may already be sending.
+                    let before_end = async { ctx.lease.vouch(lease.0, &lease.1) };
+                    transaction::send(
+                        connection,
+                        ctx.from.email.as_ref(),
+                        &chunk,
+                        message,
+                        &ctx.smtp.timeouts,
+                        before_end,
+                    )
+                    .await
                 }
                 Err(error) => Err(error),
             };
@@ -394,7 +410,9 @@ fn is_stale_connection(error: &SmtpError) -> bool {
 }
 
 fn failure_of(error: &SmtpError) -> Failure {
-    let reason = if error.command() == Command::DataEnd {
+    let reason = if let SmtpError::Withdrawn { .. } = error {
+        format!("{error}: this replica's lease on the letter could no longer be vouched for; nothing was delivered")
+    } else if error.command() == Command::DataEnd {
         format!("{error} (after the message was sent: it may have been delivered, so it is retried later)")
     } else {
         error.to_string()
