@@ -242,13 +242,7 @@ async fn letters_another_replica_took_over_are_not_sent_from_here() {
         .await;
     sink.wait_for_count(1, LONG).await;
     // Another replica reaped them while this one was cut off, and now holds them.
-    let far = mailsender::model::now_ms() + 600_000;
-    let stolen = app
-        .update_raw(
-            doc! { "status": "processing" },
-            doc! { "$set": { "owner": "another-replica", "lease_ms": far, "claim": "theirs" } },
-        )
-        .await;
+    let stolen = take_over_processing_letters(&app).await;
     assert!(stolen >= 5, "{stolen}");
     let at_steal = sink.received().len();
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -459,15 +453,20 @@ async fn a_letter_taken_over_mid_transaction_is_withdrawn_before_its_final_dot()
     .await;
     // Another replica reaped the letter while this one was cut off, and now holds it; this
     // one's next renewal (every 2 s) shows it gone, before the 354 comes.
-    let far = mailsender::model::now_ms() + 600_000;
-    let stolen = app
-        .update_raw(
-            doc! { "status": "processing" },
-            doc! { "$set": { "owner": "another-replica", "lease_ms": far, "claim": "theirs" } },
-        )
-        .await;
+    let stolen = take_over_processing_letters(&app).await;
     assert_eq!(stolen, 1);
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert!(sink.received().is_empty(), "the message was handed over although the letter was another replica's");
     assert!(app.log().contains("withdrawn before its final dot"), "no trace of the withdrawal in the log");
+}
+
+/// Leases every `processing` letter to another replica, as one that reaped them while this app
+/// was cut off from MongoDB would have; returns how many.
+async fn take_over_processing_letters(app: &TestApp) -> u64 {
+    let far = mailsender::model::now_ms() + 600_000;
+    app.update_raw(
+        doc! { "status": "processing" },
+        doc! { "$set": { "owner": "another-replica", "lease_ms": far, "claim": "theirs" } },
+    )
+    .await
 }
