@@ -400,7 +400,7 @@ async fn a_backlog_of_megabyte_letters_stays_under_the_memory_ceiling() {
     assert_eq!(sink.wait_for_count(count, LONG).await.len(), count);
     let peak = peak_rss_mib(app.pid().unwrap());
     eprintln!("peak RSS {peak:.1} MiB for {count} letters of {} KB", body.len() / 1000);
-    // Measured: 39 MiB; 98 MiB without the byte bound. The README states the ceiling.
+    // Measured: 39 MiB; 98 MiB without the byte bound (the README gives the formula).
     assert!(peak < 64.0, "peak RSS {peak:.1} MiB");
 }
 
