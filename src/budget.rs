@@ -410,8 +410,8 @@ struct Pool {
 impl Pool {
     /// The time of the last of `units` consecutive units not before `now_ns`, taken from the pool.
     fn take(&mut self, units: u32, interval_ns: i64, now_ns: i64) -> Option<i64> {
+        // Units before `now_ns` are of no use: spending them late could crowd a window.
         while let Some((first, count)) = self.runs.front_mut() {
-            // Units already past are of no use: spending them late could crowd a window.
             if *first < now_ns {
                 let past = ((now_ns - *first) as f64 / interval_ns as f64).ceil() as i64;
                 if past >= i64::from(*count) {
@@ -530,7 +530,10 @@ impl Budget {
         let mut pool = self.pool.lock().await;
         loop {
             let clock = self.clock();
-            if let Some(last_ns) = pool.take(units, self.plan.interval_ns, clock.now_ns()) {
+            // Units due sooner than half the lead are left: the transaction could not be ready
+            // for them, and a message later than its unit could crowd the next window.
+            let usable_ns = clock.now_ns() + self.plan.lead_ns / 2;
+            if let Some(last_ns) = pool.take(units, self.plan.interval_ns, usable_ns) {
                 return Ticket { at: clock.instant(last_ns), units, waited: asked.elapsed() };
             }
             let waiting = self.waiting.load(Ordering::Relaxed);
