@@ -220,6 +220,9 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 for _ in 0..15 {
                     let ticket = limit.reserve(1).await;
+                    // The transaction is ready at once (the fake clock stands still), as the
+                    // worker reports it.
+                    limit.budget().prepared(ticket.issued.elapsed());
                     tokio::time::sleep_until(ticket.at).await;
                     times.lock().unwrap().push(start.elapsed());
                     // The final reply takes a while: it must not slow the schedule down.
@@ -236,10 +239,11 @@ mod tests {
             let in_window = times[i..].iter().take_while(|u| **u < *t + Duration::from_millis(200)).count();
             assert!(in_window <= 10, "{in_window} sends within 200 ms from #{i}: {times:?}");
         }
-        // 60 sends at 50/s less the 0.5 % guard: 20.1 ms apart, the first after the 20 ms lead.
+        // 60 sends at 50/s less the 0.75 % guard: 20.15 ms apart (one interval more at most, lost
+        // while the lead adapts at the start), the first after the lead.
         let span = (times[59] - times[0]).as_secs_f64();
-        assert!((span - 59.0 * 0.0201).abs() < 1e-4, "60 sends spanned {span:.5}s");
-        assert!((times[0].as_secs_f64() - 0.020).abs() < 1e-3, "first send at {:?}", times[0]);
+        assert!((59.0 * 0.02015..60.0 * 0.02015).contains(&span), "60 sends spanned {span:.5}s");
+        assert!(times[0] <= Duration::from_millis(100), "first send at {:?}", times[0]);
         // Grants of several units, not one write per send.
         let writes = ledger.writes.load(std::sync::atomic::Ordering::Relaxed);
         assert!(writes <= 30, "{writes} writes for 60 sends");

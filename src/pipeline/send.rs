@@ -246,9 +246,22 @@ impl Worker {
                 None => ctx.limiter.reserve(chunk.len()).await,
             };
             let metrics = ctx.metrics.clone();
+            let budget = ctx.limiter.budget().clone();
             let before_end = async move {
                 let at_dot = tokio::time::Instant::now();
-                tokio::time::sleep_until(ticket.at).await;
+                budget.prepared(at_dot.duration_since(ticket.issued));
+                let mut ticket = ticket;
+                loop {
+                    tokio::time::sleep_until(ticket.at).await;
+                    let late = tokio::time::Instant::now().saturating_duration_since(ticket.at);
+                    if late <= budget.plan().late {
+                        break;
+                    }
+                    // Too late for its unit (a slow connection, a late wake-up): the dot on it
+                    // could crowd the next window, so the message waits for a new one.
+                    tracing::debug!(late_ms = late.as_secs_f64() * 1e3, "late for the budget's unit; taking another");
+                    ticket = budget.take(ticket.units).await;
+                }
                 metrics.rate_limit_wait.observe((ticket.waited + at_dot.elapsed()).as_secs_f64());
             };
             let result = match self.session().await {
