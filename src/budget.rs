@@ -103,13 +103,13 @@ pub struct QuotaPlan {
 pub struct Plan {
     /// Time between two units of the rate's schedule.
     pub interval_ns: i64,
-    /// How far behind now a grant may start (`SMTP_RATE_LIMIT_BURST` − 1 intervals): a burst
-    /// after a pause.
+    /// How much earlier than its time a unit may be used (`SMTP_RATE_LIMIT_BURST` − 1
+    /// intervals): a burst after a pause, as in GCRA.
     pub tolerance_ns: i64,
     /// The lead at start, before preparations are measured.
     pub lead_ns: i64,
-    /// A message this much later than its unit (the guard) does not go on it: it takes a new
-    /// unit, as such lateness could put one message too many in a window.
+    /// A message this much later than its unit (the guard) does not go on it: it takes a new unit,
+    /// as such lateness could put one message too many in a window.
     pub late: Duration,
     /// A grant's first unit is at most this far ahead of now; further, it waits.
     pub horizon_ns: i64,
@@ -192,7 +192,8 @@ pub enum Decision {
 /// Decides a grant of `want` units (at least `need`, or none) at server time `now_ns`, none
 /// sooner than `lead_ns` from now, and the state that records it.
 pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, need: u32) -> (Decision, State) {
-    let start = state.next_ns.max(now_ns + lead_ns - plan.tolerance_ns);
+    // The burst tolerance is applied when units are used (up to that much early), not here.
+    let start = state.next_ns.max(now_ns + lead_ns);
     if start > now_ns + plan.horizon_ns {
         let wait = Decision::Wait { until_ns: start - plan.horizon_ns, window: plan.rate_label.clone() };
         return (wait, state.clone());
@@ -487,7 +488,10 @@ impl Pool {
 /// When a message may be handed over: its final dot waits for `at`.
 #[derive(Debug, Clone, Copy)]
 pub struct Ticket {
+    /// From when the message may go: its unit, less the burst tolerance.
     pub at: Instant,
+    /// Its unit's time: the message is late past it by more than [`Plan::late`].
+    pub unit: Instant,
     /// When it was handed out: the transaction's preparation starts.
     pub issued: Instant,
     pub units: u32,
@@ -505,6 +509,8 @@ pub struct Budget {
     available: AtomicBool,
     /// Recent slowest preparation of a transaction, in nanoseconds (see [`LEAD`]).
     preparation_ns: AtomicI64,
+    /// Recent slowest grant round trip, in nanoseconds.
+    round_trip_ns: AtomicI64,
     metrics: Arc<Metrics>,
 }
 
@@ -520,6 +526,7 @@ impl Budget {
             waiting: AtomicUsize::new(0),
             available: AtomicBool::new(true),
             preparation_ns: AtomicI64::new(LEAD.as_nanos() as i64 * 2 / 3),
+            round_trip_ns: AtomicI64::new(0),
             metrics,
         }
     }
@@ -563,13 +570,23 @@ impl Budget {
         let _waiting = Decrement(&self.waiting);
         // One grant request at a time per replica; workers queue here in order.
         let mut pool = self.pool.lock().await;
+        // Grants that left nothing usable in a row: never a busy loop of round trips.
+        let mut fruitless = 0;
         loop {
             let clock = self.clock();
-            // Units due sooner than half the lead are left: the transaction could not be ready
-            // for them, and a message later than its unit could crowd the next window.
-            let usable_ns = clock.now_ns() + self.lead_ns() / 2;
+            // Units past by more than the guard expire: a message on them would be late, and could
+            // crowd the next window. Grants start a lead and a round trip ahead, so fresh units
+            // are not past.
+            let usable_ns = clock.now_ns() - self.plan.late.as_nanos() as i64;
             if let Some(last_ns) = pool.take(units, self.plan.interval_ns, usable_ns) {
-                return Ticket { at: clock.instant(last_ns), issued: Instant::now(), units, waited: asked.elapsed() };
+                let at = clock.instant(last_ns - self.plan.tolerance_ns);
+                return Ticket {
+                    at,
+                    unit: clock.instant(last_ns),
+                    issued: Instant::now(),
+                    units,
+                    waited: asked.elapsed(),
+                };
             }
             let waiting = self.waiting.load(Ordering::Relaxed);
             let want = pool.want(units, waiting, self.plan.max_grant);
@@ -581,6 +598,11 @@ impl Budget {
             });
             match granted {
                 Ok(None) => {
+                    fruitless += 1;
+                    if fruitless > 2 {
+                        tracing::warn!(fruitless, "budget grants arrive already past; slowing down");
+                        tokio::time::sleep(RETRY / 10).await;
+                    }
                     if !self.available.swap(true, Ordering::Relaxed) {
                         tracing::info!("the sending budget is reachable again: sending resumes");
                     }
@@ -620,7 +642,8 @@ impl Budget {
             };
             let clock = self.clock();
             let now_ns = clock.now_ns();
-            let (decision, next) = decide(&state, &self.plan, now_ns, self.lead_ns(), want, need);
+            let lead_ns = self.lead_ns() + self.round_trip_ns.load(Ordering::Relaxed);
+            let (decision, next) = decide(&state, &self.plan, now_ns, lead_ns, want, need);
             self.publish(&state, now_ns);
             let (first_ns, count) = match decision {
                 Decision::Wait { until_ns, window } => {
@@ -633,6 +656,12 @@ impl Budget {
             match self.ledger.replace(state.version, &next).await? {
                 Some(server_ms) => {
                     let received = Instant::now();
+                    // The slowest recent round trip, decaying: the next grant starts this much
+                    // later, so its units are not past when they arrive.
+                    let took = received.duration_since(sent).as_nanos().min(i64::MAX as u128) as i64;
+                    let previous = self.round_trip_ns.load(Ordering::Relaxed);
+                    let next_estimate = if took > previous { took } else { previous - (previous - took) / 4 };
+                    self.round_trip_ns.store(next_estimate, Ordering::Relaxed);
                     self.clock
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -792,6 +821,36 @@ mod tests {
         assert_eq!(plan.interval_ns, (1_007_500_000_f64 / 191.0).ceil() as i64);
         let letters = Plan::new(&smtp(&[("SMTP_QUOTAS", "3/1m")]));
         assert_eq!((letters.largest_cost, letters.smallest_window), (1, 3));
+    }
+
+    /// The benchmark's "no limit": a million per second with a burst of 1,000. Grants are still
+    /// few and every one is used (a grant whose units had all passed once looped forever).
+    #[tokio::test(start_paused = true)]
+    async fn a_very_high_rate_with_a_burst_takes_few_grants() {
+        let config = smtp(&[
+            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", "1000000"),
+            ("SMTP_RATE_LIMIT_BURST", "1000"),
+        ]);
+        let ledger = Arc::new(MemoryLedger::new());
+        let budget = Arc::new(Budget::new(Plan::new(&config), ledger.clone(), Arc::new(Metrics::new())));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let budget = budget.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..500 {
+                    let ticket = budget.take(1).await;
+                    budget.prepared(ticket.issued.elapsed());
+                    tokio::time::sleep_until(ticket.at).await;
+                    tokio::time::sleep(Duration::from_millis(8)).await;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let writes = ledger.writes.load(Ordering::Relaxed);
+        assert!(writes <= 400, "{writes} grants for 4,000 sends");
     }
 
     #[tokio::test(start_paused = true)]

@@ -253,7 +253,7 @@ impl Worker {
                 let mut ticket = ticket;
                 loop {
                     tokio::time::sleep_until(ticket.at).await;
-                    let late = tokio::time::Instant::now().saturating_duration_since(ticket.at);
+                    let late = tokio::time::Instant::now().saturating_duration_since(ticket.unit);
                     if late <= budget.plan().late {
                         break;
                     }
