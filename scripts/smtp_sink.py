@@ -94,6 +94,7 @@ SESSION RULES (fixed, Postfix-like)
 
 RECORDS (--out): one JSON object per recorded message (final reply 2xx):
   ts            unix float: when the final reply to the body was decided (after data_delay_s, if any)
+  eod_ts        unix float: when the end of data (the final ".") was received, before data_delay_s
   mail_from     str; rcpt_tos [str]: accepted recipients, in order (invalid utf-8 bytes become U+FFFD)
   headers       [[name, value], ...] in order, values as on the wire (after "Name:" and its leading
                 blanks), unfolded (CRLF before a blank removed)
@@ -363,6 +364,7 @@ class Handler:
         return reply or "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        eod_ts = time.time()  # the end of data, as a relay counts a message (before data_delay_s)
         ctl = self.control.get()
         delay = num(ctl.get("data_delay_s"))
         if delay:
@@ -383,6 +385,7 @@ class Handler:
                 auth_user = login.decode("utf-8", "replace")
         self.recorder.record({
             "ts": time.time(),
+            "eod_ts": eod_ts,
             "mail_from": clean(envelope.mail_from),
             "rcpt_tos": [clean(r) for r in envelope.rcpt_tos],
             "headers": parse_headers(raw),

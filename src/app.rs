@@ -18,6 +18,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    budget::{Budget, MongoLedger, Plan},
     config::Config,
     http::{self, HttpState},
     kafka::{self, IngestConsumer, StatusProducer},
@@ -93,6 +94,19 @@ impl App {
         let abort = CancellationToken::new();
         let background = CancellationToken::new();
 
+        // One budget for every replica, in the letters' database (see `crate::budget`).
+        let budget = Arc::new(Budget::new(
+            Plan::new(&config.smtp),
+            Arc::new(MongoLedger::beside(store.collection(), metrics.clone())),
+            metrics.clone(),
+        ));
+        tracing::info!(
+            budget = %budget.plan().rate_label,
+            quotas = %config.smtp.quotas.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            unit = ?config.smtp.rate_unit,
+            paced_per_s = budget.plan().rate(),
+            "sending budget shared through MongoDB"
+        );
         let http_state = Arc::new(HttpState {
             producer: producer.clone(),
             store: store.clone(),
@@ -103,6 +117,7 @@ impl App {
             consumer_running: consumer_running.clone(),
             shutdown: shutdown.clone(),
             readiness: Default::default(),
+            budget: budget.clone(),
         });
         tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
         let http_stop = CancellationToken::new();
@@ -126,7 +141,7 @@ impl App {
         );
 
         let send_context =
-            Arc::new(SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), metrics.clone())?);
+            Arc::new(SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), budget, metrics.clone())?);
         let workers_count = config.smtp.max_senders;
         let rate = config.smtp.rate_max_letters as f64 / config.smtp.rate_period.as_secs_f64();
         let capacity = Dispatcher::capacity(&config.dispatch, workers_count, rate);

@@ -1,5 +1,6 @@
 //! The SMTP workers. Each worker keeps one connection open and reuses it between letters; all
-//! workers share one rate limit. Every recipient goes in the envelope only, in transactions of at
+//! workers (of all replicas) share one sending budget, taken before each transaction and paced at
+//! its final dot. Every recipient goes in the envelope only, in transactions of at
 //! most `SMTP_MAX_RECIPIENTS`; the SMTP conversation itself is `crate::smtp`'s, and what its
 //! replies mean for the letter is `policy`'s.
 
@@ -20,6 +21,7 @@ use super::{
     policy::{self, AttemptReport, Failure},
     rate_limit::RateLimit,
 };
+use crate::budget::{Budget, Ticket};
 use crate::{
     address::Recipient,
     config::{DispatchConfig, SmtpConfig},
@@ -58,6 +60,7 @@ impl SendContext {
         smtp: &SmtpConfig,
         retry: DispatchConfig,
         lease: Arc<LeaseClock>,
+        budget: Arc<Budget>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let tls_config = match smtp.tls {
@@ -81,7 +84,7 @@ impl SendContext {
             max_recipients: smtp.max_recipients,
             idle_check_after: smtp.idle_check_after,
             retry,
-            limiter: RateLimit::new(smtp, metrics.clone()),
+            limiter: RateLimit::new(budget, smtp.throttle_recovery_step, metrics.clone()),
             lease,
             unrecorded: Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER)),
             metrics,
@@ -120,13 +123,18 @@ impl Worker {
                     Err(_) => break,
                 },
             };
-            let waiting = Instant::now();
-            let slot = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                slot = self.ctx.limiter.acquire() => slot,
+            // The first transaction's budget is taken here, where shutdown may still interrupt
+            // the wait (the budget may be exhausted for hours); later ones, in `deliver`.
+            let pending = claimed.letter.pending_recipients().len();
+            let ticket = if pending == 0 || self.ctx.limiter.too_large(pending).is_some() {
+                None
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    ticket = self.ctx.limiter.reserve(pending.min(self.ctx.max_recipients)) => Some(ticket),
+                }
             };
-            self.ctx.metrics.rate_limit_wait.observe(waiting.elapsed().as_secs_f64());
             if !self.ctx.lease.trusted(claimed.claimed_at) || self.ctx.lease.taken(&claimed.letter.id) {
                 // MongoDB has not confirmed our leases for too long, or the last renewal found this
                 // letter leased to another replica: leave it to whoever holds it.
@@ -161,10 +169,8 @@ impl Worker {
                     tracing::warn!(letter_id = %letter_id, "send abandoned at the shutdown deadline");
                     break;
                 }
-                record = self.attempt(claimed.letter, claimed.claimed_at) => record,
+                record = self.attempt(claimed.letter, claimed.claimed_at, ticket) => record,
             };
-            // The server has answered: this is the completion the rate limit's window counts from.
-            drop(slot);
             let record = AttemptRecord { unrecorded: Some(unrecorded), memory, ..record };
             if outcomes.send(record).await.is_err() {
                 break;
@@ -177,23 +183,27 @@ impl Worker {
     }
 
     /// One attempt at one letter, turned into the record the report stage stores.
-    pub async fn attempt(&mut self, letter: Letter, claimed_at: Instant) -> AttemptRecord {
+    pub async fn attempt(&mut self, letter: Letter, claimed_at: Instant, ticket: Option<Ticket>) -> AttemptRecord {
         // Every line logged while sending carries the letter's id and source key.
         let span = tracing::info_span!("send", letter_id = %letter.id, kafka_key = %letter.kafkakey, attempt = letter.attempts + 1);
-        self.attempt_in_span(letter, claimed_at).instrument(span).await
+        self.attempt_in_span(letter, claimed_at, ticket).instrument(span).await
     }
 
-    async fn attempt_in_span(&mut self, mut letter: Letter, claimed_at: Instant) -> AttemptRecord {
+    async fn attempt_in_span(&mut self, mut letter: Letter, claimed_at: Instant, ticket: Option<Ticket>) -> AttemptRecord {
         letter.attempts += 1;
         let recipients = letter.pending_recipients();
         let started = Instant::now();
         self.ctx.metrics.in_flight.inc();
         let id = letter.id.to_hex();
         let content = Content { id: &id, subject: &letter.subject, html: &letter.body };
+        let too_large = self.ctx.limiter.too_large(recipients.len());
         let report = match message::build(content, &self.ctx.from) {
             Err(error) => AttemptReport { failure: Some(Failure::Permanent(error.to_string())), ..Default::default() },
             Ok(_) if recipients.is_empty() => AttemptReport::default(),
-            Ok(bytes) => self.deliver(recipients, &bytes, (claimed_at, letter.id)).await,
+            Ok(bytes) => match too_large {
+                Some(reason) => AttemptReport { failure: Some(Failure::Permanent(reason)), ..Default::default() },
+                None => self.deliver(recipients, &bytes, (claimed_at, letter.id), ticket).await,
+            },
         };
         self.ctx.metrics.in_flight.dec();
         self.ctx.metrics.send_duration.observe(started.elapsed().as_secs_f64());
@@ -223,7 +233,9 @@ impl Worker {
         recipients: Vec<Recipient>,
         message: &[u8],
         lease: (Instant, mongodb::bson::oid::ObjectId),
+        ticket: Option<Ticket>,
     ) -> AttemptReport {
+        let mut ticket = ticket;
         let mut report = AttemptReport::default();
         let mut queue: VecDeque<Recipient> = recipients.into();
         // Fresh connections taken because a kept one turned out broken, or the server found the
@@ -234,11 +246,39 @@ impl Worker {
             let chunk: Vec<Recipient> = queue.drain(..take).collect();
             let reused = self.connection.is_some();
             let ctx = self.ctx.clone();
+            // Taken before the transaction opens, so a long wait (an exhausted quota, MongoDB
+            // away) never holds a server's DATA phase open; only the unit's own time is waited
+            // for at the final dot. A unit not used (the transaction failed) is not given back.
+            let ticket = match ticket.take().filter(|t| t.units == ctx.limiter.cost(chunk.len())) {
+                Some(ticket) => ticket,
+                None => ctx.limiter.reserve(chunk.len()).await,
+            };
+            let metrics = ctx.metrics.clone();
+            let lease_clock = ctx.lease.clone();
+            let budget = ctx.limiter.budget().clone();
+            let before_end = async move {
+                let at_dot = tokio::time::Instant::now();
+                budget.prepared(at_dot.duration_since(ticket.issued));
+                let mut ticket = ticket;
+                loop {
+                    tokio::time::sleep_until(ticket.at).await;
+                    let late = tokio::time::Instant::now().saturating_duration_since(ticket.unit);
+                    if late <= budget.plan().late {
+                        break;
+                    }
+                    // Too late for its unit (a slow connection, a late wake-up): the dot on it
+                    // could crowd the next window, so the message waits for a new one.
+                    tracing::debug!(late_ms = late.as_secs_f64() * 1e3, "late for the budget's unit; taking another");
+                    ticket = budget.take(ticket.units).await;
+                }
+                metrics.rate_limit_wait.observe((ticket.waited + at_dot.elapsed()).as_secs_f64());
+                // The lease is checked again right before the final dot, after the budget's wait:
+                // a replica cut off from MongoDB must not hand over a letter another may already
+                // be sending.
+                lease_clock.vouch(lease.0, &lease.1)
+            };
             let result = match self.session().await {
                 Ok(connection) => {
-                    // The lease is checked again right before the final dot: a replica cut off
-                    // from MongoDB must not hand over a letter another may already be sending.
-                    let before_end = async { ctx.lease.vouch(lease.0, &lease.1) };
                     transaction::send(
                         connection,
                         ctx.from.email.as_ref(),

@@ -43,7 +43,9 @@ impl Transaction {
 /// message may have been delivered.
 ///
 /// `before_end` is awaited after the message's data is written and before its final `.`, the
-/// moment the server takes the message. `None` withdraws it: the connection is dropped without
+/// moment the server takes the message: a relay counts a message when its data ends, so that is
+/// the moment a sending budget paces, and the last moment to check the letter is still ours.
+/// `None` withdraws it: the connection is dropped without
 /// the dot, so the server discards what it received ([`SmtpError::Withdrawn`]). `Some(limit)`
 /// bounds the time the final `.` may take to write. It is not awaited when the transaction ends
 /// earlier (every recipient refused).
