@@ -5,11 +5,13 @@
 pub mod address;
 pub mod app;
 pub mod config;
+pub mod deliverability;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod public;
 pub mod retention;
 pub mod smtp;
 pub mod store;

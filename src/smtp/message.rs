@@ -4,8 +4,8 @@
 use std::time::SystemTime;
 
 use lettre::message::{
-    Mailbox, SinglePart,
-    header::{Header, HeaderName, HeaderValue},
+    Body, Mailbox, MultiPart,
+    header::{ContentTransferEncoding, ContentType, Header, HeaderName, HeaderValue, MIME_VERSION_1_0},
 };
 
 /// The longest Subject accepted, in characters. A header line may hold 998 octets (RFC 5322
@@ -81,24 +81,70 @@ pub fn normalize_line_ends(text: &str) -> String {
     out
 }
 
+/// The text width of the plain-text alternative, as mail clients wrap it.
+const TEXT_WIDTH: usize = 78;
+
+/// The `text/plain` alternative of an HTML body: its text with links kept as numbered references.
+/// Spam filters score HTML-only mail, and text-only clients show this part.
+pub fn text_of_html(html: &str) -> Result<String, MessageError> {
+    html2text::from_read(html.as_bytes(), TEXT_WIDTH).map_err(|e| MessageError(format!("HTML to text: {e}")))
+}
+
+/// Headers added to the message beyond the fixed ones (List-Unsubscribe and its kin), already
+/// validated by whoever made them.
+pub type ExtraHeaders = Vec<(HeaderName, String)>;
+
 /// The formatted message. Its Message-ID derives from the letter id, so every chunk, every retry
 /// and a resend after a crash carry the same id and receivers can recognise the duplicate.
 pub fn build(content: Content<'_>, from: &Mailbox) -> Result<Vec<u8>, MessageError> {
+    let message = compose(content, from, Vec::new())?;
+    finish(&message)
+}
+
+/// The message before formatting, so a DKIM signature can be added to it: `multipart/alternative`
+/// with the text made from the HTML, then the HTML.
+pub fn compose(content: Content<'_>, from: &Mailbox, extra: ExtraHeaders) -> Result<lettre::Message, MessageError> {
     check_subject(content.subject).map_err(MessageError)?;
     let domain = from.email.domain();
     // lettre needs an envelope to format a message whose headers name no recipient; the SMTP
     // envelope is written by our client, so this one is never used.
     let envelope = lettre::address::Envelope::new(Some(from.email.clone()), vec![from.email.clone()])
         .map_err(|e| MessageError(e.to_string()))?;
-    let message = lettre::Message::builder()
+    let mut builder = lettre::Message::builder()
         .from(from.clone())
         .header(UndisclosedRecipients)
         .subject(content.subject)
         .date(SystemTime::now())
         .message_id(Some(format!("<{}@{}>", content.id, domain)))
-        .envelope(envelope)
-        .singlepart(SinglePart::html(normalize_line_ends(content.html)))
-        .map_err(|e| MessageError(e.to_string()))?;
+        .envelope(envelope);
+    for (name, value) in extra {
+        builder = builder.raw_header(HeaderValue::new(name, value));
+    }
+    let html = normalize_line_ends(content.html);
+    let text = normalize_line_ends(&text_of_html(&html)?);
+    let alternative = MultiPart::alternative_plain_html(text, html);
+    // The multipart goes in as a raw body with its Content-Type among the message's headers:
+    // lettre keeps a MIME body's Content-Type with the body, where its DKIM signer does not see
+    // it, and a signature naming Content-Type would then not verify.
+    let content_type = ContentType::parse(&format!("multipart/alternative; boundary=\"{}\"", alternative.boundary()))
+        .map_err(|e| MessageError(format!("Content-Type: {e}")))?;
+    let mut formatted = alternative.formatted();
+    let body_start = formatted
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| MessageError("the multipart has no header end".to_owned()))?;
+    let body = formatted.split_off(body_start + 4);
+    // lettre encoded each part (7bit, quoted-printable or base64), so the whole is 7-bit; `finish`
+    // checks the line lengths.
+    if !body.is_ascii() || body.contains(&0) {
+        return Err(MessageError("the multipart is not 7-bit".to_owned()));
+    }
+    let body = Body::dangerous_pre_encoded(body, ContentTransferEncoding::SevenBit);
+    builder.header(MIME_VERSION_1_0).header(content_type).body(body).map_err(|e| MessageError(e.to_string()))
+}
+
+/// The message's bytes, checked against SMTP's line limit.
+pub fn finish(message: &lettre::Message) -> Result<Vec<u8>, MessageError> {
     let raw = message.formatted();
     if let Some(longest) = raw.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l).len()).max()
         && longest > MAX_LINE_OCTETS
@@ -132,7 +178,7 @@ mod tests {
             "Subject: Hello",
             "Date: ",
             "MIME-Version: 1.0",
-            "Content-Type: text/html; charset=utf-8",
+            "Content-Type: multipart/alternative;",
             "To: undisclosed-recipients:;",
             "Message-ID: <65a1b2c3d4e5f60718293a4b@example.com>",
         ] {
@@ -174,6 +220,15 @@ mod tests {
             let longest = raw.split(|b| *b == b'\n').map(<[u8]>::len).max().unwrap();
             assert!(longest <= MAX_LINE_OCTETS + 1, "a line of {longest} octets");
         }
+    }
+
+    #[test]
+    fn text_alternative_keeps_text_and_links_without_tags() {
+        let text =
+            text_of_html(r#"<h1>Sale</h1><p>Read <a href="https://example.com/offer">the offer</a>.</p>"#).unwrap();
+        assert!(text.contains("Sale") && text.contains("the offer"), "{text}");
+        assert!(text.contains("https://example.com/offer"), "{text}");
+        assert!(!text.contains('<'), "{text}");
     }
 
     #[test]
