@@ -168,6 +168,8 @@ pub struct DeliverabilityConfig {
     /// Refusals meaning "no such mailbox" (5.1.x), from distinct letters, before an address is
     /// suppressed.
     pub suppress_after_hard_bounces: u32,
+    /// `SMTP_DELIVERY=individual`: a copy per recipient, with their own To and unsubscribe link.
+    pub individual: bool,
 }
 
 /// Where the DKIM key is; the key itself is read by `deliverability::dkim` at start-up and never
@@ -427,14 +429,27 @@ fn deliverability(env: &Env, from: &Mailbox) -> Result<DeliverabilityConfig, Con
     {
         return Err(ConfigError::InvalidSecret { var: "UNSUBSCRIBE_SECRET", expected: "at least 16 characters" });
     }
+    let individual = match env.string("SMTP_DELIVERY", "bcc").to_ascii_lowercase().as_str() {
+        "bcc" => false,
+        "individual" => true,
+        other => {
+            return Err(ConfigError::Invalid {
+                var: "SMTP_DELIVERY",
+                value: other.to_owned(),
+                expected: "bcc (one message for all recipients) or individual (a copy per recipient)".into(),
+            });
+        }
+    };
     // One BCC message goes to many recipients, so its link cannot name one.
     if let Some(template) = &unsubscribe_url
         && template.names_address()
+        && !individual
     {
         return Err(ConfigError::Invalid {
             var: "LIST_UNSUBSCRIBE_URL",
             value: env.string("LIST_UNSUBSCRIBE_URL", ""),
-            expected: "no {address} placeholder: a BCC message is shared by all its recipients".into(),
+            expected: "no {address} placeholder with SMTP_DELIVERY=bcc: a BCC message is shared by all its recipients"
+                .into(),
         });
     }
     let public_addr = match env.optional("PUBLIC_HTTP_ADDR") {
@@ -458,6 +473,7 @@ fn deliverability(env: &Env, from: &Mailbox) -> Result<DeliverabilityConfig, Con
         unsubscribe_mailto,
         unsubscribe_secret,
         public_addr,
+        individual,
         topic_unsubscribed: env.string("KAFKA_TOPIC_UNSUBSCRIBED", "mts-to-profile.unsubscribed"),
         topic_suppressions: env.string("KAFKA_TOPIC_SUPPRESSIONS", "mts-to-mailsender.suppressions"),
         suppress_after_hard_bounces: env.parse(

@@ -383,3 +383,87 @@ async fn suppression_topic_adds_removes_and_dead_letters_malformed_requests() {
     let received = sink.received();
     assert!(received.iter().all(|m| m.header("Subject") != Some("all suppressed")), "sent to a suppressed address");
 }
+
+/// A value as the links carry it: every character but letters and digits percent-encoded.
+fn url_encoded(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_string() } else { format!("%{:02X}", c as u32) })
+        .collect()
+}
+
+/// `SMTP_DELIVERY=individual`: three recipients get three messages, each with its own `To:` and
+/// its own unsubscribe link, and no other recipient's address anywhere in it. The one-click link
+/// of one of them suppresses that address and names it in the event; a later letter skips it and
+/// lists it in `Suppressed`.
+#[tokio::test]
+async fn individual_mode_sends_each_recipient_their_own_copy_and_link() {
+    let sink = SmtpSink::start().await;
+    let name = unique("ind");
+    let port = free_port();
+    let public = format!("http://127.0.0.1:{port}");
+    let public_addr = format!("127.0.0.1:{port}");
+    let unsubscribed = format!("{name}-unsubscribed");
+    let app = TestApp::spawn(
+        &sink,
+        &[
+            ("SMTP_DELIVERY", "individual"),
+            ("LIST_UNSUBSCRIBE_URL", "https://unsub.mailsender.test/u/{letter_id}/{address}?t={token}"),
+            ("UNSUBSCRIBE_SECRET", SECRET),
+            ("PUBLIC_HTTP_ADDR", &public_addr),
+            ("KAFKA_TOPIC_UNSUBSCRIBED", &unsubscribed),
+        ],
+    )
+    .await;
+    let recipients = ["ann@example.org", "Bob@Example.org", "cy@example.net"];
+    let (status, body) = app.post("/post", json!([mailing("personal", "<p>Hello</p>", &recipients)]).to_string()).await;
+    assert_eq!(status, 202, "{body}");
+    let received = sink.wait_for_count(3, LONG).await;
+    let letters = app.wait_all_final(1, LONG).await;
+    assert_eq!(letters[0].delivered.len(), 3, "{:?}", letters[0]);
+    let mut links = Vec::new();
+    for recipient in recipients {
+        let copy = received
+            .iter()
+            .find(|m| m.rcpt_tos.len() == 1 && m.rcpt_tos[0].eq_ignore_ascii_case(recipient))
+            .expect("a copy per recipient");
+        assert_eq!(copy.header("To"), Some(recipient), "{}", copy.raw);
+        let link = https_link(copy);
+        let encoded = url_encoded(recipient);
+        assert!(link.contains(&format!("/{encoded}?")), "{link}");
+        let raw = copy.raw.to_lowercase();
+        for other in recipients.iter().filter(|o| **o != recipient) {
+            let other = other.to_lowercase();
+            assert!(
+                !raw.contains(&other) && !raw.contains(&other.replace('@', "%40")),
+                "{other} in {recipient}'s copy"
+            );
+        }
+        links.push(link);
+    }
+    assert_eq!(links.iter().collect::<std::collections::HashSet<_>>().len(), 3);
+
+    // Bob's link, altered to name Ann, is refused; Bob's own link suppresses Bob.
+    let bob = links[1].replacen("https://unsub.mailsender.test", &public, 1);
+    let altered = bob.replace(&url_encoded("Bob@Example.org"), &url_encoded("ann@example.org"));
+    assert_ne!(altered, bob);
+    assert_eq!(post_one_click(&altered, "List-Unsubscribe=One-Click").await, 403);
+    assert_eq!(post_one_click(&bob, "List-Unsubscribe=One-Click").await, 200);
+    let event = consume(&unsubscribed, 1, LONG).await[0].json();
+    assert_eq!(event["Address"], "Bob@Example.org", "{event}");
+    let entries = app.raw_documents("letters_suppressions").await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].get_str("_id").unwrap(), "bob@example.org");
+    assert_eq!(entries[0].get_str("reason").unwrap(), "unsubscribe");
+
+    let (status, body) =
+        app.post("/post", json!([mailing("after unsubscribe", "<p>Again</p>", &recipients)]).to_string()).await;
+    assert_eq!(status, 202, "{body}");
+    let letters = app.wait_all_final(2, LONG).await;
+    let second = letters.iter().find(|l| l.subject == "after unsubscribe").unwrap();
+    assert_eq!(second.delivered.len(), 2, "{second:?}");
+    let statuses = app.consume(&app.topic_out, 2, LONG).await;
+    let status = statuses.iter().map(Consumed::json).find(|s| s["Subject"] == "after unsubscribe").unwrap();
+    assert_eq!(status["Suppressed"], json!(["Bob@Example.org"]), "{status}");
+    assert_eq!(sink.received().len(), 5, "no copy for the unsubscribed recipient");
+}

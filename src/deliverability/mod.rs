@@ -11,6 +11,7 @@ pub mod unsubscribe;
 use lettre::message::{Mailbox, header::HeaderName};
 
 use crate::{
+    address::Recipient,
     config::DeliverabilityConfig,
     model::Letter,
     smtp::message::{self, Content, MessageError},
@@ -31,12 +32,13 @@ pub struct Composer {
     dkim: Option<dkim::Signing>,
     unsubscribe_url: Option<(UrlTemplate, Signer)>,
     unsubscribe_mailto: Option<String>,
+    individual: bool,
 }
 
 impl Composer {
     /// Unsigned, without List-Unsubscribe.
     pub fn plain(from: Mailbox) -> Composer {
-        Composer { from, dkim: None, unsubscribe_url: None, unsubscribe_mailto: None }
+        Composer { from, dkim: None, unsubscribe_url: None, unsubscribe_mailto: None, individual: false }
     }
 
     /// Reads the DKIM key; fails naming the variable when it is missing, unreadable or invalid.
@@ -57,20 +59,52 @@ impl Composer {
             (Some(template), Some(secret)) => Some((template.clone(), Signer::new(secret))),
             _ => None,
         };
-        Ok(Composer { from, dkim, unsubscribe_url, unsubscribe_mailto: config.unsubscribe_mailto.clone() })
+        Ok(Composer {
+            from,
+            dkim,
+            unsubscribe_url,
+            unsubscribe_mailto: config.unsubscribe_mailto.clone(),
+            individual: config.individual,
+        })
     }
 
-    /// The formatted, signed message of `letter`.
+    /// Whether each recipient gets a copy of their own (`SMTP_DELIVERY=individual`).
+    pub fn individual(&self) -> bool {
+        self.individual
+    }
+
+    /// The formatted, signed message of `letter`, for all its recipients (BCC).
     pub fn build(&self, letter: &Letter) -> Result<Vec<u8>, MessageError> {
+        let text = message::text_of_html(&letter.body)?;
+        self.build_copy(letter, &text, None)
+    }
+
+    /// One recipient's copy: their address in `To:` and in their unsubscribe link. `text` is the
+    /// letter's text alternative, made once for all its copies.
+    pub fn build_copy(
+        &self,
+        letter: &Letter,
+        text: &str,
+        recipient: Option<&Recipient>,
+    ) -> Result<Vec<u8>, MessageError> {
         let id = letter.id.to_hex();
         let content = Content { id: &id, subject: &letter.subject, html: &letter.body };
+        let to = match recipient {
+            Some(recipient) => Some(
+                recipient
+                    .as_str()
+                    .parse::<Mailbox>()
+                    .map_err(|e| MessageError::new(format!("{recipient} cannot go in To: {e}")))?,
+            ),
+            None => None,
+        };
         let fields = Fields {
             token: letter.token.clone(),
             letter_id: id.clone(),
             kafka_key: letter.kafkakey.clone(),
-            address: None,
+            address: recipient.map(Recipient::to_string),
         };
-        let mut message = message::compose(content, &self.from, self.unsubscribe_headers(&fields))?;
+        let mut message = message::compose(content, text, &self.from, to.as_ref(), self.unsubscribe_headers(&fields))?;
         if let Some(dkim) = &self.dkim {
             dkim.sign(&mut message);
         }

@@ -28,6 +28,8 @@ use crate::{
     smtp::{self, Command, Connection, RcptResult, Reply, SmtpError, transaction},
 };
 
+mod individual;
+
 /// Everything a worker needs that is shared by all workers.
 pub struct SendContext {
     pub smtp: smtp::Settings,
@@ -190,6 +192,7 @@ impl Worker {
         let report = match self.ctx.composer.build(&letter) {
             Err(error) => AttemptReport { failure: Some(Failure::Permanent(error.to_string())), ..Default::default() },
             Ok(_) if recipients.is_empty() => AttemptReport::default(),
+            Ok(_) if self.ctx.composer.individual() => self.deliver_individually(&letter, recipients).await,
             Ok(bytes) => self.deliver(recipients, &bytes).await,
         };
         self.ctx.metrics.in_flight.dec();

@@ -1,5 +1,6 @@
-//! Builds the RFC 5322 message. Recipients travel only in the SMTP envelope: the headers name no
-//! recipient, so a bulk letter never discloses one recipient to another.
+//! Builds the RFC 5322 message. In BCC mode recipients travel only in the SMTP envelope: the
+//! headers name no recipient, so a bulk letter never discloses one recipient to another. A
+//! per-recipient copy (`SMTP_DELIVERY=individual`) names its one recipient in `To:`.
 
 use std::time::SystemTime;
 
@@ -20,6 +21,12 @@ pub const MAX_LINE_OCTETS: usize = 998;
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the message: {0}")]
 pub struct MessageError(String);
+
+impl MessageError {
+    pub fn new(reason: String) -> MessageError {
+        MessageError(reason)
+    }
+}
 
 /// What a message is made of.
 #[derive(Debug, Clone, Copy)]
@@ -97,22 +104,34 @@ pub type ExtraHeaders = Vec<(HeaderName, String)>;
 /// The formatted message. Its Message-ID derives from the letter id, so every chunk, every retry
 /// and a resend after a crash carry the same id and receivers can recognise the duplicate.
 pub fn build(content: Content<'_>, from: &Mailbox) -> Result<Vec<u8>, MessageError> {
-    let message = compose(content, from, Vec::new())?;
+    let text = text_of_html(content.html)?;
+    let message = compose(content, &text, from, None, Vec::new())?;
     finish(&message)
 }
 
 /// The message before formatting, so a DKIM signature can be added to it: `multipart/alternative`
 /// with the text made from the HTML, then the HTML.
-pub fn compose(content: Content<'_>, from: &Mailbox, extra: ExtraHeaders) -> Result<lettre::Message, MessageError> {
+/// `text` is [`text_of_html`] of the body, made once per letter; `to` names the one recipient of a
+/// per-recipient copy, and is `None` for a BCC message.
+pub fn compose(
+    content: Content<'_>,
+    text: &str,
+    from: &Mailbox,
+    to: Option<&Mailbox>,
+    extra: ExtraHeaders,
+) -> Result<lettre::Message, MessageError> {
     check_subject(content.subject).map_err(MessageError)?;
     let domain = from.email.domain();
     // lettre needs an envelope to format a message whose headers name no recipient; the SMTP
     // envelope is written by our client, so this one is never used.
     let envelope = lettre::address::Envelope::new(Some(from.email.clone()), vec![from.email.clone()])
         .map_err(|e| MessageError(e.to_string()))?;
-    let mut builder = lettre::Message::builder()
-        .from(from.clone())
-        .header(UndisclosedRecipients)
+    let builder = lettre::Message::builder().from(from.clone());
+    let builder = match to {
+        Some(to) => builder.to(to.clone()),
+        None => builder.header(UndisclosedRecipients),
+    };
+    let mut builder = builder
         .subject(content.subject)
         .date(SystemTime::now())
         .message_id(Some(format!("<{}@{}>", content.id, domain)))
@@ -121,7 +140,7 @@ pub fn compose(content: Content<'_>, from: &Mailbox, extra: ExtraHeaders) -> Res
         builder = builder.raw_header(HeaderValue::new(name, value));
     }
     let html = normalize_line_ends(content.html);
-    let text = normalize_line_ends(&text_of_html(&html)?);
+    let text = normalize_line_ends(text);
     let alternative = MultiPart::alternative_plain_html(text, html);
     // The multipart goes in as a raw body with its Content-Type among the message's headers:
     // lettre keeps a MIME body's Content-Type with the body, where its DKIM signer does not see
