@@ -66,7 +66,12 @@ impl SuppressionTopic {
             let message = match message {
                 Ok(message) => message,
                 Err(error) => {
-                    tracing::warn!(error = %error, "reading the suppression topic");
+                    // A missing topic (KAFKA_CREATE_TOPICS=false) errors at once: do not spin.
+                    tracing::warn!(error = %error, topic = %self.topic, "reading the suppression topic");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
                     continue;
                 }
             };
