@@ -73,8 +73,14 @@ impl Composer {
         self.individual
     }
 
-    /// The formatted, signed message of `letter`, for all its recipients (BCC).
+    /// The formatted, signed message of `letter`, for all its recipients (BCC). In individual
+    /// mode only the checks that fail the whole letter: its copies are built per recipient, and
+    /// signing a message no one gets would cost a signature per letter.
     pub fn build(&self, letter: &Letter) -> Result<Vec<u8>, MessageError> {
+        if self.individual {
+            message::check_subject(&letter.subject).map_err(MessageError::new)?;
+            return Ok(Vec::new());
+        }
         let text = message::text_of_html(&letter.body)?;
         self.build_copy(letter, &text, None)
     }
