@@ -655,6 +655,52 @@ mod tests {
     }
 
     #[test]
+    fn deliverability_settings_are_checked_by_name() {
+        let url = "https://mail.example.com/u?t={token}";
+        let secret = "0123456789abcdef";
+        for (pairs, named) in [
+            (vec![("DKIM_SELECTOR", "s1")], "DKIM_PRIVATE_KEY_FILE"),
+            (vec![("DKIM_PRIVATE_KEY_FILE", "/k.pem")], "DKIM_SELECTOR"),
+            (vec![("LIST_UNSUBSCRIBE_URL", url)], "UNSUBSCRIBE_SECRET"),
+            (vec![("LIST_UNSUBSCRIBE_URL", url), ("UNSUBSCRIBE_SECRET", "short")], "UNSUBSCRIBE_SECRET"),
+            (
+                vec![("LIST_UNSUBSCRIBE_URL", "http://mail.example.com/u?t={token}"), ("UNSUBSCRIBE_SECRET", secret)],
+                "LIST_UNSUBSCRIBE_URL",
+            ),
+            (
+                vec![("LIST_UNSUBSCRIBE_URL", "https://mail.example.com/u?t={tok}"), ("UNSUBSCRIBE_SECRET", secret)],
+                "LIST_UNSUBSCRIBE_URL",
+            ),
+            (
+                vec![("LIST_UNSUBSCRIBE_URL", "https://m.example.com/u/{address}"), ("UNSUBSCRIBE_SECRET", secret)],
+                "SMTP_DELIVERY=bcc",
+            ),
+            (vec![("LIST_UNSUBSCRIBE_MAILTO", "not an address")], "LIST_UNSUBSCRIBE_MAILTO"),
+            (vec![("PUBLIC_HTTP_ADDR", "127.0.0.1:8080")], "LIST_UNSUBSCRIBE_URL"),
+            (vec![("SMTP_DELIVERY", "each")], "SMTP_DELIVERY"),
+        ] {
+            let error = Config::from_vars(vars(&pairs)).unwrap_err().to_string();
+            assert!(error.contains(named), "{pairs:?}: {error}");
+            assert!(!error.contains("short") && !error.contains(secret), "a secret in {error}");
+        }
+        let config = Config::from_vars(vars(&[
+            ("SMTP_FROM", "News <news@example.com>"),
+            ("DKIM_SELECTOR", "s1"),
+            ("DKIM_PRIVATE_KEY_FILE", "/k.pem"),
+            ("SMTP_DELIVERY", "individual"),
+            ("LIST_UNSUBSCRIBE_URL", "https://m.example.com/u/{address}"),
+            ("UNSUBSCRIBE_SECRET", secret),
+        ]))
+        .unwrap();
+        let deliverability = config.deliverability;
+        assert_eq!(deliverability.dkim.as_ref().unwrap().domain, "example.com", "the From domain by default");
+        assert!(deliverability.individual);
+        assert_eq!(deliverability.topic_suppressions, "mts-to-mailsender.suppressions");
+        assert_eq!(deliverability.topic_unsubscribed, "mts-to-profile.unsubscribed");
+        assert!(!format!("{deliverability:?}").contains(secret));
+    }
+
+    #[test]
     fn missing_required_variable_is_named() {
         let mut map = vars(&[]);
         map.remove("SMTP_HOST");
