@@ -350,10 +350,12 @@ async fn suppression_topic_adds_removes_and_dead_letters_malformed_requests() {
     let name = unique("sup");
     let topic = format!("{name}-suppressions");
     let app = TestApp::spawn(&sink, &[("KAFKA_TOPIC_SUPPRESSIONS", &topic)]).await;
-    produce(&topic, None, br#"{"Address":"Complained@Example.org","Reason":"complaint"}"#).await;
-    produce(&topic, None, br#"{"Address":"back@example.org","Reason":"bounce"}"#).await;
-    produce(&topic, None, br#"{"Address":"not an address","Reason":"x"}"#).await;
-    produce(&topic, None, br#"{"Address":"back@example.org","Remove":true}"#).await;
+    // Keyed by address, as producers must: an add and a later remove then stay in order.
+    produce(&topic, Some("complained@example.org"), br#"{"Address":"Complained@Example.org","Reason":"complaint"}"#)
+        .await;
+    produce(&topic, Some("back@example.org"), br#"{"Address":"back@example.org","Reason":"bounce"}"#).await;
+    produce(&topic, Some("junk"), br#"{"Address":"not an address","Reason":"x"}"#).await;
+    produce(&topic, Some("back@example.org"), br#"{"Address":"back@example.org","Remove":true}"#).await;
     let dead = app.consume(&app.topic_dlq, 1, LONG).await;
     assert!(String::from_utf8_lossy(&dead[0].payload).contains("not an address"));
     assert!(dead[0].headers.get("x-error").is_some_and(|e| e.contains("Address")), "{:?}", dead[0].headers);
