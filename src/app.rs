@@ -43,6 +43,8 @@ pub struct App {
     composer: Arc<Composer>,
     /// The one-click endpoint's listener, when `PUBLIC_HTTP_ADDR` is set.
     public_listener: Option<TcpListener>,
+    /// Reads `KAFKA_TOPIC_SUPPRESSIONS`, in a group of its own.
+    suppression_consumer: rdkafka::consumer::StreamConsumer,
 }
 
 impl App {
@@ -84,6 +86,8 @@ impl App {
         }
         let producer = kafka::producer(&config.kafka, metrics.clone())?;
         let consumer = Arc::new(kafka::consumer(&config.kafka, metrics.clone())?);
+        let suppression_consumer =
+            kafka::side_consumer(&config.kafka, &format!("{}-suppressions", config.kafka.group_id))?;
         let listener = TcpListener::bind(config.http.addr)
             .await
             .with_context(|| format!("binding HTTP_ADDR {}", config.http.addr))?;
@@ -93,7 +97,17 @@ impl App {
             }
             None => None,
         };
-        Ok(App { config, store, producer, consumer, listener, metrics, composer, public_listener })
+        Ok(App {
+            config,
+            store,
+            producer,
+            consumer,
+            listener,
+            metrics,
+            composer,
+            public_listener,
+            suppression_consumer,
+        })
     }
 
     pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -101,7 +115,17 @@ impl App {
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let App { config, store, producer, consumer, listener, metrics, composer, public_listener } = self;
+        let App {
+            config,
+            store,
+            producer,
+            consumer,
+            listener,
+            metrics,
+            composer,
+            public_listener,
+            suppression_consumer,
+        } = self;
         let suppressions = Suppressions::new(
             store.database(),
             &config.mongo.collection,
@@ -255,14 +279,13 @@ impl App {
                 background.clone(),
             ),
         ));
-        let suppression_group = format!("{}-suppressions", config.kafka.group_id);
         chores.spawn(
             failures.supervise_until(
                 "the suppression topic",
                 &background,
                 &shutdown,
                 SuppressionTopic {
-                    consumer: kafka::side_consumer(&config.kafka, &suppression_group)?,
+                    consumer: suppression_consumer,
                     topic: config.deliverability.topic_suppressions.clone(),
                     topic_dlq: config.kafka.topic_dlq.clone(),
                     suppressions: suppressions.clone(),
