@@ -40,6 +40,11 @@ pub struct App {
     consumer: Arc<IngestConsumer>,
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    deliverability: Deliverability,
+}
+
+/// What issue 11 adds, made at start-up so that a problem stops it.
+struct Deliverability {
     composer: Arc<Composer>,
     /// The one-click endpoint's listener, when `PUBLIC_HTTP_ADDR` is set.
     public_listener: Option<TcpListener>,
@@ -97,17 +102,8 @@ impl App {
             }
             None => None,
         };
-        Ok(App {
-            config,
-            store,
-            producer,
-            consumer,
-            listener,
-            metrics,
-            composer,
-            public_listener,
-            suppression_consumer,
-        })
+        let deliverability = Deliverability { composer, public_listener, suppression_consumer };
+        Ok(App { config, store, producer, consumer, listener, metrics, deliverability })
     }
 
     pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -115,17 +111,8 @@ impl App {
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let App {
-            config,
-            store,
-            producer,
-            consumer,
-            listener,
-            metrics,
-            composer,
-            public_listener,
-            suppression_consumer,
-        } = self;
+        let App { config, store, producer, consumer, listener, metrics, deliverability } = self;
+        let Deliverability { composer, public_listener, suppression_consumer } = deliverability;
         let suppressions = Suppressions::new(
             store.database(),
             &config.mongo.collection,
