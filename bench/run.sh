@@ -9,6 +9,8 @@
 #   --figures L    only these figures (1..10; 1, 2 and 8 share their runs)
 #   --out FILE     results file (default bench/results.md)
 #   --keep-stack   leave the stack running afterwards (stop it with the same env and scripts/stack.sh down)
+#   --dkim rsa|ed25519  sign every message (a fresh RSA-2048 or Ed25519 key): figure 2a is then the CPU with DKIM
+#   --delivery individual  SMTP_DELIVERY=individual: figure 1 counts letters of 2 copies each
 #   --letters N, --backlog N, --rate-burst N, --service-env NAME=VALUE, --verbose: see bench/README.md
 #
 # Environment: BENCH_RUN (run dir, default /tmp/bench-run), BENCH_KAFKA_PORT (29392), BENCH_MONGO_PORT (28417),
@@ -25,6 +27,7 @@ export MONGO_PORT=${BENCH_MONGO_PORT:-28417}
 PY=$CACHE/venv/bin/python
 
 keep=0
+dkim=
 args=()
 out=$BENCH/results.md
 while [[ $# -gt 0 ]]; do
@@ -32,14 +35,28 @@ while [[ $# -gt 0 ]]; do
         --quick | --verbose) args+=("$1") ;;
         --runs | --senders | --figures | --letters | --backlog | --service-env | --rate-burst) args+=("$1" "$2"); shift ;;
         --out) out=$2; shift ;;
+        --dkim) dkim=$2; shift ;;
+        --delivery) args+=(--service-env "SMTP_DELIVERY=$2"); shift ;;
         --keep-stack) keep=1 ;;
-        -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
 done
 
 log() { printf '[bench] %s\n' "$*" >&2; }
+
+if [[ -n $dkim ]]; then
+    mkdir -p "$MAILSENDER_RUN"
+    key=$MAILSENDER_RUN/dkim-$dkim.pem
+    case $dkim in
+        rsa) openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$key" 2>/dev/null ;;
+        ed25519) openssl genpkey -algorithm ed25519 -out "$key" 2>/dev/null ;;
+        *) echo "run.sh: --dkim takes rsa or ed25519" >&2; exit 2 ;;
+    esac
+    args+=(--service-env DKIM_SELECTOR=bench --service-env "DKIM_PRIVATE_KEY_FILE=$key")
+    log "DKIM: signing with a fresh $dkim key ($key)"
+fi
 
 "$ROOT/scripts/stack.sh" install
 

@@ -34,7 +34,7 @@ TANSU_LOG=$CACHE/tansu-install.log
 
 VENV=$CACHE/venv
 # Pinned to the versions checked here; the marker file records this list, so changing it re-runs pip install.
-PY_PACKAGES=${MAILSENDER_PY_PACKAGES:-"nx-27017==0.8.1 aiosmtpd==1.4.6 confluent-kafka==2.16.1 pymongo==4.20.0"}
+PY_PACKAGES=${MAILSENDER_PY_PACKAGES:-"nx-27017==0.8.1 aiosmtpd==1.4.6 confluent-kafka==2.16.1 pymongo==4.20.0 dkimpy==1.1.8 PyNaCl==1.6.2"}
 VENV_MARKER=$VENV/.mailsender-packages
 
 NPM_PREFIX=$CACHE/npm

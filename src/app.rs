@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     budget::{Budget, MongoLedger, Plan},
     config::Config,
+    deliverability::{Composer, suppression::Suppressions, topic::SuppressionTopic, unsubscribe::Signer},
     http::{self, HttpState},
     kafka::{self, IngestConsumer, StatusProducer},
     metrics::{Metrics, StatusLabel},
@@ -29,6 +30,7 @@ use crate::{
         report::Report,
         send::{SendContext, Worker},
     },
+    public::{self, PublicState},
     store::Store,
 };
 
@@ -39,6 +41,16 @@ pub struct App {
     consumer: Arc<IngestConsumer>,
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    deliverability: Deliverability,
+}
+
+/// What issue 11 adds, made at start-up so that a problem stops it.
+struct Deliverability {
+    composer: Arc<Composer>,
+    /// The one-click endpoint's listener, when `PUBLIC_HTTP_ADDR` is set.
+    public_listener: Option<TcpListener>,
+    /// Reads `KAFKA_TOPIC_SUPPRESSIONS`, in a group of its own.
+    suppression_consumer: rdkafka::consumer::StreamConsumer,
 }
 
 impl App {
@@ -63,20 +75,36 @@ impl App {
             tracing::warn!(skew_ms = skew, "test hook: this process's wall clock is skewed");
             crate::model::inject_clock_skew(skew);
         }
+        // First, so a bad DKIM key stops the start before anything is connected.
+        let composer = Arc::new(Composer::new(config.smtp.from.clone(), &config.deliverability)?);
         let metrics = Arc::new(Metrics::new());
         let store = Store::connect(&config.mongo, metrics.clone()).await?;
         retry_at_start("preparing MongoDB", || store.prepare(config.dispatch.lease)).await?;
         if config.kafka.create_topics {
-            let topics =
-                [config.kafka.topic_in.as_str(), config.kafka.topic_out.as_str(), config.kafka.topic_dlq.as_str()];
+            let topics = [
+                config.kafka.topic_in.as_str(),
+                config.kafka.topic_out.as_str(),
+                config.kafka.topic_dlq.as_str(),
+                config.deliverability.topic_suppressions.as_str(),
+                config.deliverability.topic_unsubscribed.as_str(),
+            ];
             retry_at_start("creating Kafka topics", || kafka::ensure_topics(&config.kafka, &topics)).await?;
         }
         let producer = kafka::producer(&config.kafka, metrics.clone())?;
         let consumer = Arc::new(kafka::consumer(&config.kafka, metrics.clone())?);
+        let suppression_consumer =
+            kafka::side_consumer(&config.kafka, &format!("{}-suppressions", config.kafka.group_id))?;
         let listener = TcpListener::bind(config.http.addr)
             .await
             .with_context(|| format!("binding HTTP_ADDR {}", config.http.addr))?;
-        Ok(App { config, store, producer, consumer, listener, metrics })
+        let public_listener = match config.deliverability.public_addr {
+            Some(addr) => {
+                Some(TcpListener::bind(addr).await.with_context(|| format!("binding PUBLIC_HTTP_ADDR {addr}"))?)
+            }
+            None => None,
+        };
+        let deliverability = Deliverability { composer, public_listener, suppression_consumer };
+        Ok(App { config, store, producer, consumer, listener, metrics, deliverability })
     }
 
     pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -84,7 +112,13 @@ impl App {
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let App { config, store, producer, consumer, listener, metrics } = self;
+        let App { config, store, producer, consumer, listener, metrics, deliverability } = self;
+        let Deliverability { composer, public_listener, suppression_consumer } = deliverability;
+        let suppressions = Suppressions::new(
+            store.database(),
+            &config.mongo.collection,
+            config.deliverability.suppress_after_hard_bounces,
+        );
         // One owner per process start: a restarted process (same INSTANCE_ID) must not renew the
         // leases of letters its killed predecessor claimed; they expire and are reaped.
         let owner = format!("{}-{}", config.instance_id, &uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -127,6 +161,29 @@ impl App {
                 .into_future(),
         );
 
+        let public = match (
+            public_listener,
+            &config.deliverability.unsubscribe_url,
+            &config.deliverability.unsubscribe_secret,
+        ) {
+            (Some(listener), Some(template), Some(secret)) => {
+                let state = Arc::new(PublicState {
+                    template: template.clone(),
+                    signer: Signer::new(secret),
+                    suppressions: suppressions.clone(),
+                    producer: producer.clone(),
+                    topic: config.deliverability.topic_unsubscribed.clone(),
+                });
+                tracing::info!(addr = %listener.local_addr()?, "one-click unsubscribe endpoint listening");
+                Some(tokio::spawn(
+                    axum::serve(listener, public::router(state))
+                        .with_graceful_shutdown(http_stop.clone().cancelled_owned())
+                        .into_future(),
+                ))
+            }
+            _ => None,
+        };
+
         let mut ingest = tokio::spawn(
             Ingest {
                 consumer,
@@ -140,8 +197,10 @@ impl App {
             .run(shutdown.clone()),
         );
 
-        let send_context =
-            Arc::new(SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), budget, metrics.clone())?);
+        let send_context = Arc::new(SendContext {
+            composer,
+            ..SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), budget, metrics.clone())?
+        });
         let workers_count = config.smtp.max_senders;
         let rate = config.smtp.rate_max_letters as f64 / config.smtp.rate_period.as_secs_f64();
         let capacity = Dispatcher::capacity(&config.dispatch, workers_count, rate);
@@ -164,6 +223,7 @@ impl App {
                     lease: lease.clone(),
                     low_water: Dispatcher::low_water(&config.dispatch, capacity),
                     memory: Memory::new(config.dispatch.max_bytes),
+                    suppressions: suppressions.clone(),
                 }
                 .run(letters_tx, shutdown.clone()),
             ),
@@ -186,6 +246,7 @@ impl App {
             owner: owner.clone(),
             metrics: metrics.clone(),
             body_max: config.kafka.status_body_max_bytes,
+            suppressions: suppressions.clone(),
         };
         // The report stage ends when every worker is gone, which only happens at shutdown.
         let report =
@@ -221,6 +282,21 @@ impl App {
                 background.clone(),
             ),
         ));
+        chores.spawn(
+            failures.supervise_until(
+                "the suppression topic",
+                &background,
+                &shutdown,
+                SuppressionTopic {
+                    consumer: suppression_consumer,
+                    topic: config.deliverability.topic_suppressions.clone(),
+                    topic_dlq: config.kafka.topic_dlq.clone(),
+                    suppressions: suppressions.clone(),
+                    producer: producer.clone(),
+                }
+                .run(background.clone()),
+            ),
+        );
         chores.spawn(failures.supervise_until(
             "the status gauge",
             &background,
@@ -281,6 +357,9 @@ impl App {
         producer.close();
         http_stop.cancel();
         let _ = http.await;
+        if let Some(public) = public {
+            let _ = public.await;
+        }
         tracing::info!("mailsender stopped");
         match failure {
             Some(error) => Err(error),

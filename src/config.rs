@@ -38,6 +38,7 @@ pub struct Config {
     pub smtp: SmtpConfig,
     pub dispatch: DispatchConfig,
     pub http: HttpConfig,
+    pub deliverability: DeliverabilityConfig,
     /// Identifies this replica as the owner of the letters it leases.
     pub instance_id: String,
     /// How long in-flight sends may take to finish once shutdown starts.
@@ -175,6 +176,38 @@ pub struct HttpConfig {
     pub addr: SocketAddr,
     pub max_body_bytes: usize,
     pub admin_token: Option<SecretString>,
+}
+
+/// DKIM, List-Unsubscribe and the one-click endpoint (README "Deliverability").
+#[derive(Debug, Clone)]
+pub struct DeliverabilityConfig {
+    pub dkim: Option<DkimSettings>,
+    /// `LIST_UNSUBSCRIBE_URL`, checked at start-up.
+    pub unsubscribe_url: Option<crate::deliverability::unsubscribe::UrlTemplate>,
+    /// `LIST_UNSUBSCRIBE_MAILTO`: the address of a `mailto:` unsubscribe.
+    pub unsubscribe_mailto: Option<String>,
+    /// Signs and checks the one-click URLs.
+    pub unsubscribe_secret: Option<SecretString>,
+    /// `PUBLIC_HTTP_ADDR`: the internet-facing listener of the one-click endpoint; off when unset.
+    pub public_addr: Option<SocketAddr>,
+    /// Where the one-click endpoint publishes `unsubscribed` events.
+    pub topic_unsubscribed: String,
+    /// Where other systems add and remove suppressions.
+    pub topic_suppressions: String,
+    /// Refusals meaning "no such mailbox" (5.1.x), from distinct letters, before an address is
+    /// suppressed.
+    pub suppress_after_hard_bounces: u32,
+    /// `SMTP_DELIVERY=individual`: a copy per recipient, with their own To and unsubscribe link.
+    pub individual: bool,
+}
+
+/// Where the DKIM key is; the key itself is read by `deliverability::dkim` at start-up and never
+/// kept in the configuration, which is logged and cloned.
+#[derive(Debug, Clone)]
+pub struct DkimSettings {
+    pub domain: String,
+    pub selector: String,
+    pub key_file: PathBuf,
 }
 
 impl Config {
@@ -360,6 +393,8 @@ impl Config {
             admin_token: env.secret("ADMIN_TOKEN"),
         };
 
+        let deliverability = deliverability(&env, &smtp.from)?;
+
         let log_format = match env.string("LOG_FORMAT", "text").to_ascii_lowercase().as_str() {
             "text" | "pretty" | "" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -382,6 +417,7 @@ impl Config {
             smtp,
             dispatch,
             http,
+            deliverability,
             log_format,
             fault_injection: env.optional("MAILSENDER_FAULT_INJECTION"),
         })
@@ -410,6 +446,112 @@ fn quotas(env: &Env) -> Result<Vec<QuotaWindow>, ConfigError> {
         quotas.push(QuotaWindow { limit, window });
     }
     Ok(quotas)
+}
+
+fn deliverability(env: &Env, from: &Mailbox) -> Result<DeliverabilityConfig, ConfigError> {
+    let dkim = match (env.optional("DKIM_PRIVATE_KEY_FILE"), env.optional("DKIM_SELECTOR")) {
+        (None, None) => None,
+        (Some(key_file), Some(selector)) => Some(DkimSettings {
+            domain: env.optional("DKIM_DOMAIN").unwrap_or_else(|| from.email.domain().to_owned()),
+            selector,
+            key_file: PathBuf::from(key_file),
+        }),
+        (Some(_), None) => {
+            return Err(ConfigError::Missing {
+                var: "DKIM_SELECTOR",
+                expected: "set together with DKIM_PRIVATE_KEY_FILE",
+            });
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Missing {
+                var: "DKIM_PRIVATE_KEY_FILE",
+                expected: "a PEM private key (RSA or Ed25519) when DKIM_SELECTOR is set",
+            });
+        }
+    };
+    let unsubscribe_url =
+        match env.optional("LIST_UNSUBSCRIBE_URL") {
+            Some(raw) => Some(crate::deliverability::unsubscribe::UrlTemplate::parse(&raw).map_err(|expected| {
+                ConfigError::Invalid { var: "LIST_UNSUBSCRIBE_URL", value: raw.clone(), expected }
+            })?),
+            None => None,
+        };
+    let unsubscribe_mailto = env.optional("LIST_UNSUBSCRIBE_MAILTO");
+    if let Some(mailto) = &unsubscribe_mailto
+        && mailto.parse::<lettre::Address>().is_err()
+    {
+        return Err(ConfigError::Invalid {
+            var: "LIST_UNSUBSCRIBE_MAILTO",
+            value: mailto.clone(),
+            expected: "an address such as unsubscribe@example.com".into(),
+        });
+    }
+    let unsubscribe_secret = env.secret("UNSUBSCRIBE_SECRET");
+    if unsubscribe_url.is_some() && unsubscribe_secret.is_none() {
+        return Err(ConfigError::Missing {
+            var: "UNSUBSCRIBE_SECRET",
+            expected: "a secret of at least 16 characters to sign LIST_UNSUBSCRIBE_URL's links",
+        });
+    }
+    if let Some(secret) = &unsubscribe_secret
+        && secrecy::ExposeSecret::expose_secret(secret).len() < 16
+    {
+        return Err(ConfigError::InvalidSecret { var: "UNSUBSCRIBE_SECRET", expected: "at least 16 characters" });
+    }
+    let individual = match env.string("SMTP_DELIVERY", "bcc").to_ascii_lowercase().as_str() {
+        "bcc" => false,
+        "individual" => true,
+        other => {
+            return Err(ConfigError::Invalid {
+                var: "SMTP_DELIVERY",
+                value: other.to_owned(),
+                expected: "bcc (one message for all recipients) or individual (a copy per recipient)".into(),
+            });
+        }
+    };
+    // One BCC message goes to many recipients, so its link cannot name one.
+    if let Some(template) = &unsubscribe_url
+        && template.names_address()
+        && !individual
+    {
+        return Err(ConfigError::Invalid {
+            var: "LIST_UNSUBSCRIBE_URL",
+            value: env.string("LIST_UNSUBSCRIBE_URL", ""),
+            expected: "no {address} placeholder with SMTP_DELIVERY=bcc: a BCC message is shared by all its recipients"
+                .into(),
+        });
+    }
+    let public_addr = match env.optional("PUBLIC_HTTP_ADDR") {
+        Some(_) => Some(env.parse(
+            "PUBLIC_HTTP_ADDR",
+            SocketAddr::from(([0, 0, 0, 0], 8080)),
+            "an address such as 0.0.0.0:8080",
+            |_| true,
+        )?),
+        None => None,
+    };
+    if public_addr.is_some() && unsubscribe_url.is_none() {
+        return Err(ConfigError::Missing {
+            var: "LIST_UNSUBSCRIBE_URL",
+            expected: "the link template the one-click endpoint on PUBLIC_HTTP_ADDR checks requests against",
+        });
+    }
+    Ok(DeliverabilityConfig {
+        dkim,
+        unsubscribe_url,
+        unsubscribe_mailto,
+        unsubscribe_secret,
+        public_addr,
+        individual,
+        topic_unsubscribed: env.string("KAFKA_TOPIC_UNSUBSCRIBED", "mts-to-profile.unsubscribed"),
+        topic_suppressions: env.string("KAFKA_TOPIC_SUPPRESSIONS", "mts-to-mailsender.suppressions"),
+        suppress_after_hard_bounces: env.parse(
+            "SUPPRESS_AFTER_HARD_BOUNCES",
+            1,
+            "a refusal count from 1 to 100",
+            |n| (1..=100).contains(n),
+        )?,
+    })
 }
 
 /// The per-phase timeouts. `SMTP_TIMEOUT`, the one bound of earlier versions, still sets every
@@ -579,6 +721,52 @@ mod tests {
         assert_eq!(config.smtp.port, 25);
         assert_eq!(config.http.addr.port(), 8000);
         assert!(config.dispatch.lease <= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn deliverability_settings_are_checked_by_name() {
+        let url = "https://mail.example.com/u?t={token}";
+        let secret = "0123456789abcdef";
+        for (pairs, named) in [
+            (vec![("DKIM_SELECTOR", "s1")], "DKIM_PRIVATE_KEY_FILE"),
+            (vec![("DKIM_PRIVATE_KEY_FILE", "/k.pem")], "DKIM_SELECTOR"),
+            (vec![("LIST_UNSUBSCRIBE_URL", url)], "UNSUBSCRIBE_SECRET"),
+            (vec![("LIST_UNSUBSCRIBE_URL", url), ("UNSUBSCRIBE_SECRET", "short")], "UNSUBSCRIBE_SECRET"),
+            (
+                vec![("LIST_UNSUBSCRIBE_URL", "http://mail.example.com/u?t={token}"), ("UNSUBSCRIBE_SECRET", secret)],
+                "LIST_UNSUBSCRIBE_URL",
+            ),
+            (
+                vec![("LIST_UNSUBSCRIBE_URL", "https://mail.example.com/u?t={tok}"), ("UNSUBSCRIBE_SECRET", secret)],
+                "LIST_UNSUBSCRIBE_URL",
+            ),
+            (
+                vec![("LIST_UNSUBSCRIBE_URL", "https://m.example.com/u/{address}"), ("UNSUBSCRIBE_SECRET", secret)],
+                "SMTP_DELIVERY=bcc",
+            ),
+            (vec![("LIST_UNSUBSCRIBE_MAILTO", "not an address")], "LIST_UNSUBSCRIBE_MAILTO"),
+            (vec![("PUBLIC_HTTP_ADDR", "127.0.0.1:8080")], "LIST_UNSUBSCRIBE_URL"),
+            (vec![("SMTP_DELIVERY", "each")], "SMTP_DELIVERY"),
+        ] {
+            let error = Config::from_vars(vars(&pairs)).unwrap_err().to_string();
+            assert!(error.contains(named), "{pairs:?}: {error}");
+            assert!(!error.contains("short") && !error.contains(secret), "a secret in {error}");
+        }
+        let config = Config::from_vars(vars(&[
+            ("SMTP_FROM", "News <news@example.com>"),
+            ("DKIM_SELECTOR", "s1"),
+            ("DKIM_PRIVATE_KEY_FILE", "/k.pem"),
+            ("SMTP_DELIVERY", "individual"),
+            ("LIST_UNSUBSCRIBE_URL", "https://m.example.com/u/{address}"),
+            ("UNSUBSCRIBE_SECRET", secret),
+        ]))
+        .unwrap();
+        let deliverability = config.deliverability;
+        assert_eq!(deliverability.dkim.as_ref().unwrap().domain, "example.com", "the From domain by default");
+        assert!(deliverability.individual);
+        assert_eq!(deliverability.topic_suppressions, "mts-to-mailsender.suppressions");
+        assert_eq!(deliverability.topic_unsubscribed, "mts-to-profile.unsubscribed");
+        assert!(!format!("{deliverability:?}").contains(secret));
     }
 
     #[test]

@@ -291,3 +291,18 @@ pub async fn reachable(producer: &StatusProducer, timeout: Duration) -> anyhow::
         .context("metadata task")?
         .context("Kafka metadata request")
 }
+
+/// A consumer of a side topic (the suppression list's) in its own group, its offsets stored by
+/// hand once what a message carried is durable, as ingest does.
+pub fn side_consumer(config: &KafkaConfig, group_id: &str) -> anyhow::Result<StreamConsumer> {
+    base(config)
+        .set("group.id", group_id)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
+        .set("fetch.wait.max.ms", "100")
+        .create()
+        .with_context(|| format!("creating the Kafka consumer of group {group_id}"))
+}

@@ -343,7 +343,14 @@ pub struct StatusMessage {
     pub delivered: Vec<String>,
     #[serde(rename = "Rejected", default)]
     pub rejected: Vec<Rejection>,
+    /// Recipients skipped because they are on the suppression list (also in `Rejected`, with the
+    /// reply "suppressed: <reason>").
+    #[serde(rename = "Suppressed", default, skip_serializing_if = "Vec::is_empty")]
+    pub suppressed: Vec<String>,
 }
+
+/// The reply of a recipient skipped because it is on the suppression list.
+pub const SUPPRESSED_PREFIX: &str = "suppressed: ";
 
 impl StatusMessage {
     /// The status message of a letter; its body only up to `body_max` bytes.
@@ -363,6 +370,12 @@ impl StatusMessage {
             last_reply: letter.last_reply.clone(),
             delivered: letter.delivered.clone(),
             rejected: letter.rejected.clone(),
+            suppressed: letter
+                .rejected
+                .iter()
+                .filter(|r| r.reply.starts_with(SUPPRESSED_PREFIX))
+                .map(|r| r.address.clone())
+                .collect(),
         }
     }
 }

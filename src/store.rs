@@ -645,6 +645,11 @@ impl Store {
         Ok(counts)
     }
 
+    /// The database, for the collections other modules own (the suppression list).
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
     pub fn collection(&self) -> &Collection<Letter> {
         &self.letters
     }

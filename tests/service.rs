@@ -56,7 +56,7 @@ async fn posted_batch_is_stored_sent_bcc_only_and_reported() {
         for header in ["From", "Date", "Message-ID", "MIME-Version", "Subject", "Content-Type"] {
             assert!(message.header(header).is_some(), "{header} missing: {:?}", message.headers);
         }
-        assert!(message.header("Content-Type").unwrap().contains("text/html"));
+        assert!(message.header("Content-Type").unwrap().contains("multipart/alternative"));
     }
     assert_bcc_only(&received, &addresses_of(&batch));
 

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::DispatchConfig,
+    deliverability::suppression::Suppressions,
     model::Letter,
     store::{ClaimLimit, Store},
 };
@@ -151,6 +152,8 @@ pub struct Dispatcher {
     /// Free slots needed before the next claim.
     pub low_water: usize,
     pub memory: Memory,
+    /// Recipients on the suppression list are skipped.
+    pub suppressions: Suppressions,
 }
 
 impl Dispatcher {
@@ -218,9 +221,11 @@ impl Dispatcher {
                         _ = tokio::time::sleep(self.config.poll_interval) => {}
                     }
                 }
-                Ok(letters) => {
+                Ok(mut letters) => {
                     failures = 0;
                     tracing::debug!(count = letters.len(), "claimed letters");
+                    // Suppressed recipients are marked refused, for the whole batch in one query.
+                    self.suppressions.apply(&mut letters).await;
                     // Every claimed letter is held from now on, also those still waiting for a
                     // worker, so a renewal can tell which of them were taken over meanwhile.
                     let claimed: Vec<Claimed> = letters

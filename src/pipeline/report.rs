@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    deliverability::suppression::Suppressions,
     kafka::StatusProducer,
     metrics::Metrics,
     model::{AttemptRecord, Letter, Outcome, Status, StatusMessage},
@@ -38,6 +39,8 @@ pub struct Report {
     pub metrics: Arc<Metrics>,
     /// Larger bodies are left out of status messages.
     pub body_max: usize,
+    /// Learns of refusals meaning "no such mailbox".
+    pub suppressions: Suppressions,
 }
 
 impl Report {
@@ -55,6 +58,7 @@ impl Report {
                 .filter(|r| matches!(r.outcome, Outcome::Sent | Outcome::Failed { .. }))
                 .map(|r| &r.letter)
                 .collect();
+            self.suppressions.note_hard_bounces(finals.iter().copied());
             let wait = if broker_healthy { PUBLISH_WAIT } else { PUBLISH_WAIT_DEGRADED };
             let published = self.publish(&finals, wait).await;
             broker_healthy = published.len() == finals.len();

@@ -27,12 +27,10 @@ use crate::{
     config::{DispatchConfig, SmtpConfig},
     metrics::Metrics,
     model::{AttemptRecord, Letter, Outcome, Rejection, now_ms},
-    smtp::{
-        self, Command, Connection, RcptResult, Reply, SmtpError,
-        message::{self, Content},
-        transaction,
-    },
+    smtp::{self, Command, Connection, RcptResult, Reply, SmtpError, transaction},
 };
+
+mod individual;
 
 /// Everything a worker needs that is shared by all workers.
 pub struct SendContext {
@@ -50,6 +48,8 @@ pub struct SendContext {
     /// these are sent again, so their number is bounded: `UNRECORDED_PER_WORKER` per worker,
     /// enough for the report stage to batch its writes without stalling the workers.
     pub unrecorded: Arc<Semaphore>,
+    /// Builds each letter's message: text alternative, List-Unsubscribe, DKIM.
+    pub composer: Arc<crate::deliverability::Composer>,
 }
 
 /// See [`SendContext::unrecorded`].
@@ -87,6 +87,7 @@ impl SendContext {
             limiter: RateLimit::new(budget, smtp.throttle_recovery_step, metrics.clone()),
             lease,
             unrecorded: Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER)),
+            composer: Arc::new(crate::deliverability::Composer::plain(smtp.from.clone())),
             metrics,
         })
     }
@@ -194,15 +195,15 @@ impl Worker {
         let recipients = letter.pending_recipients();
         let started = Instant::now();
         self.ctx.metrics.in_flight.inc();
-        let id = letter.id.to_hex();
-        let content = Content { id: &id, subject: &letter.subject, html: &letter.body };
+        let lease = (claimed_at, letter.id);
         let too_large = self.ctx.limiter.too_large(recipients.len());
-        let report = match message::build(content, &self.ctx.from) {
+        let report = match self.ctx.composer.build(&letter) {
             Err(error) => AttemptReport { failure: Some(Failure::Permanent(error.to_string())), ..Default::default() },
             Ok(_) if recipients.is_empty() => AttemptReport::default(),
             Ok(bytes) => match too_large {
                 Some(reason) => AttemptReport { failure: Some(Failure::Permanent(reason)), ..Default::default() },
-                None => self.deliver(recipients, &bytes, (claimed_at, letter.id), ticket).await,
+                None if self.ctx.composer.individual() => self.deliver_individually(&letter, recipients, lease, ticket).await,
+                None => self.deliver(recipients, &bytes, lease, ticket).await,
             },
         };
         self.ctx.metrics.in_flight.dec();

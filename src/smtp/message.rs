@@ -1,11 +1,12 @@
-//! Builds the RFC 5322 message. Recipients travel only in the SMTP envelope: the headers name no
-//! recipient, so a bulk letter never discloses one recipient to another.
+//! Builds the RFC 5322 message. In BCC mode recipients travel only in the SMTP envelope: the
+//! headers name no recipient, so a bulk letter never discloses one recipient to another. A
+//! per-recipient copy (`SMTP_DELIVERY=individual`) names its one recipient in `To:`.
 
 use std::time::SystemTime;
 
 use lettre::message::{
-    Mailbox, SinglePart,
-    header::{Header, HeaderName, HeaderValue},
+    Body, Mailbox, MultiPart,
+    header::{ContentTransferEncoding, ContentType, Header, HeaderName, HeaderValue, MIME_VERSION_1_0},
 };
 
 /// The longest Subject accepted, in characters. A header line may hold 998 octets (RFC 5322
@@ -20,6 +21,12 @@ pub const MAX_LINE_OCTETS: usize = 998;
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the message: {0}")]
 pub struct MessageError(String);
+
+impl MessageError {
+    pub fn new(reason: String) -> MessageError {
+        MessageError(reason)
+    }
+}
 
 /// What a message is made of.
 #[derive(Debug, Clone, Copy)]
@@ -81,24 +88,98 @@ pub fn normalize_line_ends(text: &str) -> String {
     out
 }
 
+/// The text width of the plain-text alternative, as mail clients wrap it.
+const TEXT_WIDTH: usize = 78;
+
+/// HTML beyond this is left out of the text alternative. Rendering costs far more than
+/// formatting (a 600 KB body took seconds and tens of MB), and Gmail clips messages at 102 KB
+/// anyway; the HTML part stays whole.
+pub const TEXT_FROM_HTML_MAX_BYTES: usize = 64 * 1024;
+
+/// The `text/plain` alternative of an HTML body: its text with links kept as numbered references.
+/// Spam filters score HTML-only mail, and text-only clients show this part.
+pub fn text_of_html(html: &str) -> Result<String, MessageError> {
+    let mut end = html.len().min(TEXT_FROM_HTML_MAX_BYTES);
+    while !html.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut text = html2text::from_read(&html.as_bytes()[..end], TEXT_WIDTH)
+        .map_err(|e| MessageError(format!("HTML to text: {e}")))?;
+    if end < html.len() {
+        text.push_str("\n[The rest of this message is in its HTML version.]\n");
+    }
+    Ok(text)
+}
+
+/// Headers added to the message beyond the fixed ones (List-Unsubscribe and its kin), already
+/// validated by whoever made them.
+pub type ExtraHeaders = Vec<(HeaderName, String)>;
+
 /// The formatted message. Its Message-ID derives from the letter id, so every chunk, every retry
 /// and a resend after a crash carry the same id and receivers can recognise the duplicate.
 pub fn build(content: Content<'_>, from: &Mailbox) -> Result<Vec<u8>, MessageError> {
+    let text = text_of_html(content.html)?;
+    let message = compose(content, &text, from, None, Vec::new())?;
+    finish(&message)
+}
+
+/// The message before formatting, so a DKIM signature can be added to it: `multipart/alternative`
+/// with the text made from the HTML, then the HTML.
+/// `text` is [`text_of_html`] of the body, made once per letter; `to` names the one recipient of a
+/// per-recipient copy, and is `None` for a BCC message.
+pub fn compose(
+    content: Content<'_>,
+    text: &str,
+    from: &Mailbox,
+    to: Option<&Mailbox>,
+    extra: ExtraHeaders,
+) -> Result<lettre::Message, MessageError> {
     check_subject(content.subject).map_err(MessageError)?;
     let domain = from.email.domain();
     // lettre needs an envelope to format a message whose headers name no recipient; the SMTP
     // envelope is written by our client, so this one is never used.
     let envelope = lettre::address::Envelope::new(Some(from.email.clone()), vec![from.email.clone()])
         .map_err(|e| MessageError(e.to_string()))?;
-    let message = lettre::Message::builder()
-        .from(from.clone())
-        .header(UndisclosedRecipients)
+    let builder = lettre::Message::builder().from(from.clone());
+    let builder = match to {
+        Some(to) => builder.to(to.clone()),
+        None => builder.header(UndisclosedRecipients),
+    };
+    let mut builder = builder
         .subject(content.subject)
         .date(SystemTime::now())
         .message_id(Some(format!("<{}@{}>", content.id, domain)))
-        .envelope(envelope)
-        .singlepart(SinglePart::html(normalize_line_ends(content.html)))
-        .map_err(|e| MessageError(e.to_string()))?;
+        .envelope(envelope);
+    for (name, value) in extra {
+        builder = builder.raw_header(HeaderValue::new(name, value));
+    }
+    let html = normalize_line_ends(content.html);
+    let text = normalize_line_ends(text);
+    let alternative = MultiPart::alternative_plain_html(text, html);
+    // The multipart goes in as a raw body with its Content-Type among the message's headers:
+    // lettre keeps a MIME body's Content-Type with the body, where its DKIM signer does not see
+    // it, and a signature naming Content-Type would then not verify.
+    let content_type = ContentType::parse(&format!("multipart/alternative; boundary=\"{}\"", alternative.boundary()))
+        .map_err(|e| MessageError(format!("Content-Type: {e}")))?;
+    let mut formatted = alternative.formatted();
+    let body_start = formatted
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| MessageError("the multipart has no header end".to_owned()))?;
+    // In place: a megabyte body is not copied once more.
+    formatted.drain(..body_start + 4);
+    let body = formatted;
+    // lettre encoded each part (7bit, quoted-printable or base64), so the whole is 7-bit; `finish`
+    // checks the line lengths.
+    if !body.is_ascii() || body.contains(&0) {
+        return Err(MessageError("the multipart is not 7-bit".to_owned()));
+    }
+    let body = Body::dangerous_pre_encoded(body, ContentTransferEncoding::SevenBit);
+    builder.header(MIME_VERSION_1_0).header(content_type).body(body).map_err(|e| MessageError(e.to_string()))
+}
+
+/// The message's bytes, checked against SMTP's line limit.
+pub fn finish(message: &lettre::Message) -> Result<Vec<u8>, MessageError> {
     let raw = message.formatted();
     if let Some(longest) = raw.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l).len()).max()
         && longest > MAX_LINE_OCTETS
@@ -132,7 +213,7 @@ mod tests {
             "Subject: Hello",
             "Date: ",
             "MIME-Version: 1.0",
-            "Content-Type: text/html; charset=utf-8",
+            "Content-Type: multipart/alternative;",
             "To: undisclosed-recipients:;",
             "Message-ID: <65a1b2c3d4e5f60718293a4b@example.com>",
         ] {
@@ -174,6 +255,25 @@ mod tests {
             let longest = raw.split(|b| *b == b'\n').map(<[u8]>::len).max().unwrap();
             assert!(longest <= MAX_LINE_OCTETS + 1, "a line of {longest} octets");
         }
+    }
+
+    #[test]
+    fn text_alternative_keeps_text_and_links_without_tags() {
+        let text =
+            text_of_html(r#"<h1>Sale</h1><p>Read <a href="https://example.com/offer">the offer</a>.</p>"#).unwrap();
+        assert!(text.contains("Sale") && text.contains("the offer"), "{text}");
+        assert!(text.contains("https://example.com/offer"), "{text}");
+        assert!(!text.contains('<'), "{text}");
+    }
+
+    #[test]
+    fn a_long_body_costs_a_bounded_text_part() {
+        let html = format!("<p>{}</p>", "a newsletter with inline images ".repeat(20_000));
+        let started = std::time::Instant::now();
+        let text = text_of_html(&html).unwrap();
+        assert!(text.len() < 2 * TEXT_FROM_HTML_MAX_BYTES, "{} bytes", text.len());
+        assert!(text.ends_with("[The rest of this message is in its HTML version.]\n"));
+        eprintln!("text of a {} KB body in {:?}", html.len() / 1000, started.elapsed());
     }
 
     #[test]

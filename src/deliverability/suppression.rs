@@ -1,0 +1,182 @@
+//! The suppression list: addresses not to send to again, one MongoDB document per lower-cased
+//! address (`<MONGODB_COLLECTION>_suppressions`), with why, who said so and when. Hard bounces,
+//! the one-click endpoint and a Kafka topic add to it; the dispatcher looks a claimed batch's
+//! recipients up in one query, so checking costs no round trip per letter.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Context as _;
+use mongodb::{
+    Collection, Database,
+    bson::{DateTime, Document, doc},
+    options::ReturnDocument,
+};
+
+use crate::{
+    address::Recipient,
+    model::{Letter, Rejection, SUPPRESSED_PREFIX, now_ms},
+};
+
+pub const HARD_BOUNCE: &str = "hard_bounce";
+pub const UNSUBSCRIBE: &str = "unsubscribe";
+
+#[derive(Clone)]
+pub struct Suppressions {
+    entries: Collection<Document>,
+    /// Per address, the letters whose SMTP refusal said the mailbox does not exist: counted per
+    /// letter, so a letter's retries do not count its one refusal again.
+    bounces: Collection<Document>,
+    /// Refusals of distinct letters after which an address is suppressed.
+    hard_bounce_threshold: u32,
+}
+
+impl Suppressions {
+    pub fn new(db: &Database, collection: &str, hard_bounce_threshold: u32) -> Suppressions {
+        Suppressions {
+            entries: db.collection(&format!("{collection}_suppressions")),
+            bounces: db.collection(&format!("{collection}_bounces")),
+            hard_bounce_threshold: hard_bounce_threshold.max(1),
+        }
+    }
+
+    /// Adds (or refreshes) an entry.
+    pub async fn add(&self, address: &str, reason: &str, source: &str) -> anyhow::Result<()> {
+        let key = address.trim().to_lowercase();
+        let entry = doc! {
+            "_id": &key, "address": address.trim(), "reason": reason, "source": source,
+            "time": DateTime::from_millis(now_ms()), "time_ms": now_ms(),
+        };
+        self.entries
+            .replace_one(doc! { "_id": &key }, entry)
+            .upsert(true)
+            .await
+            .with_context(|| format!("adding {key} to the suppression list"))?;
+        tracing::info!(address = %key, reason, source, "address suppressed");
+        Ok(())
+    }
+
+    /// Removes an entry (and its bounce count); says whether there was one.
+    pub async fn remove(&self, address: &str) -> anyhow::Result<bool> {
+        let key = address.trim().to_lowercase();
+        let removed = self.entries.delete_one(doc! { "_id": &key }).await.context("removing a suppression")?;
+        self.bounces.delete_one(doc! { "_id": &key }).await.context("removing a bounce count")?;
+        tracing::info!(address = %key, removed = removed.deleted_count, "address unsuppressed");
+        Ok(removed.deleted_count > 0)
+    }
+
+    /// The reasons of those of `keys` (lower-cased addresses) that are suppressed, in one query.
+    pub async fn lookup(&self, keys: Vec<String>) -> anyhow::Result<HashMap<String, String>> {
+        let mut found = HashMap::new();
+        if keys.is_empty() {
+            return Ok(found);
+        }
+        let mut cursor = self
+            .entries
+            .find(doc! { "_id": { "$in": keys } })
+            .projection(doc! { "reason": 1 })
+            .await
+            .context("looking up suppressions")?;
+        while cursor.advance().await.context("reading suppressions")? {
+            let entry = cursor.deserialize_current().context("reading a suppression")?;
+            if let Ok(key) = entry.get_str("_id") {
+                found.insert(key.to_owned(), entry.get_str("reason").unwrap_or("suppressed").to_owned());
+            }
+        }
+        Ok(found)
+    }
+
+    /// Marks the suppressed recipients of a claimed batch as refused ("suppressed: <reason>"),
+    /// so the worker skips them and the status message lists them. A failed lookup sends as
+    /// before: the list is for reputation, and the letters' own store just answered the claim.
+    pub async fn apply(&self, letters: &mut [Letter]) {
+        let pending: Vec<Vec<Recipient>> = letters.iter().map(Letter::pending_recipients).collect();
+        let keys: HashSet<String> = pending.iter().flatten().map(Recipient::key).collect();
+        let suppressed = match self.lookup(keys.into_iter().collect()).await {
+            Ok(found) if found.is_empty() => return,
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "suppression lookup failed; sending without it");
+                return;
+            }
+        };
+        for (letter, recipients) in letters.iter_mut().zip(pending) {
+            for recipient in recipients {
+                if let Some(reason) = suppressed.get(&recipient.key()) {
+                    tracing::info!(letter_id = %letter.id, address = %recipient, reason = %reason, "suppressed recipient skipped");
+                    letter.rejected.push(Rejection {
+                        address: recipient.to_string(),
+                        reply: format!("{SUPPRESSED_PREFIX}{reason}"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Counts the refusals in `letters` that say the mailbox does not exist, and suppresses
+    /// addresses that reached the threshold. Runs in its own task: the report stage does not
+    /// wait for it.
+    pub fn note_hard_bounces<'a>(&self, letters: impl IntoIterator<Item = &'a Letter>) {
+        let bounced: Vec<(String, String)> = letters
+            .into_iter()
+            .flat_map(|letter| {
+                letter
+                    .rejected
+                    .iter()
+                    .filter(|r| is_unknown_mailbox(&r.reply))
+                    .map(|r| (r.address.trim().to_lowercase(), letter.id.to_hex()))
+            })
+            .collect();
+        if bounced.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            for (address, letter_id) in bounced {
+                if let Err(error) = this.hard_bounce(&address, &letter_id).await {
+                    tracing::warn!(error = format!("{error:#}"), address = %address, "recording a hard bounce failed");
+                }
+            }
+        });
+    }
+
+    async fn hard_bounce(&self, address: &str, letter_id: &str) -> anyhow::Result<()> {
+        if self.hard_bounce_threshold > 1 {
+            let counted = self
+                .bounces
+                .find_one_and_update(doc! { "_id": address }, doc! { "$addToSet": { "letters": letter_id } })
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .await
+                .context("counting a hard bounce")?;
+            let count = counted.as_ref().and_then(|d| d.get_array("letters").ok()).map_or(0, Vec::len);
+            if count < self.hard_bounce_threshold as usize {
+                return Ok(());
+            }
+        }
+        self.add(address, HARD_BOUNCE, "smtp").await
+    }
+}
+
+/// A permanent refusal whose enhanced status says the mailbox does not exist (5.1.x), as a
+/// stored reply reads: `550 5.1.1 text`. Policy refusals (5.7.x) and others are not.
+pub fn is_unknown_mailbox(reply: &str) -> bool {
+    let mut words = reply.split_whitespace();
+    let code = words.next().unwrap_or_default();
+    let enhanced = words.next().unwrap_or_default();
+    code.len() == 3 && code.starts_with('5') && code.bytes().all(|b| b.is_ascii_digit()) && enhanced.starts_with("5.1.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_mailbox_refusals_count_as_hard_bounces() {
+        assert!(is_unknown_mailbox("550 5.1.1 no such user"));
+        assert!(is_unknown_mailbox("553 5.1.3 bad address syntax"));
+        assert!(!is_unknown_mailbox("550 5.7.1 rejected by policy"));
+        assert!(!is_unknown_mailbox("450 4.1.1 try later"));
+        assert!(!is_unknown_mailbox("550 mailbox unavailable"));
+        assert!(!is_unknown_mailbox("suppressed: hard_bounce"));
+    }
+}

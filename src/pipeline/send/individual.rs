@@ -1,0 +1,57 @@
+//! `SMTP_DELIVERY=individual`: each recipient gets a copy of their own (their address in `To:`,
+//! their own unsubscribe link, as RFC 8058 wants), one transaction each on the worker's kept
+//! connection. The copies' outcomes merge as BCC chunks' do, so retries and status messages work
+//! as in BCC mode; each copy is a message to the relay, so each takes its own unit of the budget.
+
+use super::Worker;
+use crate::{
+    address::Recipient,
+    model::{Letter, Rejection},
+    pipeline::policy::{AttemptReport, Failure},
+    smtp::message,
+};
+
+impl Worker {
+    /// Sends each recipient their copy; the first failure of the session or the message stops
+    /// the attempt, and the recipients not yet tried stay pending.
+    pub(super) async fn deliver_individually(
+        &mut self,
+        letter: &Letter,
+        recipients: Vec<Recipient>,
+        lease: (std::time::Instant, mongodb::bson::oid::ObjectId),
+        ticket: Option<crate::budget::Ticket>,
+    ) -> AttemptReport {
+        // The unit taken for the letter goes to the first copy (when its cost fits one copy).
+        let mut ticket = ticket;
+        let mut report = AttemptReport::default();
+        // The text alternative is the same in every copy: made once.
+        let text = match message::text_of_html(&letter.body) {
+            Ok(text) => text,
+            Err(error) => {
+                report.failure = Some(Failure::Permanent(error.to_string()));
+                return report;
+            }
+        };
+        for recipient in recipients {
+            let bytes = match self.ctx.composer.build_copy(letter, &text, Some(&recipient)) {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    report.refused.push(Rejection { address: recipient.to_string(), reply: error.to_string() });
+                    continue;
+                }
+            };
+            let copy = self.deliver(vec![recipient], &bytes, lease, ticket.take()).await;
+            report.delivered.extend(copy.delivered);
+            report.refused.extend(copy.refused);
+            report.deferred.extend(copy.deferred);
+            if copy.last_reply.is_some() {
+                report.last_reply = copy.last_reply;
+            }
+            if copy.failure.is_some() {
+                report.failure = copy.failure;
+                break;
+            }
+        }
+        report
+    }
+}
