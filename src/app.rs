@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
+    control::Control,
     http::{self, HttpState},
     kafka::{self, IngestConsumer, StatusProducer},
     metrics::{Metrics, StatusLabel},
@@ -38,6 +39,7 @@ pub struct App {
     consumer: Arc<IngestConsumer>,
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    control: Control,
 }
 
 impl App {
@@ -70,12 +72,16 @@ impl App {
                 [config.kafka.topic_in.as_str(), config.kafka.topic_out.as_str(), config.kafka.topic_dlq.as_str()];
             retry_at_start("creating Kafka topics", || kafka::ensure_topics(&config.kafka, &topics)).await?;
         }
+        // Read before anything is claimed: a replica started while the deployment is paused
+        // must not send a single letter.
+        let control = Control::new(store.database(), &config.mongo.collection, metrics.clone());
+        retry_at_start("reading the control document", || async { control.load().await.map(|_| ()) }).await?;
         let producer = kafka::producer(&config.kafka, metrics.clone())?;
         let consumer = Arc::new(kafka::consumer(&config.kafka, metrics.clone())?);
         let listener = TcpListener::bind(config.http.addr)
             .await
             .with_context(|| format!("binding HTTP_ADDR {}", config.http.addr))?;
-        Ok(App { config, store, producer, consumer, listener, metrics })
+        Ok(App { config, store, producer, consumer, listener, metrics, control })
     }
 
     pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -83,7 +89,7 @@ impl App {
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let App { config, store, producer, consumer, listener, metrics } = self;
+        let App { config, store, producer, consumer, listener, metrics, control } = self;
         // One owner per process start: a restarted process (same INSTANCE_ID) must not renew the
         // leases of letters its killed predecessor claimed; they expire and are reaped.
         let owner = format!("{}-{}", config.instance_id, &uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -93,12 +99,24 @@ impl App {
         let abort = CancellationToken::new();
         let background = CancellationToken::new();
 
+        let reporter = Report {
+            store: store.clone(),
+            producer: producer.clone(),
+            topic: config.kafka.topic_out.clone(),
+            owner: owner.clone(),
+            metrics: metrics.clone(),
+            body_max: config.kafka.status_body_max_bytes,
+        };
         let http_state = Arc::new(HttpState {
             producer: producer.clone(),
             store: store.clone(),
             topic_in: config.kafka.topic_in.clone(),
             smtp_addr: (config.smtp.host.clone(), config.smtp.port),
             admin_token: config.http.admin_token.clone(),
+            admin_networks: config.http.admin_networks.clone(),
+            control: control.clone(),
+            instance_id: config.instance_id.clone(),
+            report: reporter.clone(),
             metrics: metrics.clone(),
             consumer_running: consumer_running.clone(),
             shutdown: shutdown.clone(),
@@ -107,9 +125,14 @@ impl App {
         tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
         let http_stop = CancellationToken::new();
         let http = tokio::spawn(
-            axum::serve(listener, http::router(http_state, config.http.max_body_bytes))
-                .with_graceful_shutdown(http_stop.clone().cancelled_owned())
-                .into_future(),
+            axum::serve(
+                listener,
+                // The peer address is what the admin routes' network check looks at.
+                http::router(http_state, config.http.max_body_bytes)
+                    .into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(http_stop.clone().cancelled_owned())
+            .into_future(),
         );
 
         let mut ingest = tokio::spawn(
@@ -125,8 +148,9 @@ impl App {
             .run(shutdown.clone()),
         );
 
-        let send_context =
-            Arc::new(SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), metrics.clone())?);
+        let mut send_context = SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), metrics.clone())?;
+        send_context.paused = control.flag();
+        let send_context = Arc::new(send_context);
         let workers_count = config.smtp.max_senders;
         let rate = config.smtp.rate_max_letters as f64 / config.smtp.rate_period.as_secs_f64();
         let capacity = Dispatcher::capacity(&config.dispatch, workers_count, rate);
@@ -149,6 +173,7 @@ impl App {
                     lease: lease.clone(),
                     low_water: Dispatcher::low_water(&config.dispatch, capacity),
                     memory: Memory::new(config.dispatch.max_bytes),
+                    control: control.clone(),
                 }
                 .run(letters_tx, shutdown.clone()),
             ),
@@ -164,14 +189,6 @@ impl App {
         }
         drop((letters_rx, outcomes_tx));
 
-        let reporter = Report {
-            store: store.clone(),
-            producer: producer.clone(),
-            topic: config.kafka.topic_out.clone(),
-            owner: owner.clone(),
-            metrics: metrics.clone(),
-            body_max: config.kafka.status_body_max_bytes,
-        };
         // The report stage ends when every worker is gone, which only happens at shutdown.
         let report =
             tokio::spawn(failures.supervise("report", &shutdown, reporter.clone().run(outcomes_rx, shutdown.clone())));
@@ -204,6 +221,12 @@ impl App {
                 config.dispatch.retention_interval,
                 background.clone(),
             ),
+        ));
+        chores.spawn(failures.supervise_until(
+            "the control watch",
+            &background,
+            &shutdown,
+            control.watch(background.clone()),
         ));
         chores.spawn(failures.supervise_until(
             "the status gauge",

@@ -5,6 +5,7 @@
 pub mod address;
 pub mod app;
 pub mod config;
+pub mod control;
 pub mod http;
 pub mod kafka;
 pub mod metrics;

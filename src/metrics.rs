@@ -64,6 +64,8 @@ pub struct Metrics {
     pub send_rate: Gauge<f64, AtomicU64>,
     pub clock_offset: Gauge<f64, AtomicU64>,
     pub kafka_requests: Family<ClientLabel, Counter>,
+    /// 1 while sending is paused deployment-wide (`POST /pause`), as this replica last read it.
+    pub paused: Gauge,
 }
 
 impl Metrics {
@@ -92,6 +94,7 @@ impl Metrics {
             send_rate: Gauge::default(),
             clock_offset: Gauge::default(),
             kafka_requests: Family::default(),
+            paused: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("letters_received", "Letters decoded from Kafka batches", metrics.received.clone());
@@ -130,6 +133,11 @@ impl Metrics {
             metrics.rate_limit_wait.clone(),
         );
         registry.register("sends_in_flight", "SMTP transactions in progress", metrics.in_flight.clone());
+        registry.register(
+            "paused",
+            "1 while sending is paused deployment-wide (POST /pause), as this replica last read the control document",
+            metrics.paused.clone(),
+        );
         registry.register("letters", "Letters in MongoDB by status, refreshed periodically", metrics.by_status.clone());
         registry.register(
             "consumer_lag",
@@ -256,6 +264,7 @@ mod tests {
             "mailsender_send_duration_seconds_bucket",
             "mailsender_rate_limit_wait_seconds_bucket",
             "mailsender_sends_in_flight",
+            "mailsender_paused 0",
             "mailsender_letters{status=\"sent\"} 3",
             "mailsender_build_info{version=",
         ] {

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::DispatchConfig,
+    control::Control,
     model::Letter,
     store::{ClaimLimit, Store},
 };
@@ -143,6 +144,8 @@ pub struct Dispatcher {
     /// Free slots needed before the next claim.
     pub low_water: usize,
     pub memory: Memory,
+    /// While paused deployment-wide, nothing is claimed.
+    pub control: Control,
 }
 
 impl Dispatcher {
@@ -162,6 +165,13 @@ impl Dispatcher {
     pub async fn run(self, out: async_channel::Sender<Claimed>, shutdown: CancellationToken) {
         let mut failures = 0u32;
         loop {
+            if self.control.is_paused() {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    _ = self.control.resumed() => {}
+                }
+            }
             // Claim only once a good share of the capacity is free: claiming one letter at a
             // time as each send finishes would cost three round trips per letter.
             let first = tokio::select! {
@@ -197,6 +207,10 @@ impl Dispatcher {
                 bytes: room.num_permits() * 1024,
                 oversize_alone: room.num_permits() == self.memory.total_kib as usize,
             };
+            // Waiting for capacity or memory may have outlasted a pause.
+            if self.control.is_paused() {
+                continue;
+            }
             let started = self.store.now_ms();
             let lease_until = started + self.config.lease.as_millis() as i64;
             let renewed_at = Instant::now();

@@ -5,7 +5,10 @@
 
 use std::{
     collections::VecDeque,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -48,6 +51,8 @@ pub struct SendContext {
     /// these are sent again, so their number is bounded: `UNRECORDED_PER_WORKER` per worker,
     /// enough for the report stage to batch its writes without stalling the workers.
     pub unrecorded: Arc<Semaphore>,
+    /// Set while sending is paused deployment-wide (`crate::control`); the app shares it.
+    pub paused: Arc<AtomicBool>,
 }
 
 /// See [`SendContext::unrecorded`].
@@ -84,6 +89,7 @@ impl SendContext {
             limiter: RateLimit::new(smtp, metrics.clone()),
             lease,
             unrecorded: Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER)),
+            paused: Arc::default(),
             metrics,
         })
     }
@@ -127,10 +133,17 @@ impl Worker {
                 slot = self.ctx.limiter.acquire() => slot,
             };
             self.ctx.metrics.rate_limit_wait.observe(waiting.elapsed().as_secs_f64());
-            if !self.ctx.lease.trusted(claimed.claimed_at) || self.ctx.lease.taken(&claimed.letter.id) {
-                // MongoDB has not confirmed our leases for too long, or the last renewal found this
-                // letter leased to another replica: leave it to whoever holds it.
-                tracing::warn!(letter_id = %claimed.letter.id, "lease no longer trusted; letter skipped");
+            let paused = self.ctx.paused.load(Ordering::Relaxed);
+            if paused || !self.ctx.lease.trusted(claimed.claimed_at) || self.ctx.lease.taken(&claimed.letter.id) {
+                if paused {
+                    // A letter not started goes back to `awaiting` rather than waiting here
+                    // leased, so a cancel issued during the pause reaches it too.
+                    tracing::debug!(letter_id = %claimed.letter.id, "sending paused; letter released");
+                } else {
+                    // MongoDB has not confirmed our leases for too long, or the last renewal found
+                    // this letter leased to another replica: leave it to whoever holds it.
+                    tracing::warn!(letter_id = %claimed.letter.id, "lease no longer trusted; letter skipped");
+                }
                 // Released, not dropped: maintenance would otherwise renew its lease forever.
                 let record = AttemptRecord {
                     letter: claimed.letter,
