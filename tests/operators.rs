@@ -136,6 +136,11 @@ async fn pause_holds_every_replica_across_a_restart_and_resume_sends_each_letter
         })
         .await;
     assert!(letters.iter().any(|l| l.status == Status::Awaiting), "nothing left to resume");
+    // Both replicas were sending before the pause.
+    assert!(a.log().contains("letter sent") && b.log().contains("letter sent"), "one replica sent nothing");
+    // Ingest goes on while paused.
+    a.produce(Some("pause-late"), batch("late", 20, 1).to_string().as_bytes()).await;
+    a.wait_for_letters("the late batch stored while paused", LONG, |letters| letters.len() == 320).await;
     // Pausing is not a failure: both stay ready, and both show the state.
     for http in [&a.http, &b.http] {
         let (status, index) = request("GET", &format!("{http}/"), None, None).await;
@@ -162,14 +167,14 @@ async fn pause_holds_every_replica_across_a_restart_and_resume_sends_each_letter
 
     let (status, body) = request("POST", &format!("{}/resume", a.http), None, None).await;
     assert_eq!((status, &body["paused"]), (200, &json!(false)), "{body}");
-    let letters = a.wait_all_final(300, LONG).await;
+    let letters = a.wait_all_final(320, LONG).await;
     assert!(letters.iter().all(|l| l.status == Status::Sent), "{letters:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let counts = per_recipient(&sink.received());
-    assert_eq!(counts.len(), 300, "every recipient reached");
+    assert_eq!(counts.len(), 320, "every recipient reached");
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "sent more than once: {twice:?}");
-    assert_eq!(sink.received().len(), 300);
+    assert_eq!(sink.received().len(), 320);
     let (_, index) = request("GET", &format!("{}/", b.http), None, None).await;
     assert_eq!(index["paused"], false);
 }
@@ -221,6 +226,33 @@ async fn cancelling_a_batch_ends_its_waiting_letters_and_reports_them() {
 
     let (status, body) = request("POST", &format!("{}/batches/cancel-me/cancel", app.http), None, None).await;
     assert_eq!((status, &body["cancelled"]), (200, &json!(0)), "nothing left to cancel: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_then_cancel_cuts_a_batch_cleanly_even_when_it_is_all_claimed() {
+    let sink = SmtpSink::start().await;
+    sink.control(json!({ "data_delay_s": 0.25 }));
+    // Default claims: the replica holds the whole batch as soon as it is stored.
+    let app = TestApp::spawn(&sink, &[("SMTP_MAX_SENDERS", "2")]).await;
+    app.produce(Some("cut-me"), batch("cut", 30, 1).to_string().as_bytes()).await;
+    sink.wait_for_count(2, LONG).await;
+    assert_eq!(request("POST", &format!("{}/pause", app.http), None, None).await.0, 200);
+    // The pause returns what the workers had not started to awaiting...
+    app.wait_for_letters("no letter held", LONG, |letters| {
+        letters.len() == 30 && letters.iter().all(|l| l.status != Status::Processing)
+    })
+    .await;
+    let (status, body) = request("POST", &format!("{}/batches/cut-me/cancel", app.http), None, None).await;
+    assert_eq!(status, 200, "{body}");
+    // ...so the cancel reaches every letter not sent.
+    let sent = sink.received().len() as u64;
+    assert!(sent <= 10, "{sent} of 30 sent: the pause did not stop the letters already claimed");
+    assert_eq!(body["cancelled"].as_u64().unwrap(), 30 - sent, "{body}");
+    assert_eq!(request("POST", &format!("{}/resume", app.http), None, None).await.0, 200);
+    let letters = app.wait_all_final(30, LONG).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sink.received().len() as u64, sent, "a cancelled letter was sent after resume");
+    assert_eq!(letters.iter().filter(|l| l.error.as_deref() == Some("cancelled")).count() as u64, 30 - sent);
 }
 
 /// The progress of `key` computed from the raw documents, as the API should report it.
