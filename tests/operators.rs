@@ -91,6 +91,35 @@ async fn admin_routes_answer_only_allowed_networks_or_the_token() {
     let app = TestApp::spawn(&sink, &[]).await;
     let (status, body) = app.post("/post", batch.clone()).await;
     assert_eq!(status, 202, "{body}");
+    // And a real peer from outside loopback is refused: a replica on 0.0.0.0, reached through
+    // this machine's own non-loopback address.
+    let outside = Command::new("hostname").arg("-I").output().ok().and_then(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+            .find(|ip| ip.is_ipv4() && !ip.is_loopback())
+    });
+    match outside {
+        Some(ip) => {
+            let mut env = Replica::env_from(&app, &format!("{}-b", app.name), sink.port);
+            let port = free_port();
+            env.insert("HTTP_ADDR".into(), format!("0.0.0.0:{port}"));
+            let replica = Replica::start(env).await;
+            let (status, body) = request("POST", &format!("http://{ip}:{port}/post"), None, Some(batch.clone())).await;
+            assert_eq!(status, 403, "from {ip}: {body}");
+            assert!(body["error"].as_str().unwrap().contains(&ip.to_string()), "{body}");
+            assert_eq!(request("GET", &format!("http://{ip}:{port}/health"), None, None).await.0, 200);
+            let (status, body) = request(
+                "POST",
+                &format!("{}/post", replica.http.replace("0.0.0.0", "127.0.0.1")),
+                None,
+                Some(batch.clone()),
+            )
+            .await;
+            assert_eq!(status, 202, "the same replica from loopback: {body}");
+        }
+        None => eprintln!("no non-loopback IPv4 address here: the real-peer check is skipped"),
+    }
     drop(app);
 
     // With a token, the network does not matter: 401 without it, served with it.
