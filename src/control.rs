@@ -127,7 +127,8 @@ impl Control {
     /// Follows the stored state until `shutdown`. A failed read keeps the last known state: a
     /// replica cut off from MongoDB cannot claim letters anyway.
     pub async fn watch(self, shutdown: CancellationToken) {
-        let mut ticker = tokio::time::interval(POLL_INTERVAL);
+        // The state was read at start-up (`App::build`): the first read is one interval later.
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + POLL_INTERVAL, POLL_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
