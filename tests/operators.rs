@@ -311,7 +311,10 @@ async fn progress_lookup_and_retry_of_failed_letters() {
     let app = TestApp::spawn(&sink, &[]).await;
     app.produce(Some("retry-key"), batch("retry", 5, 2).to_string().as_bytes()).await;
     app.produce(Some("other-key"), batch("other", 3, 1).to_string().as_bytes()).await;
-    let letters = app.wait_all_final(8, LONG).await;
+    // A key that is not UTF-8, addressed by its bytes in base64 (here "/v8Aaw==").
+    let binary: &[u8] = &[0xfe, 0xff, 0x00, b'k'];
+    produce_bytes(&app.topic_in, Some(binary), batch("binary", 2, 1).to_string().as_bytes()).await;
+    let letters = app.wait_all_final(10, LONG).await;
     assert!(letters.iter().all(|l| l.status == Status::Error), "{letters:?}");
 
     let progress = |key: &'static str| {
@@ -323,6 +326,16 @@ async fn progress_lookup_and_retry_of_failed_letters() {
     assert_eq!(body, progress_from_database(&app, "retry-key").await);
     assert_eq!((&body["letters"], &body["error"], &body["recipients_refused"]), (&json!(5), &json!(5), &json!(10)));
     assert_eq!(progress("no-such-key").await.0, 404);
+    let by_bytes = |query: &str| {
+        let url = format!("{}/batches/-?key_b64={query}", app.http);
+        async move { request("GET", &url, None, None).await }
+    };
+    let (status, body) = by_bytes("%2Fv8Aaw%3D%3D").await;
+    assert_eq!((status, &body["letters"], &body["error"]), (200, &json!(2), &json!(2)), "{body}");
+    // Any key may be given as bytes: "retry-key" in base64 is the same batch as the path.
+    let (status, body) = by_bytes("cmV0cnkta2V5").await;
+    assert_eq!((status, &body["letters"]), (200, &json!(5)), "{body}");
+    assert_eq!(by_bytes("not*base64").await.0, 400);
 
     // Lookup: the letter without its body, with per-recipient outcomes; 404 and 400 otherwise.
     let letter = letters.iter().find(|l| l.kafkakey == "retry-key").unwrap();
