@@ -1,5 +1,6 @@
 //! The HTTP API: `POST /post` feeds a batch into the input topic, `POST /halt` shuts down
-//! gracefully, and the probes and metrics for operators.
+//! gracefully, the operator routes pause and resume sending, cancel, inspect and retry batches
+//! and look letters up, and the probes and metrics for operators. docs/openapi.yaml describes it.
 
 use std::{
     net::SocketAddr,
@@ -462,6 +463,38 @@ mod tests {
         let crlf = br#"[{"Subject":"a\r\nBcc: x@y.org","Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#;
         assert!(check_batch(crlf).unwrap_err().contains("line break"));
         assert!(check_batch(b"[]").unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn a_letter_view_has_each_recipients_outcome_and_no_body() {
+        let mailing = Mailing {
+            subject: "s".into(),
+            body: "<p>secret body</p>".into(),
+            addresses: vec!["A@x.org".into(), "b@x.org".into(), "c@x.org".into()],
+            token: "t".into(),
+        };
+        let mut letter = Letter::from_mailing(mailing, Some(b"k"), "src".into(), 0);
+        letter.delivered = vec!["a@x.org".into()];
+        letter.rejected = vec![crate::model::Rejection { address: "b@x.org".into(), reply: "550 no".into() }];
+        let view = letter_view(&letter);
+        assert!(!view.to_string().contains("secret body"), "{view}");
+        let outcomes: Vec<(&str, &str)> = view["recipients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["address"].as_str().unwrap(), r["outcome"].as_str().unwrap()))
+            .collect();
+        assert_eq!(outcomes, [("A@x.org", "delivered"), ("b@x.org", "refused"), ("c@x.org", "pending")]);
+        assert_eq!(view["recipients"][1]["reply"], "550 no");
+    }
+
+    #[test]
+    fn batch_keys_come_from_the_path_or_from_base64() {
+        let text = |key: &str, b64: Option<&str>| batch_key(key.into(), &KeyQuery { key_b64: b64.map(Into::into) });
+        assert_eq!(text("k", None).unwrap(), BatchKey::Text("k".into()));
+        assert_eq!(text("-", Some("aw==")).unwrap(), BatchKey::Text("k".into()));
+        assert_eq!(text("-", Some("/v8Aaw==")).unwrap(), BatchKey::Base64("/v8Aaw==".into()));
+        assert!(text("-", Some("*")).is_err());
     }
 
     #[test]
