@@ -515,7 +515,13 @@ impl std::str::FromStr for Network {
         if prefix > max {
             return Err(());
         }
-        Ok(Network { addr: addr.to_canonical(), prefix })
+        // An IPv4-mapped network (::ffff:10.0.0.0/104) is kept as the IPv4 network it names.
+        match addr.to_canonical() {
+            IpAddr::V4(v4) if addr.is_ipv6() => {
+                Ok(Network { addr: IpAddr::V4(v4), prefix: prefix.checked_sub(96).ok_or(())? })
+            }
+            canonical => Ok(Network { addr: canonical, prefix }),
+        }
     }
 }
 
@@ -717,6 +723,9 @@ mod tests {
             let error = Config::from_vars(vars(&[("ADMIN_ALLOWED_NETWORKS", bad)])).unwrap_err().to_string();
             assert!(error.contains("ADMIN_ALLOWED_NETWORKS"), "{error}");
         }
+        let mapped: Network = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(mapped.to_string(), "10.0.0.0/8");
+        assert!("::ffff:10.0.0.0/64".parse::<Network>().is_err());
         let everyone: Network = "0.0.0.0/0".parse().unwrap();
         assert!(everyone.contains("8.8.8.8".parse().unwrap()));
     }
