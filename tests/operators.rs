@@ -261,13 +261,18 @@ async fn cancelling_a_batch_ends_its_waiting_letters_and_reports_them() {
 async fn pause_then_cancel_cuts_a_batch_cleanly_even_when_it_is_all_claimed() {
     let sink = SmtpSink::start().await;
     sink.control(json!({ "data_delay_s": 0.25 }));
-    // Default claims: the replica holds the whole batch as soon as it is stored.
-    let app = TestApp::spawn(&sink, &[("SMTP_MAX_SENDERS", "2")]).await;
+    // A slow rate (2 a second) and a long lease: the replica holds the whole batch as soon as it
+    // is stored (half a lease's worth of sends), and releasing at the sending rate would take 15 s.
+    let app = TestApp::spawn(
+        &sink,
+        &[("SMTP_MAX_SENDERS", "2"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "2"), ("LEASE_DURATION", "30s")],
+    )
+    .await;
     app.produce(Some("cut-me"), batch("cut", 30, 1).to_string().as_bytes()).await;
     sink.wait_for_count(2, LONG).await;
     assert_eq!(request("POST", &format!("{}/pause", app.http), None, None).await.0, 200);
-    // The pause returns what the workers had not started to awaiting...
-    app.wait_for_letters("no letter held", LONG, |letters| {
+    // The pause returns what the workers had not started to awaiting, at once...
+    app.wait_for_letters("no letter held", Duration::from_secs(3), |letters| {
         letters.len() == 30 && letters.iter().all(|l| l.status != Status::Processing)
     })
     .await;

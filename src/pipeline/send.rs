@@ -126,14 +126,23 @@ impl Worker {
                     Err(_) => break,
                 },
             };
-            let waiting = Instant::now();
-            let slot = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                slot = self.ctx.limiter.acquire() => slot,
+            // While paused, a letter is released without waiting for the rate limit, so a
+            // replica's claimed letters are all back in `awaiting` within moments, not at the
+            // sending rate.
+            let slot = if self.ctx.paused.load(Ordering::Relaxed) {
+                None
+            } else {
+                let waiting = Instant::now();
+                let slot = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    slot = self.ctx.limiter.acquire() => slot,
+                };
+                self.ctx.metrics.rate_limit_wait.observe(waiting.elapsed().as_secs_f64());
+                Some(slot)
             };
-            self.ctx.metrics.rate_limit_wait.observe(waiting.elapsed().as_secs_f64());
-            let paused = self.ctx.paused.load(Ordering::Relaxed);
+            // The pause may also have come while waiting for the rate limit.
+            let paused = slot.is_none() || self.ctx.paused.load(Ordering::Relaxed);
             if paused || !self.ctx.lease.trusted(claimed.claimed_at) || self.ctx.lease.taken(&claimed.letter.id) {
                 if paused {
                     // A letter not started goes back to `awaiting` rather than waiting here
