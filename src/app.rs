@@ -99,14 +99,6 @@ impl App {
         let abort = CancellationToken::new();
         let background = CancellationToken::new();
 
-        let reporter = Report {
-            store: store.clone(),
-            producer: producer.clone(),
-            topic: config.kafka.topic_out.clone(),
-            owner: owner.clone(),
-            metrics: metrics.clone(),
-            body_max: config.kafka.status_body_max_bytes,
-        };
         let http_state = Arc::new(HttpState {
             producer: producer.clone(),
             store: store.clone(),
@@ -116,12 +108,21 @@ impl App {
             admin_networks: config.http.admin_networks.clone(),
             control: control.clone(),
             instance_id: config.instance_id.clone(),
-            report: reporter.clone(),
+            // Also the report stage's, below.
+            report: Report {
+                store: store.clone(),
+                producer: producer.clone(),
+                topic: config.kafka.topic_out.clone(),
+                owner: owner.clone(),
+                metrics: metrics.clone(),
+                body_max: config.kafka.status_body_max_bytes,
+            },
             metrics: metrics.clone(),
             consumer_running: consumer_running.clone(),
             shutdown: shutdown.clone(),
             readiness: Default::default(),
         });
+        let reporter = http_state.report.clone();
         tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
         let http_stop = CancellationToken::new();
         let http = tokio::spawn(
@@ -168,12 +169,12 @@ impl App {
                     store: store.clone(),
                     config: config.dispatch.clone(),
                     owner: owner.clone(),
+                    control: control.clone(),
                     capacity: Arc::new(Semaphore::new(capacity)),
                     wake,
                     lease: lease.clone(),
                     low_water: Dispatcher::low_water(&config.dispatch, capacity),
                     memory: Memory::new(config.dispatch.max_bytes),
-                    control: control.clone(),
                 }
                 .run(letters_tx, shutdown.clone()),
             ),

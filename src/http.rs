@@ -26,8 +26,6 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Network,
-    control::Control,
     kafka::{self, StatusProducer},
     metrics::Metrics,
     model::{EXPECTED_BATCH, Letter, Mailing, parse_batch},
@@ -42,9 +40,9 @@ pub struct HttpState {
     pub smtp_addr: (String, u16),
     pub admin_token: Option<SecretString>,
     /// Without `admin_token`, the networks whose peers may use the admin routes.
-    pub admin_networks: Vec<Network>,
+    pub admin_networks: Vec<crate::config::Network>,
     /// The deployment-wide pause.
-    pub control: Control,
+    pub control: crate::control::Control,
     pub instance_id: String,
     /// Publishes the status messages of letters an operator cancels.
     pub report: Report,

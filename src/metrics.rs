@@ -54,6 +54,8 @@ pub struct Metrics {
     pub send_duration: Histogram,
     pub rate_limit_wait: Histogram,
     pub in_flight: Gauge,
+    /// 1 while sending is paused deployment-wide (`POST /pause`), as this replica last read it.
+    pub paused: Gauge,
     pub by_status: Family<StatusLabel, Gauge<i64, AtomicI64>>,
     pub consumer_lag: Family<PartitionLabel, Gauge<i64, AtomicI64>>,
     pub partition_stalled: Family<PartitionLabel, Gauge<i64, AtomicI64>>,
@@ -64,8 +66,6 @@ pub struct Metrics {
     pub send_rate: Gauge<f64, AtomicU64>,
     pub clock_offset: Gauge<f64, AtomicU64>,
     pub kafka_requests: Family<ClientLabel, Counter>,
-    /// 1 while sending is paused deployment-wide (`POST /pause`), as this replica last read it.
-    pub paused: Gauge,
 }
 
 impl Metrics {
@@ -84,6 +84,7 @@ impl Metrics {
             send_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             rate_limit_wait: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             in_flight: Gauge::default(),
+            paused: Gauge::default(),
             by_status: Family::default(),
             consumer_lag: Family::default(),
             partition_stalled: Family::default(),
@@ -94,7 +95,6 @@ impl Metrics {
             send_rate: Gauge::default(),
             clock_offset: Gauge::default(),
             kafka_requests: Family::default(),
-            paused: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("letters_received", "Letters decoded from Kafka batches", metrics.received.clone());

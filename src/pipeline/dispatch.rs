@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::DispatchConfig,
-    control::Control,
     model::Letter,
     store::{ClaimLimit, Store},
 };
@@ -137,6 +136,8 @@ pub struct Dispatcher {
     pub store: Store,
     pub config: DispatchConfig,
     pub owner: String,
+    /// While paused deployment-wide, nothing is claimed.
+    pub control: crate::control::Control,
     /// Letters this instance may hold at once (claimed and not yet finished by a worker).
     pub capacity: Arc<Semaphore>,
     pub wake: Arc<Notify>,
@@ -144,8 +145,6 @@ pub struct Dispatcher {
     /// Free slots needed before the next claim.
     pub low_water: usize,
     pub memory: Memory,
-    /// While paused deployment-wide, nothing is claimed.
-    pub control: Control,
 }
 
 impl Dispatcher {

@@ -46,13 +46,13 @@ pub struct SendContext {
     pub retry: DispatchConfig,
     pub limiter: RateLimit,
     pub lease: Arc<LeaseClock>,
+    /// Set while sending is paused deployment-wide (`crate::control`); the app shares it.
+    pub paused: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
     /// Letters that reached the SMTP server and whose outcome is not stored yet. After a crash
     /// these are sent again, so their number is bounded: `UNRECORDED_PER_WORKER` per worker,
     /// enough for the report stage to batch its writes without stalling the workers.
     pub unrecorded: Arc<Semaphore>,
-    /// Set while sending is paused deployment-wide (`crate::control`); the app shares it.
-    pub paused: Arc<AtomicBool>,
 }
 
 /// See [`SendContext::unrecorded`].
@@ -88,8 +88,8 @@ impl SendContext {
             retry,
             limiter: RateLimit::new(smtp, metrics.clone()),
             lease,
-            unrecorded: Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER)),
             paused: Arc::default(),
+            unrecorded: Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER)),
             metrics,
         })
     }
