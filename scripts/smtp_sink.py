@@ -55,6 +55,7 @@ moment, preferably by rename). A missing key = the default behaviour. "reply" = 
   cap_reply       reply   default "452 4.5.3 Too many recipients" (e.g. "552 5.5.3 Too many recipients")
   data_reply      reply   final reply after the body instead of "250 OK"; the message is recorded only if 2xx
   data_delay_s    float   sleep before the final reply to the body (the reply is decided after it)
+  data_start_delay_s float sleep before the 354 reply to DATA (a slow relay at the start of the data phase)
   throttle_reply  reply   default "454 4.7.0 Throttling failure: Maximum sending rate exceeded"
   throttle_until  float   unix time; a MAIL FROM received before it gets throttle_reply (no transaction)
   max_rate_per_s  int     SES-like rate cap: a MAIL FROM gets throttle_reply if accepting it would make more
@@ -93,6 +94,7 @@ SESSION RULES (fixed, Postfix-like)
 
 RECORDS (--out): one JSON object per recorded message (final reply 2xx):
   ts            unix float: when the final reply to the body was decided (after data_delay_s, if any)
+  eod_ts        unix float: when the end of data (the final ".") was received, before data_delay_s
   mail_from     str; rcpt_tos [str]: accepted recipients, in order (invalid utf-8 bytes become U+FFFD)
   headers       [[name, value], ...] in order, values as on the wire (after "Name:" and its leading
                 blanks), unfolded (CRLF before a blank removed)
@@ -362,6 +364,7 @@ class Handler:
         return reply or "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        eod_ts = time.time()  # the end of data, as a relay counts a message (before data_delay_s)
         ctl = self.control.get()
         delay = num(ctl.get("data_delay_s"))
         if delay:
@@ -382,6 +385,7 @@ class Handler:
                 auth_user = login.decode("utf-8", "replace")
         self.recorder.record({
             "ts": time.time(),
+            "eod_ts": eod_ts,
             "mail_from": clean(envelope.mail_from),
             "rcpt_tos": [clean(r) for r in envelope.rcpt_tos],
             "headers": parse_headers(raw),
@@ -611,6 +615,9 @@ class SinkSMTP(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        start_delay = num(self.control.get().get("data_start_delay_s"))
+        if start_delay:
+            await asyncio.sleep(start_delay)
         await self.push("354 End data with <CR><LF>.<CR><LF>")
 
         data = []

@@ -18,6 +18,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    budget::{Budget, MongoLedger, Plan},
     config::Config,
     control::Control,
     http::{self, HttpState},
@@ -99,6 +100,19 @@ impl App {
         let abort = CancellationToken::new();
         let background = CancellationToken::new();
 
+        // One budget for every replica, in the letters' database (see `crate::budget`).
+        let budget = Arc::new(Budget::new(
+            Plan::new(&config.smtp),
+            Arc::new(MongoLedger::beside(store.collection(), metrics.clone())),
+            metrics.clone(),
+        ));
+        tracing::info!(
+            budget = %budget.plan().rate_label,
+            quotas = %config.smtp.quotas.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            unit = ?config.smtp.rate_unit,
+            paced_per_s = budget.plan().rate(),
+            "sending budget shared through MongoDB"
+        );
         let http_state = Arc::new(HttpState {
             producer: producer.clone(),
             store: store.clone(),
@@ -121,6 +135,7 @@ impl App {
             consumer_running: consumer_running.clone(),
             shutdown: shutdown.clone(),
             readiness: Default::default(),
+            budget: budget.clone(),
         });
         let reporter = http_state.report.clone();
         tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
@@ -149,7 +164,8 @@ impl App {
             .run(shutdown.clone()),
         );
 
-        let mut send_context = SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), metrics.clone())?;
+        let mut send_context =
+            SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), budget, metrics.clone())?;
         send_context.paused = control.flag();
         let send_context = Arc::new(send_context);
         let workers_count = config.smtp.max_senders;
@@ -201,6 +217,7 @@ impl App {
             &shutdown,
             reporter.republish(
                 config.dispatch.republish_interval,
+                config.dispatch.republish_batch,
                 config.kafka.message_timeout + Duration::from_secs(15),
                 background.clone(),
             ),

@@ -116,6 +116,10 @@ pub struct SmtpConfig {
     pub rate_period: Duration,
     pub rate_max_letters: u32,
     pub rate_burst: u32,
+    /// What one unit of the budget is: a message, or one recipient of a message.
+    pub rate_unit: RateUnit,
+    /// Further windows of the shared budget (`SMTP_QUOTAS`), enforced together with the rate.
+    pub quotas: Vec<QuotaWindow>,
     /// Per-phase SMTP timeouts (RFC 5321 §4.5.3.2).
     pub timeouts: Timeouts,
     /// Most recipients in one SMTP transaction; a letter with more goes in several.
@@ -124,6 +128,29 @@ pub struct SmtpConfig {
     pub idle_check_after: Duration,
     /// While a relay throttles, the rate recovers by a quarter every this long.
     pub throttle_recovery_step: Duration,
+}
+
+/// What the budget counts (`SMTP_RATE_LIMIT_UNIT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateUnit {
+    /// Every message handed to the relay costs 1 (a letter split into several transactions is
+    /// several messages).
+    Letter,
+    /// Every message costs its recipient count, as SES and Google's relay count.
+    Recipient,
+}
+
+/// At most `limit` units in any `window` (one entry of `SMTP_QUOTAS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaWindow {
+    pub limit: u32,
+    pub window: Duration,
+}
+
+impl std::fmt::Display for QuotaWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.limit, humantime::format_duration(self.window))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +168,8 @@ pub struct DispatchConfig {
     pub poll_interval: Duration,
     /// How often outcomes that were stored but never published are looked for.
     pub republish_interval: Duration,
+    /// Most unreported outcomes one republishing round takes.
+    pub republish_batch: usize,
     /// Finished letters older than this are deleted; zero keeps them.
     pub retention: Duration,
     /// How often retention runs (on one replica at a time).
@@ -252,6 +281,18 @@ impl Config {
             rate_max_letters: env
                 .parse("SMTP_RATE_LIMIT_MAX_LETTERS", 5, "a letter count of at least 1", |n| *n >= 1)?,
             rate_burst: env.parse("SMTP_RATE_LIMIT_BURST", 1, "a letter count of at least 1", |n| *n >= 1)?,
+            rate_unit: match env.string("SMTP_RATE_LIMIT_UNIT", "letter").to_ascii_lowercase().as_str() {
+                "letter" | "letters" | "message" => RateUnit::Letter,
+                "recipient" | "recipients" => RateUnit::Recipient,
+                other => {
+                    return Err(ConfigError::Invalid {
+                        var: "SMTP_RATE_LIMIT_UNIT",
+                        value: other.to_owned(),
+                        expected: "letter or recipient".into(),
+                    });
+                }
+            },
+            quotas: quotas(&env)?,
             timeouts: smtp_timeouts(&env)?,
             max_recipients: env.parse(
                 "SMTP_MAX_RECIPIENTS",
@@ -292,6 +333,8 @@ impl Config {
             })?,
             poll_interval: env.positive_duration("DISPATCH_POLL_INTERVAL", "1s")?,
             republish_interval: env.positive_duration("REPUBLISH_INTERVAL", "30s")?,
+            republish_batch: env
+                .parse("REPUBLISH_BATCH", 256, "an outcome count from 1 to 5000", |n| (1..=5000).contains(n))?,
             retention: env.duration("LETTER_RETENTION", "30d")?,
             retention_interval: env.positive_duration("LETTER_RETENTION_INTERVAL", "10m")?,
         };
@@ -302,11 +345,13 @@ impl Config {
                 expected: format!("at most RETRY_BACKOFF_MAX ({})", humantime::format_duration(dispatch.backoff_max)),
             });
         }
-        if dispatch.lease < Duration::from_secs(3) {
+        // A worker hands a message over (its final dot) only within the lease's last-but-one
+        // quarter; that quarter must leave the dot a second to be written.
+        if dispatch.lease < Duration::from_secs(4) {
             return Err(ConfigError::Invalid {
                 var: "LEASE_DURATION",
                 value: humantime::format_duration(dispatch.lease).to_string(),
-                expected: "at least 3s".into(),
+                expected: "at least 4s (its last quarter bounds the time a message's final dot may take)".into(),
             });
         }
 
@@ -350,6 +395,30 @@ impl Config {
             fault_injection: env.optional("MAILSENDER_FAULT_INJECTION"),
         })
     }
+}
+
+/// `SMTP_QUOTAS`: a comma-separated list of `count/duration`, such as `10000/24h,300/1m`.
+fn quotas(env: &Env) -> Result<Vec<QuotaWindow>, ConfigError> {
+    let Some(raw) = env.optional("SMTP_QUOTAS") else { return Ok(Vec::new()) };
+    let invalid = || ConfigError::Invalid {
+        var: "SMTP_QUOTAS",
+        value: raw.clone(),
+        expected: "a comma-separated list of count/duration such as 10000/24h,300/1m, counts of at least 1 \
+                   and durations of at least 1s"
+            .into(),
+    };
+    let mut quotas = Vec::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (count, window) = entry.split_once('/').ok_or_else(invalid)?;
+        let limit = count.trim().parse::<u32>().map_err(|_| invalid())?;
+        let window = parse_duration(window).ok_or_else(invalid)?;
+        // Shorter windows are the rate's job; the quota buckets are at least a second wide.
+        if limit == 0 || window < Duration::from_secs(1) {
+            return Err(invalid());
+        }
+        quotas.push(QuotaWindow { limit, window });
+    }
+    Ok(quotas)
 }
 
 /// The per-phase timeouts. `SMTP_TIMEOUT`, the one bound of earlier versions, still sets every
@@ -684,6 +753,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("RETRY_BACKOFF_BASE") && error.contains("RETRY_BACKOFF_MAX"), "{error}");
+        let error = Config::from_vars(vars(&[("LEASE_DURATION", "3s")])).unwrap_err().to_string();
+        assert!(error.contains("LEASE_DURATION") && error.contains("final dot"), "{error}");
+        assert!(Config::from_vars(vars(&[("LEASE_DURATION", "4s")])).is_ok());
     }
 
     #[test]
@@ -698,6 +770,30 @@ mod tests {
         let defaults = Config::from_vars(vars(&[])).unwrap().smtp.timeouts;
         assert_eq!(defaults.data_end, Duration::from_secs(600));
         assert_eq!(defaults.command, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn quotas_and_the_unit_parse_and_bad_ones_are_named() {
+        let config =
+            Config::from_vars(vars(&[("SMTP_QUOTAS", "10000/24h, 300/1m"), ("SMTP_RATE_LIMIT_UNIT", "recipient")]))
+                .unwrap();
+        assert_eq!(
+            config.smtp.quotas,
+            vec![
+                QuotaWindow { limit: 10_000, window: Duration::from_secs(86_400) },
+                QuotaWindow { limit: 300, window: Duration::from_secs(60) },
+            ]
+        );
+        assert_eq!(config.smtp.rate_unit, RateUnit::Recipient);
+        let defaults = Config::from_vars(vars(&[])).unwrap();
+        assert!(defaults.smtp.quotas.is_empty());
+        assert_eq!(defaults.smtp.rate_unit, RateUnit::Letter);
+        for bad in ["300", "0/1m", "10/0s", "10/500ms", "x/1m", "10/soon", "10/1m,,abc"] {
+            let error = Config::from_vars(vars(&[("SMTP_QUOTAS", bad)])).unwrap_err().to_string();
+            assert!(error.contains("SMTP_QUOTAS") && error.contains("count/duration"), "{bad}: {error}");
+        }
+        let error = Config::from_vars(vars(&[("SMTP_RATE_LIMIT_UNIT", "byte")])).unwrap_err().to_string();
+        assert!(error.contains("SMTP_RATE_LIMIT_UNIT") && error.contains("recipient"), "{error}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    budget::Budget,
     kafka::{self, StatusProducer},
     metrics::Metrics,
     model::{EXPECTED_BATCH, Letter, Mailing, parse_batch},
@@ -51,6 +52,8 @@ pub struct HttpState {
     pub shutdown: CancellationToken,
     /// Readiness is cached briefly so frequent probes do not hammer the dependencies.
     pub readiness: Mutex<Option<(Instant, StatusCode, Value)>>,
+    /// Not ready while the shared sending budget is unreachable: the instance sends nothing.
+    pub budget: Arc<Budget>,
 }
 
 pub fn router(state: Arc<HttpState>, max_body_bytes: usize) -> Router {
@@ -433,7 +436,8 @@ async fn check_readiness(state: &HttpState) -> (StatusCode, Value) {
     } else {
         Err("consumer not running".to_owned())
     };
-    let checks = [("kafka", kafka), ("mongo", mongo), ("smtp", smtp), ("consumer", consumer)];
+    let budget = state.budget.status();
+    let checks = [("kafka", kafka), ("mongo", mongo), ("smtp", smtp), ("consumer", consumer), ("budget", budget)];
     let ready = checks.iter().all(|(_, r)| r.is_ok());
     let checks: serde_json::Map<String, Value> = checks
         .into_iter()

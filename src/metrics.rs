@@ -40,6 +40,11 @@ pub struct ClientLabel {
     pub client: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WindowLabel {
+    pub window: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub received: Counter,
@@ -66,6 +71,10 @@ pub struct Metrics {
     pub send_rate: Gauge<f64, AtomicU64>,
     pub clock_offset: Gauge<f64, AtomicU64>,
     pub kafka_requests: Family<ClientLabel, Counter>,
+    pub budget_available: Gauge,
+    pub budget_grants: Counter,
+    pub budget_used: Family<WindowLabel, Gauge<i64, AtomicI64>>,
+    pub budget_remaining: Family<WindowLabel, Gauge<i64, AtomicI64>>,
 }
 
 impl Metrics {
@@ -95,6 +104,10 @@ impl Metrics {
             send_rate: Gauge::default(),
             clock_offset: Gauge::default(),
             kafka_requests: Family::default(),
+            budget_available: Gauge::default(),
+            budget_grants: Counter::default(),
+            budget_used: Family::default(),
+            budget_remaining: Family::default(),
             registry: Registry::default(),
         };
         registry.register("letters_received", "Letters decoded from Kafka batches", metrics.received.clone());
@@ -129,7 +142,7 @@ impl Metrics {
         registry.register("send_duration_seconds", "Time of one SMTP transaction", metrics.send_duration.clone());
         registry.register(
             "rate_limit_wait_seconds",
-            "Time a worker waited on the global rate limiter before a send",
+            "Time a message waited for the shared sending budget (grant and its unit's time) before its final dot",
             metrics.rate_limit_wait.clone(),
         );
         registry.register("sends_in_flight", "SMTP transactions in progress", metrics.in_flight.clone());
@@ -179,6 +192,26 @@ impl Metrics {
             "kafka_requests",
             "Requests sent to Kafka brokers, from librdkafka's statistics",
             metrics.kafka_requests.clone(),
+        );
+        registry.register(
+            "budget_available",
+            "1 while the shared sending budget in MongoDB answers; 0 while it does not, and nothing is sent",
+            metrics.budget_available.clone(),
+        );
+        registry.register(
+            "budget_grants",
+            "Grants of sending budget this instance took from MongoDB (one round trip each)",
+            metrics.budget_grants.clone(),
+        );
+        registry.register(
+            "budget_used",
+            "Units of the shared budget used (rate: reserved for the next period; quota: counted in the window), by window, as last seen",
+            metrics.budget_used.clone(),
+        );
+        registry.register(
+            "budget_remaining",
+            "Units of the shared budget left, by window, as last seen",
+            metrics.budget_remaining.clone(),
         );
         registry.register("build", "Build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
         Metrics { registry, ..metrics }

@@ -242,13 +242,7 @@ async fn letters_another_replica_took_over_are_not_sent_from_here() {
         .await;
     sink.wait_for_count(1, LONG).await;
     // Another replica reaped them while this one was cut off, and now holds them.
-    let far = mailsender::model::now_ms() + 600_000;
-    let stolen = app
-        .update_raw(
-            doc! { "status": "processing" },
-            doc! { "$set": { "owner": "another-replica", "lease_ms": far, "claim": "theirs" } },
-        )
-        .await;
+    let stolen = take_over_processing_letters(&app).await;
     assert!(stolen >= 5, "{stolen}");
     let at_steal = sink.received().len();
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -337,6 +331,11 @@ async fn a_dead_letter_the_dead_letter_topic_refuses_is_kept_and_its_partition_m
 
     let letters = app.wait_all_final(1, LONG).await;
     assert_eq!(letters[0].status, Status::Sent);
+    // The partition moves on: a batch produced after the refusal is processed too.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    app.produce(Some("same-partition"), batch("later", 1, 1).to_string().as_bytes()).await;
+    let letters = app.wait_all_final(2, LONG).await;
+    assert!(letters.iter().all(|l| l.status == Status::Sent));
     let kept = wait_for("the dead letter kept in MongoDB", LONG, || async {
         let kept = app.raw_documents("letters_dead_letters").await;
         (!kept.is_empty()).then_some(kept)
@@ -401,6 +400,73 @@ async fn a_backlog_of_megabyte_letters_stays_under_the_memory_ceiling() {
     assert_eq!(sink.wait_for_count(count, LONG).await.len(), count);
     let peak = peak_rss_mib(app.pid().unwrap());
     eprintln!("peak RSS {peak:.1} MiB for {count} letters of {} KB", body.len() / 1000);
-    // Measured: 39 MiB; 98 MiB without the byte bound. The README states the ceiling.
+    // Measured: 39 MiB; 98 MiB without the byte bound (the README gives the formula).
     assert!(peak < 64.0, "peak RSS {peak:.1} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outcomes_the_broker_refuses_do_not_starve_the_republisher() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(
+        &sink,
+        &[("REPUBLISH_INTERVAL", "500ms"), ("REPUBLISH_BATCH", "5"), ("KAFKA_MESSAGE_TIMEOUT", "2s")],
+    )
+    .await;
+    // Ten unreported outcomes whose status messages the producer refuses (100,000 addresses make
+    // one larger than its 2 MiB limit), older than three that publish fine: a round takes five.
+    let addresses: Vec<String> = (0..100_000).map(|i| format!("member{i:06}@example.org")).collect();
+    let letter = |subject: String, addresses: Vec<String>, updated_ms: i64| {
+        doc! {
+            "_id": ObjectId::new(), "addresses": addresses, "subject": subject, "body": "<p>x</p>", "token": "t",
+            "status": "sent", "kafkakey": "k", "attempts": 1, "due_ms": 0_i64, "delivered": [], "rejected": [],
+            "unreported": 1, "updated_ms": updated_ms,
+        }
+    };
+    let refused: Vec<Document> =
+        (0..10).map(|i| letter(format!("refused {i}"), addresses.clone(), 1_000 + i)).collect();
+    app.insert_raw(refused).await;
+    let fine: Vec<Document> =
+        (0..3).map(|i| letter(format!("fine {i}"), vec![format!("fine{i}@example.org")], 2_000 + i)).collect();
+    app.insert_raw(fine).await;
+
+    let statuses = app.consume(&app.topic_out, 3, Duration::from_secs(30)).await;
+    let mut subjects: Vec<String> =
+        statuses.iter().map(|s| s.json()["Subject"].as_str().unwrap_or_default().to_owned()).collect();
+    subjects.sort();
+    assert_eq!(subjects, ["fine 0", "fine 1", "fine 2"]);
+    let raw = app.raw_letters().await;
+    let still: Vec<_> = raw.iter().filter(|d| d.get_i32("unreported").is_ok()).collect();
+    assert_eq!(still.len(), 10, "the refused ones stay unreported, for a later round");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_letter_taken_over_mid_transaction_is_withdrawn_before_its_final_dot() {
+    let sink = SmtpSink::start().await;
+    // The relay is slow to open the data phase: the lease checked before MAIL FROM is stale by
+    // the time the message could be handed over.
+    sink.control(json!({ "data_start_delay_s": 4.0 }));
+    let app = TestApp::spawn(&sink, &[("SMTP_MAX_SENDERS", "1"), ("LEASE_DURATION", "6s")]).await;
+    assert_eq!(app.post("/post", batch("midway", 1, 1).to_string()).await.0, 202);
+    wait_for("the worker in its transaction", LONG, || async {
+        sink.client_lines().iter().any(|l| l.starts_with("DATA")).then_some(())
+    })
+    .await;
+    // Another replica reaped the letter while this one was cut off, and now holds it; this
+    // one's next renewal (every 2 s) shows it gone, before the 354 comes.
+    let stolen = take_over_processing_letters(&app).await;
+    assert_eq!(stolen, 1);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(sink.received().is_empty(), "the message was handed over although the letter was another replica's");
+    assert!(app.log().contains("withdrawn before its final dot"), "no trace of the withdrawal in the log");
+}
+
+/// Leases every `processing` letter to another replica, as one that reaped them while this app
+/// was cut off from MongoDB would have; returns how many.
+async fn take_over_processing_letters(app: &TestApp) -> u64 {
+    let far = mailsender::model::now_ms() + 600_000;
+    app.update_raw(
+        doc! { "status": "processing" },
+        doc! { "$set": { "owner": "another-replica", "lease_ms": far, "claim": "theirs" } },
+    )
+    .await
 }

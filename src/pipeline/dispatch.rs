@@ -121,6 +121,14 @@ impl LeaseClock {
         Instant::now() + margin < renewed.max(claimed_at) + self.lease
     }
 
+    /// Checked right before a message's final dot, the moment the server takes it: how long the
+    /// dot may take to write while the letter is still safely ours (the margin), or `None` when
+    /// it no longer is and the message must be withdrawn. What remains unguarded is the wait for
+    /// the server's reply to the dot.
+    pub fn vouch(&self, claimed_at: Instant, id: &ObjectId) -> Option<Duration> {
+        (self.trusted(claimed_at) && !self.taken(id)).then_some(self.lease / 4)
+    }
+
     /// Whether the last renewal found this letter leased to someone else.
     pub fn taken(&self, id: &ObjectId) -> bool {
         self.lock_held().get(id).is_some_and(|(_, taken)| *taken)
@@ -339,6 +347,7 @@ mod tests {
             max_bytes: 16 << 20,
             poll_interval: Duration::from_secs(1),
             republish_interval: Duration::from_secs(30),
+            republish_batch: 256,
             retention: Duration::ZERO,
             retention_interval: Duration::from_secs(600),
         }

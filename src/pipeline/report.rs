@@ -129,7 +129,7 @@ impl Report {
     /// Republishes final outcomes that were stored but never acknowledged by the broker. Only
     /// outcomes older than `min_age` (longer than the producer's message timeout) are taken, as
     /// younger ones may still be on their way through the producer.
-    pub async fn republish(self, interval: Duration, min_age: Duration, shutdown: CancellationToken) {
+    pub async fn republish(self, interval: Duration, batch: usize, min_age: Duration, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -138,7 +138,7 @@ impl Report {
                 _ = ticker.tick() => {}
             }
             let before = self.store.now_ms() - min_age.as_millis() as i64;
-            let letters = match self.store.unreported(before, WRITE_BATCH).await {
+            let letters = match self.store.unreported(before, batch).await {
                 Ok(letters) if letters.is_empty() => continue,
                 Ok(letters) => letters,
                 Err(error) => {

@@ -1,5 +1,6 @@
 //! The SMTP workers. Each worker keeps one connection open and reuses it between letters; all
-//! workers share one rate limit. Every recipient goes in the envelope only, in transactions of at
+//! workers (of all replicas) share one sending budget, taken before each transaction and paced at
+//! its final dot. Every recipient goes in the envelope only, in transactions of at
 //! most `SMTP_MAX_RECIPIENTS`; the SMTP conversation itself is `crate::smtp`'s, and what its
 //! replies mean for the letter is `policy`'s.
 
@@ -23,6 +24,7 @@ use super::{
     policy::{self, AttemptReport, Failure},
     rate_limit::RateLimit,
 };
+use crate::budget::{Budget, Ticket};
 use crate::{
     address::Recipient,
     config::{DispatchConfig, SmtpConfig},
@@ -63,6 +65,7 @@ impl SendContext {
         smtp: &SmtpConfig,
         retry: DispatchConfig,
         lease: Arc<LeaseClock>,
+        budget: Arc<Budget>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let tls_config = match smtp.tls {
@@ -86,7 +89,7 @@ impl SendContext {
             max_recipients: smtp.max_recipients,
             idle_check_after: smtp.idle_check_after,
             retry,
-            limiter: RateLimit::new(smtp, metrics.clone()),
+            limiter: RateLimit::new(budget, smtp.throttle_recovery_step, metrics.clone()),
             lease,
             paused: Arc::default(),
             unrecorded: Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER)),
@@ -126,23 +129,23 @@ impl Worker {
                     Err(_) => break,
                 },
             };
-            // While paused, a letter is released without waiting for the rate limit, so a
-            // replica's claimed letters are all back in `awaiting` within moments, not at the
-            // sending rate.
-            let slot = if self.ctx.paused.load(Ordering::Relaxed) {
+            // The first transaction's budget is taken here, where shutdown may still interrupt
+            // the wait (the budget may be exhausted for hours); later ones, in `deliver`. While
+            // paused, a letter is released without waiting for the budget, so a replica's claimed
+            // letters are all back in `awaiting` within moments, not at the sending rate.
+            let paused = self.ctx.paused.load(Ordering::Relaxed);
+            let pending = claimed.letter.pending_recipients().len();
+            let ticket = if paused || pending == 0 || self.ctx.limiter.too_large(pending).is_some() {
                 None
             } else {
-                let waiting = Instant::now();
-                let slot = tokio::select! {
+                tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break,
-                    slot = self.ctx.limiter.acquire() => slot,
-                };
-                self.ctx.metrics.rate_limit_wait.observe(waiting.elapsed().as_secs_f64());
-                Some(slot)
+                    ticket = self.ctx.limiter.reserve(pending.min(self.ctx.max_recipients)) => Some(ticket),
+                }
             };
-            // The pause may also have come while waiting for the rate limit.
-            let paused = slot.is_none() || self.ctx.paused.load(Ordering::Relaxed);
+            // The pause may also have come while waiting for the budget.
+            let paused = paused || self.ctx.paused.load(Ordering::Relaxed);
             if paused || !self.ctx.lease.trusted(claimed.claimed_at) || self.ctx.lease.taken(&claimed.letter.id) {
                 if paused {
                     // A letter not started goes back to `awaiting` rather than waiting here
@@ -183,10 +186,8 @@ impl Worker {
                     tracing::warn!(letter_id = %letter_id, "send abandoned at the shutdown deadline");
                     break;
                 }
-                record = self.attempt(claimed.letter) => record,
+                record = self.attempt(claimed.letter, claimed.claimed_at, ticket) => record,
             };
-            // The server has answered: this is the completion the rate limit's window counts from.
-            drop(slot);
             let record = AttemptRecord { unrecorded: Some(unrecorded), memory, ..record };
             if outcomes.send(record).await.is_err() {
                 break;
@@ -199,23 +200,32 @@ impl Worker {
     }
 
     /// One attempt at one letter, turned into the record the report stage stores.
-    pub async fn attempt(&mut self, letter: Letter) -> AttemptRecord {
+    pub async fn attempt(&mut self, letter: Letter, claimed_at: Instant, ticket: Option<Ticket>) -> AttemptRecord {
         // Every line logged while sending carries the letter's id and source key.
         let span = tracing::info_span!("send", letter_id = %letter.id, kafka_key = %letter.kafkakey, attempt = letter.attempts + 1);
-        self.attempt_in_span(letter).instrument(span).await
+        self.attempt_in_span(letter, claimed_at, ticket).instrument(span).await
     }
 
-    async fn attempt_in_span(&mut self, mut letter: Letter) -> AttemptRecord {
+    async fn attempt_in_span(
+        &mut self,
+        mut letter: Letter,
+        claimed_at: Instant,
+        ticket: Option<Ticket>,
+    ) -> AttemptRecord {
         letter.attempts += 1;
         let recipients = letter.pending_recipients();
         let started = Instant::now();
         self.ctx.metrics.in_flight.inc();
         let id = letter.id.to_hex();
         let content = Content { id: &id, subject: &letter.subject, html: &letter.body };
+        let too_large = self.ctx.limiter.too_large(recipients.len());
         let report = match message::build(content, &self.ctx.from) {
             Err(error) => AttemptReport { failure: Some(Failure::Permanent(error.to_string())), ..Default::default() },
             Ok(_) if recipients.is_empty() => AttemptReport::default(),
-            Ok(bytes) => self.deliver(recipients, &bytes).await,
+            Ok(bytes) => match too_large {
+                Some(reason) => AttemptReport { failure: Some(Failure::Permanent(reason)), ..Default::default() },
+                None => self.deliver(recipients, &bytes, (claimed_at, letter.id), ticket).await,
+            },
         };
         self.ctx.metrics.in_flight.dec();
         self.ctx.metrics.send_duration.observe(started.elapsed().as_secs_f64());
@@ -240,7 +250,14 @@ impl Worker {
 
     /// Sends the message to `recipients`, in as many transactions as the chunk size and the
     /// server's recipient cap need, all in this one attempt.
-    async fn deliver(&mut self, recipients: Vec<Recipient>, message: &[u8]) -> AttemptReport {
+    async fn deliver(
+        &mut self,
+        recipients: Vec<Recipient>,
+        message: &[u8],
+        lease: (Instant, mongodb::bson::oid::ObjectId),
+        ticket: Option<Ticket>,
+    ) -> AttemptReport {
+        let mut ticket = ticket;
         let mut report = AttemptReport::default();
         let mut queue: VecDeque<Recipient> = recipients.into();
         // Fresh connections taken because a kept one turned out broken, or the server found the
@@ -251,9 +268,48 @@ impl Worker {
             let chunk: Vec<Recipient> = queue.drain(..take).collect();
             let reused = self.connection.is_some();
             let ctx = self.ctx.clone();
+            // Taken before the transaction opens, so a long wait (an exhausted quota, MongoDB
+            // away) never holds a server's DATA phase open; only the unit's own time is waited
+            // for at the final dot. A unit not used (the transaction failed) is not given back.
+            let ticket = match ticket.take().filter(|t| t.units == ctx.limiter.cost(chunk.len())) {
+                Some(ticket) => ticket,
+                None => ctx.limiter.reserve(chunk.len()).await,
+            };
+            let metrics = ctx.metrics.clone();
+            let lease_clock = ctx.lease.clone();
+            let budget = ctx.limiter.budget().clone();
+            let before_end = async move {
+                let at_dot = tokio::time::Instant::now();
+                budget.prepared(at_dot.duration_since(ticket.issued));
+                let mut ticket = ticket;
+                loop {
+                    tokio::time::sleep_until(ticket.at).await;
+                    let late = tokio::time::Instant::now().saturating_duration_since(ticket.unit);
+                    if late <= budget.plan().late {
+                        break;
+                    }
+                    // Too late for its unit (a slow connection, a late wake-up): the dot on it
+                    // could crowd the next window, so the message waits for a new one.
+                    tracing::debug!(late_ms = late.as_secs_f64() * 1e3, "late for the budget's unit; taking another");
+                    ticket = budget.take(ticket.units).await;
+                }
+                metrics.rate_limit_wait.observe((ticket.waited + at_dot.elapsed()).as_secs_f64());
+                // The lease is checked again right before the final dot, after the budget's wait:
+                // a replica cut off from MongoDB must not hand over a letter another may already
+                // be sending.
+                lease_clock.vouch(lease.0, &lease.1)
+            };
             let result = match self.session().await {
                 Ok(connection) => {
-                    transaction::send(connection, ctx.from.email.as_ref(), &chunk, message, &ctx.smtp.timeouts).await
+                    transaction::send(
+                        connection,
+                        ctx.from.email.as_ref(),
+                        &chunk,
+                        message,
+                        &ctx.smtp.timeouts,
+                        before_end,
+                    )
+                    .await
                 }
                 Err(error) => Err(error),
             };
@@ -416,7 +472,9 @@ fn is_stale_connection(error: &SmtpError) -> bool {
 }
 
 fn failure_of(error: &SmtpError) -> Failure {
-    let reason = if error.command() == Command::DataEnd {
+    let reason = if let SmtpError::Withdrawn { .. } = error {
+        format!("{error}: this replica's lease on the letter could no longer be vouched for; nothing was delivered")
+    } else if error.command() == Command::DataEnd {
         format!("{error} (after the message was sent: it may have been delivered, so it is retried later)")
     } else {
         error.to_string()

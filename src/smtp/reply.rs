@@ -209,6 +209,10 @@ pub enum SmtpError {
     /// Sending would break a rule the operator set (TLS required, no credentials in clear text).
     #[error("{0}")]
     Policy(String),
+    /// The message was withdrawn before its final `.` (the caller could no longer vouch for
+    /// it), and the connection dropped so the server discards it.
+    #[error("message to {server} withdrawn before its final dot")]
+    Withdrawn { server: String },
 }
 
 impl SmtpError {
@@ -222,6 +226,7 @@ impl SmtpError {
             SmtpError::Refused { reply, .. } => reply.command,
             SmtpError::Tls { .. } => Command::StartTls,
             SmtpError::Policy(_) => Command::Connect,
+            SmtpError::Withdrawn { .. } => Command::Data,
         }
     }
 

@@ -41,12 +41,21 @@ impl Transaction {
 /// Runs one transaction. On an error the connection is in an unknown state and must be dropped;
 /// an error whose command is [`Command::DataEnd`] came after the message was handed over, so the
 /// message may have been delivered.
+///
+/// `before_end` is awaited after the message's data is written and before its final `.`, the
+/// moment the server takes the message: a relay counts a message when its data ends, so that is
+/// the moment a sending budget paces, and the last moment to check the letter is still ours.
+/// `None` withdraws it: the connection is dropped without
+/// the dot, so the server discards what it received ([`SmtpError::Withdrawn`]). `Some(limit)`
+/// bounds the time the final `.` may take to write. It is not awaited when the transaction ends
+/// earlier (every recipient refused).
 pub async fn send(
     connection: &mut Connection,
     from: &str,
     recipients: &[Recipient],
     message: &[u8],
     timeouts: &Timeouts,
+    before_end: impl Future<Output = Option<std::time::Duration>>,
 ) -> Result<Transaction, SmtpError> {
     if !connection.is_clean() {
         connection.reset(timeouts.short).await?;
@@ -127,7 +136,13 @@ pub async fn send(
     let accepted = transaction.rcpt.iter().any(|r| matches!(r, RcptResult::Replied(reply) if reply.is_positive()));
     match &transaction.data {
         Some(data) if data.code == 354 && accepted => {
-            connection.write_bytes(&dot_stuffed(message), Command::DataEnd, timeouts.data).await?;
+            let data = dot_stuffed(message);
+            let (body, end) = data.split_at(data.len() - END_OF_DATA.len());
+            connection.write_bytes(body, Command::DataEnd, timeouts.data).await?;
+            let Some(limit) = before_end.await else {
+                return Err(SmtpError::Withdrawn { server: connection.server().to_owned() });
+            };
+            connection.write_bytes(end, Command::DataEnd, limit.min(timeouts.data)).await?;
             connection.commands_sent(1);
             transaction.end = Some(connection.read_reply(Command::DataEnd, timeouts.data_end).await?);
             // Whatever the reply, the transaction is over (RFC 5321 §4.1.1.4).
@@ -148,6 +163,9 @@ pub async fn send(
     }
     Ok(transaction)
 }
+
+/// The line that ends the data (RFC 5321 §4.1.1.4), last in [`dot_stuffed`]'s output.
+const END_OF_DATA: &[u8] = b".\r\n";
 
 /// The message as it goes on the wire: CRLF line ends, lines starting with a dot doubled
 /// (RFC 5321 §4.5.2), and the final `.` line.

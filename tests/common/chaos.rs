@@ -368,6 +368,7 @@ async fn eager_session(stream: tokio::net::TcpStream, log: Arc<Mutex<Vec<Receive
                 let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
                 log.lock().unwrap().push(Received {
                     ts,
+                    eod_ts: ts,
                     mail_from: from.clone(),
                     rcpt_tos: std::mem::take(&mut rcpts),
                     headers: Vec::new(),

@@ -80,6 +80,9 @@ where
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Received {
     pub ts: f64,
+    /// When the data ended (the final "."), before any `data_delay_s`: when a relay counts it.
+    #[serde(default)]
+    pub eod_ts: f64,
     pub mail_from: String,
     pub rcpt_tos: Vec<String>,
     pub headers: Vec<(String, String)>,

@@ -1,0 +1,350 @@
+//! The sending budget shared by every replica (issue 9), against the real binary, the real
+//! broker and MongoDB-wire server, and SMTP sinks that record when each message's data ended
+//! (`eod_ts`), which is when a relay counts it.
+//!
+//! Every test uses its own database, so its own budget document.
+
+#[path = "common/chaos.rs"]
+mod chaos;
+mod common;
+
+use std::{
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use chaos::Replica;
+use common::{Received, SmtpSink, TestApp, batch, wait_for};
+use mailsender::model::Status;
+use serde_json::{Value, json};
+
+/// The largest total weight of messages whose end of data falls in any window `[t, t + width)`.
+fn busiest_window(received: &[Received], width: f64, weight: impl Fn(&Received) -> usize) -> (usize, f64) {
+    let mut times: Vec<(f64, usize)> = received.iter().map(|r| (r.eod_ts, weight(r))).collect();
+    times.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut best = (0, 0.0);
+    for (i, (start, _)) in times.iter().enumerate() {
+        let total: usize = times[i..].iter().take_while(|(t, _)| *t < start + width).map(|(_, w)| w).sum();
+        if total > best.0 {
+            best = (total, *start - times[0].0);
+        }
+    }
+    best
+}
+
+/// The gaps in milliseconds between the ends of data from `from` (seconds after the first) on,
+/// for a failure's message.
+fn gaps_from(received: &[Received], from: f64, count: usize) -> Vec<u32> {
+    let mut times: Vec<f64> = received.iter().map(|r| r.eod_ts).collect();
+    times.sort_by(f64::total_cmp);
+    let start = times[0] + from;
+    let times: Vec<f64> = times.into_iter().filter(|t| *t >= start - 1e-9).take(count + 1).collect();
+    times.windows(2).map(|w| ((w[1] - w[0]) * 1000.0).round() as u32).collect()
+}
+
+fn span(received: &[Received]) -> f64 {
+    let first = received.iter().map(|r| r.eod_ts).fold(f64::INFINITY, f64::min);
+    let last = received.iter().map(|r| r.eod_ts).fold(f64::NEG_INFINITY, f64::max);
+    last - first
+}
+
+/// Feeds `letters` one-recipient letters in batches of 50.
+async fn feed(app: &TestApp, tag: &str, letters: usize) {
+    for (n, start) in (0..letters).step_by(50).enumerate() {
+        let batch = batch(&format!("{tag}{n}"), (letters - start).min(50), 1);
+        app.produce(Some(&format!("{tag}-{n}")), batch.to_string().as_bytes()).await;
+    }
+}
+
+async fn received_from(sinks: &[&SmtpSink], count: usize, timeout: Duration) -> Vec<Received> {
+    wait_for(&format!("{count} messages at the SMTP servers"), timeout, || async {
+        let all: Vec<Received> = sinks.iter().flat_map(|s| s.received()).collect();
+        (all.len() >= count).then_some(all)
+    })
+    .await
+}
+
+/// Three replicas, one budget of 20 letters per second: the relay never sees more than 20 in any
+/// second, and the run takes about 400 / 20 s, not a third of it (each replica alone) nor much
+/// longer.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_share_one_rate_and_no_second_holds_more() {
+    let sinks = [SmtpSink::start().await, SmtpSink::start().await, SmtpSink::start().await];
+    let budget = [("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "20")];
+    let app = TestApp::spawn(&sinks[0], &budget).await;
+    let _b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sinks[1].port)).await;
+    let _c = Replica::start(Replica::env_from(&app, &format!("{}-c", app.name), sinks[2].port)).await;
+    feed(&app, "three", 400).await;
+    let received = received_from(&[&sinks[0], &sinks[1], &sinks[2]], 400, Duration::from_secs(90)).await;
+    let per_replica: Vec<usize> = sinks.iter().map(|s| s.received().len()).collect();
+    let (busiest, at) = busiest_window(&received, 1.0, |_| 1);
+    let took = span(&received);
+    println!(
+        "3 replicas, 20/s: 400 letters in {took:.2}s, per replica {per_replica:?}, busiest second {busiest} at +{at:.2}s"
+    );
+    assert_eq!(received.len(), 400);
+    assert!(per_replica.iter().filter(|n| **n > 0).count() >= 2, "the work was not shared: {per_replica:?}");
+    assert!(
+        busiest <= 20,
+        "{busiest} letters within one second (from +{at:.2}s): the budget is 20; gaps (ms) {:?}",
+        gaps_from(&received, at, busiest)
+    );
+    assert!(took <= 400.0 / 20.0 * 1.1, "400 letters took {took:.2}s at 20/s: more than 10 % over 20 s");
+}
+
+/// The relay takes 300 ms to answer each final dot; 16 workers. The relay still sees 40 messages
+/// per second (each unit is counted from the schedule, not from the previous send's reply), and
+/// no second of end-of-data times holds more than 40.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_final_replies_do_not_slow_the_rate() {
+    let sink = SmtpSink::start().await;
+    sink.control(json!({ "data_delay_s": 0.3 }));
+    let app = TestApp::spawn(
+        &sink,
+        &[("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "40"), ("SMTP_MAX_SENDERS", "16")],
+    )
+    .await;
+    feed(&app, "slow", 400).await;
+    let received = sink.wait_for_count(400, Duration::from_secs(60)).await;
+    let took = span(&received);
+    let rate = (received.len() - 1) as f64 / took;
+    let (busiest, at) = busiest_window(&received, 1.0, |_| 1);
+    println!("300 ms final replies, 40/s, 16 workers: {rate:.2} letters/s at the relay, busiest second {busiest}");
+    assert!(
+        busiest <= 40,
+        "{busiest} letters within one second (from +{at:.2}s): the budget is 40; gaps (ms) {:?}",
+        gaps_from(&received, at, busiest)
+    );
+    assert!((rate - 40.0).abs() <= 0.4, "{rate:.2} letters/s at the relay: not within 1 % of 40");
+}
+
+/// Unit `recipient`: a message costs its recipients. 3 replicas, 200 recipients per second,
+/// letters of 1 to 10 recipients: no second holds more than 200 recipients.
+#[tokio::test(flavor = "multi_thread")]
+async fn recipient_unit_caps_recipients_per_second_across_replicas() {
+    let sinks = [SmtpSink::start().await, SmtpSink::start().await, SmtpSink::start().await];
+    let app = TestApp::spawn(
+        &sinks[0],
+        &[
+            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", "200"),
+            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+            ("SMTP_MAX_RECIPIENTS", "10"),
+        ],
+    )
+    .await;
+    let _b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sinks[1].port)).await;
+    let _c = Replica::start(Replica::env_from(&app, &format!("{}-c", app.name), sinks[2].port)).await;
+    let mut total = 0;
+    for n in 0..4 {
+        let letters: Vec<Value> = (0..50)
+            .map(|i| {
+                let recipients = 1 + (i * 7 + n * 3) % 10;
+                total += recipients;
+                json!({
+                    "Subject": format!("rcpt {n} {i}"),
+                    "Body": "<p>budget</p>",
+                    "Addresses": (0..recipients).map(|j| format!("r{n}-{i}-{j}@example.org")).collect::<Vec<_>>(),
+                    "Token": format!("token-{n}-{i}"),
+                })
+            })
+            .collect();
+        app.produce(Some(&format!("rcpt-{n}")), Value::Array(letters).to_string().as_bytes()).await;
+    }
+    let received = wait_for("every recipient at the SMTP servers", Duration::from_secs(90), || async {
+        let all: Vec<Received> = sinks.iter().flat_map(|s| s.received()).collect();
+        (all.iter().map(|r| r.rcpt_tos.len()).sum::<usize>() >= total).then_some(all)
+    })
+    .await;
+    let (busiest, at) = busiest_window(&received, 1.0, |r| r.rcpt_tos.len());
+    let took = span(&received);
+    println!(
+        "recipient unit, 3 replicas, 200/s: {total} recipients in {} messages over {took:.2}s ({:.1}/s), busiest second {busiest}",
+        received.len(),
+        total as f64 / took
+    );
+    assert!(busiest <= 200, "{busiest} recipients within one second (from +{at:.2}s): the budget is 200");
+}
+
+/// A quota of 30 letters per 20 s (standing in for a daily quota): a replica is killed with -9
+/// after some letters and restarted, and a second replica starts. Together they send at most 30
+/// in any 20 s, and the 31st letter waits for the window that holds the first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quota_survives_a_kill_and_holds_across_replicas() {
+    let sink = SmtpSink::start().await;
+    let mut app = TestApp::spawn(
+        &sink,
+        &[("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "10"), ("SMTP_QUOTAS", "30/20s")],
+    )
+    .await;
+    feed(&app, "quota", 70).await;
+    sink.wait_for_count(12, Duration::from_secs(30)).await;
+    app.kill();
+    app.start().await;
+    let _b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sink.port)).await;
+    let received = sink.wait_for_count(31, Duration::from_secs(60)).await;
+    let mut times: Vec<f64> = received.iter().map(|r| r.eod_ts).collect();
+    times.sort_by(f64::total_cmp);
+    let (busiest, at) = busiest_window(&received, 20.0, |_| 1);
+    println!("quota 30/20s: 31st letter {:.2}s after the first; busiest 20 s {busiest}", times[30] - times[0]);
+    assert!(times[30] - times[0] >= 20.0, "the 31st letter came {:.2}s after the first", times[30] - times[0]);
+    assert!(busiest <= 30, "{busiest} letters in 20 s (from +{at:.2}s): the quota is 30");
+    // The rest continue in later windows, still within the quota.
+    let received = sink.wait_for_count(61, Duration::from_secs(60)).await;
+    let (busiest, at) = busiest_window(&received, 20.0, |_| 1);
+    assert!(busiest <= 30, "{busiest} letters in 20 s (from +{at:.2}s): the quota is 30");
+}
+
+/// A TCP proxy in front of the MongoDB-wire server that can be cut: the shared server itself is
+/// never stopped, so other tests (and other people's) are not disturbed.
+struct MongoProxy {
+    port: u16,
+    down: Arc<AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl MongoProxy {
+    async fn start() -> MongoProxy {
+        let upstream = common::mongo_uri();
+        let authority = upstream.trim_start_matches("mongodb://").split(['/', '?']).next().unwrap().to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (flag, cuts) = (down.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { return };
+                if flag.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let authority = authority.clone();
+                let mut cut = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&authority).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        MongoProxy { port, down, cut }
+    }
+
+    fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            self.cut.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// MongoDB unreachable for 6 s: the replica cannot prove it has budget, so it sends nothing
+/// (beyond the one grant it holds, ≤ 250 ms of the rate), says so in /ready and the metric, and
+/// resumes when MongoDB is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_is_sent_while_the_budget_is_unreachable() {
+    let proxy = MongoProxy::start().await;
+    let sink = SmtpSink::start().await;
+    let uri = proxy.uri();
+    let app = TestApp::spawn(
+        &sink,
+        &[("MONGO_LOCAL", &uri), ("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "20")],
+    )
+    .await;
+    feed(&app, "closed", 200).await;
+    sink.wait_for_count(30, Duration::from_secs(30)).await;
+    proxy.set_down(true);
+    let cut_at = now_unix();
+    let outage = Instant::now();
+    let (mut unready, mut metric_zero) = (false, false);
+    while outage.elapsed() < Duration::from_secs(6) {
+        let (status, body) = app.get("/ready").await;
+        let body: Value = serde_json::from_str(&body).unwrap_or_default();
+        unready |= status == 503 && body["checks"]["budget"].as_str().is_some_and(|c| c != "ok");
+        let (_, metrics) = app.get("/metrics").await;
+        metric_zero |= metrics.lines().any(|l| l == "mailsender_budget_available 0");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let restored_at = now_unix();
+    proxy.set_down(false);
+    let received = sink.wait_for_count(200, Duration::from_secs(60)).await;
+    // Grace: the grant held at the cut (≤ 250 ms of units) and sends already at their final dot.
+    let during: Vec<f64> = received
+        .iter()
+        .map(|r| r.eod_ts)
+        .filter(|t| *t > cut_at + 0.5 && *t < restored_at)
+        .map(|t| t - cut_at)
+        .collect();
+    let after = received.iter().filter(|r| r.eod_ts >= restored_at).count();
+    println!("MongoDB away 6 s: {} letters during (after 0.5 s), {after} after", during.len());
+    assert!(during.is_empty(), "letters sent while MongoDB was unreachable, at +{during:?}s");
+    assert!(after > 0, "sending did not resume");
+    assert!(unready, "/ready never named the budget while MongoDB was unreachable");
+    assert!(metric_zero, "mailsender_budget_available never went to 0");
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// Configuration mistakes stop the process at start with the variable's name.
+#[test]
+fn bad_budget_configuration_is_refused_at_start() {
+    for (var, value, expected) in [
+        ("SMTP_QUOTAS", "300 per minute", "count/duration"),
+        ("SMTP_QUOTAS", "0/1h", "count/duration"),
+        ("SMTP_RATE_LIMIT_UNIT", "bytes", "letter or recipient"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_mailsender"))
+            .env_clear()
+            .envs([
+                ("KAFKA_BROKERS", "127.0.0.1:1"),
+                ("MONGO_LOCAL", "mongodb://127.0.0.1:1"),
+                ("SMTP_HOST", "127.0.0.1"),
+                (var, value),
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(!output.status.success(), "{var}={value} was accepted: {text}");
+        assert!(text.contains(var) && text.contains(expected), "{var}={value}: {text}");
+    }
+}
+
+/// Unit `recipient`: a letter with more recipients than a window holds can never be sent; it
+/// fails at once with the reason, instead of waiting forever, and the others go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_letter_larger_than_a_window_fails_with_the_reason() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(
+        &sink,
+        &[
+            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", "100"),
+            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+            ("SMTP_QUOTAS", "6/1m"),
+        ],
+    )
+    .await;
+    app.produce(Some("big"), batch("big", 1, 8).to_string().as_bytes()).await;
+    app.produce(Some("small"), batch("small", 1, 3).to_string().as_bytes()).await;
+    let letters = app.wait_all_final(2, Duration::from_secs(30)).await;
+    let big = letters.iter().find(|l| l.subject.contains("big")).unwrap();
+    let small = letters.iter().find(|l| l.subject.contains("small")).unwrap();
+    assert_eq!(big.status, Status::Error);
+    let reason = big.error.clone().unwrap_or_default();
+    assert!(reason.contains("8 recipients") && reason.contains("6 recipients"), "{reason}");
+    assert_eq!(small.status, Status::Sent);
+    assert_eq!(sink.received().len(), 1);
+}
