@@ -21,6 +21,7 @@ use crate::{
     budget::{Budget, MongoLedger, Plan},
     config::Config,
     deliverability::{Composer, suppression::Suppressions, topic::SuppressionTopic, unsubscribe::Signer},
+    control::Control,
     http::{self, HttpState},
     kafka::{self, IngestConsumer, StatusProducer},
     metrics::{Metrics, StatusLabel},
@@ -42,6 +43,7 @@ pub struct App {
     listener: TcpListener,
     metrics: Arc<Metrics>,
     deliverability: Deliverability,
+    control: Control,
 }
 
 /// What issue 11 adds, made at start-up so that a problem stops it.
@@ -90,6 +92,10 @@ impl App {
             ];
             retry_at_start("creating Kafka topics", || kafka::ensure_topics(&config.kafka, &topics)).await?;
         }
+        // Read before anything is claimed: a replica started while the deployment is paused
+        // must not send a single letter.
+        let control = Control::new(store.database(), &config.mongo.collection, metrics.clone());
+        retry_at_start("reading the control document", || async { control.load().await.map(|_| ()) }).await?;
         let producer = kafka::producer(&config.kafka, metrics.clone())?;
         let consumer = Arc::new(kafka::consumer(&config.kafka, metrics.clone())?);
         let suppression_consumer =
@@ -104,7 +110,7 @@ impl App {
             None => None,
         };
         let deliverability = Deliverability { composer, public_listener, suppression_consumer };
-        Ok(App { config, store, producer, consumer, listener, metrics, deliverability })
+        Ok(App { config, store, producer, consumer, listener, metrics, deliverability, control })
     }
 
     pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -112,7 +118,7 @@ impl App {
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let App { config, store, producer, consumer, listener, metrics, deliverability } = self;
+        let App { config, store, producer, consumer, listener, metrics, deliverability, control } = self;
         let Deliverability { composer, public_listener, suppression_consumer } = deliverability;
         let suppressions = Suppressions::new(
             store.database(),
@@ -147,18 +153,37 @@ impl App {
             topic_in: config.kafka.topic_in.clone(),
             smtp_addr: (config.smtp.host.clone(), config.smtp.port),
             admin_token: config.http.admin_token.clone(),
+            admin_networks: config.http.admin_networks.clone(),
+            control: control.clone(),
+            instance_id: config.instance_id.clone(),
+            // Also the report stage's, below.
+            report: Report {
+                store: store.clone(),
+                producer: producer.clone(),
+                topic: config.kafka.topic_out.clone(),
+                owner: owner.clone(),
+                metrics: metrics.clone(),
+                body_max: config.kafka.status_body_max_bytes,
+                suppressions: suppressions.clone(),
+            },
             metrics: metrics.clone(),
             consumer_running: consumer_running.clone(),
             shutdown: shutdown.clone(),
             readiness: Default::default(),
             budget: budget.clone(),
         });
+        let reporter = http_state.report.clone();
         tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
         let http_stop = CancellationToken::new();
         let http = tokio::spawn(
-            axum::serve(listener, http::router(http_state, config.http.max_body_bytes))
-                .with_graceful_shutdown(http_stop.clone().cancelled_owned())
-                .into_future(),
+            axum::serve(
+                listener,
+                // The peer address is what the admin routes' network check looks at.
+                http::router(http_state, config.http.max_body_bytes)
+                    .into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(http_stop.clone().cancelled_owned())
+            .into_future(),
         );
 
         let public = match (
@@ -197,10 +222,12 @@ impl App {
             .run(shutdown.clone()),
         );
 
-        let send_context = Arc::new(SendContext {
+        let mut send_context = SendContext {
             composer,
             ..SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), budget, metrics.clone())?
-        });
+        };
+        send_context.paused = control.flag();
+        let send_context = Arc::new(send_context);
         let workers_count = config.smtp.max_senders;
         let rate = config.smtp.rate_max_letters as f64 / config.smtp.rate_period.as_secs_f64();
         let capacity = Dispatcher::capacity(&config.dispatch, workers_count, rate);
@@ -218,6 +245,7 @@ impl App {
                     store: store.clone(),
                     config: config.dispatch.clone(),
                     owner: owner.clone(),
+                    control: control.clone(),
                     capacity: Arc::new(Semaphore::new(capacity)),
                     wake,
                     lease: lease.clone(),
@@ -239,15 +267,6 @@ impl App {
         }
         drop((letters_rx, outcomes_tx));
 
-        let reporter = Report {
-            store: store.clone(),
-            producer: producer.clone(),
-            topic: config.kafka.topic_out.clone(),
-            owner: owner.clone(),
-            metrics: metrics.clone(),
-            body_max: config.kafka.status_body_max_bytes,
-            suppressions: suppressions.clone(),
-        };
         // The report stage ends when every worker is gone, which only happens at shutdown.
         let report =
             tokio::spawn(failures.supervise("report", &shutdown, reporter.clone().run(outcomes_rx, shutdown.clone())));
@@ -297,6 +316,12 @@ impl App {
                 .run(background.clone()),
             ),
         );
+        chores.spawn(failures.supervise_until(
+            "the control watch",
+            &background,
+            &shutdown,
+            control.watch(background.clone()),
+        ));
         chores.spawn(failures.supervise_until(
             "the status gauge",
             &background,

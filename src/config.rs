@@ -4,7 +4,13 @@
 //! new has a default, so an old deployment's environment starts the new service unchanged.
 //! A missing or invalid value is reported with the variable's name and what was expected.
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use lettre::message::Mailbox;
 
@@ -176,6 +182,8 @@ pub struct HttpConfig {
     pub addr: SocketAddr,
     pub max_body_bytes: usize,
     pub admin_token: Option<SecretString>,
+    /// Without `admin_token`, the admin routes answer only peers in these networks.
+    pub admin_networks: Vec<Network>,
 }
 
 /// DKIM, List-Unsubscribe and the one-click endpoint (README "Deliverability").
@@ -391,6 +399,7 @@ impl Config {
                 (1024..=64 << 20).contains(n)
             })?,
             admin_token: env.secret("ADMIN_TOKEN"),
+            admin_networks: networks(&env, "ADMIN_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")?,
         };
 
         let deliverability = deliverability(&env, &smtp.from)?;
@@ -676,6 +685,79 @@ impl Env {
     }
 }
 
+/// An IP network (`10.0.0.0/8`, `::1/128`; a bare address is a single host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // A peer on a dual-stack socket arrives as ::ffff:a.b.c.d; compare it as the IPv4 it is.
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = ();
+
+    fn from_str(raw: &str) -> Result<Network, ()> {
+        let (addr, prefix) = match raw.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (raw, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| ())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(prefix) => prefix.trim().parse::<u8>().map_err(|_| ())?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(());
+        }
+        // An IPv4-mapped network (::ffff:10.0.0.0/104) is kept as the IPv4 network it names.
+        match addr.to_canonical() {
+            IpAddr::V4(v4) if addr.is_ipv6() => {
+                Ok(Network { addr: IpAddr::V4(v4), prefix: prefix.checked_sub(96).ok_or(())? })
+            }
+            canonical => Ok(Network { addr: canonical, prefix }),
+        }
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A comma-separated list of networks (empty, like unset, means the default).
+fn networks(env: &Env, var: &'static str, default: &str) -> Result<Vec<Network>, ConfigError> {
+    let raw = env.string(var, default);
+    raw.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            n.parse().map_err(|()| ConfigError::Invalid {
+                var,
+                value: raw.clone(),
+                expected: "comma-separated networks such as 127.0.0.0/8,::1/128,10.0.0.0/8".into(),
+            })
+        })
+        .collect()
+}
+
 pub fn parse_duration(raw: &str) -> Option<Duration> {
     let raw = raw.trim();
     if let Ok(seconds) = raw.parse::<u64>() {
@@ -908,5 +990,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("SMTP_RATE_LIMIT_BURST"), "{error}");
+    }
+
+    #[test]
+    fn admin_networks_match_peers() {
+        let defaults = Config::from_vars(vars(&[])).unwrap().http.admin_networks;
+        let allowed = |ip: &str| defaults.iter().any(|n| n.contains(ip.parse().unwrap()));
+        assert!(allowed("127.0.0.1") && allowed("127.9.9.9") && allowed("::1") && allowed("::ffff:127.0.0.1"));
+        assert!(!allowed("10.0.0.1") && !allowed("::2") && !allowed("192.168.1.1"));
+        let config = Config::from_vars(vars(&[("ADMIN_ALLOWED_NETWORKS", "10.0.0.0/8, 127.0.0.2")])).unwrap();
+        let nets = config.http.admin_networks;
+        assert_eq!(nets.iter().map(ToString::to_string).collect::<Vec<_>>(), ["10.0.0.0/8", "127.0.0.2/32"]);
+        assert!(nets.iter().any(|n| n.contains("10.200.1.1".parse().unwrap())));
+        assert!(!nets.iter().any(|n| n.contains("127.0.0.1".parse().unwrap())));
+        for bad in ["10.0.0.0/33", "nonsense", "::1/129"] {
+            let error = Config::from_vars(vars(&[("ADMIN_ALLOWED_NETWORKS", bad)])).unwrap_err().to_string();
+            assert!(error.contains("ADMIN_ALLOWED_NETWORKS"), "{error}");
+        }
+        let mapped: Network = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(mapped.to_string(), "10.0.0.0/8");
+        assert!("::ffff:10.0.0.0/64".parse::<Network>().is_err());
+        let everyone: Network = "0.0.0.0/0".parse().unwrap();
+        assert!(everyone.contains("8.8.8.8".parse().unwrap()));
     }
 }

@@ -1,7 +1,9 @@
 //! The HTTP API: `POST /post` feeds a batch into the input topic, `POST /halt` shuts down
-//! gracefully, and the probes and metrics for operators.
+//! gracefully, the operator routes pause and resume sending, cancel, inspect and retry batches
+//! and look letters up, and the probes and metrics for operators. docs/openapi.yaml describes it.
 
 use std::{
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -12,7 +14,7 @@ use std::{
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, Request, State},
+    extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State},
     http::{HeaderMap, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -27,8 +29,9 @@ use crate::{
     budget::Budget,
     kafka::{self, StatusProducer},
     metrics::Metrics,
-    model::{EXPECTED_BATCH, Mailing, parse_batch},
-    store::Store,
+    model::{EXPECTED_BATCH, Letter, Mailing, parse_batch},
+    pipeline::report::Report,
+    store::{BatchKey, Store},
 };
 
 pub struct HttpState {
@@ -37,6 +40,13 @@ pub struct HttpState {
     pub topic_in: String,
     pub smtp_addr: (String, u16),
     pub admin_token: Option<SecretString>,
+    /// Without `admin_token`, the networks whose peers may use the admin routes.
+    pub admin_networks: Vec<crate::config::Network>,
+    /// The deployment-wide pause.
+    pub control: crate::control::Control,
+    pub instance_id: String,
+    /// Publishes the status messages of letters an operator cancels.
+    pub report: Report,
     pub metrics: Arc<Metrics>,
     pub consumer_running: Arc<AtomicBool>,
     pub shutdown: CancellationToken,
@@ -50,12 +60,19 @@ pub fn router(state: Arc<HttpState>, max_body_bytes: usize) -> Router {
     let admin = Router::new()
         .route("/post", post(post_batch))
         .route("/halt", post(halt))
+        .route("/pause", post(pause))
+        .route("/resume", post(resume))
+        .route("/batches/{key}", get(batch_progress))
+        .route("/batches/{key}/cancel", post(cancel_batch))
+        .route("/batches/{key}/retry", post(retry_batch))
+        .route("/letters/{id}", get(letter))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/", get(index))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.yaml", get(openapi))
         .merge(admin)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -71,22 +88,39 @@ fn error(status: StatusCode, message: impl Into<String>, expected: Option<&str>)
     (status, Json(body)).into_response()
 }
 
-async fn index() -> Json<Value> {
+/// Every route the service serves; docs/openapi.yaml describes each.
+pub const ENDPOINTS: [&str; 13] = [
+    "GET /",
+    "POST /post",
+    "POST /halt",
+    "POST /pause",
+    "POST /resume",
+    "GET /batches/{key}",
+    "POST /batches/{key}/cancel",
+    "POST /batches/{key}/retry",
+    "GET /letters/{id}",
+    "GET /health",
+    "GET /ready",
+    "GET /metrics",
+    "GET /openapi.yaml",
+];
+
+async fn index(State(state): State<Arc<HttpState>>) -> Json<Value> {
     Json(json!({
         "service": "mailsender",
         "version": env!("CARGO_PKG_VERSION"),
-        "endpoints": ["POST /post", "POST /halt", "GET /health", "GET /ready", "GET /metrics"],
+        "paused": state.control.is_paused(),
+        "endpoints": ENDPOINTS,
     }))
 }
 
 async fn not_found() -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        "no such endpoint",
-        Some("one of POST /post, POST /halt, GET /health, GET /ready, GET /metrics"),
-    )
+    error(StatusCode::NOT_FOUND, "no such endpoint", Some(&format!("one of {}", ENDPOINTS.join(", "))))
 }
 
+/// The admin routes' guard. With `ADMIN_TOKEN` set, the bearer token is required from anywhere;
+/// without it, only peers in `ADMIN_ALLOWED_NETWORKS` (loopback by default, which is how
+/// `kubectl port-forward` arrives) are served, so an open port 8000 is not an open relay.
 async fn require_admin(
     State(state): State<Arc<HttpState>>,
     headers: HeaderMap,
@@ -106,12 +140,27 @@ async fn require_admin(
                 Some("Authorization: Bearer <ADMIN_TOKEN>"),
             );
         }
+        return next.run(request).await;
     }
-    next.run(request).await
+    // Served without connect info (never in the binary), the peer is unknown: refuse.
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    if peer.is_some_and(|ip| state.admin_networks.iter().any(|n| n.contains(ip))) {
+        return next.run(request).await;
+    }
+    let peer = peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_canonical().to_string());
+    tracing::warn!(peer = %peer, path = %request.uri().path(), "admin request refused: peer outside ADMIN_ALLOWED_NETWORKS");
+    error(
+        StatusCode::FORBIDDEN,
+        format!("admin routes without ADMIN_TOKEN answer only ADMIN_ALLOWED_NETWORKS; {peer} is not in them"),
+        Some("a request from an allowed network (kubectl port-forward arrives from loopback), or set ADMIN_TOKEN"),
+    )
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq as _;
+    // `subtle` compares lengths first (the length is not secret), then every byte without an
+    // early exit, and keeps the optimiser from adding one.
+    a.ct_eq(b).into()
 }
 
 /// Checks a batch the way ingest will, so a bad request is refused at the door with the index
@@ -174,6 +223,166 @@ async fn halt(State(state): State<Arc<HttpState>>) -> Response {
     tracing::info!("halt requested over HTTP");
     state.shutdown.cancel();
     (StatusCode::ACCEPTED, Json(json!({ "status": "halting" }))).into_response()
+}
+
+/// MongoDB failed or did not answer: the operator may retry.
+fn unavailable(cause: &anyhow::Error) -> Response {
+    tracing::warn!(error = format!("{cause:#}"), "an operator request failed");
+    error(StatusCode::SERVICE_UNAVAILABLE, format!("{cause:#}"), None)
+}
+
+async fn pause(State(state): State<Arc<HttpState>>) -> Response {
+    set_paused(&state, true).await
+}
+
+async fn resume(State(state): State<Arc<HttpState>>) -> Response {
+    set_paused(&state, false).await
+}
+
+async fn set_paused(state: &HttpState, paused: bool) -> Response {
+    match state.control.set_paused(paused, &state.instance_id, state.store.now_ms()).await {
+        Ok(control) => {
+            tracing::info!(paused, "sending {} deployment-wide over HTTP", if paused { "paused" } else { "resumed" });
+            (StatusCode::OK, Json(json!(control))).into_response()
+        }
+        Err(e) => unavailable(&e),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct KeyQuery {
+    /// The key's exact bytes, base64 (standard alphabet, padded): how a key that is not UTF-8 is
+    /// addressed. The path segment is then ignored.
+    key_b64: Option<String>,
+}
+
+/// `?key_b64=` that does not decode.
+#[derive(Debug, thiserror::Error)]
+#[error("key_b64 is not base64: {0}")]
+struct BadKey(base64::DecodeError);
+
+impl IntoResponse for BadKey {
+    fn into_response(self) -> Response {
+        error(StatusCode::BAD_REQUEST, self.to_string(), Some("key_b64=<the key bytes in standard base64>"))
+    }
+}
+
+/// The batch a request names: the path segment as a UTF-8 key, or `?key_b64=` for any bytes.
+fn batch_key(key: String, query: &KeyQuery) -> Result<BatchKey, BadKey> {
+    use base64::Engine as _;
+    let Some(encoded) = &query.key_b64 else { return Ok(BatchKey::Text(key)) };
+    let engine = base64::engine::general_purpose::STANDARD;
+    let bytes = engine.decode(encoded.trim()).map_err(BadKey)?;
+    // Letters store `key_b64` only for keys that are not UTF-8; the rest are found by text.
+    Ok(match String::from_utf8(bytes) {
+        Ok(text) => BatchKey::Text(text),
+        Err(e) => BatchKey::Base64(engine.encode(e.into_bytes())),
+    })
+}
+
+/// Extracts the [`BatchKey`] of `/batches/{key}…` routes.
+struct Batch(BatchKey);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Batch {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Batch, Response> {
+        let Path(key) = Path::<String>::from_request_parts(parts, state).await.map_err(IntoResponse::into_response)?;
+        let Query(query) =
+            Query::<KeyQuery>::from_request_parts(parts, state).await.map_err(IntoResponse::into_response)?;
+        batch_key(key, &query).map(Batch).map_err(IntoResponse::into_response)
+    }
+}
+
+async fn batch_progress(State(state): State<Arc<HttpState>>, Batch(key): Batch) -> Response {
+    match state.store.batch_progress(&key).await {
+        Ok(progress) if progress.letters == 0 => error(StatusCode::NOT_FOUND, "no letters stored with this key", None),
+        Ok(progress) => (StatusCode::OK, Json(json!(progress))).into_response(),
+        Err(e) => unavailable(&e),
+    }
+}
+
+async fn cancel_batch(State(state): State<Arc<HttpState>>, Batch(key): Batch) -> Response {
+    let cancelled = match state.store.cancel_batch(&key, state.store.now_ms()).await {
+        Ok(cancelled) => cancelled,
+        Err(e) => return unavailable(&e),
+    };
+    // Published now rather than by the republisher minutes later; what the broker does not
+    // take stays `unreported` and the republisher sends it.
+    let published = match state.report.publish_ended(&cancelled).await {
+        Ok(published) => published,
+        Err(e) => {
+            tracing::warn!(error = format!("{e:#}"), "marking cancelled letters reported failed");
+            0
+        }
+    };
+    tracing::info!(batch = ?key, cancelled = cancelled.len(), published, "batch cancelled over HTTP");
+    (StatusCode::OK, Json(json!({ "cancelled": cancelled.len(), "published": published }))).into_response()
+}
+
+async fn retry_batch(State(state): State<Arc<HttpState>>, Batch(key): Batch) -> Response {
+    match state.store.retry_batch(&key, state.store.now_ms()).await {
+        Ok(retried) => {
+            tracing::info!(batch = ?key, retried, "failed letters of a batch retried over HTTP");
+            (StatusCode::OK, Json(json!({ "retried": retried }))).into_response()
+        }
+        Err(e) => unavailable(&e),
+    }
+}
+
+async fn letter(State(state): State<Arc<HttpState>>, Path(id): Path<String>) -> Response {
+    let Ok(id) = mongodb::bson::oid::ObjectId::parse_str(&id) else {
+        return error(StatusCode::BAD_REQUEST, "not a letter id", Some("24 hexadecimal digits"));
+    };
+    match state.store.letter_head(id).await {
+        Ok(Some(letter)) => (StatusCode::OK, Json(letter_view(&letter))).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such letter", None),
+        Err(e) => unavailable(&e),
+    }
+}
+
+/// A letter for an operator: everything but the body, with each recipient's outcome.
+fn letter_view(letter: &Letter) -> Value {
+    // Compared as `Letter::pending_recipients` compares them.
+    let key = |raw: &str| {
+        crate::address::Recipient::parse(raw).map(|r| r.key()).unwrap_or_else(|_| raw.trim().to_lowercase())
+    };
+    let recipients: Vec<Value> = letter
+        .addresses
+        .iter()
+        .map(|address| {
+            let delivered = letter.delivered.iter().any(|d| key(d) == key(address));
+            let refused = letter.rejected.iter().find(|r| key(&r.address) == key(address));
+            match (delivered, refused) {
+                (true, _) => json!({ "address": address, "outcome": "delivered" }),
+                (false, Some(r)) => json!({ "address": address, "outcome": "refused", "reply": r.reply }),
+                (false, None) => json!({ "address": address, "outcome": "pending" }),
+            }
+        })
+        .collect();
+    json!({
+        "id": letter.id.to_hex(),
+        "status": letter.status,
+        "error": letter.error,
+        "kafka_key": letter.kafkakey,
+        "key_null": letter.key_null == Some(1),
+        "key_b64": letter.key_b64,
+        "source": letter.source,
+        "subject": letter.subject,
+        "token": letter.token,
+        "attempts": letter.attempts,
+        "last_reply": letter.last_reply,
+        "due_ms": letter.due_ms,
+        "updated_ms": letter.updated_ms,
+        "owner": letter.owner,
+        "unreported": letter.unreported == Some(1),
+        "recipients": recipients,
+    })
+}
+
+/// The API's description, served so that clients and the tests read the very document shipped.
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/yaml")], include_str!("../docs/openapi.yaml")).into_response()
 }
 
 async fn health() -> Json<Value> {
@@ -256,6 +465,38 @@ mod tests {
         let crlf = br#"[{"Subject":"a\r\nBcc: x@y.org","Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#;
         assert!(check_batch(crlf).unwrap_err().contains("line break"));
         assert!(check_batch(b"[]").unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn a_letter_view_has_each_recipients_outcome_and_no_body() {
+        let mailing = Mailing {
+            subject: "s".into(),
+            body: "<p>secret body</p>".into(),
+            addresses: vec!["A@x.org".into(), "b@x.org".into(), "c@x.org".into()],
+            token: "t".into(),
+        };
+        let mut letter = Letter::from_mailing(mailing, Some(b"k"), "src".into(), 0);
+        letter.delivered = vec!["a@x.org".into()];
+        letter.rejected = vec![crate::model::Rejection { address: "b@x.org".into(), reply: "550 no".into() }];
+        let view = letter_view(&letter);
+        assert!(!view.to_string().contains("secret body"), "{view}");
+        let outcomes: Vec<(&str, &str)> = view["recipients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["address"].as_str().unwrap(), r["outcome"].as_str().unwrap()))
+            .collect();
+        assert_eq!(outcomes, [("A@x.org", "delivered"), ("b@x.org", "refused"), ("c@x.org", "pending")]);
+        assert_eq!(view["recipients"][1]["reply"], "550 no");
+    }
+
+    #[test]
+    fn batch_keys_come_from_the_path_or_from_base64() {
+        let text = |key: &str, b64: Option<&str>| batch_key(key.into(), &KeyQuery { key_b64: b64.map(Into::into) });
+        assert_eq!(text("k", None).unwrap(), BatchKey::Text("k".into()));
+        assert_eq!(text("-", Some("aw==")).unwrap(), BatchKey::Text("k".into()));
+        assert_eq!(text("-", Some("/v8Aaw==")).unwrap(), BatchKey::Base64("/v8Aaw==".into()));
+        assert!(text("-", Some("*")).is_err());
     }
 
     #[test]

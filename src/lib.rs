@@ -6,6 +6,7 @@ pub mod address;
 pub mod app;
 pub mod budget;
 pub mod config;
+pub mod control;
 pub mod deliverability;
 pub mod http;
 pub mod kafka;

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub send_duration: Histogram,
     pub rate_limit_wait: Histogram,
     pub in_flight: Gauge,
+    /// 1 while sending is paused deployment-wide (`POST /pause`), as this replica last read it.
+    pub paused: Gauge,
     pub by_status: Family<StatusLabel, Gauge<i64, AtomicI64>>,
     pub consumer_lag: Family<PartitionLabel, Gauge<i64, AtomicI64>>,
     pub partition_stalled: Family<PartitionLabel, Gauge<i64, AtomicI64>>,
@@ -91,6 +93,7 @@ impl Metrics {
             send_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             rate_limit_wait: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             in_flight: Gauge::default(),
+            paused: Gauge::default(),
             by_status: Family::default(),
             consumer_lag: Family::default(),
             partition_stalled: Family::default(),
@@ -143,6 +146,11 @@ impl Metrics {
             metrics.rate_limit_wait.clone(),
         );
         registry.register("sends_in_flight", "SMTP transactions in progress", metrics.in_flight.clone());
+        registry.register(
+            "paused",
+            "1 while sending is paused deployment-wide (POST /pause), as this replica last read the control document",
+            metrics.paused.clone(),
+        );
         registry.register("letters", "Letters in MongoDB by status, refreshed periodically", metrics.by_status.clone());
         registry.register(
             "consumer_lag",
@@ -289,6 +297,7 @@ mod tests {
             "mailsender_send_duration_seconds_bucket",
             "mailsender_rate_limit_wait_seconds_bucket",
             "mailsender_sends_in_flight",
+            "mailsender_paused 0",
             "mailsender_letters{status=\"sent\"} 3",
             "mailsender_build_info{version=",
         ] {

@@ -145,6 +145,8 @@ pub struct Dispatcher {
     pub store: Store,
     pub config: DispatchConfig,
     pub owner: String,
+    /// While paused deployment-wide, nothing is claimed.
+    pub control: crate::control::Control,
     /// Letters this instance may hold at once (claimed and not yet finished by a worker).
     pub capacity: Arc<Semaphore>,
     pub wake: Arc<Notify>,
@@ -173,6 +175,13 @@ impl Dispatcher {
     pub async fn run(self, out: async_channel::Sender<Claimed>, shutdown: CancellationToken) {
         let mut failures = 0u32;
         loop {
+            if self.control.is_paused() {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    _ = self.control.resumed() => {}
+                }
+            }
             // Claim only once a good share of the capacity is free: claiming one letter at a
             // time as each send finishes would cost three round trips per letter.
             let first = tokio::select! {
@@ -208,6 +217,10 @@ impl Dispatcher {
                 bytes: room.num_permits() * 1024,
                 oversize_alone: room.num_permits() == self.memory.total_kib as usize,
             };
+            // Waiting for capacity or memory may have outlasted a pause.
+            if self.control.is_paused() {
+                continue;
+            }
             let started = self.store.now_ms();
             let lease_until = started + self.config.lease.as_millis() as i64;
             let renewed_at = Instant::now();

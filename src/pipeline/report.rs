@@ -169,6 +169,22 @@ impl Report {
     }
 }
 
+impl Report {
+    /// Publishes the status messages of letters an operator ended (cancelled), and marks those
+    /// the broker acknowledged as reported; the rest stay `unreported` for the republisher.
+    /// Returns how many were published now.
+    pub async fn publish_ended(&self, letters: &[Letter]) -> anyhow::Result<usize> {
+        let mut count = 0;
+        for chunk in letters.chunks(WRITE_BATCH) {
+            let published = self.publish(&chunk.iter().collect::<Vec<_>>(), PUBLISH_WAIT).await;
+            let ids: Vec<ObjectId> = published.into_iter().collect();
+            self.store.mark_reported(&ids).await?;
+            count += ids.len();
+        }
+        Ok(count)
+    }
+}
+
 /// Sets the status (and reason) the status message must carry for a final outcome.
 fn final_status(record: &mut AttemptRecord) {
     match &record.outcome {

@@ -6,7 +6,10 @@
 
 use std::{
     collections::VecDeque,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -43,6 +46,8 @@ pub struct SendContext {
     pub retry: DispatchConfig,
     pub limiter: RateLimit,
     pub lease: Arc<LeaseClock>,
+    /// Set while sending is paused deployment-wide (`crate::control`); the app shares it.
+    pub paused: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
     /// Letters that reached the SMTP server and whose outcome is not stored yet. After a crash
     /// these are sent again, so their number is bounded: `UNRECORDED_PER_WORKER` per worker,
@@ -86,6 +91,7 @@ impl SendContext {
             retry,
             limiter: RateLimit::new(budget, smtp.throttle_recovery_step, metrics.clone()),
             lease,
+            paused: Arc::default(),
             unrecorded: Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER)),
             composer: Arc::new(crate::deliverability::Composer::plain(smtp.from.clone())),
             metrics,
@@ -125,9 +131,12 @@ impl Worker {
                 },
             };
             // The first transaction's budget is taken here, where shutdown may still interrupt
-            // the wait (the budget may be exhausted for hours); later ones, in `deliver`.
+            // the wait (the budget may be exhausted for hours); later ones, in `deliver`. While
+            // paused, a letter is released without waiting for the budget, so a replica's claimed
+            // letters are all back in `awaiting` within moments, not at the sending rate.
+            let paused = self.ctx.paused.load(Ordering::Relaxed);
             let pending = claimed.letter.pending_recipients().len();
-            let ticket = if pending == 0 || self.ctx.limiter.too_large(pending).is_some() {
+            let ticket = if paused || pending == 0 || self.ctx.limiter.too_large(pending).is_some() {
                 None
             } else {
                 tokio::select! {
@@ -136,10 +145,18 @@ impl Worker {
                     ticket = self.ctx.limiter.reserve(pending.min(self.ctx.max_recipients)) => Some(ticket),
                 }
             };
-            if !self.ctx.lease.trusted(claimed.claimed_at) || self.ctx.lease.taken(&claimed.letter.id) {
-                // MongoDB has not confirmed our leases for too long, or the last renewal found this
-                // letter leased to another replica: leave it to whoever holds it.
-                tracing::warn!(letter_id = %claimed.letter.id, "lease no longer trusted; letter skipped");
+            // The pause may also have come while waiting for the budget.
+            let paused = paused || self.ctx.paused.load(Ordering::Relaxed);
+            if paused || !self.ctx.lease.trusted(claimed.claimed_at) || self.ctx.lease.taken(&claimed.letter.id) {
+                if paused {
+                    // A letter not started goes back to `awaiting` rather than waiting here
+                    // leased, so a cancel issued during the pause reaches it too.
+                    tracing::debug!(letter_id = %claimed.letter.id, "sending paused; letter released");
+                } else {
+                    // MongoDB has not confirmed our leases for too long, or the last renewal found
+                    // this letter leased to another replica: leave it to whoever holds it.
+                    tracing::warn!(letter_id = %claimed.letter.id, "lease no longer trusted; letter skipped");
+                }
                 // Released, not dropped: maintenance would otherwise renew its lease forever.
                 let record = AttemptRecord {
                     letter: claimed.letter,
@@ -190,7 +207,12 @@ impl Worker {
         self.attempt_in_span(letter, claimed_at, ticket).instrument(span).await
     }
 
-    async fn attempt_in_span(&mut self, mut letter: Letter, claimed_at: Instant, ticket: Option<Ticket>) -> AttemptRecord {
+    async fn attempt_in_span(
+        &mut self,
+        mut letter: Letter,
+        claimed_at: Instant,
+        ticket: Option<Ticket>,
+    ) -> AttemptRecord {
         letter.attempts += 1;
         let recipients = letter.pending_recipients();
         let started = Instant::now();

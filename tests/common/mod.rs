@@ -216,6 +216,8 @@ impl SmtpSink {
 
     pub fn received(&self) -> Vec<Received> {
         let Ok(text) = fs::read_to_string(self.dir.path().join("mail.jsonl")) else { return Vec::new() };
+        // The sink may be writing a line right now: only complete lines count.
+        let text = text.rfind('\n').map_or("", |end| &text[..end]);
         text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("sink line")).collect()
     }
 
