@@ -53,6 +53,10 @@ fn span(received: &[Received]) -> f64 {
 }
 
 /// Feeds `letters` one-recipient letters in batches of 50.
+/// The timing tests run one at a time: each starts up to three services and a test relay, and
+/// two of them side by side on two cores disturb the end-of-data times they measure.
+static TIMING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn feed(app: &TestApp, tag: &str, letters: usize) {
     for (n, start) in (0..letters).step_by(50).enumerate() {
         let batch = batch(&format!("{tag}{n}"), (letters - start).min(50), 1);
@@ -73,6 +77,7 @@ async fn received_from(sinks: &[&SmtpSink], count: usize, timeout: Duration) -> 
 /// longer.
 #[tokio::test(flavor = "multi_thread")]
 async fn three_replicas_share_one_rate_and_no_second_holds_more() {
+    let _serial = TIMING.lock().await;
     let sinks = [SmtpSink::start().await, SmtpSink::start().await, SmtpSink::start().await];
     let budget = [("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "20")];
     let app = TestApp::spawn(&sinks[0], &budget).await;
@@ -101,6 +106,7 @@ async fn three_replicas_share_one_rate_and_no_second_holds_more() {
 /// no second of end-of-data times holds more than 40.
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_final_replies_do_not_slow_the_rate() {
+    let _serial = TIMING.lock().await;
     let sink = SmtpSink::start().await;
     sink.control(json!({ "data_delay_s": 0.3 }));
     let app = TestApp::spawn(
@@ -126,6 +132,7 @@ async fn slow_final_replies_do_not_slow_the_rate() {
 /// letters of 1 to 10 recipients: no second holds more than 200 recipients.
 #[tokio::test(flavor = "multi_thread")]
 async fn recipient_unit_caps_recipients_per_second_across_replicas() {
+    let _serial = TIMING.lock().await;
     let sinks = [SmtpSink::start().await, SmtpSink::start().await, SmtpSink::start().await];
     let app = TestApp::spawn(
         &sinks[0],
@@ -175,6 +182,7 @@ async fn recipient_unit_caps_recipients_per_second_across_replicas() {
 /// in any 20 s, and the 31st letter waits for the window that holds the first.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_quota_survives_a_kill_and_holds_across_replicas() {
+    let _serial = TIMING.lock().await;
     let sink = SmtpSink::start().await;
     let mut app = TestApp::spawn(
         &sink,
