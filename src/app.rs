@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     budget::{Budget, MongoLedger, Plan},
     config::Config,
-    deliverability::{Composer, suppression::Suppressions, topic::SuppressionTopic, unsubscribe::Signer},
     control::Control,
+    deliverability::{Composer, suppression::Suppressions, topic::SuppressionTopic, unsubscribe::Signer},
     http::{self, HttpState},
     kafka::{self, IngestConsumer, StatusProducer},
     metrics::{Metrics, StatusLabel},

@@ -224,7 +224,9 @@ impl Worker {
             Ok(_) if recipients.is_empty() => AttemptReport::default(),
             Ok(bytes) => match too_large {
                 Some(reason) => AttemptReport { failure: Some(Failure::Permanent(reason)), ..Default::default() },
-                None if self.ctx.composer.individual() => self.deliver_individually(&letter, recipients, lease, ticket).await,
+                None if self.ctx.composer.individual() => {
+                    self.deliver_individually(&letter, recipients, lease, ticket).await
+                }
                 None => self.deliver(recipients, &bytes, lease, ticket).await,
             },
         };
