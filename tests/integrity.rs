@@ -331,16 +331,15 @@ async fn a_dead_letter_the_dead_letter_topic_refuses_is_kept_and_its_partition_m
 
     let letters = app.wait_all_final(1, LONG).await;
     assert_eq!(letters[0].status, Status::Sent);
-    // The partition moves on: a batch produced after the refusal is processed too.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    app.produce(Some("same-partition"), batch("later", 1, 1).to_string().as_bytes()).await;
-    let letters = app.wait_all_final(2, LONG).await;
-    assert!(letters.iter().all(|l| l.status == Status::Sent));
     let kept = wait_for("the dead letter kept in MongoDB", LONG, || async {
         let kept = app.raw_documents("letters_dead_letters").await;
         (!kept.is_empty()).then_some(kept)
     })
     .await;
+    // The partition moves on: a batch produced after the refusal is processed too.
+    app.produce(Some("same-partition"), batch("later", 1, 1).to_string().as_bytes()).await;
+    let letters = app.wait_all_final(2, LONG).await;
+    assert!(letters.iter().all(|l| l.status == Status::Sent));
     assert_eq!(kept.len(), 1, "{kept:?}");
     let payload = kept[0].get_binary_generic("payload").unwrap();
     assert_eq!(payload.as_slice(), b"{not a batch");
@@ -455,9 +454,15 @@ async fn a_letter_taken_over_mid_transaction_is_withdrawn_before_its_final_dot()
     // one's next renewal (every 2 s) shows it gone, before the 354 comes.
     let stolen = take_over_processing_letters(&app).await;
     assert_eq!(stolen, 1);
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // The dot is due once the 354 comes, 4 s after DATA: by then it is either withdrawn or sent.
+    let withdrawn = wait_for("the transaction's end", Duration::from_secs(15), || async {
+        let log = app.log();
+        (log.contains("withdrawn before its final dot") || !sink.received().is_empty())
+            .then(|| log.contains("withdrawn before its final dot"))
+    })
+    .await;
     assert!(sink.received().is_empty(), "the message was handed over although the letter was another replica's");
-    assert!(app.log().contains("withdrawn before its final dot"), "no trace of the withdrawal in the log");
+    assert!(withdrawn, "no trace of the withdrawal in the log");
 }
 
 /// Leases every `processing` letter to another replica, as one that reaped them while this app
