@@ -174,10 +174,11 @@ class Sink:
 class Service:
     """The release binary with a fresh database, topics and group, and an HTTP port of its own."""
 
-    def __init__(self, ctx, name, smtp_port, overrides=None, brokers=None, mongo_uri=None):
+    def __init__(self, ctx, name, smtp_port, overrides=None, brokers=None, mongo_uri=None, replica_of=None):
+        """`replica_of`: another Service whose topics, database and group this one shares (a second replica)."""
         self.ctx = ctx
         self.name = name
-        self.tag = f"b{uuid.uuid4().hex[:10]}"
+        self.tag = replica_of.tag if replica_of else f"b{uuid.uuid4().hex[:10]}"
         self.dir = os.path.join(ctx.work, name)
         os.makedirs(self.dir, exist_ok=True)
         self.http_port = free_port()
@@ -200,7 +201,7 @@ class Service:
             "SMTP_TLS": "none",
             "SMTP_MAX_SENDERS": str(ctx.senders),
             "HTTP_ADDR": f"127.0.0.1:{self.http_port}",
-            "INSTANCE_ID": f"bench-{self.tag}",
+            "INSTANCE_ID": f"bench-{self.tag}-{name}",
             "RUST_LOG": "warn",
         }
         env.update(UNLIMITED)
@@ -850,6 +851,44 @@ def run_rate(ctx, run):
         sink.stop()
 
 
+def run_replicas(ctx, run):
+    """Figure 11: figure 5's budget and backlog shared by 3 replicas (one database, one group): the rate and the
+    busiest second at the sink, for the deployment as a whole."""
+    sink = Sink(ctx, f"replicas{run}")
+    replicas, collector = [], None
+    limit = ctx.rate_limit
+    budget = {"SMTP_RATE_LIMIT_PERIOD": "1s", "SMTP_RATE_LIMIT_MAX_LETTERS": str(limit), "SMTP_RATE_LIMIT_BURST": "1"}
+    try:
+        first = Service(ctx, f"replicas{run}-a", sink.port, overrides=budget)
+        replicas.append(first)
+        for name in ("b", "c"):
+            replicas.append(Service(ctx, f"replicas{run}-{name}", sink.port, overrides=budget, replica_of=first))
+        load = Load(ctx, ctx.brokers)
+        collector = Collector(ctx.brokers, first.topic_out)
+        warm_up(ctx, load, collector, first, letters=4)
+        time.sleep(ctx.settle)
+        tag = "repl" + first.tag[-6:]
+        n = int(limit * ctx.rate_seconds)
+        sent = load.produce(first.topic_in, tag, n, ctx.per_batch)
+        collector.wait_keys(sent.keys(), n, ctx.rate_seconds * 3 + 60)
+        ts = sorted(t for (t, rcpt, _) in sink.records() if rcpt.startswith(tag + "-"))
+        grants = sum(r.metric("mailsender_budget_grants_total") for r in replicas)
+        for r in replicas:
+            r.stop()
+        if len(ts) < 2:
+            raise RuntimeError("the sink recorded fewer than 2 letters")
+        return {"rate": (len(ts) - 1) / (ts[-1] - ts[0]), "max_1s": max_window(ts), "letters": len(ts),
+                "span_s": ts[-1] - ts[0], "grants_per_letter": grants / len(ts)}
+    finally:
+        teardown(collector, None)
+        for r in replicas:
+            r.kill()
+        if replicas:
+            # The replicas share one database and topics: dropped once.
+            replicas[0].cleanup()
+        sink.stop()
+
+
 def run_backlog(ctx, run, backlog):
     """Figure 6: `backlog` letters waiting in MongoDB while the rate limit (100/s) sends them slowly."""
     sink = Sink(ctx, f"bl{run}-{backlog}")
@@ -1045,7 +1084,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--runs", type=int)
     p.add_argument("--senders", type=int, default=8)
-    p.add_argument("--figures", default="1,2,3,4,5,6,7,8,9,10")
+    p.add_argument("--figures", default="1,2,3,4,5,6,7,8,9,10,11")
     p.add_argument("--letters", type=int, help="letters for figures 1-3 (default 10,000; quick 2,000)")
     p.add_argument("--backlog", type=int, help="large backlog for figure 6 (default 100,000; quick 20,000)")
     p.add_argument("--rate-burst", type=int, default=1, help="SMTP_RATE_LIMIT_BURST for figure 5 (default 1)")
@@ -1144,6 +1183,8 @@ def main():
         R["halt"] = [attempt(ctx, "halt", f"shutdown run {i + 1}", run_shutdown, i) for i in range(ctx.runs)]
     if 9 in figures:
         R["bcc"] = [attempt(ctx, "bcc", f"capped-recipients run {i + 1}", run_bcc, i) for i in range(ctx.runs)]
+    if 11 in figures:
+        R["replicas"] = [attempt(ctx, "replicas", f"3-replica budget run {i + 1}", run_replicas, i) for i in range(ctx.runs)]
     if 10 in figures:
         R["big"] = [attempt(ctx, "big", f"big-letter backlog run {i + 1}", run_big_letters, i) for i in range(ctx.runs)]
 
@@ -1278,6 +1319,18 @@ def render(ctx, R, figures, quick, load_start, load_end, elapsed):
             f"{fmt(hwm)} MiB (worst run {fmt(worst)}); all sent in {fmt(secs)} s",
             "≤ 80 MiB (README: 20 MiB + 1.6 × DISPATCH_MAX_BYTES + 3 × workers × message)", None if worst is None else worst <= 80,
             value=hwm, groups=("big",))
+    if 11 in figures:
+        rr = R.get("replicas") or []
+        rate, mx, gpl = med(rr, "rate"), med(rr, "max_1s"), med(rr, "grants_per_letter")
+        mx_all = max([r["max_1s"] for r in rr if r] or [0]) or None
+        row("11a", f"3 replicas share the budget {ctx.rate_limit}/1 s for {ctx.rate_seconds} s: rate at the sink",
+            f"{fmt(rate, 2)} letters/s ({fmt((rate / ctx.rate_limit - 1) * 100 if rate else None, 2)} %); "
+            f"{fmt(gpl, 3)} budget grants per letter",
+            f"{ctx.rate_limit} ± 1 %", None if rate is None else abs(rate / ctx.rate_limit - 1) <= 0.01, value=rate,
+            groups=("replicas",))
+        row("11b", "3 replicas: largest number of letters in any 1-second window at the sink",
+            f"{fmt(mx, 0)} (worst run {fmt(mx_all, 0)})", f"≤ {ctx.rate_limit}",
+            None if mx_all is None else mx_all <= ctx.rate_limit, value=mx, groups=("replicas",))
 
     try:
         rev = subprocess.run(["git", "-C", ctx.repo, "rev-parse", "--short", "HEAD"], capture_output=True,
