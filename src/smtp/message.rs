@@ -2,7 +2,11 @@
 //! headers name no recipient, so a bulk letter never discloses one recipient to another. A
 //! per-recipient copy (`SMTP_DELIVERY=individual`) names its one recipient in `To:`.
 
-use std::time::SystemTime;
+use std::{
+    collections::VecDeque,
+    sync::{Mutex, PoisonError},
+    time::SystemTime,
+};
 
 use lettre::message::{
     Body, Mailbox, MultiPart,
@@ -96,9 +100,40 @@ const TEXT_WIDTH: usize = 78;
 /// anyway; the HTML part stays whole.
 pub const TEXT_FROM_HTML_MAX_BYTES: usize = 64 * 1024;
 
+/// The texts of the bodies rendered last, most recent first. A campaign sends one body in many
+/// letters, and rendering it (html2text parses the whole document into a tree) cost more CPU than
+/// everything else the service does per letter. Entries are compared by their whole HTML, so a
+/// hit is exact; bodies over [`TEXT_FROM_HTML_MAX_BYTES`] are not kept, which bounds the memory
+/// to about 1 MiB. Written by hand: an eight-entry most-recently-used list is shorter than a
+/// cache crate's set-up.
+static RECENT_TEXTS: Mutex<VecDeque<(String, String)>> = Mutex::new(VecDeque::new());
+const RECENT_TEXTS_KEPT: usize = 8;
+
 /// The `text/plain` alternative of an HTML body: its text with links kept as numbered references.
 /// Spam filters score HTML-only mail, and text-only clients show this part.
 pub fn text_of_html(html: &str) -> Result<String, MessageError> {
+    if html.len() > TEXT_FROM_HTML_MAX_BYTES {
+        return render_text(html);
+    }
+    // The list is consistent after any panic (entries are whole), so a poisoned lock is used as is.
+    {
+        let mut recent = RECENT_TEXTS.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = recent.iter().position(|(body, _)| body == html) {
+            if let Some(entry) = recent.remove(at) {
+                let text = entry.1.clone();
+                recent.push_front(entry);
+                return Ok(text);
+            }
+        }
+    }
+    let text = render_text(html)?;
+    let mut recent = RECENT_TEXTS.lock().unwrap_or_else(PoisonError::into_inner);
+    recent.push_front((html.to_owned(), text.clone()));
+    recent.truncate(RECENT_TEXTS_KEPT);
+    Ok(text)
+}
+
+fn render_text(html: &str) -> Result<String, MessageError> {
     let mut end = html.len().min(TEXT_FROM_HTML_MAX_BYTES);
     while !html.is_char_boundary(end) {
         end -= 1;
@@ -264,6 +299,20 @@ mod tests {
         assert!(text.contains("Sale") && text.contains("the offer"), "{text}");
         assert!(text.contains("https://example.com/offer"), "{text}");
         assert!(!text.contains('<'), "{text}");
+    }
+
+    #[test]
+    fn recent_texts_answer_for_their_own_body_only() {
+        // More bodies than the list keeps, each asked for twice in turn: every answer is its own
+        // body's text, the repeat (served from the list) equal to the first rendering.
+        let bodies: Vec<String> = (0..RECENT_TEXTS_KEPT + 3).map(|i| format!("<p>body number {i}</p>")).collect();
+        for body in bodies.iter().chain(bodies.iter().rev()) {
+            let text = text_of_html(body).unwrap();
+            assert_eq!(text, render_text(body).unwrap());
+            assert!(text.contains(&body[3..body.len() - 4]), "{text:?} for {body}");
+        }
+        let kept = RECENT_TEXTS.lock().unwrap().len();
+        assert!(kept <= RECENT_TEXTS_KEPT, "{kept}");
     }
 
     #[test]
