@@ -819,6 +819,20 @@ def max_window(ts, width=1.0):
     return best
 
 
+def busiest_window(ts, width=1.0):
+    """Where the busiest window of `width` starts (seconds after the first timestamp) and the gaps (ms) inside it:
+    a window over the budget made of gaps far below the spacing points at the recorder's jitter."""
+    best, start, j = 0, 0, 0
+    for i in range(len(ts)):
+        while ts[i] - ts[j] >= width:
+            j += 1
+        if i - j + 1 > best:
+            best, start = i - j + 1, j
+    inside = ts[start:start + best]
+    return {"count": best, "at_s": round(inside[0] - ts[0], 2) if inside else None,
+            "gaps_ms": [round(1000 * (b - a), 1) for a, b in zip(inside, inside[1:])]}
+
+
 def run_rate(ctx, run):
     """Figure 5: SMTP_RATE_LIMIT 100 letters per 1 s (burst 1 unless --rate-burst), with a backlog for the whole
     window. Times are the sink's: when it decided its reply to each message."""
@@ -876,6 +890,12 @@ def run_replicas(ctx, run):
         grants = sum(r.metric("mailsender_budget_grants_total") for r in replicas)
         # The service's own count of MongoDB commands (every command is one round trip), all three replicas.
         mongo = sum(service_counters(r).get("mongo", 0.0) for r in replicas) - mongo_before
+        by_command = {}
+        for r in replicas:
+            for name, value in r.metrics().items():
+                if name.startswith("mailsender_mongo_commands_total"):
+                    by_command[name[len("mailsender_mongo_commands_total"):]] = \
+                        by_command.get(name[len("mailsender_mongo_commands_total"):], 0) + int(value)
         for r in replicas:
             r.stop()
         if len(ts) < 2:
@@ -886,6 +906,7 @@ def run_replicas(ctx, run):
         return {"rate": (len(ts) - 1) / (ts[-1] - ts[0]), "max_1s": max_window(ts), "letters": len(ts),
                 "rate_but_last_s": (len(body) - 1) / (body[-1] - body[0]),
                 "span_s": ts[-1] - ts[0], "grants_per_letter": grants / len(ts), "mongo_per_letter": mongo / len(ts),
+                "mongo_by_command_whole_life": by_command, "busiest_1s": busiest_window(ts),
                 "max_gap_ms": 1000 * max(b - a for a, b in zip(ts, ts[1:])),
                 "gaps_over_2x": [(round(a - ts[0], 2), round(1000 * (b - a))) for a, b in zip(ts, ts[1:])
                                  if b - a > 2.0 / limit][:10]}
