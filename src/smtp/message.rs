@@ -118,12 +118,12 @@ pub fn text_of_html(html: &str) -> Result<String, MessageError> {
     // The list is consistent after any panic (entries are whole), so a poisoned lock is used as is.
     {
         let mut recent = RECENT_TEXTS.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(at) = recent.iter().position(|(body, _)| body == html) {
-            if let Some(entry) = recent.remove(at) {
-                let text = entry.1.clone();
-                recent.push_front(entry);
-                return Ok(text);
-            }
+        if let Some(at) = recent.iter().position(|(body, _)| body == html)
+            && let Some(entry) = recent.remove(at)
+        {
+            let text = entry.1.clone();
+            recent.push_front(entry);
+            return Ok(text);
         }
     }
     let text = render_text(html)?;
