@@ -3,7 +3,7 @@
 # web page) and runs mailsender against it in the foreground. Ctrl-C or POST /halt stops the
 # service; the stack keeps running (scripts/stack.sh down stops it).
 #
-# The first run installs the stack's servers and builds the service at the same time: about 7.5
+# The first run installs the stack's servers and builds the service at the same time: about 8.5
 # minutes on 2 cores from an empty cache; later runs start in seconds. The phases' times are printed
 # before the service starts.
 #
