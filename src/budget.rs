@@ -633,21 +633,15 @@ pub struct Ticket {
     pub waited: Duration,
 }
 
-/// What the replica asking for grants keeps between them.
-#[derive(Debug, Default)]
-struct Granting {
-    /// The last state written or read, to try the next grant on.
-    cached: Option<State>,
-}
-
 /// The shared budget, as one replica uses it.
 pub struct Budget {
     plan: Plan,
     ledger: Arc<dyn Ledger>,
     /// Locked only to move units, never across an await.
     pool: std::sync::Mutex<Pool>,
-    /// One grant request at a time per replica; workers with nothing in the pool queue here.
-    granting: tokio::sync::Mutex<Granting>,
+    /// One grant request at a time per replica; workers with nothing in the pool queue here. It
+    /// holds the last state written or read, to try the next grant on.
+    granting: tokio::sync::Mutex<Option<State>>,
     /// A background grant is on its way.
     refilling: AtomicBool,
     clock: std::sync::Mutex<ServerClock>,
@@ -668,7 +662,7 @@ impl Budget {
             plan,
             ledger,
             pool: std::sync::Mutex::new(Pool::default()),
-            granting: tokio::sync::Mutex::new(Granting::default()),
+            granting: tokio::sync::Mutex::new(None),
             refilling: AtomicBool::new(false),
             clock: std::sync::Mutex::new(clock),
             waiting: AtomicUsize::new(0),
@@ -738,7 +732,7 @@ impl Budget {
             let granted = tokio::time::timeout(GRANT_TIMEOUT, self.grant(&mut granting, want, units)).await;
             let granted = granted.unwrap_or_else(|_| {
                 // Whatever the write did is lost with it: at worst, one grant's units unused.
-                granting.cached = None;
+                *granting = None;
                 Err(anyhow::anyhow!("no answer from MongoDB within {GRANT_TIMEOUT:?}"))
             });
             match granted {
@@ -766,7 +760,7 @@ impl Budget {
                         );
                     }
                     self.metrics.budget_available.set(0);
-                    granting.cached = None;
+                    *granting = None;
                     tokio::time::sleep(RETRY).await;
                 }
             }
@@ -823,9 +817,9 @@ impl Budget {
                     // The workers find out themselves, and say so, when they need the next grant.
                     Ok(Err(error)) => {
                         tracing::debug!(error = format!("{error:#}"), "background budget grant failed");
-                        granting.cached = None;
+                        *granting = None;
                     }
-                    Err(_) => granting.cached = None,
+                    Err(_) => *granting = None,
                 }
             }
             budget.refilling.store(false, Ordering::Release);
@@ -834,9 +828,9 @@ impl Budget {
 
     /// One grant: `Ok(None)` when units were added to the pool, `Ok(Some((until, window)))` when
     /// the budget has none before `until`.
-    async fn grant(&self, granting: &mut Granting, want: u32, need: u32) -> anyhow::Result<Option<(i64, String)>> {
+    async fn grant(&self, granting: &mut Option<State>, want: u32, need: u32) -> anyhow::Result<Option<(i64, String)>> {
         for _ in 0..CAS_ATTEMPTS {
-            let state = match granting.cached.take() {
+            let state = match granting.take() {
                 Some(state) => state,
                 None => self.ledger.load().await?,
             };
@@ -846,7 +840,7 @@ impl Budget {
             let (decision, next) = decide(&state, &self.plan, now_ns, lead_ns, want, need);
             self.publish(&state, now_ns);
             if let Decision::Wait { until_ns, window } = decision {
-                granting.cached = Some(state);
+                *granting = Some(state);
                 return Ok(Some((until_ns, window)));
             }
             let sent = Instant::now();
@@ -872,11 +866,11 @@ impl Budget {
                         Decision::Wait { .. } => {}
                     }
                     drop(pool);
-                    granting.cached = Some(next);
+                    *granting = Some(next);
                     return Ok(None);
                 }
                 // Another replica wrote first: read its state and decide again.
-                None => granting.cached = None,
+                None => *granting = None,
             }
         }
         // Many replicas racing for the same document: step back briefly, as if it were busy.
