@@ -75,6 +75,9 @@ pub struct Metrics {
     pub budget_grants: Counter,
     pub budget_used: Family<WindowLabel, Gauge<i64, AtomicI64>>,
     pub budget_remaining: Family<WindowLabel, Gauge<i64, AtomicI64>>,
+    pub budget_lateness: Histogram,
+    pub budget_units_missed: Counter,
+    pub budget_units_returned: Counter,
 }
 
 impl Metrics {
@@ -108,6 +111,9 @@ impl Metrics {
             budget_grants: Counter::default(),
             budget_used: Family::default(),
             budget_remaining: Family::default(),
+            budget_lateness: Histogram::new(exponential_buckets(0.000_125, 2.0, 14)),
+            budget_units_missed: Counter::default(),
+            budget_units_returned: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("letters_received", "Letters decoded from Kafka batches", metrics.received.clone());
@@ -212,6 +218,21 @@ impl Metrics {
             "budget_remaining",
             "Units of the shared budget left, by window, as last seen",
             metrics.budget_remaining.clone(),
+        );
+        registry.register(
+            "budget_dot_lateness_seconds",
+            "How long after its unit's time a message's final dot went (a dot later than the guard takes a new unit)",
+            metrics.budget_lateness.clone(),
+        );
+        registry.register(
+            "budget_units_missed",
+            "Units of the budget given up because the final dot would have been too late for them",
+            metrics.budget_units_missed.clone(),
+        );
+        registry.register(
+            "budget_units_returned",
+            "Units of the budget this instance gave back unused (out of letters, or stopping) for other replicas to use",
+            metrics.budget_units_returned.clone(),
         );
         registry.register("build", "Build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
         Metrics { registry, ..metrics }

@@ -82,8 +82,8 @@ async fn three_replicas_share_one_rate_and_no_second_holds_more() {
     let sinks = [SmtpSink::start().await, SmtpSink::start().await, SmtpSink::start().await];
     let budget = [("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "20")];
     let app = TestApp::spawn(&sinks[0], &budget).await;
-    let _b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sinks[1].port)).await;
-    let _c = Replica::start(Replica::env_from(&app, &format!("{}-c", app.name), sinks[2].port)).await;
+    let b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sinks[1].port)).await;
+    let c = Replica::start(Replica::env_from(&app, &format!("{}-c", app.name), sinks[2].port)).await;
     feed(&app, "three", 400).await;
     let received = received_from(&[&sinks[0], &sinks[1], &sinks[2]], 400, Duration::from_secs(90)).await;
     let per_replica: Vec<usize> = sinks.iter().map(|s| s.received().len()).collect();
@@ -100,6 +100,26 @@ async fn three_replicas_share_one_rate_and_no_second_holds_more() {
         gaps_from(&received, at, busiest)
     );
     assert!(took <= 400.0 / 20.0 * 1.1, "400 letters took {took:.2}s at 20/s: more than 10 % over 20 s");
+    // Replicas that ran out of letters gave the units they held back (`Budget::give_back`).
+    let https = [app.http.clone(), b.http.clone(), c.http.clone()];
+    let started = std::time::Instant::now();
+    loop {
+        let mut returned = 0.0;
+        for http in &https {
+            returned += counter(http, "mailsender_budget_units_returned_total").await;
+        }
+        if returned > 0.0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "no replica gave its unused units back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A counter from a replica's `/metrics` (0 when absent).
+async fn counter(http: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{http}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines().find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
 }
 
 /// The relay takes 300 ms to answer each final dot; 16 workers. The relay still sees 40 messages

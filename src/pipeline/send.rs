@@ -8,7 +8,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -55,10 +55,57 @@ pub struct SendContext {
     pub unrecorded: Arc<Semaphore>,
     /// Builds each letter's message: text alternative, List-Unsubscribe, DKIM.
     pub composer: Arc<crate::deliverability::Composer>,
+    pub idle: Arc<Idle>,
 }
 
 /// See [`SendContext::unrecorded`].
 pub const UNRECORDED_PER_WORKER: usize = 8;
+
+/// How long the workers must have found no letter waiting before the replica gives its budget
+/// units back: longer than the dispatcher takes to hand over the next claim while it has letters.
+const IDLE_GRACE: Duration = Duration::from_millis(20);
+
+/// Watches for the moment this replica runs out of letters: a worker finds none waiting, and
+/// none arrives for any worker within [`IDLE_GRACE`]. Then the units of the budget it holds go
+/// back to the other replicas ([`Budget::give_back`]); the workers still sending hold their
+/// tickets already.
+pub struct Idle {
+    /// Bumped whenever a worker gets a letter: a give-back sees whether any did during its grace.
+    received: AtomicUsize,
+    /// A give-back is waiting out its grace.
+    pending: AtomicBool,
+}
+
+impl Idle {
+    pub fn new() -> Arc<Idle> {
+        Arc::new(Idle { received: AtomicUsize::new(0), pending: AtomicBool::new(false) })
+    }
+
+    /// A worker found no letter waiting.
+    fn empty(self: &Arc<Self>, budget: &Arc<Budget>) {
+        budget.letters_running_out(true);
+        if self.pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let received = self.received.load(Ordering::Acquire);
+        let (idle, budget) = (self.clone(), budget.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(IDLE_GRACE).await;
+            idle.pending.store(false, Ordering::Release);
+            if idle.received.load(Ordering::Acquire) == received {
+                budget.give_back().await;
+            }
+        });
+    }
+
+    /// A worker got a letter; `more` if others are waiting behind it.
+    fn received(&self, budget: &Budget, more: bool) {
+        self.received.fetch_add(1, Ordering::AcqRel);
+        if more {
+            budget.letters_running_out(false);
+        }
+    }
+}
 
 impl SendContext {
     pub fn new(
@@ -94,6 +141,7 @@ impl SendContext {
             paused: Arc::default(),
             unrecorded: Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER)),
             composer: Arc::new(crate::deliverability::Composer::plain(smtp.from.clone())),
+            idle: Idle::new(),
             metrics,
         })
     }
@@ -122,6 +170,9 @@ impl Worker {
         abort: CancellationToken,
     ) {
         loop {
+            if letters.is_empty() {
+                self.ctx.idle.empty(self.ctx.limiter.budget());
+            }
             let claimed = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -130,6 +181,7 @@ impl Worker {
                     Err(_) => break,
                 },
             };
+            self.ctx.idle.received(self.ctx.limiter.budget(), !letters.is_empty());
             // The first transaction's budget is taken here, where shutdown may still interrupt
             // the wait (the budget may be exhausted for hours); later ones, in `deliver`. While
             // paused, a letter is released without waiting for the budget, so a replica's claimed
@@ -286,11 +338,25 @@ impl Worker {
                 budget.prepared(at_dot.duration_since(ticket.issued));
                 let mut ticket = ticket;
                 loop {
-                    tokio::time::sleep_until(ticket.at).await;
+                    ticket.wait().await;
                     let late = tokio::time::Instant::now().saturating_duration_since(ticket.unit);
                     if late <= budget.plan().late {
+                        metrics.budget_lateness.observe(late.as_secs_f64());
+                        // Off unless asked for (`RUST_LOG=…,mailsender::dot=trace`): every dot's time
+                        // as this replica saw it, so the spacing can be checked apart from how a relay
+                        // records it (the benchmark does).
+                        tracing::trace!(
+                            target: "mailsender::dot",
+                            at_unix_us = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_micros() as u64),
+                            late_us = late.as_micros() as u64,
+                            units = ticket.units,
+                            "final dot"
+                        );
                         break;
                     }
+                    metrics.budget_units_missed.inc_by(u64::from(ticket.units));
                     // Too late for its unit (a slow connection, a late wake-up): the dot on it
                     // could crowd the next window, so the message waits for a new one.
                     tracing::debug!(late_ms = late.as_secs_f64() * 1e3, "late for the budget's unit; taking another");

@@ -1,0 +1,174 @@
+//! The units granted to this replica and not handed out yet.
+
+use std::collections::VecDeque;
+
+use tokio::time::Instant;
+
+use super::{LOOKAHEAD, Plan, Run};
+
+/// Units granted to this replica and not handed out yet.
+#[derive(Debug, Default)]
+pub(super) struct Pool {
+    /// Runs of consecutive units: (first unit's time, count).
+    pub(super) runs: VecDeque<(i64, u32)>,
+    /// Loose units: (usable until, count).
+    pub(super) loose: VecDeque<(i64, u32)>,
+    /// Units handed out since `since`, for the size of the next grant.
+    handed: u64,
+    since: Option<Instant>,
+    /// Units per second this replica uses, smoothed.
+    rate: f64,
+}
+
+/// Units taken from the pool for one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Taken {
+    /// Its final dot at this unit's time (that of the last of its units).
+    At(i64),
+    /// Its final dot at any moment until this time.
+    Until(i64),
+}
+
+impl Pool {
+    /// `units` for one message: loose ones that are still usable at `ready_ns` (when the message
+    /// can be ready), else the last of `units` consecutive units not before `now_ns`.
+    pub(super) fn take(&mut self, units: u32, interval_ns: i64, now_ns: i64, ready_ns: i64) -> Option<Taken> {
+        while let Some((until, count)) = self.loose.front_mut() {
+            if *until < ready_ns || *count < units {
+                self.loose.pop_front();
+                continue;
+            }
+            let until = *until;
+            *count -= units;
+            if *count == 0 {
+                self.loose.pop_front();
+            }
+            self.handed += u64::from(units);
+            return Some(Taken::Until(until));
+        }
+        // Units before `now_ns` are of no use: spending them late could crowd a window.
+        while let Some((first, count)) = self.runs.front_mut() {
+            if *first < now_ns {
+                let past = ((now_ns - *first) as f64 / interval_ns as f64).ceil() as i64;
+                if past >= i64::from(*count) {
+                    self.runs.pop_front();
+                    continue;
+                }
+                *first += past * interval_ns;
+                *count -= past as u32;
+            }
+            if *count < units {
+                // Too few consecutive units for this message: they expire unused rather than
+                // split it across other replicas' units.
+                self.runs.pop_front();
+                continue;
+            }
+            let last = *first + i64::from(units - 1) * interval_ns;
+            *first += i64::from(units) * interval_ns;
+            *count -= units;
+            if *count == 0 {
+                self.runs.pop_front();
+            }
+            self.handed += u64::from(units);
+            return Some(Taken::At(last));
+        }
+        None
+    }
+
+    /// Adds a granted run in time order: units another replica gave back may lie before the
+    /// runs this one holds.
+    pub(super) fn add(&mut self, first_ns: i64, count: u32, interval_ns: i64) {
+        let at = self.runs.partition_point(|(first, _)| *first < first_ns);
+        if let Some((before_first, before_count)) = at.checked_sub(1).and_then(|i| self.runs.get_mut(i))
+            && *before_first + i64::from(*before_count) * interval_ns == first_ns
+        {
+            *before_count += count;
+            return;
+        }
+        self.runs.insert(at, (first_ns, count));
+    }
+
+    /// Takes out every unit from `from_ns` on, to give them back to the budget.
+    pub(super) fn take_back(&mut self, from_ns: i64, interval_ns: i64) -> Vec<Run> {
+        let mut back = Vec::new();
+        self.runs.retain_mut(|(first, count)| {
+            let kept = match *first >= from_ns {
+                true => 0,
+                false => ((from_ns - *first) as u64).div_ceil(interval_ns as u64).min(u64::from(*count)) as u32,
+            };
+            if kept < *count {
+                back.push(Run { first_ns: *first + i64::from(kept) * interval_ns, count: *count - kept });
+            }
+            *count = kept;
+            kept > 0
+        });
+        back
+    }
+
+    /// Whether the pool holds less than this replica uses until `horizon_ns`: the next grant
+    /// should be on its way.
+    pub(super) fn low(&self, now_ns: i64, horizon_ns: i64, interval_ns: i64) -> bool {
+        let scheduled_until = self.runs.back().map_or(0, |(first, count)| first + i64::from(*count) * interval_ns);
+        if scheduled_until >= horizon_ns {
+            return false;
+        }
+        let loose: u64 = self.loose.iter().map(|(_, count)| u64::from(*count)).sum();
+        let loose_until = self.loose.back().map_or(0, |(until, _)| *until);
+        let needed = (self.rate * (horizon_ns - now_ns).max(0) as f64 / 1e9).ceil() as u64;
+        loose_until < horizon_ns || loose <= needed
+    }
+
+    /// How many units to ask for: what this replica used in the last while, over the
+    /// lookahead, and at least what is asked for now. The first time, with nothing measured yet,
+    /// a lookahead of the whole budget (or a quarter of the loose allowance): workers queue up
+    /// one by one at start, and a grant for the first of them alone leaves the rest a round trip
+    /// without units.
+    pub(super) fn want(&mut self, need: u32, waiting: usize, plan: &Plan) -> u32 {
+        let max_grant = plan.max_grant;
+        let now = Instant::now();
+        if self.since.is_none() {
+            self.since = Some(now);
+            let first = match plan.loose_max {
+                0 => max_grant,
+                loose => (loose / 4).max(1),
+            };
+            return first.max(need);
+        }
+        if let Some(since) = self.since {
+            let elapsed = now.duration_since(since).as_secs_f64();
+            if elapsed > 0.0 {
+                let measured = self.handed as f64 / elapsed;
+                self.rate = if self.rate == 0.0 { measured } else { 0.5 * self.rate + 0.5 * measured };
+            }
+        }
+        self.since = Some(now);
+        self.handed = 0;
+        let expected = (self.rate * LOOKAHEAD.as_secs_f64()).ceil() as u32;
+        let queued = need.saturating_mul(waiting.max(1) as u32);
+        expected.max(queued).clamp(need, max_grant.max(need))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_go_back_from_a_time_on_and_grants_keep_time_order() {
+        let mut pool = Pool::default();
+        pool.add(1_000, 4, 10);
+        pool.add(1_040, 2, 10);
+        pool.add(2_000, 3, 10);
+        // Units given back by another replica, earlier than those held: taken first.
+        pool.add(500, 1, 10);
+        assert_eq!(Vec::from(pool.runs.clone()), vec![(500, 1), (1_000, 6), (2_000, 3)]);
+        assert_eq!(pool.take(1, 10, 0, 0), Some(Taken::At(500)));
+        assert_eq!(
+            pool.take_back(1_025, 10),
+            vec![Run { first_ns: 1_030, count: 3 }, Run { first_ns: 2_000, count: 3 }]
+        );
+        assert_eq!(Vec::from(pool.runs.clone()), vec![(1_000, 3)]);
+        assert_eq!(pool.take_back(0, 10), vec![Run { first_ns: 1_000, count: 3 }]);
+        assert!(pool.runs.is_empty());
+    }
+}

@@ -1,0 +1,419 @@
+//! The budget's arithmetic: the rate's schedule of units, the quotas' buckets, loose grants, and
+//! what one grant request gets. Pure functions of the stored state and the time, so every rule is
+//! tested without a clock or a server.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use super::{LEAD, LOOKAHEAD, LOOSE_SPAN};
+use crate::config::{RateUnit, SmtpConfig};
+
+/// Spacing added to the rate's schedule, 0.75 % of the period (at most 50 ms; it costs the same
+/// 0.75 % of the rate), so that a window cannot hold one message too many when dots are late: a
+/// dot later than the guard gives up its unit and takes another. Dots are precise to a fraction of
+/// a millisecond (see `Ticket::wait`), so most of the guard is left for the relay's own delay in
+/// recording the end of data. Keeping half of it for the relay alone was tried: on a loaded 2-core
+/// machine 0.2–0.5 % of dots came over 3.75 ms late and gave up their units, which cost that much
+/// of the rate, and the Python test relay's stalls were larger than the half anyway.
+const GUARD_PER_100K: i64 = 750;
+const GUARD_MAX: Duration = Duration::from_millis(50);
+/// Quota buckets: a window is counted in about this many, each at least a second wide.
+const BUCKETS: i64 = 20;
+/// Share of the period set aside for loose grants: 0.25 %, so that guard and loose together cost at
+/// most 1 % of the rate.
+const LOOSE_GUARD_PER_100K: i64 = 250;
+/// Loose grants only where that share holds at least this many units (budgets of about 51,200 per
+/// period and more); below, units are far enough apart to be taken one by one.
+const LOOSE_MIN: i64 = 64;
+
+/// The budget's state as stored: one document for the deployment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    /// Bumped by every write; the compare-and-set key.
+    pub version: i64,
+    /// The next free unit of the rate's schedule, in server nanoseconds since the Unix epoch.
+    pub next_ns: i64,
+    /// Units granted per quota (keyed by its window), per bucket index.
+    pub quotas: BTreeMap<String, BTreeMap<i64, u32>>,
+    /// Loose grants not yet expired, of every replica.
+    pub loose: Vec<LooseGrant>,
+    /// Units a replica gave back unused (it ran out of letters, or stopped), in time order: the
+    /// next grants take them first, at their places on the schedule.
+    pub returned: Vec<Run>,
+}
+
+/// Consecutive units of the rate's schedule: the first one's time (server nanoseconds) and how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub first_ns: i64,
+    pub count: u32,
+}
+
+impl Run {
+    /// The units from `from_ns` on: the run less those before, if any are left.
+    fn from(self, from_ns: i64, interval_ns: i64) -> Option<Run> {
+        if self.first_ns >= from_ns {
+            return Some(self);
+        }
+        let past = ((from_ns - self.first_ns) as u64).div_ceil(interval_ns as u64) as i64;
+        (past < i64::from(self.count))
+            .then(|| Run { first_ns: self.first_ns + past * interval_ns, count: self.count - past as u32 })
+    }
+}
+
+/// Units granted to be used at any moment from `from_ns` to `until_ns` (server time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LooseGrant {
+    pub from_ns: i64,
+    pub until_ns: i64,
+    pub count: u32,
+}
+
+/// One quota window, as counted.
+///
+/// Units are charged to the bucket of the grant's time, and a grant never reaches further ahead
+/// than half a bucket ([`Plan::horizon_ns`]). A grant is allowed when the units charged since one
+/// bucket before the window's start leave room; so every window of the quota's length, at the
+/// relay, holds at most `limit` units. It is conservative: a unit frees one to two buckets after
+/// the window has passed it (a 24 h quota frees up to 2 × 72 min late).
+#[derive(Debug, Clone)]
+pub struct QuotaPlan {
+    pub key: String,
+    pub label: String,
+    pub limit: u32,
+    pub window_ns: i64,
+    pub bucket_ns: i64,
+}
+
+/// The budget's arithmetic, from the configuration.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Time between two units of the rate's schedule.
+    pub interval_ns: i64,
+    /// How much earlier than its time a unit may be used (`SMTP_RATE_LIMIT_BURST` − 1
+    /// intervals): a burst after a pause, as in GCRA.
+    pub tolerance_ns: i64,
+    /// The lead at start, before preparations are measured.
+    pub lead_ns: i64,
+    /// A message this much later than its unit (the guard) does not go on it: it takes a new unit,
+    /// as such lateness could put one message too many in a window.
+    pub late: Duration,
+    /// A grant's first unit is at most this far ahead of now; further, it waits.
+    pub horizon_ns: i64,
+    pub rate_label: String,
+    pub rate_max: u32,
+    pub period_ns: i64,
+    pub quotas: Vec<QuotaPlan>,
+    /// Most units in one grant: a [`LOOKAHEAD`] of the rate.
+    pub max_grant: u32,
+    /// Most units all unexpired loose grants of the deployment may hold together; 0: no loose
+    /// grants. A loose grant is charged to the schedule like any other (its units take their
+    /// places from the schedule's next free unit, which must be within [`LOOSE_SPAN`]), but its
+    /// units may be used anywhere from the grant to [`LOOSE_SPAN`] after it: a unit used on the
+    /// other side of a window's edge from its place adds one to that window. Only units of grants
+    /// alive at that edge can, so a window holds at most `2 × loose_max` more than the schedule
+    /// allows, and the schedule's interval leaves room for that many (the 0.25 % share).
+    pub loose_max: u32,
+    pub loose_span_ns: i64,
+    /// The most one message may cost: 1, or in recipient mode its recipients, at most
+    /// `SMTP_MAX_RECIPIENTS` and at most the smallest window.
+    pub largest_cost: u32,
+    /// The smallest window's limit: a letter costing more can never be sent.
+    pub smallest_window: u32,
+    pub unit: RateUnit,
+}
+
+impl Plan {
+    pub fn new(smtp: &SmtpConfig) -> Plan {
+        let period_ns = smtp.rate_period.as_nanos().min(i64::MAX as u128) as i64;
+        let smallest_window = smtp.quotas.iter().map(|q| q.limit).fold(smtp.rate_max_letters, u32::min);
+        let largest_cost = match smtp.rate_unit == RateUnit::Recipient {
+            true => (smtp.max_recipients as u32).min(smallest_window).max(1),
+            false => 1,
+        };
+        // A message is handed over at its last unit, so a message of r units starting before a
+        // window and ending in it brings r − 1 units from before: the schedule leaves that room.
+        let per_period = i64::from(smtp.rate_max_letters - (largest_cost - 1)).max(1);
+        let guard = (period_ns / 100_000 * GUARD_PER_100K).min(GUARD_MAX.as_nanos() as i64);
+        let spacing = |room: i64| ((period_ns + guard + room) as f64 / per_period as f64).ceil() as i64;
+        let loose_room = period_ns / 100_000 * LOOSE_GUARD_PER_100K;
+        let loose_max = loose_room / (2 * spacing(loose_room));
+        let (interval_ns, loose_max) = match loose_max >= LOOSE_MIN {
+            true => (spacing(loose_room), loose_max.min(i64::from(u32::MAX)) as u32),
+            false => (spacing(0), 0),
+        };
+        let quotas: Vec<QuotaPlan> = smtp
+            .quotas
+            .iter()
+            .map(|q| {
+                let window_ns = q.window.as_nanos().min(i64::MAX as u128) as i64;
+                let bucket_ns = (window_ns / BUCKETS).max(1_000_000_000).min(window_ns);
+                QuotaPlan {
+                    key: format!("w{}", q.window.as_millis()),
+                    label: q.to_string(),
+                    limit: q.limit,
+                    window_ns,
+                    bucket_ns,
+                }
+            })
+            .collect();
+        let horizon_ns = quotas.iter().map(|q| q.bucket_ns / 2).min().unwrap_or(2_000_000_000);
+        let max_grant = (LOOKAHEAD.as_nanos() as i64 / interval_ns).clamp(1, 1_000_000) as u32;
+        Plan {
+            interval_ns,
+            tolerance_ns: i64::from(smtp.rate_burst - 1) * interval_ns,
+            lead_ns: LEAD.as_nanos() as i64,
+            late: Duration::from_nanos(guard as u64),
+            horizon_ns,
+            rate_label: format!("{}/{}", smtp.rate_max_letters, humantime::format_duration(smtp.rate_period)),
+            rate_max: smtp.rate_max_letters,
+            period_ns,
+            quotas,
+            max_grant: max_grant.max(largest_cost),
+            loose_max,
+            loose_span_ns: LOOSE_SPAN.as_nanos() as i64,
+            largest_cost,
+            smallest_window,
+            unit: smtp.rate_unit,
+        }
+    }
+
+    /// Units per second the schedule allows.
+    pub fn rate(&self) -> f64 {
+        1e9 / self.interval_ns as f64
+    }
+}
+
+/// What the budget says to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// `count` units, the first at `first_ns`, then every interval.
+    Granted { first_ns: i64, count: u32 },
+    /// `count` units to use at any moment until `until_ns`.
+    Loose { until_ns: i64, count: u32 },
+    /// Nothing before `until_ns` (server time), because of `window`.
+    Wait { until_ns: i64, window: String },
+}
+
+/// Decides a grant of `want` units (at least `need`, or none) at server time `now_ns`, none
+/// sooner than `lead_ns` from now, and the state that records it.
+pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, need: u32) -> (Decision, State) {
+    if let Some(reused) = reuse(state, plan, now_ns + lead_ns, want.max(need), need) {
+        return reused;
+    }
+    // The burst tolerance is applied when units are used (up to that much early), not here.
+    let start = state.next_ns.max(now_ns + lead_ns);
+    if start > now_ns + plan.horizon_ns {
+        let wait = Decision::Wait { until_ns: start - plan.horizon_ns, window: plan.rate_label.clone() };
+        return (wait, state.clone());
+    }
+    let mut next = state.clone();
+    next.returned.retain(|run| run.from(now_ns + lead_ns, plan.interval_ns).is_some());
+    let mut count = want.max(need);
+    next.loose.retain(|grant| grant.until_ns >= now_ns);
+    // Loose when units on the schedule would lie so close together that most would pass unused
+    // (the grant would cover less than a quarter of the lookahead), and there is room.
+    let mut loose = false;
+    if plan.loose_max > 0
+        && i64::from(count) * plan.interval_ns * 4 <= plan.loose_span_ns
+        && start <= now_ns + plan.loose_span_ns
+    {
+        let held: u64 = next.loose.iter().map(|grant| u64::from(grant.count)).sum();
+        let room = u64::from(plan.loose_max).saturating_sub(held);
+        if room >= u64::from(need) {
+            loose = true;
+            count = count.min(room as u32);
+        }
+    }
+    // Quotas of windows no longer configured would only grow the document.
+    next.quotas.retain(|key, _| plan.quotas.iter().any(|q| &q.key == key));
+    for quota in &plan.quotas {
+        let buckets = next.quotas.entry(quota.key.clone()).or_default();
+        let first_counted = (now_ns - quota.window_ns).div_euclid(quota.bucket_ns) - 1;
+        buckets.retain(|bucket, _| *bucket >= first_counted);
+        let used: u64 = buckets.values().map(|n| u64::from(*n)).sum();
+        let available = u64::from(quota.limit).saturating_sub(used);
+        if available < u64::from(need) {
+            // Free when enough of the oldest buckets have left the counted range: bucket b
+            // leaves it at (b + 2) buckets + the window.
+            let mut freed = 0;
+            let mut until_ns = now_ns + quota.window_ns;
+            for (bucket, n) in buckets.iter() {
+                freed += u64::from(*n);
+                if used - freed + u64::from(need) <= u64::from(quota.limit) {
+                    until_ns = (bucket + 2) * quota.bucket_ns + quota.window_ns;
+                    break;
+                }
+            }
+            return (Decision::Wait { until_ns, window: quota.label.clone() }, state.clone());
+        }
+        count = count.min(available as u32);
+    }
+    for quota in &plan.quotas {
+        let bucket = now_ns.div_euclid(quota.bucket_ns);
+        *next.quotas.entry(quota.key.clone()).or_default().entry(bucket).or_default() += count;
+    }
+    next.next_ns = start + i64::from(count) * plan.interval_ns;
+    next.version = state.version + 1;
+    if loose {
+        // Alive until its last use, and until its last place on the schedule.
+        let until_ns = (now_ns + plan.loose_span_ns).max(next.next_ns);
+        next.loose.push(LooseGrant { from_ns: now_ns, until_ns, count });
+        return (Decision::Loose { until_ns: now_ns + plan.loose_span_ns, count }, next);
+    }
+    (Decision::Granted { first_ns: start, count }, next)
+}
+
+/// A grant from units given back, when some are still ahead of `earliest_ns` and enough of them
+/// in a row. They keep their places on the schedule, so the spacing holds as if their first
+/// replica had used them; and they were counted against the quotas when first granted, so they
+/// are not counted again.
+fn reuse(state: &State, plan: &Plan, earliest_ns: i64, want: u32, need: u32) -> Option<(Decision, State)> {
+    let mut returned: Vec<Run> =
+        state.returned.iter().filter_map(|run| run.from(earliest_ns, plan.interval_ns)).collect();
+    let index = returned.iter().position(|run| run.count >= need)?;
+    let run = &mut returned[index];
+    let count = want.min(run.count);
+    let decision = Decision::Granted { first_ns: run.first_ns, count };
+    run.first_ns += i64::from(count) * plan.interval_ns;
+    run.count -= count;
+    returned.retain(|run| run.count > 0);
+    let next = State { version: state.version + 1, returned, ..state.clone() };
+    Some((decision, next))
+}
+
+/// The state with `runs` given back: they join the returned units, and those already past
+/// `now_ns` are dropped.
+pub fn give_back(state: &State, plan: &Plan, now_ns: i64, runs: &[Run]) -> State {
+    let mut returned: Vec<Run> =
+        state.returned.iter().chain(runs).filter_map(|run| run.from(now_ns, plan.interval_ns)).collect();
+    returned.sort_by_key(|run| run.first_ns);
+    State { version: state.version + 1, returned, ..state.clone() }
+}
+
+/// Used and remaining units of every window at `now_ns`, for the metrics.
+pub fn usage(state: &State, plan: &Plan, now_ns: i64) -> Vec<(String, u64, u64)> {
+    let ahead = (state.next_ns - now_ns).max(0);
+    let reserved = ((ahead as f64 / plan.interval_ns as f64).ceil() as u64).min(u64::from(plan.rate_max));
+    let mut windows = vec![(plan.rate_label.clone(), reserved, u64::from(plan.rate_max) - reserved)];
+    for quota in &plan.quotas {
+        let first_counted = (now_ns - quota.window_ns).div_euclid(quota.bucket_ns) - 1;
+        let used: u64 = state
+            .quotas
+            .get(&quota.key)
+            .map(|b| b.range(first_counted..).map(|(_, n)| u64::from(*n)).sum())
+            .unwrap_or(0);
+        windows.push((quota.label.clone(), used, u64::from(quota.limit).saturating_sub(used)));
+    }
+    windows
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    pub(in crate::budget) fn smtp(pairs: &[(&str, &str)]) -> SmtpConfig {
+        let mut vars: std::collections::HashMap<String, String> =
+            [("KAFKA_BROKERS", "k:1"), ("MONGO_LOCAL", "mongodb://m"), ("SMTP_HOST", "h")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        for (k, v) in pairs {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        crate::Config::from_vars(vars).unwrap().smtp
+    }
+
+    pub(in crate::budget) const S: i64 = 1_000_000_000;
+
+    #[test]
+    fn grants_follow_one_schedule_and_never_overlap() {
+        let plan = Plan::new(&smtp(&[("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "20")]));
+        // 1 s + 7.5 ms guard over 20 units.
+        assert_eq!(plan.interval_ns, 50_375_000);
+        let now = 1_000 * S;
+        let (first, state) = decide(&State::default(), &plan, now, plan.lead_ns, 4, 1);
+        assert_eq!(first, Decision::Granted { first_ns: now + plan.lead_ns, count: 4 });
+        // Another replica at the same moment continues where the first grant ends.
+        let (second, state) = decide(&state, &plan, now, plan.lead_ns, 4, 1);
+        assert_eq!(second, Decision::Granted { first_ns: now + plan.lead_ns + 4 * plan.interval_ns, count: 4 });
+        assert_eq!(state.version, 2);
+        // After a pause the schedule starts again from now, not from the past.
+        let later = now + 60 * S;
+        let (third, _) = decide(&state, &plan, later, plan.lead_ns, 1, 1);
+        assert_eq!(third, Decision::Granted { first_ns: later + plan.lead_ns, count: 1 });
+    }
+
+    #[test]
+    fn a_quota_refuses_beyond_its_limit_until_the_window_has_passed() {
+        let plan = Plan::new(&smtp(&[
+            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", "100"),
+            ("SMTP_QUOTAS", "30/20s"),
+        ]));
+        let mut state = State::default();
+        let mut now = 1_000 * S;
+        let mut granted = 0;
+        while granted < 30 {
+            let (decision, next) = decide(&state, &plan, now, plan.lead_ns, 7, 1);
+            let Decision::Granted { count, .. } = decision else { panic!("{decision:?}") };
+            granted += count;
+            state = next;
+            now += S / 10;
+        }
+        assert_eq!(granted, 30);
+        let (decision, _) = decide(&state, &plan, now, plan.lead_ns, 1, 1);
+        let Decision::Wait { until_ns, window } = decision else { panic!("{decision:?}") };
+        assert_eq!(window, "30/20s");
+        // Freed no sooner than a window after the first grant, and at most two buckets later.
+        assert!((1_020 * S..=1_023 * S).contains(&until_ns), "{until_ns}");
+        let (decision, _) = decide(&state, &plan, until_ns, plan.lead_ns, 1, 1);
+        assert!(matches!(decision, Decision::Granted { .. }), "{decision:?}");
+    }
+
+    #[test]
+    fn recipient_units_leave_room_for_the_largest_message() {
+        let plan = Plan::new(&smtp(&[
+            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", "200"),
+            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+            ("SMTP_MAX_RECIPIENTS", "10"),
+        ]));
+        assert_eq!(plan.largest_cost, 10);
+        assert_eq!(plan.interval_ns, (1_007_500_000_f64 / 191.0).ceil() as i64);
+        let letters = Plan::new(&smtp(&[("SMTP_QUOTAS", "3/1m")]));
+        assert_eq!((letters.largest_cost, letters.smallest_window), (1, 3));
+    }
+
+    #[test]
+    fn units_given_back_are_granted_again_at_their_places_and_counted_once() {
+        let plan = Plan::new(&smtp(&[
+            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", "20"),
+            ("SMTP_QUOTAS", "30/1m"),
+        ]));
+        let now = 1_000 * S;
+        let (a, state) = decide(&State::default(), &plan, now, plan.lead_ns, 6, 1);
+        let (b, state) = decide(&state, &plan, now, plan.lead_ns, 6, 1);
+        let Decision::Granted { first_ns: a_first, count: 6 } = a else { panic!("{a:?}") };
+        assert!(matches!(b, Decision::Granted { count: 6, .. }), "{b:?}");
+        let counted = |state: &State| state.quotas.values().flat_map(|b| b.values()).sum::<u32>();
+        assert_eq!(counted(&state), 12);
+        // A gives back its last four units, one of them already too close to now to be used.
+        let back = [Run { first_ns: a_first + 2 * plan.interval_ns, count: 4 }];
+        let state = give_back(&state, &plan, now, &back);
+        let later = a_first + 2 * plan.interval_ns - plan.lead_ns + 1;
+        // The next grant takes them first, at their own times (not after B's), one unit fewer.
+        let (c, state) = decide(&state, &plan, later, plan.lead_ns, 6, 1);
+        assert_eq!(c, Decision::Granted { first_ns: a_first + 3 * plan.interval_ns, count: 3 });
+        assert_eq!(counted(&state), 12, "units given back are not counted against the quota again");
+        assert!(state.returned.is_empty(), "{:?}", state.returned);
+        // Then the schedule goes on after B's grant, as before.
+        let (d, state) = decide(&state, &plan, later, plan.lead_ns, 2, 1);
+        assert_eq!(d, Decision::Granted { first_ns: a_first + 12 * plan.interval_ns, count: 2 });
+        // A run shorter than a message's units is left for a smaller one.
+        let state = give_back(&state, &plan, later, &[Run { first_ns: a_first + 40 * plan.interval_ns, count: 2 }]);
+        let (e, state) = decide(&state, &plan, later, plan.lead_ns, 3, 3);
+        assert_eq!(e, Decision::Granted { first_ns: a_first + 14 * plan.interval_ns, count: 3 });
+        assert_eq!(state.returned.len(), 1);
+    }
+}
