@@ -109,6 +109,7 @@ async fn three_replicas_share_one_rate_and_no_second_holds_more() {
             returned += counter(http, "mailsender_budget_units_returned_total").await;
         }
         if returned > 0.0 {
+            println!("units given back: {returned}");
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(5), "no replica gave its unused units back");
