@@ -18,7 +18,7 @@ use std::{
 };
 
 use chaos::Replica;
-use common::{Received, SmtpSink, TestApp, batch, wait_for};
+use common::{Received, SmtpSink, TestApp, batch, metric_value, wait_for};
 use mailsender::model::Status;
 use serde_json::{Value, json};
 
@@ -101,26 +101,16 @@ async fn three_replicas_share_one_rate_and_no_second_holds_more() {
     );
     assert!(took <= 400.0 / 20.0 * 1.1, "400 letters took {took:.2}s at 20/s: more than 10 % over 20 s");
     // Replicas that ran out of letters gave the units they held back (`Budget::give_back`).
-    let https = [app.http.clone(), b.http.clone(), c.http.clone()];
-    let started = std::time::Instant::now();
-    loop {
+    let returned = wait_for("a replica giving its unused units back", Duration::from_secs(5), || async {
         let mut returned = 0.0;
-        for http in &https {
-            returned += counter(http, "mailsender_budget_units_returned_total").await;
+        for http in [&app.http, &b.http, &c.http] {
+            let text = reqwest::get(format!("{http}/metrics")).await.unwrap().text().await.unwrap();
+            returned += metric_value(&text, "mailsender_budget_units_returned_total").unwrap_or(0.0);
         }
-        if returned > 0.0 {
-            println!("units given back: {returned}");
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(5), "no replica gave its unused units back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A counter from a replica's `/metrics` (0 when absent).
-async fn counter(http: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{http}/metrics")).await.unwrap().text().await.unwrap();
-    text.lines().find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+        (returned > 0.0).then_some(returned)
+    })
+    .await;
+    println!("units given back: {returned}");
 }
 
 /// The relay takes 300 ms to answer each final dot; 16 workers. The relay still sees 40 messages

@@ -84,9 +84,7 @@ async fn metrics_pass_promtool_and_count_what_happened() {
     }
 
     let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+        metric_value(&text, name).map(|v| v as u64).unwrap_or_else(|| panic!("{name} missing from\n{text}"))
     };
     // MAIL + RCPT + DATA + message for the three sent; MAIL + RCPT + DATA (pipelined) and the
     // RSET that closes the refused transaction for the fourth; and one EHLO per connection.

@@ -72,7 +72,9 @@ fn local_ms() -> i64 {
     local_ns() / 1_000_000
 }
 
-fn local_ns() -> i64 {
+/// The host's wall clock in Unix nanoseconds (no skew injected: the budget maps MongoDB's clock
+/// itself).
+pub(crate) fn local_ns() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
@@ -379,10 +381,7 @@ impl Budget {
         let units: u64 = runs.iter().map(|run| u64::from(run.count)).sum();
         for _ in 0..CAS_ATTEMPTS {
             let written = async {
-                let state = match granting.take() {
-                    Some(state) => state,
-                    None => self.ledger.load().await?,
-                };
+                let state = self.latest(&mut granting).await?;
                 let next = schedule::give_back(&state, &self.plan, clock.now_ns(), &runs);
                 Ok::<_, anyhow::Error>(self.ledger.replace(state.version, &next).await?.map(|_| next))
             };
@@ -405,14 +404,20 @@ impl Budget {
         }
     }
 
+    /// The state to decide on: the copy of this replica's last write or read, taken (a lost
+    /// compare-and-set leaves none, so the next attempt reads the other replica's), else read.
+    async fn latest(&self, granting: &mut Option<State>) -> anyhow::Result<State> {
+        match granting.take() {
+            Some(state) => Ok(state),
+            None => self.ledger.load().await,
+        }
+    }
+
     /// One grant: `Ok(None)` when units were added to the pool, `Ok(Some((until, window)))` when
     /// the budget has none before `until`.
     async fn grant(&self, granting: &mut Option<State>, want: u32, need: u32) -> anyhow::Result<Option<(i64, String)>> {
         for _ in 0..CAS_ATTEMPTS {
-            let state = match granting.take() {
-                Some(state) => state,
-                None => self.ledger.load().await?,
-            };
+            let state = self.latest(granting).await?;
             let clock = self.clock();
             let now_ns = clock.now_ns();
             let lead_ns = self.lead_ns() + self.round_trip_ns.load(Ordering::Relaxed);

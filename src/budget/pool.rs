@@ -9,8 +9,8 @@ use super::{LOOKAHEAD, Plan, Run};
 /// Units granted to this replica and not handed out yet.
 #[derive(Debug, Default)]
 pub(super) struct Pool {
-    /// Runs of consecutive units: (first unit's time, count).
-    pub(super) runs: VecDeque<(i64, u32)>,
+    /// Runs of consecutive units, in time order.
+    pub(super) runs: VecDeque<Run>,
     /// Loose units: (usable until, count).
     pub(super) loose: VecDeque<(i64, u32)>,
     /// Units handed out since `since`, for the size of the next grant.
@@ -46,28 +46,19 @@ impl Pool {
             self.handed += u64::from(units);
             return Some(Taken::Until(until));
         }
-        // Units before `now_ns` are of no use: spending them late could crowd a window.
-        while let Some((first, count)) = self.runs.front_mut() {
-            if *first < now_ns {
-                let past = ((now_ns - *first) as f64 / interval_ns as f64).ceil() as i64;
-                if past >= i64::from(*count) {
-                    self.runs.pop_front();
-                    continue;
-                }
-                *first += past * interval_ns;
-                *count -= past as u32;
-            }
-            if *count < units {
-                // Too few consecutive units for this message: they expire unused rather than
-                // split it across other replicas' units.
-                self.runs.pop_front();
+        while let Some(run) = self.runs.pop_front() {
+            // Units before `now_ns` are of no use: spending them late could crowd a window.
+            let Some(mut run) = run.from(now_ns, interval_ns) else { continue };
+            // Too few consecutive units for this message: they expire unused rather than split
+            // it across other replicas' units.
+            if run.count < units {
                 continue;
             }
-            let last = *first + i64::from(units - 1) * interval_ns;
-            *first += i64::from(units) * interval_ns;
-            *count -= units;
-            if *count == 0 {
-                self.runs.pop_front();
+            let last = run.first_ns + i64::from(units - 1) * interval_ns;
+            run.first_ns += i64::from(units) * interval_ns;
+            run.count -= units;
+            if run.count > 0 {
+                self.runs.push_front(run);
             }
             self.handed += u64::from(units);
             return Some(Taken::At(last));
@@ -78,29 +69,25 @@ impl Pool {
     /// Adds a granted run in time order: units another replica gave back may lie before the
     /// runs this one holds.
     pub(super) fn add(&mut self, first_ns: i64, count: u32, interval_ns: i64) {
-        let at = self.runs.partition_point(|(first, _)| *first < first_ns);
-        if let Some((before_first, before_count)) = at.checked_sub(1).and_then(|i| self.runs.get_mut(i))
-            && *before_first + i64::from(*before_count) * interval_ns == first_ns
+        let at = self.runs.partition_point(|run| run.first_ns < first_ns);
+        if let Some(before) = at.checked_sub(1).and_then(|i| self.runs.get_mut(i))
+            && before.end_ns(interval_ns) == first_ns
         {
-            *before_count += count;
+            before.count += count;
             return;
         }
-        self.runs.insert(at, (first_ns, count));
+        self.runs.insert(at, Run { first_ns, count });
     }
 
     /// Takes out every unit from `from_ns` on, to give them back to the budget.
     pub(super) fn take_back(&mut self, from_ns: i64, interval_ns: i64) -> Vec<Run> {
         let mut back = Vec::new();
-        self.runs.retain_mut(|(first, count)| {
-            let kept = match *first >= from_ns {
-                true => 0,
-                false => ((from_ns - *first) as u64).div_ceil(interval_ns as u64).min(u64::from(*count)) as u32,
-            };
-            if kept < *count {
-                back.push(Run { first_ns: *first + i64::from(kept) * interval_ns, count: *count - kept });
+        self.runs.retain_mut(|run| {
+            if let Some(tail) = run.from(from_ns, interval_ns) {
+                back.push(tail);
+                run.count -= tail.count;
             }
-            *count = kept;
-            kept > 0
+            run.count > 0
         });
         back
     }
@@ -108,7 +95,7 @@ impl Pool {
     /// Whether the pool holds less than this replica uses until `horizon_ns`: the next grant
     /// should be on its way.
     pub(super) fn low(&self, now_ns: i64, horizon_ns: i64, interval_ns: i64) -> bool {
-        let scheduled_until = self.runs.back().map_or(0, |(first, count)| first + i64::from(*count) * interval_ns);
+        let scheduled_until = self.runs.back().map_or(0, |run| run.end_ns(interval_ns));
         if scheduled_until >= horizon_ns {
             return false;
         }
@@ -161,13 +148,14 @@ mod tests {
         pool.add(2_000, 3, 10);
         // Units given back by another replica, earlier than those held: taken first.
         pool.add(500, 1, 10);
-        assert_eq!(Vec::from(pool.runs.clone()), vec![(500, 1), (1_000, 6), (2_000, 3)]);
+        let runs = |pool: &Pool| pool.runs.iter().map(|run| (run.first_ns, run.count)).collect::<Vec<_>>();
+        assert_eq!(runs(&pool), vec![(500, 1), (1_000, 6), (2_000, 3)]);
         assert_eq!(pool.take(1, 10, 0, 0), Some(Taken::At(500)));
         assert_eq!(
             pool.take_back(1_025, 10),
             vec![Run { first_ns: 1_030, count: 3 }, Run { first_ns: 2_000, count: 3 }]
         );
-        assert_eq!(Vec::from(pool.runs.clone()), vec![(1_000, 3)]);
+        assert_eq!(runs(&pool), vec![(1_000, 3)]);
         assert_eq!(pool.take_back(0, 10), vec![Run { first_ns: 1_000, count: 3 }]);
         assert!(pool.runs.is_empty());
     }

@@ -50,13 +50,18 @@ pub struct Run {
 
 impl Run {
     /// The units from `from_ns` on: the run less those before, if any are left.
-    fn from(self, from_ns: i64, interval_ns: i64) -> Option<Run> {
+    pub(super) fn from(self, from_ns: i64, interval_ns: i64) -> Option<Run> {
         if self.first_ns >= from_ns {
             return Some(self);
         }
         let past = ((from_ns - self.first_ns) as u64).div_ceil(interval_ns as u64) as i64;
         (past < i64::from(self.count))
             .then(|| Run { first_ns: self.first_ns + past * interval_ns, count: self.count - past as u32 })
+    }
+
+    /// The time just after the last unit: where a run that continues this one starts.
+    pub(super) fn end_ns(self, interval_ns: i64) -> i64 {
+        self.first_ns + i64::from(self.count) * interval_ns
     }
 }
 

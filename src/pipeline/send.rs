@@ -347,9 +347,7 @@ impl Worker {
                         // records it (the benchmark does).
                         tracing::trace!(
                             target: "mailsender::dot",
-                            at_unix_us = std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .map_or(0, |d| d.as_micros() as u64),
+                            at_unix_us = crate::budget::local_ns() / 1_000,
                             late_us = late.as_micros() as u64,
                             units = ticket.units,
                             "final dot"
