@@ -145,9 +145,15 @@ async fn halt_during_slow_sends_reverts_letters_which_are_sent_after_restart() {
     let (status, _) = app.post("/post", batch("halt", 8, 1).to_string()).await;
     assert_eq!(status, 202);
 
-    // Wait until sends are in progress (letters leased), then halt.
+    // Wait until two sends are in progress, then halt. (Leased letters are not enough: a claim
+    // leases all eight at once, before any worker has started a transaction.)
     app.wait_for_letters("letters being sent", LONG, |letters| {
         letters.len() == 8 && letters.iter().filter(|l| l.status == Status::Processing).count() >= 2
+    })
+    .await;
+    wait_for("two sends in flight", LONG, || async {
+        let (_, text) = app.get("/metrics").await;
+        metric_value(&text, "mailsender_sends_in_flight").filter(|n| *n >= 2.0)
     })
     .await;
     let (status, body) = app.post("/halt", "").await;
