@@ -78,6 +78,7 @@ pub struct Metrics {
     pub budget_lateness: Histogram,
     pub budget_units_missed: Counter,
     pub budget_units_returned: Counter,
+    pub budget_withdrawn: Counter,
 }
 
 impl Metrics {
@@ -114,6 +115,7 @@ impl Metrics {
             budget_lateness: Histogram::new(exponential_buckets(0.000_125, 2.0, 14)),
             budget_units_missed: Counter::default(),
             budget_units_returned: Counter::default(),
+            budget_withdrawn: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("letters_received", "Letters decoded from Kafka batches", metrics.received.clone());
@@ -233,6 +235,11 @@ impl Metrics {
             "budget_units_returned",
             "Units of the budget this instance gave back unused (out of letters, or stopping) for other replicas to use",
             metrics.budget_units_returned.clone(),
+        );
+        registry.register(
+            "budget_messages_withdrawn",
+            "Messages withdrawn before their final dot because no unit of the budget came within the hold bound (the letter goes back without costing an attempt)",
+            metrics.budget_withdrawn.clone(),
         );
         registry.register("build", "Build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
         Metrics { registry, ..metrics }

@@ -398,6 +398,11 @@ pub fn inject_clock_skew(ms: i64) {
     CLOCK_SKEW_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The test hook's skew, for the other wall-clock reads of the process (the budget's).
+pub fn clock_skew_ms() -> i64 {
+    CLOCK_SKEW_MS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn is_zero(n: &i64) -> bool {
     *n == 0
 }

@@ -370,3 +370,134 @@ async fn a_letter_larger_than_a_window_fails_with_the_reason() {
     assert_eq!(small.status, Status::Sent);
     assert_eq!(sink.received().len(), 1);
 }
+
+// ------------------------------------------------------------------------------------------------
+// Issue 21: the configurations users run (each of these failed on the code before the fix)
+// ------------------------------------------------------------------------------------------------
+
+/// The ends of data within `width` seconds of the first one.
+fn in_first_window(received: &[Received], width: f64) -> usize {
+    let first = received.iter().map(|r| r.eod_ts).fold(f64::INFINITY, f64::min);
+    received.iter().filter(|r| r.eod_ts < first + width).count()
+}
+
+/// A daily quota with the rate left high (Google Workspace's 2,000 a day, scaled to 30 per 20 s):
+/// the first window holds the whole quota, not one letter per worker. Units a grant reserved and
+/// no message used go back to the quota (before: 8 per window with 8 workers).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quota_with_the_rate_left_high_sends_the_whole_quota() {
+    let _serial = TIMING.lock().await;
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(
+        &sink,
+        &[
+            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", "10000"),
+            ("SMTP_QUOTAS", "30/20s"),
+            ("SMTP_MAX_SENDERS", "8"),
+        ],
+    )
+    .await;
+    feed(&app, "daily", 40).await;
+    let received = sink.wait_for_count(30, Duration::from_secs(18)).await;
+    let first_window = in_first_window(&received, 20.0);
+    // The rest waits for the next window.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let received = sink.received();
+    let (busiest, at) = busiest_window(&received, 20.0, |_| 1);
+    println!("quota 30/20s, rate 10,000/s, 8 workers: {first_window} in the first 20 s, busiest 20 s {busiest}");
+    assert_eq!(first_window, 30, "the first window should hold the whole quota");
+    assert!(busiest <= 30, "{busiest} letters in 20 s (from +{at:.2}s): the quota is 30");
+}
+
+/// Two replicas whose clocks run 10 minutes ahead of MongoDB's (a node whose NTP is off): the
+/// budget follows the server's clock from its first decision, so the letters go at the budget's
+/// pace (before: none of 100 in 60 s, the first grant written 10 minutes into the server's
+/// future). The test hook skews every wall-clock read of the process, the budget's included.
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_whose_clocks_run_ahead_still_send_at_the_budgets_pace() {
+    let _serial = TIMING.lock().await;
+    let sinks = [SmtpSink::start().await, SmtpSink::start().await];
+    let app = TestApp::spawn(
+        &sinks[0],
+        &[
+            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", "20"),
+            ("MAILSENDER_FAULT_INJECTION", "clock_skew_ms:600000"),
+        ],
+    )
+    .await;
+    let _b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sinks[1].port)).await;
+    feed(&app, "ahead", 100).await;
+    let received = received_from(&[&sinks[0], &sinks[1]], 100, Duration::from_secs(20)).await;
+    let (busiest, at) = busiest_window(&received, 1.0, |_| 1);
+    let took = span(&received);
+    println!("2 replicas 10 min ahead, 20/s: 100 letters in {took:.2}s, busiest second {busiest}");
+    assert!(busiest <= 20, "{busiest} letters within one second (from +{at:.2}s): the budget is 20");
+    assert!(took <= 100.0 / 20.0 * 1.2, "100 letters took {took:.2}s at 20/s");
+}
+
+/// A daily limit written as a 24 h period with a burst (2,000 a day, burst 100): after idle
+/// time up to 100 letters go at once, whatever the period (before: 1 letter in 10 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_is_honoured_with_a_24h_period() {
+    let _serial = TIMING.lock().await;
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(
+        &sink,
+        &[("SMTP_RATE_LIMIT_PERIOD", "24h"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "2000"), ("SMTP_RATE_LIMIT_BURST", "100")],
+    )
+    .await;
+    feed(&app, "burst", 20).await;
+    let received = sink.wait_for_count(20, Duration::from_secs(10)).await;
+    println!("24h/2000 burst 100: 20 letters in {:.2}s", span(&received));
+    assert_eq!(received.len(), 20);
+}
+
+/// 10 letters per 10 s with a burst of 5: 5 at once, then one every second; no 10 s window holds
+/// more than MAX + BURST − 1 = 14 (before: 12 in the first 10 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_then_the_rate_and_never_more_than_max_plus_burst() {
+    let _serial = TIMING.lock().await;
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(
+        &sink,
+        &[("SMTP_RATE_LIMIT_PERIOD", "10s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "10"), ("SMTP_RATE_LIMIT_BURST", "5")],
+    )
+    .await;
+    feed(&app, "burst5", 30).await;
+    let received = sink.wait_for_count(20, Duration::from_secs(25)).await;
+    let first_window = in_first_window(&received, 10.0);
+    let (busiest, at) = busiest_window(&received, 10.0, |_| 1);
+    println!("10/10s burst 5: {first_window} in the first 10 s, busiest 10 s {busiest}");
+    assert!(first_window >= 14, "{first_window} letters in the first 10 s: 5 at once and one a second give 14");
+    assert!(busiest <= 14, "{busiest} letters in 10 s (from +{at:.2}s): at most MAX + BURST - 1 = 14");
+}
+
+/// The relay is slow to open the data phase (600 ms before its 354), so the first message
+/// reaches its final dot long after its unit; the quota (1 per 20 s) has no other unit. The
+/// message is withdrawn within `HOLD_MAX` (5 s) instead of holding the relay's DATA phase open
+/// for the window (the relay drops a client silent for 8 s), and the letter goes back without
+/// costing an attempt: it is sent once, on its first counted attempt, when the quota allows
+/// (before: the relay dropped the connection, the letter was retried as "may have been
+/// delivered", Attempts 2).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unit_that_cannot_come_in_time_withdraws_the_message_without_an_attempt() {
+    let _serial = TIMING.lock().await;
+    let sink = SmtpSink::start().await;
+    sink.control(json!({ "data_start_delay_s": 0.6, "idle_timeout_s": 8.0 }));
+    let app = TestApp::spawn(
+        &sink,
+        &[("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "10"), ("SMTP_QUOTAS", "1/20s")],
+    )
+    .await;
+    app.produce(Some("late"), batch("late", 1, 1).to_string().as_bytes()).await;
+    let letters = app.wait_all_final(1, Duration::from_secs(60)).await;
+    let (_, metrics) = app.get("/metrics").await;
+    let withdrawn = metric_value(&metrics, "mailsender_budget_messages_withdrawn_total").unwrap_or(0.0);
+    println!("withdrawn {withdrawn}, attempts {}, status {:?}", letters[0].attempts, letters[0].status);
+    assert_eq!(letters[0].status, Status::Sent, "{:?}", letters[0].error);
+    assert_eq!(letters[0].attempts, 1, "the withdrawn attempt must not count");
+    assert_eq!(sink.received().len(), 1);
+    assert!(withdrawn >= 1.0, "no message was withdrawn for want of a unit");
+}

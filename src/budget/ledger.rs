@@ -29,11 +29,14 @@ pub trait Ledger: Send + Sync {
     /// Writes `new` if the stored version is still `expected`. `Ok(None)`: another replica wrote
     /// first. `Ok(Some(ms))`: written, at the server's clock `ms` (Unix milliseconds).
     fn replace<'a>(&'a self, expected: i64, new: &'a State) -> BoxFuture<'a, anyhow::Result<Option<i64>>>;
+    /// The server's clock now, in Unix milliseconds.
+    fn server_time(&self) -> BoxFuture<'_, anyhow::Result<i64>>;
 }
 
 /// The budget document in `<collection>_budget`.
 pub struct MongoLedger {
     collection: Collection<Document>,
+    database: mongodb::Database,
     metrics: Arc<Metrics>,
 }
 
@@ -43,7 +46,7 @@ impl MongoLedger {
     /// Beside the letters collection, in the same database.
     pub fn beside<T: Send + Sync>(letters: &Collection<T>, metrics: Arc<Metrics>) -> MongoLedger {
         let db = letters.client().database(letters.namespace().db.as_str());
-        MongoLedger { collection: db.collection(&format!("{}_budget", letters.name())), metrics }
+        MongoLedger { collection: db.collection(&format!("{}_budget", letters.name())), database: db, metrics }
     }
 
     fn count(&self, command: &'static str) {
@@ -154,6 +157,14 @@ impl Ledger for MongoLedger {
             }
         })
     }
+
+    fn server_time(&self) -> BoxFuture<'_, anyhow::Result<i64>> {
+        Box::pin(async move {
+            self.count("hello");
+            let reply = self.database.run_command(doc! { "hello": 1 }).await.context("MongoDB hello")?;
+            Ok(reply.get_datetime("localTime").context("MongoDB hello without localTime")?.timestamp_millis())
+        })
+    }
 }
 
 fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
@@ -199,6 +210,12 @@ impl MemoryLedger {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
+    /// The server's clock: its origin, then tokio's time (paused in tests).
+    fn now_ms(&self) -> i64 {
+        let elapsed = self.started.get().map_or(Duration::ZERO, |s| s.elapsed());
+        self.origin_ms + elapsed.as_millis() as i64
+    }
+
     fn check(&self) -> anyhow::Result<()> {
         match self.down.load(Ordering::Relaxed) {
             true => Err(anyhow::anyhow!("memory ledger down")),
@@ -228,12 +245,21 @@ impl Ledger for MemoryLedger {
                 } else {
                     *state = new.clone();
                     self.writes.fetch_add(1, Ordering::Relaxed);
-                    let elapsed = self.started.get().map_or(Duration::ZERO, |s| s.elapsed());
-                    Some(self.origin_ms + elapsed.as_millis() as i64)
+                    Some(self.now_ms())
                 }
             };
             self.travel(self.round_trip / 2).await;
             Ok(written)
+        })
+    }
+
+    fn server_time(&self) -> BoxFuture<'_, anyhow::Result<i64>> {
+        Box::pin(async move {
+            self.travel(self.round_trip / 2).await;
+            self.check()?;
+            let now = self.now_ms();
+            self.travel(self.round_trip / 2).await;
+            Ok(now)
         })
     }
 }

@@ -43,10 +43,12 @@ use crate::metrics::{Metrics, WindowLabel};
 mod ledger;
 mod pool;
 mod schedule;
+#[cfg(test)]
+mod sim;
 
 pub use ledger::{Ledger, MemoryLedger, MongoLedger};
 use pool::{Pool, Taken};
-pub use schedule::{Decision, LooseGrant, Plan, QuotaPlan, Run, State, decide, usage};
+pub use schedule::{Decision, LooseGrant, Placed, Plan, QuotaPlan, Run, State, decide, usage};
 
 /// A replica asks for what it expects to send in this long.
 pub const LOOKAHEAD: Duration = Duration::from_millis(250);
@@ -55,7 +57,20 @@ pub const LOOKAHEAD: Duration = Duration::from_millis(250);
 /// recent slowest preparation), starting from this, within these bounds.
 const LEAD: Duration = Duration::from_millis(100);
 const LEAD_MIN: Duration = Duration::from_millis(1);
-const LEAD_MAX: Duration = Duration::from_secs(1);
+const LEAD_MAX: Duration = Duration::from_millis(1_500);
+/// Where units lie seconds apart, a grant's first unit is at least this far ahead (at most half an
+/// interval): a first message prepared more slowly than the first guess of the lead would miss
+/// its unit, and the next one is a whole interval away (43 s for 2,000 a day).
+const SLOW_LEAD: Duration = Duration::from_secs(1);
+/// A grant's first usable moment is at most this far ahead of now; further, it waits. Above the
+/// longest lead and round trip, so that a slow relay never finds the budget out of reach.
+const HORIZON: Duration = Duration::from_secs(3);
+/// The longest a message waits at its final dot, the relay's DATA phase open, for a unit to
+/// replace one it was too late for. Past it the message is withdrawn (the connection dropped
+/// before the dot, so the relay discards it) and the letter goes back without costing an
+/// attempt: an exhausted quota or MongoDB away must not run out the relay's data timeout, after
+/// which the letter would be reported "may have been delivered" though no dot was sent.
+pub const HOLD_MAX: Duration = Duration::from_secs(5);
 /// A grant that takes longer counts as MongoDB unreachable (the driver itself waits up to its
 /// server selection timeout, 5 s, before it says so).
 const GRANT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -72,10 +87,12 @@ fn local_ms() -> i64 {
     local_ns() / 1_000_000
 }
 
-/// The host's wall clock in Unix nanoseconds (no skew injected: the budget maps MongoDB's clock
-/// itself).
+/// The host's wall clock in Unix nanoseconds, with the test hook's skew
+/// (`MAILSENDER_FAULT_INJECTION=clock_skew_ms:N`) like every wall-clock read of the process: the
+/// budget maps MongoDB's clock onto it, measured before its first decision.
 pub(crate) fn local_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    let host = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+    host + crate::model::clock_skew_ms() * 1_000_000
 }
 
 /// The server's clock as seen from here: a local instant and the server time it stands for.
@@ -105,6 +122,12 @@ impl ServerClock {
         }
     }
 
+    /// The server's clock read at `server_ms` (truncated to the millisecond) between `sent` and
+    /// `received`, taken as it is: the first measurement, before anything is decided with it.
+    fn measured(server_ms: i64, sent: Instant, received: Instant) -> ServerClock {
+        ServerClock { base: sent + received.duration_since(sent) / 2, base_ns: server_ms * 1_000_000 + 500_000 }
+    }
+
     /// The server wrote at `server_ms` (truncated to the millisecond) between `sent` and
     /// `received`: move our idea of its clock when it is off by more than that uncertainty.
     fn observe(&mut self, server_ms: i64, sent: Instant, received: Instant) {
@@ -130,6 +153,8 @@ pub struct Ticket {
     pub units: u32,
     /// How long it took to get it.
     pub waited: Duration,
+    /// Its units as the quotas counted them, to give back if the message does not go on them.
+    pub(crate) placed: Placed,
 }
 
 /// tokio's timers fire on a millisecond tick, and a little after it: in a debug build under load a
@@ -166,6 +191,10 @@ pub struct Budget {
     /// This replica's letters are running out (see [`Budget::letters_running_out`]).
     running_out: AtomicBool,
     clock: std::sync::Mutex<ServerClock>,
+    /// The server's clock has been read: until it is, nothing is decided (a host clock minutes
+    /// ahead would write its first grant minutes into the server's future, and every replica
+    /// would wait for it).
+    clock_measured: AtomicBool,
     waiting: AtomicUsize,
     available: AtomicBool,
     /// Recent slowest preparation of a transaction, in nanoseconds (see [`LEAD`]).
@@ -177,7 +206,13 @@ pub struct Budget {
 
 impl Budget {
     pub fn new(plan: Plan, ledger: Arc<dyn Ledger>, metrics: Arc<Metrics>) -> Budget {
-        let clock = ServerClock { base: Instant::now(), base_ns: local_ns() };
+        Budget::with_host_clock(plan, ledger, metrics, local_ns())
+    }
+
+    /// As [`Budget::new`], with the host's clock reading `host_ns` now: the simulation gives each
+    /// replica its own clock offset.
+    pub fn with_host_clock(plan: Plan, ledger: Arc<dyn Ledger>, metrics: Arc<Metrics>, host_ns: i64) -> Budget {
+        let clock = ServerClock { base: Instant::now(), base_ns: host_ns };
         metrics.budget_available.set(1);
         Budget {
             plan,
@@ -187,6 +222,7 @@ impl Budget {
             refilling: AtomicBool::new(false),
             running_out: AtomicBool::new(false),
             clock: std::sync::Mutex::new(clock),
+            clock_measured: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             available: AtomicBool::new(true),
             preparation_ns: AtomicI64::new(LEAD.as_nanos() as i64 * 2 / 3),
@@ -207,6 +243,14 @@ impl Budget {
         }
     }
 
+    /// The message did not go on `ticket`'s units (its dot came too late for them): they go back
+    /// to the quotas with the next write. Where the budget is far above the load the pool always
+    /// holds units about to pass, a message taking one is late for it, and half a daily quota
+    /// went that way.
+    pub fn missed(&self, ticket: &Ticket) {
+        self.pool().expire(ticket.placed);
+    }
+
     /// A transaction reached its final dot `took` after its ticket was handed out: follows a
     /// slower one at once, a faster one by a quarter of the difference.
     pub fn prepared(&self, took: Duration) {
@@ -216,9 +260,17 @@ impl Budget {
         self.preparation_ns.store(next, Ordering::Relaxed);
     }
 
+    /// How long before its unit a transaction is opened: the recent slowest preparation and half
+    /// again. A worker whose unit is further ahead waits before opening it, so the relay's DATA
+    /// phase is never held open for the budget.
+    pub fn lead(&self) -> Duration {
+        Duration::from_nanos(self.lead_ns() as u64)
+    }
+
     fn lead_ns(&self) -> i64 {
         let lead = self.preparation_ns.load(Ordering::Relaxed) * 3 / 2;
-        lead.clamp(LEAD_MIN.as_nanos() as i64, LEAD_MAX.as_nanos() as i64)
+        let slow = (self.plan.interval_ns / 2).min(SLOW_LEAD.as_nanos() as i64);
+        lead.clamp(LEAD_MIN.as_nanos() as i64, LEAD_MAX.as_nanos() as i64).max(slow)
     }
 
     fn clock(&self) -> ServerClock {
@@ -318,12 +370,19 @@ impl Budget {
             self.refill();
         }
         let issued = Instant::now();
-        let (at, unit) = match taken {
-            Taken::At(last_ns) => (clock.instant(last_ns - self.plan.tolerance_ns), clock.instant(last_ns)),
+        let (at, unit, placed) = match taken {
+            Taken::At(last_ns) => {
+                let first_ns = last_ns - i64::from(units - 1) * self.plan.interval_ns;
+                let placed = Placed { first_ns, count: units, step_ns: self.plan.interval_ns };
+                (clock.instant(last_ns - self.plan.tolerance_ns), clock.instant(last_ns), placed)
+            }
             // Any moment until then: the lateness allowed past `unit` brings it to `until`.
-            Taken::Until(until_ns) => (issued, clock.instant(until_ns - late_ns)),
+            Taken::Until(until_ns) => {
+                let placed = Placed { first_ns: until_ns, count: units, step_ns: 0 };
+                (issued, clock.instant(until_ns - late_ns), placed)
+            }
         };
-        Some(Ticket { at, unit, issued, units, waited: asked.elapsed() })
+        Some(Ticket { at, unit, issued, units, waited: asked.elapsed(), placed })
     }
 
     /// Asks for the next grant in the background, unless one is on its way already, so that the
@@ -413,22 +472,54 @@ impl Budget {
         }
     }
 
+    /// Reads the server's clock, once, before the first decision.
+    async fn measure_clock(&self) -> anyhow::Result<()> {
+        if self.clock_measured.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let sent = Instant::now();
+        let server_ms = self.ledger.server_time().await?;
+        let received = Instant::now();
+        let clock = ServerClock::measured(server_ms, sent, received);
+        let offset_ms = (clock.at_ns(received) - self.clock().at_ns(received)) / 1_000_000;
+        if offset_ms.abs() > 1_000 {
+            tracing::warn!(offset_ms, "this host's clock differs from MongoDB's; the sending budget follows MongoDB's");
+        }
+        *self.clock.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = clock;
+        self.clock_measured.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// One grant: `Ok(None)` when units were added to the pool, `Ok(Some((until, window)))` when
-    /// the budget has none before `until`.
+    /// the budget has none before `until`. Units that passed unused in the pool are given back to
+    /// the quotas in the same write (or alone, when nothing can be granted); if the write's fate
+    /// is unknown (an error, a timeout) they are dropped, since counting them twice could let a
+    /// window hold more than its quota.
     async fn grant(&self, granting: &mut Option<State>, want: u32, need: u32) -> anyhow::Result<Option<(i64, String)>> {
+        self.measure_clock().await?;
+        let unused = self.pool().take_expired();
         for _ in 0..CAS_ATTEMPTS {
-            let state = self.latest(granting).await?;
+            let stored = self.latest(granting).await?;
             let clock = self.clock();
             let now_ns = clock.now_ns();
             let lead_ns = self.lead_ns() + self.round_trip_ns.load(Ordering::Relaxed);
-            let (decision, next) = decide(&state, &self.plan, now_ns, lead_ns, want, need);
+            let state = schedule::refund(&stored, &self.plan, now_ns, &unused);
+            let (decision, mut next) = decide(&state, &self.plan, now_ns, lead_ns, want, need);
             self.publish(&state, now_ns);
-            if let Decision::Wait { until_ns, window } = decision {
-                *granting = Some(state);
-                return Ok(Some((until_ns, window)));
+            let wait = match &decision {
+                Decision::Wait { until_ns, window } => Some((*until_ns, window.clone())),
+                _ => None,
+            };
+            if wait.is_some() {
+                // Nothing granted; what was given back to the quotas is still written.
+                if next == stored {
+                    *granting = Some(stored);
+                    return Ok(wait);
+                }
+                next = State { version: stored.version + 1, ..next };
             }
             let sent = Instant::now();
-            match self.ledger.replace(state.version, &next).await? {
+            match self.ledger.replace(stored.version, &next).await? {
                 Some(server_ms) => {
                     let received = Instant::now();
                     // The slowest recent round trip, decaying: the next grant starts this much
@@ -441,16 +532,18 @@ impl Budget {
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .observe(server_ms, sent, received);
-                    self.metrics.budget_grants.inc();
                     self.publish(&next, now_ns);
+                    *granting = Some(next);
+                    if wait.is_some() {
+                        return Ok(wait);
+                    }
+                    self.metrics.budget_grants.inc();
                     let mut pool = self.pool();
                     match decision {
                         Decision::Granted { first_ns, count } => pool.add(first_ns, count, self.plan.interval_ns),
                         Decision::Loose { until_ns, count } => pool.loose.push_back((until_ns, count)),
                         Decision::Wait { .. } => {}
                     }
-                    drop(pool);
-                    *granting = Some(next);
                     return Ok(None);
                 }
                 // Another replica wrote first: read its state and decide again.
@@ -458,6 +551,7 @@ impl Budget {
             }
         }
         // Many replicas racing for the same document: step back briefly, as if it were busy.
+        // The units that passed unused stay uncounted-back: lost, never counted twice.
         Ok(Some((self.clock().now_ns() + 5_000_000, "contention".to_owned())))
     }
 

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 use tokio::time::Instant;
 
-use super::{LOOKAHEAD, Plan, Run};
+use super::{LOOKAHEAD, Placed, Plan, Run};
 
 /// Units granted to this replica and not handed out yet.
 #[derive(Debug, Default)]
@@ -13,6 +13,8 @@ pub(super) struct Pool {
     pub(super) runs: VecDeque<Run>,
     /// Loose units: (usable until, count).
     pub(super) loose: VecDeque<(i64, u32)>,
+    /// Units that passed unused, to give back to the quotas with the next write.
+    expired: Vec<Placed>,
     /// Units handed out since `since`, for the size of the next grant.
     handed: u64,
     since: Option<Instant>,
@@ -31,10 +33,12 @@ pub(super) enum Taken {
 
 impl Pool {
     /// `units` for one message: loose ones that are still usable at `ready_ns` (when the message
-    /// can be ready), else the last of `units` consecutive units not before `now_ns`.
+    /// can be ready), else the last of `units` consecutive units not before `now_ns`. Units
+    /// passed over are kept for the quotas ([`Pool::take_expired`]).
     pub(super) fn take(&mut self, units: u32, interval_ns: i64, now_ns: i64, ready_ns: i64) -> Option<Taken> {
         while let Some((until, count)) = self.loose.front_mut() {
             if *until < ready_ns || *count < units {
+                self.expired.push(Placed { first_ns: *until, count: *count, step_ns: 0 });
                 self.loose.pop_front();
                 continue;
             }
@@ -46,12 +50,18 @@ impl Pool {
             self.handed += u64::from(units);
             return Some(Taken::Until(until));
         }
-        while let Some(run) = self.runs.pop_front() {
+        while let Some(whole) = self.runs.pop_front() {
             // Units before `now_ns` are of no use: spending them late could crowd a window.
-            let Some(mut run) = run.from(now_ns, interval_ns) else { continue };
+            let run = whole.from(now_ns, interval_ns);
+            let kept = run.map_or(0, |run| run.count);
+            if kept < whole.count {
+                self.expired.push(Placed { first_ns: whole.first_ns, count: whole.count - kept, step_ns: interval_ns });
+            }
+            let Some(mut run) = run else { continue };
             // Too few consecutive units for this message: they expire unused rather than split
             // it across other replicas' units.
             if run.count < units {
+                self.expired.push(Placed { first_ns: run.first_ns, count: run.count, step_ns: interval_ns });
                 continue;
             }
             let last = run.first_ns + i64::from(units - 1) * interval_ns;
@@ -64,6 +74,16 @@ impl Pool {
             return Some(Taken::At(last));
         }
         None
+    }
+
+    /// Units handed out that no message went on.
+    pub(super) fn expire(&mut self, placed: Placed) {
+        self.expired.push(placed);
+    }
+
+    /// The units that passed unused since the last call, to give back to the quotas.
+    pub(super) fn take_expired(&mut self) -> Vec<Placed> {
+        std::mem::take(&mut self.expired)
     }
 
     /// Adds a granted run in time order: units another replica gave back may lie before the
@@ -115,11 +135,16 @@ impl Pool {
         let now = Instant::now();
         if self.since.is_none() {
             self.since = Some(now);
+            let lookahead = (LOOKAHEAD.as_nanos() as i64 / plan.interval_ns).clamp(1, i64::from(max_grant)) as u32;
             let first = match plan.loose_max {
-                0 => max_grant,
+                // Under a quota, units this replica cannot use yet are units another cannot
+                // have, and all of them are lost with it if it dies (a first grant of a
+                // lookahead at 10,000/s took a whole daily quota of 2,000): the waiting workers'.
+                _ if !plan.quotas.is_empty() => 1,
+                0 => lookahead,
                 loose => (loose / 4).max(1),
             };
-            return first.max(need);
+            return first.max(need.saturating_mul(waiting.max(1) as u32)).clamp(need, max_grant.max(need));
         }
         if let Some(since) = self.since {
             let elapsed = now.duration_since(since).as_secs_f64();
@@ -130,8 +155,14 @@ impl Pool {
         }
         self.since = Some(now);
         self.handed = 0;
-        let expected = (self.rate * LOOKAHEAD.as_secs_f64()).ceil() as u32;
         let queued = need.saturating_mul(waiting.max(1) as u32);
+        // Where units are usable long before their places (a burst over a long period), units
+        // held ahead of the workers' need are a replica's to strand if it dies: ask for what the
+        // workers waiting need, a round trip each time, which such a budget's pace allows.
+        if plan.tolerance_ns >= LOOKAHEAD.as_nanos() as i64 {
+            return queued.clamp(need, max_grant.max(need));
+        }
+        let expected = (self.rate * LOOKAHEAD.as_secs_f64()).ceil() as u32;
         expected.max(queued).clamp(need, max_grant.max(need))
     }
 }
@@ -158,5 +189,22 @@ mod tests {
         assert_eq!(runs(&pool), vec![(1_000, 3)]);
         assert_eq!(pool.take_back(0, 10), vec![Run { first_ns: 1_000, count: 3 }]);
         assert!(pool.runs.is_empty());
+    }
+
+    /// Units passed over are kept for the quotas at their places.
+    #[test]
+    fn units_passed_unused_are_kept_for_the_quotas() {
+        let mut pool = Pool::default();
+        pool.add(1_000, 4, 10);
+        pool.add(1_100, 3, 10);
+        // At 1_025, the units at 1_000, 1_010 and 1_020 have passed.
+        assert_eq!(pool.take(1, 10, 1_025, 1_025), Some(Taken::At(1_030)));
+        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_000, count: 3, step_ns: 10 }]);
+        // Four units wanted, three in a row left: they expire rather than split the message.
+        assert_eq!(pool.take(4, 10, 1_031, 1_031), None);
+        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_100, count: 3, step_ns: 10 }]);
+        pool.loose.push_back((2_000, 5));
+        assert_eq!(pool.take(1, 10, 2_001, 2_001), None);
+        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 2_000, count: 5, step_ns: 0 }]);
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use super::{LEAD, LOOKAHEAD, LOOSE_SPAN};
+use super::{HORIZON, LEAD, LOOKAHEAD, LOOSE_SPAN};
 use crate::config::{RateUnit, SmtpConfig};
 
 /// Spacing added to the rate's schedule, 0.75 % of the period (at most 50 ms; it costs the same
@@ -16,8 +16,10 @@ use crate::config::{RateUnit, SmtpConfig};
 /// of the rate, and the Python test relay's stalls were larger than the half anyway.
 const GUARD_PER_100K: i64 = 750;
 const GUARD_MAX: Duration = Duration::from_millis(50);
-/// Quota buckets: a window is counted in about this many, each at least a second wide.
-const BUCKETS: i64 = 20;
+/// Quota buckets: a window is counted in about this many, each at least a second wide. A window
+/// frees one to two buckets late, so a quota-bound deployment uses `1 − 2 / BUCKETS` of it at
+/// worst; 64 keeps that above 96 % (a 24 h quota in buckets of 22.5 min).
+const BUCKETS: i64 = 64;
 /// Share of the period set aside for loose grants: 0.25 %, so that guard and loose together cost at
 /// most 1 % of the rate.
 const LOOSE_GUARD_PER_100K: i64 = 250;
@@ -65,6 +67,36 @@ impl Run {
     }
 }
 
+/// Units counted against the quotas where they are used: `count` units from `first_ns`,
+/// `step_ns` apart (a scheduled run: the rate's interval; a loose grant: 0, all at its end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    pub first_ns: i64,
+    pub count: u32,
+    pub step_ns: i64,
+}
+
+impl Placed {
+    /// How many of the units fall in each bucket of `bucket_ns`, in bucket order.
+    fn per_bucket(self, bucket_ns: i64) -> Vec<(i64, u32)> {
+        if self.count == 0 {
+            return Vec::new();
+        }
+        if self.step_ns == 0 {
+            return vec![(self.first_ns.div_euclid(bucket_ns), self.count)];
+        }
+        let last_ns = self.first_ns + i64::from(self.count - 1) * self.step_ns;
+        let (first, last) = (self.first_ns.div_euclid(bucket_ns), last_ns.div_euclid(bucket_ns));
+        // The index of the first unit at or after `at`.
+        let index =
+            |at: i64| ((at - self.first_ns).max(0) as u64).div_ceil(self.step_ns as u64).min(u64::from(self.count));
+        (first..=last)
+            .map(|b| (b, (index((b + 1) * bucket_ns) - index(b * bucket_ns)) as u32))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
 /// Units granted to be used at any moment from `from_ns` to `until_ns` (server time).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LooseGrant {
@@ -75,11 +107,15 @@ pub struct LooseGrant {
 
 /// One quota window, as counted.
 ///
-/// Units are charged to the bucket of the grant's time, and a grant never reaches further ahead
-/// than half a bucket ([`Plan::horizon_ns`]). A grant is allowed when the units charged since one
-/// bucket before the window's start leave room; so every window of the quota's length, at the
-/// relay, holds at most `limit` units. It is conservative: a unit frees one to two buckets after
-/// the window has passed it (a 24 h quota frees up to 2 × 72 min late).
+/// Each unit is charged to the bucket of its own place on the schedule (a loose grant's, to the
+/// bucket of its end), and a unit is used no later than its place and the guard, so a use is
+/// never more than a bucket after its charge (a burst's or a loose grant's use may come before
+/// it). A grant is allowed when the units charged since one bucket before the window's start,
+/// and all those charged ahead, leave room: every window of the quota's length at the relay then
+/// holds at most `limit` units (at the last grant whose units fall in a window, every unit used in
+/// that window was granted and is still counted). It is conservative: a unit frees one to two
+/// buckets after the window has passed it (a 24 h quota frees up to 2 × 22.5 min late). Units that
+/// pass unused are given back ([`refund`]).
 #[derive(Debug, Clone)]
 pub struct QuotaPlan {
     pub key: String,
@@ -102,7 +138,8 @@ pub struct Plan {
     /// A message this much later than its unit (the guard) does not go on it: it takes a new unit,
     /// as such lateness could put one message too many in a window.
     pub late: Duration,
-    /// A grant's first unit is at most this far ahead of now; further, it waits.
+    /// A grant's first usable moment (its first unit, less the burst tolerance) is at most this
+    /// far ahead of now; further, it waits.
     pub horizon_ns: i64,
     pub rate_label: String,
     pub rate_max: u32,
@@ -151,7 +188,9 @@ impl Plan {
             .iter()
             .map(|q| {
                 let window_ns = q.window.as_nanos().min(i64::MAX as u128) as i64;
-                let bucket_ns = (window_ns / BUCKETS).max(1_000_000_000).min(window_ns);
+                // At least 250 ms: a window frees up to two buckets late, which a 20 s window
+                // in 1 s buckets paid with a tenth of its quota.
+                let bucket_ns = (window_ns / BUCKETS).max(250_000_000).min(window_ns);
                 QuotaPlan {
                     key: format!("w{}", q.window.as_millis()),
                     label: q.to_string(),
@@ -161,8 +200,10 @@ impl Plan {
                 }
             })
             .collect();
-        let horizon_ns = quotas.iter().map(|q| q.bucket_ns / 2).min().unwrap_or(2_000_000_000);
-        let max_grant = (LOOKAHEAD.as_nanos() as i64 / interval_ns).clamp(1, 1_000_000) as u32;
+        let horizon_ns = HORIZON.as_nanos() as i64;
+        // A burst is granted at once: after idle time up to BURST units are usable together.
+        let max_grant =
+            (LOOKAHEAD.as_nanos() as i64 / interval_ns).max(i64::from(smtp.rate_burst)).clamp(1, 1_000_000) as u32;
         Plan {
             interval_ns,
             tolerance_ns: i64::from(smtp.rate_burst - 1) * interval_ns,
@@ -202,17 +243,21 @@ pub enum Decision {
 /// Decides a grant of `want` units (at least `need`, or none) at server time `now_ns`, none
 /// sooner than `lead_ns` from now, and the state that records it.
 pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, need: u32) -> (Decision, State) {
-    if let Some(reused) = reuse(state, plan, now_ns + lead_ns, want.max(need), need) {
+    if let Some(reused) = reuse(state, plan, now_ns, now_ns + lead_ns, want.max(need), need) {
         return reused;
     }
-    // The burst tolerance is applied when units are used (up to that much early), not here.
+    // A unit may be used up to the burst tolerance before its place: after idle time (or on a
+    // fresh budget) the next BURST units are usable at once, whatever the period. So the horizon
+    // bounds a grant's first usable moment, not its place.
     let start = state.next_ns.max(now_ns + lead_ns);
-    if start > now_ns + plan.horizon_ns {
-        let wait = Decision::Wait { until_ns: start - plan.horizon_ns, window: plan.rate_label.clone() };
-        return (wait, state.clone());
+    if start - plan.tolerance_ns > now_ns + plan.horizon_ns {
+        let until_ns = start - plan.tolerance_ns - plan.horizon_ns;
+        return (Decision::Wait { until_ns, window: plan.rate_label.clone() }, state.clone());
     }
-    let mut next = state.clone();
-    next.returned.retain(|run| run.from(now_ns + lead_ns, plan.interval_ns).is_some());
+    // Units given back that no one can reach any more leave the list, and the quotas with them.
+    let (returned, dead) = split_returned(&state.returned, now_ns + lead_ns, plan.interval_ns);
+    let mut next = refund(state, plan, now_ns, &dead);
+    next.returned = returned;
     let mut count = want.max(need);
     next.loose.retain(|grant| grant.until_ns >= now_ns);
     // Loose when units on the schedule would lie so close together that most would pass unused
@@ -238,6 +283,11 @@ pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, 
         let used: u64 = buckets.values().map(|n| u64::from(*n)).sum();
         let available = u64::from(quota.limit).saturating_sub(used);
         if available < u64::from(need) {
+            let state = match dead.is_empty() {
+                true => state.clone(),
+                // What was given back to the quotas is kept, for the caller to write.
+                false => State { returned: next.returned.clone(), ..refund(state, plan, now_ns, &dead) },
+            };
             // Free when enough of the oldest buckets have left the counted range: bucket b
             // leaves it at (b + 2) buckets + the window.
             let mut freed = 0;
@@ -249,32 +299,89 @@ pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, 
                     break;
                 }
             }
-            return (Decision::Wait { until_ns, window: quota.label.clone() }, state.clone());
+            return (Decision::Wait { until_ns, window: quota.label.clone() }, state);
         }
         count = count.min(available as u32);
     }
-    for quota in &plan.quotas {
-        let bucket = now_ns.div_euclid(quota.bucket_ns);
-        *next.quotas.entry(quota.key.clone()).or_default().entry(bucket).or_default() += count;
-    }
+    // A loose grant's units are used until the message that takes the last of them is ready: a
+    // lead after the grant and the span (a lead longer than the span once left every loose unit
+    // unusable, and nothing was sent).
+    let loose_until_ns = now_ns + lead_ns + plan.loose_span_ns;
+    let placed = match loose {
+        true => Placed { first_ns: loose_until_ns, count, step_ns: 0 },
+        false => Placed { first_ns: start, count, step_ns: plan.interval_ns },
+    };
+    charge(&mut next, plan, placed);
     next.next_ns = start + i64::from(count) * plan.interval_ns;
     next.version = state.version + 1;
     if loose {
         // Alive until its last use, and until its last place on the schedule.
-        let until_ns = (now_ns + plan.loose_span_ns).max(next.next_ns);
+        let until_ns = loose_until_ns.max(next.next_ns);
         next.loose.push(LooseGrant { from_ns: now_ns, until_ns, count });
-        return (Decision::Loose { until_ns: now_ns + plan.loose_span_ns, count }, next);
+        return (Decision::Loose { until_ns: loose_until_ns, count }, next);
     }
     (Decision::Granted { first_ns: start, count }, next)
+}
+
+/// Counts `placed` against every quota, each unit in the bucket of its place.
+fn charge(state: &mut State, plan: &Plan, placed: Placed) {
+    for quota in &plan.quotas {
+        let buckets = state.quotas.entry(quota.key.clone()).or_default();
+        for (bucket, n) in placed.per_bucket(quota.bucket_ns) {
+            *buckets.entry(bucket).or_default() += n;
+        }
+    }
+}
+
+/// Splits runs given back into the units still ahead of `earliest_ns` and those passed.
+fn split_returned(runs: &[Run], earliest_ns: i64, interval_ns: i64) -> (Vec<Run>, Vec<Placed>) {
+    let mut alive = Vec::new();
+    let mut dead = Vec::new();
+    for run in runs {
+        let ahead = run.from(earliest_ns, interval_ns);
+        let kept = ahead.map_or(0, |a| a.count);
+        if kept < run.count {
+            dead.push(Placed { first_ns: run.first_ns, count: run.count - kept, step_ns: interval_ns });
+        }
+        alive.extend(ahead);
+    }
+    (alive, dead)
+}
+
+/// The state with units that passed unused given back to the quotas, each to the bucket it was
+/// counted in. They never reached the relay and no one can use them any more (a unit expires
+/// once it is past by more than the guard), so counting them would only waste the quota: with a
+/// daily quota and the rate left high, a grant reserved more units than the workers could use
+/// before they passed, and most of each window was lost. A bucket no longer counted has nothing
+/// to give back to.
+pub fn refund(state: &State, plan: &Plan, now_ns: i64, unused: &[Placed]) -> State {
+    let mut next = state.clone();
+    for quota in &plan.quotas {
+        let Some(buckets) = next.quotas.get_mut(&quota.key) else { continue };
+        let first_counted = (now_ns - quota.window_ns).div_euclid(quota.bucket_ns) - 1;
+        for placed in unused {
+            for (bucket, n) in placed.per_bucket(quota.bucket_ns) {
+                if bucket < first_counted {
+                    continue;
+                }
+                if let Some(held) = buckets.get_mut(&bucket) {
+                    *held = held.saturating_sub(n);
+                    if *held == 0 {
+                        buckets.remove(&bucket);
+                    }
+                }
+            }
+        }
+    }
+    next
 }
 
 /// A grant from units given back, when some are still ahead of `earliest_ns` and enough of them
 /// in a row. They keep their places on the schedule, so the spacing holds as if their first
 /// replica had used them; and they were counted against the quotas when first granted, so they
 /// are not counted again.
-fn reuse(state: &State, plan: &Plan, earliest_ns: i64, want: u32, need: u32) -> Option<(Decision, State)> {
-    let mut returned: Vec<Run> =
-        state.returned.iter().filter_map(|run| run.from(earliest_ns, plan.interval_ns)).collect();
+fn reuse(state: &State, plan: &Plan, now_ns: i64, earliest_ns: i64, want: u32, need: u32) -> Option<(Decision, State)> {
+    let (mut returned, dead) = split_returned(&state.returned, earliest_ns, plan.interval_ns);
     let index = returned.iter().position(|run| run.count >= need)?;
     let run = &mut returned[index];
     let count = want.min(run.count);
@@ -282,17 +389,18 @@ fn reuse(state: &State, plan: &Plan, earliest_ns: i64, want: u32, need: u32) -> 
     run.first_ns += i64::from(count) * plan.interval_ns;
     run.count -= count;
     returned.retain(|run| run.count > 0);
-    let next = State { version: state.version + 1, returned, ..state.clone() };
-    Some((decision, next))
+    let next = refund(state, plan, now_ns, &dead);
+    Some((decision, State { version: state.version + 1, returned, ..next }))
 }
 
 /// The state with `runs` given back: they join the returned units, and those already past
 /// `now_ns` are dropped.
 pub fn give_back(state: &State, plan: &Plan, now_ns: i64, runs: &[Run]) -> State {
-    let mut returned: Vec<Run> =
-        state.returned.iter().chain(runs).filter_map(|run| run.from(now_ns, plan.interval_ns)).collect();
+    let all: Vec<Run> = state.returned.iter().chain(runs).copied().collect();
+    let (mut returned, dead) = split_returned(&all, now_ns, plan.interval_ns);
     returned.sort_by_key(|run| run.first_ns);
-    State { version: state.version + 1, returned, ..state.clone() }
+    let next = refund(state, plan, now_ns, &dead);
+    State { version: state.version + 1, returned, ..next }
 }
 
 /// Used and remaining units of every window at `now_ns`, for the metrics.
@@ -371,6 +479,11 @@ pub(super) mod tests {
         assert_eq!(window, "30/20s");
         // Freed no sooner than a window after the first grant, and at most two buckets later.
         assert!((1_020 * S..=1_023 * S).contains(&until_ns), "{until_ns}");
+        // Units that pass unused go back to the quota, to the buckets they were counted in.
+        let unused = [Placed { first_ns: 1_000 * S + plan.lead_ns, count: 7, step_ns: plan.interval_ns }];
+        let refunded = refund(&state, &plan, now, &unused);
+        let (decision, _) = decide(&refunded, &plan, now, plan.lead_ns, 7, 1);
+        assert!(matches!(decision, Decision::Granted { count: 7, .. }), "{decision:?}");
         let (decision, _) = decide(&state, &plan, until_ns, plan.lead_ns, 1, 1);
         assert!(matches!(decision, Decision::Granted { .. }), "{decision:?}");
     }
@@ -410,7 +523,8 @@ pub(super) mod tests {
         // The next grant takes them first, at their own times (not after B's), one unit fewer.
         let (c, state) = decide(&state, &plan, later, plan.lead_ns, 6, 1);
         assert_eq!(c, Decision::Granted { first_ns: a_first + 3 * plan.interval_ns, count: 3 });
-        assert_eq!(counted(&state), 12, "units given back are not counted against the quota again");
+        // Not counted against the quota again; the one that passed unused goes back to it.
+        assert_eq!(counted(&state), 11, "units given back are not counted against the quota again");
         assert!(state.returned.is_empty(), "{:?}", state.returned);
         // Then the schedule goes on after B's grant, as before.
         let (d, state) = decide(&state, &plan, later, plan.lead_ns, 2, 1);
@@ -420,5 +534,20 @@ pub(super) mod tests {
         let (e, state) = decide(&state, &plan, later, plan.lead_ns, 3, 3);
         assert_eq!(e, Decision::Granted { first_ns: a_first + 14 * plan.interval_ns, count: 3 });
         assert_eq!(state.returned.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod placed_tests {
+    use super::*;
+
+    #[test]
+    fn units_are_counted_in_the_buckets_of_their_places() {
+        let run = Placed { first_ns: 95, count: 5, step_ns: 10 };
+        // 95, 105, 115, 125, 135 in buckets of 20: [80, 100) 1, [100, 120) 2, [120, 140) 2.
+        assert_eq!(run.per_bucket(20), vec![(4, 1), (5, 2), (6, 2)]);
+        assert_eq!(Placed { first_ns: 95, count: 3, step_ns: 0 }.per_bucket(20), vec![(4, 3)]);
+        let total: u32 = Placed { first_ns: -7, count: 1_000, step_ns: 3 }.per_bucket(64).iter().map(|(_, n)| n).sum();
+        assert_eq!(total, 1_000);
     }
 }

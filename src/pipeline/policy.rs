@@ -18,6 +18,10 @@ pub enum Failure {
     Permanent(String),
     /// The relay said "too fast": retried soon, without counting an attempt.
     Throttled(String),
+    /// Withdrawn before its final dot because the budget had no unit for it in time: nothing
+    /// was delivered and the relay judged nothing, so it is retried soon without counting an
+    /// attempt (the next attempt waits for its unit before opening a transaction).
+    Withheld(String),
 }
 
 /// What one attempt achieved, recipient by recipient.
@@ -49,7 +53,9 @@ pub fn decide(letter: &mut Letter, report: AttemptReport, retry: &DispatchConfig
     }
     let remaining = letter.pending_recipients();
     let reason = match (&report.failure, report.deferred.first()) {
-        (Some(Failure::Transient(r) | Failure::Permanent(r) | Failure::Throttled(r)), _) => r.clone(),
+        (Some(Failure::Transient(r) | Failure::Permanent(r) | Failure::Throttled(r) | Failure::Withheld(r)), _) => {
+            r.clone()
+        }
         (None, Some(first)) => format!("{} recipient(s) deferred: {}", report.deferred.len(), first.reply),
         (None, None) => String::new(),
     };
@@ -57,8 +63,9 @@ pub fn decide(letter: &mut Letter, report: AttemptReport, retry: &DispatchConfig
         return finish(letter, None);
     }
     match report.failure {
-        Some(Failure::Throttled(_)) => {
-            // A relay that says "too fast" has not judged the letter: this attempt does not count.
+        Some(Failure::Throttled(_) | Failure::Withheld(_)) => {
+            // A relay that says "too fast" has not judged the letter, nor has one that never saw
+            // the final dot: this attempt does not count.
             letter.attempts -= 1;
             letter.last_reply = Some(reason.clone());
             Outcome::Retry { due_ms: now_ms + THROTTLE_RETRY.as_millis() as i64, reason }

@@ -157,6 +157,15 @@ impl RateLimit {
             tokio::time::sleep(wait).await;
         }
         let ticket = self.budget.take(self.cost(recipients)).await;
+        // A unit far ahead (a slow rate beside a long quota's horizon) is waited for here,
+        // before the transaction opens, not with the relay's DATA phase open.
+        let open_at = ticket.at.checked_sub(self.budget.lead()).unwrap_or(ticket.at);
+        let before = tokio::time::Instant::now();
+        if open_at > before {
+            tokio::time::sleep_until(open_at).await;
+            let issued = tokio::time::Instant::now();
+            return Ticket { waited: ticket.waited + wait + issued.duration_since(before), issued, ..ticket };
+        }
         Ticket { waited: ticket.waited + wait, ..ticket }
     }
 

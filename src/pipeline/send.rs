@@ -333,8 +333,11 @@ impl Worker {
             let metrics = ctx.metrics.clone();
             let lease_clock = ctx.lease.clone();
             let budget = ctx.limiter.budget().clone();
+            let withheld = Arc::new(AtomicBool::new(false));
+            let withheld_flag = withheld.clone();
             let before_end = async move {
                 let at_dot = tokio::time::Instant::now();
+                let hold_until = at_dot + crate::budget::HOLD_MAX;
                 budget.prepared(at_dot.duration_since(ticket.issued));
                 let mut ticket = ticket;
                 loop {
@@ -355,10 +358,19 @@ impl Worker {
                         break;
                     }
                     metrics.budget_units_missed.inc_by(u64::from(ticket.units));
+                    budget.missed(&ticket);
                     // Too late for its unit (a slow connection, a late wake-up): the dot on it
                     // could crowd the next window, so the message waits for a new one.
                     tracing::debug!(late_ms = late.as_secs_f64() * 1e3, "late for the budget's unit; taking another");
-                    ticket = budget.take(ticket.units).await;
+                    // Bounded: the DATA phase is open (see `budget::HOLD_MAX`).
+                    match tokio::time::timeout_at(hold_until, budget.take(ticket.units)).await {
+                        Ok(next) if next.at <= hold_until => ticket = next,
+                        _ => {
+                            metrics.budget_withdrawn.inc();
+                            withheld_flag.store(true, Ordering::Relaxed);
+                            return None;
+                        }
+                    }
                 }
                 metrics.rate_limit_wait.observe((ticket.waited + at_dot.elapsed()).as_secs_f64());
                 // The lease is checked again right before the final dot, after the budget's wait:
@@ -382,6 +394,17 @@ impl Worker {
             };
             let step = match result {
                 Ok(transaction) => self.apply(transaction, chunk, &mut queue, &mut report),
+                Err(error) if withheld.load(Ordering::Relaxed) => {
+                    self.connection = None;
+                    tracing::warn!(
+                        hold_ms = crate::budget::HOLD_MAX.as_millis() as u64,
+                        "no unit of the budget within the hold bound; message withdrawn before its final dot"
+                    );
+                    Step::Stop(Failure::Withheld(format!(
+                        "{error}: the sending budget had no unit for it within {:?}; nothing was delivered",
+                        crate::budget::HOLD_MAX
+                    )))
+                }
                 Err(error) => {
                     self.connection = None;
                     if let Some(reply) = error.reply().filter(|r| r.is_throttle()) {
