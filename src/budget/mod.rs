@@ -122,12 +122,6 @@ impl ServerClock {
         }
     }
 
-    /// The server's clock read at `server_ms` (truncated to the millisecond) between `sent` and
-    /// `received`, taken as it is: the first measurement, before anything is decided with it.
-    fn measured(server_ms: i64, sent: Instant, received: Instant) -> ServerClock {
-        ServerClock { base: sent + received.duration_since(sent) / 2, base_ns: server_ms * 1_000_000 + 500_000 }
-    }
-
     /// The server wrote at `server_ms` (truncated to the millisecond) between `sent` and
     /// `received`: move our idea of its clock when it is off by more than that uncertainty.
     fn observe(&mut self, server_ms: i64, sent: Instant, received: Instant) {
@@ -480,12 +474,16 @@ impl Budget {
         let sent = Instant::now();
         let server_ms = self.ledger.server_time().await?;
         let received = Instant::now();
-        let clock = ServerClock::measured(server_ms, sent, received);
-        let offset_ms = (clock.at_ns(received) - self.clock().at_ns(received)) / 1_000_000;
+        let mut clock = self.clock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = clock.at_ns(received);
+        // Moved only when off by more than the reading's uncertainty, as on every write: a host
+        // clock in step with the server's is better than a reading truncated to the millisecond.
+        clock.observe(server_ms, sent, received);
+        let offset_ms = (clock.at_ns(received) - before) / 1_000_000;
         if offset_ms.abs() > 1_000 {
             tracing::warn!(offset_ms, "this host's clock differs from MongoDB's; the sending budget follows MongoDB's");
         }
-        *self.clock.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = clock;
+        drop(clock);
         self.clock_measured.store(true, Ordering::Release);
         Ok(())
     }
