@@ -168,10 +168,11 @@ impl Reply {
 /// Enhanced codes that mean "too fast" whatever the text:
 /// - 4.7.28, Gmail's "421 4.7.28 … unusual rate of unsolicited mail" (Gmail's SMTP error reference,
 ///   support.google.com/a/answer/3726730);
-/// - 4.7.500 to 4.7.699, Microsoft 365 / Exchange Online Protection's range for "access denied, try
-///   again later" deferrals of a sending IP, as in "451 4.7.500 Server busy. Please try again later
-///   from [ip]. (S77714)" and "421 4.7.650 … temporarily rate limited due to IP reputation". (Its
-///   X.7.133 to X.7.136 are "sender not authenticated for group/mailbox", 5xx and not a rate.)
+/// - 4.7.500 to 4.7.699, the range Microsoft 365 / Exchange Online Protection defers a sending IP
+///   with, as in "451 4.7.500 Server busy. Please try again later from [ip]. (S77714)" (Microsoft
+///   Tech Community, "Office365 throttling inbound messages S77719") and "421 4.7.650 … temporarily
+///   rate limited due to IP reputation". Its X.7.133 to X.7.136 ("sender not authenticated for
+///   group/mailbox") are 5xx and not a rate; no 4.7.133/4.7.134 rate reply is documented.
 fn is_throttle_code(e: EnhancedCode) -> bool {
     e.class == 4 && e.subject == 7 && (e.detail == 28 || (500..=699).contains(&e.detail))
 }
@@ -187,7 +188,7 @@ pub const THROTTLE_PHRASES: &[&str] = &[
     // AUTH commands from <ip>".
     "too much mail from",
     "too many connections",
-    "too many recipients",
+    "too many recipients from",
     "too many new tls sessions",
     "too many auth commands",
     // Exim: the ratelimit ACL condition's deferrals carry the administrator's text, usually naming the
@@ -203,7 +204,8 @@ pub const THROTTLE_PHRASES: &[&str] = &[
     "too many concurrent",
     "emails per hour",
     // Exchange: a receive connector's MessageRateLimit, "421 4.4.2 Message submission rate for this
-    // client has exceeded the configured limit"; its connection limits, "421 4.3.2 The maximum number
+    // client has exceeded the configured limit" (its text as relays quote it, e.g. serverfault.com
+    // question 833887); its connection limits, "421 4.3.2 The maximum number
     // of concurrent connections has exceeded a limit, closing transmission channel"; EOP's "451
     // 4.7.500 Server busy. Please try again later".
     "submission rate",
@@ -395,11 +397,13 @@ mod tests {
             ("450 4.7.1 Error: too much mail from 127.0.0.1", MailFrom, true),
             ("421 4.7.0 postfix.example.org Error: too many connections from 127.0.0.1", Greeting, true),
             ("450 4.7.1 Error: too many recipients from 127.0.0.1", RcptTo, true),
+            ("450 4.7.1 Error: too many recipients from 127.0.0.1", DataEnd, true),
             ("421 4.7.0 postfix.example.org Error: too many new TLS sessions from 127.0.0.1", StartTls, true),
             ("454 4.7.0 Error: too many new TLS sessions from 127.0.0.1", StartTls, true),
             ("450 4.7.1 Error: too many AUTH commands from 127.0.0.1", Auth, true),
             // Postfix's other refusals: a cap per transaction, its error limit, greylisting, DNS.
             ("452 4.5.3 Error: too many recipients", RcptTo, false),
+            ("452 4.5.3 Error: too many recipients", DataEnd, false),
             ("421 4.7.0 postfix.example.org Error: too many errors", MailFrom, false),
             ("450 4.7.1 Client host rejected: cannot find your hostname, [10.0.0.1]", RcptTo, false),
             ("450 4.7.1 <x@example.org>: Recipient address rejected: Greylisted, try again later", RcptTo, false),
