@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need on a fresh machine (the local stack's servers, the checking
-# tools) and runs every test: unit, end-to-end against real servers, fault injection, artefact checks.
+# tools, Debian's postfix package) and runs every test: unit, end-to-end against real servers, fault
+# injection, artefact checks, and a stage against a real Postfix (scripts/postfix.sh) as the relay.
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh -- FILTER  only the cargo tests matching FILTER (the stack is still started)
@@ -42,6 +43,10 @@ fi
 install_started=$SECONDS
 scripts/stack.sh install
 phase_done "stack install" $((SECONDS - install_started))
+# Debian's postfix package, for the Postfix stage; fails the run if it cannot be installed.
+postfix_install_started=$SECONDS
+scripts/postfix.sh install
+phase_done "Postfix install" $((SECONDS - postfix_install_started))
 if [[ -n $tools_pid ]] && ! wait "$tools_pid"; then cat "$CACHE/tools-install.log"; exit 1; fi
 if ! wait "$build_pid"; then cat "$build_log"; exit 1; fi
 phase_done "test build (overlapped with the install)" $((SECONDS - build_started))
@@ -74,7 +79,19 @@ fi
 
 step "cargo tests (unit, end-to-end, fault injection)"
 tests_started=$SECONDS
-cargo test --locked -- "${filter[@]}"
+# tests/postfix.rs (every test named postfix_*) runs in the next stage, against its own relay.
+cargo test --locked -- --skip postfix_ "${filter[@]}"
 phase_done "cargo tests" $((SECONDS - tests_started))
+
+step "a real Postfix as the relay (tests/postfix.rs)"
+postfix_started=$SECONDS
+scripts/postfix.sh up
+trap 'scripts/postfix.sh down >/dev/null 2>&1 || true; scripts/stack.sh down >/dev/null 2>&1 || true' EXIT
+set -a
+# shellcheck disable=SC1091
+. "$MAILSENDER_RUN/postfix/postfix.env"
+set +a
+cargo test --locked --test postfix -- "${filter[@]}"
+phase_done "Postfix stage" $((SECONDS - postfix_started))
 print_phases
 echo "test.sh: finished in $((SECONDS - started))s"

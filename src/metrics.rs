@@ -183,7 +183,7 @@ impl Metrics {
         registry.register("smtp_connections", "SMTP connections opened", metrics.smtp_connections.clone());
         registry.register(
             "smtp_throttle_events",
-            "Replies in which the SMTP server said the instance sends too fast (421/450/451/454 rate replies)",
+            "Replies in which the SMTP server said the instance sends too fast (4xx rate and connection-limit replies)",
             metrics.throttle_events.clone(),
         );
         registry.register(

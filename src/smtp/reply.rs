@@ -137,31 +137,26 @@ impl Reply {
             && self.enhanced.is_none_or(|e| (e.subject, e.detail) == (5, 3) || e.subject != 1)
     }
 
-    /// The server says "too fast": Gmail `450 4.2.1 … rate limit`, `421 4.7.28`, SES `454
-    /// Throttling failure`. Told apart from other transient replies by the enhanced code where
-    /// relays use a dedicated one, and otherwise by the words relays write, since RFC 5321 has
-    /// no code of its own for it.
+    /// The server says "too fast": a rate or connection limit of the relay, not a judgement of the
+    /// letter. Only a transient (4xx) reply is one: a relay that answers 5xx has said not to try
+    /// again, whatever its words. Told apart from other transient replies by the enhanced codes
+    /// relays reserve for it, and otherwise by the words of [`THROTTLE_PHRASES`], since RFC 5321
+    /// has no reply code of its own for it.
     pub fn is_throttle(&self) -> bool {
-        if !matches!(self.code, 421 | 450 | 451 | 452 | 454) || self.is_too_many_recipients() {
+        if !self.is_transient() || self.is_too_many_recipients() {
             return false;
         }
-        if self.enhanced.is_some_and(|e| (e.class, e.subject, e.detail) == (4, 7, 28)) {
-            return true;
+        if let Some(e) = self.enhanced {
+            // X.2.2 is a full mailbox (RFC 3463), even where the text says "too many messages".
+            if (e.subject, e.detail) == (2, 2) {
+                return false;
+            }
+            if is_throttle_code(e) {
+                return true;
+            }
         }
         let text = self.text.to_ascii_lowercase();
-        [
-            "rate limit",
-            "rate-limit",
-            "ratelimit",
-            "at a rate",
-            "throttl",
-            "too fast",
-            "too many messages",
-            "sending rate",
-            "slow down",
-        ]
-        .iter()
-        .any(|needle| text.contains(needle))
+        THROTTLE_PHRASES.iter().any(|phrase| text.contains(phrase))
     }
 
     /// The mailbox does not exist (5.1.x): the address itself is bad, not the message.
@@ -169,6 +164,71 @@ impl Reply {
         self.is_permanent() && self.enhanced.is_some_and(|e| e.class == 5 && e.subject == 1)
     }
 }
+
+/// Enhanced codes that mean "too fast" whatever the text:
+/// - 4.7.28, Gmail's "421 4.7.28 … unusual rate of unsolicited mail" (Gmail's SMTP error reference,
+///   support.google.com/a/answer/3726730);
+/// - 4.7.500 to 4.7.699, the range Microsoft 365 / Exchange Online Protection defers a sending IP
+///   with, as in "451 4.7.500 Server busy. Please try again later from [ip]. (S77714)" (Microsoft
+///   Tech Community, "Office365 throttling inbound messages S77719") and "421 4.7.650 … temporarily
+///   rate limited due to IP reputation". Its X.7.133 to X.7.136 ("sender not authenticated for
+///   group/mailbox") are 5xx and not a rate; no 4.7.133/4.7.134 rate reply is documented.
+fn is_throttle_code(e: EnhancedCode) -> bool {
+    e.class == 4 && e.subject == 7 && (e.detail == 28 || (500..=699).contains(&e.detail))
+}
+
+/// Lower-case phrases of the throttle replies of the relays users run, each from the relay's
+/// documentation or source (`tests/postfix.rs` checks Postfix's against a real one):
+pub const THROTTLE_PHRASES: &[&str] = &[
+    // Postfix anvil(8) limits (smtpd.c; postconf(5) smtpd_client_*_limit): "450 4.7.1 Error: too much
+    // mail from <ip>" (message rate), "421 4.7.0 <host> Error: too many connections from <ip>"
+    // (connection count and rate), "450 4.7.1 Error: too many recipients from <ip>" (recipient rate;
+    // its 452 "too many recipients" of smtpd_recipient_limit is the per-transaction cap, told apart
+    // above), "421/454 4.7.0 Error: too many new TLS sessions from <ip>", "450 4.7.1 Error: too many
+    // AUTH commands from <ip>".
+    "too much mail from",
+    "too many connections",
+    "too many recipients from",
+    "too many new tls sessions",
+    "too many auth commands",
+    // Exim: the ratelimit ACL condition's deferrals carry the administrator's text, usually naming the
+    // rate ("Sender rate overlimit", "rate limit exceeded"; Exim spec, "Rate limiting incoming
+    // messages"); smtp_accept_max_per_host answers "421 Too many concurrent SMTP connections from this
+    // IP address; please try again later"; cPanel's Exim "Domain … has exceeded the max emails per
+    // hour (…) allowed. Message will be reattempted later".
+    "rate limit",
+    "rate-limit",
+    "ratelimit",
+    "sender rate",
+    "overlimit",
+    "too many concurrent",
+    "emails per hour",
+    // Exchange: a receive connector's MessageRateLimit, "421 4.4.2 Message submission rate for this
+    // client has exceeded the configured limit" (its text as relays quote it, e.g. serverfault.com
+    // question 833887); its connection limits, "421 4.3.2 The maximum number
+    // of concurrent connections has exceeded a limit, closing transmission channel"; EOP's "451
+    // 4.7.500 Server busy. Please try again later".
+    "submission rate",
+    "concurrent connections",
+    "server busy",
+    // Gmail (support.google.com/a/answer/3726730): "450 4.2.1 The user you are trying to contact is
+    // receiving mail at a rate that prevents additional messages from being delivered", "… receiving
+    // mail too quickly", "450 4.2.1 Peak SMTP relay limit exceeded for this customer", "421 4.7.0 …
+    // unusual rate of unsolicited mail … temporarily rate limited".
+    "at a rate",
+    "too quickly",
+    "relay limit exceeded",
+    "unusual rate",
+    // Amazon SES (docs.aws.amazon.com/ses/latest/dg/manage-sending-quotas-errors.html): "454
+    // Throttling failure: Maximum sending rate exceeded", "454 Throttling failure: Daily message quota
+    // exceeded".
+    "throttl",
+    "sending rate",
+    // Other relays' plain words for it.
+    "too fast",
+    "too many messages",
+    "slow down",
+];
 
 impl fmt::Display for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -325,6 +385,86 @@ mod tests {
             assert_eq!(r.is_throttle(), throttle, "throttle: {line}");
             assert_eq!(r.is_transient(), transient, "transient: {line}");
             assert_eq!(r.is_bad_mailbox(), bad_mailbox, "bad mailbox: {line}");
+        }
+    }
+
+    #[test]
+    fn throttle_replies_of_the_relays_users_run() {
+        use Command::*;
+        // (reply as the relay writes it, the command it answered, a throttle?)
+        let table = [
+            // Postfix 3.7's anvil limits, as tests/postfix.rs sees a real one answer.
+            ("450 4.7.1 Error: too much mail from 127.0.0.1", MailFrom, true),
+            ("421 4.7.0 postfix.example.org Error: too many connections from 127.0.0.1", Greeting, true),
+            ("450 4.7.1 Error: too many recipients from 127.0.0.1", RcptTo, true),
+            ("450 4.7.1 Error: too many recipients from 127.0.0.1", DataEnd, true),
+            ("421 4.7.0 postfix.example.org Error: too many new TLS sessions from 127.0.0.1", StartTls, true),
+            ("454 4.7.0 Error: too many new TLS sessions from 127.0.0.1", StartTls, true),
+            ("450 4.7.1 Error: too many AUTH commands from 127.0.0.1", Auth, true),
+            // Postfix's other refusals: a cap per transaction, its error limit, greylisting, DNS.
+            ("452 4.5.3 Error: too many recipients", RcptTo, false),
+            ("452 4.5.3 Error: too many recipients", DataEnd, false),
+            ("421 4.7.0 postfix.example.org Error: too many errors", MailFrom, false),
+            ("450 4.7.1 Client host rejected: cannot find your hostname, [10.0.0.1]", RcptTo, false),
+            ("450 4.7.1 <x@example.org>: Recipient address rejected: Greylisted, try again later", RcptTo, false),
+            ("421 4.4.2 postfix.example.org Error: timeout exceeded", DataEnd, false),
+            // Exim: ratelimit deferrals with the texts administrators give them, its connection limit.
+            ("450 Sender rate overlimit - 120.0 / 1h", RcptTo, true),
+            ("451 Rate limit exceeded, please try again later", MailFrom, true),
+            ("421 Too many concurrent SMTP connections from this IP address; please try again later.", Greeting, true),
+            (
+                "451 Domain example.com has exceeded the max emails per hour (501/500 (100%)) allowed. Message will be reattempted later",
+                RcptTo,
+                true,
+            ),
+            ("451 Temporary local problem - please try later", DataEnd, false),
+            // Exchange and Microsoft 365.
+            ("421 4.4.2 Message submission rate for this client has exceeded the configured limit", MailFrom, true),
+            (
+                "421 4.3.2 The maximum number of concurrent connections has exceeded a limit, closing transmission channel",
+                Greeting,
+                true,
+            ),
+            ("451 4.7.500 Server busy. Please try again later from [203.0.113.10]. (S77714)", RcptTo, true),
+            (
+                "421 4.7.650 The mail server [203.0.113.10] has been temporarily rate limited due to IP reputation.",
+                Greeting,
+                true,
+            ),
+            ("451 4.7.599 Access denied, please try again later", RcptTo, true),
+            ("452 4.3.1 Insufficient system resources", MailFrom, false),
+            // Permanent refusals are never throttles, whatever they say: the relay said not to retry.
+            ("550 5.4.5 Daily user sending quota exceeded.", MailFrom, false),
+            ("554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException", DataEnd, false),
+            ("550 5.7.133 RESOLVER.RST.SenderNotAuthenticatedForGroup", RcptTo, false),
+            // Gmail.
+            (
+                "450 4.2.1 The user you are trying to contact is receiving mail too quickly. Please resend your message at a later time.",
+                RcptTo,
+                true,
+            ),
+            ("450 4.2.1 Peak SMTP relay limit exceeded for this customer. This is a temporary error.", MailFrom, true),
+            (
+                "421 4.7.0 [203.0.113.10 15] Our system has detected an unusual rate of unsolicited mail originating from your IP address.",
+                DataEnd,
+                true,
+            ),
+            ("421 4.7.28 Gmail has detected an unusual rate of mail originating from your SPF domain", DataEnd, true),
+            (
+                "550 5.2.1 The user you are trying to contact is receiving mail at a rate that prevents additional messages from being delivered.",
+                RcptTo,
+                false,
+            ),
+            ("452 4.2.2 The email account that you tried to reach is over quota.", RcptTo, false),
+            ("452 4.2.2 Mailbox full: too many messages", RcptTo, false),
+            // Amazon SES.
+            ("454 Throttling failure: Maximum sending rate exceeded.", MailFrom, true),
+            ("454 Throttling failure: Daily message quota exceeded.", MailFrom, true),
+            ("454 4.7.0 Temporary authentication failure", Auth, false),
+        ];
+        for (line, command, throttle) in table {
+            let r = Reply::parse(&[line.to_owned()], command).unwrap();
+            assert_eq!(r.is_throttle(), throttle, "throttle: {line}");
         }
     }
 }
