@@ -124,15 +124,10 @@ async fn one_click_links_are_in_normal_form_and_equivalent_uris_are_accepted() {
     assert_eq!(status, 202, "{body}");
     let received = sink.wait_for_count(1, LONG).await.remove(0);
     let link = https_link(&received);
-    assert!(
-        link.contains("a=first.last-x_y~z%40mail-host.example.org&") && link.contains("&t=tok.en-1_~%20a%2Fb&sig="),
-        "not in normal form: {link}"
-    );
-
     let exact = local(&link, &public);
     let variant = equivalent_variant(&exact);
     assert!(variant.contains("%2e") && variant.contains("%2d") && variant.contains("%2f"), "{variant}");
-    let mut tampered = exact.replacen("first.last", "first.lost", 1);
+    let mut tampered = exact.replacen("mail", "mall", 1);
     assert_ne!(tampered, exact);
     assert_eq!(post_one_click(&tampered).await, 403, "{tampered}");
     tampered = equivalent_variant(&tampered);
@@ -145,6 +140,10 @@ async fn one_click_links_are_in_normal_form_and_equivalent_uris_are_accepted() {
     assert_eq!(entries[0].get_str("_id").unwrap(), address);
     let event = consume(&unsubscribed, 1, LONG).await[0].json();
     assert_eq!((event["Address"].as_str(), event["Token"].as_str()), (Some(address), Some(token)), "{event}");
+    assert!(
+        link.contains("a=first.last-x_y~z%40mail-host.example.org&") && link.contains("&t=tok.en-1_~%20a%2Fb&sig="),
+        "not in normal form: {link}"
+    );
 }
 
 /// Five POSTs of one link: five 200s, one suppression, and exactly one `unsubscribed` event on
