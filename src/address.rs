@@ -57,8 +57,10 @@ impl Recipient {
         &self.address
     }
 
-    /// Case-insensitive identity, for de-duplication and for matching earlier outcomes. Local
-    /// parts are case-sensitive in theory but not at any real mailbox provider.
+    /// The canonical identity of the mailbox, for de-duplication, matching earlier outcomes and
+    /// every suppression (added or looked up): the local part lower-cased, the domain in its
+    /// IDNA ASCII form lower-cased, so a UTF-8 and a punycode spelling of one address are one
+    /// key. Local parts are case-sensitive in theory but not at any real mailbox provider.
     pub fn key(&self) -> String {
         format!("{}@{}", self.local.to_lowercase(), self.ascii_domain)
     }
@@ -109,6 +111,11 @@ mod tests {
         assert_eq!(r.envelope_form(false), EnvelopeForm::Ascii("ivan@xn--e1afmkfd.xn--p1ai".into()));
         assert_eq!(r.envelope_form(true), EnvelopeForm::Ascii("ivan@xn--e1afmkfd.xn--p1ai".into()));
         assert!(!r.needs_utf8());
+        let punycode = Recipient::parse("IVAN@XN--E1AFMKFD.xn--p1ai").unwrap();
+        assert_eq!(
+            (r.key(), punycode.key()),
+            ("ivan@xn--e1afmkfd.xn--p1ai".into(), "ivan@xn--e1afmkfd.xn--p1ai".into())
+        );
     }
 
     #[test]

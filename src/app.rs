@@ -198,6 +198,9 @@ impl App {
                     suppressions: suppressions.clone(),
                     producer: producer.clone(),
                     topic: config.deliverability.topic_unsubscribed.clone(),
+                    store: store.clone(),
+                    events: store.database().collection(&format!("{}_unsubscribed", config.mongo.collection)),
+                    publish_lease: config.kafka.message_timeout + Duration::from_secs(10),
                 });
                 tracing::info!(addr = %listener.local_addr()?, "one-click unsubscribe endpoint listening");
                 Some(tokio::spawn(

@@ -110,7 +110,7 @@ impl Composer {
             kafka_key: letter.kafkakey.clone(),
             address: recipient.map(Recipient::to_string),
         };
-        let mut message = message::compose(content, text, &self.from, to.as_ref(), self.unsubscribe_headers(&fields))?;
+        let mut message = message::compose(content, text, &self.from, to.as_ref(), self.unsubscribe_headers(&fields)?)?;
         if let Some(dkim) = &self.dkim {
             dkim.sign(&mut message);
         }
@@ -118,10 +118,10 @@ impl Composer {
     }
 
     /// `List-Unsubscribe` (and, with an HTTPS URL, RFC 8058's `List-Unsubscribe-Post`).
-    fn unsubscribe_headers(&self, fields: &Fields) -> message::ExtraHeaders {
+    fn unsubscribe_headers(&self, fields: &Fields) -> Result<message::ExtraHeaders, MessageError> {
         let mut targets = Vec::new();
         if let Some((template, signer)) = &self.unsubscribe_url {
-            targets.push(format!("<{}>", template.expand(fields, signer)));
+            targets.push(format!("<{}>", template.expand(fields, signer).map_err(MessageError::new)?));
         }
         if let Some(mailto) = &self.unsubscribe_mailto {
             targets.push(format!("<mailto:{mailto}?subject=unsubscribe%20{}>", fields.letter_id));
@@ -134,6 +134,6 @@ impl Composer {
             headers
                 .push((HeaderName::new_from_ascii_str(LIST_UNSUBSCRIBE_POST), "List-Unsubscribe=One-Click".to_owned()));
         }
-        headers
+        Ok(headers)
     }
 }

@@ -1,7 +1,15 @@
-//! The suppression list: addresses not to send to again, one MongoDB document per lower-cased
-//! address (`<MONGODB_COLLECTION>_suppressions`), with why, who said so and when. Hard bounces,
+//! The suppression list: addresses not to send to again, one MongoDB document per address
+//! (`<MONGODB_COLLECTION>_suppressions`), with why, who said so and when. Hard bounces,
 //! the one-click endpoint and a Kafka topic add to it; the dispatcher looks a claimed batch's
 //! recipients up in one query, so checking costs no round trip per letter.
+//!
+//! Every entry is keyed by [`Recipient::key`], the one canonical form of an address: the local
+//! part lower-cased, the domain in IDNA ASCII (punycode) lower-cased, so `ivan@пример.рф` and
+//! `ivan@xn--e1afmkfd.xn--p1ai` are one entry whoever wrote it. Versions before keyed entries by
+//! the address as given, lower-cased, which differs only for an internationalised domain; such
+//! entries are matched by looking up that form too ([`legacy_key`]) rather than migrated at
+//! start-up: replicas of the old version still write it during a rolling upgrade, and the extra
+//! keys ride in the same query.
 
 use std::collections::{HashMap, HashSet};
 
@@ -40,10 +48,10 @@ impl Suppressions {
     }
 
     /// Adds (or refreshes) an entry.
-    pub async fn add(&self, address: &str, reason: &str, source: &str) -> anyhow::Result<()> {
-        let key = address.trim().to_lowercase();
+    pub async fn add(&self, address: &Recipient, reason: &str, source: &str) -> anyhow::Result<()> {
+        let key = address.key();
         let entry = doc! {
-            "_id": &key, "address": address.trim(), "reason": reason, "source": source,
+            "_id": &key, "address": address.as_str(), "reason": reason, "source": source,
             "time": DateTime::from_millis(now_ms()), "time_ms": now_ms(),
         };
         self.entries
@@ -55,11 +63,16 @@ impl Suppressions {
         Ok(())
     }
 
-    /// Removes an entry (and its bounce count); says whether there was one.
-    pub async fn remove(&self, address: &str) -> anyhow::Result<bool> {
-        let key = address.trim().to_lowercase();
-        let removed = self.entries.delete_one(doc! { "_id": &key }).await.context("removing a suppression")?;
-        self.bounces.delete_one(doc! { "_id": &key }).await.context("removing a bounce count")?;
+    /// Removes an entry (and its bounce count), in either key form; says whether there was one.
+    pub async fn remove(&self, address: &Recipient) -> anyhow::Result<bool> {
+        let key = address.key();
+        let keys: Vec<String> = std::iter::once(key.clone()).chain(legacy_key(address)).collect();
+        let removed = self
+            .entries
+            .delete_many(doc! { "_id": { "$in": keys.clone() } })
+            .await
+            .context("removing a suppression")?;
+        self.bounces.delete_many(doc! { "_id": { "$in": keys } }).await.context("removing a bounce count")?;
         tracing::info!(address = %key, removed = removed.deleted_count, "address unsuppressed");
         Ok(removed.deleted_count > 0)
     }
@@ -90,7 +103,8 @@ impl Suppressions {
     /// before: the list is for reputation, and the letters' own store just answered the claim.
     pub async fn apply(&self, letters: &mut [Letter]) {
         let pending: Vec<Vec<Recipient>> = letters.iter().map(Letter::pending_recipients).collect();
-        let keys: HashSet<String> = pending.iter().flatten().map(Recipient::key).collect();
+        let keys: HashSet<String> =
+            pending.iter().flatten().flat_map(|r| std::iter::once(r.key()).chain(legacy_key(r))).collect();
         let suppressed = match self.lookup(keys.into_iter().collect()).await {
             Ok(found) if found.is_empty() => return,
             Ok(found) => found,
@@ -101,7 +115,8 @@ impl Suppressions {
         };
         for (letter, recipients) in letters.iter_mut().zip(pending) {
             for recipient in recipients {
-                if let Some(reason) = suppressed.get(&recipient.key()) {
+                let legacy = legacy_key(&recipient).and_then(|key| suppressed.get(&key));
+                if let Some(reason) = suppressed.get(&recipient.key()).or(legacy) {
                     tracing::info!(letter_id = %letter.id, address = %recipient, reason = %reason, "suppressed recipient skipped");
                     letter.rejected.push(Rejection {
                         address: recipient.to_string(),
@@ -116,14 +131,16 @@ impl Suppressions {
     /// addresses that reached the threshold. Runs in its own task: the report stage does not
     /// wait for it.
     pub fn note_hard_bounces<'a>(&self, letters: impl IntoIterator<Item = &'a Letter>) {
-        let bounced: Vec<(String, String)> = letters
+        let bounced: Vec<(Recipient, String)> = letters
             .into_iter()
             .flat_map(|letter| {
                 letter
                     .rejected
                     .iter()
                     .filter(|r| is_unknown_mailbox(&r.reply))
-                    .map(|r| (r.address.trim().to_lowercase(), letter.id.to_hex()))
+                    // Rejections name recipients that were parsed at ingest, so this holds.
+                    .filter_map(|r| Recipient::parse(&r.address).ok())
+                    .map(|address| (address, letter.id.to_hex()))
             })
             .collect();
         if bounced.is_empty() {
@@ -133,17 +150,17 @@ impl Suppressions {
         tokio::spawn(async move {
             for (address, letter_id) in bounced {
                 if let Err(error) = this.hard_bounce(&address, &letter_id).await {
-                    tracing::warn!(error = format!("{error:#}"), address = %address, "recording a hard bounce failed");
+                    tracing::warn!(error = format!("{error:#}"), address = %address.key(), "recording a hard bounce failed");
                 }
             }
         });
     }
 
-    async fn hard_bounce(&self, address: &str, letter_id: &str) -> anyhow::Result<()> {
+    async fn hard_bounce(&self, address: &Recipient, letter_id: &str) -> anyhow::Result<()> {
         if self.hard_bounce_threshold > 1 {
             let counted = self
                 .bounces
-                .find_one_and_update(doc! { "_id": address }, doc! { "$addToSet": { "letters": letter_id } })
+                .find_one_and_update(doc! { "_id": address.key() }, doc! { "$addToSet": { "letters": letter_id } })
                 .upsert(true)
                 .return_document(ReturnDocument::After)
                 .await
@@ -155,6 +172,13 @@ impl Suppressions {
         }
         self.add(address, HARD_BOUNCE, "smtp").await
     }
+}
+
+/// The key versions before the canonical one gave an address (as given, lower-cased), when it
+/// differs: only for an internationalised domain.
+pub fn legacy_key(address: &Recipient) -> Option<String> {
+    let legacy = address.as_str().to_lowercase();
+    (legacy != address.key()).then_some(legacy)
 }
 
 /// A permanent refusal whose enhanced status says the mailbox does not exist (5.1.x), as a
@@ -178,5 +202,16 @@ mod tests {
         assert!(!is_unknown_mailbox("450 4.1.1 try later"));
         assert!(!is_unknown_mailbox("550 mailbox unavailable"));
         assert!(!is_unknown_mailbox("suppressed: hard_bounce"));
+    }
+
+    #[test]
+    fn one_key_per_address_and_the_old_key_only_where_it_differs() {
+        let utf8 = Recipient::parse("Ivan@Пример.РФ").unwrap();
+        let ascii = Recipient::parse("ivan@XN--E1AFMKFD.xn--p1ai").unwrap();
+        assert_eq!(utf8.key(), "ivan@xn--e1afmkfd.xn--p1ai");
+        assert_eq!(ascii.key(), utf8.key());
+        assert_eq!(legacy_key(&utf8).as_deref(), Some("ivan@пример.рф"));
+        assert_eq!(legacy_key(&ascii), None);
+        assert_eq!(legacy_key(&Recipient::parse("Ann@Example.ORG").unwrap()), None);
     }
 }

@@ -30,10 +30,11 @@ struct Request {
 const EXPECTED: &str = r#"a JSON object {"Address": string (a mailbox), "Reason": string (required unless removing), "Remove": bool (optional)}"#;
 
 /// What a message asks for, or why it is malformed.
-fn parse(payload: Option<&[u8]>) -> Result<(String, Option<String>), String> {
+fn parse(payload: Option<&[u8]>) -> Result<(Recipient, Option<String>), String> {
     let request: Request =
         serde_json::from_slice(payload.unwrap_or_default()).map_err(|e| format!("{e}; expected {EXPECTED}"))?;
-    let address = Recipient::parse(&request.address).map_err(|e| format!("Address: {e}"))?.to_string();
+    // Parsed into the one type every suppression is keyed through (`Recipient::key`).
+    let address = Recipient::parse(&request.address).map_err(|e| format!("Address: {e}"))?;
     let reason = request.reason.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty());
     match (request.remove, reason) {
         (true, _) => Ok((address, None)),
@@ -125,11 +126,14 @@ mod tests {
 
     #[test]
     fn requests_are_checked() {
+        let recipient = |a: &str| Recipient::parse(a).unwrap();
         assert_eq!(
             parse(Some(br#"{"Address":"A@x.org","Reason":"complaint"}"#)),
-            Ok(("A@x.org".to_owned(), Some("complaint".to_owned())))
+            Ok((recipient("A@x.org"), Some("complaint".to_owned())))
         );
-        assert_eq!(parse(Some(br#"{"Address":"a@x.org","Remove":true}"#)), Ok(("a@x.org".to_owned(), None)));
+        assert_eq!(parse(Some(br#"{"Address":"a@x.org","Remove":true}"#)), Ok((recipient("a@x.org"), None)));
+        let (idn, _) = parse(Some(r#"{"Address":"ivan@пример.рф","Reason":"complaint"}"#.as_bytes())).unwrap();
+        assert_eq!(idn.key(), "ivan@xn--e1afmkfd.xn--p1ai");
         for bad in [&b"nope"[..], br#"{"Address":"a@x.org"}"#, br#"{"Address":"not an address","Reason":"r"}"#, b"[]"] {
             assert!(parse(Some(bad)).is_err(), "{}", String::from_utf8_lossy(bad));
         }
