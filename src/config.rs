@@ -27,6 +27,16 @@ pub enum ConfigError {
     /// Used for secrets, whose values must not be echoed.
     #[error("{var} is invalid: expected {expected}")]
     InvalidSecret { var: &'static str, expected: &'static str },
+    /// The admin API would be reachable beyond loopback and guarded by nothing but the peer
+    /// address, which a service mesh makes loopback for every request.
+    #[error(
+        "HTTP_ADDR={addr} listens beyond loopback, but ADMIN_TOKEN is unset and ADMIN_ALLOWED_NETWORKS is not \
+         set: the admin routes (POST /post sends mail, POST /halt stops the service) would trust every \
+         loopback peer, and behind a service mesh every request is one (Istio's sidecar delivers from \
+         127.0.0.6, Linkerd's proxy from 127.0.0.1). Set ADMIN_TOKEN (recommended), or set \
+         ADMIN_ALLOWED_NETWORKS explicitly to the networks you trust, or bind HTTP_ADDR to loopback"
+    )]
+    AdminUnguarded { addr: SocketAddr },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +194,11 @@ pub struct HttpConfig {
     pub admin_token: Option<SecretString>,
     /// Without `admin_token`, the admin routes answer only peers in these networks.
     pub admin_networks: Vec<Network>,
+    /// `HTTP_POST_TIMEOUT`: how long `POST /post` waits for Kafka, and the message timeout of its
+    /// records, so that a `503` means the batch will not be produced later.
+    pub post_timeout: Duration,
+    /// `HTTP_IDEMPOTENCY_WINDOW`: how long an `Idempotency-Key` of `POST /post` is remembered.
+    pub idempotency_window: Duration,
 }
 
 /// DKIM, List-Unsubscribe and the one-click endpoint (README "Deliverability").
@@ -400,7 +415,25 @@ impl Config {
             })?,
             admin_token: env.secret("ADMIN_TOKEN"),
             admin_networks: networks(&env, "ADMIN_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")?,
+            post_timeout: env.positive_duration("HTTP_POST_TIMEOUT", "10s")?,
+            idempotency_window: env.positive_duration("HTTP_IDEMPOTENCY_WINDOW", "24h")?,
         };
+        // The loopback default was made for `kubectl port-forward`; in a mesh it admits every pod.
+        // A listener beyond loopback needs a token, or networks someone chose on purpose.
+        if !http.addr.ip().to_canonical().is_loopback()
+            && http.admin_token.is_none()
+            && env.optional("ADMIN_ALLOWED_NETWORKS").is_none()
+        {
+            return Err(ConfigError::AdminUnguarded { addr: http.addr });
+        }
+        // Below a second librdkafka cannot time a message out reliably (it scans once a second).
+        if http.post_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                var: "HTTP_POST_TIMEOUT",
+                value: humantime::format_duration(http.post_timeout).to_string(),
+                expected: "at least 1s".into(),
+            });
+        }
 
         let deliverability = deliverability(&env, &smtp.from)?;
 
@@ -777,6 +810,8 @@ mod tests {
             ("KAFKA_BROKERS", "127.0.0.1:9092"),
             ("MONGO_LOCAL", "mongodb://127.0.0.1:27017"),
             ("SMTP_HOST", "smtp.example.com"),
+            // Beyond loopback the admin guard needs a choice (see `an_open_listener_needs_a_guard`).
+            ("HTTP_ADDR", "127.0.0.1:8000"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1012,5 +1047,39 @@ mod tests {
         assert!("::ffff:10.0.0.0/64".parse::<Network>().is_err());
         let everyone: Network = "0.0.0.0/0".parse().unwrap();
         assert!(everyone.contains("8.8.8.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_open_listener_needs_a_guard() {
+        let error = Config::from_vars(vars(&[("HTTP_ADDR", "0.0.0.0:8000")])).unwrap_err().to_string();
+        for named in ["HTTP_ADDR", "ADMIN_TOKEN", "ADMIN_ALLOWED_NETWORKS", "127.0.0.6", "mesh"] {
+            assert!(error.contains(named), "{named} missing from: {error}");
+        }
+        assert!(Config::from_vars(vars(&[("HTTP_ADDR", "[::]:8000")])).is_err(), "IPv6 any-address");
+        assert!(Config::from_vars(vars(&[("HTTP_ADDR", "10.1.2.3:8000")])).is_err(), "a pod address");
+        // The Go service's default address still parses when the token is set.
+        let mut unset = vars(&[("ADMIN_TOKEN", "admin-secret-token")]);
+        unset.remove("HTTP_ADDR");
+        assert_eq!(Config::from_vars(unset).unwrap().http.addr, SocketAddr::from(([0, 0, 0, 0], 8000)));
+        let explicit =
+            Config::from_vars(vars(&[("HTTP_ADDR", "0.0.0.0:8000"), ("ADMIN_ALLOWED_NETWORKS", "10.0.0.0/8")]))
+                .unwrap();
+        assert_eq!(explicit.http.admin_networks.iter().map(ToString::to_string).collect::<Vec<_>>(), ["10.0.0.0/8"]);
+        for loopback in ["127.0.0.1:8000", "[::1]:8000", "127.0.0.2:9000"] {
+            assert!(Config::from_vars(vars(&[("HTTP_ADDR", loopback)])).is_ok(), "{loopback}");
+        }
+    }
+
+    #[test]
+    fn post_timeout_and_idempotency_window() {
+        let defaults = Config::from_vars(vars(&[])).unwrap().http;
+        assert_eq!(
+            (defaults.post_timeout, defaults.idempotency_window),
+            (Duration::from_secs(10), Duration::from_secs(86_400))
+        );
+        let error = Config::from_vars(vars(&[("HTTP_POST_TIMEOUT", "500ms")])).unwrap_err().to_string();
+        assert!(error.contains("HTTP_POST_TIMEOUT") && error.contains("1s"), "{error}");
+        let error = Config::from_vars(vars(&[("HTTP_IDEMPOTENCY_WINDOW", "0s")])).unwrap_err().to_string();
+        assert!(error.contains("HTTP_IDEMPOTENCY_WINDOW"), "{error}");
     }
 }
