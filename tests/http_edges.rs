@@ -2,6 +2,8 @@
 //! mesh refuses to start; `POST /post` produces a batch once per `Idempotency-Key`; and a `503`
 //! from `/post` means the batch will not be produced, even once the broker is back.
 
+#[path = "common/chaos.rs"]
+mod chaos;
 mod common;
 
 use std::{
@@ -21,8 +23,12 @@ use rdkafka::{
 use serde_json::Value;
 
 async fn post(app: &TestApp, body: &str, idempotency_key: Option<&str>) -> (u16, Value, HashMap<String, String>) {
+    post_to(&app.http, body, idempotency_key).await
+}
+
+async fn post_to(http: &str, body: &str, idempotency_key: Option<&str>) -> (u16, Value, HashMap<String, String>) {
     let mut request = reqwest::Client::new()
-        .post(format!("{}/post", app.http))
+        .post(format!("{http}/post"))
         .header("content-type", "application/json")
         .body(body.to_owned());
     if let Some(key) = idempotency_key {
@@ -141,6 +147,10 @@ async fn a_repeated_idempotency_key_produces_nothing_new() {
     // The draft standard's quoted form is the same key.
     let (status, quoted, _) = post(&app, &body, Some("\"campaign-42\"")).await;
     assert_eq!((status, &quoted), (202, &first));
+    // Another replica (same database and topics) knows the key too.
+    let replica = chaos::Replica::start(chaos::Replica::env_from(&app, &format!("{}-b", app.name), sink.port)).await;
+    let (status, elsewhere, _) = post_to(&replica.http, &body, Some("campaign-42")).await;
+    assert_eq!((status, &elsewhere), (202, &first), "on another replica");
 
     // The same key with another body is refused; nothing is produced for it.
     let (status, other, _) = post(&app, &batch("other", 1, 1).to_string(), Some("campaign-42")).await;
@@ -151,13 +161,25 @@ async fn a_repeated_idempotency_key_produces_nothing_new() {
     assert_eq!(status, 202, "{second}");
     assert_ne!(second["key"], first["key"]);
 
-    let keys = keys_on(&brokers(), &app.topic_in, 2).await;
+    // One key sent to both replicas at once: one of them produces, the other answers the same
+    // key or says the first is still waiting.
+    let (a, b) = tokio::join!(
+        post_to(&app.http, &body, Some("campaign-44")),
+        post_to(&replica.http, &body, Some("campaign-44"))
+    );
+    let answers: Vec<&Value> =
+        [&a, &b].iter().filter(|(status, ..)| *status == 202).map(|(_, answer, _)| answer).collect();
+    assert!([&a, &b].iter().all(|(status, ..)| [202, 409].contains(status)), "{a:?} {b:?}");
+    assert!(!answers.is_empty() && answers.iter().all(|answer| *answer == answers[0]), "{a:?} {b:?}");
+    let third = answers[0].clone();
+
+    let keys = keys_on(&brokers(), &app.topic_in, 3).await;
     let expected: BTreeSet<String> =
-        [&first, &second].iter().map(|answer| answer["key"].as_str().unwrap().to_owned()).collect();
+        [&first, &second, &third].iter().map(|answer| answer["key"].as_str().unwrap().to_owned()).collect();
     assert_eq!(keys, expected);
-    assert_eq!(message_count(&brokers(), &app.topic_in), 2, "one message per Idempotency-Key");
-    // And the letters of exactly those two batches are sent.
-    let letters = app.wait_all_final(4, Duration::from_secs(60)).await;
+    assert_eq!(message_count(&brokers(), &app.topic_in), 3, "one message per Idempotency-Key");
+    // And the letters of exactly those three batches are sent.
+    let letters = app.wait_all_final(6, Duration::from_secs(60)).await;
     assert!(letters.iter().all(|l| expected.contains(&l.kafkakey)), "{letters:?}");
 }
 
