@@ -194,11 +194,26 @@ pub struct HttpConfig {
     pub admin_token: Option<SecretString>,
     /// Without `admin_token`, the admin routes answer only peers in these networks.
     pub admin_networks: Vec<Network>,
+    /// Whether `ADMIN_ALLOWED_NETWORKS` was set rather than defaulted.
+    pub admin_networks_chosen: bool,
     /// `HTTP_POST_TIMEOUT`: how long `POST /post` waits for Kafka, and the message timeout of its
     /// records, so that a `503` means the batch will not be produced later.
     pub post_timeout: Duration,
     /// `HTTP_IDEMPOTENCY_WINDOW`: how long an `Idempotency-Key` of `POST /post` is remembered.
     pub idempotency_window: Duration,
+}
+
+impl HttpConfig {
+    /// The loopback default was made for `kubectl port-forward`; in a service mesh it admits
+    /// every pod, so a listener beyond loopback needs a token, or networks someone chose on
+    /// purpose. A deployment check rather than a parsing one: `from_env` applies it, while tests
+    /// of other sections build a `Config` from the required variables alone.
+    pub fn check_admin_guard(&self) -> Result<(), ConfigError> {
+        if self.addr.ip().to_canonical().is_loopback() || self.admin_token.is_some() || self.admin_networks_chosen {
+            return Ok(());
+        }
+        Err(ConfigError::AdminUnguarded { addr: self.addr })
+    }
 }
 
 /// DKIM, List-Unsubscribe and the one-click endpoint (README "Deliverability").
@@ -234,8 +249,11 @@ pub struct DkimSettings {
 }
 
 impl Config {
+    /// The service's configuration, refused when it would leave the admin API unguarded.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_vars(std::env::vars().collect())
+        let config = Self::from_vars(std::env::vars().collect())?;
+        config.http.check_admin_guard()?;
+        Ok(config)
     }
 
     /// Builds the configuration from a set of variables, so tests need not touch the process
@@ -415,17 +433,10 @@ impl Config {
             })?,
             admin_token: env.secret("ADMIN_TOKEN"),
             admin_networks: networks(&env, "ADMIN_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")?,
+            admin_networks_chosen: env.optional("ADMIN_ALLOWED_NETWORKS").is_some(),
             post_timeout: env.positive_duration("HTTP_POST_TIMEOUT", "10s")?,
             idempotency_window: env.positive_duration("HTTP_IDEMPOTENCY_WINDOW", "24h")?,
         };
-        // The loopback default was made for `kubectl port-forward`; in a mesh it admits every pod.
-        // A listener beyond loopback needs a token, or networks someone chose on purpose.
-        if !http.addr.ip().to_canonical().is_loopback()
-            && http.admin_token.is_none()
-            && env.optional("ADMIN_ALLOWED_NETWORKS").is_none()
-        {
-            return Err(ConfigError::AdminUnguarded { addr: http.addr });
-        }
         // Below a second librdkafka cannot time a message out reliably (it scans once a second).
         if http.post_timeout < Duration::from_secs(1) {
             return Err(ConfigError::Invalid {
@@ -810,8 +821,6 @@ mod tests {
             ("KAFKA_BROKERS", "127.0.0.1:9092"),
             ("MONGO_LOCAL", "mongodb://127.0.0.1:27017"),
             ("SMTP_HOST", "smtp.example.com"),
-            // Beyond loopback the admin guard needs a choice (see `an_open_listener_needs_a_guard`).
-            ("HTTP_ADDR", "127.0.0.1:8000"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1051,22 +1060,20 @@ mod tests {
 
     #[test]
     fn an_open_listener_needs_a_guard() {
-        let error = Config::from_vars(vars(&[("HTTP_ADDR", "0.0.0.0:8000")])).unwrap_err().to_string();
-        for named in ["HTTP_ADDR", "ADMIN_TOKEN", "ADMIN_ALLOWED_NETWORKS", "127.0.0.6", "mesh"] {
+        let guard = |pairs: &[(&str, &str)]| Config::from_vars(vars(pairs)).unwrap().http.check_admin_guard();
+        // The default address is every interface.
+        let error = guard(&[]).unwrap_err().to_string();
+        for named in ["HTTP_ADDR=0.0.0.0:8000", "ADMIN_TOKEN", "ADMIN_ALLOWED_NETWORKS", "127.0.0.6", "mesh"] {
             assert!(error.contains(named), "{named} missing from: {error}");
         }
-        assert!(Config::from_vars(vars(&[("HTTP_ADDR", "[::]:8000")])).is_err(), "IPv6 any-address");
-        assert!(Config::from_vars(vars(&[("HTTP_ADDR", "10.1.2.3:8000")])).is_err(), "a pod address");
-        // The Go service's default address still parses when the token is set.
-        let mut unset = vars(&[("ADMIN_TOKEN", "admin-secret-token")]);
-        unset.remove("HTTP_ADDR");
-        assert_eq!(Config::from_vars(unset).unwrap().http.addr, SocketAddr::from(([0, 0, 0, 0], 8000)));
-        let explicit =
-            Config::from_vars(vars(&[("HTTP_ADDR", "0.0.0.0:8000"), ("ADMIN_ALLOWED_NETWORKS", "10.0.0.0/8")]))
-                .unwrap();
-        assert_eq!(explicit.http.admin_networks.iter().map(ToString::to_string).collect::<Vec<_>>(), ["10.0.0.0/8"]);
-        for loopback in ["127.0.0.1:8000", "[::1]:8000", "127.0.0.2:9000"] {
-            assert!(Config::from_vars(vars(&[("HTTP_ADDR", loopback)])).is_ok(), "{loopback}");
+        assert!(guard(&[("HTTP_ADDR", "[::]:8000")]).is_err(), "IPv6 any-address");
+        assert!(guard(&[("HTTP_ADDR", "10.1.2.3:8000")]).is_err(), "a pod address");
+        assert!(guard(&[("HTTP_ADDR", "0.0.0.0:8000"), ("ADMIN_TOKEN", "admin-secret-token")]).is_ok());
+        assert!(guard(&[("HTTP_ADDR", "0.0.0.0:8000"), ("ADMIN_ALLOWED_NETWORKS", "10.0.0.0/8")]).is_ok());
+        // Set to the default's very value, it is still a choice someone made.
+        assert!(guard(&[("ADMIN_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")]).is_ok());
+        for loopback in ["127.0.0.1:8000", "[::1]:8000", "127.0.0.2:9000", "[::ffff:127.0.0.1]:8000"] {
+            assert!(guard(&[("HTTP_ADDR", loopback)]).is_ok(), "{loopback}");
         }
     }
 
