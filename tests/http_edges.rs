@@ -229,6 +229,13 @@ impl OwnBroker {
         .await;
     }
 
+    /// `kill -SIGNAL` to the broker (`STOP` freezes it with its connections open).
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the broker runs").id();
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -280,4 +287,37 @@ async fn a_503_means_the_batch_is_never_produced() {
     let (status, retried, _) = post(&app, &body, Some("outage-1")).await;
     assert_eq!(status, 202, "{retried}");
     assert_eq!(message_count(&broker.brokers(), &app.topic_in), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_the_broker_may_have_is_answered_504_not_503() {
+    let mut broker = OwnBroker::start().await;
+    let sink = SmtpSink::start().await;
+    let brokers = broker.brokers();
+    let app = TestApp::spawn(&sink, &[("KAFKA_BROKERS", brokers.as_str()), ("HTTP_POST_TIMEOUT", "3s")]).await;
+    let (status, before, _) = post(&app, &batch("before", 1, 1).to_string(), None).await;
+    assert_eq!(status, 202, "with the broker up: {before}");
+
+    // A broker that stops answering with the connection open: the request goes out and then
+    // times out in flight, so the broker may have the batch. That is not a 503.
+    broker.signal("STOP");
+    let body = batch("stalled", 1, 1).to_string();
+    let (status, unknown, _) = post(&app, &body, Some("stalled-1")).await;
+    assert_eq!(status, 504, "{unknown}");
+    let key = unknown["key"].as_str().expect("the batch key").to_owned();
+    // A repeat is not produced again: the outcome stays unknown, under the same key.
+    let (status, again, _) = post(&app, &body, Some("stalled-1")).await;
+    assert_eq!((status, again["key"].as_str()), (504, Some(key.as_str())), "{again}");
+    broker.signal("CONT");
+
+    // The broker did take it: a 503 here would have invited a duplicate.
+    wait_for("the stalled batch on the topic", Duration::from_secs(30), || async {
+        (message_count(&brokers, &app.topic_in) >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        keys_on(&brokers, &app.topic_in, 2).await,
+        BTreeSet::from([before["key"].as_str().unwrap().to_owned(), key])
+    );
+    assert_eq!(message_count(&brokers, &app.topic_in), 2);
 }
