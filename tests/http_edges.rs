@@ -291,7 +291,7 @@ async fn a_503_means_the_batch_is_never_produced() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_the_broker_may_have_is_answered_504_not_503() {
-    let mut broker = OwnBroker::start().await;
+    let broker = OwnBroker::start().await;
     let sink = SmtpSink::start().await;
     let brokers = broker.brokers();
     let app = TestApp::spawn(&sink, &[("KAFKA_BROKERS", brokers.as_str()), ("HTTP_POST_TIMEOUT", "3s")]).await;
