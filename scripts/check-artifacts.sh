@@ -58,7 +58,8 @@ KAFKA_MAX_MESSAGE_BYTES KAFKA_DLQ_MAX_BYTES KAFKA_STALL_WARNING LETTER_RETENTION
 DISPATCH_MAX_BYTES KAFKA_MESSAGE_TIMEOUT KAFKA_STATISTICS_INTERVAL REPUBLISH_BATCH
 DKIM_DOMAIN DKIM_SELECTOR DKIM_PRIVATE_KEY_FILE LIST_UNSUBSCRIBE_URL LIST_UNSUBSCRIBE_MAILTO
 UNSUBSCRIBE_SECRET PUBLIC_HTTP_ADDR KAFKA_TOPIC_UNSUBSCRIBED KAFKA_TOPIC_SUPPRESSIONS
-SUPPRESS_AFTER_HARD_BOUNCES SMTP_DELIVERY SMTP_QUOTAS SMTP_RATE_LIMIT_UNIT"
+SUPPRESS_AFTER_HARD_BOUNCES SMTP_DELIVERY SMTP_QUOTAS SMTP_RATE_LIMIT_UNIT
+HTTP_POST_TIMEOUT HTTP_IDEMPOTENCY_WINDOW"
 export KNOWN_ENV
 
 COLLECTION="$ROOT/postman/mailsender.postman_collection.json"
@@ -250,6 +251,17 @@ for where, keys in (("ConfigMap", cm["data"]), ("Secret", sec.get("stringData", 
     check(not unknown, f"{where}: unknown variable(s) {unknown} (typo?)")
 check(env.get("INSTANCE_ID", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name",
       "INSTANCE_ID must come from metadata.name (downward API)")
+# The service refuses HTTP_ADDR beyond loopback without ADMIN_TOKEN unless ADMIN_ALLOWED_NETWORKS is
+# set (a service mesh makes every peer loopback): the manifests must satisfy that rule.
+addr = str(cm["data"].get("HTTP_ADDR", "0.0.0.0:8000"))
+host = addr.rsplit(":", 1)[0].strip("[]")
+loopback = host == "::1" or host.startswith("127.")
+token_ref = env.get("ADMIN_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+token = token_ref.get("name") == sec["metadata"]["name"] and token_ref.get("key") == "ADMIN_TOKEN" \
+    and not token_ref.get("optional", False)
+check(loopback or token or "ADMIN_ALLOWED_NETWORKS" in cm["data"],
+      f"HTTP_ADDR {addr} is beyond loopback: ADMIN_TOKEN must come from the Secret (a required secretKeyRef) "
+      "or ADMIN_ALLOWED_NETWORKS be set, or the service refuses to start")
 # A Deployment renames pods on every rollout; static membership would strand partitions.
 check("KAFKA_GROUP_INSTANCE_ID" not in env and "KAFKA_GROUP_INSTANCE_ID" not in cm["data"],
       "KAFKA_GROUP_INSTANCE_ID must not be set on a Deployment (use it with a StatefulSet)")

@@ -147,6 +147,8 @@ impl App {
             paced_per_s = budget.plan().rate(),
             "sending budget shared through MongoDB"
         );
+        let posts = http::PostDoor::new(&config, store.database(), metrics.clone())?;
+        retry_at_start("preparing the Idempotency-Key collection", || posts.keys.prepare()).await?;
         let http_state = Arc::new(HttpState {
             producer: producer.clone(),
             store: store.clone(),
@@ -171,6 +173,7 @@ impl App {
             shutdown: shutdown.clone(),
             readiness: Default::default(),
             budget: budget.clone(),
+            posts,
         });
         let reporter = http_state.report.clone();
         tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");

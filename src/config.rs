@@ -27,6 +27,16 @@ pub enum ConfigError {
     /// Used for secrets, whose values must not be echoed.
     #[error("{var} is invalid: expected {expected}")]
     InvalidSecret { var: &'static str, expected: &'static str },
+    /// The admin API would be reachable beyond loopback and guarded by nothing but the peer
+    /// address, which a service mesh makes loopback for every request.
+    #[error(
+        "HTTP_ADDR={addr} listens beyond loopback, but ADMIN_TOKEN is unset and ADMIN_ALLOWED_NETWORKS is not \
+         set: the admin routes (POST /post sends mail, POST /halt stops the service) would trust every \
+         loopback peer, and behind a service mesh every request is one (Istio's sidecar delivers from \
+         127.0.0.6, Linkerd's proxy from 127.0.0.1). Set ADMIN_TOKEN (recommended), or set \
+         ADMIN_ALLOWED_NETWORKS explicitly to the networks you trust, or bind HTTP_ADDR to loopback"
+    )]
+    AdminUnguarded { addr: SocketAddr },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +194,26 @@ pub struct HttpConfig {
     pub admin_token: Option<SecretString>,
     /// Without `admin_token`, the admin routes answer only peers in these networks.
     pub admin_networks: Vec<Network>,
+    /// Whether `ADMIN_ALLOWED_NETWORKS` was set rather than defaulted.
+    pub admin_networks_chosen: bool,
+    /// `HTTP_POST_TIMEOUT`: how long `POST /post` waits for Kafka, and the message timeout of its
+    /// records, so that a `503` means the batch will not be produced later.
+    pub post_timeout: Duration,
+    /// `HTTP_IDEMPOTENCY_WINDOW`: how long an `Idempotency-Key` of `POST /post` is remembered.
+    pub idempotency_window: Duration,
+}
+
+impl HttpConfig {
+    /// The loopback default was made for `kubectl port-forward`; in a service mesh it admits
+    /// every pod, so a listener beyond loopback needs a token, or networks someone chose on
+    /// purpose. A deployment check rather than a parsing one: `from_env` applies it, while tests
+    /// of other sections build a `Config` from the required variables alone.
+    pub fn check_admin_guard(&self) -> Result<(), ConfigError> {
+        if self.addr.ip().to_canonical().is_loopback() || self.admin_token.is_some() || self.admin_networks_chosen {
+            return Ok(());
+        }
+        Err(ConfigError::AdminUnguarded { addr: self.addr })
+    }
 }
 
 /// DKIM, List-Unsubscribe and the one-click endpoint (README "Deliverability").
@@ -219,8 +249,11 @@ pub struct DkimSettings {
 }
 
 impl Config {
+    /// The service's configuration, refused when it would leave the admin API unguarded.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_vars(std::env::vars().collect())
+        let config = Self::from_vars(std::env::vars().collect())?;
+        config.http.check_admin_guard()?;
+        Ok(config)
     }
 
     /// Builds the configuration from a set of variables, so tests need not touch the process
@@ -400,7 +433,18 @@ impl Config {
             })?,
             admin_token: env.secret("ADMIN_TOKEN"),
             admin_networks: networks(&env, "ADMIN_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")?,
+            admin_networks_chosen: env.optional("ADMIN_ALLOWED_NETWORKS").is_some(),
+            post_timeout: env.positive_duration("HTTP_POST_TIMEOUT", "10s")?,
+            idempotency_window: env.positive_duration("HTTP_IDEMPOTENCY_WINDOW", "24h")?,
         };
+        // Below a second librdkafka cannot time a message out reliably (it scans once a second).
+        if http.post_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                var: "HTTP_POST_TIMEOUT",
+                value: humantime::format_duration(http.post_timeout).to_string(),
+                expected: "at least 1s".into(),
+            });
+        }
 
         let deliverability = deliverability(&env, &smtp.from)?;
 
@@ -1012,5 +1056,37 @@ mod tests {
         assert!("::ffff:10.0.0.0/64".parse::<Network>().is_err());
         let everyone: Network = "0.0.0.0/0".parse().unwrap();
         assert!(everyone.contains("8.8.8.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_open_listener_needs_a_guard() {
+        let guard = |pairs: &[(&str, &str)]| Config::from_vars(vars(pairs)).unwrap().http.check_admin_guard();
+        // The default address is every interface.
+        let error = guard(&[]).unwrap_err().to_string();
+        for named in ["HTTP_ADDR=0.0.0.0:8000", "ADMIN_TOKEN", "ADMIN_ALLOWED_NETWORKS", "127.0.0.6", "mesh"] {
+            assert!(error.contains(named), "{named} missing from: {error}");
+        }
+        assert!(guard(&[("HTTP_ADDR", "[::]:8000")]).is_err(), "IPv6 any-address");
+        assert!(guard(&[("HTTP_ADDR", "10.1.2.3:8000")]).is_err(), "a pod address");
+        assert!(guard(&[("HTTP_ADDR", "0.0.0.0:8000"), ("ADMIN_TOKEN", "admin-secret-token")]).is_ok());
+        assert!(guard(&[("HTTP_ADDR", "0.0.0.0:8000"), ("ADMIN_ALLOWED_NETWORKS", "10.0.0.0/8")]).is_ok());
+        // Set to the default's very value, it is still a choice someone made.
+        assert!(guard(&[("ADMIN_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")]).is_ok());
+        for loopback in ["127.0.0.1:8000", "[::1]:8000", "127.0.0.2:9000", "[::ffff:127.0.0.1]:8000"] {
+            assert!(guard(&[("HTTP_ADDR", loopback)]).is_ok(), "{loopback}");
+        }
+    }
+
+    #[test]
+    fn post_timeout_and_idempotency_window() {
+        let defaults = Config::from_vars(vars(&[])).unwrap().http;
+        assert_eq!(
+            (defaults.post_timeout, defaults.idempotency_window),
+            (Duration::from_secs(10), Duration::from_secs(86_400))
+        );
+        let error = Config::from_vars(vars(&[("HTTP_POST_TIMEOUT", "500ms")])).unwrap_err().to_string();
+        assert!(error.contains("HTTP_POST_TIMEOUT") && error.contains("1s"), "{error}");
+        let error = Config::from_vars(vars(&[("HTTP_IDEMPOTENCY_WINDOW", "0s")])).unwrap_err().to_string();
+        assert!(error.contains("HTTP_IDEMPOTENCY_WINDOW"), "{error}");
     }
 }

@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     budget::Budget,
-    kafka::{self, StatusProducer},
+    idempotency::{self, Claim, IdempotencyKeys},
+    kafka::{self, StatusProducer, Undelivered},
     metrics::Metrics,
     model::{EXPECTED_BATCH, Letter, Mailing, parse_batch},
     pipeline::report::Report,
@@ -54,6 +55,41 @@ pub struct HttpState {
     pub readiness: Mutex<Option<(Instant, StatusCode, Value)>>,
     /// Not ready while the shared sending budget is unreachable: the instance sends nothing.
     pub budget: Arc<Budget>,
+    pub posts: PostDoor,
+}
+
+/// What `POST /post` produces with: its own producer, whose messages time out when the request
+/// stops waiting (so a `503` is final), and the `Idempotency-Key`s in MongoDB.
+pub struct PostDoor {
+    pub producer: StatusProducer,
+    /// `HTTP_POST_TIMEOUT`, the producer's message timeout.
+    pub wait: Duration,
+    pub keys: IdempotencyKeys,
+}
+
+impl PostDoor {
+    /// After the message timeout, librdkafka reports within its once-a-second timeout scan; the
+    /// margin is for that and for the report's way back.
+    const REPORT_MARGIN: Duration = Duration::from_secs(5);
+
+    pub fn new(
+        config: &crate::config::Config,
+        db: &mongodb::Database,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<PostDoor> {
+        let wait = config.http.post_timeout;
+        Ok(PostDoor {
+            producer: kafka::post_producer(&config.kafka, wait, metrics)?,
+            wait,
+            // A `pending` entry older than the longest wait belongs to a replica that stopped.
+            keys: IdempotencyKeys::new(
+                db,
+                &config.mongo.collection,
+                config.http.idempotency_window,
+                wait + Self::REPORT_MARGIN * 2,
+            ),
+        })
+    }
 }
 
 pub fn router(state: Arc<HttpState>, max_body_bytes: usize) -> Router {
@@ -181,6 +217,7 @@ pub fn check_batch(body: &[u8]) -> Result<Vec<Mailing>, String> {
 
 async fn post_batch(
     State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     if state.shutdown.is_cancelled() {
@@ -191,32 +228,169 @@ async fn post_batch(
         Ok(body) => body,
         Err(rejection) => return error(rejection.status(), rejection.body_text(), None),
     };
+    let idempotency_key = match headers.get("idempotency-key").map(|v| idempotency::parse_key(v.as_bytes())) {
+        None => None,
+        Some(Ok(key)) => Some(key),
+        Some(Err(reason)) => {
+            return error(StatusCode::BAD_REQUEST, reason, Some("Idempotency-Key: <a key unique to this batch>"));
+        }
+    };
     let mailings = match check_batch(&body) {
         Ok(mailings) => mailings,
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason, Some(EXPECTED_BATCH)),
     };
-    let key = uuid::Uuid::new_v4().to_string();
-    // Bounded well below a client's patience: with the broker down, librdkafka would keep
-    // retrying for its whole message timeout.
-    let delivery = tokio::time::timeout(
-        Duration::from_secs(10),
-        state.producer.send(&state.topic_in, Some(key.as_bytes()), &body, None),
-    );
-    let failure = match delivery.await {
-        Ok(Ok(_)) => None,
-        Ok(Err(e)) => Some(e.to_string()),
-        Err(_) => Some("no acknowledgement within 10 s".to_owned()),
-    };
-    match failure {
-        None => {
-            tracing::info!(kafka_key = %key, mailings = mailings.len(), "batch accepted");
-            (StatusCode::ACCEPTED, Json(json!({ "key": key, "mailings": mailings.len() }))).into_response()
-        }
-        Some(reason) => {
-            tracing::warn!(error = %reason, "producing a posted batch failed");
-            error(StatusCode::SERVICE_UNAVAILABLE, format!("Kafka did not accept the batch: {reason}"), None)
+    // In a task of its own: a client that hangs up drops this handler, and a key's entry must
+    // still learn how its produce ended.
+    match tokio::spawn(produce_batch(state, body, mailings.len(), idempotency_key)).await {
+        Ok(answer) => answer.into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("producing the batch: {e}"), None),
+    }
+}
+
+/// How a `POST /post` that passed validation ended.
+#[derive(Debug)]
+enum PostAnswer {
+    /// Produced, now or by the first request with this `Idempotency-Key`.
+    Accepted {
+        key: String,
+        mailings: i64,
+        replayed: bool,
+    },
+    /// Kafka did not take the batch and will not: the client may retry.
+    NotProduced(String),
+    /// The broker may have the batch: the client must not send it again without looking.
+    Unknown {
+        key: String,
+        reason: String,
+    },
+    InProgress {
+        retry_after: Duration,
+    },
+    Mismatch,
+    /// The key could not be recorded, so nothing was produced.
+    KeysUnavailable(anyhow::Error),
+}
+
+impl IntoResponse for PostAnswer {
+    fn into_response(self) -> Response {
+        match self {
+            PostAnswer::Accepted { key, mailings, replayed } => {
+                let mut response =
+                    (StatusCode::ACCEPTED, Json(json!({ "key": key, "mailings": mailings }))).into_response();
+                if replayed {
+                    response.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
+                }
+                response
+            }
+            PostAnswer::NotProduced(reason) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("Kafka did not take the batch, and it will not be produced: {reason}"),
+                Some("the same request again later (with the same Idempotency-Key, if one was sent)"),
+            ),
+            PostAnswer::Unknown { key, reason } => {
+                let mut body = json!({
+                    "error": format!("{reason}: the batch may have been produced under key {key}"),
+                    "expected": format!("GET /batches/{key} once ingest had time, before sending the batch again"),
+                });
+                body["key"] = json!(key);
+                (StatusCode::GATEWAY_TIMEOUT, Json(body)).into_response()
+            }
+            PostAnswer::InProgress { retry_after } => {
+                let mut response = error(
+                    StatusCode::CONFLICT,
+                    "a request with this Idempotency-Key is still waiting for Kafka",
+                    Some("the same request again after Retry-After seconds"),
+                );
+                let seconds = header::HeaderValue::from(retry_after.as_secs().max(1));
+                response.headers_mut().insert(header::RETRY_AFTER, seconds);
+                response
+            }
+            PostAnswer::Mismatch => error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "this Idempotency-Key was used with another body",
+                Some("a new Idempotency-Key for a different batch"),
+            ),
+            PostAnswer::KeysUnavailable(cause) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the Idempotency-Key could not be recorded, so nothing was produced: {cause:#}"),
+                Some("the same request again later"),
+            ),
         }
     }
+}
+
+/// Produces a checked batch under a fresh key, once per `Idempotency-Key`.
+async fn produce_batch(
+    state: Arc<HttpState>,
+    body: Bytes,
+    mailings: usize,
+    idempotency_key: Option<String>,
+) -> PostAnswer {
+    use sha2::Digest as _;
+    let door = &state.posts;
+    let mailings = i64::try_from(mailings).unwrap_or(i64::MAX);
+    let batch_key = uuid::Uuid::new_v4().to_string();
+    if let Some(key) = &idempotency_key {
+        let body_sha256 = format!("{:x}", sha2::Sha256::digest(&body));
+        let claim = door.keys.claim(key, &batch_key, &body_sha256, mailings, state.store.now_ms()).await;
+        match claim {
+            Ok(Claim::Fresh) => {}
+            Ok(Claim::Accepted { batch_key, mailings }) => {
+                tracing::info!(kafka_key = %batch_key, idempotency_key = %key, "repeated batch answered, not produced");
+                return PostAnswer::Accepted { key: batch_key, mailings, replayed: true };
+            }
+            Ok(Claim::InProgress) => return PostAnswer::InProgress { retry_after: door.wait },
+            Ok(Claim::Unknown { batch_key }) => {
+                let reason = "an earlier request with this Idempotency-Key did not learn whether Kafka took its batch";
+                return PostAnswer::Unknown { key: batch_key, reason: reason.into() };
+            }
+            Ok(Claim::Mismatch) => return PostAnswer::Mismatch,
+            Err(cause) => {
+                tracing::warn!(error = format!("{cause:#}"), "recording an Idempotency-Key failed");
+                return PostAnswer::KeysUnavailable(cause);
+            }
+        }
+    }
+    let delivery = tokio::time::timeout(
+        door.wait + PostDoor::REPORT_MARGIN,
+        door.producer.deliver(&state.topic_in, Some(batch_key.as_bytes()), &body, None),
+    )
+    .await;
+    let answer = match delivery {
+        Ok(Ok(())) => PostAnswer::Accepted { key: batch_key.clone(), mailings, replayed: false },
+        Ok(Err(Undelivered { error, possibly_persisted: false })) => PostAnswer::NotProduced(error.to_string()),
+        Ok(Err(Undelivered { error, possibly_persisted: true })) => PostAnswer::Unknown {
+            key: batch_key.clone(),
+            reason: format!("Kafka did not acknowledge the batch ({error}) after it was sent"),
+        },
+        Err(_) => PostAnswer::Unknown {
+            key: batch_key.clone(),
+            reason: format!("no delivery report within {}s", (door.wait + PostDoor::REPORT_MARGIN).as_secs()),
+        },
+    };
+    if let Some(key) = &idempotency_key {
+        let recorded = match &answer {
+            PostAnswer::Accepted { .. } => door.keys.accepted(key, &batch_key).await,
+            PostAnswer::NotProduced(_) => door.keys.release(key, &batch_key).await,
+            _ => door.keys.unknown(key, &batch_key).await,
+        };
+        // Accepted but not recorded: the entry stays `pending`, and a repeat is told the outcome
+        // is unknown rather than producing the batch again.
+        if let Err(cause) = recorded {
+            tracing::warn!(error = format!("{cause:#}"), idempotency_key = %key, "recording a /post outcome failed");
+        }
+    }
+    match &answer {
+        PostAnswer::Accepted { .. } => tracing::info!(kafka_key = %batch_key, mailings, "batch accepted"),
+        PostAnswer::NotProduced(reason) => {
+            tracing::warn!(error = %reason, "producing a posted batch failed; it will not be produced")
+        }
+        PostAnswer::Unknown { reason, .. } => {
+            tracing::warn!(kafka_key = %batch_key, error = %reason, "a posted batch may or may not have been produced")
+        }
+        _ => {}
+    }
+    answer
 }
 
 async fn halt(State(state): State<Arc<HttpState>>) -> Response {

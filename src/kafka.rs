@@ -57,27 +57,74 @@ struct ProducerInner {
     stop: AtomicBool,
 }
 
-pub type Acknowledgement = oneshot::Sender<KafkaResult<()>>;
+pub type Acknowledgement = oneshot::Sender<Delivery>;
+
+/// What librdkafka reported for one message.
+pub type Delivery = Result<(), Undelivered>;
+
+/// A message librdkafka gave up on, and whether the broker may have written it all the same.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{error}")]
+pub struct Undelivered {
+    pub error: KafkaError,
+    /// False only when librdkafka knows the broker never had it (it was never sent, or the broker
+    /// refused it): a timeout while a request was in flight leaves the message possibly written.
+    pub possibly_persisted: bool,
+}
+
+impl Undelivered {
+    fn local(error: KafkaError) -> Undelivered {
+        Undelivered { error, possibly_persisted: false }
+    }
+}
 
 pub fn producer(config: &KafkaConfig, metrics: Arc<Metrics>) -> anyhow::Result<StatusProducer> {
+    // Undelivered status messages stay `unreported` in MongoDB and are republished later, so the
+    // producer need not hold them for long during a broker outage.
+    build_producer(config, config.message_timeout, metrics, "kafka-producer-poll")
+}
+
+/// The producer of `POST /post`'s batches. Its messages time out after `wait`, the time the
+/// request waits: with the shared producer's longer timeout, a batch the request gave up on stayed
+/// queued and was produced once the broker came back, after the client had been told `503` and
+/// had retried (every recipient got the campaign twice). Now the delivery report comes within
+/// the wait, and a failure it reports is final.
+pub fn post_producer(config: &KafkaConfig, wait: Duration, metrics: Arc<Metrics>) -> anyhow::Result<StatusProducer> {
+    build_producer(config, wait, metrics, "kafka-post-poll")
+}
+
+fn build_producer(
+    config: &KafkaConfig,
+    message_timeout: Duration,
+    metrics: Arc<Metrics>,
+    thread: &str,
+) -> anyhow::Result<StatusProducer> {
+    // The broker's own bound on an acknowledgement (librdkafka's default is 30 s); librdkafka
+    // times a request in flight out by its first message's timeout, so this only keeps the
+    // broker from waiting longer than the message may.
+    let request_timeout = message_timeout.min(Duration::from_secs(30));
     let producer: BaseProducer<StatsContext> = base(config)
         .set("acks", "all")
         .set("linger.ms", "5")
-        // Undelivered status messages stay `unreported` in MongoDB and are republished later,
-        // so the producer need not hold them for long during a broker outage.
-        .set("message.timeout.ms", config.message_timeout.as_millis().to_string())
+        .set("message.timeout.ms", message_timeout.as_millis().to_string())
+        .set("request.timeout.ms", request_timeout.as_millis().to_string())
         .set("queue.buffering.max.kbytes", "8192")
         .set("message.max.bytes", "2097152")
         .set("statistics.interval.ms", config.statistics_interval.as_millis().to_string())
         .create_with_context(StatsContext::new(metrics, "producer", config.stall_warning))
         .context("creating the Kafka producer")?;
     let inner = Arc::new(ProducerInner { producer, stop: AtomicBool::new(false) });
-    let polled = inner.clone();
+    // Weak, so that a producer whose every handle is dropped (the HTTP state's, at the end of a
+    // run) stops its thread without an explicit `close`.
+    let polled = Arc::downgrade(&inner);
     std::thread::Builder::new()
-        .name("kafka-producer-poll".into())
+        .name(thread.into())
         .spawn(move || {
-            while !polled.stop.load(Ordering::Relaxed) {
-                polled.producer.poll(Duration::from_secs(1));
+            while let Some(inner) = polled.upgrade() {
+                if inner.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                inner.producer.poll(Duration::from_secs(1));
             }
         })
         .context("starting the producer's polling thread")?;
@@ -86,7 +133,7 @@ pub fn producer(config: &KafkaConfig, metrics: Arc<Metrics>) -> anyhow::Result<S
 
 impl StatusProducer {
     /// Queues a message and waits for the broker's acknowledgement (or librdkafka's final
-    /// failure after `KAFKA_MESSAGE_TIMEOUT`). A full local queue fails at once.
+    /// failure after the producer's message timeout). A full local queue fails at once.
     pub async fn send(
         &self,
         topic: &str,
@@ -94,6 +141,17 @@ impl StatusProducer {
         payload: &[u8],
         headers: Option<OwnedHeaders>,
     ) -> KafkaResult<()> {
+        self.deliver(topic, key, payload, headers).await.map_err(|undelivered| undelivered.error)
+    }
+
+    /// As [`send`](Self::send), saying on failure whether the broker may have the message.
+    pub async fn deliver(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: Option<OwnedHeaders>,
+    ) -> Delivery {
         let (acknowledged, acknowledgement) = oneshot::channel();
         let mut record = BaseRecord::<[u8], [u8], Box<Acknowledgement>>::with_opaque_to(topic, Box::new(acknowledged))
             .payload(payload);
@@ -103,8 +161,10 @@ impl StatusProducer {
         if let Some(headers) = headers {
             record = record.headers(headers);
         }
-        self.inner.producer.send(record).map_err(|(error, _)| error)?;
-        acknowledgement.await.unwrap_or(Err(KafkaError::Canceled))
+        self.inner.producer.send(record).map_err(|(error, _)| Undelivered::local(error))?;
+        // A dropped sender means librdkafka discarded the message unreported (a purge at
+        // shutdown): whether it went out is unknown.
+        acknowledgement.await.unwrap_or(Err(Undelivered { error: KafkaError::Canceled, possibly_persisted: true }))
     }
 
     pub fn flush(&self, timeout: Duration) -> KafkaResult<()> {
@@ -195,8 +255,18 @@ impl ProducerContext for StatsContext {
     type DeliveryOpaque = Box<Acknowledgement>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, acknowledged: Self::DeliveryOpaque) {
+        let delivery = result.as_ref().map(|_| ()).map_err(|(error, message)| {
+            // SAFETY: `message` is the delivery report's message, valid for this callback;
+            // `rd_kafka_message_status` only reads its status field.
+            let status = unsafe { rdkafka::bindings::rd_kafka_message_status(message.ptr()) };
+            Undelivered {
+                error: error.clone(),
+                possibly_persisted: status
+                    != rdkafka::bindings::rd_kafka_msg_status_t::RD_KAFKA_MSG_STATUS_NOT_PERSISTED,
+            }
+        });
         // The sender may be gone (its request timed out); nothing is waiting then.
-        let _ = acknowledged.send(result.as_ref().map(|_| ()).map_err(|(error, _)| error.clone()));
+        let _ = acknowledged.send(delivery);
     }
 }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod deliverability;
 pub mod http;
+pub mod idempotency;
 pub mod kafka;
 pub mod metrics;
 pub mod model;

@@ -763,7 +763,7 @@ fn is_permanent_write_error(code: i32) -> bool {
     )
 }
 
-fn is_duplicate(error: &mongodb::error::Error) -> bool {
+pub(crate) fn is_duplicate(error: &mongodb::error::Error) -> bool {
     matches!(error.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY)
 }
 
