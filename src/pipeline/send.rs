@@ -328,7 +328,7 @@ impl Worker {
         let mut fresh_starts = 0;
         // Relays left because they failed before the message was handed over: free too, and at
         // most one fewer than there are relays, so the letter still ends when all are down.
-        let mut relays_left = 0;
+        let mut relays_left: Vec<usize> = Vec::new();
         while !queue.is_empty() {
             let take = queue.len().min(self.ctx.max_recipients);
             let chunk: Vec<Recipient> = queue.drain(..take).collect();
@@ -377,7 +377,7 @@ impl Worker {
                 // be sending.
                 lease_clock.vouch(lease.0, &lease.1)
             };
-            let result = match self.session().await {
+            let result = match self.session(&relays_left).await {
                 Ok(connection) => {
                     transaction::send(
                         connection,
@@ -393,12 +393,13 @@ impl Worker {
             };
             let step = match result {
                 Ok(transaction) => {
-                    if let Some(reply) = closing(&transaction)
-                        && self.leave_relay(&reply, &mut relays_left)
-                    {
-                        self.connection = None;
-                        requeue(&mut queue, chunk);
-                        continue;
+                    if let Some(reply) = closing(&transaction) {
+                        if self.leave_relay(&reply, &mut relays_left) {
+                            requeue(&mut queue, chunk);
+                            continue;
+                        }
+                    } else if transaction.mail.is_some() {
+                        self.ctx.relays.succeeded(self.relay);
                     }
                     self.apply(transaction, chunk, &mut queue, &mut report)
                 }
@@ -524,8 +525,8 @@ impl Worker {
     }
 
     /// The kept connection, checked with NOOP when it sat idle, or a new one to the most
-    /// preferred relay that opens a session.
-    async fn session(&mut self) -> Result<&mut Connection, SmtpError> {
+    /// preferred relay that opens a session, but those in `avoid` (the letter left them).
+    async fn session(&mut self, avoid: &[usize]) -> Result<&mut Connection, SmtpError> {
         if let Some(connection) = self.connection.as_mut()
             && connection.idle() > self.ctx.idle_check_after
             && let Err(error) = connection.check(self.ctx.smtp.timeouts.short).await
@@ -535,7 +536,7 @@ impl Worker {
         }
         // A more preferred relay is back (or due for its probe): the fallback is left for it.
         if self.connection.is_some()
-            && self.ctx.relays.prefers_other_than(self.relay)
+            && self.ctx.relays.prefers_other_than(self.relay, avoid)
             && let Some(connection) = self.connection.take()
         {
             tracing::debug!(relay = %connection.server(), "a more preferred relay is usable again; leaving this one");
@@ -544,7 +545,7 @@ impl Worker {
         let connection = match self.connection.take() {
             Some(connection) => connection,
             None => {
-                let (connection, relay) = self.ctx.relays.connect().await?;
+                let (connection, relay) = self.ctx.relays.connect(avoid).await?;
                 self.relay = relay;
                 connection
             }
@@ -554,11 +555,11 @@ impl Worker {
 
     /// The relay failed before the message was handed over: counts against it, and says whether
     /// the chunk goes to the next relay at once (one is left to try), costing nothing.
-    fn leave_relay(&mut self, reason: &dyn std::fmt::Display, relays_left: &mut usize) -> bool {
-        let moving_on = *relays_left + 1 < self.ctx.relays.len();
+    fn leave_relay(&mut self, reason: &dyn std::fmt::Display, relays_left: &mut Vec<usize>) -> bool {
+        let moving_on = relays_left.len() + 1 < self.ctx.relays.len() && !relays_left.contains(&self.relay);
         self.ctx.relays.failed(self.relay, reason, moving_on);
         if moving_on {
-            *relays_left += 1;
+            relays_left.push(self.relay);
             self.connection = None;
         }
         moving_on

@@ -164,8 +164,18 @@ impl Circuit {
         }
     }
 
+    /// The relay took a transaction: whatever failed before is forgiven.
     fn succeeded(&mut self) {
         *self = Circuit::Closed { failures: 0 };
+    }
+
+    /// A session opened. That alone does not prove the relay works (it may answer every MAIL
+    /// with 421), so a probe that connects puts it back in use one failure away from open
+    /// again, and a closed breaker keeps its count until a transaction goes through.
+    fn connected(&mut self, breaker: &Breaker) {
+        if let Circuit::HalfOpen { .. } | Circuit::Open { .. } = self {
+            *self = Circuit::Closed { failures: breaker.failures - 1 };
+        }
     }
 
     /// Counts a failure; true when it opened the breaker (or kept it open after a probe).
@@ -266,10 +276,11 @@ impl Relays {
         self.relays.iter().map(|r| &r.addr)
     }
 
-    /// Opens a session with the most preferred usable relay, moving to the next one at once
-    /// when a relay cannot open it. Fails with the last relay's error when none could.
-    pub async fn connect(&self) -> Result<(Connection, usize), SmtpError> {
-        let mut tried = vec![false; self.relays.len()];
+    /// Opens a session with the most preferred usable relay but those in `avoid` (the ones the
+    /// letter already left), moving to the next one at once when a relay cannot open it. Fails
+    /// with the last relay's error when none could.
+    pub async fn connect(&self, avoid: &[usize]) -> Result<(Connection, usize), SmtpError> {
+        let mut tried: Vec<bool> = (0..self.relays.len()).map(|i| avoid.contains(&i)).collect();
         let mut last_error = None;
         loop {
             let Some(choice) = self.choose(&tried, last_error.is_none()) else { break };
@@ -311,7 +322,8 @@ impl Relays {
             }
         }
         // Skipping every relay would fail the letter without trying anything.
-        first.then(|| Choice { relays: self, index: 0, probe: false, settled: false })
+        let index = (0..self.relays.len()).find(|&i| !tried[i])?;
+        first.then_some(Choice { relays: self, index, probe: false, settled: false })
     }
 
     /// The relay [`Relays::choose`] would pick next, without taking it.
@@ -320,11 +332,18 @@ impl Relays {
         (0..self.relays.len()).find(|&i| !tried[i] && self.relays[i].circuit().usable(now))
     }
 
+    /// A relay took a transaction (it answered MAIL with anything but 421): it works.
+    pub fn succeeded(&self, index: usize) {
+        if let Some(relay) = self.relays.get(index) {
+            self.record(relay, Outcome::Succeeded);
+        }
+    }
+
     /// A relay failed in a session it had opened (it closed the connection, or said 421,
     /// before the message's final dot); `moving_on` when the worker goes to another relay.
     pub fn failed(&self, index: usize, reason: &dyn fmt::Display, moving_on: bool) {
         if let Some(relay) = self.relays.get(index) {
-            self.record(relay, false);
+            self.record(relay, Outcome::Failed);
             if moving_on {
                 relay.metrics.failovers.inc();
                 tracing::warn!(relay = %relay.addr, error = %reason, "SMTP relay failed before the message was handed over; the next relay takes it");
@@ -332,11 +351,11 @@ impl Relays {
         }
     }
 
-    /// Whether a worker on relay `index` should leave it for a more preferred one: that relay
-    /// is in use again, or its cool-down is over and a probe may go.
-    pub fn prefers_other_than(&self, index: usize) -> bool {
+    /// Whether a worker on relay `index` should leave it for a more preferred one (not in
+    /// `avoid`): that relay is in use again, or its cool-down is over and a probe may go.
+    pub fn prefers_other_than(&self, index: usize, avoid: &[usize]) -> bool {
         let now = Instant::now();
-        self.relays.iter().take(index).any(|relay| relay.circuit().usable(now))
+        self.relays.iter().take(index).enumerate().any(|(i, relay)| !avoid.contains(&i) && relay.circuit().usable(now))
     }
 
     /// Every relay's breaker, in order of preference.
@@ -359,11 +378,14 @@ impl Relays {
             .collect()
     }
 
-    fn record(&self, relay: &Relay, success: bool) {
+    fn record(&self, relay: &Relay, outcome: Outcome) {
         let mut circuit = relay.circuit();
         let before = circuit.state();
-        if success {
+        let success = outcome != Outcome::Failed;
+        if outcome == Outcome::Succeeded {
             circuit.succeeded();
+        } else if outcome == Outcome::Connected {
+            circuit.connected(&self.breaker);
         } else if circuit.failed(Instant::now(), &self.breaker) && before != State::Open {
             tracing::warn!(
                 relay = %relay.addr,
@@ -380,6 +402,13 @@ impl Relays {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Connected,
+    Succeeded,
+    Failed,
+}
+
 /// One connection's claim on a relay; a probe that ends without a verdict (its task dropped)
 /// lets the next connection probe.
 struct Choice<'a> {
@@ -392,7 +421,8 @@ struct Choice<'a> {
 impl Choice<'_> {
     fn settle(mut self, success: bool) {
         self.settled = true;
-        self.relays.record(&self.relays.relays[self.index], success);
+        let outcome = if success { Outcome::Connected } else { Outcome::Failed };
+        self.relays.record(&self.relays.relays[self.index], outcome);
     }
 }
 
@@ -469,6 +499,8 @@ mod tests {
         // An abandoned probe lets the next connection probe at once.
         circuit.abandoned(now());
         assert_eq!(circuit.begin(now()), Some(true));
+        circuit.connected(&BREAKER);
+        assert_eq!(circuit, Circuit::Closed { failures: BREAKER.failures - 1 });
         circuit.succeeded();
         assert_eq!(circuit, Circuit::Closed { failures: 0 });
         assert_eq!(circuit.begin(now()), Some(false));
@@ -503,28 +535,52 @@ mod tests {
         let pick = |tried: &[bool]| relays.choose(tried, !tried.contains(&true)).map(|c| c.index);
         assert_eq!(pick(&[false; 3]), Some(0));
         assert_eq!(pick(&[true, false, false]), Some(1));
-        assert!(!relays.prefers_other_than(0));
+        assert!(!relays.prefers_other_than(0, &[]));
 
         fail(&relays, 0, 3);
         assert_eq!(metrics[0].state.get(), 2);
         assert_eq!(metrics[0].failovers.get(), 3);
         assert_eq!(pick(&[false; 3]), Some(1), "an open relay is skipped");
-        assert!(!relays.prefers_other_than(1));
+        assert!(!relays.prefers_other_than(1, &[]));
         let status = relays.status();
         assert_eq!((status[0].state, status[0].consecutive_failures), (State::Open, 3));
         assert_eq!(status[0].probe_in, Some(BREAKER.cooldown));
 
         tokio::time::advance(BREAKER.cooldown).await;
-        assert!(relays.prefers_other_than(1), "a worker on the fallback leaves it for the probe");
+        assert!(relays.prefers_other_than(1, &[]), "a worker on the fallback leaves it for the probe");
+        assert!(!relays.prefers_other_than(1, &[0]), "but not a letter that just left it");
         let probe = relays.choose(&[false; 3], true).unwrap();
         assert_eq!((probe.index, probe.probe), (0, true));
         assert_eq!(metrics[0].state.get(), 1);
-        assert!(!relays.prefers_other_than(1), "the others stay while one probes");
+        assert!(!relays.prefers_other_than(1, &[]), "the others stay while one probes");
         assert_eq!(pick(&[false; 3]), Some(1));
         probe.settle(true);
         assert_eq!(metrics[0].state.get(), 0);
-        assert!(relays.prefers_other_than(1));
+        assert!(relays.prefers_other_than(1, &[]));
         assert_eq!(pick(&[false; 3]), Some(0));
+        // A probe that only connected is one failure from open: a relay that greets and then
+        // answers 421 is skipped again at once.
+        relays.failed(0, &"421", true);
+        assert_eq!(relays.status()[0].state, State::Open);
+        tokio::time::advance(BREAKER.cooldown).await;
+        relays.choose(&[false; 3], true).unwrap().settle(true);
+        relays.succeeded(0);
+        relays.failed(0, &"421", true);
+        assert_eq!(relays.status()[0].state, State::Closed, "a transaction that went through forgives");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connecting_alone_does_not_reset_the_count() {
+        let (relays, _) = relays(2);
+        for _ in 0..3 {
+            relays.choose(&[false; 2], true).unwrap().settle(true);
+            relays.failed(0, &"421", true);
+        }
+        assert_eq!(relays.status()[0].state, State::Open);
+        assert_eq!(relays.choose(&[false; 2], true).map(|c| c.index), Some(1));
+        // A letter that left relay 0 goes elsewhere even before its breaker opens.
+        let (fresh, _) = super::tests::relays(2);
+        assert_eq!(fresh.choose(&[true, false], true).map(|c| c.index), Some(1));
     }
 
     #[tokio::test(start_paused = true)]
@@ -541,6 +597,7 @@ mod tests {
         fail(&two, 0, 3);
         fail(&two, 1, 3);
         assert_eq!(two.choose(&[false, false], true).map(|c| c.index), Some(0));
+        assert_eq!(two.choose(&[true, false], true).map(|c| c.index), Some(1), "the first not avoided");
         // Once something was tried in this round, skipped relays stay skipped.
         assert!(two.choose(&[false, true], false).is_none());
     }
