@@ -165,7 +165,12 @@ async fn a_relay_killed_mid_run_is_left_for_the_next_and_taken_back_after_its_pr
 
     let done = app.wait_all_final(letters, LONG).await;
     let (a_got, b_got) = (a.received(), b.received());
-    println!("A: {} before the kill, {} after its restart; B: {}", at_kill, a_got.len() - at_kill, b_got.len());
+    let retried: Vec<_> = done.iter().filter(|l| l.attempts != 1).map(|l| (l.attempts, &l.subject)).collect();
+    println!(
+        "A: {at_kill} before the kill, {} after its restart; B: {}; letters with a second attempt: {retried:?}",
+        a_got.len() - at_kill,
+        b_got.len()
+    );
     assert!(done.iter().all(|l| l.status == Status::Sent), "every letter sent, none error");
     // Each letter exactly once over both relays (counted, not a set).
     let counts = deliveries(&[a_got.clone(), b_got.clone()]);
@@ -175,7 +180,6 @@ async fn a_relay_killed_mid_run_is_left_for_the_next_and_taken_back_after_its_pr
     assert_eq!(a_got.len() + b_got.len(), letters);
     // Moving to B cost nothing. Only a letter whose message was on the wire to A when it died
     // (one per worker at most) is retried as any failure after the data is: it may have arrived.
-    let retried: Vec<_> = done.iter().filter(|l| l.attempts != 1).map(|l| (l.attempts, &l.subject)).collect();
     assert!(retried.len() <= 4 && retried.iter().all(|(n, _)| *n == 2), "attempts spent by the failover: {retried:?}");
     let b_addresses: Vec<&String> = b_got.iter().flat_map(|m| &m.rcpt_tos).collect();
     let moved_in_one =
