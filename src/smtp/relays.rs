@@ -307,8 +307,8 @@ impl Relays {
         Err(last_error.unwrap_or_else(|| SmtpError::Policy("no SMTP relay configured".into())))
     }
 
-    /// The most preferred relay not yet tried that the breaker lets through; when nothing was
-    /// tried yet and every relay is skipped, the most preferred one anyway.
+    /// The most preferred relay not yet tried (nor avoided) that the breaker lets through; when
+    /// nothing was tried yet and the breaker skips every one, the most preferred anyway.
     fn choose(&self, tried: &[bool], first: bool) -> Option<Choice<'_>> {
         let now = Instant::now();
         for (index, relay) in self.relays.iter().enumerate().filter(|(i, _)| !tried[*i]) {
@@ -381,22 +381,22 @@ impl Relays {
     fn record(&self, relay: &Relay, outcome: Outcome) {
         let mut circuit = relay.circuit();
         let before = circuit.state();
-        let success = outcome != Outcome::Failed;
-        if outcome == Outcome::Succeeded {
-            circuit.succeeded();
-        } else if outcome == Outcome::Connected {
-            circuit.connected(&self.breaker);
-        } else if circuit.failed(Instant::now(), &self.breaker) && before != State::Open {
-            tracing::warn!(
-                relay = %relay.addr,
-                consecutive_failures = circuit.failures(),
-                cooldown_s = self.breaker.cooldown.as_secs_f64(),
-                "SMTP relay skipped until its cool-down ends"
-            );
+        match outcome {
+            Outcome::Succeeded => circuit.succeeded(),
+            Outcome::Connected => circuit.connected(&self.breaker),
+            Outcome::Failed => {
+                if circuit.failed(Instant::now(), &self.breaker) && before != State::Open {
+                    tracing::warn!(
+                        relay = %relay.addr,
+                        consecutive_failures = circuit.failures(),
+                        cooldown_s = self.breaker.cooldown.as_secs_f64(),
+                        "SMTP relay skipped until its cool-down ends"
+                    );
+                }
+            }
         }
-        let after = circuit.state();
-        relay.metrics.state.set(after.gauge());
-        if success && before != State::Closed {
+        relay.metrics.state.set(circuit.state().gauge());
+        if outcome != Outcome::Failed && before != State::Closed {
             tracing::info!(relay = %relay.addr, "SMTP relay is in use again");
         }
     }
