@@ -66,7 +66,7 @@ impl App {
             topic_out = %config.kafka.topic_out,
             database = %config.mongo.database,
             collection = %config.mongo.collection,
-            smtp = %format!("{}:{}", config.smtp.host, config.smtp.port),
+            smtp = %config.smtp.relays.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             workers = config.smtp.max_senders,
             rate = %format!("{} per {}", config.smtp.rate_max_letters, humantime::format_duration(config.smtp.rate_period)),
             "starting mailsender"
@@ -149,11 +149,18 @@ impl App {
         );
         let posts = http::PostDoor::new(&config, store.database(), metrics.clone())?;
         retry_at_start("preparing the Idempotency-Key collection", || posts.keys.prepare()).await?;
+        // Before the HTTP state, whose readiness shows the relays' breakers.
+        let mut send_context = SendContext {
+            composer,
+            ..SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), budget.clone(), metrics.clone())?
+        };
+        send_context.paused = control.flag();
+        let send_context = Arc::new(send_context);
         let http_state = Arc::new(HttpState {
             producer: producer.clone(),
             store: store.clone(),
             topic_in: config.kafka.topic_in.clone(),
-            smtp_addr: (config.smtp.host.clone(), config.smtp.port),
+            relays: send_context.relays.clone(),
             admin_token: config.http.admin_token.clone(),
             admin_networks: config.http.admin_networks.clone(),
             control: control.clone(),
@@ -228,12 +235,6 @@ impl App {
             .run(shutdown.clone()),
         );
 
-        let mut send_context = SendContext {
-            composer,
-            ..SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), budget, metrics.clone())?
-        };
-        send_context.paused = control.flag();
-        let send_context = Arc::new(send_context);
         let workers_count = config.smtp.max_senders;
         let rate = config.smtp.rate_max_letters as f64 / config.smtp.rate_period.as_secs_f64();
         let capacity = Dispatcher::capacity(&config.dispatch, workers_count, rate);

@@ -14,7 +14,7 @@ use std::{
 
 use lettre::message::Mailbox;
 
-use crate::smtp::Timeouts;
+use crate::smtp::{Breaker, RelayAddr, Timeouts};
 use secrecy::SecretString;
 
 /// A configuration problem, naming the variable so an operator can fix it without reading code.
@@ -113,8 +113,14 @@ pub struct MongoConfig {
 
 #[derive(Debug, Clone)]
 pub struct SmtpConfig {
+    /// `SMTP_HOST` as given: one relay, or several separated by commas.
     pub host: String,
+    /// `SMTP_PORT`: the port of every relay that names none.
     pub port: u16,
+    /// The relays of `SMTP_HOST`, in order of preference.
+    pub relays: Vec<RelayAddr>,
+    /// When a relay that keeps failing is skipped (`SMTP_RELAY_BREAKER_*`).
+    pub breaker: Breaker,
     pub user: Option<String>,
     pub password: Option<SecretString>,
     pub from: Mailbox,
@@ -140,6 +146,12 @@ pub struct SmtpConfig {
     /// While a relay throttles, the rate recovers by a quarter every this long.
     pub throttle_recovery_step: Duration,
 }
+
+/// Consecutive failures of a relay (connections that failed, 421 replies) before it is skipped.
+pub const DEFAULT_RELAY_BREAKER_FAILURES: u32 = 3;
+/// How long a relay that keeps failing is skipped before one connection probes it. Long enough
+/// not to hammer a relay that is restarting, short enough to move back soon after it is up.
+pub const DEFAULT_RELAY_BREAKER_COOLDOWN: &str = "30s";
 
 /// What the budget counts (`SMTP_RATE_LIMIT_UNIT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,9 +344,31 @@ impl Config {
                 .and_then(|user| user.parse::<Mailbox>().ok())
                 .unwrap_or_else(|| Mailbox::new(None, "mailsender@localhost".parse().expect("valid literal address"))),
         };
+        let host =
+            env.required("SMTP_HOST", "the SMTP server's host name or address, or several separated by commas")?;
+        let port = env.parse("SMTP_PORT", default_port, "a port number from 1 to 65535", |p: &u16| *p > 0)?;
+        let relays = crate::smtp::relays::parse_relays(&host, port).map_err(|problem| ConfigError::Invalid {
+            var: "SMTP_HOST",
+            value: host.clone(),
+            expected: format!(
+                "host names or addresses separated by commas, in order of preference, each optionally with \
+                 :port ([v6]:port for IPv6); {problem}"
+            ),
+        })?;
+        let breaker = Breaker {
+            failures: env.parse(
+                "SMTP_RELAY_BREAKER_FAILURES",
+                DEFAULT_RELAY_BREAKER_FAILURES,
+                "a failure count from 1 to 1000",
+                |n| (1..=1000).contains(n),
+            )?,
+            cooldown: env.positive_duration("SMTP_RELAY_BREAKER_COOLDOWN", DEFAULT_RELAY_BREAKER_COOLDOWN)?,
+        };
         let smtp = SmtpConfig {
-            host: env.required("SMTP_HOST", "the SMTP server's host name or address")?,
-            port: env.parse("SMTP_PORT", default_port, "a port number from 1 to 65535", |p: &u16| *p > 0)?,
+            host,
+            port,
+            relays,
+            breaker,
             password: env.secret("SMTP_PASSWORD"),
             user,
             from,
@@ -893,6 +927,41 @@ mod tests {
         assert_eq!(deliverability.topic_suppressions, "mts-to-mailsender.suppressions");
         assert_eq!(deliverability.topic_unsubscribed, "mts-to-profile.unsubscribed");
         assert!(!format!("{deliverability:?}").contains(secret));
+    }
+
+    #[test]
+    fn smtp_host_names_one_relay_or_several_in_order() {
+        let one = Config::from_vars(vars(&[])).unwrap().smtp;
+        assert_eq!(one.relays, [RelayAddr { host: "smtp.example.com".into(), port: 25 }]);
+        assert_eq!(
+            one.breaker,
+            Breaker { failures: DEFAULT_RELAY_BREAKER_FAILURES, cooldown: Duration::from_secs(30) }
+        );
+        let several = Config::from_vars(vars(&[
+            ("SMTP_HOST", "a.example.com, b.example.com:2525"),
+            ("SMTP_PORT", "587"),
+            ("SMTP_RELAY_BREAKER_FAILURES", "5"),
+            ("SMTP_RELAY_BREAKER_COOLDOWN", "2s"),
+        ]))
+        .unwrap()
+        .smtp;
+        assert_eq!(
+            several.relays,
+            [
+                RelayAddr { host: "a.example.com".into(), port: 587 },
+                RelayAddr { host: "b.example.com".into(), port: 2525 }
+            ]
+        );
+        assert_eq!(several.breaker, Breaker { failures: 5, cooldown: Duration::from_secs(2) });
+        for (var, value) in [
+            ("SMTP_HOST", "a.example.com,,b"),
+            ("SMTP_HOST", "a.example.com:smtp"),
+            ("SMTP_RELAY_BREAKER_FAILURES", "0"),
+            ("SMTP_RELAY_BREAKER_COOLDOWN", "0s"),
+        ] {
+            let error = Config::from_vars(vars(&[(var, value)])).unwrap_err().to_string();
+            assert!(error.contains(var), "{var}={value}: {error}");
+        }
     }
 
     #[test]

@@ -39,7 +39,8 @@ pub struct HttpState {
     pub producer: StatusProducer,
     pub store: Store,
     pub topic_in: String,
-    pub smtp_addr: (String, u16),
+    /// The SMTP relays, whose breakers the readiness detail shows.
+    pub relays: Arc<crate::smtp::Relays>,
     pub admin_token: Option<SecretString>,
     /// Without `admin_token`, the networks whose peers may use the admin routes.
     pub admin_networks: Vec<crate::config::Network>,
@@ -587,14 +588,15 @@ async fn ready(State(state): State<Arc<HttpState>>) -> Response {
 
 async fn check_readiness(state: &HttpState) -> (StatusCode, Value) {
     let timeout = Duration::from_secs(2);
-    let smtp = async {
-        let (host, port) = &state.smtp_addr;
-        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), *port))).await {
+    // Each relay is reached concurrently; the instance is ready while any one is, since the
+    // workers move to it (README "Several relays").
+    let smtp = futures::future::join_all(state.relays.addrs().map(|relay| async move {
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((relay.host.as_str(), relay.port))).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("connecting to {host}:{port}: {e}")),
-            Err(_) => Err(format!("connecting to {host}:{port}: timed out")),
+            Ok(Err(e)) => Err(format!("connecting to {relay}: {e}")),
+            Err(_) => Err(format!("connecting to {relay}: timed out")),
         }
-    };
+    }));
     let mongo = async {
         match tokio::time::timeout(timeout, state.store.ping()).await {
             Ok(result) => result.map_err(|e| format!("{e:#}")),
@@ -602,7 +604,27 @@ async fn check_readiness(state: &HttpState) -> (StatusCode, Value) {
         }
     };
     let kafka = async { kafka::reachable(&state.producer, timeout).await.map_err(|e| format!("{e:#}")) };
-    let (smtp, mongo, kafka) = tokio::join!(smtp, mongo, kafka);
+    let (relays, mongo, kafka) = tokio::join!(smtp, mongo, kafka);
+    let detail: Vec<Value> = state
+        .relays
+        .status()
+        .into_iter()
+        .zip(&relays)
+        .map(|(status, reached)| {
+            json!({
+                "relay": status.relay,
+                "state": status.state.as_str(),
+                "consecutive_failures": status.consecutive_failures,
+                "probe_in_ms": status.probe_in.map(|d| d.as_millis() as u64),
+                "reachable": reached.as_ref().err().cloned().unwrap_or_else(|| "ok".to_owned()),
+            })
+        })
+        .collect();
+    let smtp = if relays.iter().any(Result::is_ok) {
+        Ok(())
+    } else {
+        Err(relays.into_iter().filter_map(Result::err).collect::<Vec<_>>().join("; "))
+    };
     let consumer = if state.shutdown.is_cancelled() {
         Err("shutting down".to_owned())
     } else if state.consumer_running.load(Ordering::Relaxed) {
@@ -618,9 +640,9 @@ async fn check_readiness(state: &HttpState) -> (StatusCode, Value) {
         .map(|(name, result)| (name.to_owned(), json!(result.err().unwrap_or_else(|| "ok".to_owned()))))
         .collect();
     if ready {
-        (StatusCode::OK, json!({ "status": "ready", "checks": checks }))
+        (StatusCode::OK, json!({ "status": "ready", "checks": checks, "smtp_relays": detail }))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, json!({ "status": "not ready", "checks": checks }))
+        (StatusCode::SERVICE_UNAVAILABLE, json!({ "status": "not ready", "checks": checks, "smtp_relays": detail }))
     }
 }
 

@@ -45,6 +45,12 @@ pub struct WindowLabel {
     pub window: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayLabel {
+    /// `host:port`, as `SMTP_HOST` names the relay.
+    pub relay: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub received: Counter,
@@ -68,6 +74,10 @@ pub struct Metrics {
     pub smtp_commands: Counter,
     pub smtp_connections: Counter,
     pub throttle_events: Counter,
+    /// Each relay's circuit breaker: 0 closed, 1 half-open, 2 open.
+    pub smtp_relay_state: Family<RelayLabel, Gauge>,
+    /// Times a worker left a relay that failed for the next one, by the relay left.
+    pub smtp_relay_failovers: Family<RelayLabel, Counter>,
     pub send_rate: Gauge<f64, AtomicU64>,
     pub clock_offset: Gauge<f64, AtomicU64>,
     pub kafka_requests: Family<ClientLabel, Counter>,
@@ -82,6 +92,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The metrics of one relay, shown (state 0) from the start.
+    pub fn relay(&self, relay: &crate::smtp::RelayAddr) -> crate::smtp::RelayMetrics {
+        let label = RelayLabel { relay: relay.to_string() };
+        crate::smtp::RelayMetrics {
+            state: self.smtp_relay_state.get_or_create(&label).clone(),
+            failovers: self.smtp_relay_failovers.get_or_create(&label).clone(),
+        }
+    }
+
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("mailsender");
         let metrics = Metrics {
@@ -105,6 +124,8 @@ impl Metrics {
             smtp_commands: Counter::default(),
             smtp_connections: Counter::default(),
             throttle_events: Counter::default(),
+            smtp_relay_state: Family::default(),
+            smtp_relay_failovers: Family::default(),
             send_rate: Gauge::default(),
             clock_offset: Gauge::default(),
             kafka_requests: Family::default(),
@@ -185,6 +206,17 @@ impl Metrics {
             "smtp_throttle_events",
             "Replies in which the SMTP server said the instance sends too fast (4xx rate and connection-limit replies)",
             metrics.throttle_events.clone(),
+        );
+        registry.register(
+            "smtp_relay_state",
+            "Each SMTP relay's circuit breaker: 0 closed (in use), 1 half-open (one probe connection decides), \
+             2 open (skipped until its cool-down ends)",
+            metrics.smtp_relay_state.clone(),
+        );
+        registry.register(
+            "smtp_relay_failovers",
+            "Times a worker left an SMTP relay (connection failed, or 421 before the final dot) for the next one",
+            metrics.smtp_relay_failovers.clone(),
         );
         registry.register(
             "send_rate_limit",

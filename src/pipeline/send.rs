@@ -37,7 +37,10 @@ mod individual;
 
 /// Everything a worker needs that is shared by all workers.
 pub struct SendContext {
+    /// The SMTP settings every relay shares (timeouts, TLS, credentials).
     pub smtp: smtp::Settings,
+    /// The relays of `SMTP_HOST`, in order of preference, with their circuit breakers.
+    pub relays: Arc<smtp::Relays>,
     pub from: Mailbox,
     /// Most recipients in one transaction.
     pub max_recipients: usize,
@@ -130,8 +133,11 @@ impl SendContext {
             commands: metrics.smtp_commands.clone(),
             connections: metrics.smtp_connections.clone(),
         };
+        let relay_metrics = smtp.relays.iter().map(|relay| metrics.relay(relay)).collect();
+        let relays = Arc::new(smtp::Relays::new(&settings, &smtp.relays, smtp.breaker, relay_metrics));
         Ok(SendContext {
             smtp: settings,
+            relays,
             from: smtp.from.clone(),
             max_recipients: smtp.max_recipients,
             idle_check_after: smtp.idle_check_after,
@@ -152,11 +158,13 @@ pub struct Worker {
     id: usize,
     ctx: Arc<SendContext>,
     connection: Option<Connection>,
+    /// The relay `connection` goes to, as an index into `ctx.relays`.
+    relay: usize,
 }
 
 impl Worker {
     pub fn new(id: usize, ctx: Arc<SendContext>) -> Worker {
-        Worker { id, ctx, connection: None }
+        Worker { id, ctx, connection: None, relay: 0 }
     }
 
     /// Sends letters until shutdown. A letter not yet started when shutdown comes is dropped
@@ -318,6 +326,9 @@ impl Worker {
         // Fresh connections taken because a kept one turned out broken, or the server found the
         // session in a bad state (503): they cost the letter nothing, but only once.
         let mut fresh_starts = 0;
+        // Relays left because they failed before the message was handed over: free too, and at
+        // most one fewer than there are relays, so the letter still ends when all are down.
+        let mut relays_left: Vec<usize> = Vec::new();
         while !queue.is_empty() {
             let take = queue.len().min(self.ctx.max_recipients);
             let chunk: Vec<Recipient> = queue.drain(..take).collect();
@@ -378,7 +389,7 @@ impl Worker {
                 // be sending.
                 lease_clock.vouch(lease.0, &lease.1)
             };
-            let result = match self.session().await {
+            let result = match self.session(&relays_left).await {
                 Ok(connection) => {
                     transaction::send(
                         connection,
@@ -393,7 +404,17 @@ impl Worker {
                 Err(error) => Err(error),
             };
             let step = match result {
-                Ok(transaction) => self.apply(transaction, chunk, &mut queue, &mut report),
+                Ok(transaction) => {
+                    if let Some(reply) = closing(&transaction) {
+                        if self.leave_relay(&reply, &mut relays_left) {
+                            requeue(&mut queue, chunk);
+                            continue;
+                        }
+                    } else if transaction.mail.is_some() {
+                        self.ctx.relays.succeeded(self.relay);
+                    }
+                    self.apply(transaction, chunk, &mut queue, &mut report)
+                }
                 Err(error) if withheld.load(Ordering::Relaxed) => {
                     self.connection = None;
                     tracing::warn!(
@@ -414,6 +435,10 @@ impl Worker {
                     if retry_now {
                         tracing::debug!(error = %error, "kept connection failed before the message; reconnecting");
                         fresh_starts += 1;
+                        requeue(&mut queue, chunk);
+                        continue;
+                    }
+                    if is_relay_failure(&error) && self.leave_relay(&error, &mut relays_left) {
                         requeue(&mut queue, chunk);
                         continue;
                     }
@@ -522,8 +547,9 @@ impl Worker {
         }
     }
 
-    /// The kept connection, checked with NOOP when it sat idle, or a new one.
-    async fn session(&mut self) -> Result<&mut Connection, SmtpError> {
+    /// The kept connection, checked with NOOP when it sat idle, or a new one to the most
+    /// preferred relay that opens a session, but those in `avoid` (the letter left them).
+    async fn session(&mut self, avoid: &[usize]) -> Result<&mut Connection, SmtpError> {
         if let Some(connection) = self.connection.as_mut()
             && connection.idle() > self.ctx.idle_check_after
             && let Err(error) = connection.check(self.ctx.smtp.timeouts.short).await
@@ -531,11 +557,35 @@ impl Worker {
             tracing::debug!(error = %error, "idle connection no longer usable; reconnecting");
             self.connection = None;
         }
+        // A more preferred relay is back (or due for its probe): the fallback is left for it.
+        if self.connection.is_some()
+            && self.ctx.relays.prefers_other_than(self.relay, avoid)
+            && let Some(connection) = self.connection.take()
+        {
+            tracing::debug!(relay = %connection.server(), "a more preferred relay is usable again; leaving this one");
+            tokio::spawn(connection.quit(self.ctx.smtp.timeouts.short));
+        }
         let connection = match self.connection.take() {
             Some(connection) => connection,
-            None => Connection::connect(&self.ctx.smtp).await?,
+            None => {
+                let (connection, relay) = self.ctx.relays.connect(avoid).await?;
+                self.relay = relay;
+                connection
+            }
         };
         Ok(self.connection.insert(connection))
+    }
+
+    /// The relay failed before the message was handed over: counts against it, and says whether
+    /// the chunk goes to the next relay at once (one is left to try), costing nothing.
+    fn leave_relay(&mut self, reason: &dyn std::fmt::Display, relays_left: &mut Vec<usize>) -> bool {
+        let moving_on = relays_left.len() + 1 < self.ctx.relays.len() && !relays_left.contains(&self.relay);
+        self.ctx.relays.failed(self.relay, reason, moving_on);
+        if moving_on {
+            relays_left.push(self.relay);
+            self.connection = None;
+        }
+        moving_on
     }
 }
 
@@ -559,6 +609,36 @@ fn requeue(queue: &mut VecDeque<Recipient>, recipients: Vec<Recipient>) {
 fn is_stale_connection(error: &SmtpError) -> bool {
     matches!(error, SmtpError::Io { .. } | SmtpError::Closed { .. })
         && !matches!(error.command(), Command::DataEnd | Command::Connect | Command::Greeting)
+}
+
+/// The relay failed within a session it had opened, before the message's final dot: the
+/// connection broke or timed out, or the relay said 421 (closing; not a throttle, which slows
+/// the pool instead). Sending the chunk to another relay cannot duplicate anything. Failures
+/// while connecting are not among them: `Relays::connect` already moved past those.
+fn is_relay_failure(error: &SmtpError) -> bool {
+    let before_dot = !matches!(
+        error.command(),
+        Command::DataEnd | Command::Connect | Command::Greeting | Command::Ehlo | Command::StartTls | Command::Auth
+    );
+    let failed = match error {
+        SmtpError::Io { .. } | SmtpError::Closed { .. } | SmtpError::Timeout { .. } => true,
+        SmtpError::Refused { reply, .. } => is_closing(reply),
+        _ => false,
+    };
+    before_dot && failed
+}
+
+/// A 421 to MAIL (RFC 5321 §3.8: the server is closing the channel) in a transaction that
+/// handed over no message.
+fn closing(transaction: &smtp::Transaction) -> Option<&Reply> {
+    if transaction.end.is_some() {
+        return None;
+    }
+    transaction.mail.as_ref().filter(|reply| is_closing(reply))
+}
+
+fn is_closing(reply: &Reply) -> bool {
+    reply.code == 421 && !reply.is_throttle()
 }
 
 fn failure_of(error: &SmtpError) -> Failure {

@@ -3,9 +3,11 @@
 
 pub mod client;
 pub mod message;
+pub mod relays;
 pub mod reply;
 pub mod transaction;
 
 pub use client::{Capabilities, Connection, Settings, Timeouts, TlsMode};
+pub use relays::{Breaker, RelayAddr, RelayMetrics, Relays};
 pub use reply::{Command, EnhancedCode, Reply, SmtpError};
 pub use transaction::{RcptResult, Transaction};
