@@ -146,24 +146,29 @@ async fn a_claim_too_large_for_one_lookup_still_skips_the_suppressed_address() {
     assert!(!app.log().contains("suppression lookup failed"), "{}", app.log());
 }
 
-/// A TCP proxy in front of the real MongoDB server that cuts the connection of any `find` on
-/// the suppression collection while `fail` is set: the lookup fails as a network fault would
-/// make it fail, and every other command goes through.
-async fn failing_lookup_proxy(fail: Arc<AtomicBool>, cut: Arc<AtomicUsize>) -> u16 {
+/// What the proxy does with one wire message from the service to MongoDB.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Forward,
+    /// Cut the connection instead: the server never sees the command.
+    Cut,
+    /// Hand the command over, then cut the connection before the reply: the server applied it,
+    /// the client sees a network error.
+    CutAfter,
+}
+
+/// A TCP proxy in front of the real MongoDB server that injects network faults into the
+/// service's connection, command by command, as `decide` says; everything else goes through.
+async fn faulty_proxy(decide: Arc<dyn Fn(&[u8]) -> Fault + Send + Sync>) -> u16 {
     let uri = mongo_uri();
     let target = uri.trim_start_matches("mongodb://").split(['/', '?']).next().unwrap().to_owned();
-    let collection = b"letters_suppressions\0";
-    let mut needle = vec![0x02];
-    needle.extend_from_slice(b"find\0");
-    needle.extend_from_slice(&(collection.len() as i32).to_le_bytes());
-    needle.extend_from_slice(collection);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {
             let Ok((client, _)) = listener.accept().await else { return };
             let Ok(server) = TcpStream::connect(&target).await else { continue };
-            let (fail, cut, needle) = (fail.clone(), cut.clone(), needle.clone());
+            let decide = decide.clone();
             tokio::spawn(async move {
                 let (mut client_read, mut client_write) = client.into_split();
                 let (mut server_read, mut server_write) = server.into_split();
@@ -182,11 +187,17 @@ async fn failing_lookup_proxy(fail: Arc<AtomicBool>, cut: Arc<AtomicUsize>) -> u
                     if client_read.read_exact(&mut message[4..]).await.is_err() {
                         break;
                     }
-                    if fail.load(Ordering::SeqCst) && message.windows(needle.len()).any(|w| w == needle.as_slice()) {
-                        cut.fetch_add(1, Ordering::SeqCst);
+                    let fault = decide(&message);
+                    if fault == Fault::Cut {
                         break;
                     }
                     if server_write.write_all(&message).await.is_err() {
+                        break;
+                    }
+                    if fault == Fault::CutAfter {
+                        // Time for the server to apply it; its reply is never passed on.
+                        back.abort();
+                        tokio::time::sleep(Duration::from_millis(500)).await;
                         break;
                     }
                 }
@@ -197,6 +208,53 @@ async fn failing_lookup_proxy(fail: Arc<AtomicBool>, cut: Arc<AtomicUsize>) -> u
     port
 }
 
+fn contains(message: &[u8], needle: &[u8]) -> bool {
+    message.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A BSON string element as it appears on the wire: type 2, name, length, value.
+fn string_element(name: &str, value: &str) -> Vec<u8> {
+    let mut element = vec![0x02];
+    element.extend_from_slice(name.as_bytes());
+    element.push(0);
+    element.extend_from_slice(&(value.len() as i32 + 1).to_le_bytes());
+    element.extend_from_slice(value.as_bytes());
+    element.push(0);
+    element
+}
+
+/// Item: a claim's `updateMany` applied by the server whose reply is lost (a network error
+/// after the write; `updateMany` is not a retryable write). The claim releases its letters by
+/// claim token at once, so they are sent long before their lease would end. Before, they stayed
+/// `processing` under this process's owner, renewed for as long as it lived.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_whose_reply_is_lost_releases_its_letters() {
+    let sink = SmtpSink::start().await;
+    let tripped = Arc::new(AtomicBool::new(false));
+    let trip = tripped.clone();
+    // The claim's update sets `status: "processing"` and a claim token of 24 hex digits; cut
+    // the first one after the server has it.
+    let decide = Arc::new(move |message: &[u8]| {
+        let claim = contains(message, b"\x02update\x00")
+            && contains(message, &string_element("status", "processing"))
+            && contains(message, b"\x02claim\x00\x19\x00\x00\x00");
+        if claim && !trip.swap(true, Ordering::SeqCst) { Fault::CutAfter } else { Fault::Forward }
+    });
+    let port = faulty_proxy(decide).await;
+    let via_proxy = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
+    // A lease far longer than the test waits: only a release can free the letters in time.
+    let app = TestApp::spawn(&sink, &[("MONGO_LOCAL", via_proxy.as_str()), ("LEASE_DURATION", "120s")]).await;
+    let letters: Vec<Document> =
+        (0..3).map(|i| raw_letter(&[format!("lost-{i}@example.org")], &format!("lost {i}"), "lost")).collect();
+    app.insert_raw(letters).await;
+
+    sink.wait_for_count(3, Duration::from_secs(30)).await;
+    assert!(tripped.load(Ordering::SeqCst), "the claim's reply was never cut");
+    let letters = app.wait_all_final(3, LONG).await;
+    assert!(letters.iter().all(|l| l.status == Status::Sent && l.attempts == 1), "{letters:?}");
+    assert!(app.log().contains("claiming letters failed"), "{}", app.log());
+}
+
 /// Item: while the suppression lookup fails, nothing is sent (before, the claimed letters went
 /// out unchecked, to the address that unsubscribed); the letters go back to `awaiting` with no
 /// attempt counted, and once the lookup works they are sent without the suppressed address.
@@ -205,7 +263,18 @@ async fn a_failing_suppression_lookup_sends_nothing_and_returns_the_letters() {
     let sink = SmtpSink::start().await;
     let fail = Arc::new(AtomicBool::new(true));
     let cut = Arc::new(AtomicUsize::new(0));
-    let port = failing_lookup_proxy(fail.clone(), cut.clone()).await;
+    // Any `find` on the suppression collection, while `fail` is set.
+    let lookup = string_element("find", "letters_suppressions");
+    let (failing, cuts) = (fail.clone(), cut.clone());
+    let decide = Arc::new(move |message: &[u8]| {
+        if failing.load(Ordering::SeqCst) && contains(message, &lookup) {
+            cuts.fetch_add(1, Ordering::SeqCst);
+            Fault::Cut
+        } else {
+            Fault::Forward
+        }
+    });
+    let port = faulty_proxy(decide).await;
     let via_proxy = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
     let app = TestApp::spawn(&sink, &[("MONGO_LOCAL", via_proxy.as_str())]).await;
     insert_suppression(&app, "gone@example.org").await;
