@@ -157,9 +157,12 @@ enum Fault {
     CutAfter,
 }
 
+/// Decides the fate of each wire message.
+type Decide = Arc<dyn Fn(&[u8]) -> Fault + Send + Sync>;
+
 /// A TCP proxy in front of the real MongoDB server that injects network faults into the
 /// service's connection, command by command, as `decide` says; everything else goes through.
-async fn faulty_proxy(decide: Arc<dyn Fn(&[u8]) -> Fault + Send + Sync>) -> u16 {
+async fn faulty_proxy(decide: Decide) -> u16 {
     let uri = mongo_uri();
     let target = uri.trim_start_matches("mongodb://").split(['/', '?']).next().unwrap().to_owned();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
