@@ -129,7 +129,7 @@ impl App {
         // leases of letters its killed predecessor claimed; they expire and are reaped.
         let owner = format!("{}-{}", config.instance_id, &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let wake = Arc::new(Notify::new());
-        let lease = Arc::new(LeaseClock::new(config.dispatch.lease));
+        let lease = Arc::new(LeaseClock::new(config.dispatch.lease, control.cancels()));
         let consumer_running = Arc::new(AtomicBool::new(false));
         let abort = CancellationToken::new();
         let background = CancellationToken::new();

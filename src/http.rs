@@ -478,7 +478,13 @@ async fn batch_progress(State(state): State<Arc<HttpState>>, Batch(key): Batch) 
 }
 
 async fn cancel_batch(State(state): State<Arc<HttpState>>, Batch(key): Batch) -> Response {
-    let cancelled = match state.store.cancel_batch(&key, state.store.now_ms()).await {
+    // Recorded first, for every replica: the letters they already claimed end `cancelled` rather
+    // than being sent (at once here, within the control watch's interval elsewhere).
+    let now_ms = state.store.now_ms();
+    if let Err(e) = state.control.cancel(&key, &state.instance_id, now_ms).await {
+        return unavailable(&e);
+    }
+    let cancelled = match state.store.cancel_batch(&key, now_ms).await {
         Ok(cancelled) => cancelled,
         Err(e) => return unavailable(&e),
     };
@@ -496,6 +502,13 @@ async fn cancel_batch(State(state): State<Arc<HttpState>>, Batch(key): Batch) ->
 }
 
 async fn retry_batch(State(state): State<Arc<HttpState>>, Batch(key): Batch) -> Response {
+    // Retried letters must not meet the batch's cancel on a replica that has not read yet that it
+    // was forgotten: wait until every replica's control watch has read twice.
+    match state.control.forget_cancel(&key).await {
+        Ok(true) => tokio::time::sleep(2 * crate::control::POLL_INTERVAL).await,
+        Ok(false) => {}
+        Err(e) => return unavailable(&e),
+    }
     match state.store.retry_batch(&key, state.store.now_ms()).await {
         Ok(retried) => {
             tracing::info!(batch = ?key, retried, "failed letters of a batch retried over HTTP");

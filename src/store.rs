@@ -115,6 +115,10 @@ struct InsertOutcome {
     refused: Vec<(usize, String)>,
 }
 
+/// Most letter ids in one renewal or release: 10,000 ids are about 190 KB of command, far below
+/// MongoDB's 16 MiB, and more than a replica holds (twice `CLAIM_BATCH` at most, 10,000).
+const RENEW_CHUNK: usize = 10_000;
+
 /// MongoDB's own limit on one document (`maxBsonObjectSize`).
 const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
 
@@ -347,7 +351,8 @@ impl Store {
         let token = ObjectId::new().to_hex();
         self.count("update", 1);
         self.count("find", 1);
-        self.letters
+        let claimed = self
+            .letters
             .update_many(
                 doc! { "_id": { "$in": &ids }, "status": "awaiting" },
                 doc! { "$set": {
@@ -356,10 +361,17 @@ impl Store {
                 } },
             )
             .await
-            .context("claiming letters")?;
-        // From here on the letters are ours: any failure must hand them back, or `renew` would
-        // keep them leased (and unsent) for as long as this process lives.
-        match self.read_claimed(&ids, &token).await {
+            .context("claiming letters");
+        // From here on the letters may be ours, even when the update itself failed: `updateMany`
+        // is not a retryable write, so a network error can come after the server applied it.
+        // Every failure hands them back by the claim token. Should that fail too, the letters
+        // still come back when their lease ends: maintenance renews only letters this process
+        // holds (`renew`), and it never held these.
+        let read = match claimed {
+            Ok(_) => self.read_claimed(&ids, &token).await,
+            Err(error) => Err(error),
+        };
+        match read {
             Ok((letters, malformed)) => {
                 if !malformed.is_empty() {
                     self.fail_malformed(&malformed, now_ms).await;
@@ -368,9 +380,13 @@ impl Store {
             }
             Err(error) => {
                 if let Err(release) =
-                    self.return_to_awaiting(doc! { "claim": &token, "status": "processing" }, now_ms).await
+                    self.return_to_awaiting(doc! { "claim": &token, "status": "processing" }, now_ms, now_ms).await
                 {
-                    tracing::warn!(error = %release, "releasing an unreadable claim failed; its leases will expire");
+                    tracing::warn!(
+                        error = %release,
+                        claim = %token,
+                        "releasing a failed claim failed; its letters come back when their lease ends"
+                    );
                 }
                 Err(error)
             }
@@ -452,18 +468,25 @@ impl Store {
         Ok(documents.into_iter().filter_map(|d| d.get("_id").cloned()).collect())
     }
 
-    /// Extends the lease of every letter `owner` holds. One round trip whatever it holds.
-    pub async fn renew(&self, owner: &str, lease_until_ms: i64) -> anyhow::Result<u64> {
-        self.count("update", 1);
-        let result = self
-            .letters
-            .update_many(
-                doc! { "owner": owner, "status": "processing" },
-                doc! { "$set": { "lease_ms": lease_until_ms } },
-            )
-            .await
-            .context("renewing leases")?;
-        Ok(result.modified_count)
+    /// Extends the lease of the letters this process holds (`held`) that are still leased to
+    /// `owner`. Only those: a letter leased to `owner` that the process does not hold (a claim
+    /// whose reply was lost, and whose release failed too) must expire, or it would stay leased
+    /// and unsent for as long as the process lives. One round trip per [`RENEW_CHUNK`] letters.
+    pub async fn renew(&self, owner: &str, held: &[ObjectId], lease_until_ms: i64) -> anyhow::Result<u64> {
+        let mut renewed = 0;
+        for chunk in held.chunks(RENEW_CHUNK) {
+            self.count("update", 1);
+            let result = self
+                .letters
+                .update_many(
+                    doc! { "_id": { "$in": chunk }, "owner": owner, "status": "processing" },
+                    doc! { "$set": { "lease_ms": lease_until_ms } },
+                )
+                .await
+                .context("renewing leases")?;
+            renewed += result.modified_count;
+        }
+        Ok(renewed)
     }
 
     /// The letters leased to `owner` now.
@@ -485,7 +508,7 @@ impl Store {
 
     /// Returns letters whose owner stopped renewing (it died) to `awaiting`.
     pub async fn reap_expired(&self, now_ms: i64) -> anyhow::Result<u64> {
-        self.return_to_awaiting(doc! { "status": "processing", "lease_ms": { "$lt": now_ms } }, now_ms)
+        self.return_to_awaiting(doc! { "status": "processing", "lease_ms": { "$lt": now_ms } }, now_ms, now_ms)
             .await
             .context("reaping expired leases")
     }
@@ -493,16 +516,29 @@ impl Store {
     /// Returns every letter `owner` still holds to `awaiting` (graceful shutdown). Another
     /// replica's letters are never touched.
     pub async fn release_all(&self, owner: &str) -> anyhow::Result<u64> {
-        self.return_to_awaiting(doc! { "owner": owner, "status": "processing" }, self.now_ms())
+        let now_ms = self.now_ms();
+        self.return_to_awaiting(doc! { "owner": owner, "status": "processing" }, now_ms, now_ms)
             .await
             .context("releasing own letters")
     }
 
-    /// Makes the matching leased letters due again at once, without counting an attempt.
-    async fn return_to_awaiting(&self, filter: Document, now_ms: i64) -> mongodb::error::Result<u64> {
+    /// Returns claimed letters `owner` still holds to `awaiting`, due at `due_ms`, without
+    /// counting an attempt (a claim that could not be checked against the suppression list).
+    pub async fn release(&self, owner: &str, ids: &[ObjectId], due_ms: i64) -> anyhow::Result<u64> {
+        let now_ms = self.now_ms();
+        let mut released = 0;
+        for chunk in ids.chunks(RENEW_CHUNK) {
+            let filter = doc! { "_id": { "$in": chunk }, "owner": owner, "status": "processing" };
+            released += self.return_to_awaiting(filter, now_ms, due_ms).await.context("releasing claimed letters")?;
+        }
+        Ok(released)
+    }
+
+    /// Makes the matching leased letters due again at `due_ms`, without counting an attempt.
+    async fn return_to_awaiting(&self, filter: Document, now_ms: i64, due_ms: i64) -> mongodb::error::Result<u64> {
         self.count("update", 1);
         let update = doc! {
-            "$set": { "status": "awaiting", "due_ms": now_ms, "updated_ms": now_ms },
+            "$set": { "status": "awaiting", "due_ms": due_ms, "updated_ms": now_ms },
             "$unset": { "owner": "", "lease_ms": "", "claim": "" },
         };
         Ok(self.letters.update_many(filter, update).await?.modified_count)
@@ -780,7 +816,7 @@ pub fn is_unavailable(error: &anyhow::Error) -> bool {
 }
 
 /// The letters of one batch: those that came from Kafka messages with one key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum BatchKey {
     /// A UTF-8 key, as in `kafkakey`.
     Text(String),
@@ -790,6 +826,18 @@ pub enum BatchKey {
 }
 
 impl BatchKey {
+    /// The batch a letter belongs to, as [`BatchKey::filter`] finds it; `None` for letters whose
+    /// message had no key, which no batch key finds.
+    pub fn of(letter: &Letter) -> Option<BatchKey> {
+        if letter.key_null.is_some() {
+            return None;
+        }
+        Some(match &letter.key_b64 {
+            Some(b64) => BatchKey::Base64(b64.clone()),
+            None => BatchKey::Text(letter.kafkakey.clone()),
+        })
+    }
+
     fn filter(&self) -> Document {
         match self {
             // Letters whose key was not UTF-8 keep a lossy `kafkakey` that must not match text.

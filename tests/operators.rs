@@ -214,8 +214,8 @@ async fn pause_holds_every_replica_across_a_restart_and_resume_sends_each_letter
 async fn cancelling_a_batch_ends_its_waiting_letters_and_reports_them() {
     let sink = SmtpSink::start().await;
     sink.control(json!({ "data_delay_s": 0.25 }));
-    // A replica holds at most 2 × CLAIM_BATCH claimed letters, which a cancel does not reach
-    // (README): keep that small so most of the batch is still awaiting.
+    // Most of the batch is still awaiting when the cancel comes; the few a replica claimed
+    // (at most 2 × CLAIM_BATCH) end cancelled by the worker instead of being sent.
     let app = TestApp::spawn(&sink, &[("SMTP_MAX_SENDERS", "2"), ("CLAIM_BATCH", "2")]).await;
     app.produce(Some("cancel-me"), batch("cancel", 40, 1).to_string().as_bytes()).await;
     app.produce(Some("keep-me"), batch("keep", 10, 1).to_string().as_bytes()).await;
@@ -235,8 +235,9 @@ async fn cancelling_a_batch_ends_its_waiting_letters_and_reports_them() {
     let of = |key: &'static str| letters.iter().filter(move |l| l.kafkakey == key);
     assert!(of("keep-me").all(|l| l.status == Status::Sent), "another key's letters are unaffected");
     let ended: Vec<_> = of("cancel-me").filter(|l| l.error.as_deref() == Some("cancelled")).collect();
-    assert_eq!(ended.len() as u64, cancelled);
-    assert!(ended.iter().all(|l| l.status == Status::Error && l.attempts == 0 && l.unreported.is_none()));
+    assert!(ended.len() as u64 >= cancelled);
+    assert!(ended.iter().all(|l| l.status == Status::Error && l.unreported.is_none()));
+    let cancelled = ended.len() as u64;
     assert_eq!(of("cancel-me").filter(|l| l.status == Status::Sent).count() as u64, 40 - cancelled);
     // No cancelled recipient reached the server.
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -1,7 +1,8 @@
 //! The suppression list: addresses not to send to again, one MongoDB document per address
 //! (`<MONGODB_COLLECTION>_suppressions`), with why, who said so and when. Hard bounces,
 //! the one-click endpoint and a Kafka topic add to it; the dispatcher looks a claimed batch's
-//! recipients up in one query, so checking costs no round trip per letter.
+//! recipients up in a few queries (one per [`LOOKUP_CHUNK_BYTES`] of addresses), so checking costs
+//! no round trip per letter.
 //!
 //! Every entry is keyed by [`Recipient::key`], the one canonical form of an address: the local
 //! part lower-cased, the domain in IDNA ASCII (punycode) lower-cased, so `ivan@пример.рф` and
@@ -77,42 +78,40 @@ impl Suppressions {
         Ok(removed.deleted_count > 0)
     }
 
-    /// The reasons of those of `keys` (lower-cased addresses) that are suppressed, in one query.
+    /// The reasons of those of `keys` (lower-cased addresses) that are suppressed: one query
+    /// per [`LOOKUP_CHUNK_BYTES`] of keys, because one `$in` of a large claim's recipients (two
+    /// hundred thousand long addresses) passes MongoDB's 16 MiB limit on a command and would
+    /// fail every time.
     pub async fn lookup(&self, keys: Vec<String>) -> anyhow::Result<HashMap<String, String>> {
         let mut found = HashMap::new();
-        if keys.is_empty() {
-            return Ok(found);
-        }
-        let mut cursor = self
-            .entries
-            .find(doc! { "_id": { "$in": keys } })
-            .projection(doc! { "reason": 1 })
-            .await
-            .context("looking up suppressions")?;
-        while cursor.advance().await.context("reading suppressions")? {
-            let entry = cursor.deserialize_current().context("reading a suppression")?;
-            if let Ok(key) = entry.get_str("_id") {
-                found.insert(key.to_owned(), entry.get_str("reason").unwrap_or("suppressed").to_owned());
+        for chunk in lookup_chunks(keys) {
+            let mut cursor = self
+                .entries
+                .find(doc! { "_id": { "$in": chunk } })
+                .projection(doc! { "reason": 1 })
+                .await
+                .context("looking up suppressions")?;
+            while cursor.advance().await.context("reading suppressions")? {
+                let entry = cursor.deserialize_current().context("reading a suppression")?;
+                if let Ok(key) = entry.get_str("_id") {
+                    found.insert(key.to_owned(), entry.get_str("reason").unwrap_or("suppressed").to_owned());
+                }
             }
         }
         Ok(found)
     }
 
     /// Marks the suppressed recipients of a claimed batch as refused ("suppressed: <reason>"),
-    /// so the worker skips them and the status message lists them. A failed lookup sends as
-    /// before: the list is for reputation, and the letters' own store just answered the claim.
-    pub async fn apply(&self, letters: &mut [Letter]) {
+    /// so the worker skips them and the status message lists them. A failed lookup is an error:
+    /// the caller must not send the letters, as they may go to people who unsubscribed.
+    pub async fn apply(&self, letters: &mut [Letter]) -> anyhow::Result<()> {
         let pending: Vec<Vec<Recipient>> = letters.iter().map(Letter::pending_recipients).collect();
         let keys: HashSet<String> =
             pending.iter().flatten().flat_map(|r| std::iter::once(r.key()).chain(legacy_key(r))).collect();
-        let suppressed = match self.lookup(keys.into_iter().collect()).await {
-            Ok(found) if found.is_empty() => return,
-            Ok(found) => found,
-            Err(error) => {
-                tracing::warn!(error = format!("{error:#}"), "suppression lookup failed; sending without it");
-                return;
-            }
-        };
+        let suppressed = self.lookup(keys.into_iter().collect()).await?;
+        if suppressed.is_empty() {
+            return Ok(());
+        }
         for (letter, recipients) in letters.iter_mut().zip(pending) {
             for recipient in recipients {
                 let legacy = legacy_key(&recipient).and_then(|key| suppressed.get(&key));
@@ -125,6 +124,7 @@ impl Suppressions {
                 }
             }
         }
+        Ok(())
     }
 
     /// Counts the refusals in `letters` that say the mailbox does not exist, and suppresses
@@ -181,6 +181,29 @@ pub fn legacy_key(address: &Recipient) -> Option<String> {
     (legacy != address.key()).then_some(legacy)
 }
 
+/// Most bytes of keys in one lookup's `$in`, with each element's BSON overhead: a quarter of
+/// MongoDB's 16 MiB limit on a command, so the query stays far from it whatever the addresses.
+pub const LOOKUP_CHUNK_BYTES: usize = 4 << 20;
+
+/// Splits `keys` into lists of at most [`LOOKUP_CHUNK_BYTES`] as a BSON array (each element
+/// costs its type byte, index, length and terminator: 16 bytes covers them).
+fn lookup_chunks(keys: Vec<String>) -> Vec<Vec<String>> {
+    let mut chunks: Vec<Vec<String>> = Vec::new();
+    let mut bytes = 0;
+    for key in keys {
+        let size = key.len() + 16;
+        match chunks.last_mut() {
+            Some(chunk) if bytes + size <= LOOKUP_CHUNK_BYTES => chunk.push(key),
+            _ => {
+                bytes = 0;
+                chunks.push(vec![key]);
+            }
+        }
+        bytes += size;
+    }
+    chunks
+}
+
 /// A permanent refusal whose enhanced status says the mailbox does not exist (5.1.x), as a
 /// stored reply reads: `550 5.1.1 text`. Policy refusals (5.7.x) and others are not.
 pub fn is_unknown_mailbox(reply: &str) -> bool {
@@ -213,5 +236,19 @@ mod tests {
         assert_eq!(legacy_key(&utf8).as_deref(), Some("ivan@пример.рф"));
         assert_eq!(legacy_key(&ascii), None);
         assert_eq!(legacy_key(&Recipient::parse("Ann@Example.ORG").unwrap()), None);
+    }
+
+    #[test]
+    fn a_large_lookup_is_split_below_the_command_limit() {
+        assert!(lookup_chunks(Vec::new()).is_empty());
+        let keys: Vec<String> = (0..200_000).map(|i| format!("user{i:06}@{}.example.org", "d".repeat(60))).collect();
+        let chunks = lookup_chunks(keys.clone());
+        assert!(chunks.len() > 1);
+        for chunk in &chunks {
+            let array: Vec<mongodb::bson::Bson> = chunk.iter().map(|k| k.as_str().into()).collect();
+            let size = mongodb::bson::to_vec(&doc! { "_id": { "$in": array } }).unwrap().len();
+            assert!(size <= LOOKUP_CHUNK_BYTES, "a chunk of {size} bytes");
+        }
+        assert_eq!(chunks.concat(), keys, "every key, once, in order");
     }
 }

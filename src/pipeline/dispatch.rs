@@ -17,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::DispatchConfig,
+    control::{CancelProbe, Cancels},
     deliverability::suppression::Suppressions,
-    model::Letter,
-    store::{ClaimLimit, Store},
+    model::{AttemptRecord, Letter, Outcome},
+    store::{CANCELLED, ClaimLimit, Store},
 };
 
 /// A letter leased to this instance, on its way to a worker. The permit bounds how many letters
@@ -74,7 +75,18 @@ struct Held {
 impl Drop for Held {
     fn drop(&mut self) {
         self.clock.lock_held().remove(&self.id);
+        // Its outcome is on its way to MongoDB, where the letter stays leased until it is
+        // written: keep renewing it until a renewal finds it no longer ours.
+        self.clock.lock_finishing().insert(self.id, Instant::now());
     }
+}
+
+/// A letter this process holds.
+struct HeldLetter {
+    claimed: Instant,
+    /// Whether a renewal found it taken away.
+    taken: bool,
+    cancel: CancelProbe,
 }
 
 /// When our leases were last confirmed by MongoDB. A worker sends a letter only while its lease
@@ -84,19 +96,43 @@ pub struct LeaseClock {
     epoch: Instant,
     lease: Duration,
     renewed_ms: AtomicU64,
-    /// Letters this process holds (claimed, not yet finished by a worker), with when they were
-    /// claimed, and whether a renewal found them taken away.
-    held: Mutex<HashMap<ObjectId, (Instant, bool)>>,
+    /// Letters this process holds (claimed, not yet finished by a worker).
+    held: Mutex<HashMap<ObjectId, HeldLetter>>,
+    /// Letters a worker finished whose outcome may not be stored yet: still leased to us in
+    /// MongoDB, so still renewed, until a renewal no longer finds them ours.
+    finishing: Mutex<HashMap<ObjectId, Instant>>,
+    /// The batches an operator cancelled: a held letter of one is not sent.
+    cancels: Cancels,
 }
 
 impl LeaseClock {
-    pub fn new(lease: Duration) -> LeaseClock {
-        LeaseClock { epoch: Instant::now(), lease, renewed_ms: AtomicU64::new(0), held: Mutex::default() }
+    pub fn new(lease: Duration, cancels: Cancels) -> LeaseClock {
+        LeaseClock {
+            epoch: Instant::now(),
+            lease,
+            renewed_ms: AtomicU64::new(0),
+            held: Mutex::default(),
+            finishing: Mutex::default(),
+            cancels,
+        }
     }
 
-    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectId, (Instant, bool)>> {
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectId, HeldLetter>> {
         // The guarded code cannot panic, so a poisoned lock still holds consistent data.
         self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_finishing(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectId, Instant>> {
+        self.finishing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The letters whose leases maintenance renews: those this process holds, and those whose
+    /// outcome may still be on its way to MongoDB. Never a letter it merely finds leased to its
+    /// owner name (a claim whose reply was lost): that one must expire and be reaped.
+    pub fn renewable(&self) -> Vec<ObjectId> {
+        let mut ids: Vec<ObjectId> = self.lock_held().keys().copied().collect();
+        ids.extend(self.lock_finishing().keys().copied());
+        ids
     }
 
     /// A renewal started at `at` found `still_ours` leased to this process. Only those are
@@ -104,12 +140,16 @@ impl LeaseClock {
     /// replica was cut off, and claimed by another) and must not be sent from here.
     fn renewed(&self, at: Instant, still_ours: &HashSet<ObjectId>) -> usize {
         let mut lost = 0;
-        for (id, (claimed, taken)) in self.lock_held().iter_mut() {
-            if *claimed < at && !still_ours.contains(id) && !*taken {
-                *taken = true;
+        for (id, held) in self.lock_held().iter_mut() {
+            if held.claimed < at && !still_ours.contains(id) && !held.taken {
+                held.taken = true;
                 lost += 1;
             }
         }
+        // Outcomes written (or leases lost) since: nothing left to renew for those. One finished
+        // after the renewal started may be missing from the read-back only because it was
+        // claimed after it; it stays until the next.
+        self.lock_finishing().retain(|id, finished| *finished >= at || still_ours.contains(id));
         let ms = at.saturating_duration_since(self.epoch).as_millis() as u64;
         self.renewed_ms.fetch_max(ms, Ordering::Relaxed);
         lost
@@ -126,18 +166,36 @@ impl LeaseClock {
     /// dot may take to write while the letter is still safely ours (the margin), or `None` when
     /// it no longer is and the message must be withdrawn. What remains unguarded is the wait for
     /// the server's reply to the dot.
+    /// A letter whose batch was cancelled meanwhile is withdrawn too.
     pub fn vouch(&self, claimed_at: Instant, id: &ObjectId) -> Option<Duration> {
-        (self.trusted(claimed_at) && !self.taken(id)).then_some(self.lease / 4)
+        (self.trusted(claimed_at) && !self.taken(id) && !self.cancelled(id)).then_some(self.lease / 4)
     }
 
     /// Whether the last renewal found this letter leased to someone else.
     pub fn taken(&self, id: &ObjectId) -> bool {
-        self.lock_held().get(id).is_some_and(|(_, taken)| *taken)
+        self.lock_held().get(id).is_some_and(|held| held.taken)
     }
 
-    fn hold(self: &Arc<Self>, id: ObjectId, at: Instant) -> Held {
-        self.lock_held().insert(id, (at, false));
-        Held { clock: self.clone(), id }
+    /// Whether an operator cancelled the batch of this held letter. Memory only: the control
+    /// watch keeps the cancelled batches current.
+    pub fn cancelled(&self, id: &ObjectId) -> bool {
+        self.lock_held().get(id).is_some_and(|held| self.cancels.covers(&held.cancel))
+    }
+
+    /// An attempt that would be retried, at a letter whose batch was cancelled meanwhile (the
+    /// message withdrawn before its dot), ends `cancelled` instead.
+    pub fn end_if_cancelled(&self, mut record: AttemptRecord) -> AttemptRecord {
+        if matches!(record.outcome, Outcome::Retry { .. }) && self.cancelled(&record.letter.id) {
+            tracing::info!(letter_id = %record.letter.id, "batch cancelled during the send; letter not retried");
+            record.outcome = Outcome::Failed { reason: CANCELLED.to_owned() };
+        }
+        record
+    }
+
+    fn hold(self: &Arc<Self>, letter: &Letter, at: Instant) -> Held {
+        let held = HeldLetter { claimed: at, taken: false, cancel: CancelProbe::of(letter) };
+        self.lock_held().insert(letter.id, held);
+        Held { clock: self.clone(), id: letter.id }
     }
 }
 
@@ -235,17 +293,44 @@ impl Dispatcher {
                     }
                 }
                 Ok(mut letters) => {
-                    failures = 0;
                     tracing::debug!(count = letters.len(), "claimed letters");
-                    // Suppressed recipients are marked refused, for the whole batch in one query.
-                    self.suppressions.apply(&mut letters).await;
+                    // Suppressed recipients are marked refused, for the whole claim at once. A
+                    // claim that cannot be checked is not sent: it goes back, not counted as an
+                    // attempt, and the claimer backs off as after a failed claim.
+                    if let Err(error) = self.suppressions.apply(&mut letters).await {
+                        failures = failures.saturating_add(1);
+                        let pause = Duration::from_millis(200 * 2u64.pow(failures.min(5)));
+                        let ids: Vec<ObjectId> = letters.iter().map(|l| l.id).collect();
+                        let due = self.store.now_ms() + pause.as_millis() as i64;
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            letters = ids.len(),
+                            retry_in_ms = pause.as_millis() as u64,
+                            "suppression lookup failed; the claimed letters go back unsent"
+                        );
+                        if let Err(release) = self.store.release(&self.owner, &ids, due).await {
+                            // Never held, so never renewed: they come back when their lease ends.
+                            tracing::warn!(
+                                error = format!("{release:#}"),
+                                "releasing unchecked letters failed; they come back when their lease ends"
+                            );
+                        }
+                        drop(permits);
+                        drop(room);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                        continue;
+                    }
+                    failures = 0;
                     // Every claimed letter is held from now on, also those still waiting for a
                     // worker, so a renewal can tell which of them were taken over meanwhile.
                     let claimed: Vec<Claimed> = letters
                         .into_iter()
                         .zip(permits.drain(..))
                         .map(|(letter, permit)| {
-                            let held = self.lease.hold(letter.id, renewed_at);
+                            let held = self.lease.hold(&letter, renewed_at);
                             // A Go-era letter's size is known only now; if it is larger than
                             // assumed, the budget is exceeded by that much, once.
                             let memory = room.split(kib(letter.text_bytes()).min(room.num_permits()));
@@ -305,7 +390,7 @@ impl Dispatcher {
             // Renew, then read back what is still ours: a lease counts as confirmed only for the
             // letters the renewal actually extended.
             let renewal = async {
-                let renewed = store.renew(&owner, now + config.lease.as_millis() as i64).await?;
+                let renewed = store.renew(&owner, &lease.renewable(), now + config.lease.as_millis() as i64).await?;
                 let ours = store.held_by(&owner).await?;
                 anyhow::Ok((renewed, ours))
             };
@@ -369,23 +454,50 @@ mod tests {
 
     #[test]
     fn a_renewal_confirms_only_the_letters_it_extended() {
-        let clock = Arc::new(LeaseClock::new(Duration::from_secs(30)));
-        let (kept, taken, late) = (ObjectId::new(), ObjectId::new(), ObjectId::new());
+        let clock = Arc::new(LeaseClock::new(Duration::from_secs(30), Cancels::default()));
+        let (kept, taken, late) = (letter(), letter(), letter());
         let before = Instant::now();
-        let _kept = clock.hold(kept, before);
-        let _taken = clock.hold(taken, before);
+        let _kept = clock.hold(&kept, before);
+        let _taken = clock.hold(&taken, before);
         let renewal = Instant::now();
         // Claimed after the renewal started: its absence from the read-back proves nothing.
-        let _late = clock.hold(late, Instant::now());
-        assert_eq!(clock.renewed(renewal, &HashSet::from([kept])), 1);
-        assert!(!clock.taken(&kept) && clock.taken(&taken) && !clock.taken(&late));
+        let _late = clock.hold(&late, Instant::now());
+        assert_eq!(clock.renewed(renewal, &HashSet::from([kept.id])), 1);
+        assert!(!clock.taken(&kept.id) && clock.taken(&taken.id) && !clock.taken(&late.id));
         drop(_taken);
-        assert!(!clock.taken(&taken), "a finished letter is forgotten");
+        assert!(!clock.taken(&taken.id), "a finished letter is forgotten");
+    }
+
+    #[test]
+    fn only_held_letters_and_unrecorded_outcomes_are_renewed() {
+        let clock = Arc::new(LeaseClock::new(Duration::from_secs(30), Cancels::default()));
+        let (working, finished) = (letter(), letter());
+        let _working = clock.hold(&working, Instant::now());
+        drop(clock.hold(&finished, Instant::now()));
+        let renewal = Instant::now();
+        let mut renewable = clock.renewable();
+        renewable.sort();
+        let mut expected = vec![working.id, finished.id];
+        expected.sort();
+        assert_eq!(renewable, expected, "a finished letter is renewed until its outcome is stored");
+        // The outcome is stored: the read-back no longer finds it ours.
+        clock.renewed(renewal, &HashSet::from([working.id]));
+        assert_eq!(clock.renewable(), vec![working.id]);
+    }
+
+    fn letter() -> Letter {
+        let mailing = crate::model::Mailing {
+            addresses: vec!["a@example.org".into()],
+            subject: "s".into(),
+            body: "b".into(),
+            token: "t".into(),
+        };
+        Letter::from_mailing(mailing, Some(b"k".as_slice()), String::new(), 0)
     }
 
     #[test]
     fn lease_trust_expires_without_renewal() {
-        let clock = LeaseClock::new(Duration::from_millis(400));
+        let clock = LeaseClock::new(Duration::from_millis(400), Cancels::default());
         let claimed = Instant::now();
         assert!(clock.trusted(claimed));
         std::thread::sleep(Duration::from_millis(320));

@@ -31,6 +31,7 @@ use crate::{
     metrics::Metrics,
     model::{AttemptRecord, Letter, Outcome, Rejection, now_ms},
     smtp::{self, Command, Connection, RcptResult, Reply, SmtpError, transaction},
+    store::CANCELLED,
 };
 
 mod individual;
@@ -196,7 +197,8 @@ impl Worker {
             // letters are all back in `awaiting` within moments, not at the sending rate.
             let paused = self.ctx.paused.load(Ordering::Relaxed);
             let pending = claimed.letter.pending_recipients().len();
-            let ticket = if paused || pending == 0 || self.ctx.limiter.too_large(pending).is_some() {
+            let stop = paused || self.ctx.lease.cancelled(&claimed.letter.id);
+            let ticket = if stop || pending == 0 || self.ctx.limiter.too_large(pending).is_some() {
                 None
             } else {
                 tokio::select! {
@@ -205,10 +207,15 @@ impl Worker {
                     ticket = self.ctx.limiter.reserve(pending.min(self.ctx.max_recipients)) => Some(ticket),
                 }
             };
-            // The pause may also have come while waiting for the budget.
+            // The pause or a cancel may also have come while waiting for the budget. A letter of
+            // a cancelled batch ends `cancelled`, as the cancel ended the batch's waiting ones.
             let paused = paused || self.ctx.paused.load(Ordering::Relaxed);
-            if paused || !self.ctx.lease.trusted(claimed.claimed_at) || self.ctx.lease.taken(&claimed.letter.id) {
-                if paused {
+            let trusted = self.ctx.lease.trusted(claimed.claimed_at) && !self.ctx.lease.taken(&claimed.letter.id);
+            let cancelled = trusted && self.ctx.lease.cancelled(&claimed.letter.id);
+            if cancelled || paused || !trusted {
+                if cancelled {
+                    tracing::info!(letter_id = %claimed.letter.id, "batch cancelled; claimed letter not sent");
+                } else if paused {
                     // A letter not started goes back to `awaiting` rather than waiting here
                     // leased, so a cancel issued during the pause reaches it too.
                     tracing::debug!(letter_id = %claimed.letter.id, "sending paused; letter released");
@@ -218,9 +225,11 @@ impl Worker {
                     tracing::warn!(letter_id = %claimed.letter.id, "lease no longer trusted; letter skipped");
                 }
                 // Released, not dropped: maintenance would otherwise renew its lease forever.
+                let outcome =
+                    if cancelled { Outcome::Failed { reason: CANCELLED.to_owned() } } else { Outcome::Released };
                 let record = AttemptRecord {
                     letter: claimed.letter,
-                    outcome: Outcome::Released,
+                    outcome,
                     published: false,
                     unrecorded: None,
                     memory: claimed.memory,
@@ -250,6 +259,8 @@ impl Worker {
                 record = self.attempt(claimed.letter, claimed.claimed_at, ticket) => record,
             };
             let record = AttemptRecord { unrecorded: Some(unrecorded), memory, ..record };
+            // Cancelled while sending: withdrawn before the dot (`LeaseClock::vouch`), not retried.
+            let record = self.ctx.lease.end_if_cancelled(record);
             if outcomes.send(record).await.is_err() {
                 break;
             }
