@@ -148,7 +148,7 @@ async fn send_one(
     dots: &Mutex<Vec<(Duration, u32)>>,
 ) {
     let mut ticket = budget.take(cost).await;
-    let open_at = ticket.at.checked_sub(budget.lead()).unwrap_or(ticket.at);
+    let open_at = ticket.at.checked_sub(budget.lead().max(SECOND)).unwrap_or(ticket.at);
     let mut issued = ticket.issued;
     if open_at > Instant::now() {
         tokio::time::sleep_until(open_at).await;
@@ -443,6 +443,108 @@ mod properties {
                 judged.binding,
                 judged.bound_by
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod relays {
+    use super::*;
+
+    /// The relays' own configurations (`shared/guides/real-configs.md`), one replica and three,
+    /// as a table: the budget used as a share of the binding limit, and the busiest window
+    /// against its limit. The README's budget section quotes it (`cargo test --lib
+    /// relays_table -- --nocapture`).
+    #[tokio::test(start_paused = true)]
+    async fn relays_table() {
+        let rows: Vec<(&str, Vec<(&'static str, String)>, Vec<u32>, Duration)> = vec![
+            (
+                "Workspace: 2,000/24h quota, rate left high",
+                vec![
+                    var("SMTP_RATE_LIMIT_PERIOD", "1s"),
+                    var("SMTP_RATE_LIMIT_MAX_LETTERS", 10_000),
+                    var("SMTP_QUOTAS", "2000/24h"),
+                ],
+                vec![1],
+                DAY * 3 / 2,
+            ),
+            (
+                "Workspace: 2,000 per 24 h period, burst 100",
+                vec![
+                    var("SMTP_RATE_LIMIT_PERIOD", "24h"),
+                    var("SMTP_RATE_LIMIT_MAX_LETTERS", 2000),
+                    var("SMTP_RATE_LIMIT_BURST", 100),
+                ],
+                vec![1],
+                10 * MINUTE,
+            ),
+            (
+                "SES: 14 recipients/s, 50 per message, letters of 1",
+                vec![
+                    var("SMTP_RATE_LIMIT_UNIT", "recipient"),
+                    var("SMTP_RATE_LIMIT_PERIOD", "1s"),
+                    var("SMTP_RATE_LIMIT_MAX_LETTERS", 14),
+                    var("SMTP_MAX_RECIPIENTS", 50),
+                ],
+                vec![1],
+                MINUTE,
+            ),
+            (
+                "SES: 14 recipients/s, 1 per message",
+                vec![
+                    var("SMTP_RATE_LIMIT_UNIT", "recipient"),
+                    var("SMTP_RATE_LIMIT_PERIOD", "1s"),
+                    var("SMTP_RATE_LIMIT_MAX_LETTERS", 14),
+                    var("SMTP_MAX_RECIPIENTS", 1),
+                ],
+                vec![1],
+                MINUTE,
+            ),
+            (
+                "100/s with 10,000/24h",
+                vec![
+                    var("SMTP_RATE_LIMIT_PERIOD", "1s"),
+                    var("SMTP_RATE_LIMIT_MAX_LETTERS", 100),
+                    var("SMTP_QUOTAS", "10000/24h"),
+                ],
+                vec![1],
+                3 * MINUTE,
+            ),
+        ];
+        println!("| configuration | replicas | used of the binding limit | busiest window (limit) |");
+        println!("|---|---|---|---|");
+        for (name, vars, recipients, duration) in rows {
+            for replicas in [1, 3] {
+                let case = Case {
+                    vars: vars.clone(),
+                    replicas,
+                    workers: 8,
+                    send: Duration::from_millis(50),
+                    offsets_ms: vec![0, 600_000, -600_000],
+                    kill_at: None,
+                    recipients: recipients.clone(),
+                    duration,
+                };
+                let judged = judge(&case).await;
+                let seen = run(&case).await;
+                let plan = &seen.plan;
+                let (window, width, limit) = match plan.quotas.first() {
+                    Some(quota) => (quota.label.clone(), quota.window_ns, u64::from(quota.limit)),
+                    None => (
+                        plan.rate_label.clone(),
+                        plan.period_ns,
+                        u64::from(plan.rate_max) + (plan.tolerance_ns / plan.interval_ns) as u64,
+                    ),
+                };
+                let busiest = seen.busiest(Duration::from_nanos(width as u64));
+                println!(
+                    "| {name} | {replicas} | {:.1} % of {} ({}) | {busiest} per {window} ({limit}) |",
+                    judged.share() * 100.0,
+                    judged.binding,
+                    judged.bound_by
+                );
+                assert!(judged.over.is_empty(), "{name}: {:?}", judged.over);
+            }
         }
     }
 }

@@ -47,6 +47,9 @@ pub struct Slowdown {
     step: Duration,
 }
 
+/// A transaction whose unit is further ahead than this (and than the lead) waits before it opens.
+const OPEN_AHEAD: Duration = Duration::from_secs(1);
+
 /// Sends remembered to measure the achieved rate.
 const RECENT: usize = 64;
 /// A burst of throttle replies from sends that were in flight together is one event.
@@ -157,9 +160,12 @@ impl RateLimit {
             tokio::time::sleep(wait).await;
         }
         let ticket = self.budget.take(self.cost(recipients)).await;
-        // A unit far ahead (a slow rate beside a long quota's horizon) is waited for here,
-        // before the transaction opens, not with the relay's DATA phase open.
-        let open_at = ticket.at.checked_sub(self.budget.lead()).unwrap_or(ticket.at);
+        // A unit far ahead (a burst's spacing after it, a slow rate) is waited for here, before
+        // the transaction opens, not with the relay's DATA phase open; up to a second ahead the
+        // transaction opens at once, so the final dot waits on the precise timer with the data
+        // written and keeps to its unit (opening just a lead before it left dots later by up to
+        // the guard, which the relay's own delay then pushed over it).
+        let open_at = ticket.at.checked_sub(self.budget.lead().max(OPEN_AHEAD)).unwrap_or(ticket.at);
         let before = tokio::time::Instant::now();
         if open_at > before {
             tokio::time::sleep_until(open_at).await;

@@ -82,7 +82,7 @@ where
 }
 
 /// One message as the SMTP sink recorded it.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
 pub struct Received {
     pub ts: f64,
     /// When the data ended (the final "."), before any `data_delay_s`: when a relay counts it.
