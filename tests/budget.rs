@@ -88,6 +88,26 @@ const DOTS: (&str, &str) = ("RUST_LOG", "info,mailsender=debug,mailsender::dot=t
 /// [`dots_logged`]).
 const RELAY_JITTER: usize = 1;
 
+/// Asserts the hard cap of `budget` letters per second: exactly on the replicas' own final dots
+/// (`logs`, every one of the `count` letters), and at the relay within its recording jitter.
+fn assert_cap_per_second(logs: &[String], count: usize, received: &[Received], budget: usize) {
+    let dots = dots_logged(logs);
+    let (busiest_dots, dots_at) = busiest_window(&dots, 1.0, |_| 1);
+    println!("the replicas' own dots: {}, busiest second {busiest_dots}", dots.len());
+    assert_eq!(dots.len(), count, "every final dot logged");
+    assert!(
+        busiest_dots <= budget,
+        "{busiest_dots} final dots within one second (from +{dots_at:.2}s): the budget is {budget}; gaps (ms) {:?}",
+        gaps_from(&dots, dots_at, busiest_dots)
+    );
+    let (busiest, at) = busiest_window(received, 1.0, |_| 1);
+    assert!(
+        busiest <= budget + RELAY_JITTER,
+        "{busiest} letters within one second at the relay (from +{at:.2}s): the budget is {budget}; gaps (ms) {:?}",
+        gaps_from(received, at, busiest)
+    );
+}
+
 fn span(received: &[Received]) -> f64 {
     let first = received.iter().map(|r| r.eod_ts).fold(f64::INFINITY, f64::min);
     let last = received.iter().map(|r| r.eod_ts).fold(f64::NEG_INFINITY, f64::max);
@@ -136,20 +156,7 @@ async fn three_replicas_share_one_rate_and_no_second_holds_more() {
     );
     assert_eq!(received.len(), 400);
     assert!(per_replica.iter().filter(|n| **n > 0).count() >= 2, "the work was not shared: {per_replica:?}");
-    let dots = dots_logged(&[app.log(), b.log(), c.log()]);
-    let (busiest_dots, dots_at) = busiest_window(&dots, 1.0, |_| 1);
-    println!("the replicas' own dots: {}, busiest second {busiest_dots}", dots.len());
-    assert_eq!(dots.len(), 400, "every final dot logged");
-    assert!(
-        busiest_dots <= 20,
-        "{busiest_dots} final dots within one second (from +{dots_at:.2}s): the budget is 20; gaps (ms) {:?}",
-        gaps_from(&dots, dots_at, busiest_dots)
-    );
-    assert!(
-        busiest <= 20 + RELAY_JITTER,
-        "{busiest} letters within one second at the relay (from +{at:.2}s): the budget is 20; gaps (ms) {:?}",
-        gaps_from(&received, at, busiest)
-    );
+    assert_cap_per_second(&[app.log(), b.log(), c.log()], 400, &received, 20);
     assert!(took <= 400.0 / 20.0 * 1.1, "400 letters took {took:.2}s at 20/s: more than 10 % over 20 s");
     // Replicas that ran out of letters gave the units they held back (`Budget::give_back`).
     let returned = wait_for("a replica giving its unused units back", Duration::from_secs(5), || async {
@@ -181,21 +188,9 @@ async fn slow_final_replies_do_not_slow_the_rate() {
     let received = sink.wait_for_count(400, Duration::from_secs(60)).await;
     let took = span(&received);
     let rate = (received.len() - 1) as f64 / took;
-    let (busiest, at) = busiest_window(&received, 1.0, |_| 1);
+    let (busiest, _) = busiest_window(&received, 1.0, |_| 1);
     println!("300 ms final replies, 40/s, 16 workers: {rate:.2} letters/s at the relay, busiest second {busiest}");
-    let dots = dots_logged(&[app.log()]);
-    let (busiest_dots, dots_at) = busiest_window(&dots, 1.0, |_| 1);
-    assert_eq!(dots.len(), 400, "every final dot logged");
-    assert!(
-        busiest_dots <= 40,
-        "{busiest_dots} final dots within one second (from +{dots_at:.2}s): the budget is 40; gaps (ms) {:?}",
-        gaps_from(&dots, dots_at, busiest_dots)
-    );
-    assert!(
-        busiest <= 40 + RELAY_JITTER,
-        "{busiest} letters within one second at the relay (from +{at:.2}s): the budget is 40; gaps (ms) {:?}",
-        gaps_from(&received, at, busiest)
-    );
+    assert_cap_per_second(&[app.log()], 400, &received, 40);
     assert!((rate - 40.0).abs() <= 0.4, "{rate:.2} letters/s at the relay: not within 1 % of 40");
 }
 
@@ -490,23 +485,11 @@ async fn replicas_whose_clocks_run_ahead_still_send_at_the_budgets_pace() {
     let b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sinks[1].port)).await;
     feed(&app, "ahead", 100).await;
     let received = received_from(&[&sinks[0], &sinks[1]], 100, Duration::from_secs(20)).await;
-    let (busiest, at) = busiest_window(&received, 1.0, |_| 1);
+    let (busiest, _) = busiest_window(&received, 1.0, |_| 1);
     let took = span(&received);
     println!("2 replicas 10 min ahead, 20/s: 100 letters in {took:.2}s, busiest second {busiest}");
     // Both replicas log their dots on the same skewed clock, so their times compare.
-    let dots = dots_logged(&[app.log(), b.log()]);
-    let (busiest_dots, dots_at) = busiest_window(&dots, 1.0, |_| 1);
-    assert_eq!(dots.len(), 100, "every final dot logged");
-    assert!(
-        busiest_dots <= 20,
-        "{busiest_dots} final dots within one second (from +{dots_at:.2}s): the budget is 20; gaps (ms) {:?}",
-        gaps_from(&dots, dots_at, busiest_dots)
-    );
-    assert!(
-        busiest <= 20 + RELAY_JITTER,
-        "{busiest} letters within one second at the relay (from +{at:.2}s): the budget is 20; gaps (ms) {:?}",
-        gaps_from(&received, at, busiest)
-    );
+    assert_cap_per_second(&[app.log(), b.log()], 100, &received, 20);
     assert!(took <= 100.0 / 20.0 * 1.2, "100 letters took {took:.2}s at 20/s");
 }
 

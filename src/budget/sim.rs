@@ -457,7 +457,8 @@ mod relays {
     /// relays_table -- --nocapture`).
     #[tokio::test(start_paused = true)]
     async fn relays_table() {
-        let rows: Vec<(&str, Vec<(&'static str, String)>, Vec<u32>, Duration)> = vec![
+        type Row = (&'static str, Vec<(&'static str, String)>, Vec<u32>, Duration);
+        let rows: Vec<Row> = vec![
             (
                 "Workspace: 2,000/24h quota, rate left high",
                 vec![
