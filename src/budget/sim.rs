@@ -251,7 +251,8 @@ pub async fn judge(case: &Case) -> Judged {
     let burst = (plan.tolerance_ns / plan.interval_ns) as u64;
     // The rate: its units over the time, the burst at the start; the quotas: a full window for
     // every window that starts within the time.
-    let mut limits = vec![(plan.rate_label.clone(), burst + 1 + (d / period * f64::from(plan.rate_max)) as u64)];
+    // The rate: BURST at once, then MAX a period (one unit for the first of them).
+    let mut limits = vec![(plan.rate_label.clone(), burst + (d / period * f64::from(plan.rate_max)) as u64)];
     // A quota: each window that starts within the time, as full as the workers can make it in
     // what is left of the time.
     let carry_per_s = carried as f64 / d;
@@ -427,7 +428,14 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+        // A fixed seed: the same cases in every run, so CI never meets a case first seen there
+        // (`PROPTEST_RNG_SEED` overrides it, to explore).
+        #![proptest_config(ProptestConfig {
+            cases: 24,
+            failure_persistence: None,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(21),
+            ..ProptestConfig::default()
+        })]
 
         /// Random configurations of the same space: every window within its limit, and at least
         /// 95 % of the binding limit used.
