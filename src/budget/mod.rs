@@ -527,7 +527,11 @@ impl Budget {
                     let received = Instant::now();
                     // The slowest recent round trip, decaying: the next grant starts this much
                     // later, so its units are not past when they arrive.
-                    let took = received.duration_since(sent).as_nanos().min(i64::MAX as u128) as i64;
+                    // At most the grant timeout: a write that "took" longer answered in time but
+                    // was read late, the runtime stalled (an 18 MB claim decoding), and a lead that
+                    // long put every later grant past the horizon, each one waiting for a write
+                    // that would never come to lower it: the replica sent nothing for minutes.
+                    let took = received.duration_since(sent).min(GRANT_TIMEOUT).as_nanos() as i64;
                     let previous = self.round_trip_ns.load(Ordering::Relaxed);
                     let next_estimate = if took > previous { took } else { previous - (previous - took) / 4 };
                     self.round_trip_ns.store(next_estimate, Ordering::Relaxed);
@@ -701,6 +705,61 @@ mod tests {
         let rate = (dots.len() - 1) as f64 / span;
         // The schedule's own 0.75 % guard, and no more.
         assert!(rate >= 99.0, "{rate:.2} letters/s at a budget of 100/s");
+    }
+
+    /// A ledger whose writes land at once but are read 6 s later, as when the runtime stalls.
+    struct StallingLedger {
+        inner: MemoryLedger,
+        stall: AtomicBool,
+    }
+
+    impl Ledger for StallingLedger {
+        fn load(&self) -> futures::future::BoxFuture<'_, anyhow::Result<State>> {
+            self.inner.load()
+        }
+
+        fn replace<'a>(
+            &'a self,
+            expected: i64,
+            new: &'a State,
+        ) -> futures::future::BoxFuture<'a, anyhow::Result<Option<i64>>> {
+            Box::pin(async move {
+                let written = self.inner.replace(expected, new).await;
+                if self.stall.swap(false, Ordering::Relaxed) {
+                    tokio::time::advance(Duration::from_secs(6)).await;
+                }
+                written
+            })
+        }
+
+        fn server_time(&self) -> futures::future::BoxFuture<'_, anyhow::Result<i64>> {
+            self.inner.server_time()
+        }
+    }
+
+    /// A write read 6 s late (the runtime stalled) once left a lead of 6 s, every later grant past
+    /// the horizon and waiting, and the replica sent nothing again.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_runtime_does_not_stop_the_grants() {
+        let config = smtp(&[("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "1000")]);
+        let ledger = Arc::new(StallingLedger { inner: MemoryLedger::new(), stall: AtomicBool::new(false) });
+        let budget = Arc::new(Budget::new(Plan::new(&config), ledger.clone(), Arc::new(Metrics::new())));
+        budget.take(1).await;
+        ledger.stall.store(true, Ordering::Relaxed);
+        // Past what the pool holds, so the next take writes (and stalls).
+        for _ in 0..300 {
+            budget.take(1).await;
+        }
+        let started = Instant::now();
+        let sent = tokio::time::timeout(Duration::from_secs(60), async {
+            for _ in 0..300 {
+                let ticket = budget.take(1).await;
+                tokio::time::sleep_until(ticket.at).await;
+            }
+        })
+        .await;
+        assert!(sent.is_ok(), "no grant for a minute after the stall");
+        assert!(started.elapsed() < Duration::from_secs(5), "300 units took {:?} at 1,000/s", started.elapsed());
     }
 
     #[tokio::test(start_paused = true)]
