@@ -144,6 +144,9 @@ async fn a_recreated_topic_does_not_drop_new_mail_as_duplicates() {
             let mut document = stored("old incarnation", "old@example.org");
             document.insert("status", "sent");
             document.insert("source", source);
+            // Finished recently: retention (whose first run may come after this insert) keeps them.
+            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+            document.insert("updated_ms", now_ms);
             old.push(document);
         }
     }
