@@ -217,17 +217,6 @@ fn one_click_settings(app_name: &str) -> (Vec<(String, String)>, String) {
     (settings, format!("http://127.0.0.1:{port}"))
 }
 
-/// The HTTPS link of a List-Unsubscribe header.
-fn https_link(received: &Received) -> String {
-    let header = received.header("List-Unsubscribe").expect("a List-Unsubscribe header").replace(['\r', '\n'], "");
-    header
-        .split(',')
-        .map(|t| t.trim().trim_start_matches('<').trim_end_matches('>'))
-        .find(|t| t.starts_with("https://"))
-        .expect("an https link")
-        .to_owned()
-}
-
 async fn post_one_click(url: &str, body: &str) -> u16 {
     reqwest::Client::new()
         .post(url)

@@ -42,17 +42,6 @@ fn mailing(subject: &str, token: &str, addresses: &[&str]) -> Value {
     json!({ "Subject": subject, "Body": "<p>Hello</p>", "Addresses": addresses, "Token": token })
 }
 
-/// The HTTPS link of a List-Unsubscribe header (unfolded).
-fn https_link(received: &Received) -> String {
-    let header = received.header("List-Unsubscribe").expect("a List-Unsubscribe header").replace(['\r', '\n'], "");
-    header
-        .split(',')
-        .map(|t| t.trim().trim_start_matches('<').trim_end_matches('>'))
-        .find(|t| t.starts_with("https://"))
-        .expect("an https link")
-        .to_owned()
-}
-
 /// The link pointed at the local endpoint, its bytes otherwise unchanged.
 fn local(link: &str, public: &str) -> String {
     link.replacen("https://unsub.mailsender.test", public, 1)

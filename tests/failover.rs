@@ -2,85 +2,18 @@
 //! for the next one without costing letters an attempt, skipped while its breaker is open, and
 //! taken back once its probe succeeds; no letter is lost or sent twice.
 
+#[path = "common/chaos.rs"]
+mod chaos;
 mod common;
 
-use std::{
-    collections::HashMap,
-    fs,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
+use chaos::{ChaosSink, rcpt_counts};
 use common::*;
 use mailsender::model::Status;
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(90);
-
-/// A test relay (scripts/smtp_sink.py) that can be killed and started again on the same port,
-/// keeping what it received across runs.
-struct Relay {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Relay {
-    async fn start() -> Relay {
-        let mut relay = Relay { child: None, port: 0, dir: tempfile::tempdir().unwrap() };
-        relay.run().await;
-        relay
-    }
-
-    /// Starts the process: on any free port the first time, on the same port after that.
-    async fn run(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let port_file = self.dir.path().join("port");
-        let _ = fs::remove_file(&port_file);
-        let child = Command::new(python())
-            .arg(repo_root().join("scripts/smtp_sink.py"))
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .arg("--port-file")
-            .arg(&port_file)
-            .arg("--out")
-            .arg(self.out())
-            .stdout(Stdio::null())
-            .stderr(fs::File::options().create(true).append(true).open(self.dir.path().join("sink.log")).unwrap())
-            .spawn()
-            .expect("starting scripts/smtp_sink.py");
-        self.child = Some(child);
-        self.port = wait_for("the relay to listen", Duration::from_secs(20), || {
-            let port_file = port_file.clone();
-            async move { fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse::<u16>().ok()) }
-        })
-        .await;
-    }
-
-    /// kill -9: the relay is gone at once, mid-session for any worker connected to it.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn out(&self) -> PathBuf {
-        self.dir.path().join("mail.jsonl")
-    }
-
-    fn received(&self) -> Vec<Received> {
-        let Ok(text) = fs::read_to_string(self.out()) else { return Vec::new() };
-        let text = text.rfind('\n').map_or("", |end| &text[..end]);
-        text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("sink line")).collect()
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 async fn ready(app: &TestApp) -> (u16, Value) {
     let (status, body) = app.get("/ready").await;
@@ -91,20 +24,9 @@ async fn metric(app: &TestApp, name: &str) -> f64 {
     metric_value(&app.get("/metrics").await.1, name).unwrap_or(0.0)
 }
 
-/// How many times each address was received, over every relay.
-fn deliveries(relays: &[Vec<Received>]) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for message in relays.iter().flatten() {
-        for rcpt in &message.rcpt_tos {
-            *counts.entry(rcpt.to_lowercase()).or_default() += 1;
-        }
-    }
-    counts
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_killed_mid_run_is_left_for_the_next_and_taken_back_after_its_probe() {
-    let mut a = Relay::start().await;
+    let mut a = ChaosSink::start().await;
     let b = SmtpSink::start().await;
     let hosts = format!("127.0.0.1:{},127.0.0.1:{}", a.port, b.port);
     let relay_a = format!("127.0.0.1:{}", a.port);
@@ -157,7 +79,7 @@ async fn a_relay_killed_mid_run_is_left_for_the_next_and_taken_back_after_its_pr
     assert_eq!(a.received().len(), at_kill, "nothing reached the dead relay");
 
     // A comes back on the same port: after its cool-down a probe finds it and traffic returns.
-    a.run().await;
+    a.restart().await;
     wait_for("A to receive letters again after its restart", LONG, || async {
         (a.received().len() >= at_kill + 10).then_some(())
     })
@@ -173,7 +95,7 @@ async fn a_relay_killed_mid_run_is_left_for_the_next_and_taken_back_after_its_pr
     );
     assert!(done.iter().all(|l| l.status == Status::Sent), "every letter sent, none error");
     // Each letter exactly once over both relays (counted, not a set).
-    let counts = deliveries(&[a_got.clone(), b_got.clone()]);
+    let counts = rcpt_counts(a_got.iter().chain(&b_got));
     assert_eq!(counts.len(), letters, "every letter reached a relay");
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "letters received more than once: {twice:?}");
@@ -217,7 +139,7 @@ async fn a_relay_answering_421_is_left_for_the_next_without_an_attempt() {
             assert_eq!(letter.attempts, 1, "{control}: {letter:?}");
         }
         assert!(a.received().is_empty(), "{control}");
-        let counts = deliveries(&[b.received()]);
+        let counts = rcpt_counts(&b.received());
         assert_eq!(counts.len(), letters * 2, "{control}");
         assert!(counts.values().all(|n| *n == 1), "{control}: {counts:?}");
         let failovers = metric(&app, &format!("mailsender_smtp_relay_failovers_total{{relay=\"{relay_a}\"}}")).await;

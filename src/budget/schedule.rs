@@ -256,8 +256,8 @@ pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, 
     }
     // Units given back that no one can reach any more leave the list, and the quotas with them.
     let (returned, dead) = split_returned(&state.returned, now_ns + lead_ns, plan.interval_ns);
-    let mut next = refund(state, plan, now_ns, &dead);
-    next.returned = returned;
+    let pruned = State { returned, ..refund(state, plan, now_ns, &dead) };
+    let mut next = pruned.clone();
     let mut count = want.max(need);
     next.loose.retain(|grant| grant.until_ns >= now_ns);
     // Loose when units on the schedule would lie so close together that most would pass unused
@@ -283,11 +283,8 @@ pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, 
         let used: u64 = buckets.values().map(|n| u64::from(*n)).sum();
         let available = u64::from(quota.limit).saturating_sub(used);
         if available < u64::from(need) {
-            let state = match dead.is_empty() {
-                true => state.clone(),
-                // What was given back to the quotas is kept, for the caller to write.
-                false => State { returned: next.returned.clone(), ..refund(state, plan, now_ns, &dead) },
-            };
+            // What was given back to the quotas is kept, for the caller to write.
+            let state = if dead.is_empty() { state.clone() } else { pruned };
             // Free when enough of the oldest buckets have left the counted range: bucket b
             // leaves it at (b + 2) buckets + the window.
             let mut freed = 0;

@@ -65,6 +65,17 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// The HTTPS link of a message's List-Unsubscribe header (unfolded).
+pub fn https_link(received: &Received) -> String {
+    let header = received.header("List-Unsubscribe").expect("a List-Unsubscribe header").replace(['\r', '\n'], "");
+    header
+        .split(',')
+        .map(|t| t.trim().trim_start_matches('<').trim_end_matches('>'))
+        .find(|t| t.starts_with("https://"))
+        .expect("an https link")
+        .to_owned()
+}
+
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
