@@ -80,6 +80,8 @@ const LOOSE_SPAN: Duration = LOOKAHEAD;
 const PREFETCH_MARGIN: Duration = Duration::from_millis(25);
 /// How often a replica without MongoDB tries again.
 const RETRY: Duration = Duration::from_millis(500);
+/// Readings of the server's clock taken before the first decision, the shortest kept.
+const CLOCK_READINGS: usize = 5;
 /// Concurrent changes by other replicas tolerated in one grant before backing off.
 const CAS_ATTEMPTS: usize = 8;
 
@@ -476,9 +478,19 @@ impl Budget {
         if self.clock_measured.load(Ordering::Acquire) {
             return Ok(());
         }
-        let sent = Instant::now();
-        let server_ms = self.ledger.server_time().await?;
-        let received = Instant::now();
+        // The reading with the shortest round trip of a few (the first also opens a connection):
+        // its uncertainty is what two replicas' ideas of the server's clock may differ by, and
+        // that comes out of the guard (seen: 5 ms apart from single readings, 21 dots in a second).
+        let mut best: Option<(i64, Instant, Instant)> = None;
+        for _ in 0..CLOCK_READINGS {
+            let sent = Instant::now();
+            let server_ms = self.ledger.server_time().await?;
+            let received = Instant::now();
+            if best.is_none_or(|(_, s, r)| received.duration_since(sent) < r.duration_since(s)) {
+                best = Some((server_ms, sent, received));
+            }
+        }
+        let Some((server_ms, sent, received)) = best else { return Ok(()) };
         let mut clock = self.clock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let before = clock.at_ns(received);
         // Moved only when off by more than the reading's uncertainty, as on every write: a host
