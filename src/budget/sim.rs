@@ -357,7 +357,8 @@ pub fn grid() -> Vec<Case> {
     // Letters of one recipient, and of one to ten.
     let (one, mixed) = (vec![1], vec![1, 3, 10, 2, 7, 1, 5, 4, 9, 1]);
     // (settings, how long to run, the letters' recipients)
-    let budgets: Vec<(Vec<(&'static str, String)>, Duration, Vec<u32>)> = vec![
+    type Budget = (Vec<(&'static str, String)>, Duration, Vec<u32>);
+    let budgets: Vec<Budget> = vec![
         (recipients(14, 50, None), 40 * SECOND, one.clone()),
         (recipients(14, 50, None), 40 * SECOND, mixed.clone()),
         (recipients(30, 10, None), 30 * SECOND, mixed.clone()),
