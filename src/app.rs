@@ -78,7 +78,10 @@ impl App {
             crate::model::inject_clock_skew(skew);
         }
         // First, so a bad DKIM key stops the start before anything is connected.
-        let composer = Arc::new(Composer::new(config.smtp.from.clone(), &config.deliverability)?);
+        let composer = Arc::new(
+            Composer::new(config.smtp.from.clone(), &config.deliverability)?
+                .with_return_path(crate::feedback::return_path::ReturnPath::from_config(&config.feedback)),
+        );
         let metrics = Arc::new(Metrics::new());
         let store = Store::connect(&config.mongo, metrics.clone()).await?;
         retry_at_start("preparing MongoDB", || store.prepare(config.dispatch.lease)).await?;
