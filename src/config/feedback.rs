@@ -88,10 +88,70 @@ pub(super) fn feedback(env: &Env) -> Result<FeedbackConfig, ConfigError> {
         loop_address,
         max_bytes: env.parse(
             "FEEDBACK_MAX_BYTES",
-            10 << 20,
+            4 << 20,
             "a size in bytes from 64 KiB to 15 MiB (a kept report must fit a MongoDB document)",
             |n| ((64 << 10)..=(15 << 20)).contains(n),
         )?,
         topic: env.string("KAFKA_TOPIC_FEEDBACK", "mts-to-profile.feedback"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use crate::config::{Config, ConfigError};
+
+    fn from(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let base =
+            [("KAFKA_BROKERS", "127.0.0.1:9092"), ("MONGO_LOCAL", "mongodb://127.0.0.1:27017"), ("SMTP_HOST", "h")];
+        let vars: HashMap<String, String> =
+            base.iter().chain(pairs).map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Config::from_vars(vars)
+    }
+
+    fn named(result: Result<Config, ConfigError>) -> &'static str {
+        match result {
+            Err(
+                ConfigError::Missing { var, .. }
+                | ConfigError::Invalid { var, .. }
+                | ConfigError::InvalidSecret { var, .. },
+            ) => var,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn feedback_is_off_by_default_and_checked_by_name() {
+        let config = from(&[]).unwrap();
+        assert!(config.feedback.bounce_domain.is_none() && config.feedback.smtp_addr.is_none());
+        assert_eq!(config.feedback.topic, "mts-to-profile.feedback");
+        let secret = "a-bounce-secret-0123";
+        let on = from(&[
+            ("BOUNCE_DOMAIN", "Bounce.Example.com."),
+            ("BOUNCE_SECRET", secret),
+            ("FEEDBACK_SMTP_ADDR", "127.0.0.1:2525"),
+        ])
+        .unwrap();
+        assert_eq!(on.feedback.bounce_domain.as_deref(), Some("bounce.example.com"));
+        assert_eq!(on.feedback.max_bytes, 4 << 20);
+        assert_eq!(named(from(&[("BOUNCE_DOMAIN", "bounce.example.com")])), "BOUNCE_SECRET");
+        assert_eq!(
+            named(from(&[("BOUNCE_DOMAIN", "bounce.example.com"), ("BOUNCE_SECRET", "short")])),
+            "BOUNCE_SECRET"
+        );
+        assert_eq!(named(from(&[("BOUNCE_DOMAIN", "a@b.example"), ("BOUNCE_SECRET", secret)])), "BOUNCE_DOMAIN");
+        assert_eq!(named(from(&[("FEEDBACK_SMTP_ADDR", "127.0.0.1:2525")])), "BOUNCE_DOMAIN");
+        let on = [("BOUNCE_DOMAIN", "bounce.example.com"), ("BOUNCE_SECRET", secret)];
+        for (var, value) in [
+            ("BOUNCE_LOCAL_PART", "far-too-long-a-prefix"),
+            ("FEEDBACK_LOOP_ADDRESS", "not an address"),
+            ("FEEDBACK_MAX_BYTES", "100"),
+            ("FEEDBACK_SMTP_ADDR", "nowhere"),
+        ] {
+            let mut pairs = on.to_vec();
+            pairs.push((var, value));
+            assert_eq!(named(from(&pairs)), var);
+        }
+    }
 }
