@@ -11,9 +11,19 @@
 //! - once: its key is (letter, recipient, kind), so a report delivered twice, or a DSN and a
 //!   relay's webhook for the same bounce, make one event.
 //!
-//! Relay webhooks (SES through SNS, Postmark, SendGrid, Mailgun) and a sandbox are to come: each
-//! maps its payload to [`Event`]s with a [`Source`] of its own and calls [`Feedback::record`];
-//! nothing below needs to change for them.
+//! Still to come, and how they fit:
+//! - Relay webhooks (SES through SNS, Postmark, SendGrid, Mailgun): each route authenticates its
+//!   request, maps the payload to [`Event`]s with a [`Source`] of its own and calls
+//!   [`Feedback::record`]; the key leaves the source out, so a DSN and a webhook for one bounce
+//!   make one event. The letter id comes back from what each relay echoes: our `Message-ID`
+//!   (`<letter id@domain>`, in SES's `mail.commonHeaders.messageId`), or a header the composer
+//!   would add for it (Postmark's `X-PM-Metadata-letter`, SendGrid's `X-SMTPAPI` `unique_args`,
+//!   Mailgun's `X-Mailgun-Variables`).
+//! - The sandbox: simulator addresses whose "delivery" builds the same [`Event`]s (source
+//!   `sandbox`) and records them through [`Feedback::record`].
+//! - The reputation brake: `<collection>_feedback` holds one document per event with its time
+//!   (`time_ms`); counting hard bounces and complaints over a window against the letters sent in
+//!   it gives the rates, without a second record.
 
 pub mod listener;
 pub mod report;
