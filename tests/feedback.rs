@@ -206,6 +206,11 @@ async fn a_postfix_bounce_reaches_the_topic_the_suppression_list_and_the_letter(
     let text = metrics(&f.app).await;
     assert_eq!(metric_value(&text, "mailsender_feedback_duplicates_total"), Some(1.0), "{text}");
     assert_eq!(metric_value(&text, r#"mailsender_feedback_events_total{kind="hard_bounce",source="dsn"}"#), Some(1.0));
+    let recorded = f.app.raw_documents("letters_feedback").await;
+    let mut kinds: Vec<&str> = recorded.iter().map(|d| d.get_str("kind").unwrap()).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["delay", "hard_bounce", "soft_bounce"], "one record per event");
+    assert!(recorded.iter().all(|d| d.get_i32("published") == Ok(1) && d.get_object_id("letter_id") == Ok(id)));
     let view = letter_view(&f.app, id).await;
     assert_eq!(recipient(&view, "nobody@hard.example")["feedback"].as_array().unwrap().len(), 1);
     let later: Vec<&str> = recipient(&view, "later@slow.example")["feedback"]

@@ -265,7 +265,10 @@ impl Feedback {
             return Ok(Recorded::ForeignRecipient);
         };
         let key = event.key();
-        let claim_ms = match self.store.claim(&key).await? {
+        let what = mongodb::bson::doc! {
+            "letter_id": letter.id, "address": address, "kind": event.kind.as_str(), "source": event.source.as_str(),
+        };
+        let claim_ms = match self.store.claim(&key, what).await? {
             Claim::Ours(claim_ms) => claim_ms,
             Claim::Published => {
                 self.metrics.feedback_duplicates.inc();

@@ -1,6 +1,7 @@
 //! Every MongoDB operation of the feedback loop, in one place (issue 18 moves stores under
 //! `src/store/`; this file goes there as it is):
-//! - `<MONGODB_COLLECTION>_feedback`: one document per event, `_id` the event's key, written
+//! - `<MONGODB_COLLECTION>_feedback`: one document per event (`_id` its key; its letter, address,
+//!   kind and source), written
 //!   before the event is published and marked published after the broker's acknowledgement, so a
 //!   repeated report (an MTA retrying after a lost 250, a DSN and later a webhook for the same
 //!   bounce) publishes nothing new, and a publication that failed is taken over by the retry;
@@ -66,9 +67,13 @@ impl FeedbackStore {
 
     /// Records the event's key (the first report inserts it), or takes over one whose publisher
     /// failed or died.
-    pub async fn claim(&self, key: &str) -> anyhow::Result<Claim> {
+    /// `what` describes the event (its letter, address, kind and source), stored beside the key
+    /// so the events can be counted by kind over time.
+    pub async fn claim(&self, key: &str, what: Document) -> anyhow::Result<Claim> {
         let now = now_ms();
-        match self.events.insert_one(doc! { "_id": key, "published": 0, "claim_ms": now, "time_ms": now }).await {
+        let mut record = doc! { "_id": key, "published": 0, "claim_ms": now, "time_ms": now };
+        record.extend(what);
+        match self.events.insert_one(record).await {
             Ok(_) => return Ok(Claim::Ours(now)),
             Err(error) if !is_duplicate(&error) => return Err(error).context("recording a feedback event"),
             Err(_) => {}
