@@ -1,10 +1,10 @@
 //! Every MongoDB operation of the feedback loop, in one place (issue 18 moves stores under
 //! `src/store/`; this file goes there as it is):
 //! - `<MONGODB_COLLECTION>_feedback`: one document per event (`_id` its key; its letter, address,
-//!   kind and source), written
-//!   before the event is published and marked published after the broker's acknowledgement, so a
-//!   repeated report (an MTA retrying after a lost 250, a DSN and later a webhook for the same
-//!   bounce) publishes nothing new, and a publication that failed is taken over by the retry;
+//!   kind and source), written before the event is published and marked published after the
+//!   broker's acknowledgement, so a repeated report (an MTA retrying after a lost 250, a DSN and
+//!   later a webhook for the same bounce) publishes nothing new, and a publication that failed is
+//!   taken over by the retry;
 //! - the letter: the event's [`FeedbackNote`] in its `feedback` document, under the event's key;
 //! - `<MONGODB_COLLECTION>_feedback_unparsed`: the messages the listener took but could not use
 //!   (not a report, cut off, an unknown letter), kept whole with the reason.
