@@ -404,7 +404,7 @@ impl Worker {
                 Ok(connection) => {
                     transaction::send(
                         connection,
-                        ctx.from.email.as_ref(),
+                        &ctx.composer.envelope_sender(&lease.1),
                         &chunk,
                         message,
                         &ctx.smtp.timeouts,
