@@ -1,0 +1,147 @@
+//! The store: every MongoDB operation the service performs, each batched, through one handle
+//! (the client, command counting, the error classifier, the server's clock).
+//!
+//! The Mongo-wire server we test on answers about 90 single-document claims per second, so no
+//! per-letter query is allowed on the common path: letters are inserted in batches, claimed in
+//! batches (find ids, update them to `processing` under a claim token, read back what this claim
+//! won), and outcomes are written as one multi-statement `update` command per batch.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use mongodb::{
+    Client, Collection, Database,
+    bson::{Document, doc},
+    error::{ErrorKind, WriteFailure},
+    options::{ClientOptions, Credential, ServerAddress},
+};
+use secrecy::ExposeSecret;
+
+use crate::{
+    config::{MongoConfig, MongoTarget},
+    metrics::{CommandLabel, Metrics},
+    model::Letter,
+};
+
+mod batches;
+mod letters;
+mod locks;
+mod retention;
+
+pub use batches::{BatchKey, BatchProgress, CANCELLED};
+pub use letters::{ClaimLimit, DeadLetterRecord, InsertReport, UNKNOWN_SIZE, Unstorable};
+
+const DUPLICATE_KEY: i32 = 11000;
+
+#[derive(Clone)]
+pub struct Store {
+    db: Database,
+    letters: Collection<Letter>,
+    /// Named leases for work only one replica should do at a time (retention).
+    locks: Collection<Document>,
+    /// Kafka messages that could be neither processed nor written to the dead-letter topic.
+    dead_letters: Collection<Document>,
+    /// MongoDB's clock minus this host's, in milliseconds.
+    clock_offset_ms: Arc<AtomicI64>,
+    metrics: Arc<Metrics>,
+}
+
+impl Store {
+    /// Counts a round trip. Counted here rather than through the driver's command events, which
+    /// copy every command and reply (a 500-letter insert included) just to report it.
+    fn count(&self, command: &'static str, round_trips: u64) {
+        self.metrics.mongo_commands.get_or_create(&CommandLabel { command: command.to_owned() }).inc_by(round_trips);
+    }
+
+    pub async fn connect(config: &MongoConfig, metrics: Arc<Metrics>) -> anyhow::Result<Store> {
+        let mut options = match &config.target {
+            MongoTarget::Uri(uri) => {
+                ClientOptions::parse(uri.expose_secret()).await.context("MONGO_LOCAL is not a usable MongoDB URI")?
+            }
+            MongoTarget::Host { host, port, username, password } => ClientOptions::builder()
+                .hosts(vec![ServerAddress::Tcp { host: host.clone(), port: Some(*port) }])
+                .credential(
+                    Credential::builder()
+                        .username(username.clone())
+                        .password(password.expose_secret().to_owned())
+                        .build(),
+                )
+                .build(),
+        };
+        // Fail fast so the stages' own retry loops (and readiness) see an outage within seconds.
+        options.server_selection_timeout.get_or_insert(Duration::from_secs(5));
+        options.connect_timeout.get_or_insert(Duration::from_secs(5));
+        options.app_name.get_or_insert_with(|| "mailsender".to_owned());
+        let client = Client::with_options(options).context("building the MongoDB client")?;
+        let db = client.database(&config.database);
+        let letters = db.collection::<Letter>(&config.collection);
+        let locks = db.collection::<Document>(&format!("{}_locks", config.collection));
+        let dead_letters = db.collection::<Document>(&format!("{}_dead_letters", config.collection));
+        Ok(Store { db, letters, locks, dead_letters, clock_offset_ms: Arc::default(), metrics })
+    }
+
+    /// The time by MongoDB's clock, as last measured: every time compared across replicas (lease
+    /// expiry, due times) uses it, so pods whose clocks disagree still agree on when a lease ends.
+    pub fn now_ms(&self) -> i64 {
+        crate::model::now_ms() + self.clock_offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// Measures the offset to MongoDB's clock (`hello`'s `localTime`), to within half a round
+    /// trip. Run at start and with every lease renewal, so a clock that drifts is followed.
+    pub async fn sync_clock(&self) -> anyhow::Result<i64> {
+        self.count("hello", 1);
+        let before = crate::model::now_ms();
+        let reply = self.db.run_command(doc! { "hello": 1 }).await.context("MongoDB hello")?;
+        let after = crate::model::now_ms();
+        let server = reply.get_datetime("localTime").context("MongoDB hello without localTime")?.timestamp_millis();
+        let offset = server - (before + after) / 2;
+        let previous = self.clock_offset_ms.swap(offset, Ordering::Relaxed);
+        self.metrics.clock_offset.set(offset as f64 / 1000.0);
+        if (offset - previous).abs() > 1000 || (previous == 0 && offset.abs() > 1000) {
+            tracing::warn!(
+                offset_ms = offset,
+                round_trip_ms = after - before,
+                "this host's clock differs from MongoDB's; lease times follow MongoDB's"
+            );
+        }
+        Ok(offset)
+    }
+
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        self.count("ping", 1);
+        self.db.run_command(doc! { "ping": 1 }).await.context("MongoDB ping")?;
+        Ok(())
+    }
+
+    /// Creates the indexes and brings documents written by the Go service into the shape the
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    pub fn collection(&self) -> &Collection<Letter> {
+        &self.letters
+    }
+}
+
+pub(crate) fn is_duplicate(error: &mongodb::error::Error) -> bool {
+    matches!(error.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY)
+}
+
+/// Whether an error means MongoDB is unreachable (worth waiting for) rather than a bug.
+pub fn is_unavailable(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.downcast_ref::<mongodb::error::Error>().is_some_and(|e| {
+            matches!(
+                e.kind.as_ref(),
+                ErrorKind::ServerSelection { .. } | ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. }
+            ) || matches!(e.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteConcernError(_)))
+        })
+    })
+}
