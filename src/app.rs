@@ -18,7 +18,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    budget::{Budget, MongoLedger, Plan},
+    budget::{Budget, Plan},
     config::Config,
     control::Control,
     deliverability::{Composer, suppression::Suppressions, topic::SuppressionTopic, unsubscribe::Signer},
@@ -94,7 +94,7 @@ impl App {
         }
         // Read before anything is claimed: a replica started while the deployment is paused
         // must not send a single letter.
-        let control = Control::new(store.database(), &config.mongo.collection, metrics.clone());
+        let control = Control::new(&store, metrics.clone());
         retry_at_start("reading the control document", || async { control.load().await.map(|_| ()) }).await?;
         let producer = kafka::producer(&config.kafka, metrics.clone())?;
         let consumer = Arc::new(kafka::consumer(&config.kafka, metrics.clone())?);
@@ -120,11 +120,7 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let App { config, store, producer, consumer, listener, metrics, deliverability, control } = self;
         let Deliverability { composer, public_listener, suppression_consumer } = deliverability;
-        let suppressions = Suppressions::new(
-            store.database(),
-            &config.mongo.collection,
-            config.deliverability.suppress_after_hard_bounces,
-        );
+        let suppressions = Suppressions::new(&store, config.deliverability.suppress_after_hard_bounces);
         // One owner per process start: a restarted process (same INSTANCE_ID) must not renew the
         // leases of letters its killed predecessor claimed; they expire and are reaped.
         let owner = format!("{}-{}", config.instance_id, &uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -135,11 +131,7 @@ impl App {
         let background = CancellationToken::new();
 
         // One budget for every replica, in the letters' database (see `crate::budget`).
-        let budget = Arc::new(Budget::new(
-            Plan::new(&config.smtp),
-            Arc::new(MongoLedger::beside(store.collection(), metrics.clone())),
-            metrics.clone(),
-        ));
+        let budget = Arc::new(Budget::new(Plan::new(&config.smtp), Arc::new(store.ledger()), metrics.clone()));
         tracing::info!(
             budget = %budget.plan().rate_label,
             quotas = %config.smtp.quotas.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
@@ -147,7 +139,7 @@ impl App {
             paced_per_s = budget.plan().rate(),
             "sending budget shared through MongoDB"
         );
-        let posts = http::PostDoor::new(&config, store.database(), metrics.clone())?;
+        let posts = http::PostDoor::new(&config, &store, metrics.clone())?;
         retry_at_start("preparing the Idempotency-Key collection", || posts.keys.prepare()).await?;
         // Before the HTTP state, whose readiness shows the relays' breakers.
         let mut send_context = SendContext {
@@ -209,7 +201,7 @@ impl App {
                     producer: producer.clone(),
                     topic: config.deliverability.topic_unsubscribed.clone(),
                     store: store.clone(),
-                    events: store.database().collection(&format!("{}_unsubscribed", config.mongo.collection)),
+                    events: store.unsubscribed(),
                     publish_lease: config.kafka.message_timeout + Duration::from_secs(10),
                 });
                 tracing::info!(addr = %listener.local_addr()?, "one-click unsubscribe endpoint listening");

@@ -46,7 +46,7 @@ mod schedule;
 #[cfg(test)]
 mod sim;
 
-pub use ledger::{Ledger, MemoryLedger, MongoLedger};
+pub use ledger::{Ledger, MemoryLedger};
 use pool::{Pool, Taken};
 pub use schedule::{Decision, LooseGrant, Placed, Plan, QuotaPlan, Run, State, decide, usage};
 

@@ -93,6 +93,7 @@ const RENEW_CHUNK: usize = 10_000;
 const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
 
 impl Store {
+    /// Creates the indexes and brings documents written by the Go service into the shape the
     /// claim queries expect. Safe to run on every start and from several replicas at once.
     pub async fn prepare(&self, lease: Duration) -> anyhow::Result<()> {
         let indexes = [

@@ -30,12 +30,22 @@ use crate::{
 };
 
 mod batches;
+mod control;
+mod idempotency;
+mod ledger;
 mod letters;
 mod locks;
 mod retention;
+mod suppressions;
+mod unsubscribed;
 
 pub use batches::{BatchKey, BatchProgress, CANCELLED};
+pub use control::{ControlState, ControlStore};
+pub use idempotency::IdempotencyKeys;
+pub use ledger::MongoLedger;
 pub use letters::{ClaimLimit, DeadLetterRecord, InsertReport, UNKNOWN_SIZE, Unstorable};
+pub use suppressions::{LOOKUP_CHUNK_BYTES, SuppressionStore};
+pub use unsubscribed::{EventClaim, UnsubscribedEvents};
 
 const DUPLICATE_KEY: i32 = 11000;
 
@@ -113,25 +123,53 @@ impl Store {
         Ok(offset)
     }
 
+    /// The collection `<letters collection>_<suffix>`, beside the letters in their database.
+    fn collection<T: Send + Sync>(&self, suffix: &str) -> Collection<T> {
+        self.db.collection(&format!("{}_{suffix}", self.letters.name()))
+    }
+
+    /// The control documents (pause, cancelled batches).
+    pub fn control(&self) -> ControlStore {
+        ControlStore::new(self)
+    }
+
+    /// The suppression list and the hard-bounce counts.
+    pub fn suppressions(&self) -> SuppressionStore {
+        SuppressionStore::new(self)
+    }
+
+    /// The one-click endpoint's published events.
+    pub fn unsubscribed(&self) -> UnsubscribedEvents {
+        UnsubscribedEvents::new(self)
+    }
+
+    /// The sending budget's document.
+    pub fn ledger(&self) -> MongoLedger {
+        MongoLedger::new(self)
+    }
+
+    /// MongoDB's clock now (`hello`'s `localTime`), in Unix milliseconds: one reading.
+    async fn server_time(&self) -> anyhow::Result<i64> {
+        self.count("hello", 1);
+        let reply = self.db.run_command(doc! { "hello": 1 }).await.context("MongoDB hello")?;
+        Ok(reply.get_datetime("localTime").context("MongoDB hello without localTime")?.timestamp_millis())
+    }
+
     pub async fn ping(&self) -> anyhow::Result<()> {
         self.count("ping", 1);
         self.db.run_command(doc! { "ping": 1 }).await.context("MongoDB ping")?;
         Ok(())
     }
-
-    /// Creates the indexes and brings documents written by the Go service into the shape the
-
-    pub fn database(&self) -> &Database {
-        &self.db
-    }
-
-    pub fn collection(&self) -> &Collection<Letter> {
-        &self.letters
-    }
 }
 
-pub(crate) fn is_duplicate(error: &mongodb::error::Error) -> bool {
-    matches!(error.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY)
+/// Whether MongoDB refused a write as a duplicate key: as a write error (insert, update), or as a
+/// command error (`findAndModify`'s upsert losing a race).
+fn is_duplicate(error: &mongodb::error::Error) -> bool {
+    match error.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == DUPLICATE_KEY,
+        ErrorKind::Command(e) => e.code == DUPLICATE_KEY,
+        _ => false,
+    }
 }
 
 /// Whether an error means MongoDB is unreachable (worth waiting for) rather than a bug.
