@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     budget::{Budget, Plan},
+    clock::Clock,
     config::Config,
     control::Control,
     deliverability::{Composer, suppression::Suppressions, topic::SuppressionTopic, unsubscribe::Signer},
@@ -72,15 +73,15 @@ impl App {
             "starting mailsender"
         );
         // Test hook: `MAILSENDER_FAULT_INJECTION=clock_skew_ms:N` sets this host's clock N ms off.
+        let mut skew_ms = 0;
         if let Some(skew) = config.fault_injection.as_deref().and_then(|i| i.strip_prefix("clock_skew_ms:")) {
-            let skew: i64 = skew.parse().context("MAILSENDER_FAULT_INJECTION clock_skew_ms: not a number")?;
-            tracing::warn!(skew_ms = skew, "test hook: this process's wall clock is skewed");
-            crate::model::inject_clock_skew(skew);
+            skew_ms = skew.parse().context("MAILSENDER_FAULT_INJECTION clock_skew_ms: not a number")?;
+            tracing::warn!(skew_ms, "test hook: this process's wall clock is skewed");
         }
         // First, so a bad DKIM key stops the start before anything is connected.
         let composer = Arc::new(Composer::new(config.smtp.from.clone(), &config.deliverability)?);
         let metrics = Arc::new(Metrics::new());
-        let store = Store::connect(&config.mongo, metrics.clone()).await?;
+        let store = Store::connect(&config.mongo, Clock::host(skew_ms), metrics.clone()).await?;
         retry_at_start("preparing MongoDB", || store.prepare(config.dispatch.lease)).await?;
         if config.kafka.create_topics {
             let topics = [
@@ -131,7 +132,12 @@ impl App {
         let background = CancellationToken::new();
 
         // One budget for every replica, in the letters' database (see `crate::budget`).
-        let budget = Arc::new(Budget::new(Plan::new(&config.smtp), Arc::new(store.ledger()), metrics.clone()));
+        let budget = Arc::new(Budget::with_clock(
+            Plan::new(&config.smtp),
+            Arc::new(store.ledger()),
+            store.clock().clone(),
+            metrics.clone(),
+        ));
         tracing::info!(
             budget = %budget.plan().rate_label,
             quotas = %config.smtp.quotas.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),

@@ -26,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::store::ControlState;
 use crate::{
+    clock::Clock,
     metrics::Metrics,
-    model::{Letter, now_ms},
+    model::Letter,
     store::{BatchKey, ControlStore, Store},
 };
 
@@ -119,6 +120,7 @@ impl CancelProbe {
 #[derive(Clone)]
 pub struct Control {
     documents: ControlStore,
+    clock: Clock,
     /// Read by the workers before every send, without waiting.
     flag: Arc<AtomicBool>,
     /// For the dispatcher to sleep until resumed.
@@ -131,6 +133,7 @@ impl Control {
     pub fn new(store: &Store, metrics: Arc<Metrics>) -> Control {
         Control {
             documents: store.control(),
+            clock: store.clock().clone(),
             flag: Arc::default(),
             state: Arc::new(watch::Sender::new(false)),
             cancels: Cancels::default(),
@@ -172,7 +175,7 @@ impl Control {
     /// to this replica.
     pub async fn load(&self) -> anyhow::Result<ControlState> {
         let started = Instant::now();
-        let since = now_ms() - CANCEL_MEMORY_MS;
+        let since = self.clock.now_ms() - CANCEL_MEMORY_MS;
         let (state, cancelled) = self.documents.read(since).await?;
         self.apply(state.paused);
         self.cancels.replace(cancelled, started);

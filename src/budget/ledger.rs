@@ -9,7 +9,8 @@ use std::{
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
-use super::{State, local_ms};
+use super::State;
+use crate::clock::host_ms;
 
 /// Where the state is kept: MongoDB in production, memory in unit tests.
 pub trait Ledger: Send + Sync {
@@ -36,7 +37,7 @@ pub struct MemoryLedger {
 
 impl MemoryLedger {
     pub fn new() -> MemoryLedger {
-        let ledger = MemoryLedger { origin_ms: local_ms(), ..Default::default() };
+        let ledger = MemoryLedger { origin_ms: host_ms(), ..Default::default() };
         let _ = ledger.started.set(Instant::now());
         ledger
     }

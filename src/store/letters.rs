@@ -96,6 +96,8 @@ impl Store {
     /// Creates the indexes and brings documents written by the Go service into the shape the
     /// claim queries expect. Safe to run on every start and from several replicas at once.
     pub async fn prepare(&self, lease: Duration) -> anyhow::Result<()> {
+        // First: nothing may be decided on this host's clock (a lease, a due time, a grant).
+        self.sync_clock().await?;
         let indexes = [
             IndexModel::builder()
                 .keys(doc! { "source": 1 })
@@ -112,7 +114,6 @@ impl Store {
         self.adopt_legacy().await?;
         // Go-era `processing` letters have no owner that could ever release them: give them a
         // lease that expires, so the reaper returns them to `awaiting`.
-        self.sync_clock().await?;
         let expiry = self.now_ms() + lease.as_millis() as i64;
         self.letters
             .update_many(

@@ -6,13 +6,7 @@
 //! batches (find ids, update them to `processing` under a claim token, read back what this claim
 //! won), and outcomes are written as one multi-statement `update` command per batch.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicI64, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use mongodb::{
@@ -24,6 +18,7 @@ use mongodb::{
 use secrecy::ExposeSecret;
 
 use crate::{
+    clock::{Clock, FIRST_READINGS},
     config::{MongoConfig, MongoTarget},
     metrics::{CommandLabel, Metrics},
     model::Letter,
@@ -57,8 +52,8 @@ pub struct Store {
     locks: Collection<Document>,
     /// Kafka messages that could be neither processed nor written to the dead-letter topic.
     dead_letters: Collection<Document>,
-    /// MongoDB's clock minus this host's, in milliseconds.
-    clock_offset_ms: Arc<AtomicI64>,
+    /// The process's one clock, MongoDB's as measured from here.
+    clock: Clock,
     metrics: Arc<Metrics>,
 }
 
@@ -69,7 +64,8 @@ impl Store {
         self.metrics.mongo_commands.get_or_create(&CommandLabel { command: command.to_owned() }).inc_by(round_trips);
     }
 
-    pub async fn connect(config: &MongoConfig, metrics: Arc<Metrics>) -> anyhow::Result<Store> {
+    /// A client for `config`'s database, on `clock`, which [`Store::sync_clock`] measures.
+    pub async fn connect(config: &MongoConfig, clock: Clock, metrics: Arc<Metrics>) -> anyhow::Result<Store> {
         let mut options = match &config.target {
             MongoTarget::Uri(uri) => {
                 ClientOptions::parse(uri.expose_secret()).await.context("MONGO_LOCAL is not a usable MongoDB URI")?
@@ -93,30 +89,32 @@ impl Store {
         let letters = db.collection::<Letter>(&config.collection);
         let locks = db.collection::<Document>(&format!("{}_locks", config.collection));
         let dead_letters = db.collection::<Document>(&format!("{}_dead_letters", config.collection));
-        Ok(Store { db, letters, locks, dead_letters, clock_offset_ms: Arc::default(), metrics })
+        Ok(Store { db, letters, locks, dead_letters, clock, metrics })
     }
 
     /// The time by MongoDB's clock, as last measured: every time compared across replicas (lease
     /// expiry, due times) uses it, so pods whose clocks disagree still agree on when a lease ends.
     pub fn now_ms(&self) -> i64 {
-        crate::model::now_ms() + self.clock_offset_ms.load(Ordering::Relaxed)
+        self.clock.now_ms()
     }
 
-    /// Measures the offset to MongoDB's clock (`hello`'s `localTime`), to within half a round
-    /// trip. Run at start and with every lease renewal, so a clock that drifts is followed.
+    /// The process's one clock, for the readers that are not stores (the budget, the workers).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Measures MongoDB's clock (`hello`'s `localTime`), to within half a round trip: the
+    /// shortest of [`FIRST_READINGS`] the first time, one reading after that. Run at start, before
+    /// anything is decided with the clock, and with every lease renewal, so a clock that drifts
+    /// is followed. Returns MongoDB's clock minus this host's, in milliseconds.
     pub async fn sync_clock(&self) -> anyhow::Result<i64> {
-        self.count("hello", 1);
-        let before = crate::model::now_ms();
-        let reply = self.db.run_command(doc! { "hello": 1 }).await.context("MongoDB hello")?;
-        let after = crate::model::now_ms();
-        let server = reply.get_datetime("localTime").context("MongoDB hello without localTime")?.timestamp_millis();
-        let offset = server - (before + after) / 2;
-        let previous = self.clock_offset_ms.swap(offset, Ordering::Relaxed);
+        let readings = if self.clock.is_measured() { 1 } else { FIRST_READINGS };
+        let moved = self.clock.measure(readings, || self.server_time()).await?;
+        let offset = self.clock.offset_ms();
         self.metrics.clock_offset.set(offset as f64 / 1000.0);
-        if (offset - previous).abs() > 1000 || (previous == 0 && offset.abs() > 1000) {
+        if moved.abs() > 1000 {
             tracing::warn!(
                 offset_ms = offset,
-                round_trip_ms = after - before,
                 "this host's clock differs from MongoDB's; lease times follow MongoDB's"
             );
         }
