@@ -69,14 +69,15 @@ impl Reading {
     }
 
     /// The server's clock read `server_ms` (truncated to the millisecond) between `sent` and
-    /// `received`: moves this reading when it is off by more than that uncertainty. A host clock
-    /// in step with the server's is better than a reading truncated to the millisecond.
-    fn observe(&mut self, server_ms: i64, sent: Instant, received: Instant) {
+    /// `received`: moves this reading when it is off by more than that uncertainty and `slack`.
+    /// A host clock in step with the server's is better than a reading truncated to the
+    /// millisecond.
+    fn observe(&mut self, server_ms: i64, sent: Instant, received: Instant, slack: Duration) {
         let middle = sent + received.duration_since(sent) / 2;
         let observed = server_ms * 1_000_000 + 500_000;
         let error = observed - self.at_ns(middle);
         let uncertainty = received.duration_since(sent).as_nanos() as i64 / 2 + 1_000_000;
-        if error.abs() > uncertainty {
+        if error.abs() > uncertainty + slack.as_nanos() as i64 {
             self.base_ns += error;
         }
     }
@@ -160,14 +161,15 @@ impl Clock {
     /// The server's clock read `server_ms` between `sent` and `received` (a write it stamped):
     /// moves the clock when it is off by more than that reading's uncertainty.
     pub fn observe(&self, server_ms: i64, sent: Instant, received: Instant) {
-        self.lock().observe(server_ms, sent, received);
+        self.lock().observe(server_ms, sent, received, Duration::ZERO);
     }
 
     /// Reads the server's clock `readings` times with `read` and follows the reading with the
-    /// shortest round trip: its uncertainty is what two replicas' ideas of the server's clock may
-    /// differ by, and that comes out of the budget's guard (seen: 5 ms apart from single
-    /// readings, 21 dots in a second). Returns by how much the clock moved, in milliseconds.
-    pub async fn measure<F, Fut>(&self, readings: usize, mut read: F) -> anyhow::Result<i64>
+    /// shortest round trip, when the clock is off by more than its uncertainty and `slack`: the
+    /// uncertainty is what two replicas' ideas of the server's clock may differ by, and that comes
+    /// out of the budget's guard (seen: 5 ms apart from single readings, 21 dots in a second).
+    /// Returns by how much the clock moved, in milliseconds.
+    pub async fn measure<F, Fut>(&self, readings: usize, slack: Duration, mut read: F) -> anyhow::Result<i64>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = anyhow::Result<i64>>,
@@ -185,7 +187,7 @@ impl Clock {
         let moved_ns = {
             let mut reading = self.lock();
             let before = reading.at_ns(received);
-            reading.observe(server_ms, sent, received);
+            reading.observe(server_ms, sent, received, slack);
             reading.at_ns(received) - before
         };
         self.inner.measured.store(true, Ordering::Release);
@@ -219,7 +221,7 @@ mod tests {
         let server_ms = host_ns() / 1_000_000;
         let mut calls = 0;
         let moved = ahead
-            .measure(5, || {
+            .measure(5, Duration::ZERO, || {
                 calls += 1;
                 async move {
                     tokio::time::sleep(Duration::from_millis(2)).await;

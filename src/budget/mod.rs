@@ -139,6 +139,8 @@ pub struct Budget {
     /// would write its first grant minutes into the server's future, and every replica would
     /// wait for it).
     clock: Clock,
+    /// This budget measured the clock before its first decision.
+    clock_measured: AtomicBool,
     waiting: AtomicUsize,
     available: AtomicBool,
     /// Recent slowest preparation of a transaction, in nanoseconds (see [`LEAD`]).
@@ -167,6 +169,7 @@ impl Budget {
             refilling: AtomicBool::new(false),
             running_out: AtomicBool::new(false),
             clock,
+            clock_measured: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             available: AtomicBool::new(true),
             preparation_ns: AtomicI64::new(LEAD.as_nanos() as i64 * 2 / 3),
@@ -426,16 +429,20 @@ impl Budget {
         }
     }
 
-    /// Reads the server's clock, once, before the first decision, unless it was measured already
-    /// (the service's is, at start).
+    /// Reads the server's clock, once, right before the first decision. The service's clock was
+    /// measured at start already, so nothing before was decided on this host's; measured again
+    /// here, when the process is no longer busy starting, the readings are shorter and the
+    /// replicas' clocks closer (what they differ by comes out of the guard).
     async fn measure_clock(&self) -> anyhow::Result<()> {
-        if self.clock.is_measured() {
+        if self.clock_measured.load(Ordering::Acquire) {
             return Ok(());
         }
-        let offset_ms = self.clock.measure(crate::clock::FIRST_READINGS, || self.ledger.server_time()).await?;
+        let readings = crate::clock::FIRST_READINGS;
+        let offset_ms = self.clock.measure(readings, Duration::ZERO, || self.ledger.server_time()).await?;
         if offset_ms.abs() > 1_000 {
             tracing::warn!(offset_ms, "this host's clock differs from MongoDB's; the sending budget follows MongoDB's");
         }
+        self.clock_measured.store(true, Ordering::Release);
         Ok(())
     }
 

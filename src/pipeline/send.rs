@@ -376,7 +376,7 @@ impl Worker {
                         // records it (the benchmark does).
                         tracing::trace!(
                             target: "mailsender::dot",
-                            at_unix_us = budget.clock().now_ns() / 1_000,
+                            at_unix_us = budget.clock().host_ns() / 1_000,
                             late_us = late.as_micros() as u64,
                             units = ticket.units,
                             "final dot"

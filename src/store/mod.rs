@@ -44,6 +44,11 @@ pub use unsubscribed::{EventClaim, UnsubscribedEvents};
 
 const DUPLICATE_KEY: i32 = 11000;
 
+/// A lease renewal's single reading of MongoDB's clock moves the clock only when it is off by
+/// this much more than the reading's uncertainty: leases need no better, and a slow reading must
+/// not undo the budget's finer one (the shortest of several, and every budget write's stamp).
+const DRIFT_SLACK: Duration = Duration::from_millis(25);
+
 #[derive(Clone)]
 pub struct Store {
     db: Database,
@@ -108,8 +113,11 @@ impl Store {
     /// anything is decided with the clock, and with every lease renewal, so a clock that drifts
     /// is followed. Returns MongoDB's clock minus this host's, in milliseconds.
     pub async fn sync_clock(&self) -> anyhow::Result<i64> {
-        let readings = if self.clock.is_measured() { 1 } else { FIRST_READINGS };
-        let moved = self.clock.measure(readings, || self.server_time()).await?;
+        let (readings, slack) = match self.clock.is_measured() {
+            false => (FIRST_READINGS, Duration::ZERO),
+            true => (1, DRIFT_SLACK),
+        };
+        let moved = self.clock.measure(readings, slack, || self.server_time()).await?;
         let offset = self.clock.offset_ms();
         self.metrics.clock_offset.set(offset as f64 / 1000.0);
         if moved.abs() > 1000 {
