@@ -227,7 +227,7 @@ impl Store {
             "topic": dead.topic, "partition": dead.partition, "offset": dead.offset,
             "reason": dead.reason, "dlq_error": dead.dlq_error,
             "payload": payload, "size": dead.payload.len() as i64, "truncated": i32::from(keep < dead.payload.len()),
-            "created_at": mongodb::bson::DateTime::now(),
+            "created_at": mongodb::bson::DateTime::from_millis(self.now_ms()),
         };
         if let Some(key) = dead.key {
             use base64::Engine;
