@@ -157,8 +157,8 @@ impl Budget {
         Budget::with_clock(plan, ledger, Clock::default(), metrics)
     }
 
-    /// The budget on the process's clock (see [`crate::clock`]); measured through the ledger
-    /// before the first decision unless it is already.
+    /// The budget on the process's clock (see [`crate::clock`]), which it measures again through
+    /// the ledger right before its first decision.
     pub fn with_clock(plan: Plan, ledger: Arc<dyn Ledger>, clock: Clock, metrics: Arc<Metrics>) -> Budget {
         metrics.budget_available.set(1);
         Budget {
