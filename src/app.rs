@@ -18,7 +18,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    budget::{Budget, MongoLedger, Plan},
+    budget::{Budget, Plan},
+    clock::Clock,
     config::Config,
     control::Control,
     deliverability::{Composer, suppression::Suppressions, topic::SuppressionTopic, unsubscribe::Signer},
@@ -74,10 +75,10 @@ impl App {
             "starting mailsender"
         );
         // Test hook: `MAILSENDER_FAULT_INJECTION=clock_skew_ms:N` sets this host's clock N ms off.
+        let mut skew_ms = 0;
         if let Some(skew) = config.fault_injection.as_deref().and_then(|i| i.strip_prefix("clock_skew_ms:")) {
-            let skew: i64 = skew.parse().context("MAILSENDER_FAULT_INJECTION clock_skew_ms: not a number")?;
-            tracing::warn!(skew_ms = skew, "test hook: this process's wall clock is skewed");
-            crate::model::inject_clock_skew(skew);
+            skew_ms = skew.parse().context("MAILSENDER_FAULT_INJECTION clock_skew_ms: not a number")?;
+            tracing::warn!(skew_ms, "test hook: this process's wall clock is skewed");
         }
         // First, so a bad DKIM key stops the start before anything is connected.
         let composer = Arc::new(
@@ -85,7 +86,7 @@ impl App {
                 .with_return_path(crate::feedback::return_path::ReturnPath::from_config(&config.feedback)),
         );
         let metrics = Arc::new(Metrics::new());
-        let store = Store::connect(&config.mongo, metrics.clone()).await?;
+        let store = Store::connect(&config.mongo, Clock::host(skew_ms), metrics.clone()).await?;
         retry_at_start("preparing MongoDB", || store.prepare(config.dispatch.lease)).await?;
         if config.kafka.create_topics {
             let topics = [
@@ -101,7 +102,7 @@ impl App {
         }
         // Read before anything is claimed: a replica started while the deployment is paused
         // must not send a single letter.
-        let control = Control::new(store.database(), &config.mongo.collection, metrics.clone());
+        let control = Control::new(&store, metrics.clone());
         retry_at_start("reading the control document", || async { control.load().await.map(|_| ()) }).await?;
         let producer = kafka::producer(&config.kafka, metrics.clone())?;
         let consumer = Arc::new(kafka::consumer(&config.kafka, metrics.clone())?);
@@ -128,11 +129,7 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let App { config, store, producer, consumer, listener, metrics, deliverability, control } = self;
         let Deliverability { composer, public_listener, suppression_consumer, feedback_listener } = deliverability;
-        let suppressions = Suppressions::new(
-            store.database(),
-            &config.mongo.collection,
-            config.deliverability.suppress_after_hard_bounces,
-        );
+        let suppressions = Suppressions::new(&store, config.deliverability.suppress_after_hard_bounces);
         // One owner per process start: a restarted process (same INSTANCE_ID) must not renew the
         // leases of letters its killed predecessor claimed; they expire and are reaped.
         let owner = format!("{}-{}", config.instance_id, &uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -143,9 +140,10 @@ impl App {
         let background = CancellationToken::new();
 
         // One budget for every replica, in the letters' database (see `crate::budget`).
-        let budget = Arc::new(Budget::new(
+        let budget = Arc::new(Budget::with_clock(
             Plan::new(&config.smtp),
-            Arc::new(MongoLedger::beside(store.collection(), metrics.clone())),
+            Arc::new(store.ledger()),
+            store.clock().clone(),
             metrics.clone(),
         ));
         tracing::info!(
@@ -155,7 +153,7 @@ impl App {
             paced_per_s = budget.plan().rate(),
             "sending budget shared through MongoDB"
         );
-        let posts = http::PostDoor::new(&config, store.database(), metrics.clone())?;
+        let posts = http::PostDoor::new(&config, &store, metrics.clone())?;
         retry_at_start("preparing the Idempotency-Key collection", || posts.keys.prepare()).await?;
         // Before the HTTP state, whose readiness shows the relays' breakers.
         let mut send_context = SendContext {
@@ -217,7 +215,7 @@ impl App {
                     producer: producer.clone(),
                     topic: config.deliverability.topic_unsubscribed.clone(),
                     store: store.clone(),
-                    events: store.database().collection(&format!("{}_unsubscribed", config.mongo.collection)),
+                    events: store.unsubscribed(),
                     publish_lease: config.kafka.message_timeout + Duration::from_secs(10),
                 });
                 tracing::info!(addr = %listener.local_addr()?, "one-click unsubscribe endpoint listening");
@@ -233,9 +231,17 @@ impl App {
         // Stops taking reports when shutdown starts; a session cut short answers 421 or 451,
         // and the sending MTA delivers its report again.
         if let Some(listener) = feedback_listener {
-            let (db, producer) = (store.database(), producer.clone());
             let (suppressions, metrics) = (suppressions.clone(), metrics.clone());
-            crate::feedback::listener::start(listener, &config, db, suppressions, producer, metrics, shutdown.clone());
+            let producer = producer.clone();
+            crate::feedback::listener::start(
+                listener,
+                &config,
+                &store,
+                suppressions,
+                producer,
+                metrics,
+                shutdown.clone(),
+            );
         }
 
         let mut ingest = tokio::spawn(

@@ -73,22 +73,13 @@ impl PostDoor {
     /// margin is for that and for the report's way back.
     const REPORT_MARGIN: Duration = Duration::from_secs(5);
 
-    pub fn new(
-        config: &crate::config::Config,
-        db: &mongodb::Database,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<PostDoor> {
+    pub fn new(config: &crate::config::Config, store: &Store, metrics: Arc<Metrics>) -> anyhow::Result<PostDoor> {
         let wait = config.http.post_timeout;
         Ok(PostDoor {
             producer: kafka::post_producer(&config.kafka, wait, metrics)?,
             wait,
             // A `pending` entry older than the longest wait belongs to a replica that stopped.
-            keys: IdempotencyKeys::new(
-                db,
-                &config.mongo.collection,
-                config.http.idempotency_window,
-                wait + Self::REPORT_MARGIN * 2,
-            ),
+            keys: IdempotencyKeys::new(store, config.http.idempotency_window, wait + Self::REPORT_MARGIN * 2),
         })
     }
 }

@@ -5,6 +5,7 @@
 pub mod address;
 pub mod app;
 pub mod budget;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod deliverability;

@@ -404,29 +404,6 @@ impl StatusMessage {
     }
 }
 
-/// The host's wall clock in Unix milliseconds. Lease times compare across replicas, so they use
-/// [`crate::store::Store::now_ms`], this corrected to MongoDB's clock.
-pub fn now_ms() -> i64 {
-    let host = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default();
-    host + CLOCK_SKEW_MS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Moves this process's wall clock, as if its host's clock were off: set only by the test hook
-/// `MAILSENDER_FAULT_INJECTION=clock_skew_ms:N`.
-static CLOCK_SKEW_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-
-pub fn inject_clock_skew(ms: i64) {
-    CLOCK_SKEW_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// The test hook's skew, for the other wall-clock reads of the process (the budget's).
-pub fn clock_skew_ms() -> i64 {
-    CLOCK_SKEW_MS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 fn is_zero(n: &i64) -> bool {
     *n == 0
 }

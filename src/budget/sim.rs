@@ -16,7 +16,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::{Budget, HOLD_MAX, Ledger, MemoryLedger, Plan, local_ns, schedule::tests::smtp};
+use super::{Budget, HOLD_MAX, Ledger, MemoryLedger, Plan, schedule::tests::smtp};
 use crate::{config::RateUnit, metrics::Metrics};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -98,9 +98,9 @@ pub async fn run(case: &Case) -> Seen {
     let mut replicas = Vec::new();
     for replica in 0..case.replicas {
         let offset_ms = case.offsets_ms[replica % case.offsets_ms.len()];
-        let host_ns = local_ns() + offset_ms * 1_000_000;
+        let clock = crate::clock::Clock::starting_at(crate::clock::host_ns() + offset_ms * 1_000_000);
         let ledger: Arc<dyn Ledger> = ledger.clone();
-        let budget = Arc::new(Budget::with_host_clock(plan.clone(), ledger, Arc::new(Metrics::new()), host_ns));
+        let budget = Arc::new(Budget::with_clock(plan.clone(), ledger, clock, Arc::new(Metrics::new())));
         let mut workers = Vec::new();
         for worker in 0..case.workers {
             let (budget, dots, case) = (budget.clone(), dots.clone(), case.clone());

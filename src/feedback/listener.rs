@@ -80,7 +80,7 @@ pub async fn bind(config: &crate::config::FeedbackConfig) -> anyhow::Result<Opti
 pub fn start(
     listener: TcpListener,
     config: &crate::config::Config,
-    db: &mongodb::Database,
+    store: &crate::store::Store,
     suppressions: crate::deliverability::suppression::Suppressions,
     producer: crate::kafka::StatusProducer,
     metrics: Arc<crate::metrics::Metrics>,
@@ -89,7 +89,7 @@ pub fn start(
     let return_paths = ReturnPath::from_config(&config.feedback)?;
     let publish_lease = config.kafka.message_timeout + Duration::from_secs(10);
     let feedback = Feedback {
-        store: super::store::FeedbackStore::new(db, &config.mongo.collection, publish_lease),
+        store: store.feedback(publish_lease),
         suppressions,
         producer,
         topic: config.feedback.topic.clone(),

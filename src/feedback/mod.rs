@@ -28,7 +28,6 @@
 pub mod listener;
 pub mod report;
 pub mod return_path;
-pub mod store;
 
 use std::{sync::Arc, time::Duration};
 
@@ -43,14 +42,14 @@ use crate::{
     deliverability::suppression::Suppressions,
     kafka::StatusProducer,
     metrics::Metrics,
-    model::{FeedbackNote, Letter, now_ms},
+    model::{FeedbackNote, Letter},
 };
 
 use self::{
     report::{Action, Body, RecipientStatus, Report},
     return_path::ReturnPath,
-    store::{Claim, FeedbackStore},
 };
+use crate::store::{FeedbackClaim as Claim, FeedbackStore};
 
 /// The suppression reason of a complaint (a hard bounce's is `suppression::HARD_BOUNCE`).
 pub const COMPLAINT: &str = "complaint";
@@ -297,7 +296,7 @@ impl Feedback {
             status: event.status.clone(),
             diagnostic: event.diagnostic.clone(),
             source: event.source.as_str().to_owned(),
-            time_ms: now_ms(),
+            time_ms: self.store.now_ms(),
             key: key.to_owned(),
         };
         self.store.note(letter.id, &note).await?;

@@ -1,5 +1,4 @@
-//! Every MongoDB operation of the feedback loop, in one place (issue 18 moves stores under
-//! `src/store/`; this file goes there as it is):
+//! Every MongoDB operation of the feedback loop:
 //! - `<MONGODB_COLLECTION>_feedback`: one document per event (`_id` its key; its letter, address,
 //!   kind and source), written before the event is published and marked published after the
 //!   broker's acknowledgement, so a repeated report (an MTA retrying after a lost 250, a DSN and
@@ -13,15 +12,16 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use mongodb::{
-    Collection, Database,
+    Collection,
     bson::{Binary, Document, doc, oid::ObjectId, spec::BinarySubtype},
-    error::{ErrorKind, WriteFailure},
 };
 
-use crate::model::{FeedbackNote, Letter, now_ms};
+use super::{Store, is_duplicate};
+use crate::model::{FeedbackNote, Letter};
 
 #[derive(Clone)]
 pub struct FeedbackStore {
+    store: Store,
     letters: Collection<Document>,
     events: Collection<Document>,
     unparsed: Collection<Document>,
@@ -42,11 +42,17 @@ pub enum Claim {
 }
 
 impl FeedbackStore {
-    pub fn new(db: &Database, collection: &str, publish_lease: Duration) -> FeedbackStore {
+    /// The time by the process's one clock.
+    pub fn now_ms(&self) -> i64 {
+        self.store.now_ms()
+    }
+
+    pub(super) fn new(store: &Store, publish_lease: Duration) -> FeedbackStore {
         FeedbackStore {
-            letters: db.collection(collection),
-            events: db.collection(&format!("{collection}_feedback")),
-            unparsed: db.collection(&format!("{collection}_feedback_unparsed")),
+            store: store.clone(),
+            letters: store.db.collection(store.letters.name()),
+            events: store.collection("feedback"),
+            unparsed: store.collection("feedback_unparsed"),
             publish_lease,
         }
     }
@@ -54,6 +60,7 @@ impl FeedbackStore {
     /// The letter without its body, or `None` when there is none (never sent by this
     /// deployment, or deleted past `LETTER_RETENTION`).
     pub async fn letter(&self, id: ObjectId) -> anyhow::Result<Option<Letter>> {
+        self.store.count("find", 1);
         let found = self
             .letters
             .find_one(doc! { "_id": id })
@@ -70,9 +77,10 @@ impl FeedbackStore {
     /// `what` describes the event (its letter, address, kind and source), stored beside the key
     /// so the events can be counted by kind over time.
     pub async fn claim(&self, key: &str, what: Document) -> anyhow::Result<Claim> {
-        let now = now_ms();
+        let now = self.store.now_ms();
         let mut record = doc! { "_id": key, "published": 0, "claim_ms": now, "time_ms": now };
         record.extend(what);
+        self.store.count("insert", 1);
         match self.events.insert_one(record).await {
             Ok(_) => return Ok(Claim::Ours(now)),
             Err(error) if !is_duplicate(&error) => return Err(error).context("recording a feedback event"),
@@ -80,6 +88,7 @@ impl FeedbackStore {
         }
         let lease_ms = i64::try_from(self.publish_lease.as_millis()).unwrap_or(i64::MAX);
         let stale = doc! { "_id": key, "published": 0, "claim_ms": { "$lt": now.saturating_sub(lease_ms) } };
+        self.store.count("findAndModify", 1);
         if self
             .events
             .find_one_and_update(stale, doc! { "$set": { "claim_ms": now } })
@@ -89,6 +98,7 @@ impl FeedbackStore {
         {
             return Ok(Claim::Ours(now));
         }
+        self.store.count("find", 1);
         let published = self
             .events
             .find_one(doc! { "_id": key })
@@ -104,10 +114,11 @@ impl FeedbackStore {
     /// The outcome of a claimed event's publication: published, or free for the next delivery.
     pub async fn settle(&self, key: &str, claim_ms: i64, published: bool) -> anyhow::Result<()> {
         let update = if published {
-            doc! { "$set": { "published": 1, "published_ms": now_ms() } }
+            doc! { "$set": { "published": 1, "published_ms": self.store.now_ms() } }
         } else {
             doc! { "$set": { "claim_ms": 0_i64 } }
         };
+        self.store.count("update", 1);
         self.events
             .update_one(doc! { "_id": key, "claim_ms": claim_ms }, update)
             .await
@@ -120,6 +131,7 @@ impl FeedbackStore {
     pub async fn note(&self, letter: ObjectId, note: &FeedbackNote) -> anyhow::Result<()> {
         let entry = mongodb::bson::to_document(note).context("encoding a feedback note")?;
         // Keys are URL-safe base64: no `.` or `$`, so each is a plain field name.
+        self.store.count("update", 1);
         self.letters
             .update_one(doc! { "_id": letter }, doc! { "$set": { format!("feedback.{}", note.key): entry } })
             .await
@@ -142,16 +154,13 @@ impl FeedbackStore {
             "rcpt": rcpt,
             "size": i64::try_from(raw.len()).unwrap_or(i64::MAX),
             "raw": Binary { subtype: BinarySubtype::Generic, bytes: raw.to_vec() },
-            "time_ms": now_ms(),
+            "time_ms": self.store.now_ms(),
         };
         if let Some(letter) = letter {
             document.insert("letter_id", letter);
         }
+        self.store.count("insert", 1);
         self.unparsed.insert_one(document).await.context("keeping an unparsed report")?;
         Ok(id)
     }
-}
-
-fn is_duplicate(error: &mongodb::error::Error) -> bool {
-    matches!(error.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == 11000)
 }
