@@ -284,7 +284,10 @@ impl Letter {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Sent,
+    /// Ended in error. `reason` is the text stored and published; `kind` is what the metrics
+    /// count, decided where the outcome is, so nothing reads the text back.
     Failed {
+        kind: FailureKind,
         reason: String,
     },
     /// Transient failure: back to `awaiting`, due again at `due_ms`.
@@ -295,6 +298,31 @@ pub enum Outcome {
     /// Not attempted (shutdown, or the lease could no longer be trusted): back to `awaiting`
     /// as it was, without counting an attempt.
     Released,
+}
+
+/// Why a letter ended in error, by class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The message, the sender or the letter was refused for good, or could not be made.
+    Permanent,
+    /// Every attempt allowed ended in a failure worth retrying.
+    AttemptsExhausted,
+    /// The server refused every recipient.
+    RecipientsRefused,
+    /// The operator cancelled the letter's batch.
+    Cancelled,
+}
+
+impl FailureKind {
+    /// The `reason` label of `letters_failed_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Permanent => "permanent",
+            FailureKind::AttemptsExhausted => "attempts_exhausted",
+            FailureKind::RecipientsRefused => "recipients_refused",
+            FailureKind::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// A letter's state after an attempt, written in one statement.

@@ -189,7 +189,7 @@ impl Report {
 fn final_status(record: &mut AttemptRecord) {
     match &record.outcome {
         Outcome::Sent => record.letter.status = Status::Sent,
-        Outcome::Failed { reason } => {
+        Outcome::Failed { reason, .. } => {
             record.letter.status = Status::Error;
             record.letter.error = Some(reason.clone());
         }

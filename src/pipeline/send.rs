@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use super::{
     dispatch::{Claimed, LeaseClock},
-    policy::{self, AttemptReport, Failure},
+    policy::{self, AttemptReport, Failure, Stop},
     rate_limit::RateLimit,
 };
 use crate::budget::{Budget, Ticket};
@@ -29,8 +29,8 @@ use crate::{
     address::Recipient,
     config::{DispatchConfig, SmtpConfig},
     metrics::Metrics,
-    model::{AttemptRecord, Letter, Outcome, Rejection, now_ms},
-    smtp::{self, Command, Connection, RcptResult, Reply, SmtpError, transaction},
+    model::{AttemptRecord, FailureKind, Letter, Outcome, now_ms},
+    smtp::{self, Command, Connection, Reply, SmtpError, transaction},
     store::CANCELLED,
 };
 
@@ -225,8 +225,11 @@ impl Worker {
                     tracing::warn!(letter_id = %claimed.letter.id, "lease no longer trusted; letter skipped");
                 }
                 // Released, not dropped: maintenance would otherwise renew its lease forever.
-                let outcome =
-                    if cancelled { Outcome::Failed { reason: CANCELLED.to_owned() } } else { Outcome::Released };
+                let outcome = if cancelled {
+                    Outcome::Failed { kind: FailureKind::Cancelled, reason: CANCELLED.to_owned() }
+                } else {
+                    Outcome::Released
+                };
                 let record = AttemptRecord {
                     letter: claimed.letter,
                     outcome,
@@ -309,8 +312,8 @@ impl Worker {
                 self.ctx.metrics.sent.inc();
                 tracing::info!(delivered = letter.delivered.len(), refused = letter.rejected.len(), "letter sent");
             }
-            Outcome::Failed { reason } => {
-                self.ctx.metrics.fail(failure_class(reason));
+            Outcome::Failed { kind, reason } => {
+                self.ctx.metrics.fail(kind.label());
                 tracing::warn!(reason = %reason, "letter failed");
             }
             Outcome::Retry { reason, due_ms } => {
@@ -432,10 +435,7 @@ impl Worker {
                         hold_ms = crate::budget::HOLD_MAX.as_millis() as u64,
                         "no unit of the budget within the hold bound; message withdrawn before its final dot"
                     );
-                    Step::Stop(Failure::Withheld(format!(
-                        "{error}: the sending budget had no unit for it within {:?}; nothing was delivered",
-                        crate::budget::HOLD_MAX
-                    )))
+                    Step::Stop(policy::withheld(&error, crate::budget::HOLD_MAX))
                 }
                 Err(error) => {
                     self.connection = None;
@@ -453,7 +453,7 @@ impl Worker {
                         requeue(&mut queue, chunk);
                         continue;
                     }
-                    Step::Stop(failure_of(&error))
+                    Step::Stop(policy::failure_of(&error))
                 }
             };
             match step {
@@ -464,8 +464,7 @@ impl Worker {
                     requeue(&mut queue, chunk);
                 }
                 Step::Reconnect(_) => {
-                    report.failure =
-                        Some(Failure::Transient("the SMTP server refused MAIL FROM twice with 503".to_owned()));
+                    report.failure = Some(policy::out_of_step_twice());
                     break;
                 }
                 Step::Stop(failure) => {
@@ -477,7 +476,7 @@ impl Worker {
         report
     }
 
-    /// Turns one transaction's replies into recipient outcomes; says whether to go on.
+    /// Books one transaction's judged replies into the attempt's report; says whether to go on.
     fn apply(
         &mut self,
         transaction: smtp::Transaction,
@@ -485,76 +484,23 @@ impl Worker {
         queue: &mut VecDeque<Recipient>,
         report: &mut AttemptReport,
     ) -> Step {
-        if let Some(mail) = transaction.mail.as_ref().filter(|m| !m.is_positive()) {
-            if mail.code == 503 {
-                // The server thinks a transaction is still open: a fault of the session, not of
-                // the letter. Start over on a new connection.
-                tracing::info!(reply = %mail, "MAIL FROM refused with 503; reconnecting");
-                return Step::Reconnect(chunk);
-            }
-            return Step::Stop(self.failure_of_reply(mail));
-        }
-        let mut accepted = Vec::new();
-        let mut capped = Vec::new();
-        let mut first_cap = None;
-        let refused_before = report.refused.len();
-        let delivered_now = transaction.delivered();
-        for (recipient, result) in chunk.into_iter().zip(transaction.rcpt) {
-            match result {
-                RcptResult::Unsendable(reason) => {
-                    report.refused.push(Rejection { address: recipient.to_string(), reply: reason })
-                }
-                RcptResult::Replied(reply) if reply.is_positive() => accepted.push(recipient),
-                RcptResult::Replied(reply) if reply.is_too_many_recipients() => {
-                    first_cap.get_or_insert(reply);
-                    capped.push(recipient);
-                }
-                RcptResult::Replied(reply) if reply.is_permanent() => {
-                    report.refused.push(Rejection { address: recipient.to_string(), reply: reply.to_string() })
-                }
-                RcptResult::Replied(reply) => {
-                    if reply.is_throttle() {
-                        self.ctx.limiter.throttled(&reply);
-                    }
-                    report.deferred.push(Rejection { address: recipient.to_string(), reply: reply.to_string() })
-                }
-            }
-        }
-        let refused_now = report.refused.len() > refused_before;
-        // Recipients over the server's cap go in the next transaction, at once.
-        requeue(queue, capped);
-        if delivered_now {
-            report.delivered.extend(accepted.iter().map(Recipient::to_string));
-            report.last_reply = transaction.end.as_ref().map(Reply::to_string);
-        } else if !accepted.is_empty() {
-            // Recipients were accepted, but the message was not: DATA or the final reply.
-            let refusal = transaction.end.as_ref().or(transaction.data.as_ref());
-            if let Some(reply) = refusal.filter(|r| !r.is_positive()) {
-                return Step::Stop(self.failure_of_reply(reply));
-            }
-        }
-        if !delivered_now && !refused_now && !queue.is_empty() {
-            // Nothing moved: the server takes no recipient at all in one transaction.
-            let reason = match first_cap {
-                Some(reply) => format!("the SMTP server accepted no recipient of a transaction: {reply}"),
-                None => "the SMTP server accepted no recipient of a transaction".to_owned(),
-            };
-            return Step::Stop(Failure::Transient(reason));
-        }
-        Step::Continue
-    }
-
-    /// What a negative reply to MAIL, DATA or the message means for the letter; a throttle
-    /// reply also slows the whole instance down.
-    fn failure_of_reply(&self, reply: &Reply) -> Failure {
-        let reason = format!("{}: {reply}", reply.command);
-        if reply.is_throttle() {
+        let judged = policy::judge(transaction, chunk, !queue.is_empty());
+        for reply in &judged.throttles {
             self.ctx.limiter.throttled(reply);
-            Failure::Throttled(reason)
-        } else if reply.is_permanent() {
-            Failure::Permanent(reason)
-        } else {
-            Failure::Transient(reason)
+        }
+        if let Some(Stop::Reconnect(chunk, reply)) = judged.stop {
+            tracing::info!(reply = %reply, "MAIL FROM refused with 503; reconnecting");
+            return Step::Reconnect(chunk);
+        }
+        report.add(judged.refused, judged.deferred, judged.delivered);
+        if judged.last_reply.is_some() {
+            report.last_reply = judged.last_reply;
+        }
+        // Recipients over the server's cap go in the next transaction, at once.
+        requeue(queue, judged.capped);
+        match judged.stop {
+            Some(Stop::Failed(failure)) => Step::Stop(failure),
+            _ => Step::Continue,
         }
     }
 
@@ -650,30 +596,4 @@ fn closing(transaction: &smtp::Transaction) -> Option<&Reply> {
 
 fn is_closing(reply: &Reply) -> bool {
     reply.code == 421 && !reply.is_throttle()
-}
-
-fn failure_of(error: &SmtpError) -> Failure {
-    let reason = if let SmtpError::Withdrawn { .. } = error {
-        format!("{error}: this replica's lease on the letter could no longer be vouched for; nothing was delivered")
-    } else if error.command() == Command::DataEnd {
-        format!("{error} (after the message was sent: it may have been delivered, so it is retried later)")
-    } else {
-        error.to_string()
-    };
-    match error.reply() {
-        Some(reply) if reply.is_throttle() => Failure::Throttled(reason),
-        _ if error.is_transient() => Failure::Transient(reason),
-        _ => Failure::Permanent(reason),
-    }
-}
-
-/// The metrics label of a failed letter.
-fn failure_class(reason: &str) -> &'static str {
-    if reason.starts_with("gave up after") {
-        "attempts_exhausted"
-    } else if reason.starts_with("every recipient was refused") {
-        "recipients_refused"
-    } else {
-        "permanent"
-    }
 }
