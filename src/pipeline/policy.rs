@@ -8,7 +8,7 @@ use crate::{
     address::Recipient,
     config::DispatchConfig,
     model::{FailureKind, Letter, Outcome, Rejection, Status},
-    smtp::{Command, RcptResult, Reply, SmtpError, Transaction},
+    smtp::{RcptResult, Reply, SmtpError, Transaction},
 };
 
 /// Why an attempt stopped before every recipient had an answer.
@@ -75,8 +75,8 @@ pub struct Judged {
 /// Why the next transaction cannot simply follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stop {
-    /// The server thinks a transaction is still open (503 to MAIL): a fault of the session, not
-    /// of the letter, so these recipients go again on a new connection.
+    /// The reply faulted the session, not the letter ([`Reply::was_due_to_session`]): these
+    /// recipients go again on a new connection.
     Reconnect(Vec<Recipient>, Reply),
     /// The attempt ends here; recipients without an answer stay pending.
     Failed(Failure),
@@ -87,7 +87,7 @@ pub enum Stop {
 pub fn judge(transaction: Transaction, chunk: Vec<Recipient>, more_waiting: bool) -> Judged {
     let mut judged = Judged::default();
     if let Some(mail) = transaction.mail.as_ref().filter(|m| !m.is_positive()) {
-        judged.stop = Some(if mail.code == 503 {
+        judged.stop = Some(if mail.was_due_to_session() {
             Stop::Reconnect(chunk, mail.clone())
         } else {
             Stop::Failed(failure_of_reply(mail, &mut judged.throttles))
@@ -155,7 +155,7 @@ fn failure_of_reply(reply: &Reply, throttles: &mut Vec<Reply>) -> Failure {
 pub fn failure_of(error: &SmtpError) -> Failure {
     let reason = if let SmtpError::Withdrawn { .. } = error {
         format!("{error}: this replica's lease on the letter could no longer be vouched for; nothing was delivered")
-    } else if error.command() == Command::DataEnd {
+    } else if error.may_have_delivered() {
         format!("{error} (after the message was sent: it may have been delivered, so it is retried later)")
     } else {
         error.to_string()
@@ -263,6 +263,7 @@ pub fn backoff(retry: &DispatchConfig, attempts: i32, jitter: f64) -> Duration {
 mod tests {
     use super::*;
     use crate::model::{Letter, Mailing};
+    use crate::smtp::Command;
 
     fn retry() -> DispatchConfig {
         crate::Config::from_vars(

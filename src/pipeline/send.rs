@@ -30,7 +30,7 @@ use crate::{
     config::{DispatchConfig, SmtpConfig},
     metrics::Metrics,
     model::{AttemptRecord, FailureKind, Letter, Outcome, now_ms},
-    smtp::{self, Command, Connection, Reply, SmtpError, transaction},
+    smtp::{self, Connection, SmtpError, transaction},
     store::CANCELLED,
 };
 
@@ -419,7 +419,7 @@ impl Worker {
             };
             let step = match result {
                 Ok(transaction) => {
-                    if let Some(reply) = closing(&transaction) {
+                    if let Some(reply) = transaction.closing() {
                         if self.leave_relay(&reply, &mut relays_left) {
                             requeue(&mut queue, chunk);
                             continue;
@@ -442,14 +442,14 @@ impl Worker {
                     if let Some(reply) = error.reply().filter(|r| r.is_throttle()) {
                         self.ctx.limiter.throttled(reply);
                     }
-                    let retry_now = reused && fresh_starts == 0 && is_stale_connection(&error);
+                    let retry_now = reused && fresh_starts == 0 && error.was_due_to_connection();
                     if retry_now {
                         tracing::debug!(error = %error, "kept connection failed before the message; reconnecting");
                         fresh_starts += 1;
                         requeue(&mut queue, chunk);
                         continue;
                     }
-                    if is_relay_failure(&error) && self.leave_relay(&error, &mut relays_left) {
+                    if error.was_due_to_relay() && self.leave_relay(&error, &mut relays_left) {
                         requeue(&mut queue, chunk);
                         continue;
                     }
@@ -559,41 +559,4 @@ fn requeue(queue: &mut VecDeque<Recipient>, recipients: Vec<Recipient>) {
     for recipient in recipients.into_iter().rev() {
         queue.push_front(recipient);
     }
-}
-
-/// A kept connection that failed before the message was handed over (the server dropped it
-/// while idle): sending again at once on a new one cannot duplicate anything.
-fn is_stale_connection(error: &SmtpError) -> bool {
-    matches!(error, SmtpError::Io { .. } | SmtpError::Closed { .. })
-        && !matches!(error.command(), Command::DataEnd | Command::Connect | Command::Greeting)
-}
-
-/// The relay failed within a session it had opened, before the message's final dot: the
-/// connection broke or timed out, or the relay said 421 (closing; not a throttle, which slows
-/// the pool instead). Sending the chunk to another relay cannot duplicate anything. Failures
-/// while connecting are not among them: `Relays::connect` already moved past those.
-fn is_relay_failure(error: &SmtpError) -> bool {
-    let before_dot = !matches!(
-        error.command(),
-        Command::DataEnd | Command::Connect | Command::Greeting | Command::Ehlo | Command::StartTls | Command::Auth
-    );
-    let failed = match error {
-        SmtpError::Io { .. } | SmtpError::Closed { .. } | SmtpError::Timeout { .. } => true,
-        SmtpError::Refused { reply, .. } => is_closing(reply),
-        _ => false,
-    };
-    before_dot && failed
-}
-
-/// A 421 to MAIL (RFC 5321 §3.8: the server is closing the channel) in a transaction that
-/// handed over no message.
-fn closing(transaction: &smtp::Transaction) -> Option<&Reply> {
-    if transaction.end.is_some() {
-        return None;
-    }
-    transaction.mail.as_ref().filter(|reply| is_closing(reply))
-}
-
-fn is_closing(reply: &Reply) -> bool {
-    reply.code == 421 && !reply.is_throttle()
 }
