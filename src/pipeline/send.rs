@@ -8,12 +8,13 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use lettre::message::Mailbox;
+use mongodb::bson::oid::ObjectId;
 use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -59,57 +60,10 @@ pub struct SendContext {
     pub unrecorded: Arc<Semaphore>,
     /// Builds each letter's message: text alternative, List-Unsubscribe, DKIM.
     pub composer: Arc<crate::deliverability::Composer>,
-    pub idle: Arc<Idle>,
 }
 
 /// See [`SendContext::unrecorded`].
 pub const UNRECORDED_PER_WORKER: usize = 8;
-
-/// How long the workers must have found no letter waiting before the replica gives its budget
-/// units back: longer than the dispatcher takes to hand over the next claim while it has letters.
-const IDLE_GRACE: Duration = Duration::from_millis(20);
-
-/// Watches for the moment this replica runs out of letters: a worker finds none waiting, and
-/// none arrives for any worker within [`IDLE_GRACE`]. Then the units of the budget it holds go
-/// back to the other replicas ([`Budget::give_back`]); the workers still sending hold their
-/// tickets already.
-pub struct Idle {
-    /// Bumped whenever a worker gets a letter: a give-back sees whether any did during its grace.
-    received: AtomicUsize,
-    /// A give-back is waiting out its grace.
-    pending: AtomicBool,
-}
-
-impl Idle {
-    pub fn new() -> Arc<Idle> {
-        Arc::new(Idle { received: AtomicUsize::new(0), pending: AtomicBool::new(false) })
-    }
-
-    /// A worker found no letter waiting.
-    fn empty(self: &Arc<Self>, budget: &Arc<Budget>) {
-        budget.letters_running_out(true);
-        if self.pending.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let received = self.received.load(Ordering::Acquire);
-        let (idle, budget) = (self.clone(), budget.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(IDLE_GRACE).await;
-            idle.pending.store(false, Ordering::Release);
-            if idle.received.load(Ordering::Acquire) == received {
-                budget.give_back().await;
-            }
-        });
-    }
-
-    /// A worker got a letter; `more` if others are waiting behind it.
-    fn received(&self, budget: &Budget, more: bool) {
-        self.received.fetch_add(1, Ordering::AcqRel);
-        if more {
-            budget.letters_running_out(false);
-        }
-    }
-}
 
 impl SendContext {
     pub fn new(
@@ -148,7 +102,6 @@ impl SendContext {
             paused: Arc::default(),
             unrecorded: Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER)),
             composer: Arc::new(crate::deliverability::Composer::plain(smtp.from.clone())),
-            idle: Idle::new(),
             metrics,
         })
     }
@@ -180,7 +133,7 @@ impl Worker {
     ) {
         loop {
             if letters.is_empty() {
-                self.ctx.idle.empty(self.ctx.limiter.budget());
+                self.ctx.limiter.note_empty();
             }
             let claimed = tokio::select! {
                 biased;
@@ -190,7 +143,7 @@ impl Worker {
                     Err(_) => break,
                 },
             };
-            self.ctx.idle.received(self.ctx.limiter.budget(), !letters.is_empty());
+            self.ctx.limiter.note_received(!letters.is_empty());
             // The first transaction's budget is taken here, where shutdown may still interrupt
             // the wait (the budget may be exhausted for hours); later ones, in `deliver`. While
             // paused, a letter is released without waiting for the budget, so a replica's claimed
@@ -331,7 +284,7 @@ impl Worker {
         &mut self,
         recipients: Vec<Recipient>,
         message: &[u8],
-        lease: (Instant, mongodb::bson::oid::ObjectId),
+        lease: (Instant, ObjectId),
         ticket: Option<Ticket>,
     ) -> AttemptReport {
         let mut ticket = ticket;
@@ -355,68 +308,7 @@ impl Worker {
                 Some(ticket) => ticket,
                 None => ctx.limiter.reserve(chunk.len()).await,
             };
-            let metrics = ctx.metrics.clone();
-            let lease_clock = ctx.lease.clone();
-            let budget = ctx.limiter.budget().clone();
-            let withheld = Arc::new(AtomicBool::new(false));
-            let withheld_flag = withheld.clone();
-            let before_end = async move {
-                let at_dot = tokio::time::Instant::now();
-                let hold_until = at_dot + crate::budget::HOLD_MAX;
-                budget.prepared(at_dot.duration_since(ticket.issued));
-                let mut ticket = ticket;
-                loop {
-                    ticket.wait().await;
-                    let late = tokio::time::Instant::now().saturating_duration_since(ticket.unit);
-                    if late <= budget.plan().late {
-                        metrics.budget_lateness.observe(late.as_secs_f64());
-                        // Off unless asked for (`RUST_LOG=…,mailsender::dot=trace`): every dot's time
-                        // as this replica saw it, so the spacing can be checked apart from how a relay
-                        // records it (the benchmark does).
-                        tracing::trace!(
-                            target: "mailsender::dot",
-                            at_unix_us = crate::budget::local_ns() / 1_000,
-                            late_us = late.as_micros() as u64,
-                            units = ticket.units,
-                            "final dot"
-                        );
-                        break;
-                    }
-                    metrics.budget_units_missed.inc_by(u64::from(ticket.units));
-                    budget.missed(&ticket);
-                    // Too late for its unit (a slow connection, a late wake-up): the dot on it
-                    // could crowd the next window, so the message waits for a new one.
-                    tracing::debug!(late_ms = late.as_secs_f64() * 1e3, "late for the budget's unit; taking another");
-                    // Bounded: the DATA phase is open (see `budget::HOLD_MAX`).
-                    match tokio::time::timeout_at(hold_until, budget.take(ticket.units)).await {
-                        Ok(next) if next.at <= hold_until => ticket = next,
-                        _ => {
-                            metrics.budget_withdrawn.inc();
-                            withheld_flag.store(true, Ordering::Relaxed);
-                            return None;
-                        }
-                    }
-                }
-                metrics.rate_limit_wait.observe((ticket.waited + at_dot.elapsed()).as_secs_f64());
-                // The lease is checked again right before the final dot, after the budget's wait:
-                // a replica cut off from MongoDB must not hand over a letter another may already
-                // be sending.
-                lease_clock.vouch(lease.0, &lease.1)
-            };
-            let result = match self.session(&relays_left).await {
-                Ok(connection) => {
-                    transaction::send(
-                        connection,
-                        ctx.from.email.as_ref(),
-                        &chunk,
-                        message,
-                        &ctx.smtp.timeouts,
-                        before_end,
-                    )
-                    .await
-                }
-                Err(error) => Err(error),
-            };
+            let (result, withheld) = self.transmit(&chunk, message, ticket, lease, &relays_left).await;
             let step = match result {
                 Ok(transaction) => {
                     if let Some(reply) = transaction.closing() {
@@ -429,12 +321,8 @@ impl Worker {
                     }
                     self.apply(transaction, chunk, &mut queue, &mut report)
                 }
-                Err(error) if withheld.load(Ordering::Relaxed) => {
+                Err(error) if withheld => {
                     self.connection = None;
-                    tracing::warn!(
-                        hold_ms = crate::budget::HOLD_MAX.as_millis() as u64,
-                        "no unit of the budget within the hold bound; message withdrawn before its final dot"
-                    );
                     Step::Stop(policy::withheld(&error, crate::budget::HOLD_MAX))
                 }
                 Err(error) => {
@@ -474,6 +362,37 @@ impl Worker {
             }
         }
         report
+    }
+
+    /// One transaction on the kept connection or a new one; says also whether the message was
+    /// withdrawn for want of a budget unit.
+    async fn transmit(
+        &mut self,
+        chunk: &[Recipient],
+        message: &[u8],
+        ticket: Ticket,
+        lease: (Instant, ObjectId),
+        avoid: &[usize],
+    ) -> (Result<smtp::Transaction, SmtpError>, bool) {
+        let ctx = self.ctx.clone();
+        let connection = match self.session(avoid).await {
+            Ok(connection) => connection,
+            Err(error) => return (Err(error), false),
+        };
+        let mut withheld = false;
+        let before_end = async {
+            if !ctx.limiter.at_dot(ticket).await {
+                withheld = true;
+                return None;
+            }
+            // The lease is checked again right before the final dot, after the budget's wait: a
+            // replica cut off from MongoDB must not hand over a letter another may already be
+            // sending.
+            ctx.lease.vouch(lease.0, &lease.1)
+        };
+        let from = ctx.from.email.as_ref();
+        let result = transaction::send(connection, from, chunk, message, &ctx.smtp.timeouts, before_end).await;
+        (result, withheld)
     }
 
     /// Books one transaction's judged replies into the attempt's report; says whether to go on.
