@@ -6,7 +6,6 @@ use std::{collections::HashSet, fmt};
 use base64::Engine as _;
 use mongodb::bson::{Bson, DateTime, oid::ObjectId};
 use serde::{Deserialize, Serialize};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::{address::Recipient, smtp::message::check_subject};
 
@@ -333,11 +332,6 @@ pub struct AttemptRecord {
     /// Whether the broker already acknowledged the status message of a final outcome; when not,
     /// the letter is stored `unreported` for the republisher.
     pub published: bool,
-    /// Held until the outcome is stored; it bounds the sends a crash could repeat.
-    pub unrecorded: Option<OwnedSemaphorePermit>,
-    /// The letter's share of the dispatcher's memory budget, returned once the outcome is stored
-    /// and published (the body is needed until then).
-    pub memory: Option<OwnedSemaphorePermit>,
 }
 
 /// The message published to the status topic for each letter that reaches `sent` or `error`.
