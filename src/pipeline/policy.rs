@@ -160,10 +160,10 @@ pub fn failure_of(error: &SmtpError) -> Failure {
     } else {
         error.to_string()
     };
-    match error.reply() {
-        Some(reply) if reply.is_throttle() => Failure::Throttled(reason),
-        _ if error.is_transient() => Failure::Transient(reason),
-        _ => Failure::Permanent(reason),
+    match error.throttle() {
+        Some(_) => Failure::Throttled(reason),
+        None if error.is_transient() => Failure::Transient(reason),
+        None => Failure::Permanent(reason),
     }
 }
 
@@ -550,6 +550,49 @@ mod tests {
             assert_eq!(judged.stop, case.stop, "{}", case.name);
             assert_eq!(judged.last_reply.is_some(), !judged.delivered.is_empty(), "{}", case.name);
         }
+    }
+
+    #[test]
+    fn failed_sessions_keep_their_stored_reasons() {
+        let server = || "relay:25".to_owned();
+        let refused = |line| SmtpError::Refused { reply: reply(line, Command::Greeting), server: server() };
+        let cases = [
+            (
+                SmtpError::Withdrawn { server: server() },
+                Failure::Transient(
+                    "message to relay:25 withdrawn before its final dot: this replica's lease on the letter could no \
+                     longer be vouched for; nothing was delivered"
+                        .into(),
+                ),
+            ),
+            (
+                SmtpError::Closed { command: Command::DataEnd, server: server() },
+                Failure::Transient(
+                    "message data to relay:25: the server closed the connection (after the message was sent: it may \
+                     have been delivered, so it is retried later)"
+                        .into(),
+                ),
+            ),
+            (
+                refused("421 4.7.0 too many connections"),
+                Failure::Throttled("greeting to relay:25 refused: 421 4.7.0 too many connections".into()),
+            ),
+            (
+                refused("554 5.7.1 go away"),
+                Failure::Permanent("greeting to relay:25 refused: 554 5.7.1 go away".into()),
+            ),
+        ];
+        for (error, failure) in cases {
+            assert_eq!(failure_of(&error), failure);
+        }
+        assert_eq!(
+            withheld(&SmtpError::Withdrawn { server: server() }, Duration::from_secs(5)),
+            Failure::Withheld(
+                "message to relay:25 withdrawn before its final dot: the sending budget had no unit for it within 5s; \
+                 nothing was delivered"
+                    .into()
+            )
+        );
     }
 
     #[test]

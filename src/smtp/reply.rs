@@ -342,6 +342,11 @@ impl SmtpError {
         in_session && failed
     }
 
+    /// The relay's "too fast" reply (see [`Reply::is_throttle`]), when the error is one.
+    pub fn throttle(&self) -> Option<&Reply> {
+        self.reply().filter(|reply| reply.is_throttle())
+    }
+
     /// The reply behind the error, when the server gave one.
     pub fn reply(&self) -> Option<&Reply> {
         match self {
@@ -462,6 +467,8 @@ mod tests {
             assert_eq!(error.was_due_to_relay(), relay, "relay: {error}");
             assert_eq!(error.may_have_delivered(), delivered, "delivered: {error}");
         }
+        assert!(refused("421 4.7.0 too many connections from 127.0.0.1", Command::Greeting).throttle().is_some());
+        assert!(refused("421 4.3.2 closing transmission channel", Command::Greeting).throttle().is_none());
         assert!(reply("503 5.5.1 Error: nested MAIL command", Command::MailFrom).was_due_to_session());
         assert!(!reply("550 5.7.1 sender rejected", Command::MailFrom).was_due_to_session());
     }

@@ -37,13 +37,13 @@ impl Worker {
             let take = queue.len().min(self.ctx.max_recipients);
             let chunk: Vec<Recipient> = queue.drain(..take).collect();
             let reused = self.connection.is_some();
-            let ctx = self.ctx.clone();
             // Taken before the transaction opens, so a long wait (an exhausted quota, MongoDB
             // away) never holds a server's DATA phase open; only the unit's own time is waited
             // for at the final dot. A unit not used (the transaction failed) is not given back.
-            let ticket = match ticket.take().filter(|t| t.units == ctx.limiter.cost(chunk.len())) {
+            let limiter = &self.ctx.limiter;
+            let ticket = match ticket.take().filter(|t| t.units == limiter.cost(chunk.len())) {
                 Some(ticket) => ticket,
-                None => ctx.limiter.reserve(chunk.len()).await,
+                None => limiter.reserve(chunk.len()).await,
             };
             let (result, withheld) = self.transmit(&chunk, message, ticket, lease, &relays_left).await;
             let step = match result {
@@ -64,7 +64,7 @@ impl Worker {
                 }
                 Err(error) => {
                     self.connection = None;
-                    if let Some(reply) = error.reply().filter(|r| r.is_throttle()) {
+                    if let Some(reply) = error.throttle() {
                         self.ctx.limiter.throttled(reply);
                     }
                     let retry_now = reused && fresh_starts == 0 && error.was_due_to_connection();
