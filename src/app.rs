@@ -53,6 +53,8 @@ struct Deliverability {
     public_listener: Option<TcpListener>,
     /// Reads `KAFKA_TOPIC_SUPPRESSIONS`, in a group of its own.
     suppression_consumer: rdkafka::consumer::StreamConsumer,
+    /// The inbound SMTP listener for DSNs and ARF reports, when `FEEDBACK_SMTP_ADDR` is set.
+    feedback_listener: Option<TcpListener>,
 }
 
 impl App {
@@ -78,7 +80,10 @@ impl App {
             crate::model::inject_clock_skew(skew);
         }
         // First, so a bad DKIM key stops the start before anything is connected.
-        let composer = Arc::new(Composer::new(config.smtp.from.clone(), &config.deliverability)?);
+        let composer = Arc::new(
+            Composer::new(config.smtp.from.clone(), &config.deliverability)?
+                .with_return_path(crate::feedback::return_path::ReturnPath::from_config(&config.feedback)),
+        );
         let metrics = Arc::new(Metrics::new());
         let store = Store::connect(&config.mongo, metrics.clone()).await?;
         retry_at_start("preparing MongoDB", || store.prepare(config.dispatch.lease)).await?;
@@ -90,6 +95,8 @@ impl App {
                 config.deliverability.topic_suppressions.as_str(),
                 config.deliverability.topic_unsubscribed.as_str(),
             ];
+            let feedback = config.feedback.smtp_addr.map(|_| config.feedback.topic.as_str());
+            let topics: Vec<&str> = topics.into_iter().chain(feedback).collect();
             retry_at_start("creating Kafka topics", || kafka::ensure_topics(&config.kafka, &topics)).await?;
         }
         // Read before anything is claimed: a replica started while the deployment is paused
@@ -109,7 +116,8 @@ impl App {
             }
             None => None,
         };
-        let deliverability = Deliverability { composer, public_listener, suppression_consumer };
+        let feedback_listener = crate::feedback::listener::bind(&config.feedback).await?;
+        let deliverability = Deliverability { composer, public_listener, suppression_consumer, feedback_listener };
         Ok(App { config, store, producer, consumer, listener, metrics, deliverability, control })
     }
 
@@ -119,7 +127,7 @@ impl App {
 
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let App { config, store, producer, consumer, listener, metrics, deliverability, control } = self;
-        let Deliverability { composer, public_listener, suppression_consumer } = deliverability;
+        let Deliverability { composer, public_listener, suppression_consumer, feedback_listener } = deliverability;
         let suppressions = Suppressions::new(
             store.database(),
             &config.mongo.collection,
@@ -221,6 +229,14 @@ impl App {
             }
             _ => None,
         };
+
+        // Stops taking reports when shutdown starts; a session cut short answers 421 or 451,
+        // and the sending MTA delivers its report again.
+        if let Some(listener) = feedback_listener {
+            let (db, producer) = (store.database(), producer.clone());
+            let (suppressions, metrics) = (suppressions.clone(), metrics.clone());
+            crate::feedback::listener::start(listener, &config, db, suppressions, producer, metrics, shutdown.clone());
+        }
 
         let mut ingest = tokio::spawn(
             Ingest {

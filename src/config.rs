@@ -15,6 +15,8 @@ use std::{
 use lettre::message::Mailbox;
 
 use crate::smtp::{Breaker, RelayAddr, Timeouts};
+mod feedback;
+pub use feedback::FeedbackConfig;
 use secrecy::SecretString;
 
 /// A configuration problem, naming the variable so an operator can fix it without reading code.
@@ -55,6 +57,7 @@ pub struct Config {
     pub dispatch: DispatchConfig,
     pub http: HttpConfig,
     pub deliverability: DeliverabilityConfig,
+    pub feedback: FeedbackConfig,
     /// Identifies this replica as the owner of the letters it leases.
     pub instance_id: String,
     /// How long in-flight sends may take to finish once shutdown starts.
@@ -505,6 +508,7 @@ impl Config {
             dispatch,
             http,
             deliverability,
+            feedback: feedback::feedback(&env)?,
             log_format,
             fault_injection: env.optional("MAILSENDER_FAULT_INJECTION"),
         })

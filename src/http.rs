@@ -541,11 +541,19 @@ fn letter_view(letter: &Letter) -> Value {
         .map(|address| {
             let delivered = letter.delivered.iter().any(|d| key(d) == key(address));
             let refused = letter.rejected.iter().find(|r| key(&r.address) == key(address));
-            match (delivered, refused) {
+            let mut recipient = match (delivered, refused) {
                 (true, _) => json!({ "address": address, "outcome": "delivered" }),
                 (false, Some(r)) => json!({ "address": address, "outcome": "refused", "reply": r.reply }),
                 (false, None) => json!({ "address": address, "outcome": "pending" }),
+            };
+            // What was reported after the relay took it (`crate::feedback`).
+            let mut feedback: Vec<&crate::model::FeedbackNote> =
+                letter.feedback.values().filter(|f| key(&f.address) == key(address)).collect();
+            feedback.sort_by_key(|f| f.time_ms);
+            if !feedback.is_empty() {
+                recipient["feedback"] = json!(feedback);
             }
+            recipient
         })
         .collect();
     json!({

@@ -8,6 +8,7 @@ pub mod budget;
 pub mod config;
 pub mod control;
 pub mod deliverability;
+pub mod feedback;
 pub mod http;
 pub mod idempotency;
 pub mod kafka;

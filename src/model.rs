@@ -185,6 +185,28 @@ pub struct Letter {
     /// Last change, in Unix milliseconds.
     #[serde(default)]
     pub updated_ms: i64,
+    /// Bounces, complaints and delays reported after the relay took the letter (issue 20,
+    /// `crate::feedback`), by event key (one per recipient and kind); written by the feedback
+    /// listener only.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub feedback: std::collections::BTreeMap<String, FeedbackNote>,
+}
+
+/// One feedback event as stored on its letter (see `crate::feedback::Event`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FeedbackNote {
+    pub address: String,
+    /// `hard_bounce`, `soft_bounce`, `complaint` or `delay`.
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnostic: Option<String>,
+    /// `dsn` or `arf`.
+    pub source: String,
+    pub time_ms: i64,
+    /// The event's identity, which makes a repeated report a no-op.
+    pub key: String,
 }
 
 impl Letter {
@@ -219,6 +241,7 @@ impl Letter {
             unreported: failed.then_some(1),
             created_at: Some(Bson::DateTime(DateTime::from_millis(now_ms))),
             updated_ms: now_ms,
+            feedback: Default::default(),
         };
         letter.size_bytes = letter.text_bytes() as i64;
         letter
@@ -255,6 +278,7 @@ impl Letter {
             unreported: self.unreported,
             created_at: self.created_at.clone(),
             updated_ms: self.updated_ms,
+            feedback: Default::default(),
         }
     }
 

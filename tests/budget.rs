@@ -561,3 +561,29 @@ async fn a_unit_that_cannot_come_in_time_withdraws_the_message_without_an_attemp
     assert_eq!(sink.received().len(), 1);
     assert!(withdrawn >= 1.0, "no message was withdrawn for want of a unit");
 }
+
+/// Amazon SES counts its send rate in recipients: 14 a second, with the default
+/// `SMTP_MAX_RECIPIENTS` (50), two replicas, 84 one-recipient letters. The budget sends 14
+/// recipients a second, not the 1 a second left once room for a 14-recipient message was set
+/// aside every second (before: 0.99 recipients/s), and no second holds more than 14.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_budget_in_recipients_uses_its_rate() {
+    let _serial = TIMING.lock().await;
+    let sinks = [SmtpSink::start().await, SmtpSink::start().await];
+    let budget = [
+        ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+        ("SMTP_RATE_LIMIT_MAX_LETTERS", "14"),
+        ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+        DOTS,
+    ];
+    let app = TestApp::spawn(&sinks[0], &budget).await;
+    let b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sinks[1].port)).await;
+    feed(&app, "ses", 84).await;
+    let received = received_from(&[&sinks[0], &sinks[1]], 84, Duration::from_secs(30)).await;
+    let took = span(&received);
+    println!("SES 14 recipients/s, 2 replicas: 84 letters in {took:.2}s ({:.2}/s)", 83.0 / took);
+    assert_eq!(received.len(), 84);
+    assert_cap_per_second(&[app.log(), b.log()], 84, &received, 14);
+    // 84 letters at 14 a second: the first and the last 83 units apart, 5.9 s; 10 % slack.
+    assert!(took <= 83.0 / 14.0 * 1.1, "84 letters took {took:.2}s at 14 recipients/s: more than 10 % over 5.9 s");
+}

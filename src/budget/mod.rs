@@ -210,10 +210,12 @@ impl Budget {
     pub fn with_host_clock(plan: Plan, ledger: Arc<dyn Ledger>, metrics: Arc<Metrics>, host_ns: i64) -> Budget {
         let clock = ServerClock { base: Instant::now(), base_ns: host_ns };
         metrics.budget_available.set(1);
+        let mut pool = Pool::default();
+        pool.charged_at_end = plan.exact.is_some();
         Budget {
             plan,
             ledger,
-            pool: std::sync::Mutex::new(Pool::default()),
+            pool: std::sync::Mutex::new(pool),
             granting: tokio::sync::Mutex::new(None),
             refilling: AtomicBool::new(false),
             running_out: AtomicBool::new(false),
@@ -371,17 +373,11 @@ impl Budget {
             self.refill();
         }
         let issued = Instant::now();
-        let (at, unit, placed) = match taken {
-            Taken::At(last_ns) => {
-                let first_ns = last_ns - i64::from(units - 1) * self.plan.interval_ns;
-                let placed = Placed { first_ns, count: units, step_ns: self.plan.interval_ns };
-                (clock.instant(last_ns - self.plan.tolerance_ns), clock.instant(last_ns), placed)
-            }
+        let (taken, placed) = taken;
+        let (at, unit) = match taken {
+            Taken::At(last_ns) => (clock.instant(last_ns - self.plan.tolerance_ns), clock.instant(last_ns)),
             // Any moment until then: the lateness allowed past `unit` brings it to `until`.
-            Taken::Until(until_ns) => {
-                let placed = Placed { first_ns: until_ns, count: units, step_ns: 0 };
-                (issued, clock.instant(until_ns - late_ns), placed)
-            }
+            Taken::Until(until_ns) => (issued, clock.instant(until_ns - late_ns)),
         };
         Some(Ticket { at, unit, issued, units, waited: asked.elapsed(), placed })
     }
@@ -434,6 +430,13 @@ impl Budget {
         let clock = self.clock();
         let now_ns = clock.now_ns();
         let from_ns = now_ns + 2 * self.round_trip_ns.load(Ordering::Relaxed) + LEAD_MIN.as_nanos() as i64;
+        if self.plan.exact.is_some() {
+            // Charged where their grants end, they cannot join the schedule's returned runs: they
+            // go back to the quotas with the next write.
+            let units = self.pool().expire_from(from_ns, self.plan.interval_ns);
+            self.metrics.budget_units_returned.inc_by(units);
+            return;
+        }
         let runs = self.pool().take_back(from_ns, self.plan.interval_ns);
         if runs.is_empty() {
             return;

@@ -33,12 +33,21 @@ pub struct Composer {
     unsubscribe_url: Option<(UrlTemplate, Signer)>,
     unsubscribe_mailto: Option<String>,
     individual: bool,
+    /// The signed envelope sender (`BOUNCE_DOMAIN`); `from` when unset.
+    return_path: Option<crate::feedback::return_path::ReturnPath>,
 }
 
 impl Composer {
     /// Unsigned, without List-Unsubscribe.
     pub fn plain(from: Mailbox) -> Composer {
-        Composer { from, dkim: None, unsubscribe_url: None, unsubscribe_mailto: None, individual: false }
+        Composer {
+            from,
+            dkim: None,
+            unsubscribe_url: None,
+            unsubscribe_mailto: None,
+            individual: false,
+            return_path: None,
+        }
     }
 
     /// Reads the DKIM key; fails naming the variable when it is missing, unreadable or invalid.
@@ -65,7 +74,23 @@ impl Composer {
             unsubscribe_url,
             unsubscribe_mailto: config.unsubscribe_mailto.clone(),
             individual: config.individual,
+            return_path: None,
         })
+    }
+
+    /// Sends with a signed return path naming each letter (see `crate::feedback::return_path`).
+    pub fn with_return_path(mut self, return_path: Option<crate::feedback::return_path::ReturnPath>) -> Composer {
+        self.return_path = return_path;
+        self
+    }
+
+    /// The MAIL FROM of `letter`'s messages: its signed return path, or the `From` address. The
+    /// `From` header is the same either way.
+    pub fn envelope_sender(&self, letter: &mongodb::bson::oid::ObjectId) -> String {
+        match &self.return_path {
+            Some(return_path) => return_path.address(letter),
+            None => self.from.email.to_string(),
+        }
     }
 
     /// Whether each recipient gets a copy of their own (`SMTP_DELIVERY=individual`).

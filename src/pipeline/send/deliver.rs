@@ -127,8 +127,8 @@ impl Worker {
             // sending.
             ctx.lease.vouch(lease.0, &lease.1)
         };
-        let from = ctx.from.email.as_ref();
-        let result = transaction::send(connection, from, chunk, message, &ctx.smtp.timeouts, before_end).await;
+        let from = ctx.composer.envelope_sender(&lease.1);
+        let result = transaction::send(connection, &from, chunk, message, &ctx.smtp.timeouts, before_end).await;
         (result, withheld)
     }
 
