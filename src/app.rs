@@ -392,7 +392,7 @@ impl App {
             while workers.join_next().await.is_some() {}
         }
         // The units this replica will not use now go to the replicas that stay (a rolling update).
-        let _ = tokio::time::timeout(Duration::from_secs(2), send_context.limiter.budget().give_back()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), budget.give_back()).await;
         // Every worker is gone, so the outcome channel is closed: this returns once the last
         // outcome is written.
         let _ = report.await;

@@ -19,7 +19,7 @@ use crate::{
     config::DispatchConfig,
     control::{CancelProbe, Cancels},
     deliverability::suppression::Suppressions,
-    model::{AttemptRecord, Letter, Outcome},
+    model::{AttemptRecord, FailureKind, Letter, Outcome},
     store::{CANCELLED, ClaimLimit, Store},
 };
 
@@ -187,7 +187,7 @@ impl LeaseClock {
     pub fn end_if_cancelled(&self, mut record: AttemptRecord) -> AttemptRecord {
         if matches!(record.outcome, Outcome::Retry { .. }) && self.cancelled(&record.letter.id) {
             tracing::info!(letter_id = %record.letter.id, "batch cancelled during the send; letter not retried");
-            record.outcome = Outcome::Failed { reason: CANCELLED.to_owned() };
+            record.outcome = Outcome::Failed { kind: FailureKind::Cancelled, reason: CANCELLED.to_owned() };
         }
         record
     }

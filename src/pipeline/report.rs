@@ -11,7 +11,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use futures::future::join_all;
 use mongodb::bson::oid::ObjectId;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -30,6 +30,17 @@ const PUBLISH_WAIT: Duration = Duration::from_secs(5);
 /// sending down: those outcomes are stored unreported and republished later.
 const PUBLISH_WAIT_DEGRADED: Duration = Duration::from_millis(200);
 
+/// An attempt's record on its way to the report stage, with the permits it holds until its
+/// outcome is stored and published.
+#[derive(Debug)]
+pub struct Attempted {
+    pub record: AttemptRecord,
+    /// The worker's `unrecorded` permit: it bounds the sends a crash could repeat.
+    pub unrecorded: Option<OwnedSemaphorePermit>,
+    /// The letter's share of the dispatcher's memory budget (the status message needs the body).
+    pub memory: Option<OwnedSemaphorePermit>,
+}
+
 #[derive(Clone)]
 pub struct Report {
     pub store: Store,
@@ -46,10 +57,13 @@ pub struct Report {
 impl Report {
     /// Runs until every worker has dropped its sender, so no outcome is left unwritten at
     /// shutdown. `shutdown` only bounds how long a failing write is retried once shutting down.
-    pub async fn run(self, mut outcomes: mpsc::Receiver<AttemptRecord>, shutdown: CancellationToken) {
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
+    pub async fn run(self, mut outcomes: mpsc::Receiver<Attempted>, shutdown: CancellationToken) {
+        let mut received = Vec::with_capacity(WRITE_BATCH);
         let mut broker_healthy = true;
-        while outcomes.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        while outcomes.recv_many(&mut received, WRITE_BATCH).await > 0 {
+            // The permits are held until the batch is written, at the end of this round.
+            let (mut batch, _held): (Vec<AttemptRecord>, Vec<_>) =
+                received.drain(..).map(|a| (a.record, (a.unrecorded, a.memory))).unzip();
             for record in &mut batch {
                 final_status(record);
             }
@@ -66,8 +80,6 @@ impl Report {
                 record.published = published.contains(&record.letter.id);
             }
             self.write(&batch, &shutdown).await;
-            // Dropping the records releases their `unrecorded` permits.
-            batch.clear();
         }
         tracing::debug!("report stopped");
     }
@@ -189,7 +201,7 @@ impl Report {
 fn final_status(record: &mut AttemptRecord) {
     match &record.outcome {
         Outcome::Sent => record.letter.status = Status::Sent,
-        Outcome::Failed { reason } => {
+        Outcome::Failed { reason, .. } => {
             record.letter.status = Status::Error;
             record.letter.error = Some(reason.clone());
         }
