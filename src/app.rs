@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     budget::{Budget, MongoLedger, Plan},
+    chore::chore,
     config::Config,
     control::Control,
     deliverability::{Composer, suppression::Suppressions, topic::SuppressionTopic, unsubscribe::Signer},
@@ -500,13 +501,8 @@ where
 /// Keeps the letters-by-status gauge current with one aggregation every 15 s, so scrapes cost
 /// nothing.
 async fn refresh_status_gauge(store: Store, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(Duration::from_secs(15));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
+    let (store, metrics) = (&store, &metrics);
+    chore("the status gauge", Duration::from_secs(15), shutdown, move || async move {
         match store.count_by_status().await {
             Ok(counts) => {
                 for status in ["awaiting", "processing", "sent", "error"] {
@@ -516,5 +512,6 @@ async fn refresh_status_gauge(store: Store, metrics: Arc<Metrics>, shutdown: Can
             }
             Err(error) => tracing::debug!(error = format!("{error:#}"), "counting letters by status failed"),
         }
-    }
+    })
+    .await;
 }

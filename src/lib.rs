@@ -5,6 +5,7 @@
 pub mod address;
 pub mod app;
 pub mod budget;
+pub mod chore;
 pub mod config;
 pub mod control;
 pub mod deliverability;
