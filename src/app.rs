@@ -153,7 +153,7 @@ impl App {
         // Before the HTTP state, whose readiness shows the relays' breakers.
         let mut send_context = SendContext {
             composer,
-            ..SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), budget.clone(), metrics.clone())?
+            ..SendContext::new(&config.smtp, config.retry.clone(), lease.clone(), budget.clone(), metrics.clone())?
         };
         send_context.paused = control.flag();
         let send_context = Arc::new(send_context);
@@ -199,7 +199,7 @@ impl App {
 
         let public = match (
             public_listener,
-            &config.deliverability.unsubscribe_url,
+            send_context.composer.unsubscribe_template(),
             &config.deliverability.unsubscribe_secret,
         ) {
             (Some(listener), Some(template), Some(secret)) => {
@@ -285,8 +285,8 @@ impl App {
             &background,
             &shutdown,
             reporter.republish(
-                config.dispatch.republish_interval,
-                config.dispatch.republish_batch,
+                config.chores.republish_interval,
+                config.chores.republish_batch,
                 config.kafka.message_timeout + Duration::from_secs(15),
                 background.clone(),
             ),
@@ -304,8 +304,8 @@ impl App {
             crate::retention::run(
                 store.clone(),
                 owner.clone(),
-                config.dispatch.retention,
-                config.dispatch.retention_interval,
+                config.chores.retention,
+                config.chores.retention_interval,
                 background.clone(),
             ),
         ));

@@ -427,16 +427,9 @@ mod tests {
     fn config(lease_s: u64, claim_batch: usize) -> DispatchConfig {
         DispatchConfig {
             lease: Duration::from_secs(lease_s),
-            max_attempts: 5,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
             claim_batch,
             max_bytes: 16 << 20,
             poll_interval: Duration::from_secs(1),
-            republish_interval: Duration::from_secs(30),
-            republish_batch: 256,
-            retention: Duration::ZERO,
-            retention_interval: Duration::from_secs(600),
         }
     }
 

@@ -27,7 +27,7 @@ use super::{
 use crate::budget::{Budget, Ticket};
 use crate::{
     address::Recipient,
-    config::{DispatchConfig, SmtpConfig},
+    config::{RetryConfig, SmtpConfig},
     metrics::Metrics,
     model::{AttemptRecord, Letter, Outcome, Rejection, now_ms},
     smtp::{self, Command, Connection, RcptResult, Reply, SmtpError, transaction},
@@ -47,7 +47,7 @@ pub struct SendContext {
     pub max_recipients: usize,
     /// A kept connection idle longer than this is checked with NOOP before use.
     pub idle_check_after: Duration,
-    pub retry: DispatchConfig,
+    pub retry: RetryConfig,
     pub limiter: RateLimit,
     pub lease: Arc<LeaseClock>,
     /// Set while sending is paused deployment-wide (`crate::control`); the app shares it.
@@ -114,7 +114,7 @@ impl Idle {
 impl SendContext {
     pub fn new(
         smtp: &SmtpConfig,
-        retry: DispatchConfig,
+        retry: RetryConfig,
         lease: Arc<LeaseClock>,
         budget: Arc<Budget>,
         metrics: Arc<Metrics>,
