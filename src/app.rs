@@ -23,7 +23,10 @@ use crate::{
     config::Config,
     control::Control,
     deliverability::{Composer, suppression::Suppressions, topic::SuppressionTopic, unsubscribe::Signer},
-    http::{self, HttpState},
+    http::{
+        admin::{self, HttpState},
+        public::{self, PublicState},
+    },
     kafka::{self, IngestConsumer, StatusProducer},
     metrics::{Metrics, StatusLabel},
     pipeline::{
@@ -32,7 +35,6 @@ use crate::{
         report::Report,
         send::{SendContext, Worker},
     },
-    public::{self, PublicState},
     store::Store,
 };
 
@@ -148,7 +150,7 @@ impl App {
             paced_per_s = budget.plan().rate(),
             "sending budget shared through MongoDB"
         );
-        let posts = http::PostDoor::new(&config, store.database(), metrics.clone())?;
+        let posts = admin::PostDoor::new(&config, store.database(), metrics.clone())?;
         retry_at_start("preparing the Idempotency-Key collection", || posts.keys.prepare()).await?;
         // Before the HTTP state, whose readiness shows the relays' breakers.
         let mut send_context = SendContext {
@@ -190,7 +192,7 @@ impl App {
             axum::serve(
                 listener,
                 // The peer address is what the admin routes' network check looks at.
-                http::router(http_state, config.http.max_body_bytes)
+                admin::router(http_state, config.http.max_body_bytes)
                     .into_make_service_with_connect_info::<SocketAddr>(),
             )
             .with_graceful_shutdown(http_stop.clone().cancelled_owned())

@@ -15,7 +15,6 @@ pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
-pub mod public;
 pub mod retention;
 pub mod smtp;
 pub mod store;
