@@ -72,7 +72,7 @@ pub struct Config {
     /// How long in-flight sends may take to finish once shutdown starts.
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
-    /// `MAILSENDER_FAULT_INJECTION`, for tests only (see `app::Failures`).
+    /// `MAILSENDER_FAULT_INJECTION`, for tests only (see `app::Supervisor`).
     pub fault_injection: Option<String>,
 }
 

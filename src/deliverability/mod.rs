@@ -50,11 +50,6 @@ fn unsubscribe_template(raw: &str, individual: bool) -> Result<UrlTemplate, Conf
 }
 
 impl Composer {
-    /// Unsigned, without List-Unsubscribe.
-    pub fn plain(from: Mailbox) -> Composer {
-        Composer { from, dkim: None, unsubscribe_url: None, unsubscribe_mailto: None, individual: false }
-    }
-
     /// Reads the DKIM key and checks the unsubscribe link template; fails naming the variable
     /// when one is missing, unreadable or invalid.
     pub fn new(from: Mailbox, config: &DeliverabilityConfig) -> anyhow::Result<Composer> {

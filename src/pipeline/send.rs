@@ -118,6 +118,8 @@ impl SendContext {
         lease: Arc<LeaseClock>,
         budget: Arc<Budget>,
         metrics: Arc<Metrics>,
+        composer: Arc<crate::deliverability::Composer>,
+        paused: Arc<AtomicBool>,
     ) -> anyhow::Result<Self> {
         let tls_config = match smtp.tls {
             smtp::TlsMode::None => None,
@@ -145,9 +147,9 @@ impl SendContext {
             retry,
             limiter: RateLimit::new(budget, smtp.throttle_recovery_step, metrics.clone()),
             lease,
-            paused: Arc::default(),
+            paused,
             unrecorded: Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER)),
-            composer: Arc::new(crate::deliverability::Composer::plain(smtp.from.clone())),
+            composer,
             idle: Idle::new(),
             metrics,
         })
