@@ -52,21 +52,30 @@ mod tests {
         atomic::{AtomicUsize, Ordering},
     };
 
+    use tokio::task::JoinHandle;
+
     use super::*;
+
+    /// Runs `chore` or `chore_after` every 10 s, counting its rounds.
+    fn counted(delayed: bool) -> (Arc<AtomicUsize>, CancellationToken, JoinHandle<()>) {
+        let (count, shutdown) = (Arc::new(AtomicUsize::new(0)), CancellationToken::new());
+        let (rounds, stop) = (count.clone(), shutdown.clone());
+        let job = tokio::spawn(async move {
+            let rounds = &rounds;
+            let round = move || async move {
+                rounds.fetch_add(1, Ordering::SeqCst);
+            };
+            match delayed {
+                false => chore("test", Duration::from_secs(10), stop, round).await,
+                true => chore_after("test", Duration::from_secs(10), stop, round).await,
+            }
+        });
+        (count, shutdown, job)
+    }
 
     #[tokio::test(start_paused = true)]
     async fn rounds_come_every_interval_until_shutdown() {
-        let (count, shutdown) = (Arc::new(AtomicUsize::new(0)), CancellationToken::new());
-        let job = {
-            let (count, shutdown) = (count.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let count = &count;
-                chore("test", Duration::from_secs(10), shutdown, move || async move {
-                    count.fetch_add(1, Ordering::SeqCst);
-                })
-                .await;
-            })
-        };
+        let (count, shutdown, job) = counted(false);
         tokio::time::sleep(Duration::from_secs(25)).await;
         assert_eq!(count.load(Ordering::SeqCst), 3, "at 0 s, 10 s and 20 s");
         shutdown.cancel();
@@ -77,17 +86,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn chore_after_skips_the_round_at_start() {
-        let (count, shutdown) = (Arc::new(AtomicUsize::new(0)), CancellationToken::new());
-        let job = {
-            let (count, shutdown) = (count.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let count = &count;
-                chore_after("test", Duration::from_secs(10), shutdown, move || async move {
-                    count.fetch_add(1, Ordering::SeqCst);
-                })
-                .await;
-            })
-        };
+        let (count, shutdown, job) = counted(true);
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(count.load(Ordering::SeqCst), 0);
         tokio::time::sleep(Duration::from_secs(10)).await;
