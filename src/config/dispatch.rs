@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{ConfigError, Env};
+use super::{ConfigError, Env, at_least};
 
 /// Claims and leases: what the dispatcher takes from MongoDB and how long it holds it.
 #[derive(Debug, Clone)]
@@ -56,24 +56,21 @@ pub(super) fn retry(env: &Env) -> Result<RetryConfig, ConfigError> {
 }
 
 pub(super) fn dispatch(env: &Env) -> Result<DispatchConfig, ConfigError> {
-    let dispatch = DispatchConfig {
-        lease: env.duration("LEASE_DURATION", "30s")?,
+    Ok(DispatchConfig {
+        // A worker hands a message over (its final dot) only within the lease's last-but-one
+        // quarter; that quarter must leave the dot a second to be written.
+        lease: at_least(
+            "LEASE_DURATION",
+            env.duration("LEASE_DURATION", "30s")?,
+            Duration::from_secs(4),
+            "at least 4s (its last quarter bounds the time a message's final dot may take)",
+        )?,
         claim_batch: env.parse("CLAIM_BATCH", 256, "a letter count from 1 to 5000", |n| (1..=5000).contains(n))?,
         max_bytes: env.parse("DISPATCH_MAX_BYTES", 16 << 20, "a byte count from 1 MiB to 4 GiB", |n| {
             ((1 << 20)..=(4 << 30)).contains(n)
         })?,
         poll_interval: env.positive_duration("DISPATCH_POLL_INTERVAL", "1s")?,
-    };
-    // A worker hands a message over (its final dot) only within the lease's last-but-one
-    // quarter; that quarter must leave the dot a second to be written.
-    if dispatch.lease < Duration::from_secs(4) {
-        return Err(ConfigError::Invalid {
-            var: "LEASE_DURATION",
-            value: humantime::format_duration(dispatch.lease).to_string(),
-            expected: "at least 4s (its last quarter bounds the time a message's final dot may take)".into(),
-        });
-    }
-    Ok(dispatch)
+    })
 }
 
 pub(super) fn chores(env: &Env) -> Result<ChoreConfig, ConfigError> {

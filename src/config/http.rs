@@ -8,7 +8,7 @@ use std::{
 
 use secrecy::SecretString;
 
-use super::{ConfigError, Env};
+use super::{ConfigError, Env, at_least};
 
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -40,7 +40,7 @@ impl HttpConfig {
 }
 
 pub(super) fn read(env: &Env) -> Result<HttpConfig, ConfigError> {
-    let http = HttpConfig {
+    Ok(HttpConfig {
         addr: env.parse(
             "HTTP_ADDR",
             SocketAddr::from(([0, 0, 0, 0], 8000)),
@@ -53,18 +53,15 @@ pub(super) fn read(env: &Env) -> Result<HttpConfig, ConfigError> {
         admin_token: env.secret("ADMIN_TOKEN"),
         admin_networks: networks(env, "ADMIN_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")?,
         admin_networks_chosen: env.optional("ADMIN_ALLOWED_NETWORKS").is_some(),
-        post_timeout: env.positive_duration("HTTP_POST_TIMEOUT", "10s")?,
+        // Below a second librdkafka cannot time a message out reliably (it scans once a second).
+        post_timeout: at_least(
+            "HTTP_POST_TIMEOUT",
+            env.positive_duration("HTTP_POST_TIMEOUT", "10s")?,
+            Duration::from_secs(1),
+            "at least 1s",
+        )?,
         idempotency_window: env.positive_duration("HTTP_IDEMPOTENCY_WINDOW", "24h")?,
-    };
-    // Below a second librdkafka cannot time a message out reliably (it scans once a second).
-    if http.post_timeout < Duration::from_secs(1) {
-        return Err(ConfigError::Invalid {
-            var: "HTTP_POST_TIMEOUT",
-            value: humantime::format_duration(http.post_timeout).to_string(),
-            expected: "at least 1s".into(),
-        });
-    }
-    Ok(http)
+    })
 }
 
 /// An IP network (`10.0.0.0/8`, `::1/128`; a bare address is a single host).

@@ -217,6 +217,15 @@ impl Env {
     }
 }
 
+/// `value`, read from `var`, refused below `min`.
+fn at_least(var: &'static str, value: Duration, min: Duration, expected: &str) -> Result<Duration, ConfigError> {
+    if value < min {
+        let value = humantime::format_duration(value).to_string();
+        return Err(ConfigError::Invalid { var, value, expected: expected.to_owned() });
+    }
+    Ok(value)
+}
+
 pub fn parse_duration(raw: &str) -> Option<Duration> {
     let raw = raw.trim();
     if let Ok(seconds) = raw.parse::<u64>() {
