@@ -19,8 +19,9 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    budget::{Budget, MongoLedger, Plan},
+    budget::{Budget, Plan},
     chore::chore,
+    clock::Clock,
     config::Config,
     control::Control,
     deliverability::{Composer, suppression::Suppressions, topic::SuppressionTopic, unsubscribe::Signer},
@@ -57,6 +58,8 @@ struct Listeners {
     admin: TcpListener,
     /// The one-click endpoint's listener, when `PUBLIC_HTTP_ADDR` is set.
     public: Option<TcpListener>,
+    /// The inbound SMTP listener for DSNs and ARF reports, when `FEEDBACK_SMTP_ADDR` is set.
+    feedback: Option<TcpListener>,
 }
 
 impl App {
@@ -76,15 +79,18 @@ impl App {
             "starting mailsender"
         );
         // Test hook: `MAILSENDER_FAULT_INJECTION=clock_skew_ms:N` sets this host's clock N ms off.
+        let mut skew_ms = 0;
         if let Some(skew) = config.fault_injection.as_deref().and_then(|i| i.strip_prefix("clock_skew_ms:")) {
-            let skew: i64 = skew.parse().context("MAILSENDER_FAULT_INJECTION clock_skew_ms: not a number")?;
-            tracing::warn!(skew_ms = skew, "test hook: this process's wall clock is skewed");
-            crate::model::inject_clock_skew(skew);
+            skew_ms = skew.parse().context("MAILSENDER_FAULT_INJECTION clock_skew_ms: not a number")?;
+            tracing::warn!(skew_ms, "test hook: this process's wall clock is skewed");
         }
         // First, so a bad DKIM key or link template stops the start before anything is connected.
-        let composer = Arc::new(Composer::new(config.smtp.from.clone(), &config.deliverability)?);
+        let composer = Arc::new(
+            Composer::new(config.smtp.from.clone(), &config.deliverability)?
+                .with_return_path(crate::feedback::return_path::ReturnPath::from_config(&config.feedback)),
+        );
         let metrics = Arc::new(Metrics::new());
-        let store = Store::connect(&config.mongo, metrics.clone()).await?;
+        let store = Store::connect(&config.mongo, Clock::host(skew_ms), metrics.clone()).await?;
         retry_at_start("preparing MongoDB", || store.prepare(config.dispatch.lease)).await?;
         if config.kafka.create_topics {
             let topics = [
@@ -94,11 +100,13 @@ impl App {
                 config.deliverability.topic_suppressions.as_str(),
                 config.deliverability.topic_unsubscribed.as_str(),
             ];
+            let feedback = config.feedback.smtp_addr.map(|_| config.feedback.topic.as_str());
+            let topics: Vec<&str> = topics.into_iter().chain(feedback).collect();
             retry_at_start("creating Kafka topics", || kafka::ensure_topics(&config.kafka, &topics)).await?;
         }
         // Read before anything is claimed: a replica started while the deployment is paused
         // must not send a single letter.
-        let control = Control::new(store.database(), &config.mongo.collection, metrics.clone());
+        let control = Control::new(&store, metrics.clone());
         retry_at_start("reading the control document", || async { control.load().await.map(|_| ()) }).await?;
         let producer = kafka::producer(&config.kafka, metrics.clone())?;
         let consumer = Arc::new(kafka::consumer(&config.kafka, metrics.clone())?);
@@ -113,7 +121,8 @@ impl App {
             }
             None => None,
         };
-        let listeners = Listeners { admin, public };
+        let feedback = crate::feedback::listener::bind(&config.feedback).await?;
+        let listeners = Listeners { admin, public, feedback };
         Ok(App { config, store, producer, consumer, suppression_consumer, listeners, metrics, composer, control })
     }
 
@@ -131,7 +140,7 @@ impl App {
             Arc::new(SendContext::new(&config.smtp, config.retry.clone(), lease, budget, metrics, composer, paused)?);
         // Before the HTTP state, which publishes the status messages of letters an operator cancels.
         let report = shared.report(&config);
-        let posts = PostDoor::new(&config, shared.store.database(), shared.metrics.clone())?;
+        let posts = PostDoor::new(&config, &shared.store, shared.metrics.clone())?;
         retry_at_start("preparing the Idempotency-Key collection", || posts.keys.prepare()).await?;
         let consuming = Arc::new(AtomicBool::new(false));
         let admin_state = shared.admin_state(&config, &report, &send, &consuming, &shutdown, posts);
@@ -144,6 +153,13 @@ impl App {
             }
             _ => None,
         };
+        // Stops taking reports when shutdown starts; a session cut short answers 421 or 451,
+        // and the sending MTA delivers its report again.
+        if let Some(listener) = listeners.feedback {
+            let (suppressions, producer) = (shared.suppressions.clone(), shared.producer.clone());
+            let (store, metrics) = (&shared.store, shared.metrics.clone());
+            crate::feedback::listener::start(listener, &config, store, suppressions, producer, metrics, shutdown.clone());
+        }
 
         // Every stage below runs supervised: see [`Supervisor`].
         let supervisor = Supervisor::new(&config, &shutdown);
@@ -248,16 +264,13 @@ struct Shared {
 impl Shared {
     fn new(config: &Config, store: Store, producer: StatusProducer, metrics: Arc<Metrics>, control: Control) -> Shared {
         let owner = format!("{}-{}", config.instance_id, &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let suppressions = Suppressions::new(
-            store.database(),
-            &config.mongo.collection,
-            config.deliverability.suppress_after_hard_bounces,
-        );
+        let suppressions = Suppressions::new(&store, config.deliverability.suppress_after_hard_bounces);
         let lease = Arc::new(LeaseClock::new(config.dispatch.lease, control.cancels()));
         // One budget for every replica, in the letters' database (see `crate::budget`).
-        let budget = Arc::new(Budget::new(
+        let budget = Arc::new(Budget::with_clock(
             Plan::new(&config.smtp),
-            Arc::new(MongoLedger::beside(store.collection(), metrics.clone())),
+            Arc::new(store.ledger()),
+            store.clock().clone(),
             metrics.clone(),
         ));
         tracing::info!(
@@ -358,7 +371,7 @@ impl Shared {
             producer: self.producer.clone(),
             topic: config.deliverability.topic_unsubscribed.clone(),
             store: self.store.clone(),
-            events: self.store.database().collection(&format!("{}_unsubscribed", config.mongo.collection)),
+            events: self.store.unsubscribed(),
             publish_lease: config.kafka.message_timeout + Duration::from_secs(10),
         }))
     }

@@ -20,27 +20,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
-use futures::TryStreamExt;
-use mongodb::{
-    Collection, Database,
-    bson::{Bson, Document, doc},
-};
+use mongodb::bson::Bson;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::store::ControlState;
 use crate::{
+    clock::Clock,
     chore::chore_after,
     metrics::Metrics,
-    model::{Letter, now_ms},
-    store::BatchKey,
+    model::Letter,
+    store::{BatchKey, ControlStore, Store},
 };
 
 /// How often each replica reads the control document: a pause takes effect everywhere within
 /// this plus one MongoDB round trip.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
-
-const DOCUMENT_ID: &str = "dispatch";
 
 /// How long a cancel is remembered. Letters claimed when it came may come back to `awaiting`
 /// (a retry, a pause, a replica that died) and be claimed again much later; a week outlasts
@@ -123,19 +118,10 @@ impl CancelProbe {
     }
 }
 
-/// The control state as stored.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ControlState {
-    pub paused: bool,
-    /// When it last changed, Unix milliseconds; 0 when never set.
-    pub updated_ms: i64,
-    /// The instance whose API changed it last.
-    pub updated_by: Option<String>,
-}
-
 #[derive(Clone)]
 pub struct Control {
-    documents: Collection<Document>,
+    documents: ControlStore,
+    clock: Clock,
     /// Read by the workers before every send, without waiting.
     flag: Arc<AtomicBool>,
     /// For the dispatcher to sleep until resumed.
@@ -145,9 +131,10 @@ pub struct Control {
 }
 
 impl Control {
-    pub fn new(db: &Database, letters_collection: &str, metrics: Arc<Metrics>) -> Control {
+    pub fn new(store: &Store, metrics: Arc<Metrics>) -> Control {
         Control {
-            documents: db.collection(&format!("{letters_collection}_control")),
+            documents: store.control(),
+            clock: store.clock().clone(),
             flag: Arc::default(),
             state: Arc::new(watch::Sender::new(false)),
             cancels: Cancels::default(),
@@ -189,22 +176,10 @@ impl Control {
     /// to this replica.
     pub async fn load(&self) -> anyhow::Result<ControlState> {
         let started = Instant::now();
-        let since = now_ms() - CANCEL_MEMORY_MS;
-        let documents: Vec<Document> = self
-            .documents
-            .find(doc! { "$or": [ { "_id": DOCUMENT_ID }, { "kind": CANCEL_KIND, "at_ms": { "$gte": since } } ] })
-            .await
-            .context("reading the control documents")?
-            .try_collect()
-            .await
-            .context("reading the control documents")?;
-        let state = documents
-            .iter()
-            .find(|d| d.get_str("_id") == Ok(DOCUMENT_ID))
-            .map(state_of)
-            .unwrap_or(ControlState { paused: false, updated_ms: 0, updated_by: None });
+        let since = self.clock.now_ms() - CANCEL_MEMORY_MS;
+        let (state, cancelled) = self.documents.read(since).await?;
         self.apply(state.paused);
-        self.cancels.replace(documents.iter().filter_map(cancel_of).collect(), started);
+        self.cancels.replace(cancelled, started);
         Ok(state)
     }
 
@@ -212,60 +187,24 @@ impl Control {
     /// replica, and applies it here at once: a letter already claimed ends `cancelled` instead of
     /// being sent.
     pub async fn cancel(&self, key: &BatchKey, by: &str, now_ms: i64) -> anyhow::Result<()> {
-        let (id, mut document) = cancel_document(key);
-        document.extend(doc! { "_id": &id, "kind": CANCEL_KIND, "at_ms": now_ms, "by": by });
-        self.documents
-            .replace_one(doc! { "_id": &id }, document)
-            .upsert(true)
-            .await
-            .context("recording the cancel in the control collection")?;
+        self.documents.cancel(key, by, now_ms, now_ms - CANCEL_MEMORY_MS).await?;
         self.cancels.change(key.clone(), Some(now_ms));
-        // Cancels past their memory are no longer read; deleting them keeps the collection small.
-        let forgotten = doc! { "kind": CANCEL_KIND, "at_ms": { "$lt": now_ms - CANCEL_MEMORY_MS } };
-        if let Err(error) = self.documents.delete_many(forgotten).await {
-            tracing::debug!(error = %error, "deleting old cancels failed");
-        }
         Ok(())
     }
 
     /// Forgets the cancel of `key` (its letters are retried); says whether there was one. The
     /// other replicas forget it at their next read, within [`POLL_INTERVAL`].
     pub async fn forget_cancel(&self, key: &BatchKey) -> anyhow::Result<bool> {
-        let (id, _) = cancel_document(key);
-        let deleted = self
-            .documents
-            .delete_one(doc! { "_id": &id })
-            .await
-            .context("forgetting a cancel in the control collection")?;
+        let forgotten = self.documents.forget_cancel(key).await?;
         self.cancels.change(key.clone(), None);
-        Ok(deleted.deleted_count > 0)
+        Ok(forgotten)
     }
 
     /// Stores the state for every replica, and applies it here at once.
     pub async fn set_paused(&self, paused: bool, by: &str, now_ms: i64) -> anyhow::Result<ControlState> {
-        // An integer: the Mongo-wire server stores booleans set by `$set` as integers anyway.
-        let fields = doc! { "paused": i32::from(paused), "updated_ms": now_ms, "updated_by": by };
-        // Update, else insert (upserts are not relied on; see `Store::try_lock`); a concurrent
-        // first insert from another replica makes the second update win.
-        for _ in 0..2 {
-            let updated = self
-                .documents
-                .update_one(doc! { "_id": DOCUMENT_ID }, doc! { "$set": fields.clone() })
-                .await
-                .context("writing the control document")?;
-            if updated.matched_count == 1 {
-                break;
-            }
-            let mut document = fields.clone();
-            document.insert("_id", DOCUMENT_ID);
-            match self.documents.insert_one(document).await {
-                Ok(_) => break,
-                Err(error) if is_duplicate(&error) => continue,
-                Err(error) => return Err(anyhow::Error::new(error).context("creating the control document")),
-            }
-        }
+        let state = self.documents.set_paused(paused, by, now_ms).await?;
         self.apply(paused);
-        Ok(ControlState { paused, updated_ms: now_ms, updated_by: Some(by.to_owned()) })
+        Ok(state)
     }
 
     /// Follows the stored state until `shutdown`. A failed read keeps the last known state: a
@@ -282,66 +221,9 @@ impl Control {
     }
 }
 
-fn state_of(document: &Document) -> ControlState {
-    let paused = match document.get("paused") {
-        Some(Bson::Boolean(b)) => *b,
-        Some(Bson::Int32(n)) => *n != 0,
-        Some(Bson::Int64(n)) => *n != 0,
-        _ => false,
-    };
-    let updated_ms = match document.get("updated_ms") {
-        Some(Bson::Int64(n)) => *n,
-        Some(Bson::Int32(n)) => i64::from(*n),
-        _ => 0,
-    };
-    ControlState { paused, updated_ms, updated_by: document.get_str("updated_by").ok().map(str::to_owned) }
-}
-
-const CANCEL_KIND: &str = "cancel";
-
-/// The `_id` of a batch's cancel document, and the field that holds its key.
-fn cancel_document(key: &BatchKey) -> (String, Document) {
-    match key {
-        BatchKey::Text(text) => (format!("cancel:text:{text}"), doc! { "text": text }),
-        BatchKey::Base64(b64) => (format!("cancel:b64:{b64}"), doc! { "b64": b64 }),
-    }
-}
-
-fn cancel_of(document: &Document) -> Option<(BatchKey, i64)> {
-    if document.get_str("kind") != Ok(CANCEL_KIND) {
-        return None;
-    }
-    let key = match (document.get_str("text"), document.get_str("b64")) {
-        (Ok(text), _) => BatchKey::Text(text.to_owned()),
-        (_, Ok(b64)) => BatchKey::Base64(b64.to_owned()),
-        _ => return None,
-    };
-    let at_ms = match document.get("at_ms") {
-        Some(Bson::Int64(n)) => *n,
-        Some(Bson::Int32(n)) => i64::from(*n),
-        _ => return None,
-    };
-    Some((key, at_ms))
-}
-
-fn is_duplicate(error: &mongodb::error::Error) -> bool {
-    use mongodb::error::{ErrorKind, WriteFailure};
-    matches!(error.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == 11000)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stored_flags_of_any_shape_are_read() {
-        assert!(state_of(&doc! { "paused": 1_i32 }).paused);
-        assert!(state_of(&doc! { "paused": true }).paused);
-        assert!(!state_of(&doc! { "paused": 0_i64 }).paused);
-        assert!(!state_of(&doc! {}).paused);
-        let state = state_of(&doc! { "paused": 1_i32, "updated_ms": 42_i64, "updated_by": "pod-a" });
-        assert_eq!(state, ControlState { paused: true, updated_ms: 42, updated_by: Some("pod-a".into()) });
-    }
 
     #[test]
     fn cancels_cover_the_letters_created_before_them() {
@@ -359,8 +241,5 @@ mod tests {
         assert!(cancels.covers(&probe(Some(key.clone()), 1)));
         cancels.replace(HashMap::new(), Instant::now());
         assert!(!cancels.covers(&probe(Some(key.clone()), 1)));
-        let (id, mut document) = cancel_document(&key);
-        document.extend(doc! { "_id": id, "kind": CANCEL_KIND, "at_ms": 7_i32 });
-        assert_eq!(cancel_of(&document), Some((key, 7)));
     }
 }

@@ -46,6 +46,12 @@ pub struct WindowLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FeedbackLabel {
+    pub kind: &'static str,
+    pub source: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RelayLabel {
     /// `host:port`, as `SMTP_HOST` names the relay.
     pub relay: String,
@@ -89,6 +95,10 @@ pub struct Metrics {
     pub budget_units_missed: Counter,
     pub budget_units_returned: Counter,
     pub budget_withdrawn: Counter,
+    /// Bounces, complaints and delays recorded (`crate::feedback`), by kind and source.
+    pub feedback_events: Family<FeedbackLabel, Counter>,
+    pub feedback_duplicates: Counter,
+    pub feedback_unparsed: Counter,
 }
 
 impl Metrics {
@@ -99,6 +109,10 @@ impl Metrics {
             state: self.smtp_relay_state.get_or_create(&label).clone(),
             failovers: self.smtp_relay_failovers.get_or_create(&label).clone(),
         }
+    }
+
+    pub fn feedback_event(&self, kind: &'static str, source: &'static str) {
+        self.feedback_events.get_or_create(&FeedbackLabel { kind, source }).inc();
     }
 
     pub fn new() -> Metrics {
@@ -137,6 +151,9 @@ impl Metrics {
             budget_units_missed: Counter::default(),
             budget_units_returned: Counter::default(),
             budget_withdrawn: Counter::default(),
+            feedback_events: Family::default(),
+            feedback_duplicates: Counter::default(),
+            feedback_unparsed: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("letters_received", "Letters decoded from Kafka batches", metrics.received.clone());
@@ -272,6 +289,21 @@ impl Metrics {
             "budget_messages_withdrawn",
             "Messages withdrawn before their final dot because no unit of the budget came within the hold bound (the letter goes back without costing an attempt)",
             metrics.budget_withdrawn.clone(),
+        );
+        registry.register(
+            "feedback_events",
+            "Bounces, complaints and delays recorded from DSNs and ARF reports, by kind and source",
+            metrics.feedback_events.clone(),
+        );
+        registry.register(
+            "feedback_duplicates",
+            "Feedback events reported again (an MTA's retry, a second report of one bounce) and recorded once",
+            metrics.feedback_duplicates.clone(),
+        );
+        registry.register(
+            "feedback_unparsed",
+            "Messages the feedback listener took but could not use (kept in <collection>_feedback_unparsed)",
+            metrics.feedback_unparsed.clone(),
         );
         registry.register("build", "Build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
         Metrics { registry, ..metrics }

@@ -186,6 +186,28 @@ pub struct Letter {
     /// Last change, in Unix milliseconds.
     #[serde(default)]
     pub updated_ms: i64,
+    /// Bounces, complaints and delays reported after the relay took the letter (issue 20,
+    /// `crate::feedback`), by event key (one per recipient and kind); written by the feedback
+    /// listener only.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub feedback: std::collections::BTreeMap<String, FeedbackNote>,
+}
+
+/// One feedback event as stored on its letter (see `crate::feedback::Event`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FeedbackNote {
+    pub address: String,
+    /// `hard_bounce`, `soft_bounce`, `complaint` or `delay`.
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnostic: Option<String>,
+    /// `dsn` or `arf`.
+    pub source: String,
+    pub time_ms: i64,
+    /// The event's identity, which makes a repeated report a no-op.
+    pub key: String,
 }
 
 impl Letter {
@@ -220,6 +242,7 @@ impl Letter {
             unreported: failed.then_some(1),
             created_at: Some(Bson::DateTime(DateTime::from_millis(now_ms))),
             updated_ms: now_ms,
+            feedback: Default::default(),
         };
         letter.size_bytes = letter.text_bytes() as i64;
         letter
@@ -256,6 +279,7 @@ impl Letter {
             unreported: self.unreported,
             created_at: self.created_at.clone(),
             updated_ms: self.updated_ms,
+            feedback: Default::default(),
         }
     }
 
@@ -378,29 +402,6 @@ impl StatusMessage {
                 .collect(),
         }
     }
-}
-
-/// The host's wall clock in Unix milliseconds. Lease times compare across replicas, so they use
-/// [`crate::store::Store::now_ms`], this corrected to MongoDB's clock.
-pub fn now_ms() -> i64 {
-    let host = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default();
-    host + CLOCK_SKEW_MS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Moves this process's wall clock, as if its host's clock were off: set only by the test hook
-/// `MAILSENDER_FAULT_INJECTION=clock_skew_ms:N`.
-static CLOCK_SKEW_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-
-pub fn inject_clock_skew(ms: i64) {
-    CLOCK_SKEW_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// The test hook's skew, for the other wall-clock reads of the process (the budget's).
-pub fn clock_skew_ms() -> i64 {
-    CLOCK_SKEW_MS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn is_zero(n: &i64) -> bool {

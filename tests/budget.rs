@@ -501,6 +501,53 @@ async fn replicas_whose_clocks_run_ahead_still_send_at_the_budgets_pace() {
     assert!(took <= 100.0 / 20.0 * 1.2, "100 letters took {took:.2}s at 20/s");
 }
 
+/// A replica whose clock runs ten minutes ahead of MongoDB's does not hold back the others (issue
+/// 18): it sends at the budget's pace, and a replica on time that takes its letters over goes on
+/// at that pace. Before the first grant was measured, the replica ahead wrote it ten minutes into
+/// the server's future, and no replica sent for ten minutes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_ten_minutes_ahead_does_not_hold_back_the_others() {
+    let _serial = TIMING.lock().await;
+    let sinks = [SmtpSink::start().await, SmtpSink::start().await];
+    let mut ahead = TestApp::spawn(
+        &sinks[0],
+        &[
+            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", "20"),
+            ("MAILSENDER_FAULT_INJECTION", "clock_skew_ms:600000"),
+            DOTS,
+        ],
+    )
+    .await;
+    feed(&ahead, "ahead", 100).await;
+    received_from(&[&sinks[0]], 20, Duration::from_secs(15)).await;
+
+    // A replica on time joins, and the one ahead stops (gracefully: the letters it holds go back
+    // at once), so the on-time replica sends the rest on the budget the other one wrote. The
+    // letters are all stored already: no Kafka rebalance is waited for.
+    let mut env = Replica::env_from(&ahead, &format!("{}-on-time", ahead.name), sinks[1].port);
+    env.remove("MAILSENDER_FAULT_INJECTION");
+    let on_time = Replica::start(env).await;
+    let pid = ahead.pid().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(ahead.wait_exit(Duration::from_secs(30)).await.success());
+    let received = received_from(&[&sinks[0], &sinks[1]], 100, Duration::from_secs(30)).await;
+    let (first, second) = (sinks[0].received(), sinks[1].received());
+    let took = span(&second);
+    println!(
+        "10 min ahead, then on time, 20/s: {} letters from the replica ahead, then {} in {took:.2}s",
+        first.len(),
+        second.len()
+    );
+    assert!(second.len() >= 10, "the replica on time sent {} letters", second.len());
+    assert!(took <= second.len() as f64 / 20.0 * 1.2 + 0.5, "{} letters took {took:.2}s at 20/s", second.len());
+    // Each replica's own dots (on its own host clock) and the relays' record of both.
+    assert_cap_per_second(&[ahead.log()], first.len(), &first, 20);
+    assert_cap_per_second(&[on_time.log()], second.len(), &second, 20);
+    let (busiest, at) = busiest_window(&received, 1.0, |_| 1);
+    assert!(busiest <= 20 + RELAY_JITTER, "{busiest} letters within one second at the relays (from +{at:.2}s)");
+}
+
 /// A daily limit written as a 24 h period with a burst (2,000 a day, burst 100): after idle
 /// time up to 100 letters go at once, whatever the period (before: 1 letter in 10 s).
 #[tokio::test(flavor = "multi_thread")]
@@ -560,4 +607,30 @@ async fn a_unit_that_cannot_come_in_time_withdraws_the_message_without_an_attemp
     assert_eq!(letters[0].attempts, 1, "the withdrawn attempt must not count");
     assert_eq!(sink.received().len(), 1);
     assert!(withdrawn >= 1.0, "no message was withdrawn for want of a unit");
+}
+
+/// Amazon SES counts its send rate in recipients: 14 a second, with the default
+/// `SMTP_MAX_RECIPIENTS` (50), two replicas, 84 one-recipient letters. The budget sends 14
+/// recipients a second, not the 1 a second left once room for a 14-recipient message was set
+/// aside every second (before: 0.99 recipients/s), and no second holds more than 14.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_budget_in_recipients_uses_its_rate() {
+    let _serial = TIMING.lock().await;
+    let sinks = [SmtpSink::start().await, SmtpSink::start().await];
+    let budget = [
+        ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+        ("SMTP_RATE_LIMIT_MAX_LETTERS", "14"),
+        ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+        DOTS,
+    ];
+    let app = TestApp::spawn(&sinks[0], &budget).await;
+    let b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sinks[1].port)).await;
+    feed(&app, "ses", 84).await;
+    let received = received_from(&[&sinks[0], &sinks[1]], 84, Duration::from_secs(30)).await;
+    let took = span(&received);
+    println!("SES 14 recipients/s, 2 replicas: 84 letters in {took:.2}s ({:.2}/s)", 83.0 / took);
+    assert_eq!(received.len(), 84);
+    assert_cap_per_second(&[app.log(), b.log()], 84, &received, 14);
+    // 84 letters at 14 a second: the first and the last 83 units apart, 5.9 s; 10 % slack.
+    assert!(took <= 83.0 / 14.0 * 1.1, "84 letters took {took:.2}s at 14 recipients/s: more than 10 % over 5.9 s");
 }

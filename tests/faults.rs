@@ -18,7 +18,10 @@ use std::{
 
 use chaos::{ChaosSink, EagerSink, Feeder, Replica, Server, Stack, rcpt_counts, read_topic, report, tally};
 use common::*;
-use mailsender::model::{Letter, Status, now_ms};
+use mailsender::{
+    clock::host_ms,
+    model::{Letter, Status},
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
@@ -94,7 +97,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_bounds_duplicates() {
     let seed: u64 = std::env::var("FAULTS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| now_ms() as u64 ^ u64::from(std::process::id()));
+        .unwrap_or_else(|| host_ms() as u64 ^ u64::from(std::process::id()));
     println!("kill -9 chaos: seed {seed} (set FAULTS_SEED={seed} to replay the same kill times)");
     let mut rng = StdRng::seed_from_u64(seed);
 
@@ -169,7 +172,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_bounds_duplicates() {
                 .filter(|l| {
                     l.status == Status::Processing
                         && l.owner.as_deref().is_some_and(|o| owned_by(o, instance))
-                        && l.lease_ms.unwrap_or_default() > now_ms()
+                        && l.lease_ms.unwrap_or_default() > host_ms()
                 })
                 .count();
             let hint = if renewed > 0 {

@@ -221,7 +221,7 @@ async fn finished_letters_past_retention_are_deleted_and_nothing_else() {
     }
     let mut recent = stored("recent sent", "recent@example.org");
     recent.insert("status", "sent");
-    recent.insert("updated_ms", mailsender::model::now_ms());
+    recent.insert("updated_ms", mailsender::clock::host_ms());
     documents.push(recent);
     app.insert_raw(documents).await;
     let left = wait_for("retention to delete the old finished letters", LONG, || async {
@@ -471,7 +471,7 @@ async fn a_letter_taken_over_mid_transaction_is_withdrawn_before_its_final_dot()
 /// Leases every `processing` letter to another replica, as one that reaped them while this app
 /// was cut off from MongoDB would have; returns how many.
 async fn take_over_processing_letters(app: &TestApp) -> u64 {
-    let far = mailsender::model::now_ms() + 600_000;
+    let far = mailsender::clock::host_ms() + 600_000;
     app.update_raw(
         doc! { "status": "processing" },
         doc! { "$set": { "owner": "another-replica", "lease_ms": far, "claim": "theirs" } },

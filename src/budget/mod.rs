@@ -20,9 +20,9 @@
 //! takes *loose* grants instead: a few units usable at any moment of the next [`LOOKAHEAD`] (see
 //! [`Plan::loose_max`] for why that cannot crowd a window). The grant is
 //! computed here and written with a compare-and-set on a version number, which the Mongo-wire
-//! server we test on supports (it has no pipeline updates). Times are the server's: each write
-//! stamps `$currentDate`, and every replica maps the server's clock onto its own from that stamp,
-//! so pod clock skew does not break the spacing.
+//! server we test on supports (it has no pipeline updates). Times are the server's: the process's
+//! one [`Clock`], measured before the first decision and moved by each write's `$currentDate`
+//! stamp, so pod clock skew does not break the spacing.
 //!
 //! Without MongoDB a replica cannot prove it has budget: it sends nothing beyond the grant it
 //! already holds, says so in `/ready` and `mailsender_budget_available`, and resumes when
@@ -33,12 +33,15 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use tokio::time::Instant;
 
-use crate::metrics::{Metrics, WindowLabel};
+use crate::{
+    clock::{Clock, Reading},
+    metrics::{Metrics, WindowLabel},
+};
 
 mod ledger;
 mod pool;
@@ -46,7 +49,7 @@ mod schedule;
 #[cfg(test)]
 mod sim;
 
-pub use ledger::{Ledger, MemoryLedger, MongoLedger};
+pub use ledger::{Ledger, MemoryLedger};
 use pool::{Pool, Taken};
 pub use schedule::{Decision, LooseGrant, Placed, Plan, QuotaPlan, Run, State, decide, usage};
 
@@ -80,62 +83,8 @@ const LOOSE_SPAN: Duration = LOOKAHEAD;
 const PREFETCH_MARGIN: Duration = Duration::from_millis(25);
 /// How often a replica without MongoDB tries again.
 const RETRY: Duration = Duration::from_millis(500);
-/// Readings of the server's clock taken before the first decision, the shortest kept.
-const CLOCK_READINGS: usize = 5;
 /// Concurrent changes by other replicas tolerated in one grant before backing off.
 const CAS_ATTEMPTS: usize = 8;
-
-fn local_ms() -> i64 {
-    local_ns() / 1_000_000
-}
-
-/// The host's wall clock in Unix nanoseconds, with the test hook's skew
-/// (`MAILSENDER_FAULT_INJECTION=clock_skew_ms:N`) like every wall-clock read of the process: the
-/// budget maps MongoDB's clock onto it, measured before its first decision.
-pub(crate) fn local_ns() -> i64 {
-    let host = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
-    host + crate::model::clock_skew_ms() * 1_000_000
-}
-
-/// The server's clock as seen from here: a local instant and the server time it stands for.
-#[derive(Debug, Clone, Copy)]
-struct ServerClock {
-    base: Instant,
-    base_ns: i64,
-}
-
-impl ServerClock {
-    fn now_ns(&self) -> i64 {
-        self.at_ns(Instant::now())
-    }
-
-    fn at_ns(&self, instant: Instant) -> i64 {
-        match instant.checked_duration_since(self.base) {
-            Some(after) => self.base_ns + after.as_nanos() as i64,
-            None => self.base_ns - self.base.duration_since(instant).as_nanos() as i64,
-        }
-    }
-
-    fn instant(&self, ns: i64) -> Instant {
-        if ns >= self.base_ns {
-            self.base + Duration::from_nanos((ns - self.base_ns) as u64)
-        } else {
-            self.base.checked_sub(Duration::from_nanos((self.base_ns - ns) as u64)).unwrap_or(self.base)
-        }
-    }
-
-    /// The server wrote at `server_ms` (truncated to the millisecond) between `sent` and
-    /// `received`: move our idea of its clock when it is off by more than that uncertainty.
-    fn observe(&mut self, server_ms: i64, sent: Instant, received: Instant) {
-        let middle = sent + received.duration_since(sent) / 2;
-        let observed = server_ms * 1_000_000 + 500_000;
-        let error = observed - self.at_ns(middle);
-        let uncertainty = received.duration_since(sent).as_nanos() as i64 / 2 + 1_000_000;
-        if error.abs() > uncertainty {
-            self.base_ns += error;
-        }
-    }
-}
 
 /// When a message may be handed over: its final dot waits for `at`.
 #[derive(Debug, Clone, Copy)]
@@ -186,10 +135,11 @@ pub struct Budget {
     refilling: AtomicBool,
     /// This replica's letters are running out (see [`Budget::letters_running_out`]).
     running_out: AtomicBool,
-    clock: std::sync::Mutex<ServerClock>,
-    /// The server's clock has been read: until it is, nothing is decided (a host clock minutes
-    /// ahead would write its first grant minutes into the server's future, and every replica
-    /// would wait for it).
+    /// The server's clock: until it is measured, nothing is decided (a host clock minutes ahead
+    /// would write its first grant minutes into the server's future, and every replica would
+    /// wait for it).
+    clock: Clock,
+    /// This budget measured the clock before its first decision.
     clock_measured: AtomicBool,
     waiting: AtomicUsize,
     available: AtomicBool,
@@ -201,23 +151,26 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// For unit tests: a clock of its own, this host's.
+    #[cfg(test)]
     pub fn new(plan: Plan, ledger: Arc<dyn Ledger>, metrics: Arc<Metrics>) -> Budget {
-        Budget::with_host_clock(plan, ledger, metrics, local_ns())
+        Budget::with_clock(plan, ledger, Clock::default(), metrics)
     }
 
-    /// As [`Budget::new`], with the host's clock reading `host_ns` now: the simulation gives each
-    /// replica its own clock offset.
-    pub fn with_host_clock(plan: Plan, ledger: Arc<dyn Ledger>, metrics: Arc<Metrics>, host_ns: i64) -> Budget {
-        let clock = ServerClock { base: Instant::now(), base_ns: host_ns };
+    /// The budget on the process's clock (see [`crate::clock`]), which it measures again through
+    /// the ledger right before its first decision.
+    pub fn with_clock(plan: Plan, ledger: Arc<dyn Ledger>, clock: Clock, metrics: Arc<Metrics>) -> Budget {
         metrics.budget_available.set(1);
+        let mut pool = Pool::default();
+        pool.charged_at_end = plan.exact.is_some();
         Budget {
             plan,
             ledger,
-            pool: std::sync::Mutex::new(Pool::default()),
+            pool: std::sync::Mutex::new(pool),
             granting: tokio::sync::Mutex::new(None),
             refilling: AtomicBool::new(false),
             running_out: AtomicBool::new(false),
-            clock: std::sync::Mutex::new(clock),
+            clock,
             clock_measured: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             available: AtomicBool::new(true),
@@ -274,8 +227,13 @@ impl Budget {
         lead.clamp(LEAD_MIN.as_nanos() as i64, LEAD_MAX.as_nanos() as i64).max(slow)
     }
 
-    fn clock(&self) -> ServerClock {
-        *self.clock.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// The clock the budget's times are on.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    fn reading(&self) -> Reading {
+        self.clock.reading()
     }
 
     fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -301,7 +259,7 @@ impl Budget {
             if let Some(ticket) = self.from_pool(units, asked) {
                 return ticket;
             }
-            let clock = self.clock();
+            let clock = self.reading();
             let waiting = self.waiting.load(Ordering::Relaxed);
             let mut want = self.pool().want(units, waiting, &self.plan);
             if self.scarce() {
@@ -355,7 +313,7 @@ impl Budget {
     /// A ticket from the units already granted, if there are any; starts the next grant in the
     /// background when the pool runs low.
     fn from_pool(self: &Arc<Self>, units: u32, asked: Instant) -> Option<Ticket> {
-        let clock = self.clock();
+        let clock = self.reading();
         let now_ns = clock.now_ns();
         let lead_ns = self.lead_ns();
         // Units past by more than the lateness allowed expire: a message on them would be late, and could
@@ -371,17 +329,11 @@ impl Budget {
             self.refill();
         }
         let issued = Instant::now();
-        let (at, unit, placed) = match taken {
-            Taken::At(last_ns) => {
-                let first_ns = last_ns - i64::from(units - 1) * self.plan.interval_ns;
-                let placed = Placed { first_ns, count: units, step_ns: self.plan.interval_ns };
-                (clock.instant(last_ns - self.plan.tolerance_ns), clock.instant(last_ns), placed)
-            }
+        let (taken, placed) = taken;
+        let (at, unit) = match taken {
+            Taken::At(last_ns) => (clock.instant(last_ns - self.plan.tolerance_ns), clock.instant(last_ns)),
             // Any moment until then: the lateness allowed past `unit` brings it to `until`.
-            Taken::Until(until_ns) => {
-                let placed = Placed { first_ns: until_ns, count: units, step_ns: 0 };
-                (issued, clock.instant(until_ns - late_ns), placed)
-            }
+            Taken::Until(until_ns) => (issued, clock.instant(until_ns - late_ns)),
         };
         Some(Ticket { at, unit, issued, units, waited: asked.elapsed(), placed })
     }
@@ -431,9 +383,16 @@ impl Budget {
     pub async fn give_back(&self) {
         // After a grant on its way has landed, so its units go back too.
         let mut granting = self.granting.lock().await;
-        let clock = self.clock();
+        let clock = self.reading();
         let now_ns = clock.now_ns();
         let from_ns = now_ns + 2 * self.round_trip_ns.load(Ordering::Relaxed) + LEAD_MIN.as_nanos() as i64;
+        if self.plan.exact.is_some() {
+            // Charged where their grants end, they cannot join the schedule's returned runs: they
+            // go back to the quotas with the next write.
+            let units = self.pool().expire_from(from_ns, self.plan.interval_ns);
+            self.metrics.budget_units_returned.inc_by(units);
+            return;
+        }
         let runs = self.pool().take_back(from_ns, self.plan.interval_ns);
         if runs.is_empty() {
             return;
@@ -473,34 +432,19 @@ impl Budget {
         }
     }
 
-    /// Reads the server's clock, once, before the first decision.
+    /// Reads the server's clock, once, right before the first decision. The service's clock was
+    /// measured at start already, so nothing before was decided on this host's; measured again
+    /// here, when the process is no longer busy starting, the readings are shorter and the
+    /// replicas' clocks closer (what they differ by comes out of the guard).
     async fn measure_clock(&self) -> anyhow::Result<()> {
         if self.clock_measured.load(Ordering::Acquire) {
             return Ok(());
         }
-        // The reading with the shortest round trip of a few (the first also opens a connection):
-        // its uncertainty is what two replicas' ideas of the server's clock may differ by, and
-        // that comes out of the guard (seen: 5 ms apart from single readings, 21 dots in a second).
-        let mut best: Option<(i64, Instant, Instant)> = None;
-        for _ in 0..CLOCK_READINGS {
-            let sent = Instant::now();
-            let server_ms = self.ledger.server_time().await?;
-            let received = Instant::now();
-            if best.is_none_or(|(_, s, r)| received.duration_since(sent) < r.duration_since(s)) {
-                best = Some((server_ms, sent, received));
-            }
-        }
-        let Some((server_ms, sent, received)) = best else { return Ok(()) };
-        let mut clock = self.clock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let before = clock.at_ns(received);
-        // Moved only when off by more than the reading's uncertainty, as on every write: a host
-        // clock in step with the server's is better than a reading truncated to the millisecond.
-        clock.observe(server_ms, sent, received);
-        let offset_ms = (clock.at_ns(received) - before) / 1_000_000;
+        let readings = crate::clock::FIRST_READINGS;
+        let offset_ms = self.clock.measure(readings, Duration::ZERO, || self.ledger.server_time()).await?;
         if offset_ms.abs() > 1_000 {
             tracing::warn!(offset_ms, "this host's clock differs from MongoDB's; the sending budget follows MongoDB's");
         }
-        drop(clock);
         self.clock_measured.store(true, Ordering::Release);
         Ok(())
     }
@@ -515,7 +459,7 @@ impl Budget {
         let unused = self.pool().take_expired();
         for _ in 0..CAS_ATTEMPTS {
             let stored = self.latest(granting).await?;
-            let clock = self.clock();
+            let clock = self.reading();
             let now_ns = clock.now_ns();
             let lead_ns = self.lead_ns() + self.round_trip_ns.load(Ordering::Relaxed);
             let state = schedule::refund(&stored, &self.plan, now_ns, &unused);
@@ -547,10 +491,7 @@ impl Budget {
                     let previous = self.round_trip_ns.load(Ordering::Relaxed);
                     let next_estimate = if took > previous { took } else { previous - (previous - took) / 4 };
                     self.round_trip_ns.store(next_estimate, Ordering::Relaxed);
-                    self.clock
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .observe(server_ms, sent, received);
+                    self.clock.observe(server_ms, sent, received);
                     self.publish(&next, now_ns);
                     *granting = Some(next);
                     if wait.is_some() {
@@ -571,7 +512,7 @@ impl Budget {
         }
         // Many replicas racing for the same document: step back briefly, as if it were busy.
         // The units that passed unused stay uncounted-back: lost, never counted twice.
-        Ok(Some((self.clock().now_ns() + 5_000_000, "contention".to_owned())))
+        Ok(Some((self.clock.now_ns() + 5_000_000, "contention".to_owned())))
     }
 
     fn publish(&self, state: &State, now_ns: i64) {
@@ -596,6 +537,27 @@ mod tests {
     use super::*;
 
     use super::schedule::tests::{S, smtp};
+
+    /// A replica whose host clock runs ten minutes ahead measures the server's clock before its
+    /// first grant, so the grant lies at the server's now and a replica on time is not held back
+    /// (before: its first grant was written ten minutes into the server's future).
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_ten_minutes_ahead_does_not_hold_back_the_others() {
+        let config = smtp(&[("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "20")]);
+        let ledger = Arc::new(MemoryLedger::slow(Duration::from_millis(2)));
+        let plan = Plan::new(&config);
+        let ahead = Clock::host(600_000);
+        let first = Arc::new(Budget::with_clock(plan.clone(), ledger.clone(), ahead.clone(), Arc::new(Metrics::new())));
+        let started = Instant::now();
+        let ticket = first.take(1).await;
+        assert!(ahead.is_measured(), "measured before the first grant");
+        assert!(ticket.at.duration_since(started) < Duration::from_secs(1), "the replica ahead sends at once");
+        let on_time = Arc::new(Budget::new(plan, ledger.clone(), Arc::new(Metrics::new())));
+        let asked = Instant::now();
+        let ticket = on_time.take(1).await;
+        let waited = ticket.at.duration_since(asked);
+        assert!(waited < Duration::from_secs(1), "the replica on time waited {waited:?}");
+    }
 
     /// The benchmark's "no limit": a million per second with a burst of 1,000. Grants are still
     /// few and every one is used (a grant whose units had all passed once looped forever).

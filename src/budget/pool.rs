@@ -20,6 +20,9 @@ pub(super) struct Pool {
     since: Option<Instant>,
     /// Units per second this replica uses, smoothed.
     rate: f64,
+    /// Each run's units are charged at its last unit ([`Plan::placed`]): runs are never joined,
+    /// and units that pass unused go back to the quotas from there.
+    pub(super) charged_at_end: bool,
 }
 
 /// Units taken from the pool for one message.
@@ -35,7 +38,7 @@ impl Pool {
     /// `units` for one message: loose ones that are still usable at `ready_ns` (when the message
     /// can be ready), else the last of `units` consecutive units not before `now_ns`. Units
     /// passed over are kept for the quotas ([`Pool::take_expired`]).
-    pub(super) fn take(&mut self, units: u32, interval_ns: i64, now_ns: i64, ready_ns: i64) -> Option<Taken> {
+    pub(super) fn take(&mut self, units: u32, interval_ns: i64, now_ns: i64, ready_ns: i64) -> Option<(Taken, Placed)> {
         while let Some((until, count)) = self.loose.front_mut() {
             if *until < ready_ns || *count < units {
                 self.expired.push(Placed { first_ns: *until, count: *count, step_ns: 0 });
@@ -48,32 +51,42 @@ impl Pool {
                 self.loose.pop_front();
             }
             self.handed += u64::from(units);
-            return Some(Taken::Until(until));
+            return Some((Taken::Until(until), Placed { first_ns: until, count: units, step_ns: 0 }));
         }
         while let Some(whole) = self.runs.pop_front() {
             // Units before `now_ns` are of no use: spending them late could crowd a window.
             let run = whole.from(now_ns, interval_ns);
             let kept = run.map_or(0, |run| run.count);
             if kept < whole.count {
-                self.expired.push(Placed { first_ns: whole.first_ns, count: whole.count - kept, step_ns: interval_ns });
+                self.expired.push(self.placed(whole, whole.first_ns, whole.count - kept, interval_ns));
             }
             let Some(mut run) = run else { continue };
             // Too few consecutive units for this message: they expire unused rather than split
             // it across other replicas' units.
             if run.count < units {
-                self.expired.push(Placed { first_ns: run.first_ns, count: run.count, step_ns: interval_ns });
+                self.expired.push(self.placed(whole, run.first_ns, run.count, interval_ns));
                 continue;
             }
             let last = run.first_ns + i64::from(units - 1) * interval_ns;
+            let placed = self.placed(whole, run.first_ns, units, interval_ns);
             run.first_ns += i64::from(units) * interval_ns;
             run.count -= units;
             if run.count > 0 {
                 self.runs.push_front(run);
             }
             self.handed += u64::from(units);
-            return Some(Taken::At(last));
+            return Some((Taken::At(last), placed));
         }
         None
+    }
+
+    /// Where `count` units of `run` from `first_ns` on were charged: at their own places, or all at
+    /// the run's last unit.
+    fn placed(&self, run: Run, first_ns: i64, count: u32, interval_ns: i64) -> Placed {
+        match self.charged_at_end {
+            true => Placed { first_ns: run.end_ns(interval_ns) - interval_ns, count, step_ns: 0 },
+            false => Placed { first_ns, count, step_ns: interval_ns },
+        }
     }
 
     /// Units handed out that no message went on.
@@ -90,7 +103,8 @@ impl Pool {
     /// runs this one holds.
     pub(super) fn add(&mut self, first_ns: i64, count: u32, interval_ns: i64) {
         let at = self.runs.partition_point(|run| run.first_ns < first_ns);
-        if let Some(before) = at.checked_sub(1).and_then(|i| self.runs.get_mut(i))
+        if !self.charged_at_end
+            && let Some(before) = at.checked_sub(1).and_then(|i| self.runs.get_mut(i))
             && before.end_ns(interval_ns) == first_ns
         {
             before.count += count;
@@ -110,6 +124,22 @@ impl Pool {
             run.count > 0
         });
         back
+    }
+
+    /// Every unit from `from_ns` on expires: where units are charged at their runs' ends, a
+    /// replica that has no letters gives them back to the quotas rather than to the schedule.
+    pub(super) fn expire_from(&mut self, from_ns: i64, interval_ns: i64) -> u64 {
+        let mut units = 0;
+        for tail in self.take_back(from_ns, interval_ns) {
+            // `take_back` cut `tail` off its run's end, so the tail ends where the run did.
+            units += u64::from(tail.count);
+            self.expired.push(Placed {
+                first_ns: tail.end_ns(interval_ns) - interval_ns,
+                count: tail.count,
+                step_ns: 0,
+            });
+        }
+        units
     }
 
     /// Whether the pool holds less than this replica uses until `horizon_ns`: the next grant
@@ -181,7 +211,7 @@ mod tests {
         pool.add(500, 1, 10);
         let runs = |pool: &Pool| pool.runs.iter().map(|run| (run.first_ns, run.count)).collect::<Vec<_>>();
         assert_eq!(runs(&pool), vec![(500, 1), (1_000, 6), (2_000, 3)]);
-        assert_eq!(pool.take(1, 10, 0, 0), Some(Taken::At(500)));
+        assert_eq!(pool.take(1, 10, 0, 0).map(|(taken, _)| taken), Some(Taken::At(500)));
         assert_eq!(
             pool.take_back(1_025, 10),
             vec![Run { first_ns: 1_030, count: 3 }, Run { first_ns: 2_000, count: 3 }]
@@ -198,13 +228,13 @@ mod tests {
         pool.add(1_000, 4, 10);
         pool.add(1_100, 3, 10);
         // At 1_025, the units at 1_000, 1_010 and 1_020 have passed.
-        assert_eq!(pool.take(1, 10, 1_025, 1_025), Some(Taken::At(1_030)));
+        assert_eq!(pool.take(1, 10, 1_025, 1_025).map(|(taken, _)| taken), Some(Taken::At(1_030)));
         assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_000, count: 3, step_ns: 10 }]);
         // Four units wanted, three in a row left: they expire rather than split the message.
-        assert_eq!(pool.take(4, 10, 1_031, 1_031), None);
+        assert_eq!(pool.take(4, 10, 1_031, 1_031).map(|(taken, _)| taken), None);
         assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_100, count: 3, step_ns: 10 }]);
         pool.loose.push_back((2_000, 5));
-        assert_eq!(pool.take(1, 10, 2_001, 2_001), None);
+        assert_eq!(pool.take(1, 10, 2_001, 2_001).map(|(taken, _)| taken), None);
         assert_eq!(pool.take_expired(), vec![Placed { first_ns: 2_000, count: 5, step_ns: 0 }]);
     }
 }

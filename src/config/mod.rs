@@ -9,6 +9,7 @@
 mod budget;
 mod deliverability;
 mod dispatch;
+mod feedback;
 mod http;
 mod kafka;
 mod mongo;
@@ -22,6 +23,7 @@ pub use self::{
     budget::{QuotaWindow, RateUnit},
     deliverability::{DeliverabilityConfig, DkimSettings},
     dispatch::{ChoreConfig, DispatchConfig, RetryConfig},
+    feedback::FeedbackConfig,
     http::{HttpConfig, Network},
     kafka::KafkaConfig,
     mongo::{MongoConfig, MongoTarget},
@@ -67,6 +69,7 @@ pub struct Config {
     pub chores: ChoreConfig,
     pub http: HttpConfig,
     pub deliverability: DeliverabilityConfig,
+    pub feedback: FeedbackConfig,
     /// Identifies this replica as the owner of the letters it leases.
     pub instance_id: String,
     /// How long in-flight sends may take to finish once shutdown starts.
@@ -96,6 +99,7 @@ impl Config {
         let chores = dispatch::chores(&env)?;
         let http = http::read(&env)?;
         let deliverability = deliverability::read(&env, &smtp.from)?;
+        let feedback = feedback::feedback(&env)?;
         let log_format = env.choice(
             "LOG_FORMAT",
             "text",
@@ -115,6 +119,7 @@ impl Config {
             chores,
             http,
             deliverability,
+            feedback,
             log_format,
             fault_injection: env.optional("MAILSENDER_FAULT_INJECTION"),
         })

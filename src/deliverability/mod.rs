@@ -33,6 +33,8 @@ pub struct Composer {
     unsubscribe_url: Option<(UrlTemplate, Signer)>,
     unsubscribe_mailto: Option<String>,
     individual: bool,
+    /// The signed envelope sender (`BOUNCE_DOMAIN`); `from` when unset.
+    return_path: Option<crate::feedback::return_path::ReturnPath>,
 }
 
 /// `LIST_UNSUBSCRIBE_URL`, checked as a configuration value (the error names the variable).
@@ -75,12 +77,28 @@ impl Composer {
             unsubscribe_url,
             unsubscribe_mailto: config.unsubscribe_mailto.clone(),
             individual: config.individual,
+            return_path: None,
         })
     }
 
     /// The checked `LIST_UNSUBSCRIBE_URL`, which the one-click endpoint verifies links against.
     pub fn unsubscribe_template(&self) -> Option<&UrlTemplate> {
         self.unsubscribe_url.as_ref().map(|(template, _)| template)
+    }
+
+    /// Sends with a signed return path naming each letter (see `crate::feedback::return_path`).
+    pub fn with_return_path(mut self, return_path: Option<crate::feedback::return_path::ReturnPath>) -> Composer {
+        self.return_path = return_path;
+        self
+    }
+
+    /// The MAIL FROM of `letter`'s messages: its signed return path, or the `From` address. The
+    /// `From` header is the same either way.
+    pub fn envelope_sender(&self, letter: &mongodb::bson::oid::ObjectId) -> String {
+        match &self.return_path {
+            Some(return_path) => return_path.address(letter),
+            None => self.from.email.to_string(),
+        }
     }
 
     /// Whether each recipient gets a copy of their own (`SMTP_DELIVERY=individual`).

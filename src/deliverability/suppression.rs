@@ -1,8 +1,8 @@
 //! The suppression list: addresses not to send to again, one MongoDB document per address
 //! (`<MONGODB_COLLECTION>_suppressions`), with why, who said so and when. Hard bounces,
 //! the one-click endpoint and a Kafka topic add to it; the dispatcher looks a claimed batch's
-//! recipients up in a few queries (one per [`LOOKUP_CHUNK_BYTES`] of addresses), so checking costs
-//! no round trip per letter.
+//! recipients up in a few queries (one per 4 MiB of addresses, `crate::store::SuppressionStore`), so
+//! checking costs no round trip per letter.
 //!
 //! Every entry is keyed by [`Recipient::key`], the one canonical form of an address: the local
 //! part lower-cased, the domain in IDNA ASCII (punycode) lower-cased, so `ivan@пример.рф` and
@@ -12,18 +12,12 @@
 //! start-up: replicas of the old version still write it during a rolling upgrade, and the extra
 //! keys ride in the same query.
 
-use std::collections::{HashMap, HashSet};
-
-use anyhow::Context as _;
-use mongodb::{
-    Collection, Database,
-    bson::{DateTime, Document, doc},
-    options::ReturnDocument,
-};
+use std::collections::HashSet;
 
 use crate::{
     address::Recipient,
-    model::{Letter, Rejection, SUPPRESSED_PREFIX, now_ms},
+    model::{Letter, Rejection, SUPPRESSED_PREFIX},
+    store::{Store, SuppressionStore},
 };
 
 pub const HARD_BOUNCE: &str = "hard_bounce";
@@ -31,35 +25,20 @@ pub const UNSUBSCRIBE: &str = "unsubscribe";
 
 #[derive(Clone)]
 pub struct Suppressions {
-    entries: Collection<Document>,
-    /// Per address, the letters whose SMTP refusal said the mailbox does not exist: counted per
-    /// letter, so a letter's retries do not count its one refusal again.
-    bounces: Collection<Document>,
+    store: SuppressionStore,
     /// Refusals of distinct letters after which an address is suppressed.
     hard_bounce_threshold: u32,
 }
 
 impl Suppressions {
-    pub fn new(db: &Database, collection: &str, hard_bounce_threshold: u32) -> Suppressions {
-        Suppressions {
-            entries: db.collection(&format!("{collection}_suppressions")),
-            bounces: db.collection(&format!("{collection}_bounces")),
-            hard_bounce_threshold: hard_bounce_threshold.max(1),
-        }
+    pub fn new(store: &Store, hard_bounce_threshold: u32) -> Suppressions {
+        Suppressions { store: store.suppressions(), hard_bounce_threshold: hard_bounce_threshold.max(1) }
     }
 
     /// Adds (or refreshes) an entry.
     pub async fn add(&self, address: &Recipient, reason: &str, source: &str) -> anyhow::Result<()> {
         let key = address.key();
-        let entry = doc! {
-            "_id": &key, "address": address.as_str(), "reason": reason, "source": source,
-            "time": DateTime::from_millis(now_ms()), "time_ms": now_ms(),
-        };
-        self.entries
-            .replace_one(doc! { "_id": &key }, entry)
-            .upsert(true)
-            .await
-            .with_context(|| format!("adding {key} to the suppression list"))?;
+        self.store.add(&key, address.as_str(), reason, source).await?;
         tracing::info!(address = %key, reason, source, "address suppressed");
         Ok(())
     }
@@ -68,37 +47,9 @@ impl Suppressions {
     pub async fn remove(&self, address: &Recipient) -> anyhow::Result<bool> {
         let key = address.key();
         let keys: Vec<String> = std::iter::once(key.clone()).chain(legacy_key(address)).collect();
-        let removed = self
-            .entries
-            .delete_many(doc! { "_id": { "$in": keys.clone() } })
-            .await
-            .context("removing a suppression")?;
-        self.bounces.delete_many(doc! { "_id": { "$in": keys } }).await.context("removing a bounce count")?;
-        tracing::info!(address = %key, removed = removed.deleted_count, "address unsuppressed");
-        Ok(removed.deleted_count > 0)
-    }
-
-    /// The reasons of those of `keys` (lower-cased addresses) that are suppressed: one query
-    /// per [`LOOKUP_CHUNK_BYTES`] of keys, because one `$in` of a large claim's recipients (two
-    /// hundred thousand long addresses) passes MongoDB's 16 MiB limit on a command and would
-    /// fail every time.
-    pub async fn lookup(&self, keys: Vec<String>) -> anyhow::Result<HashMap<String, String>> {
-        let mut found = HashMap::new();
-        for chunk in lookup_chunks(keys) {
-            let mut cursor = self
-                .entries
-                .find(doc! { "_id": { "$in": chunk } })
-                .projection(doc! { "reason": 1 })
-                .await
-                .context("looking up suppressions")?;
-            while cursor.advance().await.context("reading suppressions")? {
-                let entry = cursor.deserialize_current().context("reading a suppression")?;
-                if let Ok(key) = entry.get_str("_id") {
-                    found.insert(key.to_owned(), entry.get_str("reason").unwrap_or("suppressed").to_owned());
-                }
-            }
-        }
-        Ok(found)
+        let removed = self.store.remove(keys).await?;
+        tracing::info!(address = %key, removed, "address unsuppressed");
+        Ok(removed > 0)
     }
 
     /// Marks the suppressed recipients of a claimed batch as refused ("suppressed: <reason>"),
@@ -108,7 +59,7 @@ impl Suppressions {
         let pending: Vec<Vec<Recipient>> = letters.iter().map(Letter::pending_recipients).collect();
         let keys: HashSet<String> =
             pending.iter().flatten().flat_map(|r| std::iter::once(r.key()).chain(legacy_key(r))).collect();
-        let suppressed = self.lookup(keys.into_iter().collect()).await?;
+        let suppressed = self.store.lookup(keys.into_iter().collect()).await?;
         if suppressed.is_empty() {
             return Ok(());
         }
@@ -158,14 +109,7 @@ impl Suppressions {
 
     async fn hard_bounce(&self, address: &Recipient, letter_id: &str) -> anyhow::Result<()> {
         if self.hard_bounce_threshold > 1 {
-            let counted = self
-                .bounces
-                .find_one_and_update(doc! { "_id": address.key() }, doc! { "$addToSet": { "letters": letter_id } })
-                .upsert(true)
-                .return_document(ReturnDocument::After)
-                .await
-                .context("counting a hard bounce")?;
-            let count = counted.as_ref().and_then(|d| d.get_array("letters").ok()).map_or(0, Vec::len);
+            let count = self.store.count_bounce(&address.key(), letter_id).await?;
             if count < self.hard_bounce_threshold as usize {
                 return Ok(());
             }
@@ -179,29 +123,6 @@ impl Suppressions {
 pub fn legacy_key(address: &Recipient) -> Option<String> {
     let legacy = address.as_str().to_lowercase();
     (legacy != address.key()).then_some(legacy)
-}
-
-/// Most bytes of keys in one lookup's `$in`, with each element's BSON overhead: a quarter of
-/// MongoDB's 16 MiB limit on a command, so the query stays far from it whatever the addresses.
-pub const LOOKUP_CHUNK_BYTES: usize = 4 << 20;
-
-/// Splits `keys` into lists of at most [`LOOKUP_CHUNK_BYTES`] as a BSON array (each element
-/// costs its type byte, index, length and terminator: 16 bytes covers them).
-fn lookup_chunks(keys: Vec<String>) -> Vec<Vec<String>> {
-    let mut chunks: Vec<Vec<String>> = Vec::new();
-    let mut bytes = 0;
-    for key in keys {
-        let size = key.len() + 16;
-        match chunks.last_mut() {
-            Some(chunk) if bytes + size <= LOOKUP_CHUNK_BYTES => chunk.push(key),
-            _ => {
-                bytes = 0;
-                chunks.push(vec![key]);
-            }
-        }
-        bytes += size;
-    }
-    chunks
 }
 
 /// A permanent refusal whose enhanced status says the mailbox does not exist (5.1.x), as a
@@ -236,19 +157,5 @@ mod tests {
         assert_eq!(legacy_key(&utf8).as_deref(), Some("ivan@пример.рф"));
         assert_eq!(legacy_key(&ascii), None);
         assert_eq!(legacy_key(&Recipient::parse("Ann@Example.ORG").unwrap()), None);
-    }
-
-    #[test]
-    fn a_large_lookup_is_split_below_the_command_limit() {
-        assert!(lookup_chunks(Vec::new()).is_empty());
-        let keys: Vec<String> = (0..200_000).map(|i| format!("user{i:06}@{}.example.org", "d".repeat(60))).collect();
-        let chunks = lookup_chunks(keys.clone());
-        assert!(chunks.len() > 1);
-        for chunk in &chunks {
-            let array: Vec<mongodb::bson::Bson> = chunk.iter().map(|k| k.as_str().into()).collect();
-            let size = mongodb::bson::to_vec(&doc! { "_id": { "$in": array } }).unwrap().len();
-            assert!(size <= LOOKUP_CHUNK_BYTES, "a chunk of {size} bytes");
-        }
-        assert_eq!(chunks.concat(), keys, "every key, once, in order");
     }
 }

@@ -73,22 +73,13 @@ impl PostDoor {
     /// margin is for that and for the report's way back.
     const REPORT_MARGIN: Duration = Duration::from_secs(5);
 
-    pub fn new(
-        config: &crate::config::Config,
-        db: &mongodb::Database,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<PostDoor> {
+    pub fn new(config: &crate::config::Config, store: &Store, metrics: Arc<Metrics>) -> anyhow::Result<PostDoor> {
         let wait = config.http.post_timeout;
         Ok(PostDoor {
             producer: kafka::post_producer(&config.kafka, wait, metrics)?,
             wait,
             // A `pending` entry older than the longest wait belongs to a replica that stopped.
-            keys: IdempotencyKeys::new(
-                db,
-                &config.mongo.collection,
-                config.http.idempotency_window,
-                wait + Self::REPORT_MARGIN * 2,
-            ),
+            keys: IdempotencyKeys::new(store, config.http.idempotency_window, wait + Self::REPORT_MARGIN * 2),
         })
     }
 }
@@ -541,11 +532,19 @@ fn letter_view(letter: &Letter) -> Value {
         .map(|address| {
             let delivered = letter.delivered.iter().any(|d| key(d) == key(address));
             let refused = letter.rejected.iter().find(|r| key(&r.address) == key(address));
-            match (delivered, refused) {
+            let mut recipient = match (delivered, refused) {
                 (true, _) => json!({ "address": address, "outcome": "delivered" }),
                 (false, Some(r)) => json!({ "address": address, "outcome": "refused", "reply": r.reply }),
                 (false, None) => json!({ "address": address, "outcome": "pending" }),
+            };
+            // What was reported after the relay took it (`crate::feedback`).
+            let mut feedback: Vec<&crate::model::FeedbackNote> =
+                letter.feedback.values().filter(|f| key(&f.address) == key(address)).collect();
+            feedback.sort_by_key(|f| f.time_ms);
+            if !feedback.is_empty() {
+                recipient["feedback"] = json!(feedback);
             }
+            recipient
         })
         .collect();
     json!({

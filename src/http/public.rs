@@ -18,11 +18,7 @@ use axum::{
     http::{Method, StatusCode, Uri},
 };
 use base64::Engine as _;
-use mongodb::{
-    Collection,
-    bson::{Document, doc, oid::ObjectId},
-    error::{ErrorKind, WriteFailure},
-};
+use mongodb::bson::oid::ObjectId;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
@@ -33,8 +29,7 @@ use crate::{
         unsubscribe::{Link, Signer, UrlTemplate},
     },
     kafka::StatusProducer,
-    model::now_ms,
-    store::Store,
+    store::{EventClaim, Store, UnsubscribedEvents},
 };
 
 /// How long a request waits for the broker's acknowledgement of its event. Mailbox providers
@@ -51,7 +46,7 @@ pub struct PublicState {
     /// The letters, for a token or Kafka key the link refers to instead of carrying.
     pub store: Store,
     /// One document per published (or being published) event: `_id` the event's key.
-    pub events: Collection<Document>,
+    pub events: UnsubscribedEvents,
     /// How long a request that started publishing an event holds it: longer than librdkafka
     /// can take to deliver or fail it (`KAFKA_MESSAGE_TIMEOUT`), so no replay publishes it
     /// again while the first may still arrive.
@@ -155,14 +150,17 @@ async fn resolve(store: &Store, mut link: Link) -> anyhow::Result<Link> {
 async fn publish_once(state: &Arc<PublicState>, link: &Link, address: Option<&Recipient>) -> Reply {
     let fields = &link.fields;
     let key = event_key(link, address);
-    match claim(state, &key).await {
-        Ok(Claim::Ours(claim_ms)) => {
+    match state.events.claim(&key, state.publish_lease).await {
+        Ok(EventClaim::Ours(claim_ms)) => {
             let event = Unsubscribed {
                 address: fields.address.as_deref(),
                 token: &fields.token,
                 letter_id: &fields.letter_id,
                 kafka_key: &fields.kafka_key,
-                time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                time: humantime::format_rfc3339_millis(
+                    std::time::UNIX_EPOCH + Duration::from_millis(state.store.now_ms().max(0) as u64),
+                )
+                .to_string(),
             };
             let payload = match serde_json::to_vec(&event) {
                 Ok(payload) => payload,
@@ -172,12 +170,11 @@ async fn publish_once(state: &Arc<PublicState>, link: &Link, address: Option<&Re
             let this = state.clone();
             let send = tokio::spawn(async move {
                 let sent = this.producer.send(&this.topic, kafka_key.as_deref(), &payload, None).await;
-                let update = match &sent {
-                    Ok(()) => doc! { "$set": { "published": 1, "published_ms": now_ms() } },
-                    Err(_) => doc! { "$set": { "claim_ms": 0_i64 } },
-                };
-                if let Err(error) = this.events.update_one(doc! { "_id": &key, "claim_ms": claim_ms }, update).await {
-                    tracing::warn!(error = %error, "one-click: recording whether the event was published");
+                if let Err(error) = this.events.settle(&key, claim_ms, sent.is_ok()).await {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "one-click: recording whether the event was published"
+                    );
                 }
                 sent
             });
@@ -197,45 +194,14 @@ async fn publish_once(state: &Arc<PublicState>, link: &Link, address: Option<&Re
                 }
             }
         }
-        Ok(Claim::Published) => UNSUBSCRIBED,
+        Ok(EventClaim::Published) => UNSUBSCRIBED,
         // Another request is publishing it now; the provider retries and finds it published.
-        Ok(Claim::InFlight) => TRY_LATER,
+        Ok(EventClaim::InFlight) => TRY_LATER,
         Err(error) => {
-            tracing::error!(error = %error, "one-click: recording the event");
+            tracing::error!(error = format!("{error:#}"), "one-click: recording the event");
             TRY_LATER
         }
     }
-}
-
-enum Claim {
-    /// This request publishes the event; its claim time, which its outcome update matches.
-    Ours(i64),
-    Published,
-    InFlight,
-}
-
-/// Records the event's key (the first request inserts it), or takes over one whose publisher
-/// failed or died.
-async fn claim(state: &PublicState, key: &str) -> mongodb::error::Result<Claim> {
-    let now = now_ms();
-    let inserted = state.events.insert_one(doc! { "_id": key, "published": 0, "claim_ms": now, "time_ms": now }).await;
-    match inserted {
-        Ok(_) => return Ok(Claim::Ours(now)),
-        Err(error) if !is_duplicate(&error) => return Err(error),
-        Err(_) => {}
-    }
-    let lease_ms = i64::try_from(state.publish_lease.as_millis()).unwrap_or(i64::MAX);
-    let stale = doc! { "_id": key, "published": 0, "claim_ms": { "$lt": now.saturating_sub(lease_ms) } };
-    if state.events.find_one_and_update(stale, doc! { "$set": { "claim_ms": now } }).await?.is_some() {
-        return Ok(Claim::Ours(now));
-    }
-    let published = state
-        .events
-        .find_one(doc! { "_id": key })
-        .await?
-        // An integer: the MongoDB-wire server in use turns booleans into integers anyway.
-        .is_some_and(|d| matches!(d.get_i32("published").map(i64::from).or_else(|_| d.get_i64("published")), Ok(1)));
-    Ok(if published { Claim::Published } else { Claim::InFlight })
 }
 
 /// One key per link and address: the letter, its token and key, and the address in its
@@ -249,8 +215,4 @@ fn event_key(link: &Link, address: Option<&Recipient>) -> String {
         hash.update([0]);
     }
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash.finalize())
-}
-
-fn is_duplicate(error: &mongodb::error::Error) -> bool {
-    matches!(error.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == 11000)
 }

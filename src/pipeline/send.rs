@@ -29,7 +29,7 @@ use crate::{
     address::Recipient,
     config::{RetryConfig, SmtpConfig},
     metrics::Metrics,
-    model::{AttemptRecord, Letter, Outcome, Rejection, now_ms},
+    model::{AttemptRecord, Letter, Outcome, Rejection},
     smtp::{self, Command, Connection, RcptResult, Reply, SmtpError, transaction},
     store::CANCELLED,
 };
@@ -48,6 +48,8 @@ pub struct SendContext {
     /// A kept connection idle longer than this is checked with NOOP before use.
     pub idle_check_after: Duration,
     pub retry: RetryConfig,
+    /// The process's one clock: due times are on MongoDB's, as leases are.
+    pub clock: crate::clock::Clock,
     pub limiter: RateLimit,
     pub lease: Arc<LeaseClock>,
     /// Set while sending is paused deployment-wide (`crate::control`); the app shares it.
@@ -145,6 +147,7 @@ impl SendContext {
             max_recipients: smtp.max_recipients,
             idle_check_after: smtp.idle_check_after,
             retry,
+            clock: budget.clock().clone(),
             limiter: RateLimit::new(budget, smtp.throttle_recovery_step, metrics.clone()),
             lease,
             paused,
@@ -305,7 +308,8 @@ impl Worker {
         };
         self.ctx.metrics.in_flight.dec();
         self.ctx.metrics.send_duration.observe(started.elapsed().as_secs_f64());
-        let outcome = policy::decide(&mut letter, report, &self.ctx.retry, now_ms(), rand::rng().random());
+        let outcome =
+            policy::decide(&mut letter, report, &self.ctx.retry, self.ctx.clock.now_ms(), rand::rng().random());
         match &outcome {
             Outcome::Sent => {
                 self.ctx.metrics.sent.inc();
@@ -317,7 +321,7 @@ impl Worker {
             }
             Outcome::Retry { reason, due_ms } => {
                 self.ctx.metrics.retried.inc();
-                tracing::info!(reason = %reason, retry_in_ms = due_ms - now_ms(), "letter deferred");
+                tracing::info!(reason = %reason, retry_in_ms = due_ms - self.ctx.clock.now_ms(), "letter deferred");
             }
             Outcome::Released => {}
         }
@@ -374,7 +378,7 @@ impl Worker {
                         // records it (the benchmark does).
                         tracing::trace!(
                             target: "mailsender::dot",
-                            at_unix_us = crate::budget::local_ns() / 1_000,
+                            at_unix_us = budget.clock().host_ns() / 1_000,
                             late_us = late.as_micros() as u64,
                             units = ticket.units,
                             "final dot"
@@ -406,7 +410,7 @@ impl Worker {
                 Ok(connection) => {
                     transaction::send(
                         connection,
-                        ctx.from.email.as_ref(),
+                        &ctx.composer.envelope_sender(&lease.1),
                         &chunk,
                         message,
                         &ctx.smtp.timeouts,

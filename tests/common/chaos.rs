@@ -25,7 +25,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mailsender::model::{Letter, Status, now_ms};
+use mailsender::{
+    clock::host_ms,
+    model::{Letter, Status},
+};
 use rdkafka::{
     ClientConfig,
     consumer::{Consumer, StreamConsumer},
@@ -554,7 +557,7 @@ pub fn is_final(letter: &Letter) -> bool {
 
 /// What unfinished letters look like, for failure messages: who holds them and until when.
 pub fn diagnose(letters: &[Letter]) -> String {
-    let now = now_ms();
+    let now = host_ms();
     let mut holders: BTreeMap<String, (usize, i64, i64)> = BTreeMap::new();
     for letter in letters.iter().filter(|l| l.status == Status::Processing) {
         let owner = letter.owner.clone().unwrap_or_else(|| "<none>".into());

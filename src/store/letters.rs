@@ -1,48 +1,18 @@
-//! The letter store: every MongoDB operation the service performs, each batched.
-//!
-//! The Mongo-wire server we test on answers about 90 single-document claims per second, so no
-//! per-letter query is allowed on the common path: letters are inserted in batches, claimed in
-//! batches (find ids, update them to `processing` under a claim token, read back what this claim
-//! won), and outcomes are written as one multi-statement `update` command per batch.
+//! The letters: inserts, claims, leases, outcomes, the unreported ones, and dead letters.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicI64, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use anyhow::Context;
 use futures::TryStreamExt;
 use mongodb::{
-    Client, Collection, Database, IndexModel,
+    IndexModel,
     bson::{Bson, Document, doc, oid::ObjectId},
-    error::{ErrorKind, WriteFailure},
-    options::{ClientOptions, Credential, IndexOptions, ServerAddress},
-};
-use secrecy::ExposeSecret;
-
-use crate::{
-    config::{MongoConfig, MongoTarget},
-    metrics::{CommandLabel, Metrics},
-    model::{AttemptRecord, Letter, Outcome, Rejection, Status},
+    error::ErrorKind,
+    options::IndexOptions,
 };
 
-const DUPLICATE_KEY: i32 = 11000;
-
-#[derive(Clone)]
-pub struct Store {
-    db: Database,
-    letters: Collection<Letter>,
-    /// Named leases for work only one replica should do at a time (retention).
-    locks: Collection<Document>,
-    /// Kafka messages that could be neither processed nor written to the dead-letter topic.
-    dead_letters: Collection<Document>,
-    /// MongoDB's clock minus this host's, in milliseconds.
-    clock_offset_ms: Arc<AtomicI64>,
-    metrics: Arc<Metrics>,
-}
+use super::{DUPLICATE_KEY, Store};
+use crate::model::{AttemptRecord, Letter, Outcome, Rejection, Status};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct InsertReport {
@@ -123,75 +93,11 @@ const RENEW_CHUNK: usize = 10_000;
 const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
 
 impl Store {
-    /// Counts a round trip. Counted here rather than through the driver's command events, which
-    /// copy every command and reply (a 500-letter insert included) just to report it.
-    fn count(&self, command: &'static str, round_trips: u64) {
-        self.metrics.mongo_commands.get_or_create(&CommandLabel { command: command.to_owned() }).inc_by(round_trips);
-    }
-
-    pub async fn connect(config: &MongoConfig, metrics: Arc<Metrics>) -> anyhow::Result<Store> {
-        let mut options = match &config.target {
-            MongoTarget::Uri(uri) => {
-                ClientOptions::parse(uri.expose_secret()).await.context("MONGO_LOCAL is not a usable MongoDB URI")?
-            }
-            MongoTarget::Host { host, port, username, password } => ClientOptions::builder()
-                .hosts(vec![ServerAddress::Tcp { host: host.clone(), port: Some(*port) }])
-                .credential(
-                    Credential::builder()
-                        .username(username.clone())
-                        .password(password.expose_secret().to_owned())
-                        .build(),
-                )
-                .build(),
-        };
-        // Fail fast so the stages' own retry loops (and readiness) see an outage within seconds.
-        options.server_selection_timeout.get_or_insert(Duration::from_secs(5));
-        options.connect_timeout.get_or_insert(Duration::from_secs(5));
-        options.app_name.get_or_insert_with(|| "mailsender".to_owned());
-        let client = Client::with_options(options).context("building the MongoDB client")?;
-        let db = client.database(&config.database);
-        let letters = db.collection::<Letter>(&config.collection);
-        let locks = db.collection::<Document>(&format!("{}_locks", config.collection));
-        let dead_letters = db.collection::<Document>(&format!("{}_dead_letters", config.collection));
-        Ok(Store { db, letters, locks, dead_letters, clock_offset_ms: Arc::default(), metrics })
-    }
-
-    /// The time by MongoDB's clock, as last measured: every time compared across replicas (lease
-    /// expiry, due times) uses it, so pods whose clocks disagree still agree on when a lease ends.
-    pub fn now_ms(&self) -> i64 {
-        crate::model::now_ms() + self.clock_offset_ms.load(Ordering::Relaxed)
-    }
-
-    /// Measures the offset to MongoDB's clock (`hello`'s `localTime`), to within half a round
-    /// trip. Run at start and with every lease renewal, so a clock that drifts is followed.
-    pub async fn sync_clock(&self) -> anyhow::Result<i64> {
-        self.count("hello", 1);
-        let before = crate::model::now_ms();
-        let reply = self.db.run_command(doc! { "hello": 1 }).await.context("MongoDB hello")?;
-        let after = crate::model::now_ms();
-        let server = reply.get_datetime("localTime").context("MongoDB hello without localTime")?.timestamp_millis();
-        let offset = server - (before + after) / 2;
-        let previous = self.clock_offset_ms.swap(offset, Ordering::Relaxed);
-        self.metrics.clock_offset.set(offset as f64 / 1000.0);
-        if (offset - previous).abs() > 1000 || (previous == 0 && offset.abs() > 1000) {
-            tracing::warn!(
-                offset_ms = offset,
-                round_trip_ms = after - before,
-                "this host's clock differs from MongoDB's; lease times follow MongoDB's"
-            );
-        }
-        Ok(offset)
-    }
-
-    pub async fn ping(&self) -> anyhow::Result<()> {
-        self.count("ping", 1);
-        self.db.run_command(doc! { "ping": 1 }).await.context("MongoDB ping")?;
-        Ok(())
-    }
-
     /// Creates the indexes and brings documents written by the Go service into the shape the
     /// claim queries expect. Safe to run on every start and from several replicas at once.
     pub async fn prepare(&self, lease: Duration) -> anyhow::Result<()> {
+        // First: nothing may be decided on this host's clock (a lease, a due time, a grant).
+        self.sync_clock().await?;
         let indexes = [
             IndexModel::builder()
                 .keys(doc! { "source": 1 })
@@ -208,7 +114,6 @@ impl Store {
         self.adopt_legacy().await?;
         // Go-era `processing` letters have no owner that could ever release them: give them a
         // lease that expires, so the reaper returns them to `awaiting`.
-        self.sync_clock().await?;
         let expiry = self.now_ms() + lease.as_millis() as i64;
         self.letters
             .update_many(
@@ -322,7 +227,7 @@ impl Store {
             "topic": dead.topic, "partition": dead.partition, "offset": dead.offset,
             "reason": dead.reason, "dlq_error": dead.dlq_error,
             "payload": payload, "size": dead.payload.len() as i64, "truncated": i32::from(keep < dead.payload.len()),
-            "created_at": mongodb::bson::DateTime::now(),
+            "created_at": mongodb::bson::DateTime::from_millis(self.now_ms()),
         };
         if let Some(key) = dead.key {
             use base64::Engine;
@@ -454,18 +359,6 @@ impl Store {
             Some((d.get("_id")?.clone(), size.map_or(UNKNOWN_SIZE, |s| s.max(0) as usize)))
         });
         Ok(limit.fit(sized))
-    }
-
-    /// The ids of up to `limit` letters matching `filter`, in one reply.
-    async fn ids(&self, filter: Document, sort: Option<Document>, limit: usize) -> anyhow::Result<Vec<Bson>> {
-        self.count("find", 1);
-        let letters = self.letters.clone_with_type::<Document>();
-        let mut find = letters.find(filter).limit(limit as i64).batch_size(limit as u32).projection(doc! { "_id": 1 });
-        if let Some(sort) = sort {
-            find = find.sort(sort);
-        }
-        let documents: Vec<Document> = find.await?.try_collect().await?;
-        Ok(documents.into_iter().filter_map(|d| d.get("_id").cloned()).collect())
     }
 
     /// Extends the lease of the letters this process holds (`held`) that are still leased to
@@ -614,51 +507,6 @@ impl Store {
         Ok(())
     }
 
-    /// Takes the lock `name` for `owner` until `until_ms`, or extends it; false while another
-    /// owner holds it. One round trip, two the first time.
-    pub async fn try_lock(&self, name: &str, owner: &str, now_ms: i64, until_ms: i64) -> anyhow::Result<bool> {
-        self.count("update", 1);
-        let taken = self
-            .locks
-            .update_one(
-                doc! { "_id": name, "$or": [ { "until_ms": { "$lt": now_ms } }, { "owner": owner } ] },
-                doc! { "$set": { "owner": owner, "until_ms": until_ms } },
-            )
-            .await
-            .with_context(|| format!("taking the {name} lock"))?;
-        if taken.matched_count == 1 {
-            return Ok(true);
-        }
-        self.count("insert", 1);
-        match self.locks.insert_one(doc! { "_id": name, "owner": owner, "until_ms": until_ms }).await {
-            Ok(_) => Ok(true),
-            // It exists and another replica holds it.
-            Err(error) if is_duplicate(&error) => Ok(false),
-            Err(error) => Err(anyhow::Error::new(error).context(format!("creating the {name} lock"))),
-        }
-    }
-
-    /// Deletes up to `batch` finished letters last changed before `before_ms` whose status message
-    /// went out; returns how many. Bodies included, so the collection does not grow without bound.
-    pub async fn delete_finished(&self, before_ms: i64, batch: usize) -> anyhow::Result<u64> {
-        let past = doc! {
-            "status": { "$in": ["sent", "error"] },
-            "updated_ms": { "$lt": before_ms },
-            "unreported": { "$exists": false },
-        };
-        let ids = self.ids(past, None, batch).await.context("finding letters past retention")?;
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        self.count("delete", 1);
-        let deleted = self
-            .letters
-            .delete_many(doc! { "_id": { "$in": ids }, "status": { "$in": ["sent", "error"] } })
-            .await
-            .context("deleting letters past retention")?;
-        Ok(deleted.deleted_count)
-    }
-
     /// Letters per status, for the metrics gauge. One aggregation, run on a timer, never per scrape.
     pub async fn count_by_status(&self) -> anyhow::Result<Vec<(String, i64)>> {
         self.count("aggregate", 1);
@@ -679,15 +527,6 @@ impl Store {
             counts.push((status, n));
         }
         Ok(counts)
-    }
-
-    /// The database, for the collections other modules own (the suppression list, `control`).
-    pub fn database(&self) -> &Database {
-        &self.db
-    }
-
-    pub fn collection(&self) -> &Collection<Letter> {
-        &self.letters
     }
 }
 
@@ -797,191 +636,6 @@ fn is_permanent_write_error(code: i32) -> bool {
             | DOLLAR_PREFIXED_FIELD_NAME
             | INVALID_ID_FIELD
     )
-}
-
-pub(crate) fn is_duplicate(error: &mongodb::error::Error) -> bool {
-    matches!(error.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY)
-}
-
-/// Whether an error means MongoDB is unreachable (worth waiting for) rather than a bug.
-pub fn is_unavailable(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause.downcast_ref::<mongodb::error::Error>().is_some_and(|e| {
-            matches!(
-                e.kind.as_ref(),
-                ErrorKind::ServerSelection { .. } | ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. }
-            ) || matches!(e.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteConcernError(_)))
-        })
-    })
-}
-
-/// The letters of one batch: those that came from Kafka messages with one key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum BatchKey {
-    /// A UTF-8 key, as in `kafkakey`.
-    Text(String),
-    /// Any key's exact bytes, base64 (as in `key_b64`, which is only stored for keys that are not
-    /// UTF-8).
-    Base64(String),
-}
-
-impl BatchKey {
-    /// The batch a letter belongs to, as [`BatchKey::filter`] finds it; `None` for letters whose
-    /// message had no key, which no batch key finds.
-    pub fn of(letter: &Letter) -> Option<BatchKey> {
-        if letter.key_null.is_some() {
-            return None;
-        }
-        Some(match &letter.key_b64 {
-            Some(b64) => BatchKey::Base64(b64.clone()),
-            None => BatchKey::Text(letter.kafkakey.clone()),
-        })
-    }
-
-    fn filter(&self) -> Document {
-        match self {
-            // Letters whose key was not UTF-8 keep a lossy `kafkakey` that must not match text.
-            BatchKey::Text(key) => {
-                doc! { "kafkakey": key, "key_b64": { "$exists": false }, "key_null": { "$exists": false } }
-            }
-            BatchKey::Base64(key) => doc! { "key_b64": key },
-        }
-    }
-}
-
-/// How far one batch got, from its stored letters.
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct BatchProgress {
-    pub letters: u64,
-    pub awaiting: u64,
-    pub processing: u64,
-    pub sent: u64,
-    pub error: u64,
-    /// Of `error`, the letters cancelled by an operator.
-    pub cancelled: u64,
-    pub recipients_delivered: u64,
-    pub recipients_refused: u64,
-    /// The earliest and latest `updated_ms` among the letters (Unix ms); absent without letters.
-    pub first_update_ms: Option<i64>,
-    pub last_update_ms: Option<i64>,
-}
-
-/// The reason stored on letters cancelled by an operator.
-pub const CANCELLED: &str = "cancelled";
-
-/// Operator actions on batches and letters (`POST /batches/{key}/…`, `GET /letters/{id}`).
-impl Store {
-    /// Ends every `awaiting` letter of the batch as `error`/`cancelled`, to be reported, and
-    /// returns them (with bodies, for their status messages). Letters already claimed by a
-    /// replica are not touched: they are in flight, or will be released and can be cancelled then.
-    pub async fn cancel_batch(&self, key: &BatchKey, now_ms: i64) -> anyhow::Result<Vec<Letter>> {
-        let token = ObjectId::new().to_hex();
-        let mut filter = key.filter();
-        filter.insert("status", Status::Awaiting.as_str());
-        self.count("update", 1);
-        self.letters
-            .update_many(
-                filter,
-                doc! { "$set": {
-                    "status": Status::Error.as_str(), "error": CANCELLED, "updated_ms": now_ms,
-                    "unreported": 1_i32, "cancel": &token,
-                } },
-            )
-            .await
-            .context("cancelling a batch")?;
-        self.count("find", 1);
-        self.letters
-            .find(doc! { "cancel": &token })
-            .batch_size(1000)
-            .await
-            .context("reading cancelled letters")?
-            .try_collect()
-            .await
-            .context("reading cancelled letters")
-    }
-
-    /// Returns the batch's failed letters to `awaiting` with their attempts reset. Delivered
-    /// recipients stay delivered (not sent again); refused ones are tried again, since a retry is
-    /// asked for once the cause is fixed. Letters that never reached SMTP because they cannot
-    /// be sent (invalid at ingest, stored without their body) are left alone; cancelled ones are
-    /// retried. Returns how many were returned.
-    pub async fn retry_batch(&self, key: &BatchKey, now_ms: i64) -> anyhow::Result<u64> {
-        let mut filter = key.filter();
-        filter.insert("status", Status::Error.as_str());
-        filter.insert("$or", vec![doc! { "attempts": { "$gt": 0 } }, doc! { "error": CANCELLED }]);
-        self.count("update", 1);
-        let result = self
-            .letters
-            .update_many(
-                filter,
-                doc! {
-                    "$set": {
-                        "status": Status::Awaiting.as_str(), "attempts": 0_i32, "due_ms": now_ms,
-                        "updated_ms": now_ms, "rejected": Vec::<Document>::new(),
-                    },
-                    "$unset": { "error": "", "unreported": "", "cancel": "", "owner": "", "lease_ms": "", "claim": "" },
-                },
-            )
-            .await
-            .context("retrying a batch")?;
-        Ok(result.modified_count)
-    }
-
-    /// Counts a batch's letters by status and its recipients by outcome. Reads only the fields
-    /// it counts (no bodies), in one pass.
-    pub async fn batch_progress(&self, key: &BatchKey) -> anyhow::Result<BatchProgress> {
-        self.count("find", 1);
-        let mut cursor = self
-            .letters
-            .clone_with_type::<Document>()
-            .find(key.filter())
-            .projection(doc! { "status": 1, "error": 1, "delivered": 1, "rejected": 1, "updated_ms": 1 })
-            .batch_size(10_000)
-            .await
-            .context("reading a batch's letters")?;
-        let mut progress = BatchProgress::default();
-        while let Some(letter) = cursor.try_next().await.context("reading a batch's letters")? {
-            progress.letters += 1;
-            match letter.get_str("status").unwrap_or_default() {
-                "awaiting" => progress.awaiting += 1,
-                "processing" => progress.processing += 1,
-                "sent" => progress.sent += 1,
-                "error" => progress.error += 1,
-                _ => {}
-            }
-            if letter.get_str("status") == Ok("error") && letter.get_str("error") == Ok(CANCELLED) {
-                progress.cancelled += 1;
-            }
-            progress.recipients_delivered += letter.get_array("delivered").map_or(0, |a| a.len() as u64);
-            progress.recipients_refused += letter.get_array("rejected").map_or(0, |a| a.len() as u64);
-            let updated = match letter.get("updated_ms") {
-                Some(Bson::Int64(n)) => Some(*n),
-                Some(Bson::Int32(n)) => Some(i64::from(*n)),
-                _ => None,
-            };
-            if let Some(updated) = updated {
-                progress.first_update_ms = Some(progress.first_update_ms.map_or(updated, |f| f.min(updated)));
-                progress.last_update_ms = Some(progress.last_update_ms.map_or(updated, |l| l.max(updated)));
-            }
-        }
-        Ok(progress)
-    }
-
-    /// One letter without its body, or `None` when there is no such letter.
-    pub async fn letter_head(&self, id: ObjectId) -> anyhow::Result<Option<Letter>> {
-        self.count("find", 1);
-        let found = self
-            .letters
-            .clone_with_type::<Document>()
-            .find_one(doc! { "_id": id })
-            .projection(doc! { "body": 0 })
-            .await
-            .context("reading a letter")?;
-        let Some(mut document) = found else { return Ok(None) };
-        document.insert("body", "");
-        let letter = mongodb::bson::from_document(document).context("reading a letter")?;
-        Ok(Some(letter))
-    }
 }
 
 #[cfg(test)]

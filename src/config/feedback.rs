@@ -1,0 +1,157 @@
+//! The feedback loop's settings (issue 20): the signed return path and the inbound listener for
+//! DSNs and ARF reports. Everything is off unless `BOUNCE_DOMAIN` is set.
+
+use std::net::SocketAddr;
+
+use secrecy::{ExposeSecret as _, SecretString};
+
+use super::{ConfigError, Env};
+
+#[derive(Debug, Clone)]
+pub struct FeedbackConfig {
+    /// `BOUNCE_DOMAIN`: when set, every message's MAIL FROM is a signed return path there.
+    pub bounce_domain: Option<String>,
+    /// `BOUNCE_LOCAL_PART`: the part before `+` (`bounces`).
+    pub bounce_local: String,
+    /// `BOUNCE_SECRET`: signs the return paths; required with `BOUNCE_DOMAIN`.
+    pub bounce_secret: Option<SecretString>,
+    /// `FEEDBACK_SMTP_ADDR`: the inbound SMTP listener for DSNs and ARF reports.
+    pub smtp_addr: Option<SocketAddr>,
+    /// `FEEDBACK_LOOP_ADDRESS`: the address ISPs' feedback loops send ARF reports to, accepted
+    /// by the listener beside the return paths.
+    pub loop_address: Option<String>,
+    /// `FEEDBACK_MAX_BYTES`: the largest report the listener takes (SIZE, then cut off with 552).
+    pub max_bytes: usize,
+    /// `KAFKA_TOPIC_FEEDBACK`: bounces, complaints and delays for the profile service.
+    pub topic: String,
+}
+
+const DOMAIN: &str = "a domain name such as bounce.example.com";
+
+pub(super) fn feedback(env: &Env) -> Result<FeedbackConfig, ConfigError> {
+    let bounce_domain = env.optional("BOUNCE_DOMAIN").map(|d| d.trim_end_matches('.').to_ascii_lowercase());
+    if let Some(domain) = &bounce_domain
+        && (domain.contains('@') || format!("x@{domain}").parse::<lettre::Address>().is_err())
+    {
+        return Err(ConfigError::Invalid { var: "BOUNCE_DOMAIN", value: domain.clone(), expected: DOMAIN.into() });
+    }
+    let bounce_local = env.string("BOUNCE_LOCAL_PART", "bounces").to_ascii_lowercase();
+    if bounce_local.len() > 10 || !bounce_local.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(ConfigError::Invalid {
+            var: "BOUNCE_LOCAL_PART",
+            value: bounce_local,
+            expected: "up to 10 letters, digits, - or _ (the signed part takes 46 of a local part's 64 octets)".into(),
+        });
+    }
+    let bounce_secret = env.secret("BOUNCE_SECRET");
+    if bounce_domain.is_some() && bounce_secret.is_none() {
+        return Err(ConfigError::Missing {
+            var: "BOUNCE_SECRET",
+            expected: "a secret of at least 16 characters to sign the return paths at BOUNCE_DOMAIN",
+        });
+    }
+    if let Some(secret) = &bounce_secret
+        && secret.expose_secret().len() < 16
+    {
+        return Err(ConfigError::InvalidSecret { var: "BOUNCE_SECRET", expected: "at least 16 characters" });
+    }
+    let smtp_addr = match env.optional("FEEDBACK_SMTP_ADDR") {
+        Some(_) => Some(env.parse(
+            "FEEDBACK_SMTP_ADDR",
+            SocketAddr::from(([0, 0, 0, 0], 2525)),
+            "an address such as 0.0.0.0:2525",
+            |_| true,
+        )?),
+        None => None,
+    };
+    if smtp_addr.is_some() && bounce_domain.is_none() {
+        return Err(ConfigError::Missing {
+            var: "BOUNCE_DOMAIN",
+            expected: "the domain whose signed return paths the listener on FEEDBACK_SMTP_ADDR accepts",
+        });
+    }
+    let loop_address = env.optional("FEEDBACK_LOOP_ADDRESS").map(|a| a.to_ascii_lowercase());
+    if let Some(address) = &loop_address
+        && address.parse::<lettre::Address>().is_err()
+    {
+        return Err(ConfigError::Invalid {
+            var: "FEEDBACK_LOOP_ADDRESS",
+            value: address.clone(),
+            expected: "an address such as fbl@bounce.example.com".into(),
+        });
+    }
+    Ok(FeedbackConfig {
+        bounce_domain,
+        bounce_local,
+        bounce_secret,
+        smtp_addr,
+        loop_address,
+        max_bytes: env.parse(
+            "FEEDBACK_MAX_BYTES",
+            4 << 20,
+            "a size in bytes from 64 KiB to 15 MiB (a kept report must fit a MongoDB document)",
+            |n| ((64 << 10)..=(15 << 20)).contains(n),
+        )?,
+        topic: env.string("KAFKA_TOPIC_FEEDBACK", "mts-to-profile.feedback"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use crate::config::{Config, ConfigError};
+
+    fn from(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let base =
+            [("KAFKA_BROKERS", "127.0.0.1:9092"), ("MONGO_LOCAL", "mongodb://127.0.0.1:27017"), ("SMTP_HOST", "h")];
+        let vars: HashMap<String, String> =
+            base.iter().chain(pairs).map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Config::from_vars(vars)
+    }
+
+    fn named(result: Result<Config, ConfigError>) -> &'static str {
+        match result {
+            Err(
+                ConfigError::Missing { var, .. }
+                | ConfigError::Invalid { var, .. }
+                | ConfigError::InvalidSecret { var, .. },
+            ) => var,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn feedback_is_off_by_default_and_checked_by_name() {
+        let config = from(&[]).unwrap();
+        assert!(config.feedback.bounce_domain.is_none() && config.feedback.smtp_addr.is_none());
+        assert_eq!(config.feedback.topic, "mts-to-profile.feedback");
+        let secret = "a-bounce-secret-0123";
+        let on = from(&[
+            ("BOUNCE_DOMAIN", "Bounce.Example.com."),
+            ("BOUNCE_SECRET", secret),
+            ("FEEDBACK_SMTP_ADDR", "127.0.0.1:2525"),
+        ])
+        .unwrap();
+        assert_eq!(on.feedback.bounce_domain.as_deref(), Some("bounce.example.com"));
+        assert_eq!(on.feedback.max_bytes, 4 << 20);
+        assert_eq!(named(from(&[("BOUNCE_DOMAIN", "bounce.example.com")])), "BOUNCE_SECRET");
+        assert_eq!(
+            named(from(&[("BOUNCE_DOMAIN", "bounce.example.com"), ("BOUNCE_SECRET", "short")])),
+            "BOUNCE_SECRET"
+        );
+        assert_eq!(named(from(&[("BOUNCE_DOMAIN", "a@b.example"), ("BOUNCE_SECRET", secret)])), "BOUNCE_DOMAIN");
+        assert_eq!(named(from(&[("FEEDBACK_SMTP_ADDR", "127.0.0.1:2525")])), "BOUNCE_DOMAIN");
+        let on = [("BOUNCE_DOMAIN", "bounce.example.com"), ("BOUNCE_SECRET", secret)];
+        for (var, value) in [
+            ("BOUNCE_LOCAL_PART", "far-too-long-a-prefix"),
+            ("FEEDBACK_LOOP_ADDRESS", "not an address"),
+            ("FEEDBACK_MAX_BYTES", "100"),
+            ("FEEDBACK_SMTP_ADDR", "nowhere"),
+        ] {
+            let mut pairs = on.to_vec();
+            pairs.push((var, value));
+            assert_eq!(named(from(&pairs)), var);
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The budget's document in `<collection>_budget`: the state `crate::budget` decides on, written
+//! with a compare-and-set on its version (the Mongo-wire server we test on has no pipeline
+//! updates). The arithmetic stays in `crate::budget`, which sees this through its `Ledger` trait.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use futures::future::BoxFuture;
+use mongodb::{
+    Collection,
+    bson::{Bson, Document, doc},
+    options::ReturnDocument,
+};
+
+use super::{Store, is_duplicate};
+use crate::budget::{Ledger, LooseGrant, Run, State};
+
+/// The budget document in `<collection>_budget`.
+pub struct MongoLedger {
+    store: Store,
+    collection: Collection<Document>,
+}
+
+const DOCUMENT_ID: &str = "budget";
+
+impl MongoLedger {
+    pub(super) fn new(store: &Store) -> MongoLedger {
+        MongoLedger { store: store.clone(), collection: store.collection("budget") }
+    }
+
+    fn count(&self, command: &'static str) {
+        self.store.count(command, 1);
+    }
+}
+
+fn quotas_to_bson(quotas: &BTreeMap<String, BTreeMap<i64, u32>>) -> Document {
+    quotas
+        .iter()
+        .map(|(key, buckets)| {
+            let buckets: Document = buckets.iter().map(|(b, n)| (b.to_string(), Bson::Int64(i64::from(*n)))).collect();
+            (key.clone(), Bson::Document(buckets))
+        })
+        .collect()
+}
+
+fn loose_to_bson(loose: &[LooseGrant]) -> Vec<Bson> {
+    loose.iter().map(|g| Bson::Document(doc! { "f": g.from_ns, "u": g.until_ns, "n": i64::from(g.count) })).collect()
+}
+
+fn runs_to_bson(runs: &[Run]) -> Vec<Bson> {
+    runs.iter().map(|r| Bson::Document(doc! { "f": r.first_ns, "n": i64::from(r.count) })).collect()
+}
+
+fn state_to_bson(state: &State) -> Document {
+    doc! {
+        "v": state.version,
+        "next_ns": state.next_ns,
+        "quotas": quotas_to_bson(&state.quotas),
+        "loose": loose_to_bson(&state.loose),
+        "back": runs_to_bson(&state.returned),
+    }
+}
+
+fn state_from_bson(document: &Document) -> State {
+    let int = |value: Option<&Bson>| match value {
+        Some(Bson::Int64(n)) => *n,
+        Some(Bson::Int32(n)) => i64::from(*n),
+        Some(Bson::Double(n)) => *n as i64,
+        _ => 0,
+    };
+    let quotas = match document.get_document("quotas") {
+        Ok(quotas) => quotas
+            .iter()
+            .filter_map(|(key, buckets)| {
+                let buckets = buckets.as_document()?;
+                let buckets = buckets
+                    .iter()
+                    .filter_map(|(b, n)| Some((b.parse::<i64>().ok()?, int(Some(n)).clamp(0, u32::MAX.into()) as u32)))
+                    .collect();
+                Some((key.clone(), buckets))
+            })
+            .collect(),
+        Err(_) => BTreeMap::new(),
+    };
+    let count = |value: Option<&Bson>| int(value).clamp(0, u32::MAX.into()) as u32;
+    // Arrays of small documents; a malformed entry reads as zeros, which expire at once.
+    let entries = |key: &str| -> Vec<Document> {
+        document.get_array(key).map(|a| a.iter().filter_map(Bson::as_document).cloned().collect()).unwrap_or_default()
+    };
+    let loose = entries("loose")
+        .iter()
+        .map(|g| LooseGrant { from_ns: int(g.get("f")), until_ns: int(g.get("u")), count: count(g.get("n")) })
+        .collect();
+    let returned =
+        entries("back").iter().map(|r| Run { first_ns: int(r.get("f")), count: count(r.get("n")) }).collect();
+    State { version: int(document.get("v")), next_ns: int(document.get("next_ns")), quotas, loose, returned }
+}
+
+impl Ledger for MongoLedger {
+    fn load(&self) -> BoxFuture<'_, anyhow::Result<State>> {
+        Box::pin(async move {
+            self.count("find");
+            let found =
+                self.collection.find_one(doc! { "_id": DOCUMENT_ID }).await.context("reading the sending budget")?;
+            Ok(found.as_ref().map(state_from_bson).unwrap_or_default())
+        })
+    }
+
+    fn replace<'a>(&'a self, expected: i64, new: &'a State) -> BoxFuture<'a, anyhow::Result<Option<i64>>> {
+        Box::pin(async move {
+            self.count("findAndModify");
+            // The first write creates the document (upsert); when another replica created it in
+            // the meantime, MongoDB refuses the insert as a duplicate key: a lost race, as a
+            // version mismatch is.
+            let result = self
+                .collection
+                .find_one_and_update(
+                    doc! { "_id": DOCUMENT_ID, "v": expected },
+                    doc! {
+                        "$set": state_to_bson(new),
+                        "$currentDate": { "at": true },
+                    },
+                )
+                .upsert(expected == 0)
+                .return_document(ReturnDocument::After)
+                .projection(doc! { "at": 1 })
+                .await;
+            match result {
+                Ok(Some(written)) => {
+                    let at = written
+                        .get_datetime("at")
+                        .map(|at| at.timestamp_millis())
+                        .unwrap_or_else(|_| self.store.now_ms());
+                    Ok(Some(at))
+                }
+                Ok(None) => Ok(None),
+                Err(error) if is_duplicate(&error) => Ok(None),
+                Err(error) => Err(anyhow::Error::new(error).context("writing the sending budget")),
+            }
+        })
+    }
+
+    fn server_time(&self) -> BoxFuture<'_, anyhow::Result<i64>> {
+        Box::pin(self.store.server_time())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_document_reads_back_as_written() {
+        let state = State {
+            version: 7,
+            next_ns: 1_795_000_000_123_456_789,
+            quotas: BTreeMap::from([("w60000".to_owned(), BTreeMap::from([(29_916_666, 12), (29_916_667, 3)]))]),
+            loose: vec![LooseGrant { from_ns: 5, until_ns: 250_000_005, count: 40 }],
+            returned: vec![Run { first_ns: 1_795_000_000_000_000_000, count: 6 }],
+        };
+        assert_eq!(state_from_bson(&state_to_bson(&state)), state);
+        // A document from before loose grants and give-backs reads with neither.
+        let old = doc! { "v": 3_i64, "next_ns": 10_i64, "quotas": {} };
+        assert_eq!(state_from_bson(&old), State { version: 3, next_ns: 10, ..State::default() });
+    }
+}
