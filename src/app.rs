@@ -153,12 +153,8 @@ impl App {
             }
             _ => None,
         };
-        // Stops taking reports when shutdown starts; a session cut short answers 421 or 451,
-        // and the sending MTA delivers its report again.
         if let Some(listener) = listeners.feedback {
-            let (suppressions, producer) = (shared.suppressions.clone(), shared.producer.clone());
-            let (store, metrics) = (&shared.store, shared.metrics.clone());
-            crate::feedback::listener::start(listener, &config, store, suppressions, producer, metrics, shutdown.clone());
+            shared.serve_feedback(&config, listener, &shutdown);
         }
 
         // Every stage below runs supervised: see [`Supervisor`].
@@ -413,6 +409,22 @@ impl Shared {
         chores.spawn(supervisor.watch("the status gauge", until, gauge));
         chores.close();
         chores
+    }
+
+    /// Stops taking reports when shutdown starts; a session cut short answers 421 or 451, and
+    /// the sending MTA delivers its report again.
+    fn serve_feedback(&self, config: &Config, listener: TcpListener, shutdown: &CancellationToken) {
+        let (suppressions, producer, metrics) =
+            (self.suppressions.clone(), self.producer.clone(), self.metrics.clone());
+        crate::feedback::listener::start(
+            listener,
+            config,
+            &self.store,
+            suppressions,
+            producer,
+            metrics,
+            shutdown.clone(),
+        );
     }
 
     async fn release_leases(&self) {

@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::store::ControlState;
 use crate::{
-    clock::Clock,
     chore::chore_after,
+    clock::Clock,
     metrics::Metrics,
     model::Letter,
     store::{BatchKey, ControlStore, Store},
