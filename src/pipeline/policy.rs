@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::{
     address::Recipient,
-    config::DispatchConfig,
+    config::RetryConfig,
     model::{FailureKind, Letter, Outcome, Rejection, Status},
     smtp::{RcptResult, Reply, SmtpError, Transaction},
 };
@@ -184,7 +184,7 @@ pub const THROTTLE_RETRY: Duration = Duration::from_secs(1);
 
 /// Applies an attempt to the letter's state (`attempts` already counts it) and picks the
 /// outcome. `jitter` is a random number in [0, 1).
-pub fn decide(letter: &mut Letter, report: AttemptReport, retry: &DispatchConfig, now_ms: i64, jitter: f64) -> Outcome {
+pub fn decide(letter: &mut Letter, report: AttemptReport, retry: &RetryConfig, now_ms: i64, jitter: f64) -> Outcome {
     letter.delivered.extend(report.delivered);
     letter.rejected.extend(report.refused);
     if let Some(reply) = report.last_reply {
@@ -252,7 +252,7 @@ fn finish(letter: &mut Letter, reason: Option<(FailureKind, String)>) -> Outcome
 
 /// Exponential backoff with "equal jitter": half the delay is fixed, half random, so retries from
 /// one outage spread out instead of returning together.
-pub fn backoff(retry: &DispatchConfig, attempts: i32, jitter: f64) -> Duration {
+pub fn backoff(retry: &RetryConfig, attempts: i32, jitter: f64) -> Duration {
     let exponent = attempts.saturating_sub(1).clamp(0, 30) as u32;
     let delay = retry.backoff_base.saturating_mul(1 << exponent).min(retry.backoff_max);
     let half = delay / 2;
@@ -265,7 +265,7 @@ mod tests {
     use crate::model::{Letter, Mailing};
     use crate::smtp::Command;
 
-    fn retry() -> DispatchConfig {
+    fn retry() -> RetryConfig {
         crate::Config::from_vars(
             [("KAFKA_BROKERS", "k:1"), ("MONGO_LOCAL", "mongodb://m"), ("SMTP_HOST", "h")]
                 .iter()
@@ -273,7 +273,7 @@ mod tests {
                 .collect(),
         )
         .unwrap()
-        .dispatch
+        .retry
     }
 
     fn letter(addresses: &[&str], attempts: i32) -> Letter {

@@ -15,6 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    chore::chore,
     deliverability::suppression::Suppressions,
     kafka::StatusProducer,
     metrics::Metrics,
@@ -146,26 +147,21 @@ impl Report {
     /// outcomes older than `min_age` (longer than the producer's message timeout) are taken, as
     /// younger ones may still be on their way through the producer.
     pub async fn republish(self, interval: Duration, batch: usize, min_age: Duration, shutdown: CancellationToken) {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => {}
-            }
-            let before = self.store.now_ms() - min_age.as_millis() as i64;
-            let letters = match self.store.unreported(before, batch).await {
-                Ok(letters) if letters.is_empty() => continue,
+        let this = &self;
+        chore("the republisher", interval, shutdown, move || async move {
+            let before = this.store.now_ms() - min_age.as_millis() as i64;
+            let letters = match this.store.unreported(before, batch).await {
+                Ok(letters) if letters.is_empty() => return,
                 Ok(letters) => letters,
                 Err(error) => {
                     tracing::warn!(error = format!("{error:#}"), "looking for unreported outcomes failed");
-                    continue;
+                    return;
                 }
             };
-            let published = self.publish(&letters.iter().collect::<Vec<_>>(), PUBLISH_WAIT).await;
+            let published = this.publish(&letters.iter().collect::<Vec<_>>(), PUBLISH_WAIT).await;
             tracing::info!(found = letters.len(), published = published.len(), "republished unreported outcomes");
             let failed: Vec<ObjectId> = letters.iter().map(|l| l.id).filter(|id| !published.contains(id)).collect();
-            if let Err(error) = self.store.postpone_unreported(&failed, self.store.now_ms()).await {
+            if let Err(error) = this.store.postpone_unreported(&failed, this.store.now_ms()).await {
                 tracing::warn!(
                     error = format!("{error:#}"),
                     count = failed.len(),
@@ -173,11 +169,12 @@ impl Report {
                 );
             }
             let ids: Vec<ObjectId> = published.into_iter().collect();
-            if let Err(error) = self.store.mark_reported(&ids).await {
+            if let Err(error) = this.store.mark_reported(&ids).await {
                 // Harmless: they are published again next time, at worst twice.
                 tracing::warn!(error = format!("{error:#}"), count = ids.len(), "marking outcomes reported failed");
             }
-        }
+        })
+        .await;
     }
 }
 

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::budget::{Budget, Ticket};
 use crate::{
-    config::{DispatchConfig, SmtpConfig},
+    config::{RetryConfig, SmtpConfig},
     metrics::Metrics,
     model::{AttemptRecord, FailureKind, Letter, Outcome},
     smtp::{self, Connection},
@@ -47,7 +47,7 @@ pub struct SendContext {
     pub max_recipients: usize,
     /// A kept connection idle longer than this is checked with NOOP before use.
     pub idle_check_after: Duration,
-    pub retry: DispatchConfig,
+    pub retry: RetryConfig,
     /// The process's one clock: due times are on MongoDB's, as leases are.
     pub clock: crate::clock::Clock,
     pub limiter: RateLimit,
@@ -69,10 +69,12 @@ pub const UNRECORDED_PER_WORKER: usize = 8;
 impl SendContext {
     pub fn new(
         smtp: &SmtpConfig,
-        retry: DispatchConfig,
+        retry: RetryConfig,
         lease: Arc<LeaseClock>,
         budget: Arc<Budget>,
         metrics: Arc<Metrics>,
+        composer: Arc<crate::deliverability::Composer>,
+        paused: Arc<AtomicBool>,
     ) -> anyhow::Result<Self> {
         let tls_config = match smtp.tls {
             smtp::TlsMode::None => None,
@@ -101,9 +103,9 @@ impl SendContext {
             clock: budget.clock().clone(),
             limiter: RateLimit::new(budget, smtp.throttle_recovery_step, metrics.clone()),
             lease,
-            paused: Arc::default(),
+            paused,
             unrecorded: Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER)),
-            composer: Arc::new(crate::deliverability::Composer::plain(smtp.from.clone())),
+            composer,
             metrics,
         })
     }
