@@ -149,19 +149,26 @@ def run(ctx, letters, index):
 
 
 def top_inclusive(part, count):
-    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", f"--threshold=99", part],
+    """(total, [(instructions, share, function)]): the functions with the most inclusive instructions, leaving
+    out the runtime's frames that hold everything (main, block_on, the task polls: over half of the total)."""
+    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=99", part],
                          capture_output=True, text=True, timeout=300)
-    lines, total, rows = out.stdout.splitlines(), None, []
-    for line in lines:
+    total, rows, seen = None, [], set()
+    for line in out.stdout.splitlines():
         m = re.match(r"\s*([\d,]+)\s+(?:\(\s*[\d.]+%\)\s+)?PROGRAM TOTALS", line)
         if m:
             total = int(m.group(1).replace(",", ""))
             continue
-        m = re.match(r"\s*([\d,]+)\s+(?:\(\s*[\d.]+%\)\s+)?\S*:\s*(.*?)\s*(\[.*\])?$", line)
-        if m and total and "???:" not in line[:0]:
-            rows.append((int(m.group(1).replace(",", "")), m.group(2)))
-    rows = rows[:count]
-    return total, [(n, 100.0 * n / total if total else 0.0, fn) for n, fn in rows]
+        # "N (p%)  file:function [object]"; lines without the object are a function's inlined code by file.
+        m = re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.*?):(\S.*?)\s+\[.*\]$", line)
+        if not m or not total:
+            continue
+        n, fn = int(m.group(1).replace(",", "")), m.group(3)
+        if n * 2 > total or fn in seen:
+            continue
+        seen.add(fn)
+        rows.append((n, 100.0 * n / total, fn))
+    return total, rows[:count]
 
 
 def revision(repo):
