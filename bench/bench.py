@@ -210,11 +210,13 @@ class Service:
         self.env = env
         self.log_path = os.path.join(self.dir, "mailsender.log")
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([ctx.binary], env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        # `ctx.wrapper`: a command the binary runs under (bench/callgrind.py: valgrind), which is then slower to start.
+        wrapper = getattr(ctx, "wrapper", [])
+        self.proc = subprocess.Popen([*wrapper, ctx.binary], env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid
         try:
-            wait_until("mailsender /ready", 60, self._ready, interval=0.1)
+            wait_until("mailsender /ready", 600 if wrapper else 60, self._ready, interval=0.1)
         except Exception:
             self.kill()
             raise RuntimeError(f"mailsender did not become ready; log: {self.log_path}\n{self.log_tail()}")

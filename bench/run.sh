@@ -2,7 +2,7 @@
 # mailsender benchmark: installs and starts a private local stack, builds the service in release mode,
 # pushes letters through it and prints a table of figures (also written to bench/results.md).
 #
-# Usage: bench/run.sh [--quick] [--runs N] [--senders N] [--figures 1,2,...] [--keep-stack] [--verbose]
+# Usage: bench/run.sh [callgrind] [--quick] [--runs N] [--senders N] [--figures 1,2,...] [--keep-stack] [--verbose]
 #   --quick        1 run per figure and smaller sizes (a few minutes); default: full mode, 3 runs, medians
 #   --runs N       runs per figure (overrides the mode's default)
 #   --senders N    SMTP_MAX_SENDERS, and the bare client's concurrency for the sink ceiling (default 8)
@@ -12,6 +12,9 @@
 #   --dkim rsa|ed25519  sign every message (a fresh RSA-2048 or Ed25519 key): figure 2a is then the CPU with DKIM
 #   --delivery individual  SMTP_DELIVERY=individual: figure 1 counts letters of 2 copies each
 #   --letters N, --backlog N, --rate-burst N, --service-env NAME=VALUE, --verbose: see bench/README.md
+#   callgrind      instead of the figures: instructions per letter under valgrind's callgrind (bench/callgrind.py;
+#                  installs Debian's valgrind if missing), with --runs N, --sizes SMALL,LARGE (500,2500), --dkim,
+#                  --delivery, --service-env; the report is printed and, with --out FILE, appended to FILE
 #
 # Environment: BENCH_RUN (run dir, default /tmp/bench-run), BENCH_KAFKA_PORT (29392), BENCH_MONGO_PORT (28417),
 # MAILSENDER_CACHE (installed servers, as for scripts/stack.sh).
@@ -30,15 +33,21 @@ keep=0
 dkim=
 args=()
 out=$BENCH/results.md
+mode=figures
+if [[ ${1:-} == callgrind ]]; then
+    mode=callgrind
+    out=
+    shift
+fi
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick | --verbose) args+=("$1") ;;
-        --runs | --senders | --figures | --letters | --backlog | --service-env | --rate-burst) args+=("$1" "$2"); shift ;;
+        --runs | --senders | --figures | --letters | --backlog | --service-env | --rate-burst | --sizes) args+=("$1" "$2"); shift ;;
         --out) out=$2; shift ;;
         --dkim) dkim=$2; shift ;;
         --delivery) args+=(--service-env "SMTP_DELIVERY=$2"); shift ;;
         --keep-stack) keep=1 ;;
-        -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -58,6 +67,29 @@ if [[ -n $dkim ]]; then
     log "DKIM: signing with a fresh $dkim key ($key)"
 fi
 
+as_root() {
+    if [[ $(id -u) -eq 0 ]]; then "$@"
+    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+    else log "need root (or sudo) to run: $*"; exit 1
+    fi
+}
+
+# Debian's valgrind, as scripts/postfix.sh installs postfix; the packages are kept in the cache dir, so a fresh
+# machine with the cache does not download them again.
+install_valgrind() {
+    if command -v valgrind >/dev/null 2>&1 && command -v callgrind_control >/dev/null 2>&1; then
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 || { log "apt-get not found: install Debian's valgrind package by hand"; exit 1; }
+    mkdir -p "$CACHE/apt/partial"
+    log "apt-get install -y valgrind (packages cached in $CACHE/apt)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -o "Dir::Cache::archives=$CACHE/apt" \
+        install -y -qq --no-install-recommends valgrind
+    command -v callgrind_control >/dev/null 2>&1 || { log "valgrind installed, but callgrind_control is missing"; exit 1; }
+}
+
+[[ $mode == callgrind ]] && install_valgrind
 "$ROOT/scripts/stack.sh" install
 
 log "cargo build --release --locked"
@@ -76,5 +108,10 @@ trap stop_stack EXIT
 "$ROOT/scripts/stack.sh" up --no-maildev >/dev/null
 
 log "load average before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
+if [[ $mode == callgrind ]]; then
+    "$PY" "$BENCH/callgrind.py" --repo "$ROOT" --binary "$BIN" --stack-env "$MAILSENDER_RUN/stack.env" \
+        --python "$PY" --work "$MAILSENDER_RUN/work" ${out:+--out "$out"} "${args[@]}"
+    exit
+fi
 "$PY" "$BENCH/bench.py" --repo "$ROOT" --binary "$BIN" --stack-env "$MAILSENDER_RUN/stack.env" \
     --tansu "$CACHE/tansu/bin/tansu" --python "$PY" --work "$MAILSENDER_RUN/work" --out "$out" "${args[@]}"

@@ -143,11 +143,11 @@ impl Composer {
             kafka_key: letter.kafkakey.clone(),
             address: recipient.map(Recipient::to_string),
         };
-        let mut message = message::compose(content, text, &self.from, to.as_ref(), self.unsubscribe_headers(&fields)?)?;
-        if let Some(dkim) = &self.dkim {
-            dkim.sign(&mut message);
+        let draft = message::compose(content, text, &self.from, to.as_ref(), self.unsubscribe_headers(&fields)?)?;
+        match &self.dkim {
+            Some(dkim) => draft.finish_signed(|message| dkim.sign(message)),
+            None => draft.finish(),
         }
-        message::finish(&message)
     }
 
     /// `List-Unsubscribe` (and, with an HTTPS URL, RFC 8058's `List-Unsubscribe-Post`).

@@ -255,7 +255,14 @@ pub struct Connection {
     /// False while a transaction may be open or a reply may be unread: the connection must be
     /// reset (or dropped) before the next transaction.
     clean: bool,
+    /// The message's data as it goes on the wire, kept between transactions: a connection then
+    /// writes each message into memory it already has.
+    data: Vec<u8>,
 }
+
+/// A data buffer larger than this is not kept for the next message: a single big letter would
+/// otherwise hold its size per connection for the connection's life.
+const KEPT_DATA_BUFFER: usize = 256 * 1024;
 
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -290,6 +297,7 @@ impl Connection {
             commands: settings.commands.clone(),
             last_used: Instant::now(),
             clean: true,
+            data: Vec::new(),
         };
         let greeting = connection.read_reply(Command::Greeting, t.greeting).await?;
         if !greeting.is_positive() {
@@ -420,6 +428,19 @@ impl Connection {
         self.write_bytes(data.as_bytes(), command, timeout).await?;
         self.commands.inc_by(count);
         Ok(())
+    }
+
+    /// The connection's data buffer, empty; [`Connection::put_data_buffer`] gives it back.
+    pub(super) fn take_data_buffer(&mut self) -> Vec<u8> {
+        let mut buffer = std::mem::take(&mut self.data);
+        buffer.clear();
+        buffer
+    }
+
+    pub(super) fn put_data_buffer(&mut self, buffer: Vec<u8>) {
+        if buffer.capacity() <= KEPT_DATA_BUFFER {
+            self.data = buffer;
+        }
     }
 
     /// Counts commands written through [`Connection::write_bytes`].

@@ -4,7 +4,7 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::SystemTime,
 };
 
@@ -75,20 +75,17 @@ pub fn check_subject(subject: &str) -> Result<(), String> {
 /// Bare CR and bare LF become CRLF, the only line end SMTP knows; the body the recipient decodes
 /// is then the posted one with its line ends normalised.
 pub fn normalize_line_ends(text: &str) -> String {
+    let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len() + text.len() / 32);
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\r' => {
-                if chars.peek() == Some(&'\n') {
-                    chars.next();
-                }
-                out.push_str("\r\n");
-            }
-            '\n' => out.push_str("\r\n"),
-            c => out.push(c),
-        }
+    let mut start = 0;
+    // CR and LF are ASCII, never inside a UTF-8 sequence: the runs between them are copied whole.
+    while let Some(at) = memchr::memchr2(b'\r', b'\n', &bytes[start..]) {
+        let at = start + at;
+        out.push_str(&text[start..at]);
+        out.push_str("\r\n");
+        start = if bytes[at] == b'\r' && bytes.get(at + 1) == Some(&b'\n') { at + 2 } else { at + 1 };
     }
+    out.push_str(&text[start..]);
     out
 }
 
@@ -154,12 +151,80 @@ pub type ExtraHeaders = Vec<(HeaderName, String)>;
 /// and a resend after a crash carry the same id and receivers can recognise the duplicate.
 pub fn build(content: Content<'_>, from: &Mailbox) -> Result<Vec<u8>, MessageError> {
     let text = text_of_html(content.html)?;
-    let message = compose(content, &text, from, None, Vec::new())?;
-    finish(&message)
+    compose(content, &text, from, None, Vec::new())?.finish()
 }
 
-/// The message before formatting, so a DKIM signature can be added to it: `multipart/alternative`
-/// with the text made from the HTML, then the HTML.
+/// The `multipart/alternative` body of an HTML body and its text alternative, encoded (7bit,
+/// quoted-printable or base64 per part, as lettre chooses) and checked: everything of a message
+/// that depends on the body alone, so letters that carry the same body share it.
+#[derive(Debug)]
+pub struct EncodedBody {
+    boundary: String,
+    /// The multipart's bytes after its header block: the message's body.
+    bytes: Vec<u8>,
+    /// The longest line of `bytes`, without its line end.
+    longest_line: usize,
+}
+
+impl EncodedBody {
+    fn encode(html: &str, text: &str) -> Result<EncodedBody, MessageError> {
+        let alternative = MultiPart::alternative_plain_html(normalize_line_ends(text), normalize_line_ends(html));
+        let boundary = alternative.boundary();
+        let mut formatted = alternative.formatted();
+        let body_start = memchr::memmem::find(&formatted, b"\r\n\r\n")
+            .ok_or_else(|| MessageError("the multipart has no header end".to_owned()))?;
+        // In place: a megabyte body is not copied once more.
+        formatted.drain(..body_start + 4);
+        // lettre encoded each part, so the whole is 7-bit; a message that is not would need
+        // 8BITMIME, which a relay may not offer.
+        if !formatted.is_ascii() || formatted.contains(&0) {
+            return Err(MessageError("the multipart is not 7-bit".to_owned()));
+        }
+        let longest_line = longest_line(&formatted);
+        Ok(EncodedBody { boundary, bytes: formatted, longest_line })
+    }
+}
+
+/// The encoded bodies made last, most recent first, as [`RECENT_TEXTS`] keeps texts: a campaign
+/// sends one body in many letters, and encoding it (line ends, quoted-printable, lettre's
+/// multipart) cost a third of the service's instructions per letter. A hit is exact (the whole
+/// HTML and text compared); the parts of one body then share their MIME boundary, which needs
+/// only to be absent from the parts. Bodies over [`TEXT_FROM_HTML_MAX_BYTES`] are not kept.
+type RecentBody = (String, String, Arc<EncodedBody>);
+static RECENT_BODIES: Mutex<VecDeque<RecentBody>> = Mutex::new(VecDeque::new());
+
+/// The encoded body of `html` with its text alternative `text`, from [`RECENT_BODIES`] when there.
+pub fn encoded_body(html: &str, text: &str) -> Result<Arc<EncodedBody>, MessageError> {
+    if html.len() > TEXT_FROM_HTML_MAX_BYTES {
+        return Ok(Arc::new(EncodedBody::encode(html, text)?));
+    }
+    // The list is consistent after any panic (entries are whole), so a poisoned lock is used as is.
+    {
+        let mut recent = RECENT_BODIES.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = recent.iter().position(|(h, t, _)| h == html && t == text)
+            && let Some(entry) = recent.remove(at)
+        {
+            let body = Arc::clone(&entry.2);
+            recent.push_front(entry);
+            return Ok(body);
+        }
+    }
+    let body = Arc::new(EncodedBody::encode(html, text)?);
+    let mut recent = RECENT_BODIES.lock().unwrap_or_else(PoisonError::into_inner);
+    recent.push_front((html.to_owned(), text.to_owned(), Arc::clone(&body)));
+    recent.truncate(RECENT_TEXTS_KEPT);
+    Ok(body)
+}
+
+/// A message whose headers are set and whose body is encoded: [`Draft::finish`] formats it, or
+/// [`Draft::finish_signed`] after a DKIM signature is added.
+pub struct Draft {
+    headers: lettre::message::MessageBuilder,
+    body: Arc<EncodedBody>,
+}
+
+/// The message's headers, per letter, over the letter's encoded body (shared by every letter
+/// with the same body): `multipart/alternative` with the text made from the HTML, then the HTML.
 /// `text` is [`text_of_html`] of the body, made once per letter; `to` names the one recipient of a
 /// per-recipient copy, and is `None` for a BCC message.
 pub fn compose(
@@ -168,8 +233,9 @@ pub fn compose(
     from: &Mailbox,
     to: Option<&Mailbox>,
     extra: ExtraHeaders,
-) -> Result<lettre::Message, MessageError> {
+) -> Result<Draft, MessageError> {
     check_subject(content.subject).map_err(MessageError)?;
+    let body = encoded_body(content.html, text)?;
     let domain = from.email.domain();
     // lettre needs an envelope to format a message whose headers name no recipient; the SMTP
     // envelope is written by our client, so this one is never used.
@@ -188,45 +254,271 @@ pub fn compose(
     for (name, value) in extra {
         builder = builder.raw_header(HeaderValue::new(name, value));
     }
-    let html = normalize_line_ends(content.html);
-    let text = normalize_line_ends(text);
-    let alternative = MultiPart::alternative_plain_html(text, html);
     // The multipart goes in as a raw body with its Content-Type among the message's headers:
     // lettre keeps a MIME body's Content-Type with the body, where its DKIM signer does not see
     // it, and a signature naming Content-Type would then not verify.
-    let content_type = ContentType::parse(&format!("multipart/alternative; boundary=\"{}\"", alternative.boundary()))
+    let content_type = ContentType::parse(&format!("multipart/alternative; boundary=\"{}\"", body.boundary))
         .map_err(|e| MessageError(format!("Content-Type: {e}")))?;
-    let mut formatted = alternative.formatted();
-    let body_start = formatted
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| MessageError("the multipart has no header end".to_owned()))?;
-    // In place: a megabyte body is not copied once more.
-    formatted.drain(..body_start + 4);
-    let body = formatted;
-    // lettre encoded each part (7bit, quoted-printable or base64), so the whole is 7-bit; `finish`
-    // checks the line lengths.
-    if !body.is_ascii() || body.contains(&0) {
-        return Err(MessageError("the multipart is not 7-bit".to_owned()));
-    }
-    let body = Body::dangerous_pre_encoded(body, ContentTransferEncoding::SevenBit);
-    builder.header(MIME_VERSION_1_0).header(content_type).body(body).map_err(|e| MessageError(e.to_string()))
+    Ok(Draft { headers: builder.header(MIME_VERSION_1_0).header(content_type), body })
 }
 
-/// The message's bytes, checked against SMTP's line limit.
-pub fn finish(message: &lettre::Message) -> Result<Vec<u8>, MessageError> {
-    let raw = message.formatted();
-    if let Some(longest) = raw.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l).len()).max()
-        && longest > MAX_LINE_OCTETS
-    {
+impl Draft {
+    /// The message's bytes, checked against SMTP's line limit: the headers formatted for this
+    /// letter, then the shared body, copied once.
+    pub fn finish(self) -> Result<Vec<u8>, MessageError> {
+        // An empty body formats the headers alone (with the same Content-Transfer-Encoding).
+        let message = self
+            .headers
+            .body(Body::dangerous_pre_encoded(Vec::new(), ContentTransferEncoding::SevenBit))
+            .map_err(|e| MessageError(e.to_string()))?;
+        let mut raw = message.formatted();
+        check_lines(longest_line(&raw).max(self.body.longest_line))?;
+        raw.reserve_exact(self.body.bytes.len());
+        raw.extend_from_slice(&self.body.bytes);
+        Ok(raw)
+    }
+
+    /// The message signed by `sign` (which adds a DKIM-Signature header), then formatted: the
+    /// signer reads the body from the message, so it gets a copy of the shared one.
+    pub fn finish_signed(self, sign: impl FnOnce(&mut lettre::Message)) -> Result<Vec<u8>, MessageError> {
+        let body = Body::dangerous_pre_encoded(self.body.bytes.clone(), ContentTransferEncoding::SevenBit);
+        let mut message = self.headers.body(body).map_err(|e| MessageError(e.to_string()))?;
+        sign(&mut message);
+        let raw = message.formatted();
+        let headers = raw.len() - self.body.bytes.len();
+        check_lines(longest_line(&raw[..headers]).max(self.body.longest_line))?;
+        Ok(raw)
+    }
+}
+
+/// The longest line of `bytes`, without its line end (CRLF or a bare LF).
+fn longest_line(bytes: &[u8]) -> usize {
+    let mut longest = 0;
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len())) {
+        let line = &bytes[start..end];
+        longest = longest.max(line.strip_suffix(b"\r").unwrap_or(line).len());
+        start = end + 1;
+    }
+    longest
+}
+
+fn check_lines(longest: usize) -> Result<(), MessageError> {
+    if longest > MAX_LINE_OCTETS {
         return Err(MessageError(format!("a line of {longest} octets exceeds SMTP's {MAX_LINE_OCTETS}")));
     }
-    Ok(raw)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The message path as it was before the shared encoded bodies (commit ab88d6a), kept to show
+    /// the new one writes the same bytes.
+    mod before {
+        use super::super::{Content, ExtraHeaders, MAX_LINE_OCTETS, UndisclosedRecipients, check_subject};
+        use lettre::message::{
+            Body, Mailbox, MultiPart,
+            header::{ContentTransferEncoding, ContentType, HeaderValue, MIME_VERSION_1_0},
+        };
+        use std::time::SystemTime;
+
+        pub fn normalize_line_ends(text: &str) -> String {
+            let mut out = String::with_capacity(text.len() + text.len() / 32);
+            let mut chars = text.chars().peekable();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\r' => {
+                        if chars.peek() == Some(&'\n') {
+                            chars.next();
+                        }
+                        out.push_str("\r\n");
+                    }
+                    '\n' => out.push_str("\r\n"),
+                    c => out.push(c),
+                }
+            }
+            out
+        }
+
+        pub fn compose(
+            content: Content<'_>,
+            text: &str,
+            from: &Mailbox,
+            to: Option<&Mailbox>,
+            extra: ExtraHeaders,
+        ) -> Result<lettre::Message, String> {
+            check_subject(content.subject)?;
+            let domain = from.email.domain();
+            let envelope = lettre::address::Envelope::new(Some(from.email.clone()), vec![from.email.clone()])
+                .map_err(|e| e.to_string())?;
+            let builder = lettre::Message::builder().from(from.clone());
+            let builder = match to {
+                Some(to) => builder.to(to.clone()),
+                None => builder.header(UndisclosedRecipients),
+            };
+            let mut builder = builder
+                .subject(content.subject)
+                .date(SystemTime::now())
+                .message_id(Some(format!("<{}@{}>", content.id, domain)))
+                .envelope(envelope);
+            for (name, value) in extra {
+                builder = builder.raw_header(HeaderValue::new(name, value));
+            }
+            let html = normalize_line_ends(content.html);
+            let text = normalize_line_ends(text);
+            let alternative = MultiPart::alternative_plain_html(text, html);
+            let content_type =
+                ContentType::parse(&format!("multipart/alternative; boundary=\"{}\"", alternative.boundary()))
+                    .map_err(|e| format!("Content-Type: {e}"))?;
+            let mut formatted = alternative.formatted();
+            let body_start =
+                formatted.windows(4).position(|w| w == b"\r\n\r\n").ok_or("the multipart has no header end")?;
+            formatted.drain(..body_start + 4);
+            let body = formatted;
+            if !body.is_ascii() || body.contains(&0) {
+                return Err("the multipart is not 7-bit".to_owned());
+            }
+            let body = Body::dangerous_pre_encoded(body, ContentTransferEncoding::SevenBit);
+            builder.header(MIME_VERSION_1_0).header(content_type).body(body).map_err(|e| e.to_string())
+        }
+
+        pub fn finish(message: &lettre::Message) -> Result<Vec<u8>, String> {
+            let raw = message.formatted();
+            if let Some(longest) = raw.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l).len()).max()
+                && longest > MAX_LINE_OCTETS
+            {
+                return Err(format!("a line of {longest} octets exceeds SMTP's {MAX_LINE_OCTETS}"));
+            }
+            Ok(raw)
+        }
+    }
+
+    /// The boundary a message's Content-Type names.
+    fn boundary_of(raw: &str) -> String {
+        let at = raw.find("boundary=\"").unwrap() + "boundary=\"".len();
+        raw[at..at + raw[at..].find('"').unwrap()].to_owned()
+    }
+
+    /// `raw` with its Date line and MIME boundary replaced by fixed ones, the two things that
+    /// differ between two formattings of one letter.
+    fn comparable(raw: &[u8]) -> String {
+        let raw = String::from_utf8(raw.to_vec()).unwrap();
+        let raw = raw.replace(&boundary_of(&raw), "BOUNDARY");
+        let date = raw.find("\r\nDate: ").unwrap() + 2;
+        let end = date + raw[date..].find("\r\n").unwrap();
+        format!("{}Date: DATE{}", &raw[..date], &raw[end..])
+    }
+
+    /// Bodies that exercise every encoding path: long lines, bare CR and LF, leading dots, UTF-8
+    /// and 8-bit text, control characters, trailing spaces, an empty body.
+    fn tricky_bodies() -> Vec<String> {
+        vec![
+            "<p>Hi there</p>".to_owned(),
+            String::new(),
+            format!("<p>{}</p>", "x".repeat(5_000)),
+            format!("<p>{}</p>\n<p>{}</p>", "word ".repeat(400), "Ж".repeat(3_000)),
+            "line one\rline two\nline three\r\n\r\rline five\n\n".to_owned(),
+            ".starts with a dot\n.\n..two dots\r\n.\r\nend.".to_owned(),
+            "<p>Grüße — 你好 — 👋🏽 — Привет</p>\n.Ünïcödé at a line start\r".to_owned(),
+            "Latin-1 range: \u{e9}\u{e8}\u{ff}\u{a0}\u{b5}, controls \u{1}\u{7f}\t tab, trailing spaces   \nnext"
+                .to_owned(),
+            format!("{}\n.dot\rcr\r\nend", "Ж".repeat(20_000)),
+            format!("<html><body>{}</body></html>", "<p>Lorem ipsum dolor sit amet.</p>\n".repeat(2_500)),
+        ]
+    }
+
+    #[test]
+    fn messages_are_byte_for_byte_those_of_the_old_path() {
+        let from: Mailbox = "Mailer Ünï <noreply@example.com>".parse().unwrap();
+        let to: Mailbox = "alice@example.org".parse().unwrap();
+        let unsubscribe = || -> ExtraHeaders {
+            vec![
+                (
+                    HeaderName::new_from_ascii_str("List-Unsubscribe"),
+                    "<https://u.example.com/u?t=1&sig=abc>, <mailto:u@example.com?subject=unsubscribe%20x>".to_owned(),
+                ),
+                (HeaderName::new_from_ascii_str("List-Unsubscribe-Post"), "List-Unsubscribe=One-Click".to_owned()),
+            ]
+        };
+        let long_subject = "word ".repeat(150);
+        let mut compared = 0;
+        for body in tricky_bodies() {
+            let text = text_of_html(&body).unwrap();
+            for subject in ["Hello", "Привет, мир ✓", long_subject.as_str()] {
+                for (to, extra) in [(None, Vec::new()), (Some(&to), unsubscribe())] {
+                    // Twice: the second from the shared encoded body.
+                    for _ in 0..2 {
+                        let content = content(subject, &body);
+                        let old = before::finish(&before::compose(content, &text, &from, to, extra.clone()).unwrap());
+                        let new = compose(content, &text, &from, to, extra.clone()).unwrap().finish();
+                        match (old, new) {
+                            (Ok(old), Ok(new)) => assert_eq!(comparable(&new), comparable(&old), "body {body:?}"),
+                            (Err(old), Err(new)) => {
+                                assert_eq!(new.to_string(), format!("cannot build the message: {old}"))
+                            }
+                            (old, new) => panic!("old {old:?}, new {new:?} for {body:?}"),
+                        }
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(compared, tricky_bodies().len() * 3 * 2 * 2);
+    }
+
+    #[test]
+    fn a_line_too_long_is_refused_as_before() {
+        // A subject word longer than a line: lettre cannot fold it.
+        let from: Mailbox = "noreply@example.com".parse().unwrap();
+        let long = format!("<{}>", "u".repeat(1_200));
+        let extra = || vec![(HeaderName::new_from_ascii_str("List-Unsubscribe"), long.clone())];
+        let content = content("Hello", "<p>x</p>");
+        let old = before::finish(&before::compose(content, "x", &from, None, extra()).unwrap()).unwrap_err();
+        let new = compose(content, "x", &from, None, extra()).unwrap().finish().unwrap_err();
+        assert_eq!(new.to_string(), format!("cannot build the message: {old}"));
+    }
+
+    #[test]
+    fn letters_with_one_body_share_its_encoding() {
+        let body = "<p>one body for a campaign, shared</p>";
+        let text = text_of_html(body).unwrap();
+        let first = encoded_body(body, &text).unwrap();
+        let second = encoded_body(body, &text).unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        let other = encoded_body("<p>another body</p>", &text).unwrap();
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert_ne!(first.bytes, other.bytes);
+    }
+
+    #[test]
+    fn a_signed_message_is_the_unsigned_one_with_a_signature_header() {
+        let from: Mailbox = "noreply@example.com".parse().unwrap();
+        let body = "<p>signed</p>\n.dot";
+        let text = text_of_html(body).unwrap();
+        let header = HeaderName::new_from_ascii_str("DKIM-Signature");
+        let unsigned = compose(content("Hi", body), &text, &from, None, Vec::new()).unwrap().finish().unwrap();
+        let signed = compose(content("Hi", body), &text, &from, None, Vec::new())
+            .unwrap()
+            .finish_signed(|m| m.headers_mut().insert_raw(HeaderValue::new(header, "v=1; test".to_owned())))
+            .unwrap();
+        let signed = comparable(&signed);
+        let signature = signed.find("DKIM-Signature: v=1; test\r\n").unwrap();
+        let without =
+            format!("{}{}", &signed[..signature], &signed[signature + "DKIM-Signature: v=1; test\r\n".len()..]);
+        assert_eq!(without, comparable(&unsigned));
+    }
+
+    #[test]
+    fn line_ends_normalise_as_before() {
+        for body in tricky_bodies() {
+            assert_eq!(normalize_line_ends(&body), before::normalize_line_ends(&body));
+        }
+        for text in ["\r", "\n", "\r\n", "\r\r\n\n", "a\r", "\u{e9}\r\u{e9}\n\u{e9}"] {
+            assert_eq!(normalize_line_ends(text), before::normalize_line_ends(text), "{text:?}");
+        }
+    }
 
     const ADDRESSES: [&str; 2] = ["alice@example.org", "bob@example.net"];
 

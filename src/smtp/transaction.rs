@@ -145,13 +145,15 @@ pub async fn send(
     let accepted = transaction.rcpt.iter().any(|r| matches!(r, RcptResult::Replied(reply) if reply.is_positive()));
     match &transaction.data {
         Some(data) if data.code == 354 && accepted => {
-            let data = dot_stuffed(message);
+            let mut data = connection.take_data_buffer();
+            write_data(&mut data, message);
             let (body, end) = data.split_at(data.len() - END_OF_DATA.len());
             connection.write_bytes(body, Command::DataEnd, timeouts.data).await?;
             let Some(limit) = before_end.await else {
                 return Err(SmtpError::Withdrawn { server: connection.server().to_owned() });
             };
             connection.write_bytes(end, Command::DataEnd, limit.min(timeouts.data)).await?;
+            connection.put_data_buffer(data);
             connection.commands_sent(1);
             transaction.end = Some(connection.read_reply(Command::DataEnd, timeouts.data_end).await?);
             // Whatever the reply, the transaction is over (RFC 5321 §4.1.1.4).
@@ -173,36 +175,98 @@ pub async fn send(
     Ok(transaction)
 }
 
-/// The line that ends the data (RFC 5321 §4.1.1.4), last in [`dot_stuffed`]'s output.
+/// The line that ends the data (RFC 5321 §4.1.1.4), last in [`write_data`]'s output.
 const END_OF_DATA: &[u8] = b".\r\n";
 
-/// The message as it goes on the wire: CRLF line ends, lines starting with a dot doubled
-/// (RFC 5321 §4.5.2), and the final `.` line.
-pub fn dot_stuffed(message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 5);
-    let mut line_start = true;
-    for &byte in message {
-        if line_start && byte == b'.' {
-            out.push(b'.');
-        }
-        out.push(byte);
-        line_start = byte == b'\n';
+/// Appends the message to `out` as it goes on the wire: lines starting with a dot doubled
+/// (RFC 5321 §4.5.2), a CRLF if the message does not end with one, and the final `.` line. The
+/// message's line ends are CRLF already (the composer made them so); one pass copies the runs
+/// between the dots to double.
+pub fn write_data(out: &mut Vec<u8>, message: &[u8]) {
+    out.reserve(message.len() + message.len() / 64 + 5);
+    let mut start = 0;
+    if message.first() == Some(&b'.') {
+        out.push(b'.');
     }
+    for newline in memchr::memmem::find_iter(message, b"\n.") {
+        // Up to and including the dot, then the dot again.
+        out.extend_from_slice(&message[start..newline + 2]);
+        out.push(b'.');
+        start = newline + 2;
+    }
+    out.extend_from_slice(&message[start..]);
     if !message.is_empty() && !message.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b".\r\n");
-    out
+    out.extend_from_slice(END_OF_DATA);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn dot_stuffed(message: &[u8]) -> Vec<u8> {
+        let mut out = b"kept".to_vec();
+        write_data(&mut out, message);
+        assert_eq!(&out[..4], b"kept", "appends");
+        out.split_off(4)
+    }
+
+    /// The dot-stuffing as it was before [`write_data`] (commit ab88d6a).
+    fn dot_stuffed_before(message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 5);
+        let mut line_start = true;
+        for &byte in message {
+            if line_start && byte == b'.' {
+                out.push(b'.');
+            }
+            out.push(byte);
+            line_start = byte == b'\n';
+        }
+        if !message.is_empty() && !message.ends_with(b"\r\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        out
+    }
+
     #[test]
     fn dot_stuffing_doubles_leading_dots_and_terminates() {
         assert_eq!(dot_stuffed(b"a\r\n.b\r\n..c\r\n"), b"a\r\n..b\r\n...c\r\n.\r\n");
         assert_eq!(dot_stuffed(b".start\r\nend"), b"..start\r\nend\r\n.\r\n");
         assert_eq!(dot_stuffed(b"x.y\r\n"), b"x.y\r\n.\r\n");
+    }
+
+    #[test]
+    fn data_is_byte_for_byte_the_old_dot_stuffing() {
+        let cases: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b".".to_vec(),
+            b"\n.".to_vec(),
+            b"..\r\n.\r\n...\n.\r.\n\n.x".to_vec(),
+            b"bare\rcr\nbare lf\n.dot after lf\r.dot after cr\r\n".to_vec(),
+            "UTF-8 \u{436}\r\n.\u{436} dotted\r\n\u{1f44b}.".as_bytes().to_vec(),
+            vec![0xe9, b'\n', b'.', 0xff, 0x00, b'\r', b'\n', b'.', b'.', 0x80],
+            format!("{}\r\n.{}", "x".repeat(5_000), ".".repeat(3_000)).into_bytes(),
+            (0..=255u8).cycle().take(10_000).collect(),
+        ];
+        for message in &cases {
+            assert_eq!(dot_stuffed(message), dot_stuffed_before(message), "{:?}", String::from_utf8_lossy(message));
+        }
+        // Every message of up to 6 bytes over the bytes that matter.
+        let alphabet = [b'.', b'\r', b'\n', b'a'];
+        let mut compared = 0;
+        for len in 0..=6u32 {
+            for mut n in 0..alphabet.len().pow(len) {
+                let mut message = Vec::new();
+                for _ in 0..len {
+                    message.push(alphabet[n % alphabet.len()]);
+                    n /= alphabet.len();
+                }
+                assert_eq!(dot_stuffed(&message), dot_stuffed_before(&message), "{message:?}");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 5461);
     }
 }
