@@ -302,6 +302,12 @@ impl App {
         let mut chores = JoinSet::new();
         // Chores run until `background` fires, after the workers; ending before is a failure.
         chores.spawn(failures.supervise_until(
+            "expiry",
+            &background,
+            &shutdown,
+            crate::pipeline::expiry::run(reporter.clone(), background.clone()),
+        ));
+        chores.spawn(failures.supervise_until(
             "the republisher",
             &background,
             &shutdown,

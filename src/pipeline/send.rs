@@ -164,11 +164,13 @@ pub struct Worker {
     connection: Option<Connection>,
     /// The relay `connection` goes to, as an index into `ctx.relays`.
     relay: usize,
+    /// The `NotAfter` of the letter being sent, checked before each final dot.
+    not_after: Option<i64>,
 }
 
 impl Worker {
     pub fn new(id: usize, ctx: Arc<SendContext>) -> Worker {
-        Worker { id, ctx, connection: None, relay: 0 }
+        Worker { id, ctx, connection: None, relay: 0, not_after: None }
     }
 
     /// Sends letters until shutdown. A letter not yet started when shutdown comes is dropped
@@ -200,13 +202,18 @@ impl Worker {
             // letters are all back in `awaiting` within moments, not at the sending rate.
             let paused = self.ctx.paused.load(Ordering::Relaxed);
             let pending = claimed.letter.pending_recipients().len();
-            let stop = paused || self.ctx.lease.cancelled(&claimed.letter.id);
+            // A letter claimed after its `NotAfter` is ended, not sent; one whose `NotAfter`
+            // passes while it waits for the budget stops waiting then.
+            let not_after = claimed.letter.not_after_ms;
+            let expired = crate::lanes::expired(not_after, self.ctx.clock.now_ms());
+            let stop = paused || expired || self.ctx.lease.cancelled(&claimed.letter.id);
             let ticket = if stop || pending == 0 || self.ctx.limiter.too_large(pending).is_some() {
                 None
             } else {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break,
+                    _ = crate::lanes::until_expiry(&self.ctx.clock, not_after) => None,
                     ticket = self.ctx.limiter.reserve(pending.min(self.ctx.max_recipients)) => Some(ticket),
                 }
             };
@@ -215,9 +222,12 @@ impl Worker {
             let paused = paused || self.ctx.paused.load(Ordering::Relaxed);
             let trusted = self.ctx.lease.trusted(claimed.claimed_at) && !self.ctx.lease.taken(&claimed.letter.id);
             let cancelled = trusted && self.ctx.lease.cancelled(&claimed.letter.id);
-            if cancelled || paused || !trusted {
+            let expired = trusted && crate::lanes::expired(not_after, self.ctx.clock.now_ms());
+            if cancelled || expired || paused || !trusted {
                 if cancelled {
                     tracing::info!(letter_id = %claimed.letter.id, "batch cancelled; claimed letter not sent");
+                } else if expired {
+                    tracing::info!(letter_id = %claimed.letter.id, "NotAfter passed; claimed letter not sent");
                 } else if paused {
                     // A letter not started goes back to `awaiting` rather than waiting here
                     // leased, so a cancel issued during the pause reaches it too.
@@ -228,8 +238,13 @@ impl Worker {
                     tracing::warn!(letter_id = %claimed.letter.id, "lease no longer trusted; letter skipped");
                 }
                 // Released, not dropped: maintenance would otherwise renew its lease forever.
-                let outcome =
-                    if cancelled { Outcome::Failed { reason: CANCELLED.to_owned() } } else { Outcome::Released };
+                let outcome = if cancelled {
+                    Outcome::Failed { reason: CANCELLED.to_owned() }
+                } else if expired {
+                    Outcome::Failed { reason: crate::lanes::EXPIRED.to_owned() }
+                } else {
+                    Outcome::Released
+                };
                 let record = AttemptRecord {
                     letter: claimed.letter,
                     outcome,
@@ -264,6 +279,7 @@ impl Worker {
             let record = AttemptRecord { unrecorded: Some(unrecorded), memory, ..record };
             // Cancelled while sending: withdrawn before the dot (`LeaseClock::vouch`), not retried.
             let record = self.ctx.lease.end_if_cancelled(record);
+            let record = crate::lanes::end_if_expired(record, self.ctx.clock.now_ms());
             if outcomes.send(record).await.is_err() {
                 break;
             }
@@ -288,6 +304,7 @@ impl Worker {
         ticket: Option<Ticket>,
     ) -> AttemptRecord {
         letter.attempts += 1;
+        self.not_after = letter.not_after_ms;
         let recipients = letter.pending_recipients();
         let started = Instant::now();
         self.ctx.metrics.in_flight.inc();
@@ -337,6 +354,7 @@ impl Worker {
     ) -> AttemptReport {
         let mut ticket = ticket;
         let mut report = AttemptReport::default();
+        let not_after = self.not_after;
         let mut queue: VecDeque<Recipient> = recipients.into();
         // Fresh connections taken because a kept one turned out broken, or the server found the
         // session in a bad state (503): they cost the letter nothing, but only once.
@@ -358,6 +376,7 @@ impl Worker {
             };
             let metrics = ctx.metrics.clone();
             let lease_clock = ctx.lease.clone();
+            let clock = ctx.clock.clone();
             let budget = ctx.limiter.budget().clone();
             let withheld = Arc::new(AtomicBool::new(false));
             let withheld_flag = withheld.clone();
@@ -402,7 +421,8 @@ impl Worker {
                 // The lease is checked again right before the final dot, after the budget's wait:
                 // a replica cut off from MongoDB must not hand over a letter another may already
                 // be sending.
-                lease_clock.vouch(lease.0, &lease.1)
+                // So is `NotAfter`: a message whose time passed is withdrawn, never delivered late.
+                lease_clock.vouch(lease.0, &lease.1).filter(|_| !crate::lanes::expired(not_after, clock.now_ms()))
             };
             let result = match self.session(&relays_left).await {
                 Ok(connection) => {
