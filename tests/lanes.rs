@@ -171,3 +171,44 @@ async fn bad_values_are_refused_at_the_door_and_fail_only_their_own_letter() {
     assert_eq!(sink.received().len(), 1);
     assert!(sink.received()[0].rcpt_tos == ["good@example.org"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_claim_and_the_expiry_query_each_use_an_index() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[]).await;
+    let letters = app.letters_collection();
+    let database = mongodb::Client::with_uri_str(mongo_uri()).await.unwrap().database(&app.database);
+    let now = now_ms();
+    for (what, filter, sort, index) in [
+        (
+            "the claim",
+            mongodb::bson::doc! { "status": "awaiting", "due_ms": { "$lte": now } },
+            mongodb::bson::doc! { "due_ms": 1 },
+            "status_1_due_ms_1",
+        ),
+        (
+            "the expiry chore",
+            mongodb::bson::doc! { "status": "awaiting", "not_after_ms": { "$lte": now } },
+            mongodb::bson::doc! {},
+            "status_1_not_after_ms_1",
+        ),
+    ] {
+        let explain = database
+            .run_command(mongodb::bson::doc! {
+                "explain": { "find": letters.name(), "filter": filter, "sort": sort },
+                "verbosity": "queryPlanner",
+            })
+            .await
+            .unwrap();
+        let plan = explain.get("queryPlanner").map(ToString::to_string).unwrap_or_default();
+        // MongoDB names the index `status_1_due_ms_1` in an IXSCAN stage; the Mongo-wire server
+        // of the local stack answers with its SQL plan, `SEARCH letters USING INDEX
+        // idx_letters_status_due_ms`, and a full scan would be `SCAN letters`.
+        let (mongo, sql) = (index.to_owned(), format!("USING INDEX idx_letters_{}", index.replace("_1", "")));
+        assert!(
+            (plan.contains("IXSCAN") && plan.contains(&mongo)) || plan.contains(&sql),
+            "{what} does not use {index}: {plan}"
+        );
+        assert!(!plan.contains("COLLSCAN") && !plan.contains("SCAN letters\""), "{what}: {plan}");
+    }
+}
