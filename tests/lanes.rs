@@ -212,3 +212,22 @@ async fn the_claim_and_the_expiry_query_each_use_an_index() {
         assert!(!plan.contains("COLLSCAN") && !plan.contains("SCAN letters\""), "{what}: {plan}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_letter_cancelled_before_its_send_at_and_retried_still_waits_for_it() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[]).await;
+    let send_at = now_ms() + 6_000;
+    app.produce(Some("held"), json!([mailing("held", json!({ "SendAt": rfc3339(send_at) }))]).to_string().as_bytes())
+        .await;
+    app.wait_for_letters("the letter stored", LONG, |letters| letters.len() == 1).await;
+    let (code, body) = app.post("/batches/held/cancel", "").await;
+    assert_eq!((code, &body["cancelled"]), (200, &json!(1)), "{body}");
+    let (code, body) = app.post("/batches/held/retry", "").await;
+    assert_eq!((code, &body["retried"]), (200, &json!(1)), "{body}");
+    let letters = app.letters().await;
+    assert_eq!((letters[0].status, letters[0].due_ms), (Status::Awaiting, send_at), "{letters:?}");
+    let received = sink.wait_for_count(1, Duration::from_secs(20)).await;
+    let eod_ms = (received[0].eod_ts * 1000.0) as i64;
+    assert!(eod_ms >= send_at - 5, "sent {} ms before its SendAt", send_at - eod_ms);
+}
