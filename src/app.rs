@@ -382,6 +382,8 @@ impl Shared {
         until: &CancellationToken,
     ) -> TaskTracker {
         let chores = TaskTracker::new();
+        let expiry = crate::pipeline::expiry::run(report.clone(), until.clone());
+        chores.spawn(supervisor.watch("expiry", until, expiry));
         let republish = report.republish(
             config.chores.republish_interval,
             config.chores.republish_batch,
@@ -389,6 +391,7 @@ impl Shared {
             until.clone(),
         );
         chores.spawn(supervisor.watch("the republisher", until, republish));
+
         let lease = self.lease.clone();
         let maintain =
             Dispatcher::maintain(self.store.clone(), config.dispatch.clone(), self.owner.clone(), lease, until.clone());

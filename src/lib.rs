@@ -14,6 +14,7 @@ pub mod feedback;
 pub mod http;
 pub mod idempotency;
 pub mod kafka;
+pub mod lanes;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

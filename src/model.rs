@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{address::Recipient, smtp::message::check_subject};
 
 /// What a producer must send, quoted in every rejection so the fix is obvious.
-pub const EXPECTED_BATCH: &str = r#"a non-empty JSON array of mailings, each {"Subject": string, "Body": string (HTML), "Addresses": [string, ...] (at least one mailbox), "Token": string}"#;
+pub const EXPECTED_BATCH: &str = r#"a non-empty JSON array of mailings, each {"Subject": string, "Body": string (HTML), "Addresses": [string, ...] (at least one mailbox), "Token": string, optionally "SendAt" and "NotAfter": RFC 3339 time strings, "Metadata": {string: string} (at most 16 keys, 1024 bytes)}"#;
 
 /// One element of an input batch. Go's JSON decoder matched keys case-insensitively, so the
 /// lower-case spellings that producers may rely on are accepted too.
@@ -24,6 +24,9 @@ pub struct Mailing {
     pub addresses: Vec<String>,
     #[serde(rename = "Token", alias = "token")]
     pub token: String,
+    /// `SendAt`, `NotAfter` and `Metadata` (issue 19), all optional.
+    #[serde(flatten)]
+    pub extra: crate::lanes::MailingExtra,
 }
 
 /// Why a Kafka message or an HTTP body is not a batch at all.
@@ -77,6 +80,8 @@ impl Mailing {
             }
         }
         let error = if let Err(reason) = check_subject(&self.subject) {
+            Some(reason)
+        } else if let Err(reason) = self.extra.check() {
             Some(reason)
         } else if self.addresses.is_empty() {
             Some("Addresses is empty: a letter needs at least one recipient".to_owned())
@@ -190,6 +195,15 @@ pub struct Letter {
     /// listener only.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub feedback: std::collections::BTreeMap<String, FeedbackNote>,
+    /// The mailing's `SendAt`, Unix ms; `due_ms` starts there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_at_ms: Option<i64>,
+    /// The mailing's `NotAfter`, Unix ms: not sent from then on, ended `expired`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after_ms: Option<i64>,
+    /// The mailing's `Metadata`, echoed in status messages, feedback events and the letter view.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// One feedback event as stored on its letter (see `crate::feedback::Event`).
@@ -215,6 +229,8 @@ impl Letter {
     pub fn from_mailing(mailing: Mailing, kafka_key: Option<&[u8]>, source: String, now_ms: i64) -> Letter {
         let checked = mailing.validate();
         let failed = checked.error.is_some();
+        // Invalid values already failed the letter (`validate`); it then keeps none of them.
+        let timing = mailing.extra.check().unwrap_or_default();
         let mut letter = Letter {
             id: ObjectId::new(),
             addresses: mailing.addresses,
@@ -229,7 +245,8 @@ impl Letter {
                 .map(|k| base64::engine::general_purpose::STANDARD.encode(k)),
             source: Some(source),
             attempts: 0,
-            due_ms: now_ms,
+            // The claim takes letters by `due_ms` (its index): a later `SendAt` holds it back.
+            due_ms: timing.send_at_ms.map_or(now_ms, |send_at| send_at.max(now_ms)),
             size_bytes: 0,
             owner: None,
             lease_ms: None,
@@ -242,6 +259,9 @@ impl Letter {
             created_at: Some(Bson::DateTime(DateTime::from_millis(now_ms))),
             updated_ms: now_ms,
             feedback: Default::default(),
+            send_at_ms: timing.send_at_ms,
+            not_after_ms: timing.not_after_ms,
+            metadata: timing.metadata,
         };
         letter.size_bytes = letter.text_bytes() as i64;
         letter
@@ -249,7 +269,11 @@ impl Letter {
 
     /// Bytes of text this letter holds in memory.
     pub fn text_bytes(&self) -> usize {
-        self.body.len() + self.subject.len() + self.token.len() + self.addresses.iter().map(String::len).sum::<usize>()
+        self.body.len()
+            + self.subject.len()
+            + self.token.len()
+            + self.addresses.iter().map(String::len).sum::<usize>()
+            + self.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
     }
 
     /// A copy without what may be large: the body, the addresses and the per-recipient state.
@@ -279,6 +303,9 @@ impl Letter {
             created_at: self.created_at.clone(),
             updated_ms: self.updated_ms,
             feedback: Default::default(),
+            send_at_ms: self.send_at_ms,
+            not_after_ms: self.not_after_ms,
+            metadata: self.metadata.clone(),
         }
     }
 
@@ -334,6 +361,8 @@ pub enum FailureKind {
     RecipientsRefused,
     /// The operator cancelled the letter's batch.
     Cancelled,
+    /// Its `NotAfter` passed before it could be sent.
+    Expired,
 }
 
 impl FailureKind {
@@ -344,6 +373,7 @@ impl FailureKind {
             FailureKind::AttemptsExhausted => "attempts_exhausted",
             FailureKind::RecipientsRefused => "recipients_refused",
             FailureKind::Cancelled => "cancelled",
+            FailureKind::Expired => "expired",
         }
     }
 }
@@ -393,6 +423,9 @@ pub struct StatusMessage {
     /// reply "suppressed: <reason>").
     #[serde(rename = "Suppressed", default, skip_serializing_if = "Vec::is_empty")]
     pub suppressed: Vec<String>,
+    /// The mailing's `Metadata`, unchanged.
+    #[serde(rename = "Metadata", default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// The reply of a recipient skipped because it is on the suppression list.
@@ -422,6 +455,7 @@ impl StatusMessage {
                 .filter(|r| r.reply.starts_with(SUPPRESSED_PREFIX))
                 .map(|r| r.address.clone())
                 .collect(),
+            metadata: letter.metadata.clone(),
         }
     }
 }
@@ -440,6 +474,7 @@ mod tests {
             body: "<p>hi</p>".into(),
             addresses: addresses.iter().map(|a| a.to_string()).collect(),
             token: "tok".into(),
+            extra: Default::default(),
         }
     }
 

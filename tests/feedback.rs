@@ -34,7 +34,11 @@ fn fixture(name: &str) -> Vec<u8> {
 /// Sends one letter and returns its id and the MAIL FROM the relay saw.
 async fn send_letter(f: &Feedback, sink: &SmtpSink, key: &str, token: &str, addresses: &[&str]) -> (ObjectId, String) {
     let before = sink.received().len();
-    let batch = json!([{ "Subject": "Monthly news", "Body": "<p>Hello</p>", "Addresses": addresses, "Token": token }]);
+    // The mailing's Metadata comes back in every feedback event (issue 19).
+    let batch = json!([{
+        "Subject": "Monthly news", "Body": "<p>Hello</p>", "Addresses": addresses, "Token": token,
+        "Metadata": { "producer_ref": format!("ref-{token}") },
+    }]);
     f.app.produce(Some(key), batch.to_string().as_bytes()).await;
     let letters = f
         .app
@@ -164,6 +168,7 @@ async fn a_postfix_bounce_reaches_the_topic_the_suppression_list_and_the_letter(
     assert_eq!(event["Event"], "hard_bounce");
     assert_eq!(event["LetterID"], id.to_hex());
     assert_eq!(event["Token"], "token-bounce");
+    assert_eq!(event["Metadata"], json!({ "producer_ref": "ref-token-bounce" }));
     assert_eq!(event["KafkaKey"], "key-bounce");
     assert_eq!(event["Address"], "nobody@hard.example");
     assert_eq!(event["Status"], "5.1.1");

@@ -391,6 +391,7 @@ async fn a_backlog_of_megabyte_letters_stays_under_the_memory_ceiling() {
                     body: body.clone(),
                     addresses: vec![format!("r{i}@example.org")],
                     token: "t".into(),
+                    extra: Default::default(),
                 };
                 Letter::from_mailing(mailing, Some(b"k"), format!("backlog/0/{i}/0"), 0)
             })

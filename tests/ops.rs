@@ -104,10 +104,10 @@ async fn postman_collection_passes_against_the_live_service() {
 
     let (ok, output) = check_artifacts(&["newman", &app.http, "postman-secret", "--with-halt"]);
     assert!(ok, "newman run failed:\n{output}");
-    // The collection posts a batch of two mailings, then halts the service.
+    // The collection posts a batch of two mailings (and one held for its SendAt), then halts the service.
     let status = app.wait_exit(LONG).await;
     assert!(status.success(), "exit after /halt: {status}");
-    // The halt may come before or after the two posted letters went out; either way, what reached
+    // The halt may come before or after the posted letters went out; either way, what reached
     // the server is exactly what is recorded as sent, and nothing is left half done.
     let letters = app.letters().await;
     let sent = letters.iter().filter(|l| l.status == mailsender::model::Status::Sent).count();

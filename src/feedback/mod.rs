@@ -225,6 +225,9 @@ pub struct Published<'a> {
     pub feedback_type: Option<&'a str>,
     /// RFC 3339, UTC: when this service received the report.
     pub time: String,
+    /// The mailing's `Metadata`, unchanged (issue 19).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: &'a std::collections::BTreeMap<String, String>,
 }
 
 /// What became of one event.
@@ -311,6 +314,7 @@ impl Feedback {
             source: event.source.as_str(),
             feedback_type: event.feedback_type.as_deref(),
             time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            metadata: &letter.metadata,
         })
         .context("encoding a feedback event")?;
         tokio::time::timeout(

@@ -563,6 +563,9 @@ fn letter_view(letter: &Letter) -> Value {
         "updated_ms": letter.updated_ms,
         "owner": letter.owner,
         "unreported": letter.unreported == Some(1),
+        "send_at_ms": letter.send_at_ms,
+        "not_after_ms": letter.not_after_ms,
+        "metadata": letter.metadata,
         "recipients": recipients,
     })
 }
@@ -682,6 +685,7 @@ mod tests {
             body: "<p>secret body</p>".into(),
             addresses: vec!["A@x.org".into(), "b@x.org".into(), "c@x.org".into()],
             token: "t".into(),
+            extra: Default::default(),
         };
         let mut letter = Letter::from_mailing(mailing, Some(b"k"), "src".into(), 0);
         letter.delivered = vec!["a@x.org".into()];

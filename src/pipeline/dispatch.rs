@@ -481,6 +481,7 @@ mod tests {
             subject: "s".into(),
             body: "b".into(),
             token: "t".into(),
+            extra: Default::default(),
         };
         Letter::from_mailing(mailing, Some(b"k".as_slice()), String::new(), 0)
     }

@@ -292,6 +292,7 @@ fn mailing_payload(letter: &Letter) -> Vec<u8> {
         body: letter.body.clone(),
         addresses: letter.addresses.clone(),
         token: letter.token.clone(),
+        extra: crate::lanes::MailingExtra::from_stored(letter.send_at_ms, letter.not_after_ms, &letter.metadata),
     };
     serde_json::to_vec(&[mailing]).unwrap_or_default()
 }

@@ -283,6 +283,7 @@ mod tests {
                 body: "b".into(),
                 addresses: addresses.iter().map(|a| a.to_string()).collect(),
                 token: "t".into(),
+                extra: Default::default(),
             },
             Some(b"k"),
             "t/0/0/0".into(),

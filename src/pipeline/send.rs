@@ -118,11 +118,13 @@ pub struct Worker {
     connection: Option<Connection>,
     /// The relay `connection` goes to, as an index into `ctx.relays`.
     relay: usize,
+    /// The `NotAfter` of the letter being sent, checked before each final dot.
+    not_after: Option<i64>,
 }
 
 impl Worker {
     pub fn new(id: usize, ctx: Arc<SendContext>) -> Worker {
-        Worker { id, ctx, connection: None, relay: 0 }
+        Worker { id, ctx, connection: None, relay: 0, not_after: None }
     }
 
     /// Sends letters until shutdown. A letter not yet started when shutdown comes is dropped
@@ -154,13 +156,18 @@ impl Worker {
             // letters are all back in `awaiting` within moments, not at the sending rate.
             let paused = self.ctx.paused.load(Ordering::Relaxed);
             let pending = claimed.letter.pending_recipients().len();
-            let stop = paused || self.ctx.lease.cancelled(&claimed.letter.id);
+            // A letter claimed after its `NotAfter` is ended, not sent; one whose `NotAfter`
+            // passes while it waits for the budget stops waiting then.
+            let not_after = claimed.letter.not_after_ms;
+            let expired = crate::lanes::expired(not_after, self.ctx.clock.now_ms());
+            let stop = paused || expired || self.ctx.lease.cancelled(&claimed.letter.id);
             let ticket = if stop || pending == 0 || self.ctx.limiter.too_large(pending).is_some() {
                 None
             } else {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break,
+                    _ = crate::lanes::until_expiry(&self.ctx.clock, not_after) => None,
                     ticket = self.ctx.limiter.reserve(pending.min(self.ctx.max_recipients)) => Some(ticket),
                 }
             };
@@ -194,6 +201,7 @@ impl Worker {
             };
             // Cancelled while sending: withdrawn before the dot (`LeaseClock::vouch`), not retried.
             let record = self.ctx.lease.end_if_cancelled(record);
+            let record = crate::lanes::end_if_expired(record, self.ctx.clock.now_ms());
             if outcomes.send(Attempted { record, unrecorded: Some(unrecorded), memory }).await.is_err() {
                 break;
             }
@@ -213,6 +221,10 @@ impl Worker {
         if trusted && lease.cancelled(&claimed.letter.id) {
             tracing::info!(letter_id = %claimed.letter.id, "batch cancelled; claimed letter not sent");
             return Some(Outcome::Failed { kind: FailureKind::Cancelled, reason: CANCELLED.to_owned() });
+        }
+        if trusted && crate::lanes::expired(claimed.letter.not_after_ms, self.ctx.clock.now_ms()) {
+            tracing::info!(letter_id = %claimed.letter.id, "NotAfter passed; claimed letter not sent");
+            return Some(Outcome::Failed { kind: FailureKind::Expired, reason: crate::lanes::EXPIRED.to_owned() });
         }
         if paused {
             // A letter not started goes back to `awaiting` rather than waiting here leased, so a
@@ -243,6 +255,7 @@ impl Worker {
         ticket: Option<Ticket>,
     ) -> AttemptRecord {
         letter.attempts += 1;
+        self.not_after = letter.not_after_ms;
         let recipients = letter.pending_recipients();
         let started = Instant::now();
         self.ctx.metrics.in_flight.inc();

@@ -101,22 +101,45 @@ impl Store {
         let mut filter = key.filter();
         filter.insert("status", Status::Error.as_str());
         filter.insert("$or", vec![doc! { "attempts": { "$gt": 0 } }, doc! { "error": CANCELLED }]);
-        self.count("update", 1);
-        let result = self
-            .letters
-            .update_many(
-                filter,
-                doc! {
-                    "$set": {
-                        "status": Status::Awaiting.as_str(), "attempts": 0_i32, "due_ms": now_ms,
-                        "updated_ms": now_ms, "rejected": Vec::<Document>::new(),
-                    },
-                    "$unset": { "error": "", "unreported": "", "cancel": "", "owner": "", "lease_ms": "", "claim": "" },
+        // An expired letter stays expired: its `NotAfter` is behind it for good.
+        filter.insert("error", doc! { "$ne": crate::lanes::EXPIRED });
+        let retried = |due_ms: i64| {
+            doc! {
+                "$set": {
+                    "status": Status::Awaiting.as_str(), "attempts": 0_i32, "due_ms": due_ms,
+                    "updated_ms": now_ms, "rejected": Vec::<Document>::new(),
                 },
-            )
+                "$unset": { "error": "", "unreported": "", "cancel": "", "owner": "", "lease_ms": "", "claim": "" },
+            }
+        };
+        // Letters whose `SendAt` is still ahead (cancelled before it) stay held until then: each
+        // is due at its own time, so these go first, one by one (rare, and an operator's action),
+        // before the rest are made due now and no claim can take one early.
+        let mut ahead = filter.clone();
+        ahead.insert("send_at_ms", doc! { "$gt": now_ms });
+        self.count("find", 1);
+        let held: Vec<Document> = self
+            .letters
+            .clone_with_type::<Document>()
+            .find(ahead)
+            .projection(doc! { "_id": 1, "send_at_ms": 1 })
             .await
-            .context("retrying a batch")?;
-        Ok(result.modified_count)
+            .context("finding retried letters held for SendAt")?
+            .try_collect()
+            .await
+            .context("finding retried letters held for SendAt")?;
+        let mut modified = 0;
+        for letter in held {
+            let (Ok(id), Ok(send_at)) = (letter.get_object_id("_id"), letter.get_i64("send_at_ms")) else { continue };
+            let mut one = filter.clone();
+            one.insert("_id", id);
+            self.count("update", 1);
+            modified +=
+                self.letters.update_one(one, retried(send_at)).await.context("retrying a batch")?.modified_count;
+        }
+        self.count("update", 1);
+        let result = self.letters.update_many(filter, retried(now_ms)).await.context("retrying a batch")?;
+        Ok(modified + result.modified_count)
     }
 
     /// Counts a batch's letters by status and its recipients by outcome. Reads only the fields

@@ -104,6 +104,8 @@ impl Store {
                 .options(IndexOptions::builder().unique(true).sparse(true).build())
                 .build(),
             IndexModel::builder().keys(doc! { "status": 1, "due_ms": 1 }).build(),
+            // Awaiting letters past their `NotAfter`, whatever their due time (`expire_awaiting`).
+            IndexModel::builder().keys(doc! { "status": 1, "not_after_ms": 1 }).build(),
             IndexModel::builder().keys(doc! { "owner": 1, "status": 1 }).build(),
             IndexModel::builder().keys(doc! { "unreported": 1 }).build(),
         ];

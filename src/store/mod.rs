@@ -26,6 +26,7 @@ use crate::{
 
 mod batches;
 mod control;
+mod expiry;
 mod feedback;
 mod idempotency;
 mod ledger;

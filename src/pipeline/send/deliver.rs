@@ -112,6 +112,7 @@ impl Worker {
         avoid: &[usize],
     ) -> (Result<smtp::Transaction, SmtpError>, bool) {
         let ctx = self.ctx.clone();
+        let not_after = self.not_after;
         let connection = match self.session(avoid).await {
             Ok(connection) => connection,
             Err(error) => return (Err(error), false),
@@ -125,7 +126,8 @@ impl Worker {
             // The lease is checked again right before the final dot, after the budget's wait: a
             // replica cut off from MongoDB must not hand over a letter another may already be
             // sending.
-            ctx.lease.vouch(lease.0, &lease.1)
+            // So is `NotAfter`: a message whose time passed is withdrawn, never delivered late.
+            ctx.lease.vouch(lease.0, &lease.1).filter(|_| !crate::lanes::expired(not_after, ctx.clock.now_ms()))
         };
         let from = ctx.composer.envelope_sender(&lease.1);
         let result = transaction::send(connection, &from, chunk, message, &ctx.smtp.timeouts, before_end).await;

@@ -1,0 +1,233 @@
+//! Issue 19, first part, against the real binary and the local stack: `SendAt` holds a letter
+//! until its time, `NotAfter` ends a letter still waiting (here behind a rate limit) `expired`
+//! without it reaching the relay, `Metadata` comes back unchanged in the status message and the
+//! letter view, and bad values are refused at `/post` and fail only their own letter via Kafka.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use mailsender::model::Status;
+use serde_json::{Value, json};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// RFC 3339 with an offset that is not UTC, so the offset is shown to count.
+fn rfc3339(ms: i64) -> String {
+    let utc = mongodb::bson::DateTime::from_millis(ms + 2 * 3_600_000).try_to_rfc3339_string().unwrap();
+    format!("{}+02:00", utc.trim_end_matches('Z'))
+}
+
+fn mailing(tag: &str, extra: Value) -> Value {
+    let mut mailing = json!({
+        "Subject": format!("{tag} subject"),
+        "Body": format!("<p>{tag}</p>"),
+        "Addresses": [format!("{tag}@example.org")],
+        "Token": format!("token-{tag}"),
+    });
+    for (key, value) in extra.as_object().unwrap() {
+        mailing[key] = value.clone();
+    }
+    mailing
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_at_holds_a_letter_until_its_time_and_metadata_comes_back() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[]).await;
+    let send_at = now_ms() + 5_000;
+    let metadata = json!({ "order": "A-17", "campaign": "welcome é", "empty": "" });
+    let batch = json!([
+        mailing("later", json!({ "SendAt": rfc3339(send_at), "Metadata": metadata })),
+        mailing("now", json!({})),
+    ]);
+    app.produce(Some("send-at"), batch.to_string().as_bytes()).await;
+
+    let received = sink.wait_for_count(1, LONG).await;
+    assert_eq!(received[0].rcpt_tos, ["now@example.org"], "the letter without SendAt goes at once");
+    let letters = app.wait_all_final(2, LONG).await;
+    let later = letters.iter().find(|l| l.addresses == ["later@example.org"]).unwrap();
+    assert_eq!(later.status, Status::Sent);
+    let received = sink.received();
+    let at_relay = received.iter().find(|m| m.rcpt_tos == ["later@example.org"]).expect("later was sent");
+    let eod_ms = (at_relay.eod_ts * 1000.0) as i64;
+    // The service reads MongoDB's clock, on this host: a few milliseconds of measuring error.
+    assert!(eod_ms >= send_at - 5, "sent {} ms before its SendAt", send_at - eod_ms);
+    assert!(eod_ms < send_at + 5_000, "held {} ms past its SendAt", eod_ms - send_at);
+
+    // The status message and the letter view carry the metadata unchanged.
+    let messages = app.consume(&app.topic_out, 2, LONG).await;
+    let status = messages.iter().map(Consumed::json).find(|m| m["Addresses"][0] == "later@example.org").unwrap();
+    assert_eq!(status["Metadata"], metadata, "{status}");
+    let plain = messages.iter().map(Consumed::json).find(|m| m["Addresses"][0] == "now@example.org").unwrap();
+    assert!(plain.get("Metadata").is_none(), "no metadata, no field: {plain}");
+    let (code, view) = app.get(&format!("/letters/{}", later.id.to_hex())).await;
+    assert_eq!(code, 200, "{view}");
+    let view: Value = serde_json::from_str(&view).unwrap();
+    assert_eq!(view["metadata"], metadata, "{view}");
+    assert_eq!(view["send_at_ms"], json!(send_at), "{view}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn not_after_passing_while_rate_limited_ends_the_letters_expired_unsent() {
+    let sink = SmtpSink::start().await;
+    // One letter per 30 s: after the first, everything waits for the budget, some letters in the
+    // workers (claimed), the rest in MongoDB.
+    let app = TestApp::spawn(
+        &sink,
+        &[("SMTP_MAX_SENDERS", "2"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "1"), ("SMTP_RATE_LIMIT_PERIOD", "30s")],
+    )
+    .await;
+    app.produce(Some("first"), json!([mailing("first", json!({}))]).to_string().as_bytes()).await;
+    sink.wait_for_count(1, LONG).await;
+    let produced = now_ms();
+    let not_after = produced + 4_000;
+    let expiring: Vec<Value> = (0..6)
+        .map(|i| {
+            mailing(&format!("code{i}"), json!({ "NotAfter": rfc3339(not_after), "Metadata": { "n": i.to_string() } }))
+        })
+        .collect();
+    app.produce(Some("codes"), Value::Array(expiring).to_string().as_bytes()).await;
+
+    let letters = app.wait_all_final(7, Duration::from_secs(20)).await;
+    let ended_by = now_ms();
+    let codes: Vec<_> = letters.iter().filter(|l| l.kafkakey == "codes").collect();
+    assert_eq!(codes.len(), 6);
+    for letter in &codes {
+        assert_eq!((letter.status, letter.error.as_deref()), (Status::Error, Some("expired")), "{letter:?}");
+        assert!(letter.updated_ms >= not_after - 5, "ended {} ms before NotAfter", not_after - letter.updated_ms);
+        assert_eq!(letter.attempts, 0, "no attempt was made: {letter:?}");
+    }
+    assert!(ended_by < not_after + 8_000, "the expired letters waited {} ms past NotAfter", ended_by - not_after);
+    // Their status messages, with their metadata; and nothing at the relay.
+    let messages: Vec<Value> = app.consume(&app.topic_out, 7, LONG).await.iter().map(Consumed::json).collect();
+    let expired: Vec<&Value> = messages.iter().filter(|m| m["KafkaKey"] == "codes").collect();
+    assert_eq!(expired.len(), 6, "{messages:?}");
+    for message in &expired {
+        assert_eq!((&message["Status"], &message["Error"]), (&json!("error"), &json!("expired")), "{message}");
+        assert!(message["Metadata"]["n"].is_string(), "{message}");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sink.received().len(), 1, "an expired letter reached the relay");
+
+    // A retry cannot bring them back: their NotAfter is behind them for good.
+    let (code, body) = app.post("/batches/codes/retry", "").await;
+    assert_eq!((code, &body["retried"]), (200, &json!(0)), "{body}");
+    let letters = app.letters().await;
+    assert!(letters.iter().filter(|l| l.kafkakey == "codes").all(|l| l.error.as_deref() == Some("expired")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_values_are_refused_at_the_door_and_fail_only_their_own_letter() {
+    let sink = SmtpSink::start().await;
+    // Letters failed at ingest are published by the republisher, once older than the producer's
+    // message timeout (plus 15 s): short settings keep that within the test.
+    let app = TestApp::spawn(&sink, &[("KAFKA_MESSAGE_TIMEOUT", "5s"), ("REPUBLISH_INTERVAL", "1s")]).await;
+    let many: serde_json::Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let bad = [
+        (json!({ "SendAt": 1796112000 }), "SendAt must be an RFC 3339 time string"),
+        (json!({ "NotAfter": "in ten minutes" }), "NotAfter is not an RFC 3339 time"),
+        (
+            json!({ "SendAt": "2030-01-01T10:00:00Z", "NotAfter": "2030-01-01T09:00:00Z" }),
+            "NotAfter must be later than SendAt",
+        ),
+        (json!({ "Metadata": "A-17" }), "Metadata must be an object of strings"),
+        (json!({ "Metadata": { "n": 1 } }), "Metadata value of \"n\" must be a string"),
+        (json!({ "Metadata": many }), "over the limit of 16"),
+        (json!({ "Metadata": { "k": "x".repeat(1100) } }), "over the limit of 1024"),
+    ];
+    for (extra, expected) in &bad {
+        let body = json!([mailing("fine", json!({})), mailing("bad", extra.clone())]);
+        let (code, answer) = app.post("/post", body.to_string()).await;
+        assert_eq!(code, 400, "{extra}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.starts_with("mailing 1: ") && error.contains(expected), "{extra}: {error}");
+    }
+    assert!(app.letters().await.is_empty(), "a refused batch stored nothing");
+
+    // Straight to Kafka: each bad mailing fails its own letter, with the reason; the good one goes.
+    let mut mailings = vec![mailing("good", json!({ "Metadata": { "k": "v" } }))];
+    mailings.extend(bad.iter().enumerate().map(|(i, (extra, _))| mailing(&format!("bad{i}"), extra.clone())));
+    app.produce(Some("mixed"), Value::Array(mailings).to_string().as_bytes()).await;
+    let letters = app.wait_all_final(1 + bad.len(), LONG).await;
+    for letter in &letters {
+        let tag = letter.addresses[0].split('@').next().unwrap();
+        if tag == "good" {
+            assert_eq!(letter.status, Status::Sent, "{letter:?}");
+            continue;
+        }
+        let index: usize = tag.trim_start_matches("bad").parse().unwrap();
+        assert_eq!(letter.status, Status::Error, "{letter:?}");
+        assert!(letter.error.as_deref().unwrap_or_default().contains(bad[index].1), "{letter:?}");
+    }
+    let messages = app.consume(&app.topic_out, 1 + bad.len(), LONG).await;
+    assert_eq!(messages.iter().filter(|m| m.json()["Status"] == "error").count(), bad.len());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.received().len(), 1);
+    assert!(sink.received()[0].rcpt_tos == ["good@example.org"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_claim_and_the_expiry_query_each_use_an_index() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[]).await;
+    let letters = app.letters_collection();
+    let database = mongodb::Client::with_uri_str(mongo_uri()).await.unwrap().database(&app.database);
+    let now = now_ms();
+    for (what, filter, sort, index) in [
+        (
+            "the claim",
+            mongodb::bson::doc! { "status": "awaiting", "due_ms": { "$lte": now } },
+            mongodb::bson::doc! { "due_ms": 1 },
+            "status_1_due_ms_1",
+        ),
+        (
+            "the expiry chore",
+            mongodb::bson::doc! { "status": "awaiting", "not_after_ms": { "$lte": now } },
+            mongodb::bson::doc! {},
+            "status_1_not_after_ms_1",
+        ),
+    ] {
+        let explain = database
+            .run_command(mongodb::bson::doc! {
+                "explain": { "find": letters.name(), "filter": filter, "sort": sort },
+                "verbosity": "queryPlanner",
+            })
+            .await
+            .unwrap();
+        let plan = explain.get("queryPlanner").map(ToString::to_string).unwrap_or_default();
+        // MongoDB names the index `status_1_due_ms_1` in an IXSCAN stage; the Mongo-wire server
+        // of the local stack answers with its SQL plan, `SEARCH letters USING INDEX
+        // idx_letters_status_due_ms`, and a full scan would be `SCAN letters`.
+        let (mongo, sql) = (index.to_owned(), format!("USING INDEX idx_letters_{}", index.replace("_1", "")));
+        assert!(
+            (plan.contains("IXSCAN") && plan.contains(&mongo)) || plan.contains(&sql),
+            "{what} does not use {index}: {plan}"
+        );
+        assert!(!plan.contains("COLLSCAN") && !plan.contains("SCAN letters\""), "{what}: {plan}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_letter_cancelled_before_its_send_at_and_retried_still_waits_for_it() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[]).await;
+    let send_at = now_ms() + 6_000;
+    app.produce(Some("held"), json!([mailing("held", json!({ "SendAt": rfc3339(send_at) }))]).to_string().as_bytes())
+        .await;
+    app.wait_for_letters("the letter stored", LONG, |letters| letters.len() == 1).await;
+    let (code, body) = app.post("/batches/held/cancel", "").await;
+    assert_eq!((code, &body["cancelled"]), (200, &json!(1)), "{body}");
+    let (code, body) = app.post("/batches/held/retry", "").await;
+    assert_eq!((code, &body["retried"]), (200, &json!(1)), "{body}");
+    let letters = app.letters().await;
+    assert_eq!((letters[0].status, letters[0].due_ms), (Status::Awaiting, send_at), "{letters:?}");
+    let received = sink.wait_for_count(1, Duration::from_secs(20)).await;
+    let eod_ms = (received[0].eod_ts * 1000.0) as i64;
+    assert!(eod_ms >= send_at - 5, "sent {} ms before its SendAt", send_at - eod_ms);
+}
