@@ -96,7 +96,8 @@ impl App {
                 config.deliverability.topic_suppressions.as_str(),
                 config.deliverability.topic_unsubscribed.as_str(),
             ];
-            let feedback = config.feedback.smtp_addr.map(|_| config.feedback.topic.as_str());
+            let feedback = (config.feedback.smtp_addr.is_some() || config.feedback.webhooks.any())
+                .then_some(config.feedback.topic.as_str());
             let topics: Vec<&str> = topics.into_iter().chain(feedback).collect();
             retry_at_start("creating Kafka topics", || kafka::ensure_topics(&config.kafka, &topics)).await?;
         }
@@ -202,30 +203,38 @@ impl App {
             .into_future(),
         );
 
-        let public = match (
-            public_listener,
-            &config.deliverability.unsubscribe_url,
-            &config.deliverability.unsubscribe_secret,
-        ) {
-            (Some(listener), Some(template), Some(secret)) => {
-                let state = Arc::new(PublicState {
-                    template: template.clone(),
-                    signer: Signer::new(secret),
-                    suppressions: suppressions.clone(),
-                    producer: producer.clone(),
-                    topic: config.deliverability.topic_unsubscribed.clone(),
-                    store: store.clone(),
-                    events: store.unsubscribed(),
-                    publish_lease: config.kafka.message_timeout + Duration::from_secs(10),
-                });
-                tracing::info!(addr = %listener.local_addr()?, "one-click unsubscribe endpoint listening");
+        let webhooks =
+            crate::feedback::webhooks::state(&config, &store, suppressions.clone(), producer.clone(), metrics.clone());
+        let public = match public_listener {
+            Some(listener) => {
+                let mut router = axum::Router::new();
+                if let (Some(template), Some(secret)) =
+                    (&config.deliverability.unsubscribe_url, &config.deliverability.unsubscribe_secret)
+                {
+                    router = public::router(Arc::new(PublicState {
+                        template: template.clone(),
+                        signer: Signer::new(secret),
+                        suppressions: suppressions.clone(),
+                        producer: producer.clone(),
+                        topic: config.deliverability.topic_unsubscribed.clone(),
+                        store: store.clone(),
+                        events: store.unsubscribed(),
+                        publish_lease: config.kafka.message_timeout + Duration::from_secs(10),
+                    }));
+                    tracing::info!(addr = %listener.local_addr()?, "one-click unsubscribe endpoint listening");
+                }
+                // Its routes take precedence over the one-click endpoint's catch-all.
+                if let Some(webhooks) = webhooks {
+                    router = router.merge(crate::feedback::webhooks::router(webhooks));
+                    tracing::info!(addr = %listener.local_addr()?, "relay webhooks listening");
+                }
                 Some(tokio::spawn(
-                    axum::serve(listener, public::router(state))
+                    axum::serve(listener, router)
                         .with_graceful_shutdown(http_stop.clone().cancelled_owned())
                         .into_future(),
                 ))
             }
-            _ => None,
+            None => None,
         };
 
         // Stops taking reports when shutdown starts; a session cut short answers 421 or 451,

@@ -15,7 +15,7 @@ use std::{
 use lettre::message::Mailbox;
 
 use crate::smtp::{Breaker, RelayAddr, Timeouts};
-mod feedback;
+pub mod feedback;
 pub use feedback::FeedbackConfig;
 use secrecy::SecretString;
 
@@ -497,6 +497,16 @@ impl Config {
             }
         };
 
+        let feedback = feedback::feedback(&env)?;
+        // The public listener serves the one-click endpoint, the relays' webhooks, or both.
+        if deliverability.public_addr.is_some() && deliverability.unsubscribe_url.is_none() && !feedback.webhooks.any()
+        {
+            return Err(ConfigError::Missing {
+                var: "LIST_UNSUBSCRIBE_URL",
+                expected: "the link template the one-click endpoint on PUBLIC_HTTP_ADDR checks requests against \
+                           (or a relay's webhook secret, when the listener serves only webhooks)",
+            });
+        }
         Ok(Config {
             instance_id: env
                 .optional("INSTANCE_ID")
@@ -508,7 +518,7 @@ impl Config {
             dispatch,
             http,
             deliverability,
-            feedback: feedback::feedback(&env)?,
+            feedback,
             log_format,
             fault_injection: env.optional("MAILSENDER_FAULT_INJECTION"),
         })
@@ -621,12 +631,6 @@ fn deliverability(env: &Env, from: &Mailbox) -> Result<DeliverabilityConfig, Con
         )?),
         None => None,
     };
-    if public_addr.is_some() && unsubscribe_url.is_none() {
-        return Err(ConfigError::Missing {
-            var: "LIST_UNSUBSCRIBE_URL",
-            expected: "the link template the one-click endpoint on PUBLIC_HTTP_ADDR checks requests against",
-        });
-    }
     Ok(DeliverabilityConfig {
         dkim,
         unsubscribe_url,

@@ -1,5 +1,6 @@
 //! The feedback loop's settings (issue 20): the signed return path and the inbound listener for
-//! DSNs and ARF reports. Everything is off unless `BOUNCE_DOMAIN` is set.
+//! DSNs and ARF reports (off unless `BOUNCE_DOMAIN` is set), and the relays' webhooks on
+//! `PUBLIC_HTTP_ADDR` (each off unless its secret is set).
 
 use std::net::SocketAddr;
 
@@ -24,6 +25,87 @@ pub struct FeedbackConfig {
     pub max_bytes: usize,
     /// `KAFKA_TOPIC_FEEDBACK`: bounces, complaints and delays for the profile service.
     pub topic: String,
+    pub webhooks: WebhookConfig,
+}
+
+/// The relays' webhooks (`crate::feedback::webhooks`); each relay's route exists only when its
+/// secret is set.
+#[derive(Debug, Clone, Default)]
+pub struct WebhookConfig {
+    /// `MAILGUN_WEBHOOK_SIGNING_KEY`: Mailgun's HTTP webhook signing key (HMAC-SHA256).
+    pub mailgun_signing_key: Option<SecretString>,
+    /// `SENDGRID_WEBHOOK_PUBLIC_KEY`: the signed event webhook's verification key (ECDSA P-256,
+    /// base64 DER as SendGrid shows it, or PEM).
+    pub sendgrid_public_key: Option<p256::ecdsa::VerifyingKey>,
+    /// `POSTMARK_WEBHOOK_USER` and `POSTMARK_WEBHOOK_PASSWORD`: the basic auth credentials put in
+    /// the webhook URL set at Postmark.
+    pub postmark_credentials: Option<(SecretString, SecretString)>,
+}
+
+impl WebhookConfig {
+    pub fn any(&self) -> bool {
+        self.mailgun_signing_key.is_some() || self.sendgrid_public_key.is_some() || self.postmark_credentials.is_some()
+    }
+}
+
+/// Reads SendGrid's verification key: the base64 of its DER (SubjectPublicKeyInfo), as the
+/// SendGrid console shows it, with or without PEM armour.
+pub fn sendgrid_key(raw: &str) -> Option<p256::ecdsa::VerifyingKey> {
+    use base64::Engine as _;
+    use p256::pkcs8::DecodePublicKey as _;
+    let body: String = raw
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat()
+        .split_whitespace()
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(body).ok()?;
+    p256::ecdsa::VerifyingKey::from_public_key_der(&der).ok()
+}
+
+fn webhooks(env: &Env) -> Result<WebhookConfig, ConfigError> {
+    let mailgun_signing_key = env.secret("MAILGUN_WEBHOOK_SIGNING_KEY");
+    if let Some(key) = &mailgun_signing_key
+        && key.expose_secret().len() < 16
+    {
+        return Err(ConfigError::InvalidSecret {
+            var: "MAILGUN_WEBHOOK_SIGNING_KEY",
+            expected: "the HTTP webhook signing key from Mailgun's console",
+        });
+    }
+    let sendgrid_public_key = match env.optional("SENDGRID_WEBHOOK_PUBLIC_KEY") {
+        Some(raw) => Some(sendgrid_key(&raw).ok_or_else(|| ConfigError::Invalid {
+            var: "SENDGRID_WEBHOOK_PUBLIC_KEY",
+            value: raw.clone(),
+            expected: "the signed event webhook's verification key (base64 of an ECDSA P-256 public key)".into(),
+        })?),
+        None => None,
+    };
+    let postmark_credentials = match (env.secret("POSTMARK_WEBHOOK_USER"), env.secret("POSTMARK_WEBHOOK_PASSWORD")) {
+        (None, None) => None,
+        (Some(user), Some(password)) if password.expose_secret().len() >= 16 => Some((user, password)),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::InvalidSecret {
+                var: "POSTMARK_WEBHOOK_PASSWORD",
+                expected: "at least 16 characters",
+            });
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Missing {
+                var: "POSTMARK_WEBHOOK_USER",
+                expected: "the user name of the basic auth credentials in Postmark's webhook URL",
+            });
+        }
+        (Some(_), None) => {
+            return Err(ConfigError::Missing {
+                var: "POSTMARK_WEBHOOK_PASSWORD",
+                expected: "the password of the basic auth credentials in Postmark's webhook URL",
+            });
+        }
+    };
+    Ok(WebhookConfig { mailgun_signing_key, sendgrid_public_key, postmark_credentials })
 }
 
 const DOMAIN: &str = "a domain name such as bounce.example.com";
@@ -93,6 +175,7 @@ pub(super) fn feedback(env: &Env) -> Result<FeedbackConfig, ConfigError> {
             |n| ((64 << 10)..=(15 << 20)).contains(n),
         )?,
         topic: env.string("KAFKA_TOPIC_FEEDBACK", "mts-to-profile.feedback"),
+        webhooks: webhooks(env)?,
     })
 }
 

@@ -1,0 +1,630 @@
+//! The relays' webhooks on the public listener (`PUBLIC_HTTP_ADDR`): Mailgun, SendGrid and
+//! Postmark report bounces, complaints and delays by HTTP. Each route exists only when its relay's
+//! secret is set, authenticates its request as the relay documents, maps each event to an
+//! [`Event`] and records it with [`Feedback::record`], as the DSN listener does.
+//!
+//! - `POST /webhooks/mailgun`: the JSON webhook; `signature.signature` is the hex HMAC-SHA256 of
+//!   `timestamp` + `token` under `MAILGUN_WEBHOOK_SIGNING_KEY`. The signature does not cover the
+//!   body, so a timestamp older (or newer) than [`MAILGUN_MAX_AGE`] is refused, and a token once
+//!   accepted is remembered with its body's hash: the same request again is answered 200 without
+//!   recording anything, the token with another body is refused.
+//! - `POST /webhooks/sendgrid`: the signed event webhook; the `X-Twilio-Email-Event-Webhook-
+//!   Signature` header is an ECDSA P-256 signature (base64 DER) of the
+//!   `X-Twilio-Email-Event-Webhook-Timestamp` header's value followed by the raw body, under
+//!   `SENDGRID_WEBHOOK_PUBLIC_KEY`.
+//! - `POST /webhooks/postmark`: HTTP basic auth with `POSTMARK_WEBHOOK_USER` and
+//!   `POSTMARK_WEBHOOK_PASSWORD`, the credentials put in the webhook URL at Postmark
+//!   (`https://user:password@host/webhooks/postmark`), compared in constant time.
+//!
+//! A request that fails its check gets 401 (Postmark: no or wrong credentials) or 403 (a bad
+//! signature) and changes nothing. A relay retries a webhook until it gets a 2xx, so:
+//! - an event already recorded (a retry, or a DSN for the same bounce) is a duplicate by its
+//!   [`Event::key`] and is not recorded again;
+//! - an event for no letter of ours, or for a letter no longer stored, is answered 200 and
+//!   counted (`feedback_webhook_ignored`), since a retry could never succeed;
+//! - a failure of ours (MongoDB, the broker) is answered 503, and the relay's retry records what
+//!   is left.
+//!
+//! How the letter is found: our `Message-ID` is `<letter id@from domain>` (`smtp::message`), and
+//! the relays keep a `Message-ID` their SMTP clients set. Mailgun echoes it (without brackets)
+//! in `message.headers.message-id`, SendGrid in `smtp-id` (on its delivery events, not on spam
+//! reports). The composer also adds, for each relay whose webhook is configured, the header that
+//! relay echoes as metadata on every event (`X-Mailgun-Variables`, `X-SMTPAPI` unique args,
+//! `X-PM-Metadata-letter_id`), named `letter_id`; the relays take these headers off before
+//! delivery. Metadata is preferred, the Message-ID is the fallback; Postmark's events carry only
+//! metadata (its `MessageID` is its own).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use base64::Engine as _;
+use hmac::{Hmac, Mac as _};
+use mongodb::bson::oid::ObjectId;
+use secrecy::{ExposeSecret as _, SecretString};
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+
+use super::{Event, Feedback, Kind, Recorded, Source, TryLater, report::is_enhanced_status};
+use crate::{config::feedback::WebhookConfig, metrics::WebhookLabel};
+
+/// The furthest a Mailgun timestamp may be from our clock. Mailgun's signature covers only the
+/// timestamp and token, so this bounds how long a captured signature could be reused (with the
+/// token cache covering the window).
+pub const MAILGUN_MAX_AGE: Duration = Duration::from_secs(15 * 60);
+
+/// The largest webhook body taken: SendGrid batches events (up to a few hundred per POST).
+pub const MAX_BODY: usize = 4 << 20;
+
+/// The key under which the composer's metadata headers carry the letter id.
+pub const LETTER_ID: &str = "letter_id";
+
+pub struct Webhooks {
+    pub feedback: Arc<Feedback>,
+    pub config: WebhookConfig,
+    /// Mailgun tokens accepted within [`MAILGUN_MAX_AGE`]: token → (hash of the body, timestamp).
+    tokens: Mutex<HashMap<String, ([u8; 32], i64)>>,
+}
+
+impl Webhooks {
+    pub fn new(feedback: Arc<Feedback>, config: WebhookConfig) -> Webhooks {
+        Webhooks { feedback, config, tokens: Mutex::new(HashMap::new()) }
+    }
+}
+
+/// The webhooks' state when a relay's secret is set: a [`Feedback`] of their own, as the DSN
+/// listener has, on the same store, suppression list and topic.
+pub fn state(
+    config: &crate::config::Config,
+    store: &crate::store::Store,
+    suppressions: crate::deliverability::suppression::Suppressions,
+    producer: crate::kafka::StatusProducer,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Option<Arc<Webhooks>> {
+    if !config.feedback.webhooks.any() {
+        return None;
+    }
+    let feedback = Feedback {
+        store: store.feedback(config.kafka.message_timeout + Duration::from_secs(10)),
+        suppressions,
+        producer,
+        topic: config.feedback.topic.clone(),
+        metrics,
+    };
+    Some(Arc::new(Webhooks::new(Arc::new(feedback), config.feedback.webhooks.clone())))
+}
+
+/// The routes of the relays whose secret is set.
+pub fn router(state: Arc<Webhooks>) -> Router {
+    let mut router = Router::new();
+    if state.config.mailgun_signing_key.is_some() {
+        router = router.route("/webhooks/mailgun", post(mailgun));
+    }
+    if state.config.sendgrid_public_key.is_some() {
+        router = router.route("/webhooks/sendgrid", post(sendgrid));
+    }
+    if state.config.postmark_credentials.is_some() {
+        router = router.route("/webhooks/postmark", post(postmark));
+    }
+    router.layer(DefaultBodyLimit::max(MAX_BODY)).with_state(state)
+}
+
+/// One event of a webhook, before its letter is looked up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub letter: Option<ObjectId>,
+    pub address: String,
+    pub kind: Kind,
+    pub status: Option<String>,
+    pub diagnostic: Option<String>,
+    pub feedback_type: Option<String>,
+}
+
+/// Why a request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("no or wrong credentials")]
+    Unauthenticated,
+    #[error("the signature does not verify")]
+    Forged,
+    #[error("the timestamp is too far from now")]
+    Stale,
+    #[error("a token already used, with another body")]
+    Replayed,
+}
+
+impl Refused {
+    fn reason(self) -> &'static str {
+        match self {
+            Refused::Unauthenticated => "unauthenticated",
+            Refused::Forged => "forged",
+            Refused::Stale => "stale",
+            Refused::Replayed => "replayed",
+        }
+    }
+}
+
+fn refuse(state: &Webhooks, relay: &'static str, refused: Refused) -> Response {
+    state.feedback.metrics.webhook_refused.get_or_create(&WebhookLabel { relay, reason: refused.reason() }).inc();
+    tracing::warn!(relay, reason = %refused, "relay webhook refused");
+    match refused {
+        Refused::Unauthenticated => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Basic realm=\"mailsender webhooks\"")],
+            "credentials required\n",
+        )
+            .into_response(),
+        _ => (StatusCode::FORBIDDEN, format!("{refused}\n")).into_response(),
+    }
+}
+
+fn bad_request(relay: &'static str, why: String) -> Response {
+    tracing::warn!(relay, error = %why, "relay webhook with an unreadable body");
+    (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response()
+}
+
+/// Records the items; 200 once each is recorded, a duplicate or ignored, 503 when one could
+/// not be recorded now (the relay retries, and what was recorded is a duplicate then).
+async fn take(state: &Webhooks, relay: &'static str, source: Source, items: Vec<Item>) -> Response {
+    let (mut new, mut ignored) = (0_usize, 0_usize);
+    for item in items {
+        let ignore = |reason: &'static str| {
+            state.feedback.metrics.webhook_ignored.get_or_create(&WebhookLabel { relay, reason }).inc();
+        };
+        let Some(id) = item.letter else {
+            ignore("no_letter");
+            ignored += 1;
+            tracing::info!(relay, address = %item.address, kind = item.kind.as_str(), "relay event names no letter of ours; ignored");
+            continue;
+        };
+        let letter = match state.feedback.store.letter(id).await {
+            Ok(Some(letter)) => letter,
+            Ok(None) => {
+                ignore("unknown_letter");
+                ignored += 1;
+                tracing::info!(relay, letter_id = %id, kind = item.kind.as_str(), "relay event for a letter not stored; ignored");
+                continue;
+            }
+            Err(error) => return try_later(relay, &TryLater::Failed(error)),
+        };
+        let event = Event {
+            letter: id,
+            address: item.address,
+            kind: item.kind,
+            status: item.status,
+            diagnostic: item.diagnostic,
+            source,
+            feedback_type: item.feedback_type,
+        };
+        match state.feedback.record(&letter, &event).await {
+            Ok(Recorded::New) => new += 1,
+            Ok(Recorded::Duplicate) => {}
+            Ok(Recorded::ForeignRecipient) => {
+                ignore("foreign_recipient");
+                ignored += 1;
+            }
+            Err(error) => return try_later(relay, &error),
+        }
+    }
+    (StatusCode::OK, format!("recorded {new}, ignored {ignored}\n")).into_response()
+}
+
+fn try_later(relay: &'static str, error: &TryLater) -> Response {
+    tracing::error!(relay, error = format!("{error:#}"), "relay webhook not recorded; the relay will retry");
+    (StatusCode::SERVICE_UNAVAILABLE, "try again later\n").into_response()
+}
+
+/// The letter id of a `Message-ID` of ours: `<id@domain>`, with or without the brackets.
+pub fn letter_of_message_id(message_id: &str) -> Option<ObjectId> {
+    let local = message_id.trim().trim_start_matches('<').split('@').next()?;
+    ObjectId::parse_str(local).ok()
+}
+
+/// The enhanced status code in a relay's diagnostic text (`550 5.1.1 user unknown`).
+fn status_in(text: &str) -> Option<String> {
+    text.split(|c: char| c.is_whitespace() || c == '(' || c == ')' || c == ';')
+        .find(|w| is_enhanced_status(w))
+        .map(str::to_owned)
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A bounce's kind from its enhanced status, as for DSNs: a bad address (5.1.x, 5.2.1) is hard.
+fn bounce_kind(status: Option<&str>) -> Kind {
+    if status.is_some_and(|s| s.starts_with("5.1.") || s == "5.2.1") { Kind::HardBounce } else { Kind::SoftBounce }
+}
+
+// Mailgun
+
+/// Checks a Mailgun signature: `signature` is the hex HMAC-SHA256 of `timestamp` followed by
+/// `token`, keyed with the signing key.
+pub fn mailgun_signature_holds(key: &SecretString, timestamp: &str, token: &str, signature: &str) -> bool {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key.expose_secret().as_bytes()) else { return false };
+    mac.update(timestamp.as_bytes());
+    mac.update(token.as_bytes());
+    let Some(signature) = decode_hex(signature) else { return false };
+    // `verify_slice` compares in constant time.
+    mac.verify_slice(&signature).is_ok()
+}
+
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// The events of a Mailgun webhook's `event-data`: `failed` (permanent: a bounce, hard when
+/// Mailgun says the address bounced; temporary: a delay, Mailgun retries) and `complained`.
+pub fn mailgun_items(data: &Value) -> Vec<Item> {
+    let Some(address) = data.get("recipient").and_then(text) else { return Vec::new() };
+    let delivery = &data["delivery-status"];
+    let diagnostic = ["message", "description"].iter().find_map(|k| delivery.get(*k).and_then(text));
+    let status = delivery
+        .get("enhanced-code")
+        .and_then(text)
+        .filter(|s| is_enhanced_status(s))
+        .or_else(|| diagnostic.as_deref().and_then(status_in));
+    let kind = match (data["event"].as_str(), data["severity"].as_str(), data["reason"].as_str()) {
+        (Some("complained"), ..) => Kind::Complaint,
+        (Some("failed"), Some("temporary"), _) => Kind::Delay,
+        // Mailgun refused to send to an address its list holds as unsubscribed or complained:
+        // not a bounce, and the complaint was reported when it happened.
+        (Some("failed"), Some("permanent"), Some("suppress-unsubscribe" | "suppress-complaint")) => return Vec::new(),
+        // A bounce now, or an address Mailgun holds as bounced before.
+        (Some("failed"), Some("permanent"), Some("bounce" | "suppress-bounce")) => {
+            status.as_deref().map_or(Kind::HardBounce, |s| bounce_kind(Some(s)))
+        }
+        (Some("failed"), Some("permanent"), _) => bounce_kind(status.as_deref()),
+        _ => return Vec::new(),
+    };
+    let variables = &data["user-variables"];
+    let letter = variables
+        .get(LETTER_ID)
+        .and_then(Value::as_str)
+        .and_then(|id| ObjectId::parse_str(id).ok())
+        .or_else(|| data["message"]["headers"]["message-id"].as_str().and_then(letter_of_message_id));
+    vec![Item {
+        letter,
+        address,
+        kind,
+        status,
+        diagnostic: diagnostic.or_else(|| data["reason"].as_str().map(str::to_owned)),
+        feedback_type: (kind == Kind::Complaint).then(|| "abuse".to_owned()),
+    }]
+}
+
+async fn mailgun(State(state): State<Arc<Webhooks>>, body: Bytes) -> Response {
+    const RELAY: &str = "mailgun";
+    let Some(key) = &state.config.mailgun_signing_key else { return StatusCode::NOT_FOUND.into_response() };
+    let payload: Value = match serde_json::from_slice(&body) {
+        Ok(payload) => payload,
+        Err(error) => return bad_request(RELAY, format!("not JSON: {error}")),
+    };
+    let signature = &payload["signature"];
+    let (Some(timestamp), Some(token), Some(hex)) =
+        (text(&signature["timestamp"]), text(&signature["token"]), signature["signature"].as_str())
+    else {
+        return refuse(&state, RELAY, Refused::Forged);
+    };
+    if !mailgun_signature_holds(key, &timestamp, &token, hex) {
+        return refuse(&state, RELAY, Refused::Forged);
+    }
+    let now_s = state.feedback.store.now_ms() / 1000;
+    let Ok(sent_s) = timestamp.parse::<i64>() else { return refuse(&state, RELAY, Refused::Stale) };
+    if sent_s.abs_diff(now_s) > MAILGUN_MAX_AGE.as_secs() {
+        return refuse(&state, RELAY, Refused::Stale);
+    }
+    let hash: [u8; 32] = Sha256::digest(&body).into();
+    {
+        let tokens = state.tokens.lock().unwrap_or_else(PoisonError::into_inner);
+        match tokens.get(&token) {
+            // Mailgun's retry of a request answered 200 whose answer it lost: nothing new.
+            Some((seen, _)) if *seen == hash => return (StatusCode::OK, "already received\n").into_response(),
+            Some(_) => return refuse(&state, RELAY, Refused::Replayed),
+            None => {}
+        }
+    }
+    let response = take(&state, RELAY, Source::Mailgun, mailgun_items(&payload["event-data"])).await;
+    // Remembered only once taken: a request answered 503 must be taken when Mailgun retries it.
+    if response.status() == StatusCode::OK {
+        let mut tokens = state.tokens.lock().unwrap_or_else(PoisonError::into_inner);
+        let oldest = now_s - MAILGUN_MAX_AGE.as_secs() as i64;
+        tokens.retain(|_, (_, at)| *at >= oldest);
+        tokens.insert(token, (hash, sent_s));
+    }
+    response
+}
+
+// SendGrid
+
+/// Checks a SendGrid signed event webhook: an ECDSA P-256 SHA-256 signature (base64 of its DER)
+/// of the timestamp header's value followed by the raw body.
+pub fn sendgrid_signature_holds(
+    key: &p256::ecdsa::VerifyingKey,
+    timestamp: &str,
+    body: &[u8],
+    signature: &str,
+) -> bool {
+    use p256::ecdsa::{Signature, signature::Verifier as _};
+    let Ok(der) = base64::engine::general_purpose::STANDARD.decode(signature.trim()) else { return false };
+    let Ok(signature) = Signature::from_der(&der) else { return false };
+    let mut signed = Vec::with_capacity(timestamp.len() + body.len());
+    signed.extend_from_slice(timestamp.as_bytes());
+    signed.extend_from_slice(body);
+    key.verify(&signed, &signature).is_ok()
+}
+
+/// The events of a SendGrid batch: `bounce` (SendGrid's `type` `blocked` is a soft bounce,
+/// `bounce` is classed by its status), `deferred` (a delay) and `spamreport` (a complaint).
+/// `dropped` is left out: SendGrid did not send, and said why when the address bounced.
+pub fn sendgrid_items(events: &[Value]) -> Vec<Item> {
+    events
+        .iter()
+        .filter_map(|event| {
+            let address = event.get("email").and_then(text)?;
+            let diagnostic = ["reason", "response"].iter().find_map(|k| event.get(*k).and_then(text));
+            let status = event
+                .get("status")
+                .and_then(text)
+                .filter(|s| is_enhanced_status(s))
+                .or_else(|| diagnostic.as_deref().and_then(status_in));
+            let kind = match event["event"].as_str()? {
+                "bounce" if event["type"].as_str() == Some("blocked") => Kind::SoftBounce,
+                "bounce" => bounce_kind(status.as_deref()),
+                "deferred" => Kind::Delay,
+                "spamreport" => Kind::Complaint,
+                _ => return None,
+            };
+            let letter = event
+                .get(LETTER_ID)
+                .and_then(Value::as_str)
+                .and_then(|id| ObjectId::parse_str(id).ok())
+                .or_else(|| event["smtp-id"].as_str().and_then(letter_of_message_id));
+            Some(Item {
+                letter,
+                address,
+                kind,
+                status,
+                diagnostic,
+                feedback_type: (kind == Kind::Complaint).then(|| "abuse".to_owned()),
+            })
+        })
+        .collect()
+}
+
+async fn sendgrid(State(state): State<Arc<Webhooks>>, headers: HeaderMap, body: Bytes) -> Response {
+    const RELAY: &str = "sendgrid";
+    let Some(key) = &state.config.sendgrid_public_key else { return StatusCode::NOT_FOUND.into_response() };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(signature), Some(timestamp)) =
+        (header("x-twilio-email-event-webhook-signature"), header("x-twilio-email-event-webhook-timestamp"))
+    else {
+        return refuse(&state, RELAY, Refused::Forged);
+    };
+    if !sendgrid_signature_holds(key, timestamp, &body, signature) {
+        return refuse(&state, RELAY, Refused::Forged);
+    }
+    let events: Vec<Value> = match serde_json::from_slice(&body) {
+        Ok(events) => events,
+        Err(error) => return bad_request(RELAY, format!("not a JSON array of events: {error}")),
+    };
+    take(&state, RELAY, Source::Sendgrid, sendgrid_items(&events)).await
+}
+
+// Postmark
+
+/// Checks an `Authorization: Basic` header against the credentials, in constant time.
+pub fn basic_auth_holds(authorization: Option<&str>, user: &SecretString, password: &SecretString) -> bool {
+    let Some(encoded) = authorization.and_then(|a| a.strip_prefix("Basic ").or_else(|| a.strip_prefix("basic ")))
+    else {
+        return false;
+    };
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else { return false };
+    let Some(colon) = decoded.iter().position(|&b| b == b':') else { return false };
+    let (given_user, given_password) = (&decoded[..colon], &decoded[colon + 1..]);
+    // Both compared, whatever the first gives, so the time tells nothing of which was wrong.
+    let user_ok = given_user.ct_eq(user.expose_secret().as_bytes());
+    let password_ok = given_password.ct_eq(password.expose_secret().as_bytes());
+    (user_ok & password_ok).into()
+}
+
+/// The events of a Postmark webhook: a `Bounce` record (its `Type`: `HardBounce` and
+/// `BadEmailAddress` hard, `Transient` a delay, the other failures soft, auto-replies and
+/// the like nothing) or a `SpamComplaint` record.
+pub fn postmark_items(record: &Value) -> Vec<Item> {
+    let Some(address) = record.get("Email").and_then(text) else { return Vec::new() };
+    let diagnostic = ["Details", "Description"].iter().find_map(|k| record.get(*k).and_then(text));
+    let status = diagnostic.as_deref().and_then(status_in);
+    let kind = match (record["RecordType"].as_str(), record["Type"].as_str()) {
+        (Some("SpamComplaint"), _) => Kind::Complaint,
+        (Some("Bounce"), Some("HardBounce" | "BadEmailAddress")) => Kind::HardBounce,
+        (Some("Bounce"), Some("Transient")) => Kind::Delay,
+        (
+            Some("Bounce"),
+            Some("SoftBounce" | "DnsError" | "Blocked" | "ContentRelated" | "SpamNotification" | "VirusNotification"),
+        ) => Kind::SoftBounce,
+        _ => return Vec::new(),
+    };
+    let letter = record["Metadata"].get(LETTER_ID).and_then(Value::as_str).and_then(|id| ObjectId::parse_str(id).ok());
+    vec![Item {
+        letter,
+        address,
+        kind,
+        status,
+        diagnostic,
+        feedback_type: (kind == Kind::Complaint).then(|| "abuse".to_owned()),
+    }]
+}
+
+async fn postmark(State(state): State<Arc<Webhooks>>, headers: HeaderMap, body: Bytes) -> Response {
+    const RELAY: &str = "postmark";
+    let Some((user, password)) = &state.config.postmark_credentials else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if !basic_auth_holds(authorization, user, password) {
+        return refuse(&state, RELAY, Refused::Unauthenticated);
+    }
+    let record: Value = match serde_json::from_slice(&body) {
+        Ok(record) => record,
+        Err(error) => return bad_request(RELAY, format!("not JSON: {error}")),
+    };
+    take(&state, RELAY, Source::Postmark, postmark_items(&record)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn mailgun_signatures_as_mailgun_documents() {
+        // The expected value computed apart, with Python's hmac:
+        // hmac.new(key, (timestamp + token).encode(), hashlib.sha256).hexdigest()
+        let key = SecretString::from("key-3ax6xnjp29jd6fds4gc373sgvjxteol0");
+        let (timestamp, token) = ("1529006854", "a8ce0edb2dd8301dee6c2405235584e45aa91d1e9f979f3de0");
+        let expected = "b63c0701c4f4b614f272106a1b367c5c3369bcdca664ae73ebd52787e45eef07";
+        assert!(mailgun_signature_holds(&key, timestamp, token, expected));
+        assert!(!mailgun_signature_holds(&key, "1529006855", token, expected), "another timestamp");
+        assert!(!mailgun_signature_holds(&key, timestamp, &token.replace('a', "b"), expected), "another token");
+        assert!(!mailgun_signature_holds(&SecretString::from("another-key-0123456789"), timestamp, token, expected));
+        assert!(!mailgun_signature_holds(&key, timestamp, token, "not hex"));
+        assert!(!mailgun_signature_holds(&key, timestamp, token, ""));
+    }
+
+    #[test]
+    fn sendgrid_signatures_as_sendgrids_own_sample() {
+        // From sendgrid-python's test/unit/test_eventwebhook.py (SendGrid's published sample).
+        let key = crate::config::feedback::sendgrid_key(
+            "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9mN1flpVKS3GRqe62gw+2fNNRaINXvVpiglSI8eNEc6wEA3F+g==",
+        )
+        .unwrap();
+        let signature =
+            "MEUCIGHQVtGj+Y3LkG9fLcxf3qfI10QysgDWmMOVmxG0u6ZUAiEAyBiXDWzM+uOe5W0JuG+luQAbPIqHh89M15TluLtEZtM=";
+        let timestamp = "1600112502";
+        let payload = concat!(
+            r#"[{"email":"hello@world.com","event":"dropped","reason":"Bounced Address","#,
+            r#""sg_event_id":"ZHJvcC0xMDk5NDkxOS1MUnpYbF9OSFN0T0doUTRrb2ZTbV9BLTA","#,
+            r#""sg_message_id":"LRzXl_NHStOGhQ4kofSm_A.filterdrecv-p3mdw1-756b745b58-kmzbl-18-5F5FC76C-9.0","#,
+            r#""smtp-id":"<LRzXl_NHStOGhQ4kofSm_A@ismtpd0039p1iad1.sendgrid.net>","timestamp":1600112492}]"#,
+            "\r\n"
+        );
+        assert!(sendgrid_signature_holds(&key, timestamp, payload.as_bytes(), signature));
+        assert!(!sendgrid_signature_holds(&key, "1600112503", payload.as_bytes(), signature), "another timestamp");
+        assert!(!sendgrid_signature_holds(&key, timestamp, &payload.as_bytes()[1..], signature), "another body");
+        let other = "MEUCIQCtIHJeH93Y+qpYeWrySphQgpNGNr/U+UyUlBkU6n7RAwIgJTz2C+8a8xonZGi6BpSzoQsbVRamr2nlxFDWYNH3j/0=";
+        assert!(!sendgrid_signature_holds(&key, timestamp, payload.as_bytes(), other), "SendGrid's bad signature");
+        let other_key = crate::config::feedback::sendgrid_key(
+            "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEqTxd43gyp8IOEto2LdIfjRQrIbsd4SXZkLW6jDutdhXSJCWHw8REntlo7aNDthvj+y7GjUuFDb/R1NGe1OPzpA==",
+        )
+        .unwrap();
+        assert!(!sendgrid_signature_holds(&other_key, timestamp, payload.as_bytes(), signature), "another key");
+        assert!(!sendgrid_signature_holds(&key, timestamp, payload.as_bytes(), "not base64!"));
+        // The sample is a `dropped` event: nothing to record.
+        let events: Vec<Value> = serde_json::from_str(payload).unwrap();
+        assert!(sendgrid_items(&events).is_empty());
+    }
+
+    #[test]
+    fn postmark_basic_auth_is_checked_whole() {
+        let (user, password) = (SecretString::from("postmark"), SecretString::from("a-password-of-20-chars"));
+        let header = |raw: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw));
+        assert!(basic_auth_holds(Some(&header("postmark:a-password-of-20-chars")), &user, &password));
+        for wrong in ["postmark:a-password-of-20-char", "postmar:a-password-of-20-chars", "postmark", ":", ""] {
+            assert!(!basic_auth_holds(Some(&header(wrong)), &user, &password), "{wrong}");
+        }
+        assert!(!basic_auth_holds(None, &user, &password));
+        assert!(!basic_auth_holds(Some("Bearer postmark:a-password-of-20-chars"), &user, &password));
+    }
+
+    #[test]
+    fn relay_events_map_to_ours() {
+        let id = ObjectId::new();
+        // Mailgun's documented `failed` event, with our Message-ID.
+        let failed = json!({
+            "event": "failed", "severity": "permanent", "reason": "bounce", "recipient": "alice@example.com",
+            "delivery-status": { "code": 550, "message": "5.1.1 The email account that you tried to reach does not exist", "description": "" },
+            "message": { "headers": { "message-id": format!("{}@example.com", id.to_hex()) } },
+        });
+        let items = mailgun_items(&failed);
+        assert_eq!(items.len(), 1);
+        assert_eq!(
+            (items[0].letter, items[0].kind, items[0].status.as_deref()),
+            (Some(id), Kind::HardBounce, Some("5.1.1"))
+        );
+        let temporary = json!({ "event": "failed", "severity": "temporary", "recipient": "a@example.com", "user-variables": { "letter_id": id.to_hex() } });
+        assert_eq!(mailgun_items(&temporary)[0].kind, Kind::Delay);
+        assert_eq!(mailgun_items(&temporary)[0].letter, Some(id));
+        let full = json!({ "event": "failed", "severity": "permanent", "reason": "generic", "recipient": "a@example.com",
+            "delivery-status": { "message": "552 5.2.2 mailbox full" } });
+        assert_eq!(mailgun_items(&full)[0].kind, Kind::SoftBounce);
+        assert_eq!(
+            mailgun_items(&json!({ "event": "complained", "recipient": "a@example.com" }))[0].kind,
+            Kind::Complaint
+        );
+        assert!(mailgun_items(&json!({ "event": "delivered", "recipient": "a@example.com" })).is_empty());
+        assert!(mailgun_items(&json!({ "event": "failed", "severity": "permanent", "reason": "suppress-unsubscribe", "recipient": "a@example.com" })).is_empty());
+
+        let events = vec![
+            json!({ "email": "a@example.com", "event": "bounce", "type": "bounce", "status": "5.1.1", "reason": "550 5.1.1 unknown", "smtp-id": format!("<{}@example.com>", id.to_hex()) }),
+            json!({ "email": "b@example.com", "event": "bounce", "type": "blocked", "status": "5.7.1", "letter_id": id.to_hex() }),
+            json!({ "email": "c@example.com", "event": "deferred", "response": "400 try later" }),
+            json!({ "email": "d@example.com", "event": "spamreport", "letter_id": id.to_hex() }),
+            json!({ "email": "e@example.com", "event": "open" }),
+        ];
+        let items = sendgrid_items(&events);
+        let kinds: Vec<_> = items.iter().map(|i| (i.address.as_str(), i.kind, i.letter)).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("a@example.com", Kind::HardBounce, Some(id)),
+                ("b@example.com", Kind::SoftBounce, Some(id)),
+                ("c@example.com", Kind::Delay, None),
+                ("d@example.com", Kind::Complaint, Some(id)),
+            ]
+        );
+
+        // Postmark's documented bounce webhook sample, with our metadata.
+        let bounce = json!({
+            "RecordType": "Bounce", "MessageStream": "outbound", "ID": 4323372036854775807_u64, "Type": "HardBounce",
+            "TypeCode": 1, "Name": "Hard bounce", "Tag": "Test", "MessageID": "883953f4-6105-42a2-a16a-77a8eac79483",
+            "Metadata": { "letter_id": id.to_hex() }, "ServerID": 23, "Description": "The server was unable to deliver your message (ex: unknown user, mailbox not found).",
+            "Details": "Test bounce details", "Email": "john@example.com", "From": "sender@example.com",
+            "BouncedAt": "2019-11-05T16:33:54.9070259Z", "DumpAvailable": true, "Inactive": true, "CanActivate": true,
+            "Subject": "Test subject", "Content": "<Full dump of bounce>"
+        });
+        let items = postmark_items(&bounce);
+        assert_eq!(
+            (items[0].letter, items[0].kind, items[0].address.as_str()),
+            (Some(id), Kind::HardBounce, "john@example.com")
+        );
+        let complaint = json!({ "RecordType": "SpamComplaint", "Email": "john@example.com", "Metadata": {} });
+        assert_eq!((postmark_items(&complaint)[0].kind, postmark_items(&complaint)[0].letter), (Kind::Complaint, None));
+        assert!(
+            postmark_items(&json!({ "RecordType": "Bounce", "Type": "AutoResponder", "Email": "a@example.com" }))
+                .is_empty()
+        );
+        assert!(postmark_items(&json!({ "RecordType": "Delivery", "Email": "a@example.com" })).is_empty());
+        assert_eq!(letter_of_message_id(&format!("<{}@example.com>", id.to_hex())), Some(id));
+        assert_eq!(letter_of_message_id("<LRzXl_NHStOGhQ4kofSm_A@ismtpd0039p1iad1.sendgrid.net>"), None);
+    }
+}
