@@ -83,7 +83,8 @@ impl App {
         // First, so a bad DKIM key stops the start before anything is connected.
         let composer = Arc::new(
             Composer::new(config.smtp.from.clone(), &config.deliverability)?
-                .with_return_path(crate::feedback::return_path::ReturnPath::from_config(&config.feedback)),
+                .with_return_path(crate::feedback::return_path::ReturnPath::from_config(&config.feedback))
+                .with_relay_metadata(crate::feedback::webhooks::Metadata::from_config(&config.feedback.webhooks)),
         );
         let metrics = Arc::new(Metrics::new());
         let store = Store::connect(&config.mongo, Clock::host(skew_ms), metrics.clone()).await?;

@@ -35,6 +35,8 @@ pub struct Composer {
     individual: bool,
     /// The signed envelope sender (`BOUNCE_DOMAIN`); `from` when unset.
     return_path: Option<crate::feedback::return_path::ReturnPath>,
+    /// The relays' metadata headers naming the letter, for their webhooks.
+    relay_metadata: crate::feedback::webhooks::Metadata,
 }
 
 impl Composer {
@@ -47,6 +49,7 @@ impl Composer {
             unsubscribe_mailto: None,
             individual: false,
             return_path: None,
+            relay_metadata: Default::default(),
         }
     }
 
@@ -75,10 +78,16 @@ impl Composer {
             unsubscribe_mailto: config.unsubscribe_mailto.clone(),
             individual: config.individual,
             return_path: None,
+            relay_metadata: Default::default(),
         })
     }
 
     /// Sends with a signed return path naming each letter (see `crate::feedback::return_path`).
+    pub fn with_relay_metadata(mut self, metadata: crate::feedback::webhooks::Metadata) -> Composer {
+        self.relay_metadata = metadata;
+        self
+    }
+
     pub fn with_return_path(mut self, return_path: Option<crate::feedback::return_path::ReturnPath>) -> Composer {
         self.return_path = return_path;
         self
@@ -135,7 +144,9 @@ impl Composer {
             kafka_key: letter.kafkakey.clone(),
             address: recipient.map(Recipient::to_string),
         };
-        let mut message = message::compose(content, text, &self.from, to.as_ref(), self.unsubscribe_headers(&fields)?)?;
+        let mut headers = self.unsubscribe_headers(&fields)?;
+        headers.extend(self.relay_metadata.headers(&id));
+        let mut message = message::compose(content, text, &self.from, to.as_ref(), headers)?;
         if let Some(dkim) = &self.dkim {
             dkim.sign(&mut message);
         }

@@ -83,6 +83,49 @@ impl Webhooks {
     }
 }
 
+/// Which relays' metadata headers the composer adds, naming the letter: those whose webhook is
+/// configured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Metadata {
+    pub mailgun: bool,
+    pub sendgrid: bool,
+    pub postmark: bool,
+}
+
+impl Metadata {
+    pub fn from_config(config: &WebhookConfig) -> Metadata {
+        Metadata {
+            mailgun: config.mailgun_signing_key.is_some(),
+            sendgrid: config.sendgrid_public_key.is_some(),
+            postmark: config.postmark_credentials.is_some(),
+        }
+    }
+
+    /// The headers each relay echoes in its events as metadata (and takes off the message):
+    /// Mailgun's `X-Mailgun-Variables` (`user-variables`), SendGrid's `X-SMTPAPI` unique args (top
+    /// level fields of each event), Postmark's `X-PM-Metadata-*` (`Metadata`).
+    pub fn headers(&self, letter_id: &str) -> Vec<(lettre::message::header::HeaderName, String)> {
+        use lettre::message::header::HeaderName;
+        let mut headers = Vec::new();
+        if self.mailgun {
+            headers.push((
+                HeaderName::new_from_ascii_str("X-Mailgun-Variables"),
+                serde_json::json!({ LETTER_ID: letter_id }).to_string(),
+            ));
+        }
+        if self.sendgrid {
+            headers.push((
+                HeaderName::new_from_ascii_str("X-SMTPAPI"),
+                serde_json::json!({ "unique_args": { LETTER_ID: letter_id } }).to_string(),
+            ));
+        }
+        if self.postmark {
+            headers.push((HeaderName::new_from_ascii_str("X-PM-Metadata-letter_id"), letter_id.to_owned()));
+        }
+        headers
+    }
+}
+
 /// The webhooks' state when a relay's secret is set: a [`Feedback`] of their own, as the DSN
 /// listener has, on the same store, suppression list and topic.
 pub fn state(
