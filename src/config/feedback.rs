@@ -237,4 +237,36 @@ mod tests {
             assert_eq!(named(from(&pairs)), var);
         }
     }
+
+    #[test]
+    fn webhooks_are_off_by_default_and_their_secrets_checked_by_name() {
+        assert!(!from(&[]).unwrap().feedback.webhooks.any());
+        // The public listener may serve only webhooks.
+        assert_eq!(named(from(&[("PUBLIC_HTTP_ADDR", "127.0.0.1:8080")])), "LIST_UNSUBSCRIBE_URL");
+        let mailgun = ("MAILGUN_WEBHOOK_SIGNING_KEY", "key-0123456789abcdef0123");
+        let on = from(&[("PUBLIC_HTTP_ADDR", "127.0.0.1:8080"), mailgun]).unwrap();
+        assert!(
+            on.feedback.webhooks.mailgun_signing_key.is_some() && on.feedback.webhooks.sendgrid_public_key.is_none()
+        );
+        let sendgrid = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9mN1flpVKS3GRqe62gw+2fNNRaINXvVpiglSI8eNEc6wEA3F+g==";
+        let pem =
+            format!("-----BEGIN PUBLIC KEY-----\n{}\n{}\n-----END PUBLIC KEY-----\n", &sendgrid[..64], &sendgrid[64..]);
+        for key in [sendgrid, pem.as_str()] {
+            assert!(
+                from(&[("SENDGRID_WEBHOOK_PUBLIC_KEY", key)]).unwrap().feedback.webhooks.sendgrid_public_key.is_some()
+            );
+        }
+        let postmark = [("POSTMARK_WEBHOOK_USER", "postmark"), ("POSTMARK_WEBHOOK_PASSWORD", "a-password-of-20-chars")];
+        assert!(from(&postmark).unwrap().feedback.webhooks.postmark_credentials.is_some());
+        for (pairs, var) in [
+            (vec![("MAILGUN_WEBHOOK_SIGNING_KEY", "short")], "MAILGUN_WEBHOOK_SIGNING_KEY"),
+            (vec![("SENDGRID_WEBHOOK_PUBLIC_KEY", "not a key")], "SENDGRID_WEBHOOK_PUBLIC_KEY"),
+            (vec![("SENDGRID_WEBHOOK_PUBLIC_KEY", "c2hvcnQ=")], "SENDGRID_WEBHOOK_PUBLIC_KEY"),
+            (vec![postmark[0]], "POSTMARK_WEBHOOK_PASSWORD"),
+            (vec![postmark[1]], "POSTMARK_WEBHOOK_USER"),
+            (vec![postmark[0], ("POSTMARK_WEBHOOK_PASSWORD", "short")], "POSTMARK_WEBHOOK_PASSWORD"),
+        ] {
+            assert_eq!(named(from(&pairs)), var);
+        }
+    }
 }
