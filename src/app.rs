@@ -205,7 +205,7 @@ impl App {
         );
 
         let webhooks =
-            crate::feedback::webhooks::state(&config, &store, suppressions.clone(), producer.clone(), metrics.clone());
+            crate::feedback::webhooks::state(&config, &store, suppressions.clone(), producer.clone(), metrics.clone())?;
         let public = match public_listener {
             Some(listener) => {
                 let mut router = axum::Router::new();

@@ -40,11 +40,20 @@ pub struct WebhookConfig {
     /// `POSTMARK_WEBHOOK_USER` and `POSTMARK_WEBHOOK_PASSWORD`: the basic auth credentials put in
     /// the webhook URL set at Postmark.
     pub postmark_credentials: Option<(SecretString, SecretString)>,
+    /// `SNS_TOPIC_ARNS`: the SNS topics whose SES notifications are taken (comma-separated).
+    pub sns_topic_arns: Vec<String>,
+    /// `SNS_SIGNING_CERT_FILE`: a PEM certificate whose key verifies SNS messages instead of the
+    /// one fetched from `SigningCertURL` (tests, or a deployment without egress); the URL is
+    /// still checked.
+    pub sns_signing_cert_file: Option<std::path::PathBuf>,
 }
 
 impl WebhookConfig {
     pub fn any(&self) -> bool {
-        self.mailgun_signing_key.is_some() || self.sendgrid_public_key.is_some() || self.postmark_credentials.is_some()
+        self.mailgun_signing_key.is_some()
+            || self.sendgrid_public_key.is_some()
+            || self.postmark_credentials.is_some()
+            || !self.sns_topic_arns.is_empty()
     }
 }
 
@@ -105,7 +114,24 @@ fn webhooks(env: &Env) -> Result<WebhookConfig, ConfigError> {
             });
         }
     };
-    Ok(WebhookConfig { mailgun_signing_key, sendgrid_public_key, postmark_credentials })
+    let raw_arns = env.string("SNS_TOPIC_ARNS", "");
+    let sns_topic_arns: Vec<String> =
+        raw_arns.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_owned).collect();
+    if sns_topic_arns.iter().any(|arn| !arn.starts_with("arn:aws") || arn.split(':').count() != 6) {
+        return Err(ConfigError::Invalid {
+            var: "SNS_TOPIC_ARNS",
+            value: raw_arns,
+            expected: "comma-separated SNS topic ARNs such as arn:aws:sns:us-east-1:123456789012:ses-feedback".into(),
+        });
+    }
+    let sns_signing_cert_file = env.optional("SNS_SIGNING_CERT_FILE").map(std::path::PathBuf::from);
+    Ok(WebhookConfig {
+        mailgun_signing_key,
+        sendgrid_public_key,
+        postmark_credentials,
+        sns_topic_arns,
+        sns_signing_cert_file,
+    })
 }
 
 const DOMAIN: &str = "a domain name such as bounce.example.com";

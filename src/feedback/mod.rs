@@ -94,6 +94,7 @@ pub enum Source {
     Mailgun,
     Sendgrid,
     Postmark,
+    Ses,
 }
 
 impl Source {
@@ -104,6 +105,7 @@ impl Source {
             Source::Mailgun => "mailgun",
             Source::Sendgrid => "sendgrid",
             Source::Postmark => "postmark",
+            Source::Ses => "ses",
         }
     }
 }
@@ -225,7 +227,7 @@ pub struct Published<'a> {
     /// The enhanced status code, e.g. `5.1.1`.
     pub status: Option<&'a str>,
     pub diagnostic: Option<&'a str>,
-    /// `dsn`, `arf`, or the relay whose webhook reported it: `mailgun`, `sendgrid`, `postmark`.
+    /// `dsn`, `arf`, or the relay whose webhook reported it: `mailgun`, `sendgrid`, `postmark`, `ses`.
     pub source: &'static str,
     /// ARF's `Feedback-Type` (`abuse`, …).
     pub feedback_type: Option<&'a str>,

@@ -75,13 +75,43 @@ pub struct Webhooks {
     pub config: WebhookConfig,
     /// Mailgun tokens accepted within [`MAILGUN_MAX_AGE`]: token → (hash of the body, timestamp).
     tokens: Mutex<HashMap<String, ([u8; 32], i64)>>,
+    /// SNS signing keys by certificate URL, fetched once each.
+    sns_keys: Mutex<HashMap<String, rsa::RsaPublicKey>>,
+    /// `SNS_SIGNING_CERT_FILE`'s key, used instead of fetching.
+    sns_fixed_key: Option<rsa::RsaPublicKey>,
+    http: reqwest::Client,
 }
 
 impl Webhooks {
-    pub fn new(feedback: Arc<Feedback>, config: WebhookConfig) -> Webhooks {
-        Webhooks { feedback, config, tokens: Mutex::new(HashMap::new()) }
+    pub fn new(feedback: Arc<Feedback>, config: WebhookConfig) -> anyhow::Result<Webhooks> {
+        use anyhow::Context as _;
+        let sns_fixed_key = match &config.sns_signing_cert_file {
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).with_context(|| format!("reading SNS_SIGNING_CERT_FILE {}", path.display()))?;
+                Some(sns_key_of_pem(&pem).with_context(|| format!("SNS_SIGNING_CERT_FILE {}", path.display()))?)
+            }
+            None => None,
+        };
+        let http = reqwest::Client::builder()
+            .timeout(SNS_FETCH_TIMEOUT)
+            // A redirect could lead off the checked host.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .context("building the HTTPS client for SNS")?;
+        Ok(Webhooks {
+            feedback,
+            config,
+            tokens: Mutex::new(HashMap::new()),
+            sns_keys: Mutex::new(HashMap::new()),
+            sns_fixed_key,
+            http,
+        })
     }
 }
+
+/// How long fetching a signing certificate or confirming a subscription may take.
+const SNS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which relays' metadata headers the composer adds, naming the letter: those whose webhook is
 /// configured.
@@ -134,9 +164,9 @@ pub fn state(
     suppressions: crate::deliverability::suppression::Suppressions,
     producer: crate::kafka::StatusProducer,
     metrics: Arc<crate::metrics::Metrics>,
-) -> Option<Arc<Webhooks>> {
+) -> anyhow::Result<Option<Arc<Webhooks>>> {
     if !config.feedback.webhooks.any() {
-        return None;
+        return Ok(None);
     }
     let feedback = Feedback {
         store: store.feedback(config.kafka.message_timeout + Duration::from_secs(10)),
@@ -145,7 +175,7 @@ pub fn state(
         topic: config.feedback.topic.clone(),
         metrics,
     };
-    Some(Arc::new(Webhooks::new(Arc::new(feedback), config.feedback.webhooks.clone())))
+    Webhooks::new(Arc::new(feedback), config.feedback.webhooks.clone()).map(Arc::new).map(Some)
 }
 
 /// The routes of the relays whose secret is set.
@@ -159,6 +189,9 @@ pub fn router(state: Arc<Webhooks>) -> Router {
     }
     if state.config.postmark_credentials.is_some() {
         router = router.route("/webhooks/postmark", post(postmark));
+    }
+    if !state.config.sns_topic_arns.is_empty() {
+        router = router.route("/webhooks/ses", post(ses));
     }
     router.layer(DefaultBodyLimit::max(MAX_BODY)).with_state(state)
 }
@@ -185,6 +218,10 @@ pub enum Refused {
     Stale,
     #[error("a token already used, with another body")]
     Replayed,
+    #[error("not one of the SNS topics taken (SNS_TOPIC_ARNS)")]
+    Topic,
+    #[error("a certificate or subscription URL not on Amazon's SNS host")]
+    Url,
 }
 
 impl Refused {
@@ -194,6 +231,8 @@ impl Refused {
             Refused::Forged => "forged",
             Refused::Stale => "stale",
             Refused::Replayed => "replayed",
+            Refused::Topic => "topic",
+            Refused::Url => "url",
         }
     }
 }
@@ -533,6 +572,234 @@ async fn postmark(State(state): State<Arc<Webhooks>>, headers: HeaderMap, body: 
     take(&state, RELAY, Source::Postmark, postmark_items(&record)).await
 }
 
+// Amazon SES through SNS
+
+/// Whether `url` may be fetched for an SNS signing certificate: HTTPS on
+/// `sns.<region>.amazonaws.com` (or `.amazonaws.com.cn`), default port, no user info, a `.pem`.
+pub fn sns_cert_url_ok(url: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(url) else { return false };
+    let Some(host) = url.host_str() else { return false };
+    let region = host
+        .strip_prefix("sns.")
+        .and_then(|h| h.strip_suffix(".amazonaws.com").or_else(|| h.strip_suffix(".amazonaws.com.cn")));
+    url.scheme() == "https"
+        && url.port().is_none()
+        && url.username().is_empty()
+        && url.password().is_none()
+        && region.is_some_and(|r| {
+            !r.is_empty() && r.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+        && url.path().ends_with(".pem")
+}
+
+/// Whether a `SubscribeURL` may be fetched to confirm a subscription: HTTPS on Amazon's domain.
+pub fn sns_subscribe_url_ok(url: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(url) else { return false };
+    url.scheme() == "https"
+        && url.username().is_empty()
+        && url.host_str().is_some_and(|h| h.ends_with(".amazonaws.com") || h.ends_with(".amazonaws.com.cn"))
+}
+
+/// The RSA key of a PEM certificate.
+pub fn sns_key_of_pem(pem: &[u8]) -> anyhow::Result<rsa::RsaPublicKey> {
+    use anyhow::Context as _;
+    use rsa::pkcs8::DecodePublicKey as _;
+    use x509_cert::der::{DecodePem as _, Encode as _};
+    let certificate = x509_cert::Certificate::from_pem(pem).context("not a PEM certificate")?;
+    let spki = certificate.tbs_certificate.subject_public_key_info.to_der().context("its public key")?;
+    rsa::RsaPublicKey::from_public_key_der(&spki).context("not an RSA key")
+}
+
+/// The text SNS signs: the message's fields, by type, each as `name\nvalue\n`.
+pub fn sns_string_to_sign(message: &Value) -> Option<String> {
+    let names: &[&str] = match message["Type"].as_str()? {
+        "Notification" => &["Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type"],
+        "SubscriptionConfirmation" | "UnsubscribeConfirmation" => {
+            &["Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type"]
+        }
+        _ => return None,
+    };
+    let mut text = String::new();
+    for name in names {
+        match message.get(*name).and_then(Value::as_str) {
+            Some(value) => {
+                text.push_str(name);
+                text.push('\n');
+                text.push_str(value);
+                text.push('\n');
+            }
+            // Only a notification's subject is optional.
+            None if *name == "Subject" => {}
+            None => return None,
+        }
+    }
+    Some(text)
+}
+
+/// Checks an SNS message's `Signature` (base64) with `key`: RSA PKCS#1 v1.5 over the string to
+/// sign, with SHA-1 for `SignatureVersion` 1 and SHA-256 for 2.
+pub fn sns_signature_holds(key: &rsa::RsaPublicKey, message: &Value) -> bool {
+    use rsa::signature::Verifier as _;
+    let Some(text) = sns_string_to_sign(message) else { return false };
+    let Some(signature) = message["Signature"]
+        .as_str()
+        .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+        .and_then(|s| rsa::pkcs1v15::Signature::try_from(s.as_slice()).ok())
+    else {
+        return false;
+    };
+    match message["SignatureVersion"].as_str() {
+        Some("1") => {
+            rsa::pkcs1v15::VerifyingKey::<sha1::Sha1>::new(key.clone()).verify(text.as_bytes(), &signature).is_ok()
+        }
+        Some("2") => {
+            rsa::pkcs1v15::VerifyingKey::<Sha256>::new(key.clone()).verify(text.as_bytes(), &signature).is_ok()
+        }
+        _ => false,
+    }
+}
+
+/// The events of an SES notification (the `Message` of an SNS notification), as SES's
+/// notifications (`notificationType`) or its event publishing (`eventType`) write them:
+/// `Bounce` (`Permanent` is hard unless its status says otherwise; `Transient` and
+/// `Undetermined` soft), `Complaint`, and `DeliveryDelay`.
+pub fn ses_items(notification: &Value) -> Vec<Item> {
+    let mail = &notification["mail"];
+    let letter = mail["commonHeaders"]["messageId"].as_str().and_then(letter_of_message_id).or_else(|| {
+        mail["headers"].as_array()?.iter().find_map(|h| {
+            h["name"].as_str().filter(|n| n.eq_ignore_ascii_case("message-id"))?;
+            h["value"].as_str().and_then(letter_of_message_id)
+        })
+    });
+    let kind_of = notification["notificationType"].as_str().or_else(|| notification["eventType"].as_str());
+    let recipients = |list: &Value, kind: &dyn Fn(Option<&str>) -> Kind, feedback_type: Option<String>| -> Vec<Item> {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| {
+                let address = r.get("emailAddress").and_then(text)?;
+                let diagnostic = r.get("diagnosticCode").and_then(text);
+                let status = r
+                    .get("status")
+                    .and_then(text)
+                    .filter(|s| is_enhanced_status(s))
+                    .or_else(|| diagnostic.as_deref().and_then(status_in));
+                Some(Item {
+                    letter,
+                    address,
+                    kind: kind(status.as_deref()),
+                    status,
+                    diagnostic,
+                    feedback_type: feedback_type.clone(),
+                })
+            })
+            .collect()
+    };
+    match kind_of {
+        Some("Bounce") => {
+            let bounce = &notification["bounce"];
+            let permanent = bounce["bounceType"].as_str() == Some("Permanent");
+            recipients(
+                &bounce["bouncedRecipients"],
+                &|status| match (permanent, status) {
+                    (true, None) => Kind::HardBounce,
+                    (true, status) => bounce_kind(status),
+                    (false, _) => Kind::SoftBounce,
+                },
+                None,
+            )
+        }
+        Some("Complaint") => {
+            let complaint = &notification["complaint"];
+            // SES's `not-spam` takes a complaint back, as ARF's does.
+            if complaint["complaintFeedbackType"].as_str() == Some("not-spam") {
+                return Vec::new();
+            }
+            let feedback_type = complaint["complaintFeedbackType"].as_str().unwrap_or("abuse").to_owned();
+            recipients(&complaint["complainedRecipients"], &|_| Kind::Complaint, Some(feedback_type))
+        }
+        Some("DeliveryDelay") => {
+            recipients(&notification["deliveryDelay"]["delayedRecipients"], &|_| Kind::Delay, None)
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The key that signed an SNS message: `SNS_SIGNING_CERT_FILE`'s, or the certificate at its
+/// (checked) `SigningCertURL`, fetched once.
+async fn sns_key(state: &Webhooks, url: &str) -> anyhow::Result<rsa::RsaPublicKey> {
+    use anyhow::Context as _;
+    if let Some(key) = &state.sns_fixed_key {
+        return Ok(key.clone());
+    }
+    if let Some(key) = state.sns_keys.lock().unwrap_or_else(PoisonError::into_inner).get(url) {
+        return Ok(key.clone());
+    }
+    let response = state.http.get(url).send().await.with_context(|| format!("fetching {url}"))?;
+    let response = response.error_for_status().with_context(|| format!("fetching {url}"))?;
+    let pem = response.bytes().await.with_context(|| format!("reading {url}"))?;
+    let key = sns_key_of_pem(&pem).with_context(|| format!("the certificate at {url}"))?;
+    let mut keys = state.sns_keys.lock().unwrap_or_else(PoisonError::into_inner);
+    // Amazon rotates its certificates rarely; a bound keeps a flood of URLs from growing this.
+    if keys.len() >= 64 {
+        keys.clear();
+    }
+    keys.insert(url.to_owned(), key.clone());
+    Ok(key)
+}
+
+async fn ses(State(state): State<Arc<Webhooks>>, body: Bytes) -> Response {
+    const RELAY: &str = "ses";
+    let message: Value = match serde_json::from_slice(&body) {
+        Ok(message) => message,
+        Err(error) => return bad_request(RELAY, format!("not JSON: {error}")),
+    };
+    let topic = message["TopicArn"].as_str().unwrap_or_default();
+    if !state.config.sns_topic_arns.iter().any(|t| t == topic) {
+        return refuse(&state, RELAY, Refused::Topic);
+    }
+    let url = message["SigningCertURL"].as_str().unwrap_or_default();
+    if !sns_cert_url_ok(url) {
+        return refuse(&state, RELAY, Refused::Url);
+    }
+    let key = match sns_key(&state, url).await {
+        Ok(key) => key,
+        Err(error) => return try_later(RELAY, &TryLater::Failed(error)),
+    };
+    if !sns_signature_holds(&key, &message) {
+        return refuse(&state, RELAY, Refused::Forged);
+    }
+    match message["Type"].as_str() {
+        Some("SubscriptionConfirmation") => {
+            let subscribe = message["SubscribeURL"].as_str().unwrap_or_default();
+            if !sns_subscribe_url_ok(subscribe) {
+                return refuse(&state, RELAY, Refused::Url);
+            }
+            match state.http.get(subscribe).send().await.and_then(reqwest::Response::error_for_status) {
+                Ok(_) => {
+                    tracing::info!(topic, "SNS subscription confirmed");
+                    (StatusCode::OK, "subscription confirmed\n").into_response()
+                }
+                Err(error) => try_later(
+                    RELAY,
+                    &TryLater::Failed(anyhow::Error::new(error).context("confirming the SNS subscription")),
+                ),
+            }
+        }
+        Some("UnsubscribeConfirmation") => {
+            tracing::warn!(topic, "SNS says this endpoint was unsubscribed from the topic");
+            (StatusCode::OK, "noted\n").into_response()
+        }
+        _ => {
+            let notification: Value = match message["Message"].as_str().map(serde_json::from_str) {
+                Some(Ok(notification)) => notification,
+                _ => return bad_request(RELAY, "the SNS message is not an SES notification".to_owned()),
+            };
+            take(&state, RELAY, Source::Ses, ses_items(&notification)).await
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -669,5 +936,114 @@ mod tests {
         assert!(postmark_items(&json!({ "RecordType": "Delivery", "Email": "a@example.com" })).is_empty());
         assert_eq!(letter_of_message_id(&format!("<{}@example.com>", id.to_hex())), Some(id));
         assert_eq!(letter_of_message_id("<LRzXl_NHStOGhQ4kofSm_A@ismtpd0039p1iad1.sendgrid.net>"), None);
+    }
+
+    fn sns_sign(message: &mut Value, version: &str) {
+        use rsa::{pkcs8::DecodePrivateKey as _, signature::SignatureEncoding as _, signature::Signer as _};
+        let pem = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sns/test-signing-key.pem"),
+        )
+        .unwrap();
+        let key = rsa::RsaPrivateKey::from_pkcs8_pem(&pem).unwrap();
+        let text = sns_string_to_sign(message).unwrap();
+        let signature = match version {
+            "1" => rsa::pkcs1v15::SigningKey::<sha1::Sha1>::new(key).sign(text.as_bytes()).to_vec(),
+            _ => rsa::pkcs1v15::SigningKey::<Sha256>::new(key).sign(text.as_bytes()).to_vec(),
+        };
+        message["SignatureVersion"] = json!(version);
+        message["Signature"] = json!(base64::engine::general_purpose::STANDARD.encode(signature));
+    }
+
+    #[test]
+    fn sns_signatures_of_both_versions_and_only_amazons_urls() {
+        let cert = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sns/test-signing-cert.pem"),
+        )
+        .unwrap();
+        let key = sns_key_of_pem(&cert).unwrap();
+        // The shape of AWS's documented notification.
+        let mut message = json!({
+            "Type": "Notification", "MessageId": "22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324",
+            "TopicArn": "arn:aws:sns:us-west-2:123456789012:MyTopic", "Subject": "My First Message",
+            "Message": "Hello world!", "Timestamp": "2012-05-02T00:54:06.655Z",
+            "SigningCertURL": "https://sns.us-west-2.amazonaws.com/SimpleNotificationService-f3ecfb7224c7233fe7bb5f59f96de52f.pem",
+        });
+        assert_eq!(
+            sns_string_to_sign(&message).unwrap(),
+            "Message\nHello world!\nMessageId\n22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324\nSubject\nMy First Message\n\
+             Timestamp\n2012-05-02T00:54:06.655Z\nTopicArn\narn:aws:sns:us-west-2:123456789012:MyTopic\nType\nNotification\n"
+        );
+        for version in ["1", "2"] {
+            sns_sign(&mut message, version);
+            assert!(sns_signature_holds(&key, &message), "version {version}");
+            let mut altered = message.clone();
+            altered["Message"] = json!("Hello world?");
+            assert!(!sns_signature_holds(&key, &altered), "version {version}, altered");
+        }
+        let mut other_version = message.clone();
+        other_version["SignatureVersion"] = json!("1");
+        assert!(!sns_signature_holds(&key, &other_version), "a SHA-256 signature is not a SHA-1 one");
+        other_version["SignatureVersion"] = json!("3");
+        assert!(!sns_signature_holds(&key, &other_version));
+
+        assert!(sns_cert_url_ok("https://sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.pem"));
+        assert!(sns_cert_url_ok("https://sns.cn-north-1.amazonaws.com.cn/SimpleNotificationService-abc.pem"));
+        for url in [
+            "http://sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.pem",
+            "https://sns.us-east-1.amazonaws.com.evil.example/SimpleNotificationService-abc.pem",
+            "https://evil.example/sns.us-east-1.amazonaws.com/x.pem",
+            "https://sns.us-east-1.amazonaws.com@evil.example/x.pem",
+            "https://user@sns.us-east-1.amazonaws.com/x.pem",
+            "https://sns.us-east-1.amazonaws.com:8443/x.pem",
+            "https://s3.amazonaws.com/x.pem",
+            "https://sns..amazonaws.com/x.pem",
+            "https://sns.us-east-1.amazonaws.com/x.txt",
+            "not a url",
+        ] {
+            assert!(!sns_cert_url_ok(url), "{url}");
+        }
+        assert!(sns_subscribe_url_ok("https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&Token=x"));
+        for url in [
+            "http://sns.us-east-1.amazonaws.com/?Action=x",
+            "https://127.0.0.1/?Action=x",
+            "https://amazonaws.com.evil.example/",
+        ] {
+            assert!(!sns_subscribe_url_ok(url), "{url}");
+        }
+    }
+
+    #[test]
+    fn ses_notifications_map_to_ours() {
+        let id = ObjectId::new();
+        // SES's documented bounce notification, with our Message-ID among the common headers.
+        let bounce = json!({
+            "notificationType": "Bounce",
+            "bounce": { "bounceType": "Permanent", "bounceSubType": "General", "bouncedRecipients": [
+                { "emailAddress": "jane@example.com", "status": "5.1.1", "action": "failed", "diagnosticCode": "smtp; 550 5.1.1 user unknown" },
+                { "emailAddress": "richard@example.com" },
+                { "emailAddress": "full@example.com", "status": "5.2.2", "action": "failed" } ],
+                "timestamp": "2016-01-27T14:59:38.237Z", "feedbackId": "00000138111222aa-33322211-cccc-cccc-cccc-ddddaaaa0680-000000" },
+            "mail": { "messageId": "00000138111222aa-33322211-cccc-cccc-cccc-ddddaaaa0680-000000", "source": "john@example.com",
+                "commonHeaders": { "messageId": format!("<{}@example.com>", id.to_hex()) } },
+        });
+        let items = ses_items(&bounce);
+        let kinds: Vec<_> = items.iter().map(|i| (i.address.as_str(), i.kind, i.letter)).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("jane@example.com", Kind::HardBounce, Some(id)),
+                ("richard@example.com", Kind::HardBounce, Some(id)),
+                ("full@example.com", Kind::SoftBounce, Some(id)),
+            ]
+        );
+        let transient = json!({ "eventType": "Bounce", "bounce": { "bounceType": "Transient", "bouncedRecipients": [{ "emailAddress": "a@example.com" }] },
+            "mail": { "headers": [{ "name": "Message-ID", "value": format!("<{}@example.com>", id.to_hex()) }] } });
+        assert_eq!(ses_items(&transient)[0].kind, Kind::SoftBounce);
+        assert_eq!(ses_items(&transient)[0].letter, Some(id), "from the original headers");
+        let complaint = json!({ "notificationType": "Complaint", "complaint": { "complainedRecipients": [{ "emailAddress": "a@example.com" }], "complaintFeedbackType": "abuse" }, "mail": {} });
+        assert_eq!((ses_items(&complaint)[0].kind, ses_items(&complaint)[0].letter), (Kind::Complaint, None));
+        let delay = json!({ "eventType": "DeliveryDelay", "deliveryDelay": { "delayedRecipients": [{ "emailAddress": "a@example.com", "status": "4.4.1" }] }, "mail": {} });
+        assert_eq!(ses_items(&delay)[0].kind, Kind::Delay);
+        assert!(ses_items(&json!({ "notificationType": "Delivery", "mail": {} })).is_empty());
     }
 }
