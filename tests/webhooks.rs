@@ -18,6 +18,8 @@ const LONG: Duration = Duration::from_secs(60);
 const MAILGUN_KEY: &str = "key-mailgun-signing-0123456789abcdef";
 const POSTMARK_USER: &str = "postmark-hooks";
 const POSTMARK_PASSWORD: &str = "postmark-password-0123456789";
+const SNS_TOPIC: &str = "arn:aws:sns:us-east-1:123456789012:ses-feedback";
+const SNS_CERT_URL: &str = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem";
 /// The SendGrid test key pair's private half (any scalar below the curve order will do).
 const SENDGRID_SECRET: [u8; 32] = [7; 32];
 
@@ -47,6 +49,8 @@ async fn start() -> Hooks {
             ("SENDGRID_WEBHOOK_PUBLIC_KEY", &public_key),
             ("POSTMARK_WEBHOOK_USER", POSTMARK_USER),
             ("POSTMARK_WEBHOOK_PASSWORD", POSTMARK_PASSWORD),
+            ("SNS_TOPIC_ARNS", SNS_TOPIC),
+            ("SNS_SIGNING_CERT_FILE", &repo_root().join("tests/fixtures/sns/test-signing-cert.pem").to_string_lossy()),
             ("KAFKA_TOPIC_FEEDBACK", &topic),
         ],
     )
@@ -360,4 +364,106 @@ async fn postmark_events_are_recorded_once_and_wrong_credentials_refused() {
         ),
         Some(3.0)
     );
+}
+
+/// An SNS message signed with the test certificate's key (SignatureVersion 2, SHA-256).
+fn sns_message(kind: &str, fields: Value) -> Value {
+    use rsa::{pkcs8::DecodePrivateKey as _, signature::SignatureEncoding as _, signature::Signer as _};
+    let mut message = json!({
+        "Type": kind, "MessageId": ObjectId::new().to_hex(), "TopicArn": SNS_TOPIC,
+        "Timestamp": "2026-12-01T18:54:06.655Z", "SignatureVersion": "2", "SigningCertURL": SNS_CERT_URL,
+    });
+    for (name, value) in fields.as_object().unwrap() {
+        message[name] = value.clone();
+    }
+    let text: String = match kind {
+        "Notification" => ["Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type"].as_slice(),
+        _ => ["Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type"].as_slice(),
+    }
+    .iter()
+    .filter_map(|name| message[*name].as_str().map(|value| format!("{name}\n{value}\n")))
+    .collect();
+    let pem = std::fs::read_to_string(repo_root().join("tests/fixtures/sns/test-signing-key.pem")).unwrap();
+    let key = rsa::RsaPrivateKey::from_pkcs8_pem(&pem).unwrap();
+    let signature = rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(key).sign(text.as_bytes()).to_vec();
+    message["Signature"] = json!(base64::engine::general_purpose::STANDARD.encode(signature));
+    message
+}
+
+fn ses_notification(notification: Value) -> Value {
+    sns_message("Notification", json!({ "Message": notification.to_string() }))
+}
+
+#[tokio::test]
+async fn ses_notifications_through_sns_are_recorded_once_and_forgeries_refused() {
+    let h = start().await;
+    let url = format!("{}/webhooks/ses", h.public);
+    let addresses = ["dead@hard.example", "angry@example.com", "fine@ok.example"];
+    let (id, message) = send_letter(&h, "key-ses", "token-ses", &addresses).await;
+    let mail = json!({ "messageId": "0000014a-ses-id", "source": "noreply@mailsender.test",
+        "commonHeaders": { "messageId": message.header("Message-ID").unwrap() } });
+    let bounce = ses_notification(json!({
+        "notificationType": "Bounce",
+        "bounce": { "bounceType": "Permanent", "bounceSubType": "General", "bouncedRecipients": [
+            { "emailAddress": "dead@hard.example", "status": "5.1.1", "action": "failed", "diagnosticCode": "smtp; 550 5.1.1 user unknown" } ] },
+        "mail": mail,
+    }));
+
+    // Forged: the message altered after signing, another topic, a certificate from elsewhere.
+    let mut altered = bounce.clone();
+    altered["Message"] = json!(bounce["Message"].as_str().unwrap().replace("dead@hard.example", "fine@ok.example"));
+    assert_eq!(post(&url, &altered.to_string(), &[], None).await.0, 403);
+    let mut other_topic = bounce.clone();
+    other_topic["TopicArn"] = json!("arn:aws:sns:us-east-1:999999999999:someone-else");
+    assert_eq!(post(&url, &other_topic.to_string(), &[], None).await.0, 403);
+    let mut elsewhere = bounce.clone();
+    elsewhere["SigningCertURL"] = json!("https://sns.us-east-1.amazonaws.com.evil.example/cert.pem");
+    assert_eq!(post(&url, &elsewhere.to_string(), &[], None).await.0, 403);
+    // A subscription confirmation whose SubscribeURL is not Amazon's: refused, never fetched.
+    let trap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let subscribe = sns_message(
+        "SubscriptionConfirmation",
+        json!({ "Message": "You have chosen to subscribe", "Token": "2336412f37",
+            "SubscribeURL": format!("https://127.0.0.1:{}/?Action=ConfirmSubscription", trap.local_addr().unwrap().port()) }),
+    );
+    assert_eq!(post(&url, &subscribe.to_string(), &[], None).await.0, 403);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), trap.accept()).await.is_err(),
+        "the SubscribeURL was not fetched"
+    );
+    check_nothing_yet(&h).await;
+
+    let (status, text) = post(&url, &bounce.to_string(), &[], None).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(post(&url, &bounce.to_string(), &[], None).await.0, 200, "SNS's retry");
+    let complaint = ses_notification(json!({
+        "notificationType": "Complaint",
+        "complaint": { "complainedRecipients": [{ "emailAddress": "angry@example.com" }], "complaintFeedbackType": "abuse" },
+        "mail": mail,
+    }));
+    assert_eq!(post(&url, &complaint.to_string(), &[], None).await.0, 200);
+    check_two_events(&h, id, "ses", "token-ses").await;
+
+    let unknown = ses_notification(json!({
+        "notificationType": "Complaint",
+        "complaint": { "complainedRecipients": [{ "emailAddress": "x@example.com" }] },
+        "mail": { "commonHeaders": { "messageId": format!("<{}@mailsender.test>", ObjectId::new().to_hex()) } },
+    }));
+    assert_eq!(post(&url, &unknown.to_string(), &[], None).await.0, 200);
+    let metrics = h.app.get("/metrics").await.1;
+    assert_eq!(
+        metric_value(&metrics, r#"mailsender_feedback_webhook_ignored_total{relay="ses",reason="unknown_letter"}"#),
+        Some(1.0),
+        "{metrics}"
+    );
+    for (reason, count) in [("forged", 1.0), ("topic", 1.0), ("url", 2.0)] {
+        assert_eq!(
+            metric_value(
+                &metrics,
+                &format!(r#"mailsender_feedback_webhook_refused_total{{relay="ses",reason="{reason}"}}"#)
+            ),
+            Some(count),
+            "{reason}"
+        );
+    }
 }
