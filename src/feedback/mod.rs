@@ -11,13 +11,12 @@
 //! - once: its key is (letter, recipient, kind), so a report delivered twice, or a DSN and a
 //!   relay's webhook for the same bounce, make one event.
 //!
-//! The relays' webhooks ([`webhooks`]: Mailgun, SendGrid, Postmark) authenticate each request,
-//! map its payload to [`Event`]s with a [`Source`] of their own and call [`Feedback::record`];
-//! the key leaves the source out, so a DSN and a webhook for one bounce make one event.
+//! The relays' webhooks ([`webhooks`]: Mailgun, SendGrid, Postmark, SES through SNS) authenticate
+//! each request, map its payload to [`Event`]s with a [`Source`] of their own and call
+//! [`Feedback::record`]; the key leaves the source out, so a DSN and a webhook for one bounce make
+//! one event.
 //!
 //! Still to come, and how they fit:
-//! - SES through SNS: the same, with the letter from `mail.commonHeaders.messageId` (our
-//!   `Message-ID`, `<letter id@domain>`).
 //! - The sandbox: simulator addresses whose "delivery" builds the same [`Event`]s (source
 //!   `sandbox`) and records them through [`Feedback::record`].
 //! - The reputation brake: `<collection>_feedback` holds one document per event with its time

@@ -15,6 +15,12 @@
 //! - `POST /webhooks/postmark`: HTTP basic auth with `POSTMARK_WEBHOOK_USER` and
 //!   `POSTMARK_WEBHOOK_PASSWORD`, the credentials put in the webhook URL at Postmark
 //!   (`https://user:password@host/webhooks/postmark`), compared in constant time.
+//! - `POST /webhooks/ses`: SES notifications through an SNS HTTPS subscription. The SNS
+//!   signature (RSA, SHA-1 for `SignatureVersion` 1, SHA-256 for 2) is checked with the
+//!   certificate at `SigningCertURL`, fetched only from `https://sns.<region>.amazonaws.com/….pem`
+//!   (or `SNS_SIGNING_CERT_FILE`'s, for tests; the URL is checked all the same); the topic must be
+//!   one of `SNS_TOPIC_ARNS`. A `SubscriptionConfirmation` is confirmed by fetching its
+//!   `SubscribeURL`, only when it is HTTPS on `amazonaws.com`.
 //!
 //! A request that fails its check gets 401 (Postmark: no or wrong credentials) or 403 (a bad
 //! signature) and changes nothing. A relay retries a webhook until it gets a 2xx, so:
@@ -32,7 +38,8 @@
 //! relay echoes as metadata on every event (`X-Mailgun-Variables`, `X-SMTPAPI` unique args,
 //! `X-PM-Metadata-letter_id`), named `letter_id`; the relays take these headers off before
 //! delivery. Metadata is preferred, the Message-ID is the fallback; Postmark's events carry only
-//! metadata (its `MessageID` is its own).
+//! metadata (its `MessageID` is its own). SES takes no metadata header of ours; its notifications
+//! carry the original `Message-ID` in `mail.commonHeaders.messageId` (and `mail.headers`).
 
 use std::{
     collections::HashMap,
