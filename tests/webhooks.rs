@@ -45,6 +45,9 @@ async fn start() -> Hooks {
         &sink,
         &[
             ("PUBLIC_HTTP_ADDR", &format!("127.0.0.1:{port}")),
+            // The one-click endpoint shares the listener; its catch-all must leave the webhooks be.
+            ("LIST_UNSUBSCRIBE_URL", "https://unsub.mailsender.test/unsubscribe/{letter_id}?t={token}"),
+            ("UNSUBSCRIBE_SECRET", "unsubscribe-secret-0123456789"),
             ("MAILGUN_WEBHOOK_SIGNING_KEY", MAILGUN_KEY),
             ("SENDGRID_WEBHOOK_PUBLIC_KEY", &public_key),
             ("POSTMARK_WEBHOOK_USER", POSTMARK_USER),
@@ -224,6 +227,9 @@ async fn mailgun_events_are_recorded_once_and_forgeries_refused() {
         metric_value(&metrics, r#"mailsender_feedback_events_total{kind="hard_bounce",source="mailgun"}"#),
         Some(1.0)
     );
+    // The one-click endpoint still answers beside the webhooks.
+    let one_click = format!("{}/unsubscribe/{}?t=x", h.public, id.to_hex());
+    assert_eq!(post(&one_click, "List-Unsubscribe=One-Click", &[], None).await.0, 403, "a forged one-click link");
 }
 
 fn sendgrid_headers(body: &str, timestamp: &str) -> Vec<(&'static str, String)> {
