@@ -1,10 +1,11 @@
 //! Wires the stages together and runs them until the cancellation token fires, then shuts down
 //! in order: stop consuming → finish in-flight sends (bounded) → store their outcomes →
-//! release this instance's leases → flush the producer → exit.
+//! release this instance's leases → flush the producer → exit. [`App::run`] reads as that order;
+//! the stages' construction from `&Config` is below it.
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, atomic::AtomicBool},
+    sync::{Arc, OnceLock, atomic::AtomicBool},
     time::Duration,
 };
 
@@ -13,17 +14,21 @@ use futures::FutureExt as _;
 use tokio::{
     net::TcpListener,
     sync::{Notify, Semaphore, mpsc},
-    task::JoinSet,
+    task::JoinHandle,
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     budget::{Budget, Plan},
+    chore::chore,
     clock::Clock,
     config::Config,
     control::Control,
     deliverability::{Composer, suppression::Suppressions, topic::SuppressionTopic, unsubscribe::Signer},
-    http::{self, HttpState},
+    http::{
+        admin::{self, HttpState, PostDoor},
+        public::{self, PublicState},
+    },
     kafka::{self, IngestConsumer, StatusProducer},
     metrics::{Metrics, StatusLabel},
     pipeline::{
@@ -32,7 +37,6 @@ use crate::{
         report::Report,
         send::{SendContext, Worker},
     },
-    public::{self, PublicState},
     store::Store,
 };
 
@@ -41,21 +45,21 @@ pub struct App {
     store: Store,
     producer: StatusProducer,
     consumer: Arc<IngestConsumer>,
-    listener: TcpListener,
+    /// Reads `KAFKA_TOPIC_SUPPRESSIONS`, in a group of its own.
+    suppression_consumer: rdkafka::consumer::StreamConsumer,
+    listeners: Listeners,
     metrics: Arc<Metrics>,
-    deliverability: Deliverability,
+    composer: Arc<Composer>,
     control: Control,
 }
 
-/// What issue 11 adds, made at start-up so that a problem stops it.
-struct Deliverability {
-    composer: Arc<Composer>,
+/// The ports, bound at start-up so that a taken one stops it.
+struct Listeners {
+    admin: TcpListener,
     /// The one-click endpoint's listener, when `PUBLIC_HTTP_ADDR` is set.
-    public_listener: Option<TcpListener>,
-    /// Reads `KAFKA_TOPIC_SUPPRESSIONS`, in a group of its own.
-    suppression_consumer: rdkafka::consumer::StreamConsumer,
+    public: Option<TcpListener>,
     /// The inbound SMTP listener for DSNs and ARF reports, when `FEEDBACK_SMTP_ADDR` is set.
-    feedback_listener: Option<TcpListener>,
+    feedback: Option<TcpListener>,
 }
 
 impl App {
@@ -80,7 +84,7 @@ impl App {
             skew_ms = skew.parse().context("MAILSENDER_FAULT_INJECTION clock_skew_ms: not a number")?;
             tracing::warn!(skew_ms, "test hook: this process's wall clock is skewed");
         }
-        // First, so a bad DKIM key stops the start before anything is connected.
+        // First, so a bad DKIM key or link template stops the start before anything is connected.
         let composer = Arc::new(
             Composer::new(config.smtp.from.clone(), &config.deliverability)?
                 .with_return_path(crate::feedback::return_path::ReturnPath::from_config(&config.feedback))
@@ -110,37 +114,167 @@ impl App {
         let consumer = Arc::new(kafka::consumer(&config.kafka, metrics.clone())?);
         let suppression_consumer =
             kafka::side_consumer(&config.kafka, &format!("{}-suppressions", config.kafka.group_id))?;
-        let listener = TcpListener::bind(config.http.addr)
+        let admin = TcpListener::bind(config.http.addr)
             .await
             .with_context(|| format!("binding HTTP_ADDR {}", config.http.addr))?;
-        let public_listener = match config.deliverability.public_addr {
+        let public = match config.deliverability.public_addr {
             Some(addr) => {
                 Some(TcpListener::bind(addr).await.with_context(|| format!("binding PUBLIC_HTTP_ADDR {addr}"))?)
             }
             None => None,
         };
-        let feedback_listener = crate::feedback::listener::bind(&config.feedback).await?;
-        let deliverability = Deliverability { composer, public_listener, suppression_consumer, feedback_listener };
-        Ok(App { config, store, producer, consumer, listener, metrics, deliverability, control })
+        let feedback = crate::feedback::listener::bind(&config.feedback).await?;
+        let listeners = Listeners { admin, public, feedback };
+        Ok(App { config, store, producer, consumer, suppression_consumer, listeners, metrics, composer, control })
     }
 
     pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
-        Ok(self.listener.local_addr()?)
+        Ok(self.listeners.admin.local_addr()?)
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let App { config, store, producer, consumer, listener, metrics, deliverability, control } = self;
-        let Deliverability { composer, public_listener, suppression_consumer, feedback_listener } = deliverability;
-        let suppressions = Suppressions::new(&store, config.deliverability.suppress_after_hard_bounces);
-        // One owner per process start: a restarted process (same INSTANCE_ID) must not renew the
-        // leases of letters its killed predecessor claimed; they expire and are reaped.
-        let owner = format!("{}-{}", config.instance_id, &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let wake = Arc::new(Notify::new());
-        let lease = Arc::new(LeaseClock::new(config.dispatch.lease, control.cancels()));
-        let consumer_running = Arc::new(AtomicBool::new(false));
-        let abort = CancellationToken::new();
-        let background = CancellationToken::new();
+        let App { config, store, producer, consumer, suppression_consumer, listeners, metrics, composer, control } =
+            self;
+        let shared = Shared::new(&config, store, producer, metrics, control);
+        let (lease, budget, metrics, paused) =
+            (shared.lease.clone(), shared.budget.clone(), shared.metrics.clone(), shared.control.flag());
+        let send =
+            Arc::new(SendContext::new(&config.smtp, config.retry.clone(), lease, budget, metrics, composer, paused)?);
+        // Before the HTTP state, which publishes the status messages of letters an operator cancels.
+        let report = shared.report(&config);
+        let posts = PostDoor::new(&config, &shared.store, shared.metrics.clone())?;
+        retry_at_start("preparing the Idempotency-Key collection", || posts.keys.prepare()).await?;
+        let consuming = Arc::new(AtomicBool::new(false));
+        let admin_state = shared.admin_state(&config, &report, &send, &consuming, &shutdown, posts);
+        // The listeners stop last: readiness and /metrics answer while everything else winds down.
+        let listeners_stop = CancellationToken::new();
+        let admin = serve_admin(listeners.admin, admin_state, config.http.max_body_bytes, &listeners_stop)?;
+        let public = match listeners.public {
+            Some(listener) => {
+                let one_click = match send.composer.unsubscribe_template() {
+                    Some(template) => Some(shared.public_state(&config, template)?),
+                    None => None,
+                };
+                let webhooks = crate::feedback::webhooks::state(
+                    &config,
+                    &shared.store,
+                    shared.suppressions.clone(),
+                    shared.producer.clone(),
+                    shared.metrics.clone(),
+                )?;
+                Some(serve_public(listener, one_click, webhooks, &listeners_stop)?)
+            }
+            None => None,
+        };
+        if let Some(listener) = listeners.feedback {
+            shared.serve_feedback(&config, listener, &shutdown);
+        }
 
+        // Every stage below runs supervised: see [`Supervisor`].
+        let supervisor = Supervisor::new(&config, &shutdown);
+        let wake = Arc::new(Notify::new());
+        let ingest = tokio::spawn(shared.ingest(&config, consumer, &wake, consuming).run(shutdown.clone()));
+        let (letters_tx, letters_rx) = async_channel::bounded(config.smtp.max_senders);
+        let (outcomes_tx, outcomes_rx) = mpsc::channel(512);
+        let dispatcher = shared.dispatcher(&config, wake);
+        let dispatcher = supervisor.spawn("dispatcher", &shutdown, dispatcher.run(letters_tx, shutdown.clone()));
+        let (workers, abort) = (TaskTracker::new(), CancellationToken::new());
+        for id in 0..config.smtp.max_senders {
+            let worker = Worker::new(id, send.clone());
+            let work = worker.run(letters_rx.clone(), outcomes_tx.clone(), shutdown.clone(), abort.clone());
+            workers.spawn(supervisor.watch("an SMTP worker", &shutdown, work));
+        }
+        workers.close();
+        drop((letters_rx, outcomes_tx));
+        // The report stage ends when every worker is gone, which only happens at shutdown.
+        let report_stage = supervisor.spawn("report", &shutdown, report.clone().run(outcomes_rx, shutdown.clone()));
+        // The chores run until `background` fires, after the workers and the report stage.
+        let background = CancellationToken::new();
+        let chores = shared.chores(&config, report, suppression_consumer, &supervisor, &background);
+
+        let ingest_failure = until_shutdown(ingest, &shutdown).await;
+        tracing::info!(
+            timeout_s = config.shutdown_timeout.as_secs_f64(),
+            "shutting down: consumption stops, in-flight sends finish"
+        );
+        let _ = dispatcher.await;
+        if tokio::time::timeout(config.shutdown_timeout, workers.wait()).await.is_err() {
+            tracing::warn!("in-flight sends did not finish within SHUTDOWN_TIMEOUT; abandoning them");
+            abort.cancel();
+            workers.wait().await;
+        }
+        // The units this replica will not use now go to the replicas that stay (a rolling update).
+        let _ = tokio::time::timeout(Duration::from_secs(2), shared.budget.give_back()).await;
+        // Every worker is gone, so the outcome channel is closed: this returns once the last
+        // outcome is written.
+        let _ = report_stage.await;
+        background.cancel();
+        chores.wait().await;
+        shared.release_leases().await;
+        if let Err(error) = shared.producer.flush(Duration::from_secs(5)) {
+            tracing::warn!(error = %error, "producer flush at shutdown");
+        }
+        shared.producer.close();
+        listeners_stop.cancel();
+        let _ = admin.await;
+        if let Some(public) = public {
+            let _ = public.await;
+        }
+        tracing::info!("mailsender stopped");
+        match ingest_failure.or_else(|| supervisor.failure()) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Waits for the shutdown, or for ingest to end, which outside shutdown is a failure (and starts
+/// the shutdown).
+async fn until_shutdown(
+    mut ingest: JoinHandle<anyhow::Result<()>>,
+    shutdown: &CancellationToken,
+) -> Option<anyhow::Error> {
+    // `biased` and the re-check matter: on one thread, both can be ready at the same poll.
+    let early = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        result = &mut ingest => Some(result),
+    };
+    let ended_early = early.is_some() && !shutdown.is_cancelled();
+    if ended_early {
+        shutdown.cancel();
+    }
+    let result = match early {
+        Some(result) => result,
+        None => ingest.await,
+    };
+    match result {
+        Ok(Ok(())) if ended_early => Some(anyhow::anyhow!("ingest stopped unexpectedly")),
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(error.context("ingest failed")),
+        Err(error) => Some(anyhow::Error::new(error).context("ingest panicked")),
+    }
+}
+
+/// What the stages share, made once per process start.
+struct Shared {
+    store: Store,
+    producer: StatusProducer,
+    metrics: Arc<Metrics>,
+    control: Control,
+    /// One owner per process start: a restarted process (same INSTANCE_ID) must not renew the
+    /// leases of letters its killed predecessor claimed; they expire and are reaped.
+    owner: String,
+    suppressions: Suppressions,
+    lease: Arc<LeaseClock>,
+    budget: Arc<Budget>,
+}
+
+impl Shared {
+    fn new(config: &Config, store: Store, producer: StatusProducer, metrics: Arc<Metrics>, control: Control) -> Shared {
+        let owner = format!("{}-{}", config.instance_id, &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let suppressions = Suppressions::new(&store, config.deliverability.suppress_after_hard_bounces);
+        let lease = Arc::new(LeaseClock::new(config.dispatch.lease, control.cancels()));
         // One budget for every replica, in the letters' database (see `crate::budget`).
         let budget = Arc::new(Budget::with_clock(
             Plan::new(&config.smtp),
@@ -155,326 +289,236 @@ impl App {
             paced_per_s = budget.plan().rate(),
             "sending budget shared through MongoDB"
         );
-        let posts = http::PostDoor::new(&config, &store, metrics.clone())?;
-        retry_at_start("preparing the Idempotency-Key collection", || posts.keys.prepare()).await?;
-        // Before the HTTP state, whose readiness shows the relays' breakers.
-        let mut send_context = SendContext {
-            composer,
-            ..SendContext::new(&config.smtp, config.dispatch.clone(), lease.clone(), budget.clone(), metrics.clone())?
-        };
-        send_context.paused = control.flag();
-        let send_context = Arc::new(send_context);
-        let http_state = Arc::new(HttpState {
-            producer: producer.clone(),
-            store: store.clone(),
+        Shared { store, producer, metrics, control, owner, suppressions, lease, budget }
+    }
+
+    fn report(&self, config: &Config) -> Report {
+        Report {
+            store: self.store.clone(),
+            producer: self.producer.clone(),
+            topic: config.kafka.topic_out.clone(),
+            owner: self.owner.clone(),
+            metrics: self.metrics.clone(),
+            body_max: config.kafka.status_body_max_bytes,
+            suppressions: self.suppressions.clone(),
+        }
+    }
+
+    fn ingest(
+        &self,
+        config: &Config,
+        consumer: Arc<IngestConsumer>,
+        wake: &Arc<Notify>,
+        running: Arc<AtomicBool>,
+    ) -> Ingest {
+        Ingest {
+            consumer,
+            producer: self.producer.clone(),
+            store: self.store.clone(),
+            config: config.kafka.clone(),
+            metrics: self.metrics.clone(),
+            wake: wake.clone(),
+            running,
+        }
+    }
+
+    /// Holds no more letters than the budget lets the workers send within half a lease.
+    fn dispatcher(&self, config: &Config, wake: Arc<Notify>) -> Dispatcher {
+        let capacity = Dispatcher::capacity(&config.dispatch, config.smtp.max_senders, self.budget.plan().rate());
+        Dispatcher {
+            store: self.store.clone(),
+            config: config.dispatch.clone(),
+            owner: self.owner.clone(),
+            control: self.control.clone(),
+            capacity: Arc::new(Semaphore::new(capacity)),
+            wake,
+            lease: self.lease.clone(),
+            low_water: Dispatcher::low_water(&config.dispatch, capacity),
+            memory: Memory::new(config.dispatch.max_bytes),
+            suppressions: self.suppressions.clone(),
+        }
+    }
+
+    fn admin_state(
+        &self,
+        config: &Config,
+        report: &Report,
+        send: &SendContext,
+        consuming: &Arc<AtomicBool>,
+        shutdown: &CancellationToken,
+        posts: PostDoor,
+    ) -> Arc<HttpState> {
+        Arc::new(HttpState {
+            producer: self.producer.clone(),
+            store: self.store.clone(),
             topic_in: config.kafka.topic_in.clone(),
-            relays: send_context.relays.clone(),
+            relays: send.relays.clone(),
             admin_token: config.http.admin_token.clone(),
             admin_networks: config.http.admin_networks.clone(),
-            control: control.clone(),
+            control: self.control.clone(),
             instance_id: config.instance_id.clone(),
-            // Also the report stage's, below.
-            report: Report {
-                store: store.clone(),
-                producer: producer.clone(),
-                topic: config.kafka.topic_out.clone(),
-                owner: owner.clone(),
-                metrics: metrics.clone(),
-                body_max: config.kafka.status_body_max_bytes,
-                suppressions: suppressions.clone(),
-            },
-            metrics: metrics.clone(),
-            consumer_running: consumer_running.clone(),
+            report: report.clone(),
+            metrics: self.metrics.clone(),
+            consumer_running: consuming.clone(),
             shutdown: shutdown.clone(),
             readiness: Default::default(),
-            budget: budget.clone(),
+            budget: self.budget.clone(),
             posts,
-        });
-        let reporter = http_state.report.clone();
-        tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
-        let http_stop = CancellationToken::new();
-        let http = tokio::spawn(
-            axum::serve(
-                listener,
-                // The peer address is what the admin routes' network check looks at.
-                http::router(http_state, config.http.max_body_bytes)
-                    .into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(http_stop.clone().cancelled_owned())
-            .into_future(),
-        );
+        })
+    }
 
-        let webhooks =
-            crate::feedback::webhooks::state(&config, &store, suppressions.clone(), producer.clone(), metrics.clone())?;
-        let public = match public_listener {
-            Some(listener) => {
-                let mut router = axum::Router::new();
-                if let (Some(template), Some(secret)) =
-                    (&config.deliverability.unsubscribe_url, &config.deliverability.unsubscribe_secret)
-                {
-                    router = public::router(Arc::new(PublicState {
-                        template: template.clone(),
-                        signer: Signer::new(secret),
-                        suppressions: suppressions.clone(),
-                        producer: producer.clone(),
-                        topic: config.deliverability.topic_unsubscribed.clone(),
-                        store: store.clone(),
-                        events: store.unsubscribed(),
-                        publish_lease: config.kafka.message_timeout + Duration::from_secs(10),
-                    }));
-                    tracing::info!(addr = %listener.local_addr()?, "one-click unsubscribe endpoint listening");
-                }
-                // Its routes take precedence over the one-click endpoint's catch-all.
-                if let Some(webhooks) = webhooks {
-                    router = router.merge(crate::feedback::webhooks::router(webhooks));
-                    tracing::info!(addr = %listener.local_addr()?, "relay webhooks listening");
-                }
-                Some(tokio::spawn(
-                    axum::serve(listener, router)
-                        .with_graceful_shutdown(http_stop.clone().cancelled_owned())
-                        .into_future(),
-                ))
-            }
-            None => None,
+    fn public_state(
+        &self,
+        config: &Config,
+        template: &crate::deliverability::unsubscribe::UrlTemplate,
+    ) -> anyhow::Result<Arc<PublicState>> {
+        let secret = config.deliverability.unsubscribe_secret.as_ref().context("UNSUBSCRIBE_SECRET is unset")?;
+        Ok(Arc::new(PublicState {
+            template: template.clone(),
+            signer: Signer::new(secret),
+            suppressions: self.suppressions.clone(),
+            producer: self.producer.clone(),
+            topic: config.deliverability.topic_unsubscribed.clone(),
+            store: self.store.clone(),
+            events: self.store.unsubscribed(),
+            publish_lease: config.kafka.message_timeout + Duration::from_secs(10),
+        }))
+    }
+
+    /// The background jobs; each ending before `until` is a failure.
+    fn chores(
+        &self,
+        config: &Config,
+        report: Report,
+        suppression_consumer: rdkafka::consumer::StreamConsumer,
+        supervisor: &Supervisor,
+        until: &CancellationToken,
+    ) -> TaskTracker {
+        let chores = TaskTracker::new();
+        let republish = report.republish(
+            config.chores.republish_interval,
+            config.chores.republish_batch,
+            config.kafka.message_timeout + Duration::from_secs(15),
+            until.clone(),
+        );
+        chores.spawn(supervisor.watch("the republisher", until, republish));
+        let lease = self.lease.clone();
+        let maintain =
+            Dispatcher::maintain(self.store.clone(), config.dispatch.clone(), self.owner.clone(), lease, until.clone());
+        chores.spawn(supervisor.watch("lease maintenance", until, maintain));
+        let (retention, every) = (config.chores.retention, config.chores.retention_interval);
+        let retention = crate::retention::run(self.store.clone(), self.owner.clone(), retention, every, until.clone());
+        chores.spawn(supervisor.watch("retention", until, retention));
+        let topic = SuppressionTopic {
+            consumer: suppression_consumer,
+            topic: config.deliverability.topic_suppressions.clone(),
+            topic_dlq: config.kafka.topic_dlq.clone(),
+            suppressions: self.suppressions.clone(),
+            producer: self.producer.clone(),
         };
+        chores.spawn(supervisor.watch("the suppression topic", until, topic.run(until.clone())));
+        chores.spawn(supervisor.watch("the control watch", until, self.control.clone().watch(until.clone())));
+        let gauge = refresh_status_gauge(self.store.clone(), self.metrics.clone(), until.clone());
+        chores.spawn(supervisor.watch("the status gauge", until, gauge));
+        chores.close();
+        chores
+    }
 
-        // Stops taking reports when shutdown starts; a session cut short answers 421 or 451,
-        // and the sending MTA delivers its report again.
-        if let Some(listener) = feedback_listener {
-            let (suppressions, metrics) = (suppressions.clone(), metrics.clone());
-            let producer = producer.clone();
-            crate::feedback::listener::start(
-                listener,
-                &config,
-                &store,
-                suppressions,
-                producer,
-                metrics,
-                shutdown.clone(),
-            );
-        }
-
-        let mut ingest = tokio::spawn(
-            Ingest {
-                consumer,
-                producer: producer.clone(),
-                store: store.clone(),
-                config: config.kafka.clone(),
-                metrics: metrics.clone(),
-                wake: wake.clone(),
-                running: consumer_running,
-            }
-            .run(shutdown.clone()),
+    /// Stops taking reports when shutdown starts; a session cut short answers 421 or 451, and
+    /// the sending MTA delivers its report again.
+    fn serve_feedback(&self, config: &Config, listener: TcpListener, shutdown: &CancellationToken) {
+        let (suppressions, producer, metrics) =
+            (self.suppressions.clone(), self.producer.clone(), self.metrics.clone());
+        crate::feedback::listener::start(
+            listener,
+            config,
+            &self.store,
+            suppressions,
+            producer,
+            metrics,
+            shutdown.clone(),
         );
+    }
 
-        let workers_count = config.smtp.max_senders;
-        let rate = config.smtp.rate_max_letters as f64 / config.smtp.rate_period.as_secs_f64();
-        let capacity = Dispatcher::capacity(&config.dispatch, workers_count, rate);
-        let (letters_tx, letters_rx) = async_channel::bounded(workers_count);
-        let (outcomes_tx, outcomes_rx) = mpsc::channel(512);
-        // Every stage below runs supervised: one that ends or panics outside shutdown starts the
-        // shutdown (which releases what this instance holds) and makes the process exit non-zero,
-        // so Kubernetes restarts it instead of leaving a live pod that moves no letter.
-        let failures = Failures::new(config.fault_injection.clone());
-        let dispatcher = tokio::spawn(
-            failures.supervise(
-                "dispatcher",
-                &shutdown,
-                Dispatcher {
-                    store: store.clone(),
-                    config: config.dispatch.clone(),
-                    owner: owner.clone(),
-                    control: control.clone(),
-                    capacity: Arc::new(Semaphore::new(capacity)),
-                    wake,
-                    lease: lease.clone(),
-                    low_water: Dispatcher::low_water(&config.dispatch, capacity),
-                    memory: Memory::new(config.dispatch.max_bytes),
-                    suppressions: suppressions.clone(),
-                }
-                .run(letters_tx, shutdown.clone()),
-            ),
-        );
-        let mut workers = JoinSet::new();
-        for id in 0..workers_count {
-            let worker = Worker::new(id, send_context.clone());
-            workers.spawn(failures.supervise(
-                "an SMTP worker",
-                &shutdown,
-                worker.run(letters_rx.clone(), outcomes_tx.clone(), shutdown.clone(), abort.clone()),
-            ));
-        }
-        drop((letters_rx, outcomes_tx));
-
-        // The report stage ends when every worker is gone, which only happens at shutdown.
-        let report =
-            tokio::spawn(failures.supervise("report", &shutdown, reporter.clone().run(outcomes_rx, shutdown.clone())));
-        let mut chores = JoinSet::new();
-        // Chores run until `background` fires, after the workers; ending before is a failure.
-        chores.spawn(failures.supervise_until(
-            "the republisher",
-            &background,
-            &shutdown,
-            reporter.republish(
-                config.dispatch.republish_interval,
-                config.dispatch.republish_batch,
-                config.kafka.message_timeout + Duration::from_secs(15),
-                background.clone(),
-            ),
-        ));
-        chores.spawn(failures.supervise_until(
-            "lease maintenance",
-            &background,
-            &shutdown,
-            Dispatcher::maintain(store.clone(), config.dispatch.clone(), owner.clone(), lease, background.clone()),
-        ));
-        chores.spawn(failures.supervise_until(
-            "retention",
-            &background,
-            &shutdown,
-            crate::retention::run(
-                store.clone(),
-                owner.clone(),
-                config.dispatch.retention,
-                config.dispatch.retention_interval,
-                background.clone(),
-            ),
-        ));
-        chores.spawn(
-            failures.supervise_until(
-                "the suppression topic",
-                &background,
-                &shutdown,
-                SuppressionTopic {
-                    consumer: suppression_consumer,
-                    topic: config.deliverability.topic_suppressions.clone(),
-                    topic_dlq: config.kafka.topic_dlq.clone(),
-                    suppressions: suppressions.clone(),
-                    producer: producer.clone(),
-                }
-                .run(background.clone()),
-            ),
-        );
-        chores.spawn(failures.supervise_until(
-            "the control watch",
-            &background,
-            &shutdown,
-            control.watch(background.clone()),
-        ));
-        chores.spawn(failures.supervise_until(
-            "the status gauge",
-            &background,
-            &shutdown,
-            refresh_status_gauge(store.clone(), metrics.clone(), background.clone()),
-        ));
-
-        // Ingest ending on its own is a failure; ending because shutdown was requested is not.
-        // `biased` and the re-check matter: on one thread, both can be ready at the same poll.
-        let early = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => None,
-            result = &mut ingest => Some(result),
-        };
-        let ended_early = early.is_some() && !shutdown.is_cancelled();
-        if ended_early {
-            shutdown.cancel();
-        }
-        tracing::info!(
-            timeout_s = config.shutdown_timeout.as_secs_f64(),
-            "shutting down: consumption stops, in-flight sends finish"
-        );
-        let ingest_result = match early {
-            Some(result) => result,
-            None => ingest.await,
-        };
-        let failure = match ingest_result {
-            Ok(Ok(())) if ended_early => Some(anyhow::anyhow!("ingest stopped unexpectedly")),
-            Ok(Ok(())) => None,
-            Ok(Err(error)) => Some(error.context("ingest failed")),
-            Err(error) => Some(anyhow::Error::new(error).context("ingest panicked")),
-        };
-        let _ = dispatcher.await;
-        let finished =
-            tokio::time::timeout(config.shutdown_timeout, async { while workers.join_next().await.is_some() {} }).await;
-        if finished.is_err() {
-            tracing::warn!("in-flight sends did not finish within SHUTDOWN_TIMEOUT; abandoning them");
-            abort.cancel();
-            while workers.join_next().await.is_some() {}
-        }
-        // The units this replica will not use now go to the replicas that stay (a rolling update).
-        let _ = tokio::time::timeout(Duration::from_secs(2), send_context.limiter.budget().give_back()).await;
-        // Every worker is gone, so the outcome channel is closed: this returns once the last
-        // outcome is written.
-        let _ = report.await;
-        background.cancel();
-        while chores.join_next().await.is_some() {}
-        let failure = failure.or_else(|| failures.first());
-
-        match store.release_all(&owner).await {
+    async fn release_leases(&self) {
+        match self.store.release_all(&self.owner).await {
             Ok(released) => tracing::info!(released, "returned this instance's unsent letters to awaiting"),
             Err(error) => tracing::error!(
                 error = format!("{error:#}"),
                 "releasing letters failed; their leases will expire instead"
             ),
         }
-        if let Err(error) = producer.flush(Duration::from_secs(5)) {
-            tracing::warn!(error = %error, "producer flush at shutdown");
-        }
-        producer.close();
-        http_stop.cancel();
-        let _ = http.await;
-        if let Some(public) = public {
-            let _ = public.await;
-        }
-        tracing::info!("mailsender stopped");
-        match failure {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
     }
 }
 
-/// Stages that ended when they should not have; see [`Failures::supervise`].
-#[derive(Clone)]
-struct Failures {
-    seen: Arc<std::sync::Mutex<Vec<String>>>,
+fn serve_admin(
+    listener: TcpListener,
+    state: Arc<HttpState>,
+    max_body_bytes: usize,
+    stop: &CancellationToken,
+) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
+    tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+    // The peer address is what the admin routes' network check looks at.
+    let service = admin::router(state, max_body_bytes).into_make_service_with_connect_info::<SocketAddr>();
+    Ok(tokio::spawn(
+        axum::serve(listener, service).with_graceful_shutdown(stop.clone().cancelled_owned()).into_future(),
+    ))
+}
+
+/// The one-click endpoint, the relays' webhooks, or both, on `PUBLIC_HTTP_ADDR`.
+fn serve_public(
+    listener: TcpListener,
+    one_click: Option<Arc<PublicState>>,
+    webhooks: Option<Arc<crate::feedback::webhooks::Webhooks>>,
+    stop: &CancellationToken,
+) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
+    let mut router = axum::Router::new();
+    if let Some(state) = one_click {
+        router = public::router(state);
+        tracing::info!(addr = %listener.local_addr()?, "one-click unsubscribe endpoint listening");
+    }
+    // Its routes take precedence over the one-click endpoint's catch-all.
+    if let Some(webhooks) = webhooks {
+        router = router.merge(crate::feedback::webhooks::router(webhooks));
+        tracing::info!(addr = %listener.local_addr()?, "relay webhooks listening");
+    }
+    let server = axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
+    Ok(tokio::spawn(server.into_future()))
+}
+
+/// Ends the process when a stage ends or panics outside shutdown: it starts the shutdown (which
+/// releases what this instance holds) and makes the process exit non-zero, so Kubernetes
+/// restarts it instead of leaving a live pod that moves no letter.
+struct Supervisor {
+    shutdown: CancellationToken,
+    /// Why the first stage that failed did.
+    failure: Arc<OnceLock<String>>,
     /// `MAILSENDER_FAULT_INJECTION=panic:STAGE`: that stage panics a second after it starts. For
     /// the tests that prove a failing stage ends the process; never set in production.
     inject: Option<String>,
 }
 
-impl Failures {
-    fn new(inject: Option<String>) -> Failures {
-        Failures { seen: Arc::default(), inject }
+impl Supervisor {
+    fn new(config: &Config, shutdown: &CancellationToken) -> Supervisor {
+        let inject = config.fault_injection.as_deref().and_then(|i| i.strip_prefix("panic:")).map(str::to_owned);
+        Supervisor { shutdown: shutdown.clone(), failure: Arc::default(), inject }
     }
 
-    /// Runs a stage that should run until `shutdown`.
-    fn supervise<F>(
-        &self,
-        name: &'static str,
-        shutdown: &CancellationToken,
-        stage: F,
-    ) -> impl Future<Output = ()> + use<F>
+    fn spawn<F>(&self, name: &'static str, until: &CancellationToken, stage: F) -> JoinHandle<()>
     where
-        F: Future<Output = ()>,
+        F: Future<Output = ()> + Send + 'static,
     {
-        self.supervise_until(name, shutdown, shutdown, stage)
+        tokio::spawn(self.watch(name, until, stage))
     }
 
     /// Runs a stage that should run until `until`; if it ends or panics before, records why and
-    /// cancels `shutdown`.
-    fn supervise_until<F>(
-        &self,
-        name: &'static str,
-        until: &CancellationToken,
-        shutdown: &CancellationToken,
-        stage: F,
-    ) -> impl Future<Output = ()> + use<F>
+    /// starts the shutdown.
+    fn watch<F>(&self, name: &'static str, until: &CancellationToken, stage: F) -> impl Future<Output = ()> + use<F>
     where
         F: Future<Output = ()>,
     {
-        let (failures, until, shutdown) = (self.clone(), until.clone(), shutdown.clone());
-        let inject = self.inject.as_deref().and_then(|i| i.strip_prefix("panic:")).is_some_and(|s| name.contains(s));
+        let (failure, until, shutdown) = (self.failure.clone(), until.clone(), self.shutdown.clone());
+        let inject = self.inject.as_deref().is_some_and(|stage| name.contains(stage));
         async move {
             let stage = async move {
                 if inject {
@@ -483,8 +527,7 @@ impl Failures {
                 }
                 stage.await
             };
-            let result = std::panic::AssertUnwindSafe(stage).catch_unwind().await;
-            let why = match result {
+            let why = match std::panic::AssertUnwindSafe(stage).catch_unwind().await {
                 Err(panic) => {
                     let message = panic
                         .downcast_ref::<&str>()
@@ -497,14 +540,13 @@ impl Failures {
                 Ok(()) => return,
             };
             tracing::error!(stage = name, reason = %why, "a stage failed; shutting down");
-            failures.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(why);
+            let _ = failure.set(why);
             shutdown.cancel();
         }
     }
 
-    fn first(&self) -> Option<anyhow::Error> {
-        let seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        seen.first().map(|why| anyhow::anyhow!("{why}"))
+    fn failure(&self) -> Option<anyhow::Error> {
+        self.failure.get().map(|why| anyhow::anyhow!("{why}"))
     }
 }
 
@@ -532,13 +574,8 @@ where
 /// Keeps the letters-by-status gauge current with one aggregation every 15 s, so scrapes cost
 /// nothing.
 async fn refresh_status_gauge(store: Store, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(Duration::from_secs(15));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
+    let (store, metrics) = (&store, &metrics);
+    chore("the status gauge", Duration::from_secs(15), shutdown, move || async move {
         match store.count_by_status().await {
             Ok(counts) => {
                 for status in ["awaiting", "processing", "sent", "error"] {
@@ -548,5 +585,6 @@ async fn refresh_status_gauge(store: Store, metrics: Arc<Metrics>, shutdown: Can
             }
             Err(error) => tracing::debug!(error = format!("{error:#}"), "counting letters by status failed"),
         }
-    }
+    })
+    .await;
 }

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::store::ControlState;
 use crate::{
+    chore::chore_after,
     clock::Clock,
     metrics::Metrics,
     model::Letter,
@@ -210,17 +211,13 @@ impl Control {
     /// replica cut off from MongoDB cannot claim letters anyway.
     pub async fn watch(self, shutdown: CancellationToken) {
         // The state was read at start-up (`App::build`): the first read is one interval later.
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + POLL_INTERVAL, POLL_INTERVAL);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => {}
-            }
-            if let Err(error) = self.load().await {
+        let control = &self;
+        chore_after("the control watch", POLL_INTERVAL, shutdown, move || async move {
+            if let Err(error) = control.load().await {
                 tracing::debug!(error = format!("{error:#}"), "reading the control document failed");
             }
-        }
+        })
+        .await;
     }
 }
 

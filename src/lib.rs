@@ -5,6 +5,7 @@
 pub mod address;
 pub mod app;
 pub mod budget;
+pub mod chore;
 pub mod clock;
 pub mod config;
 pub mod control;
@@ -16,7 +17,6 @@ pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
-pub mod public;
 pub mod retention;
 pub mod smtp;
 pub mod store;

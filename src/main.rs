@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use mailsender::{App, Config, telemetry};
+use mailsender::{App, Config, config::ConfigError, telemetry};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main(flavor = "current_thread")]
@@ -16,6 +16,12 @@ async fn main() -> ExitCode {
 
     let app = match App::build(config).await {
         Ok(app) => app,
+        // A setting only its stage can check (the unsubscribe link template) ends the start as
+        // the others do.
+        Err(error) if error.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("mailsender: configuration error: {error}");
+            return ExitCode::from(2);
+        }
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "start-up failed");
             return ExitCode::FAILURE;

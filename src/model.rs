@@ -6,7 +6,6 @@ use std::{collections::HashSet, fmt};
 use base64::Engine as _;
 use mongodb::bson::{Bson, DateTime, oid::ObjectId};
 use serde::{Deserialize, Serialize};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::{address::Recipient, smtp::message::check_subject};
 
@@ -308,7 +307,10 @@ impl Letter {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Sent,
+    /// Ended in error. `reason` is the text stored and published; `kind` is what the metrics
+    /// count, decided where the outcome is, so nothing reads the text back.
     Failed {
+        kind: FailureKind,
         reason: String,
     },
     /// Transient failure: back to `awaiting`, due again at `due_ms`.
@@ -321,6 +323,31 @@ pub enum Outcome {
     Released,
 }
 
+/// Why a letter ended in error, by class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The message, the sender or the letter was refused for good, or could not be made.
+    Permanent,
+    /// Every attempt allowed ended in a failure worth retrying.
+    AttemptsExhausted,
+    /// The server refused every recipient.
+    RecipientsRefused,
+    /// The operator cancelled the letter's batch.
+    Cancelled,
+}
+
+impl FailureKind {
+    /// The `reason` label of `letters_failed_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Permanent => "permanent",
+            FailureKind::AttemptsExhausted => "attempts_exhausted",
+            FailureKind::RecipientsRefused => "recipients_refused",
+            FailureKind::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// A letter's state after an attempt, written in one statement.
 #[derive(Debug)]
 pub struct AttemptRecord {
@@ -329,11 +356,6 @@ pub struct AttemptRecord {
     /// Whether the broker already acknowledged the status message of a final outcome; when not,
     /// the letter is stored `unreported` for the republisher.
     pub published: bool,
-    /// Held until the outcome is stored; it bounds the sends a crash could repeat.
-    pub unrecorded: Option<OwnedSemaphorePermit>,
-    /// The letter's share of the dispatcher's memory budget, returned once the outcome is stored
-    /// and published (the body is needed until then).
-    pub memory: Option<OwnedSemaphorePermit>,
 }
 
 /// The message published to the status topic for each letter that reaches `sent` or `error`.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::{chore::chore, store::Store};
 
 /// Letters deleted per round trip.
 const BATCH: usize = 500;
@@ -16,21 +16,16 @@ pub async fn run(store: Store, owner: String, retention: Duration, interval: Dur
         shutdown.cancelled().await;
         return;
     }
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
+    let (store, owner, shutdown) = (&store, &owner, &shutdown);
+    chore("retention", interval, shutdown.clone(), move || async move {
         let now = store.now_ms();
         // The lock outlasts one round, so two replicas never delete side by side.
-        match store.try_lock("retention", &owner, now, now + 2 * interval.as_millis() as i64).await {
+        match store.try_lock("retention", owner, now, now + 2 * interval.as_millis() as i64).await {
             Ok(true) => {}
-            Ok(false) => continue,
+            Ok(false) => return,
             Err(error) => {
                 tracing::warn!(error = format!("{error:#}"), "taking the retention lock failed");
-                continue;
+                return;
             }
         }
         let before = now - retention.as_millis() as i64;
@@ -52,5 +47,6 @@ pub async fn run(store: Store, owner: String, retention: Duration, interval: Dur
         if deleted > 0 {
             tracing::info!(deleted, retention = %humantime::format_duration(retention), "deleted finished letters past retention");
         }
-    }
+    })
+    .await;
 }

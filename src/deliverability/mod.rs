@@ -12,7 +12,7 @@ use lettre::message::{Mailbox, header::HeaderName};
 
 use crate::{
     address::Recipient,
-    config::DeliverabilityConfig,
+    config::{ConfigError, DeliverabilityConfig},
     model::Letter,
     smtp::message::{self, Content, MessageError},
 };
@@ -39,21 +39,23 @@ pub struct Composer {
     relay_metadata: crate::feedback::webhooks::Metadata,
 }
 
-impl Composer {
-    /// Unsigned, without List-Unsubscribe.
-    pub fn plain(from: Mailbox) -> Composer {
-        Composer {
-            from,
-            dkim: None,
-            unsubscribe_url: None,
-            unsubscribe_mailto: None,
-            individual: false,
-            return_path: None,
-            relay_metadata: Default::default(),
-        }
+/// `LIST_UNSUBSCRIBE_URL`, checked as a configuration value (the error names the variable).
+fn unsubscribe_template(raw: &str, individual: bool) -> Result<UrlTemplate, ConfigError> {
+    let invalid =
+        |expected: String| ConfigError::Invalid { var: "LIST_UNSUBSCRIBE_URL", value: raw.to_owned(), expected };
+    let template = UrlTemplate::parse(raw).map_err(invalid)?;
+    // One BCC message goes to many recipients, so its link cannot name one.
+    if template.names_address() && !individual {
+        return Err(invalid(
+            "no {address} placeholder with SMTP_DELIVERY=bcc: a BCC message is shared by all its recipients".into(),
+        ));
     }
+    Ok(template)
+}
 
-    /// Reads the DKIM key; fails naming the variable when it is missing, unreadable or invalid.
+impl Composer {
+    /// Reads the DKIM key and checks the unsubscribe link template; fails naming the variable
+    /// when one is missing, unreadable or invalid.
     pub fn new(from: Mailbox, config: &DeliverabilityConfig) -> anyhow::Result<Composer> {
         let mut signed: Vec<HeaderName> =
             SIGNED_HEADERS.iter().map(|name| HeaderName::new_from_ascii_str(name)).collect();
@@ -68,7 +70,7 @@ impl Composer {
             None => None,
         };
         let unsubscribe_url = match (&config.unsubscribe_url, &config.unsubscribe_secret) {
-            (Some(template), Some(secret)) => Some((template.clone(), Signer::new(secret))),
+            (Some(raw), Some(secret)) => Some((unsubscribe_template(raw, config.individual)?, Signer::new(secret))),
             _ => None,
         };
         Ok(Composer {
@@ -80,6 +82,11 @@ impl Composer {
             return_path: None,
             relay_metadata: Default::default(),
         })
+    }
+
+    /// The checked `LIST_UNSUBSCRIBE_URL`, which the one-click endpoint verifies links against.
+    pub fn unsubscribe_template(&self) -> Option<&UrlTemplate> {
+        self.unsubscribe_url.as_ref().map(|(template, _)| template)
     }
 
     /// Sends with a signed return path naming each letter (see `crate::feedback::return_path`).
@@ -171,5 +178,46 @@ impl Composer {
                 .push((HeaderName::new_from_ascii_str(LIST_UNSUBSCRIBE_POST), "List-Unsubscribe=One-Click".to_owned()));
         }
         Ok(headers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::Config;
+
+    /// The link template's checks, once `config` (which keeps it as written) accepted it; these
+    /// cases were `config`'s test `deliverability_settings_are_checked_by_name` until the
+    /// template moved here.
+    #[test]
+    fn the_unsubscribe_template_is_checked_by_name() {
+        let secret = "0123456789abcdef";
+        for (pairs, named) in [
+            (
+                vec![("LIST_UNSUBSCRIBE_URL", "http://mail.example.com/u?t={token}"), ("UNSUBSCRIBE_SECRET", secret)],
+                "LIST_UNSUBSCRIBE_URL",
+            ),
+            (
+                vec![("LIST_UNSUBSCRIBE_URL", "https://mail.example.com/u?t={tok}"), ("UNSUBSCRIBE_SECRET", secret)],
+                "LIST_UNSUBSCRIBE_URL",
+            ),
+            (
+                vec![("LIST_UNSUBSCRIBE_URL", "https://m.example.com/u/{address}"), ("UNSUBSCRIBE_SECRET", secret)],
+                "SMTP_DELIVERY=bcc",
+            ),
+        ] {
+            let vars: HashMap<String, String> =
+                [("KAFKA_BROKERS", "127.0.0.1:9092"), ("MONGO_LOCAL", "mongodb://127.0.0.1:27017"), ("SMTP_HOST", "h")]
+                    .into_iter()
+                    .chain(pairs.iter().copied())
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect();
+            let config = Config::from_vars(vars).unwrap();
+            let error = Composer::new(config.smtp.from.clone(), &config.deliverability).err().unwrap().to_string();
+            assert!(error.contains(named), "{pairs:?}: {error}");
+            assert!(!error.contains("short") && !error.contains(secret), "a secret in {error}");
+        }
     }
 }

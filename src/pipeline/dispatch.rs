@@ -16,10 +16,11 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    chore::chore,
     config::DispatchConfig,
     control::{CancelProbe, Cancels},
     deliverability::suppression::Suppressions,
-    model::{AttemptRecord, Letter, Outcome},
+    model::{AttemptRecord, FailureKind, Letter, Outcome},
     store::{CANCELLED, ClaimLimit, Store},
 };
 
@@ -187,7 +188,7 @@ impl LeaseClock {
     pub fn end_if_cancelled(&self, mut record: AttemptRecord) -> AttemptRecord {
         if matches!(record.outcome, Outcome::Retry { .. }) && self.cancelled(&record.letter.id) {
             tracing::info!(letter_id = %record.letter.id, "batch cancelled during the send; letter not retried");
-            record.outcome = Outcome::Failed { reason: CANCELLED.to_owned() };
+            record.outcome = Outcome::Failed { kind: FailureKind::Cancelled, reason: CANCELLED.to_owned() };
         }
         record
     }
@@ -375,13 +376,8 @@ impl Dispatcher {
         lease: Arc<LeaseClock>,
         shutdown: CancellationToken,
     ) {
-        let mut ticker = tokio::time::interval(config.lease / 3);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => {}
-            }
+        let (store, config, owner, lease) = (&store, &config, &owner, &lease);
+        chore("lease maintenance", config.lease / 3, shutdown, move || async move {
             if let Err(error) = store.sync_clock().await {
                 tracing::warn!(error = format!("{error:#}"), "measuring MongoDB's clock failed");
             }
@@ -390,8 +386,8 @@ impl Dispatcher {
             // Renew, then read back what is still ours: a lease counts as confirmed only for the
             // letters the renewal actually extended.
             let renewal = async {
-                let renewed = store.renew(&owner, &lease.renewable(), now + config.lease.as_millis() as i64).await?;
-                let ours = store.held_by(&owner).await?;
+                let renewed = store.renew(owner, &lease.renewable(), now + config.lease.as_millis() as i64).await?;
+                let ours = store.held_by(owner).await?;
                 anyhow::Ok((renewed, ours))
             };
             match renewal.await {
@@ -419,7 +415,8 @@ impl Dispatcher {
                 Ok(reaped) => tracing::info!(reaped, "returned letters with expired leases to awaiting"),
                 Err(error) => tracing::warn!(error = format!("{error:#}"), "reaping expired leases failed"),
             }
-        }
+        })
+        .await;
     }
 }
 
@@ -430,16 +427,9 @@ mod tests {
     fn config(lease_s: u64, claim_batch: usize) -> DispatchConfig {
         DispatchConfig {
             lease: Duration::from_secs(lease_s),
-            max_attempts: 5,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
             claim_batch,
             max_bytes: 16 << 20,
             poll_interval: Duration::from_secs(1),
-            republish_interval: Duration::from_secs(30),
-            republish_batch: 256,
-            retention: Duration::ZERO,
-            retention_interval: Duration::from_secs(600),
         }
     }
 

@@ -1,12 +1,14 @@
-//! What an attempt's result means for a letter: sent, failed and why, or retried when. A pure
-//! function of the letter, the result, the settings, the time and a random draw, so it is tested
-//! table by table.
+//! What SMTP replies mean for a letter, and what an attempt's result means for it: sent, failed
+//! and why, or retried when. Pure functions of the replies, the letter, the settings, the time and
+//! a random draw, so they are tested table by table.
 
 use std::time::Duration;
 
 use crate::{
-    config::DispatchConfig,
-    model::{Letter, Outcome, Rejection, Status},
+    address::Recipient,
+    config::RetryConfig,
+    model::{FailureKind, Letter, Outcome, Rejection, Status},
+    smtp::{RcptResult, Reply, SmtpError, Transaction},
 };
 
 /// Why an attempt stopped before every recipient had an answer.
@@ -39,13 +41,150 @@ pub struct AttemptReport {
     pub last_reply: Option<String>,
 }
 
+impl AttemptReport {
+    /// An attempt that stopped before it began.
+    pub fn failed(failure: Failure) -> AttemptReport {
+        AttemptReport { failure: Some(failure), ..AttemptReport::default() }
+    }
+
+    /// Adds one transaction's (or one copy's) answers to the attempt's.
+    pub fn add(&mut self, refused: Vec<Rejection>, deferred: Vec<Rejection>, delivered: Vec<String>) {
+        self.refused.extend(refused);
+        self.deferred.extend(deferred);
+        self.delivered.extend(delivered);
+    }
+}
+
+/// What one transaction's replies mean for its recipients and for the attempt.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Judged {
+    /// The recipients the server took the message for (only when it took the message).
+    pub delivered: Vec<String>,
+    /// Over the server's recipient cap: they go in the next transaction, at once.
+    pub capped: Vec<Recipient>,
+    pub refused: Vec<Rejection>,
+    pub deferred: Vec<Rejection>,
+    /// The reply to the final dot, when the server took the message.
+    pub last_reply: Option<String>,
+    /// Replies saying "too fast": each slows the whole instance down.
+    pub throttles: Vec<Reply>,
+    /// Set when the attempt cannot go on as planned.
+    pub stop: Option<Stop>,
+}
+
+/// Why the next transaction cannot simply follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The reply faulted the session, not the letter ([`Reply::was_due_to_session`]): these
+    /// recipients go again on a new connection.
+    Reconnect(Vec<Recipient>, Reply),
+    /// The attempt ends here; recipients without an answer stay pending.
+    Failed(Failure),
+}
+
+/// Judges one transaction to `chunk` (its recipients, in order). `more_waiting` says whether
+/// recipients of the letter wait for later transactions.
+pub fn judge(transaction: Transaction, chunk: Vec<Recipient>, more_waiting: bool) -> Judged {
+    let mut judged = Judged::default();
+    if let Some(mail) = transaction.mail.as_ref().filter(|m| !m.is_positive()) {
+        judged.stop = Some(if mail.was_due_to_session() {
+            Stop::Reconnect(chunk, mail.clone())
+        } else {
+            Stop::Failed(failure_of_reply(mail, &mut judged.throttles))
+        });
+        return judged;
+    }
+    let delivered_now = transaction.delivered();
+    let mut accepted = Vec::new();
+    let mut first_cap = None;
+    for (recipient, result) in chunk.into_iter().zip(transaction.rcpt) {
+        let rejection = |reply: String| Rejection { address: recipient.to_string(), reply };
+        match result {
+            RcptResult::Unsendable(reason) => judged.refused.push(rejection(reason)),
+            RcptResult::Replied(reply) if reply.is_positive() => accepted.push(recipient),
+            RcptResult::Replied(reply) if reply.is_too_many_recipients() => {
+                first_cap.get_or_insert(reply);
+                judged.capped.push(recipient);
+            }
+            RcptResult::Replied(reply) if reply.is_permanent() => judged.refused.push(rejection(reply.to_string())),
+            RcptResult::Replied(reply) => {
+                judged.deferred.push(rejection(reply.to_string()));
+                if reply.is_throttle() {
+                    judged.throttles.push(reply);
+                }
+            }
+        }
+    }
+    if delivered_now {
+        judged.delivered = accepted.iter().map(Recipient::to_string).collect();
+        judged.last_reply = transaction.end.as_ref().map(Reply::to_string);
+    } else if !accepted.is_empty() {
+        // Recipients were accepted, but the message was not: DATA or the final reply.
+        let refusal = transaction.end.as_ref().or(transaction.data.as_ref());
+        if let Some(reply) = refusal.filter(|r| !r.is_positive()) {
+            judged.stop = Some(Stop::Failed(failure_of_reply(reply, &mut judged.throttles)));
+            return judged;
+        }
+    }
+    if !delivered_now && judged.refused.is_empty() && (more_waiting || !judged.capped.is_empty()) {
+        // Nothing moved: the server takes no recipient at all in one transaction.
+        let reason = match first_cap {
+            Some(reply) => format!("the SMTP server accepted no recipient of a transaction: {reply}"),
+            None => "the SMTP server accepted no recipient of a transaction".to_owned(),
+        };
+        judged.stop = Some(Stop::Failed(Failure::Transient(reason)));
+    }
+    judged
+}
+
+/// What a negative reply to MAIL, DATA or the message means for the letter; a throttle reply is
+/// also noted in `throttles`.
+fn failure_of_reply(reply: &Reply, throttles: &mut Vec<Reply>) -> Failure {
+    let reason = format!("{}: {reply}", reply.command);
+    if reply.is_throttle() {
+        throttles.push(reply.clone());
+        Failure::Throttled(reason)
+    } else if reply.is_permanent() {
+        Failure::Permanent(reason)
+    } else {
+        Failure::Transient(reason)
+    }
+}
+
+/// What a failed session means for the letter.
+pub fn failure_of(error: &SmtpError) -> Failure {
+    let reason = if let SmtpError::Withdrawn { .. } = error {
+        format!("{error}: this replica's lease on the letter could no longer be vouched for; nothing was delivered")
+    } else if error.may_have_delivered() {
+        format!("{error} (after the message was sent: it may have been delivered, so it is retried later)")
+    } else {
+        error.to_string()
+    };
+    match error.throttle() {
+        Some(_) => Failure::Throttled(reason),
+        None if error.is_transient() => Failure::Transient(reason),
+        None => Failure::Permanent(reason),
+    }
+}
+
+/// The message was withdrawn before its final dot because the budget had no unit for it within
+/// `hold`.
+pub fn withheld(error: &SmtpError, hold: Duration) -> Failure {
+    Failure::Withheld(format!("{error}: the sending budget had no unit for it within {hold:?}; nothing was delivered"))
+}
+
+/// The server was out of step twice in one attempt: a new connection did not help.
+pub fn out_of_step_twice() -> Failure {
+    Failure::Transient("the SMTP server refused MAIL FROM twice with 503".to_owned())
+}
+
 /// How long a throttled letter waits before it is due again; the instance's lowered rate does
 /// the real pacing.
 pub const THROTTLE_RETRY: Duration = Duration::from_secs(1);
 
 /// Applies an attempt to the letter's state (`attempts` already counts it) and picks the
 /// outcome. `jitter` is a random number in [0, 1).
-pub fn decide(letter: &mut Letter, report: AttemptReport, retry: &DispatchConfig, now_ms: i64, jitter: f64) -> Outcome {
+pub fn decide(letter: &mut Letter, report: AttemptReport, retry: &RetryConfig, now_ms: i64, jitter: f64) -> Outcome {
     letter.delivered.extend(report.delivered);
     letter.rejected.extend(report.refused);
     if let Some(reply) = report.last_reply {
@@ -70,10 +209,10 @@ pub fn decide(letter: &mut Letter, report: AttemptReport, retry: &DispatchConfig
             letter.last_reply = Some(reason.clone());
             Outcome::Retry { due_ms: now_ms + THROTTLE_RETRY.as_millis() as i64, reason }
         }
-        Some(Failure::Permanent(_)) => finish(letter, Some(reason)),
+        Some(Failure::Permanent(_)) => finish(letter, Some((FailureKind::Permanent, reason))),
         Some(Failure::Transient(_)) | None if letter.attempts as u32 >= retry.max_attempts => {
             let reason = format!("gave up after {} attempts: {reason}", letter.attempts);
-            finish(letter, Some(reason))
+            finish(letter, Some((FailureKind::AttemptsExhausted, reason)))
         }
         Some(Failure::Transient(_)) | None => {
             if letter.last_reply.is_none() {
@@ -87,8 +226,8 @@ pub fn decide(letter: &mut Letter, report: AttemptReport, retry: &DispatchConfig
 
 /// Ends the letter. Recipients never reached are listed as refused with `reason`, so a status
 /// message accounts for every address; the letter is `sent` when anyone got it.
-fn finish(letter: &mut Letter, reason: Option<String>) -> Outcome {
-    if let Some(reason) = &reason {
+fn finish(letter: &mut Letter, reason: Option<(FailureKind, String)>) -> Outcome {
+    if let Some((_, reason)) = &reason {
         for address in letter.pending_recipients() {
             letter.rejected.push(Rejection { address: address.to_string(), reply: reason.clone() });
         }
@@ -98,20 +237,22 @@ fn finish(letter: &mut Letter, reason: Option<String>) -> Outcome {
         letter.error = None;
         return Outcome::Sent;
     }
-    let reason = match letter.rejected.first() {
-        Some(first) if reason.is_none() => {
-            format!("every recipient was refused; first: {} ({})", first.address, first.reply)
-        }
-        _ => reason.unwrap_or_else(|| "no recipient accepted the letter".to_owned()),
+    let (kind, reason) = match (reason, letter.rejected.first()) {
+        (Some(reason), _) => reason,
+        (None, Some(first)) => (
+            FailureKind::RecipientsRefused,
+            format!("every recipient was refused; first: {} ({})", first.address, first.reply),
+        ),
+        (None, None) => (FailureKind::Permanent, "no recipient accepted the letter".to_owned()),
     };
     letter.status = Status::Error;
     letter.error = Some(reason.clone());
-    Outcome::Failed { reason }
+    Outcome::Failed { kind, reason }
 }
 
 /// Exponential backoff with "equal jitter": half the delay is fixed, half random, so retries from
 /// one outage spread out instead of returning together.
-pub fn backoff(retry: &DispatchConfig, attempts: i32, jitter: f64) -> Duration {
+pub fn backoff(retry: &RetryConfig, attempts: i32, jitter: f64) -> Duration {
     let exponent = attempts.saturating_sub(1).clamp(0, 30) as u32;
     let delay = retry.backoff_base.saturating_mul(1 << exponent).min(retry.backoff_max);
     let half = delay / 2;
@@ -122,8 +263,9 @@ pub fn backoff(retry: &DispatchConfig, attempts: i32, jitter: f64) -> Duration {
 mod tests {
     use super::*;
     use crate::model::{Letter, Mailing};
+    use crate::smtp::Command;
 
-    fn retry() -> DispatchConfig {
+    fn retry() -> RetryConfig {
         crate::Config::from_vars(
             [("KAFKA_BROKERS", "k:1"), ("MONGO_LOCAL", "mongodb://m"), ("SMTP_HOST", "h")]
                 .iter()
@@ -131,7 +273,7 @@ mod tests {
                 .collect(),
         )
         .unwrap()
-        .dispatch
+        .retry
     }
 
     fn letter(addresses: &[&str], attempts: i32) -> Letter {
@@ -279,6 +421,194 @@ mod tests {
             }
             assert_eq!(l.rejected.len(), case.rejected, "{}: {:?}", case.name, l.rejected);
         }
+    }
+
+    fn reply(line: &str, command: Command) -> Reply {
+        Reply::parse(&[line.to_owned()], command).unwrap()
+    }
+
+    /// One transaction to a@x.org and b@x.org: MAIL's reply, each RCPT's (`None`: unsendable),
+    /// DATA's and the final one.
+    fn transaction(mail: &str, rcpt: [Option<&str>; 2], data: Option<&str>, end: Option<&str>) -> Transaction {
+        let rcpt = rcpt
+            .iter()
+            .map(|line| match line {
+                Some(line) => RcptResult::Replied(reply(line, Command::RcptTo)),
+                None => RcptResult::Unsendable("no SMTPUTF8".into()),
+            })
+            .collect();
+        Transaction {
+            mail: Some(reply(mail, Command::MailFrom)),
+            rcpt,
+            data: data.map(|line| reply(line, Command::Data)),
+            end: end.map(|line| reply(line, Command::DataEnd)),
+        }
+    }
+
+    #[test]
+    fn judge_table() {
+        let chunk = || vec![Recipient::parse("a@x.org").unwrap(), Recipient::parse("b@x.org").unwrap()];
+        let ok = Some("250 ok");
+        struct Case {
+            name: &'static str,
+            transaction: Transaction,
+            more_waiting: bool,
+            /// Delivered, capped, refused, deferred, throttle replies.
+            counts: [usize; 5],
+            stop: Option<Stop>,
+        }
+        let transient = |r: &str| Some(Stop::Failed(Failure::Transient(r.into())));
+        let cases = [
+            Case {
+                name: "all delivered",
+                transaction: transaction("250 ok", [ok, ok], Some("354 go"), Some("250 queued")),
+                more_waiting: false,
+                counts: [2, 0, 0, 0, 0],
+                stop: None,
+            },
+            Case {
+                name: "one refused for good, one unsendable, nothing else to do",
+                transaction: transaction("250 ok", [Some("550 5.1.1 no"), None], Some("554 no valid recipients"), None),
+                more_waiting: true,
+                counts: [0, 0, 2, 0, 0],
+                stop: None,
+            },
+            Case {
+                name: "503 to MAIL: again on a new connection",
+                transaction: transaction("503 5.5.1 nested MAIL", [ok, ok], None, None),
+                more_waiting: false,
+                counts: [0, 0, 0, 0, 0],
+                stop: Some(Stop::Reconnect(chunk(), reply("503 5.5.1 nested MAIL", Command::MailFrom))),
+            },
+            Case {
+                name: "sender refused for good",
+                transaction: transaction("553 5.7.1 sender rejected", [ok, ok], None, None),
+                more_waiting: false,
+                counts: [0, 0, 0, 0, 0],
+                stop: Some(Stop::Failed(Failure::Permanent("MAIL FROM: 553 5.7.1 sender rejected".into()))),
+            },
+            Case {
+                name: "MAIL throttled",
+                transaction: transaction("451 4.7.1 rate limit exceeded", [ok, ok], None, None),
+                more_waiting: false,
+                counts: [0, 0, 0, 0, 1],
+                stop: Some(Stop::Failed(Failure::Throttled("MAIL FROM: 451 4.7.1 rate limit exceeded".into()))),
+            },
+            Case {
+                name: "over the server's cap: the rest goes next",
+                transaction: transaction("250 ok", [ok, Some("452 4.5.3 too many recipients")], Some("354"), ok),
+                more_waiting: false,
+                counts: [1, 1, 0, 0, 0],
+                stop: None,
+            },
+            Case {
+                name: "deferred, one throttled, others waiting: nothing moved",
+                transaction: transaction("250 ok", [Some("451 4.7.1 slow down"), Some("450 busy")], Some("554"), None),
+                more_waiting: true,
+                counts: [0, 0, 0, 2, 1],
+                stop: transient("the SMTP server accepted no recipient of a transaction"),
+            },
+            Case {
+                name: "deferred, the last of the letter: the attempt ends as it is",
+                transaction: transaction("250 ok", [Some("450 busy"), Some("450 busy")], Some("554"), None),
+                more_waiting: false,
+                counts: [0, 0, 0, 2, 0],
+                stop: None,
+            },
+            Case {
+                name: "all capped: the server takes no recipient",
+                transaction: transaction("250 ok", [Some("452 4.5.3 cap"), Some("452 4.5.3 cap")], Some("554"), None),
+                more_waiting: false,
+                counts: [0, 2, 0, 0, 0],
+                stop: transient("the SMTP server accepted no recipient of a transaction: 452 4.5.3 cap"),
+            },
+            Case {
+                name: "recipients accepted, message refused",
+                transaction: transaction("250 ok", [ok, Some("550 no")], Some("354"), Some("554 5.7.1 spam")),
+                more_waiting: false,
+                counts: [0, 0, 1, 0, 0],
+                stop: Some(Stop::Failed(Failure::Permanent("message data: 554 5.7.1 spam".into()))),
+            },
+            Case {
+                name: "recipients accepted, DATA deferred",
+                transaction: transaction("250 ok", [ok, ok], Some("451 try later"), None),
+                more_waiting: false,
+                counts: [0, 0, 0, 0, 0],
+                stop: Some(Stop::Failed(Failure::Transient("DATA: 451 try later".into()))),
+            },
+        ];
+        for case in cases {
+            let judged = judge(case.transaction, chunk(), case.more_waiting);
+            let counts = [
+                judged.delivered.len(),
+                judged.capped.len(),
+                judged.refused.len(),
+                judged.deferred.len(),
+                judged.throttles.len(),
+            ];
+            assert_eq!(counts, case.counts, "{}: {judged:?}", case.name);
+            assert_eq!(judged.stop, case.stop, "{}", case.name);
+            assert_eq!(judged.last_reply.is_some(), !judged.delivered.is_empty(), "{}", case.name);
+        }
+    }
+
+    #[test]
+    fn failed_sessions_keep_their_stored_reasons() {
+        let server = || "relay:25".to_owned();
+        let refused = |line| SmtpError::Refused { reply: reply(line, Command::Greeting), server: server() };
+        let cases = [
+            (
+                SmtpError::Withdrawn { server: server() },
+                Failure::Transient(
+                    "message to relay:25 withdrawn before its final dot: this replica's lease on the letter could no \
+                     longer be vouched for; nothing was delivered"
+                        .into(),
+                ),
+            ),
+            (
+                SmtpError::Closed { command: Command::DataEnd, server: server() },
+                Failure::Transient(
+                    "message data to relay:25: the server closed the connection (after the message was sent: it may \
+                     have been delivered, so it is retried later)"
+                        .into(),
+                ),
+            ),
+            (
+                refused("421 4.7.0 too many connections"),
+                Failure::Throttled("greeting to relay:25 refused: 421 4.7.0 too many connections".into()),
+            ),
+            (
+                refused("554 5.7.1 go away"),
+                Failure::Permanent("greeting to relay:25 refused: 554 5.7.1 go away".into()),
+            ),
+        ];
+        for (error, failure) in cases {
+            assert_eq!(failure_of(&error), failure);
+        }
+        assert_eq!(
+            withheld(&SmtpError::Withdrawn { server: server() }, Duration::from_secs(5)),
+            Failure::Withheld(
+                "message to relay:25 withdrawn before its final dot: the sending budget had no unit for it within 5s; \
+                 nothing was delivered"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn failure_kinds_are_decided_with_the_outcome() {
+        let kind = |attempts, report| match decide(&mut letter(&["a@x.org"], attempts), report, &retry(), 0, 0.0) {
+            Outcome::Failed { kind, .. } => Some(kind),
+            _ => None,
+        };
+        let refused = AttemptReport { refused: vec![rejection("a@x.org", "550 no")], ..Default::default() };
+        assert_eq!(kind(1, refused), Some(FailureKind::RecipientsRefused));
+        assert_eq!(kind(1, AttemptReport::failed(Failure::Permanent("554".into()))), Some(FailureKind::Permanent));
+        assert_eq!(
+            kind(5, AttemptReport::failed(Failure::Transient("421".into()))),
+            Some(FailureKind::AttemptsExhausted)
+        );
+        assert_eq!(kind(1, AttemptReport::failed(Failure::Transient("421".into()))), None);
     }
 
     #[test]

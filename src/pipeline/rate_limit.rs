@@ -1,14 +1,18 @@
 //! Pacing and the caps: the deployment's shared sending budget as this instance's workers take
-//! it, and the slowdown a relay's "too fast" replies impose on top of it.
+//! it (a unit before each transaction, its time at the final dot, the units given back when the
+//! letters run out), and the slowdown a relay's "too fast" replies impose on top of it.
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use crate::{
-    budget::{Budget, Ticket},
+    budget::{self, Budget, Ticket},
     config::RateUnit,
     metrics::Metrics,
     smtp::Reply,
@@ -27,7 +31,24 @@ pub struct RateLimit {
     budget: Arc<Budget>,
     configured: f64,
     slowdown: Mutex<Slowdown>,
+    idle: Arc<Idle>,
     metrics: Arc<Metrics>,
+}
+
+/// How long the workers must have found no letter waiting before the replica gives its budget
+/// units back: longer than the dispatcher takes to hand over the next claim while it has letters.
+const IDLE_GRACE: Duration = Duration::from_millis(20);
+
+/// Watches for the moment this replica runs out of letters: a worker finds none waiting, and
+/// none arrives for any worker within [`IDLE_GRACE`]. Then the units of the budget it holds go
+/// back to the other replicas ([`Budget::give_back`]); the workers still sending hold their
+/// tickets already.
+#[derive(Default)]
+struct Idle {
+    /// Bumped whenever a worker gets a letter: a give-back sees whether any did during its grace.
+    received: AtomicUsize,
+    /// A give-back is waiting out its grace.
+    pending: AtomicBool,
 }
 
 /// Multiplicative decrease, multiplicative recovery: a throttle reply halves the rate actually
@@ -123,12 +144,35 @@ impl RateLimit {
             budget,
             configured,
             slowdown: Mutex::new(Slowdown::new(throttle_recovery_step, Instant::now())),
+            idle: Arc::default(),
             metrics,
         }
     }
 
-    pub fn budget(&self) -> &Arc<Budget> {
-        &self.budget
+    /// A worker found no letter waiting: when none arrives within [`IDLE_GRACE`], the units this
+    /// replica holds go back to the others.
+    pub fn note_empty(&self) {
+        self.budget.letters_running_out(true);
+        if self.idle.pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let received = self.idle.received.load(Ordering::Acquire);
+        let (idle, budget) = (self.idle.clone(), self.budget.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(IDLE_GRACE).await;
+            idle.pending.store(false, Ordering::Release);
+            if idle.received.load(Ordering::Acquire) == received {
+                budget.give_back().await;
+            }
+        });
+    }
+
+    /// A worker got a letter; `more` if others are waiting behind it.
+    pub fn note_received(&self, more: bool) {
+        self.idle.received.fetch_add(1, Ordering::AcqRel);
+        if more {
+            self.budget.letters_running_out(false);
+        }
     }
 
     /// The units a message to `recipients` recipients costs.
@@ -173,6 +217,53 @@ impl RateLimit {
             return Ticket { waited: ticket.waited + wait + issued.duration_since(before), issued, ..ticket };
         }
         Ticket { waited: ticket.waited + wait, ..ticket }
+    }
+
+    /// Called at the message's final dot, its data written: waits for the ticket's unit. True
+    /// when the dot may go on it; false when no unit came within [`budget::HOLD_MAX`] and the
+    /// message must be withdrawn (the relay's DATA phase is open, so the wait is bounded).
+    pub async fn at_dot(&self, ticket: Ticket) -> bool {
+        let (budget, metrics) = (&self.budget, &self.metrics);
+        let at_dot = tokio::time::Instant::now();
+        let hold_until = at_dot + budget::HOLD_MAX;
+        budget.prepared(at_dot.duration_since(ticket.issued));
+        let mut ticket = ticket;
+        loop {
+            ticket.wait().await;
+            let late = tokio::time::Instant::now().saturating_duration_since(ticket.unit);
+            if late <= budget.plan().late {
+                metrics.budget_lateness.observe(late.as_secs_f64());
+                // Off unless asked for (`RUST_LOG=…,mailsender::dot=trace`): every dot's time
+                // as this replica saw it, so the spacing can be checked apart from how a relay
+                // records it (the benchmark does).
+                tracing::trace!(
+                    target: "mailsender::dot",
+                    at_unix_us = budget.clock().host_ns() / 1_000,
+                    late_us = late.as_micros() as u64,
+                    units = ticket.units,
+                    "final dot"
+                );
+                break;
+            }
+            metrics.budget_units_missed.inc_by(u64::from(ticket.units));
+            budget.missed(&ticket);
+            // Too late for its unit (a slow connection, a late wake-up): the dot on it could
+            // crowd the next window, so the message waits for a new one.
+            tracing::debug!(late_ms = late.as_secs_f64() * 1e3, "late for the budget's unit; taking another");
+            match tokio::time::timeout_at(hold_until, budget.take(ticket.units)).await {
+                Ok(next) if next.at <= hold_until => ticket = next,
+                _ => {
+                    metrics.budget_withdrawn.inc();
+                    tracing::warn!(
+                        hold_ms = budget::HOLD_MAX.as_millis() as u64,
+                        "no unit of the budget within the hold bound; message withdrawn before its final dot"
+                    );
+                    return false;
+                }
+            }
+        }
+        metrics.rate_limit_wait.observe((ticket.waited + at_dot.elapsed()).as_secs_f64());
+        true
     }
 
     /// The relay said "too fast": the whole instance slows down, not just this letter.
@@ -237,7 +328,7 @@ mod tests {
                     let ticket = limit.reserve(1).await;
                     // The transaction is ready at once (the fake clock stands still), as the
                     // worker reports it.
-                    limit.budget().prepared(ticket.issued.elapsed());
+                    limit.budget.prepared(ticket.issued.elapsed());
                     tokio::time::sleep_until(ticket.at).await;
                     times.lock().unwrap().push(start.elapsed());
                     // The final reply takes a while: it must not slow the schedule down.

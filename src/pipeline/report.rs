@@ -11,10 +11,11 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use futures::future::join_all;
 use mongodb::bson::oid::ObjectId;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    chore::chore,
     deliverability::suppression::Suppressions,
     kafka::StatusProducer,
     metrics::Metrics,
@@ -29,6 +30,17 @@ const PUBLISH_WAIT: Duration = Duration::from_secs(5);
 /// How long a batch waits while the broker is known to be failing, so an outage does not slow
 /// sending down: those outcomes are stored unreported and republished later.
 const PUBLISH_WAIT_DEGRADED: Duration = Duration::from_millis(200);
+
+/// An attempt's record on its way to the report stage, with the permits it holds until its
+/// outcome is stored and published.
+#[derive(Debug)]
+pub struct Attempted {
+    pub record: AttemptRecord,
+    /// The worker's `unrecorded` permit: it bounds the sends a crash could repeat.
+    pub unrecorded: Option<OwnedSemaphorePermit>,
+    /// The letter's share of the dispatcher's memory budget (the status message needs the body).
+    pub memory: Option<OwnedSemaphorePermit>,
+}
 
 #[derive(Clone)]
 pub struct Report {
@@ -46,10 +58,13 @@ pub struct Report {
 impl Report {
     /// Runs until every worker has dropped its sender, so no outcome is left unwritten at
     /// shutdown. `shutdown` only bounds how long a failing write is retried once shutting down.
-    pub async fn run(self, mut outcomes: mpsc::Receiver<AttemptRecord>, shutdown: CancellationToken) {
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
+    pub async fn run(self, mut outcomes: mpsc::Receiver<Attempted>, shutdown: CancellationToken) {
+        let mut received = Vec::with_capacity(WRITE_BATCH);
         let mut broker_healthy = true;
-        while outcomes.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        while outcomes.recv_many(&mut received, WRITE_BATCH).await > 0 {
+            // The permits are held until the batch is written, at the end of this round.
+            let (mut batch, _held): (Vec<AttemptRecord>, Vec<_>) =
+                received.drain(..).map(|a| (a.record, (a.unrecorded, a.memory))).unzip();
             for record in &mut batch {
                 final_status(record);
             }
@@ -66,8 +81,6 @@ impl Report {
                 record.published = published.contains(&record.letter.id);
             }
             self.write(&batch, &shutdown).await;
-            // Dropping the records releases their `unrecorded` permits.
-            batch.clear();
         }
         tracing::debug!("report stopped");
     }
@@ -134,26 +147,21 @@ impl Report {
     /// outcomes older than `min_age` (longer than the producer's message timeout) are taken, as
     /// younger ones may still be on their way through the producer.
     pub async fn republish(self, interval: Duration, batch: usize, min_age: Duration, shutdown: CancellationToken) {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => {}
-            }
-            let before = self.store.now_ms() - min_age.as_millis() as i64;
-            let letters = match self.store.unreported(before, batch).await {
-                Ok(letters) if letters.is_empty() => continue,
+        let this = &self;
+        chore("the republisher", interval, shutdown, move || async move {
+            let before = this.store.now_ms() - min_age.as_millis() as i64;
+            let letters = match this.store.unreported(before, batch).await {
+                Ok(letters) if letters.is_empty() => return,
                 Ok(letters) => letters,
                 Err(error) => {
                     tracing::warn!(error = format!("{error:#}"), "looking for unreported outcomes failed");
-                    continue;
+                    return;
                 }
             };
-            let published = self.publish(&letters.iter().collect::<Vec<_>>(), PUBLISH_WAIT).await;
+            let published = this.publish(&letters.iter().collect::<Vec<_>>(), PUBLISH_WAIT).await;
             tracing::info!(found = letters.len(), published = published.len(), "republished unreported outcomes");
             let failed: Vec<ObjectId> = letters.iter().map(|l| l.id).filter(|id| !published.contains(id)).collect();
-            if let Err(error) = self.store.postpone_unreported(&failed, self.store.now_ms()).await {
+            if let Err(error) = this.store.postpone_unreported(&failed, this.store.now_ms()).await {
                 tracing::warn!(
                     error = format!("{error:#}"),
                     count = failed.len(),
@@ -161,11 +169,12 @@ impl Report {
                 );
             }
             let ids: Vec<ObjectId> = published.into_iter().collect();
-            if let Err(error) = self.store.mark_reported(&ids).await {
+            if let Err(error) = this.store.mark_reported(&ids).await {
                 // Harmless: they are published again next time, at worst twice.
                 tracing::warn!(error = format!("{error:#}"), count = ids.len(), "marking outcomes reported failed");
             }
-        }
+        })
+        .await;
     }
 }
 
@@ -189,7 +198,7 @@ impl Report {
 fn final_status(record: &mut AttemptRecord) {
     match &record.outcome {
         Outcome::Sent => record.letter.status = Status::Sent,
-        Outcome::Failed { reason } => {
+        Outcome::Failed { reason, .. } => {
             record.letter.status = Status::Error;
             record.letter.error = Some(reason.clone());
         }

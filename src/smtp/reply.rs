@@ -159,6 +159,19 @@ impl Reply {
         THROTTLE_PHRASES.iter().any(|phrase| text.contains(phrase))
     }
 
+    /// The reply faults the session, not the message: 503 "bad sequence of commands" to MAIL,
+    /// where the server thinks a transaction is still open (Postfix keeps one it refused). The
+    /// same message on a new connection starts clean.
+    pub fn was_due_to_session(&self) -> bool {
+        self.command == Command::MailFrom && self.code == 503
+    }
+
+    /// 421 (RFC 5321 §3.8): the server is closing the channel, whatever the message. A throttle
+    /// 421 is not one: it slows the sending down instead.
+    pub fn is_closing(&self) -> bool {
+        self.code == 421 && !self.is_throttle()
+    }
+
     /// The mailbox does not exist (5.1.x): the address itself is bad, not the message.
     pub fn is_bad_mailbox(&self) -> bool {
         self.is_permanent() && self.enhanced.is_some_and(|e| e.class == 5 && e.subject == 1)
@@ -299,6 +312,41 @@ impl SmtpError {
         }
     }
 
+    /// The error came after the message was handed over: it may have been delivered.
+    pub fn may_have_delivered(&self) -> bool {
+        self.command() == Command::DataEnd
+    }
+
+    /// Due to the connection, not the message: it broke or was closed after the session opened and
+    /// before the message was handed over, as a kept connection does when the server dropped it
+    /// while idle. The same message on a new connection cannot be a duplicate.
+    pub fn was_due_to_connection(&self) -> bool {
+        matches!(self, SmtpError::Io { .. } | SmtpError::Closed { .. })
+            && !matches!(self.command(), Command::DataEnd | Command::Connect | Command::Greeting)
+    }
+
+    /// Due to the relay, not the message: within a session it had opened (past EHLO, STARTTLS and
+    /// AUTH) and before the message's final dot, the connection broke or timed out, or the relay
+    /// said it is closing (421). Another relay may take the same message, and cannot have it
+    /// twice. Failures while connecting are not among them: `Relays::connect` moves past those.
+    pub fn was_due_to_relay(&self) -> bool {
+        let in_session = !matches!(
+            self.command(),
+            Command::DataEnd | Command::Connect | Command::Greeting | Command::Ehlo | Command::StartTls | Command::Auth
+        );
+        let failed = match self {
+            SmtpError::Io { .. } | SmtpError::Closed { .. } | SmtpError::Timeout { .. } => true,
+            SmtpError::Refused { reply, .. } => reply.is_closing(),
+            _ => false,
+        };
+        in_session && failed
+    }
+
+    /// The relay's "too fast" reply (see [`Reply::is_throttle`]), when the error is one.
+    pub fn throttle(&self) -> Option<&Reply> {
+        self.reply().filter(|reply| reply.is_throttle())
+    }
+
     /// The reply behind the error, when the server gave one.
     pub fn reply(&self) -> Option<&Reply> {
         match self {
@@ -386,6 +434,43 @@ mod tests {
             assert_eq!(r.is_transient(), transient, "transient: {line}");
             assert_eq!(r.is_bad_mailbox(), bad_mailbox, "bad mailbox: {line}");
         }
+    }
+
+    #[test]
+    fn errors_say_whether_the_connection_or_the_relay_failed() {
+        let server = || "relay:25".to_owned();
+        let io = |command| SmtpError::Io { command, server: server(), source: std::io::ErrorKind::BrokenPipe.into() };
+        let refused = |line, command| SmtpError::Refused { reply: reply(line, command), server: server() };
+        // (error, due to the connection, due to the relay, may have delivered)
+        let table = [
+            (io(Command::MailFrom), true, true, false),
+            (io(Command::Rset), true, true, false),
+            (SmtpError::Closed { command: Command::RcptTo, server: server() }, true, true, false),
+            (io(Command::Ehlo), true, false, false),
+            (io(Command::Greeting), false, false, false),
+            (io(Command::Connect), false, false, false),
+            (io(Command::DataEnd), false, false, true),
+            (
+                SmtpError::Timeout { command: Command::Data, server: server(), after: Duration::from_secs(1) },
+                false,
+                true,
+                false,
+            ),
+            (refused("421 4.3.2 closing transmission channel", Command::MailFrom), false, true, false),
+            (refused("421 4.7.0 too many connections from 127.0.0.1", Command::MailFrom), false, false, false),
+            (refused("421 4.3.2 closing transmission channel", Command::Ehlo), false, false, false),
+            (refused("554 5.7.1 no", Command::Greeting), false, false, false),
+            (SmtpError::Withdrawn { server: server() }, false, false, false),
+        ];
+        for (error, connection, relay, delivered) in table {
+            assert_eq!(error.was_due_to_connection(), connection, "connection: {error}");
+            assert_eq!(error.was_due_to_relay(), relay, "relay: {error}");
+            assert_eq!(error.may_have_delivered(), delivered, "delivered: {error}");
+        }
+        assert!(refused("421 4.7.0 too many connections from 127.0.0.1", Command::Greeting).throttle().is_some());
+        assert!(refused("421 4.3.2 closing transmission channel", Command::Greeting).throttle().is_none());
+        assert!(reply("503 5.5.1 Error: nested MAIL command", Command::MailFrom).was_due_to_session());
+        assert!(!reply("550 5.7.1 sender rejected", Command::MailFrom).was_due_to_session());
     }
 
     #[test]

@@ -36,6 +36,15 @@ impl Transaction {
     pub fn delivered(&self) -> bool {
         self.end.as_ref().is_some_and(Reply::is_positive)
     }
+
+    /// The relay said it is closing (421 to MAIL, see [`Reply::is_closing`]) before any message
+    /// was handed over: another relay may take the message instead.
+    pub fn closing(&self) -> Option<&Reply> {
+        if self.end.is_some() {
+            return None;
+        }
+        self.mail.as_ref().filter(|reply| reply.is_closing())
+    }
 }
 
 /// Runs one transaction. On an error the connection is in an unknown state and must be dropped;

@@ -552,7 +552,7 @@ fn outcome_statement(owner: &str, record: &AttemptRecord, now_ms: i64) -> Docume
             set.insert("status", Status::Sent.as_str());
             unset.insert("error", "");
         }
-        Outcome::Failed { reason } => {
+        Outcome::Failed { reason, .. } => {
             set.insert("status", Status::Error.as_str());
             set.insert("error", reason);
         }

@@ -41,9 +41,7 @@ impl Worker {
                 }
             };
             let copy = self.deliver(vec![recipient], &bytes, lease, ticket.take()).await;
-            report.delivered.extend(copy.delivered);
-            report.refused.extend(copy.refused);
-            report.deferred.extend(copy.deferred);
+            report.add(copy.refused, copy.deferred, copy.delivered);
             if copy.last_reply.is_some() {
                 report.last_reply = copy.last_reply;
             }

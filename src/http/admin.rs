@@ -569,7 +569,7 @@ fn letter_view(letter: &Letter) -> Value {
 
 /// The API's description, served so that clients and the tests read the very document shipped.
 async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/yaml")], include_str!("../docs/openapi.yaml")).into_response()
+    ([(header::CONTENT_TYPE, "application/yaml")], include_str!("../../docs/openapi.yaml")).into_response()
 }
 
 async fn health() -> Json<Value> {

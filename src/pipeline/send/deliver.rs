@@ -1,0 +1,218 @@
+//! One letter's transactions on the worker's connection: the recipients in chunks, each chunk a
+//! transaction whose replies `policy::judge` reads; a kept connection gone stale, a server out of
+//! step or a relay that failed before the message cost the letter nothing, once each.
+
+use std::{collections::VecDeque, time::Instant};
+
+use mongodb::bson::oid::ObjectId;
+
+use super::Worker;
+use crate::{
+    address::Recipient,
+    budget::{HOLD_MAX, Ticket},
+    pipeline::policy::{self, AttemptReport, Failure, Stop},
+    smtp::{self, Connection, SmtpError, transaction},
+};
+
+impl Worker {
+    /// Sends the message to `recipients`, in as many transactions as the chunk size and the
+    /// server's recipient cap need, all in this one attempt.
+    pub(super) async fn deliver(
+        &mut self,
+        recipients: Vec<Recipient>,
+        message: &[u8],
+        lease: (Instant, ObjectId),
+        ticket: Option<Ticket>,
+    ) -> AttemptReport {
+        let mut ticket = ticket;
+        let mut report = AttemptReport::default();
+        let mut queue: VecDeque<Recipient> = recipients.into();
+        // Fresh connections taken because a kept one turned out broken, or the server found the
+        // session in a bad state (503): they cost the letter nothing, but only once.
+        let mut fresh_starts = 0;
+        // Relays left because they failed before the message was handed over: free too, and at
+        // most one fewer than there are relays, so the letter still ends when all are down.
+        let mut relays_left: Vec<usize> = Vec::new();
+        while !queue.is_empty() {
+            let take = queue.len().min(self.ctx.max_recipients);
+            let chunk: Vec<Recipient> = queue.drain(..take).collect();
+            let reused = self.connection.is_some();
+            // Taken before the transaction opens, so a long wait (an exhausted quota, MongoDB
+            // away) never holds a server's DATA phase open; only the unit's own time is waited
+            // for at the final dot. A unit not used (the transaction failed) is not given back.
+            let limiter = &self.ctx.limiter;
+            let ticket = match ticket.take().filter(|t| t.units == limiter.cost(chunk.len())) {
+                Some(ticket) => ticket,
+                None => limiter.reserve(chunk.len()).await,
+            };
+            let (result, withheld) = self.transmit(&chunk, message, ticket, lease, &relays_left).await;
+            let step = match result {
+                Ok(transaction) => {
+                    if let Some(reply) = transaction.closing() {
+                        if self.leave_relay(&reply, &mut relays_left) {
+                            requeue(&mut queue, chunk);
+                            continue;
+                        }
+                    } else if transaction.mail.is_some() {
+                        self.ctx.relays.succeeded(self.relay);
+                    }
+                    self.apply(transaction, chunk, &mut queue, &mut report)
+                }
+                Err(error) if withheld => {
+                    self.connection = None;
+                    Step::Stop(policy::withheld(&error, HOLD_MAX))
+                }
+                Err(error) => {
+                    self.connection = None;
+                    if let Some(reply) = error.throttle() {
+                        self.ctx.limiter.throttled(reply);
+                    }
+                    let retry_now = reused && fresh_starts == 0 && error.was_due_to_connection();
+                    if retry_now {
+                        tracing::debug!(error = %error, "kept connection failed before the message; reconnecting");
+                        fresh_starts += 1;
+                        requeue(&mut queue, chunk);
+                        continue;
+                    }
+                    if error.was_due_to_relay() && self.leave_relay(&error, &mut relays_left) {
+                        requeue(&mut queue, chunk);
+                        continue;
+                    }
+                    Step::Stop(policy::failure_of(&error))
+                }
+            };
+            match step {
+                Step::Continue => {}
+                Step::Reconnect(chunk) if fresh_starts == 0 => {
+                    fresh_starts += 1;
+                    self.connection = None;
+                    requeue(&mut queue, chunk);
+                }
+                Step::Reconnect(_) => {
+                    report.failure = Some(policy::out_of_step_twice());
+                    break;
+                }
+                Step::Stop(failure) => {
+                    report.failure = Some(failure);
+                    break;
+                }
+            }
+        }
+        report
+    }
+
+    /// One transaction on the kept connection or a new one; says also whether the message was
+    /// withdrawn for want of a budget unit.
+    async fn transmit(
+        &mut self,
+        chunk: &[Recipient],
+        message: &[u8],
+        ticket: Ticket,
+        lease: (Instant, ObjectId),
+        avoid: &[usize],
+    ) -> (Result<smtp::Transaction, SmtpError>, bool) {
+        let ctx = self.ctx.clone();
+        let connection = match self.session(avoid).await {
+            Ok(connection) => connection,
+            Err(error) => return (Err(error), false),
+        };
+        let mut withheld = false;
+        let before_end = async {
+            if !ctx.limiter.at_dot(ticket).await {
+                withheld = true;
+                return None;
+            }
+            // The lease is checked again right before the final dot, after the budget's wait: a
+            // replica cut off from MongoDB must not hand over a letter another may already be
+            // sending.
+            ctx.lease.vouch(lease.0, &lease.1)
+        };
+        let from = ctx.composer.envelope_sender(&lease.1);
+        let result = transaction::send(connection, &from, chunk, message, &ctx.smtp.timeouts, before_end).await;
+        (result, withheld)
+    }
+
+    /// Books one transaction's judged replies into the attempt's report; says whether to go on.
+    fn apply(
+        &mut self,
+        transaction: smtp::Transaction,
+        chunk: Vec<Recipient>,
+        queue: &mut VecDeque<Recipient>,
+        report: &mut AttemptReport,
+    ) -> Step {
+        let judged = policy::judge(transaction, chunk, !queue.is_empty());
+        for reply in &judged.throttles {
+            self.ctx.limiter.throttled(reply);
+        }
+        if let Some(Stop::Reconnect(chunk, reply)) = judged.stop {
+            tracing::info!(reply = %reply, "MAIL FROM refused with 503; reconnecting");
+            return Step::Reconnect(chunk);
+        }
+        report.add(judged.refused, judged.deferred, judged.delivered);
+        if judged.last_reply.is_some() {
+            report.last_reply = judged.last_reply;
+        }
+        // Recipients over the server's cap go in the next transaction, at once.
+        requeue(queue, judged.capped);
+        match judged.stop {
+            Some(Stop::Failed(failure)) => Step::Stop(failure),
+            _ => Step::Continue,
+        }
+    }
+
+    /// The kept connection, checked with NOOP when it sat idle, or a new one to the most
+    /// preferred relay that opens a session, but those in `avoid` (the letter left them).
+    async fn session(&mut self, avoid: &[usize]) -> Result<&mut Connection, SmtpError> {
+        if let Some(connection) = self.connection.as_mut()
+            && connection.idle() > self.ctx.idle_check_after
+            && let Err(error) = connection.check(self.ctx.smtp.timeouts.short).await
+        {
+            tracing::debug!(error = %error, "idle connection no longer usable; reconnecting");
+            self.connection = None;
+        }
+        // A more preferred relay is back (or due for its probe): the fallback is left for it.
+        if self.connection.is_some()
+            && self.ctx.relays.prefers_other_than(self.relay, avoid)
+            && let Some(connection) = self.connection.take()
+        {
+            tracing::debug!(relay = %connection.server(), "a more preferred relay is usable again; leaving this one");
+            tokio::spawn(connection.quit(self.ctx.smtp.timeouts.short));
+        }
+        let connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => {
+                let (connection, relay) = self.ctx.relays.connect(avoid).await?;
+                self.relay = relay;
+                connection
+            }
+        };
+        Ok(self.connection.insert(connection))
+    }
+
+    /// The relay failed before the message was handed over: counts against it, and says whether
+    /// the chunk goes to the next relay at once (one is left to try), costing nothing.
+    fn leave_relay(&mut self, reason: &dyn std::fmt::Display, relays_left: &mut Vec<usize>) -> bool {
+        let moving_on = relays_left.len() + 1 < self.ctx.relays.len() && !relays_left.contains(&self.relay);
+        self.ctx.relays.failed(self.relay, reason, moving_on);
+        if moving_on {
+            relays_left.push(self.relay);
+            self.connection = None;
+        }
+        moving_on
+    }
+}
+
+/// What to do after a transaction.
+enum Step {
+    Continue,
+    /// The session was at fault: send this chunk again on a new connection.
+    Reconnect(Vec<Recipient>),
+    Stop(Failure),
+}
+
+/// Puts recipients back at the front of the queue, in their order.
+fn requeue(queue: &mut VecDeque<Recipient>, recipients: Vec<Recipient>) {
+    for recipient in recipients.into_iter().rev() {
+        queue.push_front(recipient);
+    }
+}
