@@ -87,7 +87,8 @@ impl App {
         // First, so a bad DKIM key or link template stops the start before anything is connected.
         let composer = Arc::new(
             Composer::new(config.smtp.from.clone(), &config.deliverability)?
-                .with_return_path(crate::feedback::return_path::ReturnPath::from_config(&config.feedback)),
+                .with_return_path(crate::feedback::return_path::ReturnPath::from_config(&config.feedback))
+                .with_relay_metadata(crate::feedback::webhooks::Metadata::from_config(&config.feedback.webhooks)),
         );
         let metrics = Arc::new(Metrics::new());
         let store = Store::connect(&config.mongo, Clock::host(skew_ms), metrics.clone()).await?;
@@ -100,7 +101,8 @@ impl App {
                 config.deliverability.topic_suppressions.as_str(),
                 config.deliverability.topic_unsubscribed.as_str(),
             ];
-            let feedback = config.feedback.smtp_addr.map(|_| config.feedback.topic.as_str());
+            let feedback = (config.feedback.smtp_addr.is_some() || config.feedback.webhooks.any())
+                .then_some(config.feedback.topic.as_str());
             let topics: Vec<&str> = topics.into_iter().chain(feedback).collect();
             retry_at_start("creating Kafka topics", || kafka::ensure_topics(&config.kafka, &topics)).await?;
         }
@@ -147,11 +149,22 @@ impl App {
         // The listeners stop last: readiness and /metrics answer while everything else winds down.
         let listeners_stop = CancellationToken::new();
         let admin = serve_admin(listeners.admin, admin_state, config.http.max_body_bytes, &listeners_stop)?;
-        let public = match (listeners.public, send.composer.unsubscribe_template()) {
-            (Some(listener), Some(template)) => {
-                Some(serve_public(listener, shared.public_state(&config, template)?, &listeners_stop)?)
+        let public = match listeners.public {
+            Some(listener) => {
+                let one_click = match send.composer.unsubscribe_template() {
+                    Some(template) => Some(shared.public_state(&config, template)?),
+                    None => None,
+                };
+                let webhooks = crate::feedback::webhooks::state(
+                    &config,
+                    &shared.store,
+                    shared.suppressions.clone(),
+                    shared.producer.clone(),
+                    shared.metrics.clone(),
+                )?;
+                Some(serve_public(listener, one_click, webhooks, &listeners_stop)?)
             }
-            _ => None,
+            None => None,
         };
         if let Some(listener) = listeners.feedback {
             shared.serve_feedback(&config, listener, &shutdown);
@@ -455,13 +468,24 @@ fn serve_admin(
     ))
 }
 
+/// The one-click endpoint, the relays' webhooks, or both, on `PUBLIC_HTTP_ADDR`.
 fn serve_public(
     listener: TcpListener,
-    state: Arc<PublicState>,
+    one_click: Option<Arc<PublicState>>,
+    webhooks: Option<Arc<crate::feedback::webhooks::Webhooks>>,
     stop: &CancellationToken,
 ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
-    tracing::info!(addr = %listener.local_addr()?, "one-click unsubscribe endpoint listening");
-    let server = axum::serve(listener, public::router(state)).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let mut router = axum::Router::new();
+    if let Some(state) = one_click {
+        router = public::router(state);
+        tracing::info!(addr = %listener.local_addr()?, "one-click unsubscribe endpoint listening");
+    }
+    // Its routes take precedence over the one-click endpoint's catch-all.
+    if let Some(webhooks) = webhooks {
+        router = router.merge(crate::feedback::webhooks::router(webhooks));
+        tracing::info!(addr = %listener.local_addr()?, "relay webhooks listening");
+    }
+    let server = axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
     Ok(tokio::spawn(server.into_future()))
 }
 

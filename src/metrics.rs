@@ -52,6 +52,12 @@ pub struct FeedbackLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabel {
+    pub relay: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RelayLabel {
     /// `host:port`, as `SMTP_HOST` names the relay.
     pub relay: String,
@@ -99,6 +105,10 @@ pub struct Metrics {
     pub feedback_events: Family<FeedbackLabel, Counter>,
     pub feedback_duplicates: Counter,
     pub feedback_unparsed: Counter,
+    /// Relay webhook events taken but not recorded (no or an unknown letter, …), by relay and reason.
+    pub webhook_ignored: Family<WebhookLabel, Counter>,
+    /// Relay webhook requests refused (forged, stale, replayed with another body), by relay and reason.
+    pub webhook_refused: Family<WebhookLabel, Counter>,
 }
 
 impl Metrics {
@@ -154,6 +164,8 @@ impl Metrics {
             feedback_events: Family::default(),
             feedback_duplicates: Counter::default(),
             feedback_unparsed: Counter::default(),
+            webhook_ignored: Family::default(),
+            webhook_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register("letters_received", "Letters decoded from Kafka batches", metrics.received.clone());
@@ -304,6 +316,16 @@ impl Metrics {
             "feedback_unparsed",
             "Messages the feedback listener took but could not use (kept in <collection>_feedback_unparsed)",
             metrics.feedback_unparsed.clone(),
+        );
+        registry.register(
+            "feedback_webhook_ignored",
+            "Relay webhook events answered 200 but not recorded (no letter of ours, an unknown letter, a recipient not the letter's), by relay and reason",
+            metrics.webhook_ignored.clone(),
+        );
+        registry.register(
+            "feedback_webhook_refused",
+            "Relay webhook requests refused (bad signature or credentials, stale, a replayed token with another body), by relay and reason",
+            metrics.webhook_refused.clone(),
         );
         registry.register("build", "Build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
         Metrics { registry, ..metrics }

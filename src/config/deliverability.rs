@@ -98,12 +98,6 @@ pub(super) fn read(env: &Env, from: &Mailbox) -> Result<DeliverabilityConfig, Co
         )?),
         None => None,
     };
-    if public_addr.is_some() && unsubscribe_url.is_none() {
-        return Err(ConfigError::Missing {
-            var: "LIST_UNSUBSCRIBE_URL",
-            expected: "the link template the one-click endpoint on PUBLIC_HTTP_ADDR checks requests against",
-        });
-    }
     Ok(DeliverabilityConfig {
         dkim,
         unsubscribe_url,

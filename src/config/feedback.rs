@@ -1,5 +1,6 @@
 //! The feedback loop's settings (issue 20): the signed return path and the inbound listener for
-//! DSNs and ARF reports. Everything is off unless `BOUNCE_DOMAIN` is set.
+//! DSNs and ARF reports (off unless `BOUNCE_DOMAIN` is set), and the relays' webhooks on
+//! `PUBLIC_HTTP_ADDR` (each off unless its secret is set).
 
 use std::net::SocketAddr;
 
@@ -24,6 +25,113 @@ pub struct FeedbackConfig {
     pub max_bytes: usize,
     /// `KAFKA_TOPIC_FEEDBACK`: bounces, complaints and delays for the profile service.
     pub topic: String,
+    pub webhooks: WebhookConfig,
+}
+
+/// The relays' webhooks (`crate::feedback::webhooks`); each relay's route exists only when its
+/// secret is set.
+#[derive(Debug, Clone, Default)]
+pub struct WebhookConfig {
+    /// `MAILGUN_WEBHOOK_SIGNING_KEY`: Mailgun's HTTP webhook signing key (HMAC-SHA256).
+    pub mailgun_signing_key: Option<SecretString>,
+    /// `SENDGRID_WEBHOOK_PUBLIC_KEY`: the signed event webhook's verification key (ECDSA P-256,
+    /// base64 DER as SendGrid shows it, or PEM).
+    pub sendgrid_public_key: Option<p256::ecdsa::VerifyingKey>,
+    /// `POSTMARK_WEBHOOK_USER` and `POSTMARK_WEBHOOK_PASSWORD`: the basic auth credentials put in
+    /// the webhook URL set at Postmark.
+    pub postmark_credentials: Option<(SecretString, SecretString)>,
+    /// `SNS_TOPIC_ARNS`: the SNS topics whose SES notifications are taken (comma-separated).
+    pub sns_topic_arns: Vec<String>,
+    /// `SNS_SIGNING_CERT_FILE`: a PEM certificate whose key verifies SNS messages instead of the
+    /// one fetched from `SigningCertURL` (tests, or a deployment without egress); the URL is
+    /// still checked.
+    pub sns_signing_cert_file: Option<std::path::PathBuf>,
+}
+
+impl WebhookConfig {
+    pub fn any(&self) -> bool {
+        self.mailgun_signing_key.is_some()
+            || self.sendgrid_public_key.is_some()
+            || self.postmark_credentials.is_some()
+            || !self.sns_topic_arns.is_empty()
+    }
+}
+
+/// Reads SendGrid's verification key: the base64 of its DER (SubjectPublicKeyInfo), as the
+/// SendGrid console shows it, with or without PEM armour.
+pub fn sendgrid_key(raw: &str) -> Option<p256::ecdsa::VerifyingKey> {
+    use base64::Engine as _;
+    use p256::pkcs8::DecodePublicKey as _;
+    let body: String = raw
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat()
+        .split_whitespace()
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(body).ok()?;
+    p256::ecdsa::VerifyingKey::from_public_key_der(&der).ok()
+}
+
+fn webhooks(env: &Env) -> Result<WebhookConfig, ConfigError> {
+    let mailgun_signing_key = env.secret("MAILGUN_WEBHOOK_SIGNING_KEY");
+    if let Some(key) = &mailgun_signing_key
+        && key.expose_secret().len() < 16
+    {
+        return Err(ConfigError::InvalidSecret {
+            var: "MAILGUN_WEBHOOK_SIGNING_KEY",
+            expected: "the HTTP webhook signing key from Mailgun's console",
+        });
+    }
+    let sendgrid_public_key = match env.optional("SENDGRID_WEBHOOK_PUBLIC_KEY") {
+        Some(raw) => Some(sendgrid_key(&raw).ok_or_else(|| ConfigError::Invalid {
+            var: "SENDGRID_WEBHOOK_PUBLIC_KEY",
+            value: raw.clone(),
+            expected: "the signed event webhook's verification key (base64 of an ECDSA P-256 public key)".into(),
+        })?),
+        None => None,
+    };
+    let postmark_credentials = match (env.secret("POSTMARK_WEBHOOK_USER"), env.secret("POSTMARK_WEBHOOK_PASSWORD")) {
+        (None, None) => None,
+        (Some(user), Some(password)) if password.expose_secret().len() >= 16 => Some((user, password)),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::InvalidSecret {
+                var: "POSTMARK_WEBHOOK_PASSWORD",
+                expected: "at least 16 characters",
+            });
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Missing {
+                var: "POSTMARK_WEBHOOK_USER",
+                expected: "the user name of the basic auth credentials in Postmark's webhook URL",
+            });
+        }
+        (Some(_), None) => {
+            return Err(ConfigError::Missing {
+                var: "POSTMARK_WEBHOOK_PASSWORD",
+                expected: "the password of the basic auth credentials in Postmark's webhook URL",
+            });
+        }
+    };
+    let raw_arns = env.string("SNS_TOPIC_ARNS", "");
+    let sns_topic_arns: Vec<String> =
+        raw_arns.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_owned).collect();
+    if sns_topic_arns.iter().any(|arn| !arn.starts_with("arn:aws") || arn.split(':').count() != 6) {
+        return Err(ConfigError::Invalid {
+            var: "SNS_TOPIC_ARNS",
+            value: raw_arns,
+            expected: "comma-separated SNS topic ARNs such as arn:aws:sns:us-east-1:123456789012:ses-feedback".into(),
+        });
+    }
+    let sns_signing_cert_file = env.optional("SNS_SIGNING_CERT_FILE").map(std::path::PathBuf::from);
+    Ok(WebhookConfig {
+        mailgun_signing_key,
+        sendgrid_public_key,
+        postmark_credentials,
+        sns_topic_arns,
+        sns_signing_cert_file,
+    })
 }
 
 const DOMAIN: &str = "a domain name such as bounce.example.com";
@@ -93,6 +201,7 @@ pub(super) fn feedback(env: &Env) -> Result<FeedbackConfig, ConfigError> {
             |n| ((64 << 10)..=(15 << 20)).contains(n),
         )?,
         topic: env.string("KAFKA_TOPIC_FEEDBACK", "mts-to-profile.feedback"),
+        webhooks: webhooks(env)?,
     })
 }
 
@@ -151,6 +260,38 @@ mod tests {
         ] {
             let mut pairs = on.to_vec();
             pairs.push((var, value));
+            assert_eq!(named(from(&pairs)), var);
+        }
+    }
+
+    #[test]
+    fn webhooks_are_off_by_default_and_their_secrets_checked_by_name() {
+        assert!(!from(&[]).unwrap().feedback.webhooks.any());
+        // The public listener may serve only webhooks.
+        assert_eq!(named(from(&[("PUBLIC_HTTP_ADDR", "127.0.0.1:8080")])), "LIST_UNSUBSCRIBE_URL");
+        let mailgun = ("MAILGUN_WEBHOOK_SIGNING_KEY", "key-0123456789abcdef0123");
+        let on = from(&[("PUBLIC_HTTP_ADDR", "127.0.0.1:8080"), mailgun]).unwrap();
+        assert!(
+            on.feedback.webhooks.mailgun_signing_key.is_some() && on.feedback.webhooks.sendgrid_public_key.is_none()
+        );
+        let sendgrid = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9mN1flpVKS3GRqe62gw+2fNNRaINXvVpiglSI8eNEc6wEA3F+g==";
+        let pem =
+            format!("-----BEGIN PUBLIC KEY-----\n{}\n{}\n-----END PUBLIC KEY-----\n", &sendgrid[..64], &sendgrid[64..]);
+        for key in [sendgrid, pem.as_str()] {
+            assert!(
+                from(&[("SENDGRID_WEBHOOK_PUBLIC_KEY", key)]).unwrap().feedback.webhooks.sendgrid_public_key.is_some()
+            );
+        }
+        let postmark = [("POSTMARK_WEBHOOK_USER", "postmark"), ("POSTMARK_WEBHOOK_PASSWORD", "a-password-of-20-chars")];
+        assert!(from(&postmark).unwrap().feedback.webhooks.postmark_credentials.is_some());
+        for (pairs, var) in [
+            (vec![("MAILGUN_WEBHOOK_SIGNING_KEY", "short")], "MAILGUN_WEBHOOK_SIGNING_KEY"),
+            (vec![("SENDGRID_WEBHOOK_PUBLIC_KEY", "not a key")], "SENDGRID_WEBHOOK_PUBLIC_KEY"),
+            (vec![("SENDGRID_WEBHOOK_PUBLIC_KEY", "c2hvcnQ=")], "SENDGRID_WEBHOOK_PUBLIC_KEY"),
+            (vec![postmark[0]], "POSTMARK_WEBHOOK_PASSWORD"),
+            (vec![postmark[1]], "POSTMARK_WEBHOOK_USER"),
+            (vec![postmark[0], ("POSTMARK_WEBHOOK_PASSWORD", "short")], "POSTMARK_WEBHOOK_PASSWORD"),
+        ] {
             assert_eq!(named(from(&pairs)), var);
         }
     }

@@ -9,7 +9,7 @@
 mod budget;
 mod deliverability;
 mod dispatch;
-mod feedback;
+pub mod feedback;
 mod http;
 mod kafka;
 mod mongo;
@@ -100,6 +100,15 @@ impl Config {
         let http = http::read(&env)?;
         let deliverability = deliverability::read(&env, &smtp.from)?;
         let feedback = feedback::feedback(&env)?;
+        // The public listener serves the one-click endpoint, the relays' webhooks, or both.
+        if deliverability.public_addr.is_some() && deliverability.unsubscribe_url.is_none() && !feedback.webhooks.any()
+        {
+            return Err(ConfigError::Missing {
+                var: "LIST_UNSUBSCRIBE_URL",
+                expected: "the link template the one-click endpoint on PUBLIC_HTTP_ADDR checks requests against \
+                           (or a relay's webhook secret, when the listener serves only webhooks)",
+            });
+        }
         let log_format = env.choice(
             "LOG_FORMAT",
             "text",

@@ -35,6 +35,8 @@ pub struct Composer {
     individual: bool,
     /// The signed envelope sender (`BOUNCE_DOMAIN`); `from` when unset.
     return_path: Option<crate::feedback::return_path::ReturnPath>,
+    /// The relays' metadata headers naming the letter, for their webhooks.
+    relay_metadata: crate::feedback::webhooks::Metadata,
 }
 
 /// `LIST_UNSUBSCRIBE_URL`, checked as a configuration value (the error names the variable).
@@ -78,6 +80,7 @@ impl Composer {
             unsubscribe_mailto: config.unsubscribe_mailto.clone(),
             individual: config.individual,
             return_path: None,
+            relay_metadata: Default::default(),
         })
     }
 
@@ -87,6 +90,11 @@ impl Composer {
     }
 
     /// Sends with a signed return path naming each letter (see `crate::feedback::return_path`).
+    pub fn with_relay_metadata(mut self, metadata: crate::feedback::webhooks::Metadata) -> Composer {
+        self.relay_metadata = metadata;
+        self
+    }
+
     pub fn with_return_path(mut self, return_path: Option<crate::feedback::return_path::ReturnPath>) -> Composer {
         self.return_path = return_path;
         self
@@ -143,7 +151,9 @@ impl Composer {
             kafka_key: letter.kafkakey.clone(),
             address: recipient.map(Recipient::to_string),
         };
-        let draft = message::compose(content, text, &self.from, to.as_ref(), self.unsubscribe_headers(&fields)?)?;
+        let mut headers = self.unsubscribe_headers(&fields)?;
+        headers.extend(self.relay_metadata.headers(&id));
+        let draft = message::compose(content, text, &self.from, to.as_ref(), headers)?;
         match &self.dkim {
             Some(dkim) => draft.finish_signed(|message| dkim.sign(message)),
             None => draft.finish(),

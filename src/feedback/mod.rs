@@ -11,14 +11,12 @@
 //! - once: its key is (letter, recipient, kind), so a report delivered twice, or a DSN and a
 //!   relay's webhook for the same bounce, make one event.
 //!
+//! The relays' webhooks ([`webhooks`]: Mailgun, SendGrid, Postmark, SES through SNS) authenticate
+//! each request, map its payload to [`Event`]s with a [`Source`] of their own and call
+//! [`Feedback::record`]; the key leaves the source out, so a DSN and a webhook for one bounce make
+//! one event.
+//!
 //! Still to come, and how they fit:
-//! - Relay webhooks (SES through SNS, Postmark, SendGrid, Mailgun): each route authenticates its
-//!   request, maps the payload to [`Event`]s with a [`Source`] of its own and calls
-//!   [`Feedback::record`]; the key leaves the source out, so a DSN and a webhook for one bounce
-//!   make one event. The letter id comes back from what each relay echoes: our `Message-ID`
-//!   (`<letter id@domain>`, in SES's `mail.commonHeaders.messageId`), or a header the composer
-//!   would add for it (Postmark's `X-PM-Metadata-letter`, SendGrid's `X-SMTPAPI` `unique_args`,
-//!   Mailgun's `X-Mailgun-Variables`).
 //! - The sandbox: simulator addresses whose "delivery" builds the same [`Event`]s (source
 //!   `sandbox`) and records them through [`Feedback::record`].
 //! - The reputation brake: `<collection>_feedback` holds one document per event with its time
@@ -28,6 +26,7 @@
 pub mod listener;
 pub mod report;
 pub mod return_path;
+pub mod webhooks;
 
 use std::{sync::Arc, time::Duration};
 
@@ -91,6 +90,10 @@ impl Kind {
 pub enum Source {
     Dsn,
     Arf,
+    Mailgun,
+    Sendgrid,
+    Postmark,
+    Ses,
 }
 
 impl Source {
@@ -98,6 +101,10 @@ impl Source {
         match self {
             Source::Dsn => "dsn",
             Source::Arf => "arf",
+            Source::Mailgun => "mailgun",
+            Source::Sendgrid => "sendgrid",
+            Source::Postmark => "postmark",
+            Source::Ses => "ses",
         }
     }
 }
@@ -219,7 +226,7 @@ pub struct Published<'a> {
     /// The enhanced status code, e.g. `5.1.1`.
     pub status: Option<&'a str>,
     pub diagnostic: Option<&'a str>,
-    /// `dsn` or `arf`.
+    /// `dsn`, `arf`, or the relay whose webhook reported it: `mailgun`, `sendgrid`, `postmark`, `ses`.
     pub source: &'static str,
     /// ARF's `Feedback-Type` (`abuse`, …).
     pub feedback_type: Option<&'a str>,
