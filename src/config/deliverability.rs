@@ -89,15 +89,7 @@ pub(super) fn read(env: &Env, from: &Mailbox) -> Result<DeliverabilityConfig, Co
         &[(&["bcc"], false), (&["individual"], true)],
         "bcc (one message for all recipients) or individual (a copy per recipient)",
     )?;
-    let public_addr = match env.optional("PUBLIC_HTTP_ADDR") {
-        Some(_) => Some(env.parse(
-            "PUBLIC_HTTP_ADDR",
-            SocketAddr::from(([0, 0, 0, 0], 8080)),
-            "an address such as 0.0.0.0:8080",
-            |_| true,
-        )?),
-        None => None,
-    };
+    let public_addr = env.optional_addr("PUBLIC_HTTP_ADDR", "an address such as 0.0.0.0:8080")?;
     Ok(DeliverabilityConfig {
         dkim,
         unsubscribe_url,

@@ -163,15 +163,7 @@ pub(super) fn feedback(env: &Env) -> Result<FeedbackConfig, ConfigError> {
     {
         return Err(ConfigError::InvalidSecret { var: "BOUNCE_SECRET", expected: "at least 16 characters" });
     }
-    let smtp_addr = match env.optional("FEEDBACK_SMTP_ADDR") {
-        Some(_) => Some(env.parse(
-            "FEEDBACK_SMTP_ADDR",
-            SocketAddr::from(([0, 0, 0, 0], 2525)),
-            "an address such as 0.0.0.0:2525",
-            |_| true,
-        )?),
-        None => None,
-    };
+    let smtp_addr = env.optional_addr("FEEDBACK_SMTP_ADDR", "an address such as 0.0.0.0:2525")?;
     if smtp_addr.is_some() && bounce_domain.is_none() {
         return Err(ConfigError::Missing {
             var: "BOUNCE_DOMAIN",

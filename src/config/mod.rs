@@ -171,6 +171,12 @@ impl Env {
         self.optional(var).map(SecretString::from)
     }
 
+    /// An optional listening address: `None` when the variable is unset (the listener is off).
+    fn optional_addr(&self, var: &'static str, expected: &str) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let Some(raw) = self.optional(var) else { return Ok(None) };
+        raw.parse().map(Some).map_err(|_| ConfigError::Invalid { var, value: raw, expected: expected.to_owned() })
+    }
+
     fn parse<T: std::str::FromStr>(
         &self,
         var: &'static str,
