@@ -631,10 +631,10 @@ mod known_gaps {
     /// holds pass unused while its four workers are busy. Skipping units sooner than a worker's
     /// preparation and refilling earlier brought it to 81 % but cost the 10,000-a-day case with
     /// the same load its share (87 → 79 %): the grant's size needs to follow the workers' free
-    /// moments, left for the next round.
+    /// moments, left for the next round. Until then this test keeps the gap from widening unseen:
+    /// the cap holds, and at least the 66 % measured is used (95 % is the aim, as in the sweep).
     #[tokio::test(start_paused = true)]
-    #[ignore = "known gap: three replicas of four slow workers at 14/s use 66 %"]
-    async fn three_replicas_of_four_slow_workers_use_the_rate() {
+    async fn three_replicas_of_four_slow_workers_keep_the_cap_and_the_known_share() {
         let case = Case {
             vars: vec![var("SMTP_RATE_LIMIT_PERIOD", "1s"), var("SMTP_RATE_LIMIT_MAX_LETTERS", 14)],
             replicas: 3,
@@ -646,6 +646,7 @@ mod known_gaps {
             duration: 30 * SECOND,
         };
         let judged = judge(&case).await;
-        assert!(judged.share() >= judged.required(), "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert!(judged.share() >= 0.65, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
     }
 }
