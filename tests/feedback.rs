@@ -135,15 +135,6 @@ async fn metrics(app: &TestApp) -> String {
     app.get("/metrics").await.1
 }
 
-fn suppressed(entries: &[mongodb::bson::Document]) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = entries
-        .iter()
-        .map(|d| (d.get_str("_id").unwrap().to_owned(), d.get_str("reason").unwrap().to_owned()))
-        .collect();
-    out.sort();
-    out
-}
-
 #[tokio::test]
 async fn a_postfix_bounce_reaches_the_topic_the_suppression_list_and_the_letter() {
     let sink = SmtpSink::start().await;

@@ -90,15 +90,6 @@ async fn post(url: &str, body: &str, headers: &[(&str, String)], basic: Option<(
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
-fn suppressed(entries: &[mongodb::bson::Document]) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = entries
-        .iter()
-        .map(|d| (d.get_str("_id").unwrap().to_owned(), d.get_str("reason").unwrap().to_owned()))
-        .collect();
-    out.sort();
-    out
-}
-
 async fn feedback_of(app: &TestApp, id: ObjectId, address: &str) -> Value {
     let (status, body) = app.get(&format!("/letters/{}", id.to_hex())).await;
     assert_eq!(status, 200, "{body}");

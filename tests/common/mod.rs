@@ -651,3 +651,13 @@ pub fn batch(tag: &str, count: usize, per_letter: usize) -> Value {
 pub fn path_exists(path: &Path) -> bool {
     path.exists()
 }
+
+/// Suppression entries as (address key, reason), sorted: what a test compares them by.
+pub fn suppressed(entries: &[mongodb::bson::Document]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = entries
+        .iter()
+        .map(|d| (d.get_str("_id").unwrap().to_owned(), d.get_str("reason").unwrap().to_owned()))
+        .collect();
+    out.sort();
+    out
+}
