@@ -1140,6 +1140,17 @@ def fmt(v, nd=1):
     return "n/a" if v is None else f"{v:,.{nd}f}"
 
 
+
+def read_stack_env(path):
+    """The brokers and MongoDB URI of the stack scripts/stack.sh started (its stack.env)."""
+    env = {}
+    with open(path) as f:
+        for line in f:
+            k, _, v = line.strip().partition("=")
+            if k:
+                env[k] = v
+    return env["KAFKA_BROKERS"], env["MONGO_LOCAL"]
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repo", required=True)
@@ -1171,13 +1182,7 @@ def main():
     ctx.service_env = dict(kv.split("=", 1) for kv in a.service_env)
     ctx.sample_message = None
     ctx.sample_from = None
-    env = {}
-    with open(a.stack_env) as f:
-        for line in f:
-            k, _, v = line.strip().partition("=")
-            if k:
-                env[k] = v
-    ctx.brokers, ctx.mongo_uri = env["KAFKA_BROKERS"], env["MONGO_LOCAL"]
+    ctx.brokers, ctx.mongo_uri = read_stack_env(a.stack_env)
     ctx.stack_pids = {}
     for name in ("nx", "tansu"):
         try:

@@ -201,13 +201,7 @@ def main():
     ctx.bench_dir = os.path.dirname(os.path.abspath(__file__))
     ctx.senders = a.senders
     ctx.service_env = dict(kv.split("=", 1) for kv in a.service_env)
-    env = {}
-    with open(a.stack_env) as f:
-        for line in f:
-            k, _, v = line.strip().partition("=")
-            if k:
-                env[k] = v
-    ctx.brokers, ctx.mongo_uri = env["KAFKA_BROKERS"], env["MONGO_LOCAL"]
+    ctx.brokers, ctx.mongo_uri = B.read_stack_env(a.stack_env)
     ctx.per_batch = 100
     ctx.body_bytes = len(NEWSLETTER)
     ctx.idle_seconds = 5
