@@ -78,6 +78,12 @@ impl App {
             rate = %format!("{} per {}", config.smtp.rate_max_letters, humantime::format_duration(config.smtp.rate_period)),
             "starting mailsender"
         );
+        if config.smtp.sandbox {
+            tracing::warn!(
+                simulator = crate::feedback::sandbox::DOMAIN,
+                "SMTP_SANDBOX is on: letters are marked sent but handed to no relay"
+            );
+        }
         // Test hook: `MAILSENDER_FAULT_INJECTION=clock_skew_ms:N` sets this host's clock N ms off.
         let mut skew_ms = 0;
         if let Some(skew) = config.fault_injection.as_deref().and_then(|i| i.strip_prefix("clock_skew_ms:")) {
@@ -101,8 +107,9 @@ impl App {
                 config.deliverability.topic_suppressions.as_str(),
                 config.deliverability.topic_unsubscribed.as_str(),
             ];
-            let feedback = (config.feedback.smtp_addr.is_some() || config.feedback.webhooks.any())
-                .then_some(config.feedback.topic.as_str());
+            let feedback =
+                (config.feedback.smtp_addr.is_some() || config.feedback.webhooks.any() || config.smtp.sandbox)
+                    .then_some(config.feedback.topic.as_str());
             let topics: Vec<&str> = topics.into_iter().chain(feedback).collect();
             retry_at_start("creating Kafka topics", || kafka::ensure_topics(&config.kafka, &topics)).await?;
         }
@@ -140,8 +147,10 @@ impl App {
             (shared.lease.clone(), shared.budget.clone(), shared.metrics.clone(), shared.control.flag());
         let send =
             Arc::new(SendContext::new(&config.smtp, config.retry.clone(), lease, budget, metrics, composer, paused)?);
+        // In the sandbox, the report stage hands stored outcomes to the simulator's mailbox.
+        let (simulator, mailbox) = shared.sandbox(&config).unzip();
         // Before the HTTP state, which publishes the status messages of letters an operator cancels.
-        let report = shared.report(&config);
+        let report = shared.report(&config, simulator);
         let posts = PostDoor::new(&config, &shared.store, shared.metrics.clone())?;
         retry_at_start("preparing the Idempotency-Key collection", || posts.keys.prepare()).await?;
         let consuming = Arc::new(AtomicBool::new(false));
@@ -190,7 +199,7 @@ impl App {
         let report_stage = supervisor.spawn("report", &shutdown, report.clone().run(outcomes_rx, shutdown.clone()));
         // The chores run until `background` fires, after the workers and the report stage.
         let background = CancellationToken::new();
-        let chores = shared.chores(&config, report, suppression_consumer, &supervisor, &background);
+        let chores = shared.chores(&config, report, suppression_consumer, mailbox, &supervisor, &background);
 
         let ingest_failure = until_shutdown(ingest, &shutdown).await;
         tracing::info!(
@@ -292,8 +301,27 @@ impl Shared {
         Shared { store, producer, metrics, control, owner, suppressions, lease, budget }
     }
 
-    fn report(&self, config: &Config) -> Report {
+    /// `SMTP_SANDBOX`'s simulator addresses, whose events take the real events' path.
+    fn sandbox(
+        &self,
+        config: &Config,
+    ) -> Option<(crate::feedback::sandbox::Simulator, crate::feedback::sandbox::Mailbox)> {
+        if !config.smtp.sandbox {
+            return None;
+        }
+        let feedback = crate::feedback::Feedback {
+            store: self.store.feedback(config.kafka.message_timeout + Duration::from_secs(10)),
+            suppressions: self.suppressions.clone(),
+            producer: self.producer.clone(),
+            topic: config.feedback.topic.clone(),
+            metrics: self.metrics.clone(),
+        };
+        Some(crate::feedback::sandbox::Simulator::new(feedback))
+    }
+
+    fn report(&self, config: &Config, sandbox: Option<crate::feedback::sandbox::Simulator>) -> Report {
         Report {
+            sandbox,
             store: self.store.clone(),
             producer: self.producer.clone(),
             topic: config.kafka.topic_out.clone(),
@@ -353,6 +381,7 @@ impl Shared {
             store: self.store.clone(),
             topic_in: config.kafka.topic_in.clone(),
             relays: send.relays.clone(),
+            sandbox: config.smtp.sandbox,
             admin_token: config.http.admin_token.clone(),
             admin_networks: config.http.admin_networks.clone(),
             control: self.control.clone(),
@@ -391,10 +420,15 @@ impl Shared {
         config: &Config,
         report: Report,
         suppression_consumer: rdkafka::consumer::StreamConsumer,
+        sandbox: Option<crate::feedback::sandbox::Mailbox>,
         supervisor: &Supervisor,
         until: &CancellationToken,
     ) -> TaskTracker {
         let chores = TaskTracker::new();
+        // After the report stage, so the events of its last outcomes are still made.
+        if let Some(mailbox) = sandbox {
+            chores.spawn(supervisor.watch("the sandbox's mailbox", until, mailbox.run(until.clone())));
+        }
         let expiry = crate::pipeline::expiry::run(report.clone(), until.clone());
         chores.spawn(supervisor.watch("expiry", until, expiry));
         let republish = report.republish(
