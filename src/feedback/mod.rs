@@ -19,10 +19,11 @@
 //! Still to come, and how they fit:
 //! - The sandbox: simulator addresses whose "delivery" builds the same [`Event`]s (source
 //!   `sandbox`) and records them through [`Feedback::record`].
-//! - The reputation brake: `<collection>_feedback` holds one document per event with its time
-//!   (`time_ms`); counting hard bounces and complaints over a window against the letters sent in
-//!   it gives the rates, without a second record.
+//!
+//! The reputation brake ([`brake`]) counts the hard bounces and complaints noted on the last
+//! letters sent and pauses sending when a rate crosses its limit.
 
+pub mod brake;
 pub mod listener;
 pub mod report;
 pub mod return_path;
