@@ -455,6 +455,14 @@ impl Shared {
         };
         chores.spawn(supervisor.watch("the suppression topic", until, topic.run(until.clone())));
         chores.spawn(supervisor.watch("the control watch", until, self.control.clone().watch(until.clone())));
+        let brake = crate::feedback::brake::Brake {
+            store: self.store.feedback(config.kafka.message_timeout + Duration::from_secs(10)),
+            control: self.control.clone(),
+            metrics: self.metrics.clone(),
+            config: config.feedback.brake.clone(),
+            instance_id: config.instance_id.clone(),
+        };
+        chores.spawn(supervisor.watch("the reputation brake", until, brake.run(until.clone())));
         let gauge = refresh_status_gauge(self.store.clone(), self.metrics.clone(), until.clone());
         chores.spawn(supervisor.watch("the status gauge", until, gauge));
         chores.close();

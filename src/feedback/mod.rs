@@ -20,11 +20,10 @@
 //! addresses make [`Event`]s with the source `sandbox`, recorded through [`Feedback::record`]
 //! once their letter's outcome is stored.
 //!
-//! Still to come, and how it fits:
-//! - The reputation brake: `<collection>_feedback` holds one document per event with its time
-//!   (`time_ms`); counting hard bounces and complaints over a window against the letters sent in
-//!   it gives the rates, without a second record.
+//! The reputation brake ([`brake`]) counts the hard bounces and complaints noted on the last
+//! letters sent and pauses sending when a rate crosses its limit.
 
+pub mod brake;
 pub mod listener;
 pub mod report;
 pub mod return_path;

@@ -136,11 +136,22 @@ pub const ENDPOINTS: [&str; 13] = [
 ];
 
 async fn index(State(state): State<Arc<HttpState>>) -> Json<Value> {
+    let control = state.control.state();
+    // Why, by whom and since when, while paused (the reputation brake writes its rates here).
+    let pause = control.paused.then(|| {
+        json!({
+            "cause": control.cause,
+            "reason": control.reason,
+            "by": control.updated_by,
+            "since_ms": control.updated_ms,
+        })
+    });
     Json(json!({
         "service": "mailsender",
         "version": env!("CARGO_PKG_VERSION"),
         "paused": state.control.is_paused(),
         "sandbox": state.sandbox,
+        "pause": pause,
         "endpoints": ENDPOINTS,
     }))
 }

@@ -108,6 +108,8 @@ impl Store {
             IndexModel::builder().keys(doc! { "status": 1, "not_after_ms": 1 }).build(),
             IndexModel::builder().keys(doc! { "owner": 1, "status": 1 }).build(),
             IndexModel::builder().keys(doc! { "unreported": 1 }).build(),
+            // The reputation brake's window: the last letters sent (`FeedbackStore::brake_window`).
+            IndexModel::builder().keys(doc! { "status": 1, "updated_ms": 1 }).build(),
         ];
         self.count("createIndexes", 1);
         self.count("update", 1);
