@@ -393,6 +393,7 @@ impl Shared {
             readiness: Default::default(),
             budget: self.budget.clone(),
             posts,
+            attachments: config.kafka.attachments,
         })
     }
 

@@ -37,6 +37,11 @@ pub struct MailingExtra {
     /// The producer's own strings, echoed in every status message and feedback event.
     #[serde(rename = "Metadata", alias = "metadata", default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
+
+    /// Files and inline images, checked by `crate::attachments::check` (not by [`Self::check`],
+    /// which has no limits to check them against).
+    #[serde(rename = "Attachments", alias = "attachments", default, skip_serializing_if = "Option::is_none")]
+    pub attachments: Option<Value>,
 }
 
 /// [`MailingExtra`] checked: times in Unix milliseconds, metadata as strings.
@@ -75,6 +80,7 @@ impl MailingExtra {
             not_after: time(not_after_ms),
             metadata: (!metadata.is_empty())
                 .then(|| Value::Object(metadata.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect())),
+            attachments: None,
         }
     }
 }

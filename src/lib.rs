@@ -4,6 +4,7 @@
 
 pub mod address;
 pub mod app;
+pub mod attachments;
 pub mod budget;
 pub mod chore;
 pub mod clock;

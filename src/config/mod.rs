@@ -25,7 +25,7 @@ pub use self::{
     dispatch::{ChoreConfig, DispatchConfig, RetryConfig},
     feedback::FeedbackConfig,
     http::{HttpConfig, Network},
-    kafka::KafkaConfig,
+    kafka::{AttachmentLimits, KafkaConfig},
     mongo::{MongoConfig, MongoTarget},
     smtp::{DEFAULT_RELAY_BREAKER_COOLDOWN, DEFAULT_RELAY_BREAKER_FAILURES, SmtpConfig},
 };

@@ -136,7 +136,9 @@ impl Ingest {
                 let stamp = message.timestamp().to_millis().map(|ms| format!("@{ms}")).unwrap_or_default();
                 for (index, mailing) in mailings.into_iter().enumerate() {
                     let source = format!("{}/{partition}/{offset}/{index}{stamp}", self.config.topic_in);
-                    pending.letters.push(Letter::from_mailing(mailing, message.key(), source, now));
+                    let letter =
+                        Letter::from_mailing_within(mailing, message.key(), source, now, &self.config.attachments);
+                    pending.letters.push(letter);
                     pending.origins.push((partition, offset));
                 }
             }
@@ -287,13 +289,18 @@ impl Ingest {
 
 /// The letter as a one-mailing batch, the shape its producer sent.
 fn mailing_payload(letter: &Letter) -> Vec<u8> {
-    let mailing = Mailing {
+    let mut mailing = Mailing {
         subject: letter.subject.clone(),
         body: letter.body.clone(),
         addresses: letter.addresses.clone(),
         token: letter.token.clone(),
         extra: crate::lanes::MailingExtra::from_stored(letter.send_at_ms, letter.not_after_ms, &letter.metadata),
     };
+    // Attachments (issue 19), in the shape the producer sent them.
+    if !letter.attachments.is_empty() {
+        mailing.extra.attachments =
+            Some(serde_json::Value::Array(letter.attachments.iter().map(|a| a.to_json()).collect()));
+    }
     serde_json::to_vec(&[mailing]).unwrap_or_default()
 }
 
