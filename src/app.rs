@@ -179,7 +179,8 @@ impl App {
         let letters_rx = Arc::new(LaneQueue::new(config.dispatch.bulk_share, shared.fairness.clone()));
         let (outcomes_tx, outcomes_rx) = mpsc::channel(512);
         let dispatcher = shared.dispatcher(&config, wakes);
-        let dispatcher = supervisor.spawn("dispatcher", &shutdown, dispatcher.run(letters_rx.clone(), shutdown.clone()));
+        let dispatcher =
+            supervisor.spawn("dispatcher", &shutdown, dispatcher.run(letters_rx.clone(), shutdown.clone()));
         let (workers, abort) = (TaskTracker::new(), CancellationToken::new());
         for id in 0..config.smtp.max_senders {
             let worker = Worker::new(id, send.clone());
@@ -349,9 +350,9 @@ impl Shared {
             memory: Memory::new(config.dispatch.max_bytes),
             suppressions: self.suppressions.clone(),
             // As much again as one regular claim, for the letters that go first.
-            express: Express {
-                wake: wakes.express,
-                capacity: Arc::new(Semaphore::new(Dispatcher::low_water(&config.dispatch, capacity))),
+            express: {
+                let size = Dispatcher::low_water(&config.dispatch, capacity);
+                Express { wake: wakes.express, capacity: Arc::new(Semaphore::new(size)), size }
             },
             fairness: self.fairness.clone(),
         }

@@ -10,9 +10,10 @@
 //! beside the campaign's next letter instead of behind its last. The claim then stays one sorted
 //! find per lane on `{status, lane, vt, due_ms}`.
 //!
-//! A letter not due yet when it is stored (`SendAt` ahead) and a retry sort after the fair part,
-//! by due time (`SCHEDULED + due_ms`), so the claim's range on `vt` ends at "due now" and never
-//! walks the letters held for later.
+//! A letter not due yet when it is stored (`SendAt` ahead) sorts after the fair part, by due time
+//! (`SCHEDULED + due_ms`), so the claim's range on `vt` ends at "due now" and never walks the
+//! letters held for later. A retry keeps its place: due again, it goes before the letters placed
+//! after it; until then the claim passes over it in the index (`due_ms` is in the key).
 
 use std::{
     collections::HashMap,

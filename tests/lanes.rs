@@ -290,12 +290,16 @@ async fn transactional_letters_overtake_a_bulk_backlog_under_a_rate_limit() {
         (received.iter().filter(|r| is(r, "otp")).count() == 3).then_some(received)
     })
     .await;
+    // Counted in letters, not milliseconds, so a loaded machine does not change the verdict:
+    // what goes before a code is what the workers already held and what was sent while Kafka,
+    // ingest and one claim took their time (at 20 letters/s, a unit every 50 ms); behind the
+    // backlog it would be the rest of the 300.
     for (i, produced) in produced.iter().enumerate() {
-        let code = received.iter().find(|r| is(r, &format!("otp{i}"))).unwrap();
-        let waited = (code.eod_ts * 1000.0) as i64 - produced;
-        // At 20 letters/s a unit comes every 50 ms; the rest is Kafka, ingest and one claim (the
-        // bound leaves room for a loaded machine; behind the backlog it would be 15 s).
-        assert!(waited < 5_000, "code {i} reached the relay {waited} ms after it was produced");
+        let code = received.iter().position(|r| is(r, &format!("otp{i}"))).unwrap();
+        let after_produce = |r: &&Received| (r.eod_ts * 1000.0) as i64 >= *produced;
+        let overtaken = received[..code].iter().filter(after_produce).filter(|r| is(r, "news")).count();
+        let waited = (received[code].eod_ts * 1000.0) as i64 - produced;
+        assert!(overtaken < 30, "{overtaken} bulk letters went between code {i}'s produce and it ({waited} ms)");
     }
     let last_code = received.iter().rposition(|r| is(r, "otp")).unwrap();
     let news_before = received[..last_code].iter().filter(|r| is(r, "news")).count();
@@ -349,9 +353,12 @@ async fn a_small_batch_interleaves_with_a_large_one() {
     .await;
     let last_small = received.iter().rposition(|r| is(r, "small")).unwrap();
     let took = (received[last_small].eod_ts * 1000.0) as i64 - produced;
-    assert!(took < 5_000, "the small batch's last letter reached the relay {took} ms after it was produced");
-    let big_before = received[..last_small].iter().filter(|r| is(r, "big")).count();
-    assert!(big_before < 200, "{big_before} of the campaign's 500 letters went before the small batch's last");
+    // Counted in letters, so a loaded machine does not change the verdict: about one campaign
+    // letter beside each small one, and those the workers held; first-come-first-served would
+    // send the rest of the 500 first.
+    let after_produce = |r: &&Received| (r.eod_ts * 1000.0) as i64 >= produced;
+    let big_meanwhile = received[..last_small].iter().filter(after_produce).filter(|r| is(r, "big")).count();
+    assert!(big_meanwhile < 60, "{big_meanwhile} campaign letters went before the small batch's last ({took} ms)");
     // Interleaved, not first-come-first-served: the campaign kept sending meanwhile.
     let first_small = received.iter().position(|r| is(r, "small")).unwrap();
     let big_between = received[first_small..last_small].iter().filter(|r| is(r, "big")).count();
@@ -371,7 +378,10 @@ async fn bad_lanes_tenants_and_weights_are_refused_and_fail_only_their_own_lette
         (json!({ "Weight": "heavy" }), "Weight must be a number from 0.01 to 1000, not a string"),
     ];
     for (extra, expected) in &bad {
-        let body = json!([mailing("fine", json!({ "Lane": "transactional", "Tenant": "t", "Weight": 2 })), mailing("bad", extra.clone())]);
+        let body = json!([
+            mailing("fine", json!({ "Lane": "transactional", "Tenant": "t", "Weight": 2 })),
+            mailing("bad", extra.clone())
+        ]);
         let (code, answer) = app.post("/post", body.to_string()).await;
         assert_eq!(code, 400, "{extra}: {answer}");
         let error = answer["error"].as_str().unwrap();

@@ -236,6 +236,8 @@ pub struct Dispatcher {
 pub struct Express {
     pub wake: Arc<Notify>,
     pub capacity: Arc<Semaphore>,
+    /// The capacity's size.
+    pub size: usize,
 }
 
 /// Why a claim took nothing.
@@ -285,6 +287,10 @@ impl Dispatcher {
 
     async fn claim_loop(&self, queue: &LaneQueue, shutdown: &CancellationToken) {
         let mut failures = 0u32;
+        // The last express claim took all it could: more such letters wait, and the next express
+        // claim comes as soon as half its capacity is free again.
+        let mut express_more = false;
+        let express_half = (self.express.size / 2).max(1);
         loop {
             if self.control.is_paused() {
                 tokio::select! {
@@ -304,6 +310,12 @@ impl Dispatcher {
                     Some(permits) => (permits, true),
                     None => continue,
                 },
+                permit = self.express.capacity.clone().acquire_many_owned(express_half as u32), if express_more => {
+                    match permit {
+                        Ok(permit) => (split(permit, express_half), true),
+                        Err(_) => break,
+                    }
+                }
                 permit = self.capacity.clone().acquire_many_owned(self.low_water as u32) => match permit {
                     Ok(permit) => (split(permit, self.low_water), false),
                     Err(_) => break,
@@ -337,7 +349,12 @@ impl Dispatcher {
             }
             // An express claim takes only the bulk letters that go before those held.
             let bulk_before = express.then(|| queue.last_vt(Lane::Bulk).unwrap_or(f64::MIN));
-            match self.claim_once(queue, permits, room, bulk_before, backoff(failures + 1)).await {
+            let asked = permits.len();
+            let claimed = self.claim_once(queue, permits, room, bulk_before, backoff(failures + 1)).await;
+            if express {
+                express_more = matches!(claimed, Ok(n) if n == asked);
+            }
+            match claimed {
                 Ok(0) if express => {}
                 Ok(0) => {
                     failures = 0;

@@ -627,10 +627,10 @@ fn outcome_statement(owner: &str, record: &AttemptRecord, now_ms: i64) -> Docume
         Outcome::Retry { reason, due_ms } => {
             set.insert("status", Status::Awaiting.as_str());
             set.insert("error", reason);
+            // It keeps its place in the fair order (`vt`): due again, it goes before the letters
+            // placed after it, instead of behind a whole campaign. Until then the claim passes
+            // over it in the index (`due_ms` is in the key); failing letters are few.
             set.insert("due_ms", *due_ms);
-            // Among the letters held for later, not in the fair part: the claim's range on
-            // `vt` then never walks it before it is due.
-            set.insert("vt", scheduled_vt(*due_ms));
         }
         Outcome::Released => {
             set = doc! { "status": Status::Awaiting.as_str(), "due_ms": now_ms, "updated_ms": now_ms };
@@ -728,9 +728,10 @@ mod tests {
     #[test]
     fn a_claim_takes_transactional_letters_first_and_keeps_bulk_its_share() {
         let lanes = LaneClaim { bulk_share: 0.1, bulk_before: None };
-        let (urgent, bulk) = (|n: usize| (0..n).map(|i| format!("t{i}")).collect::<Vec<_>>(), |n: usize| {
-            (0..n).map(|i| format!("b{i}")).collect::<Vec<_>>()
-        });
+        let (urgent, bulk) = (
+            |n: usize| (0..n).map(|i| format!("t{i}")).collect::<Vec<_>>(),
+            |n: usize| (0..n).map(|i| format!("b{i}")).collect::<Vec<_>>(),
+        );
         let taken = lanes.merge(20, urgent(30), bulk(30));
         assert_eq!(taken.iter().filter(|id| id.starts_with('b')).count(), 2, "{taken:?}");
         assert_eq!(taken[..18], urgent(18)[..], "transactional first");
