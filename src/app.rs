@@ -32,11 +32,13 @@ use crate::{
     kafka::{self, IngestConsumer, StatusProducer},
     metrics::{Metrics, StatusLabel},
     pipeline::{
-        dispatch::{Dispatcher, LeaseClock, Memory},
+        dispatch::{Dispatcher, Express, LeaseClock, Memory},
         ingest::Ingest,
+        queue::LaneQueue,
         report::Report,
         send::{SendContext, Worker},
     },
+    priority::Fairness,
     store::Store,
 };
 
@@ -181,12 +183,13 @@ impl App {
 
         // Every stage below runs supervised: see [`Supervisor`].
         let supervisor = Supervisor::new(&config, &shutdown);
-        let wake = Arc::new(Notify::new());
-        let ingest = tokio::spawn(shared.ingest(&config, consumer, &wake, consuming).run(shutdown.clone()));
-        let (letters_tx, letters_rx) = async_channel::bounded(config.smtp.max_senders);
+        let wakes = Wakes { wake: Arc::new(Notify::new()), express: Arc::new(Notify::new()) };
+        let ingest = tokio::spawn(shared.ingest(&config, consumer, &wakes, consuming).run(shutdown.clone()));
+        let letters_rx = Arc::new(LaneQueue::new(config.dispatch.bulk_share, shared.fairness.clone()));
         let (outcomes_tx, outcomes_rx) = mpsc::channel(512);
-        let dispatcher = shared.dispatcher(&config, wake);
-        let dispatcher = supervisor.spawn("dispatcher", &shutdown, dispatcher.run(letters_tx, shutdown.clone()));
+        let dispatcher = shared.dispatcher(&config, wakes);
+        let dispatcher =
+            supervisor.spawn("dispatcher", &shutdown, dispatcher.run(letters_rx.clone(), shutdown.clone()));
         let (workers, abort) = (TaskTracker::new(), CancellationToken::new());
         for id in 0..config.smtp.max_senders {
             let worker = Worker::new(id, send.clone());
@@ -277,6 +280,14 @@ struct Shared {
     suppressions: Suppressions,
     lease: Arc<LeaseClock>,
     budget: Arc<Budget>,
+    /// The lanes' virtual clocks and the flows' places (`crate::priority`).
+    fairness: Arc<Fairness>,
+}
+
+/// How ingest wakes the dispatcher: any stored letter, and one that goes before those held.
+struct Wakes {
+    wake: Arc<Notify>,
+    express: Arc<Notify>,
 }
 
 impl Shared {
@@ -298,7 +309,7 @@ impl Shared {
             paced_per_s = budget.plan().rate(),
             "sending budget shared through MongoDB"
         );
-        Shared { store, producer, metrics, control, owner, suppressions, lease, budget }
+        Shared { store, producer, metrics, control, owner, suppressions, lease, budget, fairness: Arc::default() }
     }
 
     /// `SMTP_SANDBOX`'s simulator addresses, whose events take the real events' path.
@@ -336,7 +347,7 @@ impl Shared {
         &self,
         config: &Config,
         consumer: Arc<IngestConsumer>,
-        wake: &Arc<Notify>,
+        wakes: &Wakes,
         running: Arc<AtomicBool>,
     ) -> Ingest {
         Ingest {
@@ -345,13 +356,15 @@ impl Shared {
             store: self.store.clone(),
             config: config.kafka.clone(),
             metrics: self.metrics.clone(),
-            wake: wake.clone(),
+            wake: wakes.wake.clone(),
+            express: wakes.express.clone(),
+            fairness: self.fairness.clone(),
             running,
         }
     }
 
     /// Holds no more letters than the budget lets the workers send within half a lease.
-    fn dispatcher(&self, config: &Config, wake: Arc<Notify>) -> Dispatcher {
+    fn dispatcher(&self, config: &Config, wakes: Wakes) -> Dispatcher {
         let capacity = Dispatcher::capacity(&config.dispatch, config.smtp.max_senders, self.budget.plan().rate());
         Dispatcher {
             store: self.store.clone(),
@@ -359,11 +372,17 @@ impl Shared {
             owner: self.owner.clone(),
             control: self.control.clone(),
             capacity: Arc::new(Semaphore::new(capacity)),
-            wake,
+            wake: wakes.wake,
             lease: self.lease.clone(),
             low_water: Dispatcher::low_water(&config.dispatch, capacity),
             memory: Memory::new(config.dispatch.max_bytes),
             suppressions: self.suppressions.clone(),
+            // As much again as one regular claim, for the letters that go first.
+            express: {
+                let size = Dispatcher::low_water(&config.dispatch, capacity);
+                Express { wake: wakes.express, capacity: Arc::new(Semaphore::new(size)), size }
+            },
+            fairness: self.fairness.clone(),
         }
     }
 

@@ -19,6 +19,7 @@ pub mod lanes;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod priority;
 pub mod retention;
 pub mod smtp;
 pub mod store;

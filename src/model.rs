@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{address::Recipient, smtp::message::check_subject};
 
 /// What a producer must send, quoted in every rejection so the fix is obvious.
-pub const EXPECTED_BATCH: &str = r#"a non-empty JSON array of mailings, each {"Subject": string, "Body": string (HTML), "Addresses": [string, ...] (at least one mailbox), "Token": string, optionally "SendAt" and "NotAfter": RFC 3339 time strings, "Metadata": {string: string} (at most 16 keys, 1024 bytes), "Attachments": [{"FileName": string, "ContentType": string, "Content": base64 string, "ContentId": string for an inline image}, ...]}"#;
+pub const EXPECTED_BATCH: &str = r#"a non-empty JSON array of mailings, each {"Subject": string, "Body": string (HTML), "Addresses": [string, ...] (at least one mailbox), "Token": string, optionally "SendAt" and "NotAfter": RFC 3339 time strings, "Metadata": {string: string} (at most 16 keys, 1024 bytes), "Attachments": [{"FileName": string, "ContentType": string, "Content": base64 string, "ContentId": string for an inline image}, ...], "Lane": "transactional" or "bulk", "Tenant": string, "Weight": number from 0.01 to 1000}"#;
 
 /// One element of an input batch. Go's JSON decoder matched keys case-insensitively, so the
 /// lower-case spellings that producers may rely on are accepted too.
@@ -222,6 +222,19 @@ pub struct Letter {
     /// The mailing's `Attachments`, decoded; absent on Go-era letters and letters without any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<crate::attachments::Attachment>,
+    /// The mailing's `Lane`; Go-era letters are bulk (`crate::priority`).
+    #[serde(default)]
+    pub lane: crate::priority::Lane,
+    /// The letter's place in its lane's fair order, given at ingest (`priority::Fairness::tag`);
+    /// the claim takes the lowest due first.
+    #[serde(default)]
+    pub vt: f64,
+    /// The mailing's `Tenant`: its letters share one fair share, whatever their Kafka keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The mailing's `Weight` (absent: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
 }
 
 /// One feedback event as stored on its letter (see `crate::feedback::Event`).
@@ -260,6 +273,7 @@ impl Letter {
         let failed = checked.error.is_some();
         // Invalid values already failed the letter (`validate`); it then keeps none of them.
         let timing = mailing.extra.check().unwrap_or_default();
+        let priority = mailing.extra.priority().unwrap_or_default();
         let mut letter = Letter {
             id: ObjectId::new(),
             addresses: mailing.addresses,
@@ -292,6 +306,10 @@ impl Letter {
             not_after_ms: timing.not_after_ms,
             metadata: timing.metadata,
             attachments: checked.attachments,
+            lane: priority.lane,
+            vt: 0.0,
+            tenant: priority.tenant,
+            weight: (priority.weight != 1.0).then_some(priority.weight),
         };
         letter.size_bytes = letter.text_bytes() as i64;
         letter
@@ -339,6 +357,10 @@ impl Letter {
             not_after_ms: self.not_after_ms,
             metadata: self.metadata.clone(),
             attachments: Vec::new(),
+            lane: self.lane,
+            vt: self.vt,
+            tenant: self.tenant.clone(),
+            weight: self.weight,
         }
     }
 

@@ -582,6 +582,10 @@ fn letter_view(letter: &Letter) -> Value {
         "send_at_ms": letter.send_at_ms,
         "not_after_ms": letter.not_after_ms,
         "metadata": letter.metadata,
+        "lane": letter.lane,
+        "tenant": letter.tenant,
+        "weight": letter.weight,
+        "vt": letter.vt,
         "recipients": recipients,
     })
 }

@@ -21,6 +21,7 @@ use tracing::Instrument;
 use super::{
     dispatch::{Claimed, LeaseClock},
     policy::{self, AttemptReport, Failure},
+    queue::LaneQueue,
     rate_limit::RateLimit,
     report::Attempted,
 };
@@ -139,7 +140,7 @@ impl Worker {
     /// `abort` fires (the shutdown deadline passed).
     pub async fn run(
         mut self,
-        letters: async_channel::Receiver<Claimed>,
+        letters: Arc<LaneQueue>,
         outcomes: mpsc::Sender<Attempted>,
         shutdown: CancellationToken,
         abort: CancellationToken,
@@ -151,9 +152,9 @@ impl Worker {
             let claimed = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                claimed = letters.recv() => match claimed {
-                    Ok(claimed) => claimed,
-                    Err(_) => break,
+                claimed = letters.pop() => match claimed {
+                    Some(claimed) => claimed,
+                    None => break,
                 },
             };
             self.ctx.limiter.note_received(!letters.is_empty());
