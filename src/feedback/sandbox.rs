@@ -108,7 +108,9 @@ impl Simulator {
         for record in batch {
             let done = matches!(record.outcome, Outcome::Sent | Outcome::Failed { .. });
             if done && record.letter.delivered.iter().any(|a| simulated(a).is_some()) {
-                let letter = Letter { body: String::new(), ..record.letter.clone() };
+                // Without its body: the events need the letter's identity, not its text.
+                let mut letter = record.letter.clone();
+                letter.body = String::new();
                 if self.letters.send(letter).is_err() {
                     tracing::warn!(letter_id = %record.letter.id, "the sandbox's mailbox has stopped; simulated events not made");
                 }
