@@ -248,6 +248,9 @@ enum ClaimError {
 }
 
 /// The pause after `failures` failed claims in a row.
+/// How often letters without a lane (written by the Go service) are made claimable.
+const ADOPT_EVERY: Duration = Duration::from_secs(5);
+
 fn backoff(failures: u32) -> Duration {
     Duration::from_millis(200 * 2u64.pow(failures.min(5)))
 }
@@ -467,7 +470,19 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) {
         let (store, config, owner, lease) = (&store, &config, &owner, &lease);
-        chore("lease maintenance", config.lease / 3, shutdown, move || async move {
+        // Letters the Go service (or a version before the lanes) writes during a rolling update
+        // have no lane nor place, so the claim's index does not see them until they are adopted:
+        // every few seconds, not every third of the lease (40 s with a 120 s lease held them that
+        // long). Two indexed updates per round.
+        let adopt =
+            chore("adopting Go-era letters", ADOPT_EVERY.min(config.lease / 3), shutdown.clone(), move || async move {
+                match store.adopt_legacy().await {
+                    Ok(0) => {}
+                    Ok(adopted) => tracing::info!(adopted, "letters written by the Go service made claimable"),
+                    Err(error) => tracing::warn!(error = format!("{error:#}"), "adopting Go-era letters failed"),
+                }
+            });
+        let maintain = chore("lease maintenance", config.lease / 3, shutdown, move || async move {
             if let Err(error) = store.sync_clock().await {
                 tracing::warn!(error = format!("{error:#}"), "measuring MongoDB's clock failed");
             }
@@ -495,18 +510,13 @@ impl Dispatcher {
                 }
                 Err(error) => tracing::warn!(error = format!("{error:#}"), "renewing leases failed"),
             }
-            match store.adopt_legacy().await {
-                Ok(0) => {}
-                Ok(adopted) => tracing::info!(adopted, "letters written by the Go service made claimable"),
-                Err(error) => tracing::warn!(error = format!("{error:#}"), "adopting Go-era letters failed"),
-            }
             match store.reap_expired(now).await {
                 Ok(0) => {}
                 Ok(reaped) => tracing::info!(reaped, "returned letters with expired leases to awaiting"),
                 Err(error) => tracing::warn!(error = format!("{error:#}"), "reaping expired leases failed"),
             }
-        })
-        .await;
+        });
+        tokio::join!(adopt, maintain);
     }
 }
 
