@@ -131,6 +131,20 @@ impl Store {
             // The claim: per lane, in fair order, due ones only; `due_ms` in the key so a letter
             // not due yet is passed over without reading it (`due_ids`).
             IndexModel::builder().keys(doc! { "status": 1, "lane": 1, "vt": 1, "due_ms": 1 }).build(),
+            // Not for MongoDB, whose planner takes the claim's index above; a partial index of
+            // the few transactional letters costs it one small key each. The local stack's
+            // Mongo-wire server (nx-27017 on SQLite) matches an equality against arrays too
+            // unless some index ends with the field, so without one its `lane` could not use
+            // the claim's index: each lane's claim sorted every due letter, 150-220 ms at 20,000
+            // waiting against 4-18 ms with it, and the bench's campaign went at 13/s, not 100/s.
+            IndexModel::builder()
+                .keys(doc! { "lane": 1 })
+                .options(
+                    IndexOptions::builder()
+                        .partial_filter_expression(doc! { "lane": Lane::Transactional.as_str() })
+                        .build(),
+                )
+                .build(),
             // Awaiting letters past their `NotAfter`, whatever their due time (`expire_awaiting`).
             IndexModel::builder().keys(doc! { "status": 1, "not_after_ms": 1 }).build(),
             IndexModel::builder().keys(doc! { "owner": 1, "status": 1 }).build(),
