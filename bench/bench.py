@@ -1005,7 +1005,7 @@ def run_backlog(ctx, run, backlog):
 
 
 def lanes_service(ctx, name, sink):
-    """Figures 12 and 13: a service at figure 5's budget (100/1 s, burst 1) with `ctx.lanes_backlog` letters of
+    """Figures 13 and 14: a service at figure 5's budget (100/1 s, burst 1) with `ctx.lanes_backlog` letters of
     one campaign (one Kafka key, batches of 500) stored and being sent."""
     svc = Service(ctx, name, sink.port, overrides={
         "SMTP_RATE_LIMIT_PERIOD": "1s", "SMTP_RATE_LIMIT_MAX_LETTERS": str(ctx.rate_limit), "SMTP_RATE_LIMIT_BURST": "1"})
@@ -1030,7 +1030,7 @@ def eod(record):
 
 
 def run_lanes_urgent(ctx, run):
-    """Figure 12: transactional letters, one every 200 ms, while the campaign's backlog waits at 100/s: time from
+    """Figure 13: transactional letters, one every 200 ms, while the campaign's backlog waits at 100/s: time from
     producing each to the sink's end of data."""
     sink = Sink(ctx, f"lu{run}")
     svc = collector = None
@@ -1069,7 +1069,7 @@ def run_lanes_urgent(ctx, run):
 
 
 def run_lanes_small(ctx, run):
-    """Figure 13: a 10-letter batch (a key of its own) produced behind the campaign's backlog: time from producing it
+    """Figure 14: a 10-letter batch (a key of its own) produced behind the campaign's backlog: time from producing it
     to the sink's end of data of its last letter."""
     sink = Sink(ctx, f"ls{run}")
     svc = collector = None

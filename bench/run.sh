@@ -6,7 +6,7 @@
 #   --quick        1 run per figure and smaller sizes (a few minutes); default: full mode, 3 runs, medians
 #   --runs N       runs per figure (overrides the mode's default)
 #   --senders N    SMTP_MAX_SENDERS, and the bare client's concurrency for the sink ceiling (default 8)
-#   --figures L    only these figures (1..12; 1, 2 and 8 share their runs)
+#   --figures L    only these figures (1..14; 1, 2 and 8 share their runs)
 #   --out FILE     results file (default bench/results.md)
 #   --keep-stack   leave the stack running afterwards (stop it with the same env and scripts/stack.sh down)
 #   --binary PATH  measure this release binary instead of building one (an A/B against another commit's build:
