@@ -247,7 +247,7 @@ impl Judged {
     ///   300 ms relay: 98.6 % of 14 a second, 84.0 % of 20): 82 %.
     /// - A replica killed: the units of the grants it held stay counted until their windows pass,
     ///   94.0 % at worst (2,000 a day, killed 1.5 s into the first window): 90 %.
-    /// - Messages of mixed sizes against the rate's exact window: 88.4-97.5 % of what the sizes
+    /// - Messages of mixed sizes against the rate's exact window: 87.9-97.5 % of what the sizes
     ///   allow in order (a message waiting for room goes a bucket and the guard after the room is
     ///   there, and each message's grant costs a round trip and a lead): 85 %.
     /// - A burst beside a quota: a unit is counted against a quota at its place on the schedule,
