@@ -177,7 +177,15 @@ impl Pool {
             return first.max(need.saturating_mul(waiting.max(1) as u32)).clamp(need, max_grant.max(need));
         }
         if let Some(since) = self.since {
-            let elapsed = now.duration_since(since).as_secs_f64();
+            let mut elapsed = now.duration_since(since).as_secs_f64();
+            // Under a quota, units this replica holds are units no other replica may have, and
+            // all of them are lost with it if it dies: the rate is measured over a lookahead at
+            // least, not over the round trip since the last grant (the second grant at 10,000/s
+            // then reserved hundreds of units of a daily 2,000, and a replica killed 1.5 s into
+            // the day stranded 232 of them).
+            if !plan.quotas.is_empty() {
+                elapsed = elapsed.max(LOOKAHEAD.as_secs_f64());
+            }
             if elapsed > 0.0 {
                 let measured = self.handed as f64 / elapsed;
                 self.rate = if self.rate == 0.0 { measured } else { 0.5 * self.rate + 0.5 * measured };

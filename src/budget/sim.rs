@@ -22,6 +22,10 @@ use crate::{config::RateUnit, metrics::Metrics};
 const SECOND: Duration = Duration::from_secs(1);
 const MINUTE: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(86_400);
+/// Where every run's server clock starts (Unix milliseconds: 2027-01-15 08:27:13.517 UTC, in no
+/// bucket's or window's step): the host's clock moved window and bucket boundaries from run to
+/// run, and with them a case's result (85.4 % against 94.2 % for one case).
+const EPOCH_MS: i64 = 1_799_998_033_517;
 
 /// One configuration of the deployment and its load.
 #[derive(Clone, Debug)]
@@ -63,12 +67,34 @@ impl fmt::Display for Case {
 /// What the relay saw: each message's end of data and its units.
 pub struct Seen {
     pub dots: Vec<(Duration, u32)>,
+    /// The same, per worker (replica after replica), in time order.
+    pub by_worker: Vec<Vec<(Duration, u32)>>,
     pub plan: Plan,
 }
 
 impl Seen {
     pub fn used(&self) -> u64 {
         self.dots.iter().map(|(_, units)| u64::from(*units)).sum()
+    }
+
+    /// Units per second the workers carry once past their start: each worker's units from its
+    /// first dot at or after `from` to its last, over that time, summed. Measured per worker over
+    /// whole rounds, since workers that start together send in step, and a count of dots in a
+    /// span of time is off by as many workers as are in step (a fifth at 2 s sends over 5 s).
+    pub fn steady_rate(&self, from: Duration) -> f64 {
+        self.by_worker
+            .iter()
+            .map(|dots| {
+                let after: Vec<&(Duration, u32)> = dots.iter().filter(|(at, _)| *at >= from).collect();
+                match (after.first(), after.last()) {
+                    (Some((first, _)), Some((last, _))) if last > first => {
+                        let units: u64 = after[1..].iter().map(|(_, units)| u64::from(*units)).sum();
+                        units as f64 / (*last - *first).as_secs_f64()
+                    }
+                    _ => 0.0,
+                }
+            })
+            .sum()
     }
 
     /// The most units any window of `width` holds (half-open windows, as a relay counts).
@@ -91,19 +117,20 @@ pub async fn run(case: &Case) -> Seen {
     let vars: Vec<(&str, &str)> = case.vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let config = smtp(&vars);
     let plan = Plan::new(&config);
-    let ledger = Arc::new(MemoryLedger::slow(Duration::from_millis(2)));
+    let ledger = Arc::new(MemoryLedger::slow(Duration::from_millis(2)).starting_at(EPOCH_MS));
     let started = Instant::now();
     let end = started + case.duration;
     let dots = Arc::new(Mutex::new(Vec::new()));
     let mut replicas = Vec::new();
     for replica in 0..case.replicas {
         let offset_ms = case.offsets_ms[replica % case.offsets_ms.len()];
-        let clock = crate::clock::Clock::starting_at(crate::clock::host_ns() + offset_ms * 1_000_000);
+        let clock = crate::clock::Clock::starting_at((EPOCH_MS + offset_ms) * 1_000_000);
         let ledger: Arc<dyn Ledger> = ledger.clone();
         let budget = Arc::new(Budget::with_clock(plan.clone(), ledger, clock, Arc::new(Metrics::new())));
         let mut workers = Vec::new();
         for worker in 0..case.workers {
             let (budget, dots, case) = (budget.clone(), dots.clone(), case.clone());
+            let id = replica * case.workers + worker;
             let unit = config.rate_unit;
             workers.push(tokio::spawn(async move {
                 let mut sent = worker;
@@ -114,7 +141,7 @@ pub async fn run(case: &Case) -> Seen {
                             RateUnit::Letter => 1,
                             RateUnit::Recipient => recipients.min(config.max_recipients as u32),
                         };
-                        send_one(&budget, cost, case.send, started, &dots).await;
+                        send_one(&budget, cost, case.send, started, id, &dots).await;
                         sent += case.workers;
                     }
                 };
@@ -132,9 +159,14 @@ pub async fn run(case: &Case) -> Seen {
     for worker in replicas.into_iter().flatten() {
         let _ = worker.await;
     }
-    let mut dots = std::mem::take(&mut *dots.lock().unwrap());
-    dots.sort();
-    Seen { dots, plan }
+    let mut all = std::mem::take(&mut *dots.lock().unwrap());
+    all.sort();
+    let mut by_worker = vec![Vec::new(); case.replicas * case.workers];
+    for (at, units, worker) in &all {
+        by_worker[*worker].push((*at, *units));
+    }
+    let dots = all.into_iter().map(|(at, units, _)| (at, units)).collect();
+    Seen { dots, by_worker, plan }
 }
 
 /// One message as a worker sends it (`RateLimit::reserve`, then `deliver`'s final dot): its
@@ -145,7 +177,8 @@ async fn send_one(
     cost: u32,
     send: Duration,
     started: Instant,
-    dots: &Mutex<Vec<(Duration, u32)>>,
+    worker: usize,
+    dots: &Mutex<Vec<(Duration, u32, usize)>>,
 ) {
     let mut ticket = budget.take(cost).await;
     let open_at = ticket.at.checked_sub(budget.lead().max(SECOND)).unwrap_or(ticket.at);
@@ -170,7 +203,7 @@ async fn send_one(
         }
     };
     if went {
-        dots.lock().unwrap().push((started.elapsed(), cost));
+        dots.lock().unwrap().push((started.elapsed(), cost, worker));
     }
     tokio::time::sleep(send - send / 2).await;
 }
@@ -183,11 +216,16 @@ pub struct Judged {
     pub bound_by: String,
     /// (window, busiest, allowed) of every window found over its limit.
     pub over: Vec<(String, u64, u64)>,
+    /// Replicas, and what their workers carry with units at every moment (see [`judge`]).
+    pub replicas: usize,
+    pub carried: u64,
     /// A replica was killed: the units of the grants it held are lost until their windows pass
-    /// (a daily quota's for the day), 85 % there (87.4 % measured with 2,000 a day, killed 1.5 s
-    /// into the first window).
+    /// (a daily quota's for the day): 94.0-94.2 % of 2,000 a day killed 1.5 s into the first
+    /// window, the worst.
     pub killed: bool,
-    pub burst_and_quota: bool,
+    /// With a burst beside a quota: what the quota lets through when, the burst spent, it frees
+    /// units only as their places on the rate's schedule pass (see [`Judged::required`]).
+    pub quota_pace: Option<u64>,
     /// Messages of different costs against a window counted exactly (a budget in recipients).
     pub mixed_sizes: bool,
 }
@@ -197,35 +235,56 @@ impl Judged {
         self.used as f64 / self.binding.max(1) as f64
     }
 
-    /// The share of the binding limit a configuration must use: 95 % of a rate or a quota. Where
-    /// the workers are the limit, each message waits for a unit placed a lead ahead (1.5 × the
-    /// slowest recent preparation), which costs several replicas with slow relays up to 12 % of
-    /// what the same workers carry with units at every moment: 85 % there, a known cost.
-    ///
-    /// With a burst and a quota together, use is not judged (the cap still is): a unit is counted
-    /// against a quota at its place on the schedule, and a burst uses units up to `BURST − 1`
-    /// intervals before their places, so the quota frees them only as their places pass (one unit
-    /// per interval of the rate). Conservative, and a known gap: such a deployment sends a
-    /// quota's worth per window only while the rate's pace allows it.
+    /// The share of the binding limit a configuration must use: 95 % of a rate or a quota, and
+    /// less only for these known gaps, each at its measured worst less a margin:
+    /// - Where the workers are the limit, each message with `BURST=1` waits for a unit placed a
+    ///   lead ahead (1.5 × the slowest recent preparation): with units at every moment (the
+    ///   reference, a budget far above the load) a message goes when ready, and a budget whose
+    ///   units its replicas hold sparsely pays half a preparation per message. Three replicas of
+    ///   four workers on a 300 ms relay at 100/s: 375 ms a message against 300, 80.0 %: 78 %.
+    /// - Several replicas whose workers carry less than twice the rate: each replica's pool holds
+    ///   units its busy workers reach late, and they pass (three replicas of four workers on a
+    ///   300 ms relay: 98.6 % of 14 a second, 84.0 % of 20): 82 %.
+    /// - A replica killed: the units of the grants it held stay counted until their windows pass,
+    ///   94.0 % at worst (2,000 a day, killed 1.5 s into the first window): 90 %.
+    /// - Messages of mixed sizes against the rate's exact window: 87.9-97.5 % of what the sizes
+    ///   allow in order (a message waiting for room goes a bucket and the guard after the room is
+    ///   there, and each message's grant costs a round trip and a lead): 85 %.
+    /// - A burst beside a quota: a unit is counted against a quota at its place on the schedule,
+    ///   and a burst uses units up to `BURST − 1` intervals before their places, so once the
+    ///   burst is spent the quota frees them only as their places pass, one per interval of the
+    ///   rate (2,000 per 24 h with a burst of 100 and 40 per 10 min: 68 of 120 in 30 min, 40 and
+    ///   then one per 43 s). Judged against that pace where it is lower than the binding limit.
     pub fn required(&self) -> f64 {
-        match self.bound_by.starts_with("the workers") {
-            _ if self.burst_and_quota => 0.0,
-            // A known gap, measured 88–94 % of what the sizes allow in order: a message waiting
-            // for room goes a bucket and the guard after the room is there, and one grant per
-            // message costs a round trip and a lead each.
+        let floor: f64 = match self.bound_by.starts_with("the workers") {
             _ if self.mixed_sizes => 0.85,
-            true => 0.85,
-            false if self.killed => 0.85,
+            true => 0.78,
+            false if self.killed => 0.90,
+            false if self.replicas > 1 && self.carried < 2 * self.binding => 0.82,
             false => 0.95,
+        };
+        match self.quota_pace {
+            Some(pace) => floor.min(0.95 * pace as f64 / self.binding.max(1) as f64),
+            None => floor,
         }
     }
 }
 
-/// Runs `case`, and the same load with an unbounded budget to measure what the workers carry,
-/// and judges the first against the limits.
-pub async fn judge(case: &Case) -> Judged {
-    let seen = run(case).await;
-    let unbounded = Case {
+/// The same load as `case`, with a budget far above it and the same burst tolerance in time: a
+/// burst lets a message go as soon as it is ready, where a unit without one is waited for a lead
+/// after it was taken, so a case with a long burst carried more than its reference without one
+/// (the 24 h budget with a burst of 2,000 read 128-167 % of it).
+fn unbounded(case: &Case) -> Case {
+    let vars: Vec<(&str, &str)> = case.vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let tolerance_ns = Plan::new(&smtp(&vars)).tolerance_ns;
+    let burst = (tolerance_ns as f64 * 40_000.0 / 1e9).ceil().clamp(0.0, 39_999.0) as u32 + 1;
+    // Where the case's own budget takes loose grants (units usable at any moment, no lead waited
+    // for), so does its reference: scheduled units read 124-146 % of it at 100,000 a second.
+    let max = match Plan::new(&smtp(&vars)).loose_max {
+        0 => 40_000,
+        _ => 1_000_000,
+    };
+    Case {
         vars: case
             .vars
             .iter()
@@ -241,25 +300,43 @@ pub async fn judge(case: &Case) -> Judged {
             // placed a lead ahead.
             .chain([
                 ("SMTP_RATE_LIMIT_PERIOD", "1s".to_owned()),
-                ("SMTP_RATE_LIMIT_MAX_LETTERS", "40000".to_owned()),
-                ("SMTP_RATE_LIMIT_BURST", "1".to_owned()),
+                ("SMTP_RATE_LIMIT_MAX_LETTERS", max.to_string()),
+                ("SMTP_RATE_LIMIT_BURST", burst.to_string()),
             ])
             .collect(),
         ..case.clone()
+    }
+}
+
+/// Runs `case`, and the same load with an unbounded budget to measure what the workers carry,
+/// and judges the first against the limits.
+pub async fn judge(case: &Case) -> Judged {
+    let seen = run(case).await;
+    let unbounded = unbounded(case);
+    // What the workers carry: the whole run where it is short, else a sample of forty rounds
+    // (a day of unbounded sends would be millions of simulated messages) and then the rate they
+    // kept past their first rounds. A sample of 5 s scaled up counted the start's wait for a first
+    // dot once per 5 s, and so took 2 s sends for a fifth slower than they are: the cases they
+    // bound read 124-197 % of it, and were not checked at all.
+    let sample = case.duration.min((5 * SECOND).max(40 * case.send));
+    let sampled = run(&Case { duration: sample, ..unbounded }).await;
+    let carried = match case.duration > sample {
+        true => {
+            let rest = (case.duration - sample).as_secs_f64();
+            sampled.used() + (sampled.steady_rate(sample / 4) * rest) as u64
+        }
+        false => sampled.used(),
     };
-    // What the workers carry, measured over a few seconds and scaled: a day of unbounded sends
-    // would be millions of simulated messages.
-    let sample = case.duration.min(5 * SECOND);
-    let sampled = run(&Case { duration: sample, ..unbounded }).await.used();
-    let carried = (sampled as f64 * case.duration.as_secs_f64() / sample.as_secs_f64()) as u64;
     let plan = &seen.plan;
     let d = case.duration.as_secs_f64();
     let period = plan.period_ns as f64 / 1e9;
     let burst = (plan.tolerance_ns / plan.interval_ns) as u64;
     // The rate: its units over the time, the burst at the start; the quotas: a full window for
     // every window that starts within the time.
-    // The rate: BURST at once, then MAX a period (one unit for the first of them).
-    let mut limits = vec![(plan.rate_label.clone(), burst + (d / period * f64::from(plan.rate_max)) as u64)];
+    // The rate: BURST at once, then MAX a period: a unit at the start of each interval that
+    // begins within the time (the first of them the burst's), so a 1/s budget over 5 s is 5 and a
+    // daily one over two days and a minute is 3 (floored, it read 150 % of 2).
+    let mut limits = vec![(plan.rate_label.clone(), burst + (d / period * f64::from(plan.rate_max)).ceil() as u64)];
     if plan.exact.is_some() {
         let costs: Vec<u32> = case.recipients.iter().map(|r| (*r).min(plan.largest_cost)).collect();
         if costs.iter().any(|c| *c != costs[0]) {
@@ -299,9 +376,32 @@ pub async fn judge(case: &Case) -> Judged {
             over.push((quota.label.clone(), busiest, u64::from(quota.limit)));
         }
     }
-    let burst_and_quota = burst > 0 && !plan.quotas.is_empty();
+    // A quota's first window, then one unit per interval of the rate (the burst spent, units
+    // are freed as their places pass).
+    let quota_pace = match burst {
+        0 => None,
+        _ => plan
+            .quotas
+            .iter()
+            .map(|quota| {
+                let after = (d - quota.window_ns as f64 / 1e9).max(0.0);
+                u64::from(quota.limit) + (after * 1e9 / plan.interval_ns as f64) as u64
+            })
+            .min()
+            .filter(|pace| *pace < binding),
+    };
     let mixed_sizes = plan.exact.is_some() && case.recipients.iter().any(|r| *r != case.recipients[0]);
-    Judged { used: seen.used(), binding, bound_by, over, killed: case.kill_at.is_some(), burst_and_quota, mixed_sizes }
+    Judged {
+        used: seen.used(),
+        binding,
+        bound_by,
+        over,
+        replicas: case.replicas,
+        carried,
+        killed: case.kill_at.is_some(),
+        quota_pace,
+        mixed_sizes,
+    }
 }
 
 /// The most units a relay counting every window exactly takes from messages of `costs` (cycled)
@@ -377,9 +477,15 @@ pub fn grid() -> Vec<Case> {
             (letters("1m", 30, 1, None), 5 * MINUTE),
             (letters("1s", 10, 1, None), 60 * SECOND),
             (letters("1s", 14, 1, None), 30 * SECOND),
+            (letters("1s", 20, 1, None), 30 * SECOND),
             (letters("10s", 10, 5, None), 2 * MINUTE),
             (letters("1s", 100, 1, Some("1000/1m")), 150 * SECOND),
             (letters("1s", 100_000, 1, None), 3 * SECOND),
+            // A burst beside a quota: the quota binds, the burst goes at once.
+            (letters("1s", 100, 50, Some("1000/1m")), 150 * SECOND),
+            (letters("10s", 10, 5, Some("30/1m")), 3 * MINUTE),
+            (letters("24h", 2000, 100, Some("40/10m")), 30 * MINUTE),
+            (letters("1s", 10_000, 1_000, Some("2000/24h")), DAY * 3 / 2),
         ]
         .into_iter()
         .map(|(vars, duration)| (vars, duration, one.clone())),
@@ -421,7 +527,9 @@ mod tests {
     async fn the_budget_holds_and_is_used_across_the_relays_configurations() {
         let mut failures = Vec::new();
         let mut worst: Option<(f64, String)> = None;
-        for case in grid() {
+        // `SIM_CASES=text` runs only the cases whose description holds it, to study one.
+        let only = std::env::var("SIM_CASES").ok();
+        for case in grid().into_iter().filter(|case| only.as_ref().is_none_or(|only| case.to_string().contains(only))) {
             let judged = judge(&case).await;
             let share = judged.share();
             println!(
@@ -448,6 +556,84 @@ mod tests {
             println!("worst configuration: {:.1} % — {case}", share * 100.0);
         }
         assert!(failures.is_empty(), "{} configuration(s) failed:\n{}", failures.len(), failures.join("\n"));
+    }
+
+    /// Two runs of one case see the same dots: every run starts from one epoch, not from the
+    /// host's clock, which moved the buckets of a quota and of the rate's exact window under a
+    /// case from run to run (85.4 % against 94.2 % of one case's binding limit).
+    #[tokio::test(start_paused = true)]
+    async fn every_run_of_a_case_sees_the_same_dots() {
+        let case = Case {
+            vars: vec![
+                var("SMTP_RATE_LIMIT_UNIT", "recipient"),
+                var("SMTP_RATE_LIMIT_PERIOD", "1s"),
+                var("SMTP_RATE_LIMIT_MAX_LETTERS", 14),
+                var("SMTP_MAX_RECIPIENTS", 50),
+                var("SMTP_QUOTAS", "100/5s"),
+            ],
+            replicas: 2,
+            workers: 4,
+            send: Duration::from_millis(50),
+            offsets_ms: vec![0, 600_000],
+            kill_at: None,
+            recipients: vec![1, 3, 10, 2, 7],
+            duration: 12 * SECOND,
+        };
+        let first = run(&case).await;
+        // The host's clock moves on between two runs, as it does between two runs of the suite.
+        std::thread::sleep(Duration::from_millis(3));
+        let second = run(&case).await;
+        assert!(first.used() > 100, "{} units in 12 s", first.used());
+        assert_eq!(first.dots, second.dots);
+    }
+
+    /// A replica killed 1.5 s into a day of 2,000 at 10,000/s strands only the units its workers
+    /// were about to use. Its second grant measured the rate over the round trip since its first
+    /// and reserved hundreds of units, and the day lost 232 of its 2,000 with it (88.4 % of the
+    /// first window).
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_killed_in_a_daily_quota_strands_few_units() {
+        let case = Case {
+            vars: vec![
+                var("SMTP_RATE_LIMIT_PERIOD", "1s"),
+                var("SMTP_RATE_LIMIT_MAX_LETTERS", 10_000),
+                var("SMTP_QUOTAS", "2000/24h"),
+            ],
+            replicas: 2,
+            workers: 8,
+            send: Duration::from_millis(50),
+            offsets_ms: vec![0],
+            kill_at: Some(Duration::from_millis(1_500)),
+            recipients: vec![1],
+            duration: 10 * MINUTE,
+        };
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert_eq!(judged.binding, 2_000, "{}", judged.bound_by);
+        assert!(judged.used >= 1_980, "{} of the day's 2,000 sent", judged.used);
+    }
+
+    /// What the workers carry is measured over the run, not over 5 s and scaled: sixteen workers
+    /// on a 2 s relay send in step, and 5 s held the start's wait for a first dot and two rounds
+    /// of their three, so the cases they bound read 124-197 % and were not checked.
+    #[tokio::test(start_paused = true)]
+    async fn what_the_workers_carry_is_measured_over_the_run() {
+        let case = Case {
+            vars: vec![var("SMTP_RATE_LIMIT_PERIOD", "1s"), var("SMTP_RATE_LIMIT_MAX_LETTERS", 14)],
+            replicas: 1,
+            workers: 16,
+            send: 2 * SECOND,
+            offsets_ms: vec![0],
+            kill_at: None,
+            recipients: vec![1],
+            duration: 150 * SECOND,
+        };
+        let judged = judge(&case).await;
+        let carried = run(&unbounded(&case)).await.used();
+        assert_eq!(judged.bound_by, "the workers");
+        let error = judged.binding as f64 / carried as f64 - 1.0;
+        assert!(error.abs() < 0.02, "judged {} against {carried} carried over the whole run", judged.binding);
+        assert!(judged.share() <= 1.02, "{} of {}", judged.used, judged.binding);
     }
 
     /// Three replicas of four workers on a 300 ms relay at 14 letters a second (the sweep's SES
