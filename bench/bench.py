@@ -1274,6 +1274,7 @@ def run_feedback(ctx, run):
         idle_a, idle_t = svc.cpu_seconds(), time.monotonic()
         time.sleep(ctx.rt_idle_seconds)
         idle_rate = (svc.cpu_seconds() - idle_a) / (time.monotonic() - idle_t)
+        mongo_a = mongo_commands(svc)
         split_a, cpu_a, t0 = proc_cpu_split(svc.pid), svc.cpu_seconds(), time.time()
         for t in threads:
             t.start()
@@ -1281,6 +1282,7 @@ def run_feedback(ctx, run):
             t.join(ctx.timeout)
         t1 = time.time()
         cpu_b, split_b = svc.cpu_seconds(), proc_cpu_split(svc.pid)
+        mongo_b = mongo_commands(svc)
         if errors:
             raise RuntimeError(f"{len(errors)} reports not taken, e.g. {errors[0]}")
         reports = answered[0]
@@ -1292,7 +1294,12 @@ def run_feedback(ctx, run):
                "cpu_ms_per_report_less_idle": ((cpu_b - cpu_a) - idle_rate * (t1 - t0)) / reports * 1000.0,
                "user_ms_per_report": (split_b[0] - split_a[0]) / reports * 1000.0,
                "sys_ms_per_report": (split_b[1] - split_a[1]) / reports * 1000.0,
-               "events": events, "unparsed": unparsed, "expected_events": len(work)}
+               "events": events, "unparsed": unparsed, "expected_events": len(work),
+               # The service's MongoDB round trips over the window per report, by command (the
+               # background chores' few included): how much of the work is batched.
+               "mongo_per_report": round((sum(mongo_b.values()) - sum(mongo_a.values())) / reports, 3),
+               "mongo_per_report_by_command": {k.strip("{}"): round((v - mongo_a.get(k, 0.0)) / reports, 3)
+                                               for k, v in mongo_b.items() if v - mongo_a.get(k, 0.0) > 0}}
         try:
             import pymongo
             client = pymongo.MongoClient(ctx.mongo_uri, serverSelectionTimeoutMS=3000)
@@ -1637,6 +1644,7 @@ def render(ctx, R, figures, quick, load_start, load_end, elapsed):
                   f"({len(FEEDBACK_FIXTURES)} per letter: hard bounce, delay, soft bounce) to signed return paths, "
                   f"{ctx.fb_clients} concurrent SMTP clients, each answered 250 once stored and published",
             f"{fmt(rate)} DSNs/s; CPU {fmt(cpu, 2)} ms per report ({fmt(cpu_less, 2)} less the idle rate); "
+            f"{fmt(med(fb, 'mongo_per_report'), 2)} MongoDB round trips per report; "
             f"every report one event, none kept unparsed: {'yes' if whole else 'no' if done else 'n/a'}",
             "— (no target)", None, value=rate, groups=("fb",))
     if 13 in figures:

@@ -12,6 +12,20 @@ use std::{
 use common::*;
 
 const LONG: Duration = Duration::from_secs(60);
+const MAILGUN_KEY: &str = "key-dashboard-signing-0123456789abcdef";
+
+/// A Mailgun webhook body signed now with [`MAILGUN_KEY`].
+fn mailgun_body(token: &str, data: serde_json::Value) -> serde_json::Value {
+    use hmac::Mac as _;
+    let timestamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(MAILGUN_KEY.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}{token}").as_bytes());
+    let signature: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    serde_json::json!({
+        "signature": { "timestamp": timestamp.to_string(), "token": token, "signature": signature },
+        "event-data": data,
+    })
+}
 
 /// Every `mailsender_…` metric name in a file.
 fn metric_names(text: &str) -> BTreeSet<String> {
@@ -64,16 +78,58 @@ async fn every_metric_of_the_dashboard_and_the_alert_rules_is_exposed() {
     }
 
     // Labelled families appear with their first sample: a refused letter for the failure reasons,
-    // Kafka statistics every second for consumer lag and stalled partitions.
+    // Kafka statistics every second for consumer lag and stalled partitions, relay webhooks for
+    // the feedback events and the webhooks' refusals and ignored events (below).
     let sink = SmtpSink::start().await;
     sink.control(serde_json::json!({ "rcpt_replies": { "refused@example.org": "550 5.1.1 no" } }));
-    let app = TestApp::spawn(&sink, &[("KAFKA_STATISTICS_INTERVAL", "1s")]).await;
+    let public = free_port();
+    let app = TestApp::spawn(
+        &sink,
+        &[
+            ("KAFKA_STATISTICS_INTERVAL", "1s"),
+            ("PUBLIC_HTTP_ADDR", &format!("127.0.0.1:{public}")),
+            ("MAILGUN_WEBHOOK_SIGNING_KEY", MAILGUN_KEY),
+            ("KAFKA_TOPIC_FEEDBACK", &unique("dashboard-feedback-")),
+        ],
+    )
+    .await;
     let mut batch = batch("dashboard", 3, 1);
     batch.as_array_mut().unwrap().push(serde_json::json!({
         "Subject": "refused", "Body": "x", "Addresses": ["refused@example.org"], "Token": "t"
     }));
     assert_eq!(app.post("/post", batch.to_string()).await.0, 202);
-    app.wait_all_final(4, LONG).await;
+    let letters = app.wait_all_final(4, LONG).await;
+
+    // Mailgun's webhook, three times: forged (a bad signature: refused), about no letter of ours
+    // (ignored), and a complaint about a letter sent here (a feedback event).
+    let url = format!("http://127.0.0.1:{public}/webhooks/mailgun");
+    let sent = letters.iter().find(|l| l.status == mailsender::model::Status::Sent).expect("a letter sent");
+    let complaint = |recipient: &str, letter_id: Option<String>| serde_json::json!({ "event": "complained", "recipient": recipient, "user-variables": { "letter_id": letter_id } });
+    let mut forged =
+        mailgun_body("token-forged-01234567890123456789012345678901234567", complaint("a@example.org", None));
+    forged["signature"]["signature"] = serde_json::json!("00".repeat(32));
+    let requests = [
+        (forged, 403),
+        (mailgun_body("token-nobody-01234567890123456789012345678901234567", complaint("a@example.org", None)), 200),
+        (
+            mailgun_body(
+                "token-letter-01234567890123456789012345678901234567",
+                complaint(&sent.addresses[0], Some(sent.id.to_hex())),
+            ),
+            200,
+        ),
+    ];
+    for (body, expected) in requests {
+        let response = reqwest::Client::new()
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        assert_eq!(status, expected, "{body}: {}", response.text().await.unwrap_or_default());
+    }
 
     // Wait (bounded) for the families that appear late, then name every one still missing.
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -9,6 +9,8 @@ mod inbound;
 
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+
 use common::*;
 use inbound::*;
 use mailsender::{feedback::return_path::ReturnPath, model::Status};
@@ -255,6 +257,104 @@ async fn bad_input_gets_a_clear_answer_and_the_listener_keeps_serving() {
     assert_eq!(
         (event["Event"].as_str(), event["LetterID"].as_str()),
         (Some("hard_bounce"), Some(id.to_hex().as_str()))
+    );
+}
+
+/// An MTA's connection left in the middle of its DATA: the first half of the message sent, the
+/// rest (and the final dot) not yet.
+struct Stalled {
+    read: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+    rest: Vec<u8>,
+}
+
+/// One SMTP reply, its continuation lines joined.
+async fn smtp_reply(read: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> String {
+    let mut text = String::new();
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(LONG, read.read_line(&mut line)).await.expect("a reply in time").unwrap();
+        assert!(n > 0, "the listener closed the connection; so far: {text}");
+        text.push_str(&line);
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return text.trim_end().to_owned();
+        }
+    }
+}
+
+/// Opens a delivery of `message` to `rcpt` and stops halfway through its data.
+async fn stall(port: u16, rcpt: &str, message: &[u8]) -> Stalled {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let mut replies = vec![smtp_reply(&mut read).await];
+    for command in
+        ["EHLO slow-mta.example".to_owned(), "MAIL FROM:<>".to_owned(), format!("RCPT TO:<{rcpt}>"), "DATA".to_owned()]
+    {
+        write.write_all(format!("{command}\r\n").as_bytes()).await.unwrap();
+        replies.push(smtp_reply(&mut read).await);
+    }
+    assert!(replies[4].starts_with("354"), "{replies:?}");
+    let mut stuffed = Vec::new();
+    for line in message.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            stuffed.push(b'.');
+        }
+        stuffed.extend_from_slice(line);
+    }
+    if !stuffed.ends_with(b"\r\n") {
+        stuffed.extend_from_slice(b"\r\n");
+    }
+    stuffed.extend_from_slice(b".\r\n");
+    let half = stuffed[..stuffed.len() / 2].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    write.write_all(&stuffed[..half]).await.unwrap();
+    write.flush().await.unwrap();
+    Stalled { read, write, rest: stuffed[half..].to_vec() }
+}
+
+impl Stalled {
+    /// Sends the rest of the message; the reply to its final dot.
+    async fn finish(mut self) -> String {
+        self.write.write_all(&self.rest).await.unwrap();
+        smtp_reply(&mut self.read).await
+    }
+}
+
+/// Connections are served in parallel: two MTAs stalled halfway through their DATA (a slow
+/// link, a large report trickling in) hold back no one, and are recorded once they finish. The
+/// listener used to read two messages at a time, so a third sender waited for its 354 until one
+/// of the stalled ones finished or timed out (ten minutes).
+#[tokio::test]
+async fn senders_stalled_in_data_hold_back_no_other_report() {
+    let sink = SmtpSink::start().await;
+    let f = start_with(&sink).await;
+    let addresses = ["nobody@hard.example", "later@slow.example", "fine@ok.example"];
+    let (id, mail_from) = send_letter(&f, &sink, "key-stall", "token-stall", &addresses).await;
+
+    let first = stall(f.port, &mail_from, &fixture("dsn-postfix-hard.eml")).await;
+    let second = stall(f.port, &mail_from, &fixture("dsn-postfix-delay.eml")).await;
+    let third =
+        tokio::time::timeout(Duration::from_secs(20), deliver(f.port, &mail_from, &fixture("dsn-postfix-soft.eml")))
+            .await
+            .expect("a third report answered while two senders are stalled in their DATA");
+    assert!(third.1.starts_with("250"), "{third:?}");
+    let event = consume(&f.topic, 1, LONG).await[0].json();
+    assert_eq!(
+        (event["Event"].as_str(), event["LetterID"].as_str()),
+        (Some("soft_bounce"), Some(id.to_hex().as_str()))
+    );
+
+    // The stalled senders finish: both reports recorded, nothing lost.
+    let (first, second) = tokio::join!(first.finish(), second.finish());
+    assert!(first.starts_with("250"), "{first}");
+    assert!(second.starts_with("250"), "{second}");
+    let events = consume(&f.topic, 3, LONG).await;
+    let mut kinds: Vec<String> = events.iter().map(|e| e.json()["Event"].as_str().unwrap().to_owned()).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["delay", "hard_bounce", "soft_bounce"]);
+    assert_eq!(
+        suppressed(&f.app.raw_documents("letters_suppressions").await),
+        [("nobody@hard.example".to_owned(), "hard_bounce".to_owned())]
     );
 }
 

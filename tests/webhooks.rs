@@ -372,12 +372,19 @@ async fn postmark_events_are_recorded_once_and_wrong_credentials_refused() {
     );
 }
 
-/// An SNS message signed with the test certificate's key (SignatureVersion 2, SHA-256).
+/// An SNS message signed with the test certificate's key (SignatureVersion 2, SHA-256), as SNS
+/// sends it now.
 fn sns_message(kind: &str, fields: Value) -> Value {
+    sns_message_at(kind, fields, std::time::SystemTime::now())
+}
+
+/// An SNS message published (and signed) at `published`.
+fn sns_message_at(kind: &str, fields: Value, published: std::time::SystemTime) -> Value {
     use rsa::{pkcs8::DecodePrivateKey as _, signature::SignatureEncoding as _, signature::Signer as _};
+    let timestamp = humantime::format_rfc3339_millis(published).to_string();
     let mut message = json!({
         "Type": kind, "MessageId": ObjectId::new().to_hex(), "TopicArn": SNS_TOPIC,
-        "Timestamp": "2026-12-01T18:54:06.655Z", "SignatureVersion": "2", "SigningCertURL": SNS_CERT_URL,
+        "Timestamp": timestamp, "SignatureVersion": "2", "SigningCertURL": SNS_CERT_URL,
     });
     for (name, value) in fields.as_object().unwrap() {
         message[name] = value.clone();
@@ -472,4 +479,87 @@ async fn ses_notifications_through_sns_are_recorded_once_and_forgeries_refused()
             "{reason}"
         );
     }
+}
+
+// Replays by time: a signature binds its timestamp; past the bound the request is refused (403)
+// and changes nothing, however well signed. Each test failed before the bound existed (SendGrid,
+// SNS) or while Mailgun's was 15 minutes.
+
+/// What every replay test checks after its stale requests: refused as stale, nothing recorded,
+/// and the same event signed now is taken (so it was the time that was refused).
+async fn check_stale_refused_then_fresh_taken(h: &Hooks, relay: &str, stale: usize, fresh: (u16, String)) {
+    let metrics = h.app.get("/metrics").await.1;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            &format!(r#"mailsender_feedback_webhook_refused_total{{relay="{relay}",reason="stale"}}"#)
+        ),
+        Some(stale as f64),
+        "{metrics}"
+    );
+    assert_eq!(fresh.0, 200, "{}", fresh.1);
+    let events = consume(&h.topic, 1, LONG).await;
+    assert_eq!(events[0].json()["Event"], "hard_bounce");
+    assert_eq!(h.app.raw_documents("letters_feedback").await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_mailgun_signature_older_than_five_minutes_is_refused() {
+    let h = start().await;
+    let url = format!("{}/webhooks/mailgun", h.public);
+    let (id, _) = send_letter(&h, "key-mg-old", "token-mg-old", &["dead@hard.example"]).await;
+    let bounce = json!({
+        "event": "failed", "severity": "permanent", "reason": "bounce", "recipient": "dead@hard.example",
+        "delivery-status": { "message": "5.1.1 The email account that you tried to reach does not exist" },
+        "user-variables": { "letter_id": id.to_hex() },
+    });
+    // Captured ten minutes ago, and signed by a clock ten minutes fast.
+    let old = mailgun_body(now_s() - 600, "token-old-0123456789012345678901234567890123456789", bounce.clone());
+    assert_eq!(post(&url, &old, &[], None).await.0, 403);
+    let ahead = mailgun_body(now_s() + 600, "token-ahead-01234567890123456789012345678901234567", bounce.clone());
+    assert_eq!(post(&url, &ahead, &[], None).await.0, 403);
+    check_nothing_yet(&h).await;
+    let fresh = mailgun_body(now_s(), "token-fresh-01234567890123456789012345678901234567", bounce);
+    check_stale_refused_then_fresh_taken(&h, "mailgun", 2, post(&url, &fresh, &[], None).await).await;
+}
+
+#[tokio::test]
+async fn a_sendgrid_signature_older_than_five_minutes_is_refused() {
+    let h = start().await;
+    let url = format!("{}/webhooks/sendgrid", h.public);
+    let (id, _) = send_letter(&h, "key-sg-old", "token-sg-old", &["dead@hard.example"]).await;
+    let bounce = json!([{
+        "email": "dead@hard.example", "event": "bounce", "type": "bounce", "status": "5.1.1",
+        "reason": "550 5.1.1 The email account that you tried to reach does not exist", "letter_id": id.to_hex(),
+    }])
+    .to_string();
+    let old = (now_s() - 600).to_string();
+    assert_eq!(post(&url, &bounce, &sendgrid_headers(&bounce, &old), None).await.0, 403);
+    let ahead = (now_s() + 600).to_string();
+    assert_eq!(post(&url, &bounce, &sendgrid_headers(&bounce, &ahead), None).await.0, 403);
+    assert_eq!(post(&url, &bounce, &sendgrid_headers(&bounce, "not a time"), None).await.0, 403);
+    check_nothing_yet(&h).await;
+    let fresh = post(&url, &bounce, &sendgrid_headers(&bounce, &now_s().to_string()), None).await;
+    check_stale_refused_then_fresh_taken(&h, "sendgrid", 3, fresh).await;
+}
+
+#[tokio::test]
+async fn an_sns_message_older_than_an_hour_is_refused() {
+    let h = start().await;
+    let url = format!("{}/webhooks/ses", h.public);
+    let (_, message) = send_letter(&h, "key-ses-old", "token-ses-old", &["dead@hard.example"]).await;
+    let notification = json!({ "Message": json!({
+        "notificationType": "Bounce",
+        "bounce": { "bounceType": "Permanent", "bouncedRecipients": [{ "emailAddress": "dead@hard.example", "status": "5.1.1" }] },
+        "mail": { "commonHeaders": { "messageId": message.header("Message-ID").unwrap() } },
+    }).to_string() });
+    let now = std::time::SystemTime::now();
+    let old = sns_message_at("Notification", notification.clone(), now - Duration::from_secs(2 * 3600));
+    assert_eq!(post(&url, &old.to_string(), &[], None).await.0, 403);
+    let ahead = sns_message_at("Notification", notification.clone(), now + Duration::from_secs(600));
+    assert_eq!(post(&url, &ahead.to_string(), &[], None).await.0, 403);
+    check_nothing_yet(&h).await;
+    // SNS's retry of a message published half an hour ago (our listener was down): taken.
+    let retried = sns_message_at("Notification", notification, now - Duration::from_secs(1800));
+    check_stale_refused_then_fresh_taken(&h, "ses", 2, post(&url, &retried.to_string(), &[], None).await).await;
 }

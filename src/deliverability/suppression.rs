@@ -43,6 +43,19 @@ impl Suppressions {
         Ok(())
     }
 
+    /// Adds (or refreshes) several entries in one round trip: `(address, reason, source)` each.
+    pub async fn add_many(&self, entries: &[(Recipient, &str, &str)]) -> anyhow::Result<()> {
+        let keyed: Vec<(String, &str, &str, &str)> = entries
+            .iter()
+            .map(|(address, reason, source)| (address.key(), address.as_str(), *reason, *source))
+            .collect();
+        self.store.add_many(&keyed).await?;
+        for (key, _, reason, source) in &keyed {
+            tracing::info!(address = %key, reason, source, "address suppressed");
+        }
+        Ok(())
+    }
+
     /// Removes an entry (and its bounce count), in either key form; says whether there was one.
     pub async fn remove(&self, address: &Recipient) -> anyhow::Result<bool> {
         let key = address.key();

@@ -3,8 +3,16 @@
 //! ([`ReturnPath::verify`]) and the feedback-loop address (`FEEDBACK_LOOP_ADDRESS`), refuses
 //! every other recipient with 550 (so it can never relay), bounds each message
 //! (`FEEDBACK_MAX_BYTES`: advertised as SIZE, refused at MAIL when declared larger, cut off with
-//! 552 when the data runs past it) and answers 250 only once the report is recorded: its events,
-//! or the message kept unparsed. A failure to record answers 451, and the sending MTA retries.
+//! 552 when the data runs past it) and answers 250 only once the report is recorded: its events
+//! stored and published, or the message kept unparsed. A failure to record answers 451, and the
+//! sending MTA retries.
+//!
+//! Connections are served in parallel, each in its task, and nothing holds one back for
+//! another: the memory the messages take is bounded in bytes ([`DATA_BUDGET_MESSAGES`] messages
+//! of `FEEDBACK_MAX_BYTES`, charged as their data arrives), not by a number of DATA phases, so
+//! many small reports are read at once and a slow sender holds only what it sent. The reports
+//! of concurrent connections are recorded together ([`Recorder`]): a batch costs the round
+//! trips of one report.
 //!
 //! Written by hand, as a small RFC 5321 server loop over tokio: the Rust SMTP server crates we
 //! looked at either run their own threads and I/O (mailin-embedded) or are unmaintained
@@ -23,7 +31,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Feedback, TryLater, return_path::ReturnPath};
+use super::{Feedback, Recorder, TryLater, return_path::ReturnPath};
 
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 64;
@@ -31,10 +39,14 @@ const MAX_CONNECTIONS: usize = 64;
 const MAX_COMMAND: usize = 1024;
 /// RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets; this leaves room for sloppy senders.
 const MAX_LINE: usize = 64 * 1024;
-/// Messages read at once, each up to `FEEDBACK_MAX_BYTES` (and a copy or two while it is parsed
-/// and kept): what bounds the listener's memory, whatever the number of connections. Others wait
-/// before their 354.
-const DATA_AT_ONCE: usize = 2;
+/// What the messages held at once may weigh, in messages of `FEEDBACK_MAX_BYTES` (each with a
+/// copy or two while it is parsed and kept): what bounds the listener's memory, whatever the
+/// number of connections. Charged by the KiB as the data arrives, so a DSN of a few KiB takes
+/// its few KiB. A message that finds the budget spent is read to its end and answered 452, and
+/// its MTA delivers it again later; nobody waits on another connection for their 354.
+const DATA_BUDGET_MESSAGES: usize = 2;
+/// The unit in which [`Inbound::memory`] is counted.
+const KIB: usize = 1024;
 /// Recipients in one transaction: a DSN goes to one return path.
 const MAX_RECIPIENTS: usize = 100;
 /// RFC 5321 §4.5.3.2.7: the server waits 5 minutes for the next command.
@@ -43,15 +55,35 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 const DATA_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub struct Inbound {
-    pub feedback: Arc<Feedback>,
+    pub recorder: Recorder,
     pub return_paths: ReturnPath,
     /// Lower-case.
     pub loop_address: Option<String>,
     pub max_bytes: usize,
     /// The name in the banner and the EHLO reply.
     pub hostname: String,
-    /// See [`DATA_AT_ONCE`].
-    pub data_slots: Semaphore,
+    /// The KiB the messages being read or recorded may take; see [`DATA_BUDGET_MESSAGES`].
+    pub memory: Semaphore,
+}
+
+impl Inbound {
+    pub fn new(
+        feedback: Arc<Feedback>,
+        return_paths: ReturnPath,
+        loop_address: Option<String>,
+        max_bytes: usize,
+        hostname: String,
+    ) -> Inbound {
+        let budget_kib = (max_bytes.div_ceil(KIB) * DATA_BUDGET_MESSAGES).clamp(1, Semaphore::MAX_PERMITS);
+        Inbound {
+            recorder: Recorder::start(feedback),
+            return_paths,
+            loop_address,
+            max_bytes,
+            hostname,
+            memory: Semaphore::new(budget_kib),
+        }
+    }
 }
 
 /// What the DATA phase gave.
@@ -59,6 +91,8 @@ enum Data {
     Message(Vec<u8>),
     TooLarge,
     LineTooLong,
+    /// The memory budget was spent by other messages: try again later.
+    Busy,
 }
 
 /// A recipient the listener takes mail for.
@@ -95,15 +129,13 @@ pub fn start(
         topic: config.feedback.topic.clone(),
         metrics,
     };
-    let hostname = config.smtp.helo_name.clone();
-    let inbound = Inbound {
-        feedback: Arc::new(feedback),
+    let inbound = Inbound::new(
+        Arc::new(feedback),
         return_paths,
-        loop_address: config.feedback.loop_address.clone(),
-        max_bytes: config.feedback.max_bytes,
-        hostname,
-        data_slots: Semaphore::new(DATA_AT_ONCE),
-    };
+        config.feedback.loop_address.clone(),
+        config.feedback.max_bytes,
+        config.smtp.helo_name.clone(),
+    );
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(addr = %addr, max_bytes = inbound.max_bytes, "feedback SMTP listener listening");
     }
@@ -249,11 +281,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
                         self.reply("554 5.5.1 No valid recipients").await?;
                         continue;
                     }
-                    let Ok(_slot) = self.inbound.data_slots.acquire().await else {
-                        return self.reply("421 4.3.2 Shutting down").await;
-                    };
                     self.reply("354 End data with <CR><LF>.<CR><LF>").await?;
-                    let data = match tokio::time::timeout(DATA_TIMEOUT, self.data()).await {
+                    // Held until the message is recorded (or refused) and dropped.
+                    let inbound = self.inbound;
+                    let mut charged = Charge::new(&inbound.memory, inbound.max_bytes);
+                    let data = match tokio::time::timeout(DATA_TIMEOUT, self.data(&mut charged)).await {
                         Ok(data) => data?,
                         Err(_) => return self.reply("421 4.4.2 Timeout reading the message").await,
                     };
@@ -269,7 +301,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
                         Data::LineTooLong => {
                             format!("554 5.6.0 A line of the message is longer than {MAX_LINE} octets")
                         }
+                        Data::Busy => {
+                            tracing::warn!("feedback listener: too many messages in memory; one answered 452");
+                            "452 4.3.1 Too many reports at once; try again later".to_owned()
+                        }
                     };
+                    drop(charged);
                     (mail, targets) = (false, Vec::new());
                     self.reply(&reply).await?;
                 }
@@ -313,7 +350,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
             }
         }
         for letter in letters {
-            match self.inbound.feedback.take(raw, letter, &self.inbound.return_paths, &rcpt).await {
+            match self.inbound.recorder.take(raw, letter, &self.inbound.return_paths, &rcpt).await {
                 Ok(_) => {}
                 Err(TryLater::InFlight) => return "451 4.3.0 This report is being recorded; try again later".into(),
                 Err(TryLater::Failed(error)) => {
@@ -325,10 +362,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
         "250 2.0.0 Report recorded".into()
     }
 
-    /// The message up to its final dot, dot-unstuffed. Past the limit (or a line past
-    /// [`MAX_LINE`]) the rest is read and dropped, so the session stays in step and the refusal
-    /// reaches the sender.
-    async fn data(&mut self) -> std::io::Result<Data> {
+    /// The message up to its final dot, dot-unstuffed, charged to the memory budget as it
+    /// grows. Past the limit (or a line past [`MAX_LINE`], or the budget spent) the rest is read
+    /// and dropped, so the session stays in step and the refusal reaches the sender.
+    async fn data(&mut self, charged: &mut Charge<'_>) -> std::io::Result<Data> {
         let mut message = Vec::new();
         let mut refused = None;
         loop {
@@ -337,6 +374,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
                 Line::TooLong => {
                     refused.get_or_insert(Data::LineTooLong);
                     message = Vec::new();
+                    charged.release();
                     continue;
                 }
                 Line::Closed => {
@@ -353,6 +391,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
             if message.len() + line.len() > self.inbound.max_bytes {
                 refused = Some(Data::TooLarge);
                 message = Vec::new();
+                charged.release();
+                continue;
+            }
+            if !charged.cover(message.len() + line.len()) {
+                refused = Some(Data::Busy);
+                message = Vec::new();
+                charged.release();
                 continue;
             }
             message.extend_from_slice(line);
@@ -389,6 +434,48 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
     async fn reply(&mut self, reply: &str) -> std::io::Result<()> {
         self.writer.write_all(format!("{reply}\r\n").as_bytes()).await?;
         self.writer.flush().await
+    }
+}
+
+/// A message's share of [`Inbound::memory`], taken as its data arrives and given back when
+/// dropped.
+struct Charge<'a> {
+    memory: &'a Semaphore,
+    permits: Vec<tokio::sync::SemaphorePermit<'a>>,
+    kib: usize,
+    /// The most one message may take: `FEEDBACK_MAX_BYTES`.
+    most_kib: usize,
+}
+
+impl<'a> Charge<'a> {
+    fn new(memory: &'a Semaphore, max_bytes: usize) -> Charge<'a> {
+        Charge { memory, permits: Vec::new(), kib: 0, most_kib: max_bytes.div_ceil(KIB) }
+    }
+
+    /// Takes what `bytes` need beyond what is held, without waiting: false when the budget is
+    /// spent (waiting could deadlock, every connection holding part of a message).
+    fn cover(&mut self, bytes: usize) -> bool {
+        let kib = bytes.div_ceil(KIB);
+        if kib <= self.kib {
+            return true;
+        }
+        // Ahead by 64 KiB at a time (never past the message's limit), so a large message takes a
+        // permit per 64 KiB, not per line.
+        let want = (kib - self.kib).max(64.min(self.most_kib.saturating_sub(self.kib)));
+        let Ok(want) = u32::try_from(want) else { return false };
+        match self.memory.try_acquire_many(want) {
+            Ok(permit) => {
+                self.permits.push(permit);
+                self.kib += want as usize;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn release(&mut self) {
+        self.permits.clear();
+        self.kib = 0;
     }
 }
 

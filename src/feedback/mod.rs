@@ -30,13 +30,14 @@ pub mod return_path;
 pub mod sandbox;
 pub mod webhooks;
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use base64::Engine as _;
 use mongodb::bson::oid::ObjectId;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
+use tokio::sync::oneshot;
 
 use crate::{
     address::Recipient,
@@ -271,51 +272,172 @@ pub struct Feedback {
     pub metrics: Arc<Metrics>,
 }
 
+/// One event being recorded by [`Feedback::record_all`].
+struct Claimed<'a> {
+    /// Its place among the events recorded together.
+    index: usize,
+    letter: &'a Letter,
+    event: &'a Event,
+    /// The recipient as the letter has it.
+    address: &'a str,
+    key: String,
+    claim_ms: i64,
+}
+
 impl Feedback {
-    /// Records one event of `letter`: suppression, the note on the letter, the publication, in
-    /// that order, each idempotent, so a retry after any failure finishes the job once.
+    /// Records one event of `letter`; see [`Feedback::record_all`].
     pub async fn record(&self, letter: &Letter, event: &Event) -> Result<Recorded, TryLater> {
-        let Some(address) = letter.addresses.iter().find(|a| same_address(a, &event.address)) else {
-            tracing::warn!(letter_id = %letter.id, address = %event.address, kind = event.kind.as_str(), "feedback for an address the letter was not sent to; ignored");
-            return Ok(Recorded::ForeignRecipient);
-        };
-        let key = event.key();
-        let what = mongodb::bson::doc! {
-            "letter_id": letter.id, "address": address, "kind": event.kind.as_str(), "source": event.source.as_str(),
-        };
-        let claim_ms = match self.store.claim(&key, what).await? {
-            Claim::Ours(claim_ms) => claim_ms,
-            Claim::Published => {
-                self.metrics.feedback_duplicates.inc();
-                tracing::info!(letter_id = %letter.id, address = %address, kind = event.kind.as_str(), "feedback event reported again; already recorded");
-                return Ok(Recorded::Duplicate);
-            }
-            Claim::InFlight => return Err(TryLater::InFlight),
-        };
-        let result = self.publish(letter, address, event, &key).await;
-        self.store.settle(&key, claim_ms, result.is_ok()).await?;
-        result?;
-        self.metrics.feedback_event(event.kind.as_str(), event.source.as_str());
-        tracing::info!(letter_id = %letter.id, address = %address, kind = event.kind.as_str(), status = event.status.as_deref().unwrap_or(""), source = event.source.as_str(), "feedback event");
-        Ok(Recorded::New)
+        self.record_all(&[(letter, event)])
+            .await
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(TryLater::Failed(anyhow::anyhow!("recording a feedback event gave no outcome"))))
     }
 
-    async fn publish(&self, letter: &Letter, address: &str, event: &Event, key: &str) -> anyhow::Result<()> {
-        if let Some(reason) = event.kind.suppresses()
-            && let Ok(recipient) = Recipient::parse(address)
-        {
-            self.suppressions.add(&recipient, reason, event.source.as_str()).await?;
+    /// Records events, each of its letter, and says what became of each, in order. Each step is
+    /// one round trip for all of them, so a batch of reports costs what one does: the events'
+    /// keys claimed (one insert: a repeated report's key is a duplicate), then the suppressions
+    /// and the notes on the letters (two writes at once), then the publications (all in flight
+    /// together, acknowledged by the broker), then the claims settled (one update). Every step is
+    /// idempotent and an event is marked published only once its suppression, note and
+    /// publication all held, so a retry after any failure finishes the job once; an event is
+    /// published only after it is stored, so the profile service never hears of one that
+    /// `GET /letters/{id}` does not show.
+    pub async fn record_all(&self, items: &[(&Letter, &Event)]) -> Vec<Result<Recorded, TryLater>> {
+        let mut outcomes: Vec<Option<Result<Recorded, TryLater>>> = items.iter().map(|_| None).collect();
+        // The first item of each key claims it; a repeat within the batch (an MTA's retry that
+        // overtook its first delivery) shares the outcome of the first, as a duplicate.
+        let mut first_of: HashMap<String, usize> = HashMap::new();
+        let mut repeats: Vec<(usize, usize)> = Vec::new();
+        let mut wanted: Vec<(usize, &Letter, &Event, &str, String)> = Vec::new();
+        for (index, &(letter, event)) in items.iter().enumerate() {
+            let Some(address) = letter.addresses.iter().find(|a| same_address(a, &event.address)) else {
+                tracing::warn!(letter_id = %letter.id, address = %event.address, kind = event.kind.as_str(), "feedback for an address the letter was not sent to; ignored");
+                outcomes[index] = Some(Ok(Recorded::ForeignRecipient));
+                continue;
+            };
+            let key = event.key();
+            if let Some(&first) = first_of.get(&key) {
+                repeats.push((index, first));
+                continue;
+            }
+            first_of.insert(key.clone(), index);
+            wanted.push((index, letter, event, address.as_str(), key));
         }
-        let note = FeedbackNote {
-            address: address.to_owned(),
-            event: event.kind.as_str().to_owned(),
-            status: event.status.clone(),
-            diagnostic: event.diagnostic.clone(),
-            source: event.source.as_str().to_owned(),
-            time_ms: self.store.now_ms(),
-            key: key.to_owned(),
+
+        let records = wanted
+            .iter()
+            .map(|(_, letter, event, address, key)| {
+                let what = mongodb::bson::doc! {
+                    "letter_id": letter.id, "address": *address, "kind": event.kind.as_str(), "source": event.source.as_str(),
+                };
+                (key.clone(), what)
+            })
+            .collect();
+        let claims = match self.store.claim_many(records).await {
+            Ok(claims) => claims,
+            Err(error) => {
+                let error = format!("{error:#}");
+                wanted.iter().map(|_| Err(anyhow::anyhow!("{error}"))).collect()
+            }
         };
-        self.store.note(letter.id, &note).await?;
+        let mut claimed: Vec<Claimed> = Vec::new();
+        for ((index, letter, event, address, key), claim) in wanted.into_iter().zip(claims) {
+            match claim {
+                Ok(Claim::Ours(claim_ms)) => claimed.push(Claimed { index, letter, event, address, key, claim_ms }),
+                Ok(Claim::Published) => {
+                    self.metrics.feedback_duplicates.inc();
+                    tracing::info!(letter_id = %letter.id, address = %address, kind = event.kind.as_str(), "feedback event reported again; already recorded");
+                    outcomes[index] = Some(Ok(Recorded::Duplicate));
+                }
+                Ok(Claim::InFlight) => outcomes[index] = Some(Err(TryLater::InFlight)),
+                Err(error) => outcomes[index] = Some(Err(TryLater::Failed(error))),
+            }
+        }
+
+        let results = self.store_and_publish(&claimed).await;
+        let published: Vec<String> =
+            claimed.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(c, _)| c.key.clone()).collect();
+        let settled = self.store.settle_published(&published).await.map_err(|e| format!("{e:#}"));
+        for (claim, result) in claimed.iter().zip(results) {
+            let outcome = match (result, &settled) {
+                (Ok(()), Ok(())) => {
+                    let event = claim.event;
+                    self.metrics.feedback_event(event.kind.as_str(), event.source.as_str());
+                    tracing::info!(letter_id = %claim.letter.id, address = %claim.address, kind = event.kind.as_str(), status = event.status.as_deref().unwrap_or(""), source = event.source.as_str(), "feedback event");
+                    Ok(Recorded::New)
+                }
+                (Ok(()), Err(error)) => Err(TryLater::Failed(anyhow::anyhow!("{error}"))),
+                (Err(error), _) => {
+                    // Free for the next delivery at once rather than after the publish lease.
+                    if let Err(release) = self.store.settle(&claim.key, claim.claim_ms, false).await {
+                        tracing::warn!(
+                            error = format!("{release:#}"),
+                            "releasing a feedback event's claim failed; the next delivery takes it over after the lease"
+                        );
+                    }
+                    Err(TryLater::Failed(error))
+                }
+            };
+            outcomes[claim.index] = Some(outcome);
+        }
+        for (index, first) in repeats {
+            let outcome = match &outcomes[first] {
+                Some(Ok(Recorded::New | Recorded::Duplicate)) => {
+                    self.metrics.feedback_duplicates.inc();
+                    Ok(Recorded::Duplicate)
+                }
+                Some(Ok(Recorded::ForeignRecipient)) => Ok(Recorded::ForeignRecipient),
+                Some(Err(TryLater::InFlight)) | None => Err(TryLater::InFlight),
+                Some(Err(TryLater::Failed(error))) => Err(TryLater::Failed(anyhow::anyhow!("{error:#}"))),
+            };
+            outcomes[index] = Some(outcome);
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(TryLater::Failed(anyhow::anyhow!("a feedback event was not recorded")))))
+            .collect()
+    }
+
+    /// The suppressions and the notes of the claimed events (two writes, at once: they are
+    /// independent), then, once both hold, their publications, all in flight together. One
+    /// result per event.
+    async fn store_and_publish(&self, claimed: &[Claimed<'_>]) -> Vec<anyhow::Result<()>> {
+        if claimed.is_empty() {
+            return Vec::new();
+        }
+        let suppress: Vec<(Recipient, &str, &str)> = claimed
+            .iter()
+            .filter_map(|c| {
+                let reason = c.event.kind.suppresses()?;
+                Some((Recipient::parse(c.address).ok()?, reason, c.event.source.as_str()))
+            })
+            .collect();
+        let now_ms = self.store.now_ms();
+        let notes: Vec<(ObjectId, FeedbackNote)> = claimed
+            .iter()
+            .map(|c| {
+                let note = FeedbackNote {
+                    address: c.address.to_owned(),
+                    event: c.event.kind.as_str().to_owned(),
+                    status: c.event.status.clone(),
+                    diagnostic: c.event.diagnostic.clone(),
+                    source: c.event.source.as_str().to_owned(),
+                    time_ms: now_ms,
+                    key: c.key.clone(),
+                };
+                (c.letter.id, note)
+            })
+            .collect();
+        let (suppressed, noted) = tokio::join!(self.suppressions.add_many(&suppress), self.store.note_many(&notes));
+        if let Err(error) = suppressed.and(noted) {
+            let error = format!("{error:#}");
+            return claimed.iter().map(|_| Err(anyhow::anyhow!("{error}"))).collect();
+        }
+        futures::future::join_all(claimed.iter().map(|c| self.publish(c.letter, c.address, c.event))).await
+    }
+
+    async fn publish(&self, letter: &Letter, address: &str, event: &Event) -> anyhow::Result<()> {
         let payload = serde_json::to_vec(&Published {
             event: event.kind.as_str(),
             letter_id: letter.id.to_hex(),
@@ -354,6 +476,112 @@ impl Feedback {
         Ok(())
     }
 
+    /// Records the reports of one batch: their letters read in one query, then their events
+    /// through [`Feedback::record_all`]. Each job hears `None` when its letter is not stored.
+    async fn record_jobs(&self, jobs: Vec<Job>) {
+        let mut ids: Vec<ObjectId> = jobs.iter().map(|job| job.letter).collect();
+        ids.sort();
+        ids.dedup();
+        let letters = match self.store.letters(&ids).await {
+            Ok(letters) => letters,
+            Err(error) => {
+                let error = format!("{error:#}");
+                for job in jobs {
+                    let _ = job.done.send(Err(TryLater::Failed(anyhow::anyhow!("{error}"))));
+                }
+                return;
+            }
+        };
+        let items: Vec<(&Letter, &Event)> = jobs
+            .iter()
+            .filter_map(|job| Some((letters.get(&job.letter)?, &job.events)))
+            .flat_map(|(letter, events)| events.iter().map(move |event| (letter, event)))
+            .collect();
+        let mut outcomes = self.record_all(&items).await.into_iter();
+        for job in jobs {
+            if !letters.contains_key(&job.letter) {
+                let _ = job.done.send(Ok(None));
+                continue;
+            }
+            let mut recorded = Vec::with_capacity(job.events.len());
+            let mut failure = None;
+            for _ in &job.events {
+                match outcomes.next() {
+                    Some(Ok(outcome)) => recorded.push(outcome),
+                    Some(Err(error)) => {
+                        failure.get_or_insert(error);
+                    }
+                    None => {
+                        failure.get_or_insert(TryLater::Failed(anyhow::anyhow!("a feedback event was not recorded")));
+                    }
+                }
+            }
+            // The connection may have gone; its MTA delivers the report again.
+            let _ = job.done.send(failure.map_or(Ok(Some(recorded)), Err));
+        }
+    }
+}
+
+/// Reports of one letter waiting to be recorded with others.
+struct Job {
+    letter: ObjectId,
+    events: Vec<Event>,
+    /// `None` when the letter is not stored.
+    done: oneshot::Sender<Result<Option<Vec<Recorded>>, TryLater>>,
+}
+
+/// Events in one batch at most (a batch is one `insert` and a few multi-statement updates).
+const BATCH_EVENTS: usize = 256;
+/// Batches recorded at once: while one waits for MongoDB or the broker, the next gathers.
+const RECORDERS: usize = 2;
+
+/// Records the reports of the listener's connections in batches: whatever arrived while the
+/// previous batch was being recorded goes together, so concurrent reports share their round
+/// trips (five for a batch, as for one report) instead of queueing behind each other's, and a
+/// lone report waits for nothing. Each connection still answers only once its own events are
+/// stored and published.
+#[derive(Clone)]
+pub struct Recorder {
+    feedback: Arc<Feedback>,
+    jobs: async_channel::Sender<Job>,
+}
+
+impl Recorder {
+    /// Starts the recording tasks; they end once every `Recorder` is dropped.
+    pub fn start(feedback: Arc<Feedback>) -> Recorder {
+        let (jobs, queue) = async_channel::bounded::<Job>(BATCH_EVENTS);
+        for _ in 0..RECORDERS {
+            let (feedback, queue) = (feedback.clone(), queue.clone());
+            tokio::spawn(async move {
+                while let Ok(first) = queue.recv().await {
+                    let mut events = first.events.len();
+                    let mut batch = vec![first];
+                    while events < BATCH_EVENTS
+                        && let Ok(job) = queue.try_recv()
+                    {
+                        events += job.events.len();
+                        batch.push(job);
+                    }
+                    feedback.record_jobs(batch).await;
+                }
+            });
+        }
+        Recorder { feedback, jobs }
+    }
+
+    pub fn feedback(&self) -> &Feedback {
+        &self.feedback
+    }
+
+    /// Records `events` of `letter` with whatever else is being recorded; `None` when the letter
+    /// is not stored.
+    async fn record(&self, letter: ObjectId, events: Vec<Event>) -> Result<Option<Vec<Recorded>>, TryLater> {
+        let stopped = || TryLater::Failed(anyhow::anyhow!("the feedback recorder has stopped"));
+        let (done, outcome) = oneshot::channel();
+        self.jobs.send(Job { letter, events, done }).await.map_err(|_| stopped())?;
+        outcome.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
     /// Handles one message received for `letter` (or, with `None`, for the feedback-loop
     /// address). `Ok` means the message is recorded (as events or kept unparsed) and may be
     /// answered 250.
@@ -364,28 +592,26 @@ impl Feedback {
         return_paths: &ReturnPath,
         rcpt: &[String],
     ) -> Result<Vec<Recorded>, TryLater> {
+        let feedback = &self.feedback;
         let report = match report::parse(raw) {
             Ok(report) => report,
             Err(error) => {
-                self.keep(raw, &error.to_string(), rcpt, letter).await?;
+                feedback.keep(raw, &error.to_string(), rcpt, letter).await?;
                 return Ok(Vec::new());
             }
         };
         let Some(id) = letter.or_else(|| letter_of(&report, return_paths)) else {
-            self.keep(raw, "the report names no letter of ours", rcpt, None).await?;
-            return Ok(Vec::new());
-        };
-        let Some(stored) = self.store.letter(id).await? else {
-            self.keep(raw, "unknown letter", rcpt, Some(id)).await?;
+            feedback.keep(raw, "the report names no letter of ours", rcpt, None).await?;
             return Ok(Vec::new());
         };
         let events = events(id, &report);
-        let mut recorded = Vec::with_capacity(events.len());
-        for event in &events {
-            recorded.push(self.record(&stored, event).await?);
-        }
-        if !recorded.contains(&Recorded::New) && !recorded.contains(&Recorded::Duplicate) && !events.is_empty() {
-            self.keep(raw, "the report names no recipient of its letter", rcpt, Some(id)).await?;
+        let some = !events.is_empty();
+        let Some(recorded) = self.record(id, events).await? else {
+            feedback.keep(raw, "unknown letter", rcpt, Some(id)).await?;
+            return Ok(Vec::new());
+        };
+        if some && !recorded.contains(&Recorded::New) && !recorded.contains(&Recorded::Duplicate) {
+            feedback.keep(raw, "the report names no recipient of its letter", rcpt, Some(id)).await?;
         }
         Ok(recorded)
     }

@@ -4,14 +4,15 @@
 //! [`Event`] and records it with [`Feedback::record`], as the DSN listener does.
 //!
 //! - `POST /webhooks/mailgun`: the JSON webhook; `signature.signature` is the hex HMAC-SHA256 of
-//!   `timestamp` + `token` under `MAILGUN_WEBHOOK_SIGNING_KEY`. The signature does not cover the
-//!   body, so a timestamp older (or newer) than [`MAILGUN_MAX_AGE`] is refused, and a token once
-//!   accepted is remembered with its body's hash: the same request again is answered 200 without
-//!   recording anything, the token with another body is refused.
+//!   `timestamp` + `token` under `MAILGUN_WEBHOOK_SIGNING_KEY`. A timestamp further than
+//!   [`WEBHOOK_MAX_AGE`] from now is refused. The signature does not cover the body, so a token
+//!   once accepted is remembered with its body's hash: the same request again is answered 200
+//!   without recording anything, the token with another body is refused.
 //! - `POST /webhooks/sendgrid`: the signed event webhook; the `X-Twilio-Email-Event-Webhook-
 //!   Signature` header is an ECDSA P-256 signature (base64 DER) of the
 //!   `X-Twilio-Email-Event-Webhook-Timestamp` header's value followed by the raw body, under
-//!   `SENDGRID_WEBHOOK_PUBLIC_KEY`.
+//!   `SENDGRID_WEBHOOK_PUBLIC_KEY`. A timestamp further than [`WEBHOOK_MAX_AGE`] from now is
+//!   refused.
 //! - `POST /webhooks/postmark`: HTTP basic auth with `POSTMARK_WEBHOOK_USER` and
 //!   `POSTMARK_WEBHOOK_PASSWORD`, the credentials put in the webhook URL at Postmark
 //!   (`https://user:password@host/webhooks/postmark`), compared in constant time.
@@ -19,8 +20,18 @@
 //!   signature (RSA, SHA-1 for `SignatureVersion` 1, SHA-256 for 2) is checked with the
 //!   certificate at `SigningCertURL`, fetched only from `https://sns.<region>.amazonaws.com/….pem`
 //!   (or `SNS_SIGNING_CERT_FILE`'s, for tests; the URL is checked all the same); the topic must be
-//!   one of `SNS_TOPIC_ARNS`. A `SubscriptionConfirmation` is confirmed by fetching its
-//!   `SubscribeURL`, only when it is HTTPS on `amazonaws.com`.
+//!   one of `SNS_TOPIC_ARNS`. A message whose signed `Timestamp` is older than [`SNS_MAX_AGE`]
+//!   (or more than [`WEBHOOK_MAX_AGE`] ahead) is refused. A `SubscriptionConfirmation` is
+//!   confirmed by fetching its `SubscribeURL`, only when it is HTTPS on `amazonaws.com`.
+//!
+//! Replays: a signature binds its timestamp, so a captured request can be replayed only while
+//! its timestamp is fresh; within that window a replay is a duplicate by its [`Event::key`]
+//! (Mailgun's, whose signature leaves the body out, by its token). Mailgun and SendGrid sign
+//! each delivery attempt afresh (Mailgun tells receivers to refuse a token seen before, which a
+//! retry carrying its first attempt's signature could never pass), so five minutes each way
+//! refuses no retry. SNS signs a message once and retries it unchanged, up to an hour (the
+//! limit of an HTTP/S delivery policy), so its bound is that hour: a shorter one would refuse
+//! SES's own retries after an outage of ours, and lose the bounces they carry.
 //!
 //! A request that fails its check gets 401 (Postmark: no or wrong credentials) or 403 (a bad
 //! signature) and changes nothing. A relay retries a webhook until it gets a 2xx, so:
@@ -66,10 +77,23 @@ use subtle::ConstantTimeEq as _;
 use super::{Event, Feedback, Kind, Recorded, Source, TryLater, report::is_enhanced_status};
 use crate::{config::feedback::WebhookConfig, metrics::WebhookLabel};
 
-/// The furthest a Mailgun timestamp may be from our clock. Mailgun's signature covers only the
-/// timestamp and token, so this bounds how long a captured signature could be reused (with the
-/// token cache covering the window).
-pub const MAILGUN_MAX_AGE: Duration = Duration::from_secs(15 * 60);
+/// The furthest a Mailgun or SendGrid signature's timestamp may be from our clock, either way
+/// (five minutes, as Stripe and the Standard Webhooks specification use): how long a captured
+/// request could be replayed. Also how far ahead any signed timestamp may be (a relay's clock
+/// that runs fast). Mailgun's token cache covers the window.
+pub const WEBHOOK_MAX_AGE: Duration = Duration::from_secs(5 * 60);
+
+/// How old an SNS message's signed `Timestamp` may be: SNS retries a message unchanged, with
+/// the signature of its first attempt, for up to an hour (the hard limit on an HTTP/S delivery
+/// policy's total retry time).
+pub const SNS_MAX_AGE: Duration = Duration::from_secs(60 * 60);
+
+/// Whether a signature made at `signed_ms` may be taken at `now_ms`: no older than `max_age`,
+/// no further ahead than [`WEBHOOK_MAX_AGE`].
+pub fn fresh(signed_ms: i64, now_ms: i64, max_age: Duration) -> bool {
+    let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    now_ms.saturating_sub(signed_ms) <= millis(max_age) && signed_ms.saturating_sub(now_ms) <= millis(WEBHOOK_MAX_AGE)
+}
 
 /// The largest webhook body taken: SendGrid batches events (up to a few hundred per POST).
 pub const MAX_BODY: usize = 4 << 20;
@@ -80,7 +104,7 @@ pub const LETTER_ID: &str = "letter_id";
 pub struct Webhooks {
     pub feedback: Arc<Feedback>,
     pub config: WebhookConfig,
-    /// Mailgun tokens accepted within [`MAILGUN_MAX_AGE`]: token → (hash of the body, timestamp).
+    /// Mailgun tokens accepted within [`WEBHOOK_MAX_AGE`]: token → (hash of the body, timestamp).
     tokens: Mutex<HashMap<String, ([u8; 32], i64)>>,
     /// SNS signing keys by certificate URL, fetched once each.
     sns_keys: Mutex<HashMap<String, rsa::RsaPublicKey>>,
@@ -221,7 +245,7 @@ pub enum Refused {
     Unauthenticated,
     #[error("the signature does not verify")]
     Forged,
-    #[error("the timestamp is too far from now")]
+    #[error("the signed timestamp is too far from now (a replay, or a clock far off)")]
     Stale,
     #[error("a token already used, with another body")]
     Replayed,
@@ -418,7 +442,7 @@ async fn mailgun(State(state): State<Arc<Webhooks>>, body: Bytes) -> Response {
     }
     let now_s = state.feedback.store.now_ms() / 1000;
     let Ok(sent_s) = timestamp.parse::<i64>() else { return refuse(&state, RELAY, Refused::Stale) };
-    if sent_s.abs_diff(now_s) > MAILGUN_MAX_AGE.as_secs() {
+    if !fresh(sent_s.saturating_mul(1000), now_s.saturating_mul(1000), WEBHOOK_MAX_AGE) {
         return refuse(&state, RELAY, Refused::Stale);
     }
     let hash: [u8; 32] = Sha256::digest(&body).into();
@@ -435,7 +459,7 @@ async fn mailgun(State(state): State<Arc<Webhooks>>, body: Bytes) -> Response {
     // Remembered only once taken: a request answered 503 must be taken when Mailgun retries it.
     if response.status() == StatusCode::OK {
         let mut tokens = state.tokens.lock().unwrap_or_else(PoisonError::into_inner);
-        let oldest = now_s - MAILGUN_MAX_AGE.as_secs() as i64;
+        let oldest = now_s - WEBHOOK_MAX_AGE.as_secs() as i64;
         tokens.retain(|_, (_, at)| *at >= oldest);
         tokens.insert(token, (hash, sent_s));
     }
@@ -510,6 +534,11 @@ async fn sendgrid(State(state): State<Arc<Webhooks>>, headers: HeaderMap, body: 
     };
     if !sendgrid_signature_holds(key, timestamp, &body, signature) {
         return refuse(&state, RELAY, Refused::Forged);
+    }
+    // Unix seconds, as SendGrid writes the header.
+    let signed_ms = timestamp.trim().parse::<i64>().map(|s| s.saturating_mul(1000));
+    if !signed_ms.is_ok_and(|signed_ms| fresh(signed_ms, state.feedback.store.now_ms(), WEBHOOK_MAX_AGE)) {
+        return refuse(&state, RELAY, Refused::Stale);
     }
     let events: Vec<Value> = match serde_json::from_slice(&body) {
         Ok(events) => events,
@@ -666,6 +695,14 @@ pub fn sns_signature_holds(key: &rsa::RsaPublicKey, message: &Value) -> bool {
     }
 }
 
+/// An SNS message's signed `Timestamp` (RFC 3339, UTC: `2012-05-02T00:54:06.655Z`) in Unix
+/// milliseconds.
+pub fn sns_timestamp_ms(message: &Value) -> Option<i64> {
+    let time = humantime::parse_rfc3339(message["Timestamp"].as_str()?.trim()).ok()?;
+    let since_epoch = time.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(since_epoch.as_millis()).ok()
+}
+
 /// The events of an SES notification (the `Message` of an SNS notification), as SES's
 /// notifications (`notificationType`) or its event publishing (`eventType`) write them:
 /// `Bounce` (`Permanent` is hard unless its status says otherwise; `Transient` and
@@ -776,6 +813,10 @@ async fn ses(State(state): State<Arc<Webhooks>>, body: Bytes) -> Response {
     if !sns_signature_holds(&key, &message) {
         return refuse(&state, RELAY, Refused::Forged);
     }
+    if !sns_timestamp_ms(&message).is_some_and(|signed_ms| fresh(signed_ms, state.feedback.store.now_ms(), SNS_MAX_AGE))
+    {
+        return refuse(&state, RELAY, Refused::Stale);
+    }
     match message["Type"].as_str() {
         Some("SubscriptionConfirmation") => {
             let subscribe = message["SubscribeURL"].as_str().unwrap_or_default();
@@ -859,6 +900,24 @@ mod tests {
         // The sample is a `dropped` event: nothing to record.
         let events: Vec<Value> = serde_json::from_str(payload).unwrap();
         assert!(sendgrid_items(&events).is_empty());
+    }
+
+    #[test]
+    fn signatures_are_fresh_within_their_bound_each_way() {
+        let now = 1_800_000_000_000_i64;
+        let minute = 60_000_i64;
+        assert!(fresh(now, now, WEBHOOK_MAX_AGE));
+        assert!(fresh(now - 5 * minute, now, WEBHOOK_MAX_AGE), "five minutes old");
+        assert!(!fresh(now - 5 * minute - 1, now, WEBHOOK_MAX_AGE), "older");
+        assert!(fresh(now + 5 * minute, now, WEBHOOK_MAX_AGE), "a relay's clock five minutes fast");
+        assert!(!fresh(now + 6 * minute, now, WEBHOOK_MAX_AGE), "further ahead");
+        assert!(fresh(now - 59 * minute, now, SNS_MAX_AGE), "SNS retries for up to an hour");
+        assert!(!fresh(now - 61 * minute, now, SNS_MAX_AGE));
+        assert!(!fresh(now + 6 * minute, now, SNS_MAX_AGE), "ahead is bounded alike");
+        assert!(!fresh(i64::MIN, now, SNS_MAX_AGE));
+        assert_eq!(sns_timestamp_ms(&json!({ "Timestamp": "2012-05-02T00:54:06.655Z" })), Some(1_335_920_046_655));
+        assert_eq!(sns_timestamp_ms(&json!({ "Timestamp": "yesterday" })), None);
+        assert_eq!(sns_timestamp_ms(&json!({})), None);
     }
 
     #[test]

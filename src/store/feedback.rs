@@ -10,16 +10,17 @@
 //! - the reputation brake's window ([`FeedbackStore::brake_window`]): the last letters sent, with
 //!   their hard-bounced and complained-about recipients, counted in one aggregation.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use mongodb::{
     Collection,
     bson::{Binary, Bson, Document, doc, oid::ObjectId, spec::BinarySubtype},
+    error::ErrorKind,
 };
 
-use super::{Store, is_duplicate};
+use super::{DUPLICATE_KEY, Store};
 use crate::model::{FeedbackNote, Letter};
 
 #[derive(Clone)]
@@ -79,35 +80,82 @@ impl FeedbackStore {
         }
     }
 
-    /// The letter without its body, or `None` when there is none (never sent by this
-    /// deployment, or deleted past `LETTER_RETENTION`).
+    /// The letter without its body, or `None` when there is none.
     pub async fn letter(&self, id: ObjectId) -> anyhow::Result<Option<Letter>> {
-        self.store.count("find", 1);
-        let found = self
-            .letters
-            .find_one(doc! { "_id": id })
-            .projection(doc! { "body": 0 })
-            .await
-            .context("reading a letter for its feedback")?;
-        let Some(mut document) = found else { return Ok(None) };
-        document.insert("body", "");
-        Ok(Some(mongodb::bson::from_document(document).context("reading a letter for its feedback")?))
+        Ok(self.letters(&[id]).await?.remove(&id))
     }
 
-    /// Records the event's key (the first report inserts it), or takes over one whose publisher
-    /// failed or died.
-    /// `what` describes the event (its letter, address, kind and source), stored beside the key
-    /// so the events can be counted by kind over time.
-    pub async fn claim(&self, key: &str, what: Document) -> anyhow::Result<Claim> {
-        let now = self.store.now_ms();
-        let mut record = doc! { "_id": key, "published": 0, "claim_ms": now, "time_ms": now };
-        record.extend(what);
-        self.store.count("insert", 1);
-        match self.events.insert_one(record).await {
-            Ok(_) => return Ok(Claim::Ours(now)),
-            Err(error) if !is_duplicate(&error) => return Err(error).context("recording a feedback event"),
-            Err(_) => {}
+    /// The letters of `ids` without their bodies, in one query; a letter not stored (never sent
+    /// by this deployment, or deleted past `LETTER_RETENTION`) is missing from the map.
+    pub async fn letters(&self, ids: &[ObjectId]) -> anyhow::Result<HashMap<ObjectId, Letter>> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
         }
+        self.store.count("find", 1);
+        let documents: Vec<Document> = self
+            .letters
+            .find(doc! { "_id": { "$in": ids } })
+            .projection(doc! { "body": 0 })
+            .await
+            .context("reading letters for their feedback")?
+            .try_collect()
+            .await
+            .context("reading letters for their feedback")?;
+        let mut letters = HashMap::with_capacity(documents.len());
+        for mut document in documents {
+            document.insert("body", "");
+            let letter: Letter = mongodb::bson::from_document(document).context("reading a letter for its feedback")?;
+            letters.insert(letter.id, letter);
+        }
+        Ok(letters)
+    }
+
+    /// Records each event's key (the first report of an event inserts it), all in one insert, or
+    /// takes over one whose publisher failed or died (a round trip or two more, for that event
+    /// alone). `what` describes each event (its letter, address, kind and source), stored beside
+    /// the key so the events can be counted by kind over time. One outcome per event, in order.
+    pub async fn claim_many(&self, events: Vec<(String, Document)>) -> anyhow::Result<Vec<anyhow::Result<Claim>>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = self.store.now_ms();
+        let keys: Vec<String> = events.iter().map(|(key, _)| key.clone()).collect();
+        let records = events.into_iter().map(|(key, what)| {
+            let mut record = doc! { "_id": key, "published": 0, "claim_ms": now, "time_ms": now };
+            record.extend(what);
+            record
+        });
+        self.store.count("insert", 1);
+        let taken: Vec<usize> = match self.events.insert_many(records).ordered(false).await {
+            Ok(_) => Vec::new(),
+            Err(error) => {
+                // Each key already recorded is a repeated report: looked at alone below.
+                let duplicates = match error.kind.as_ref() {
+                    ErrorKind::InsertMany(failure) if failure.write_concern_error.is_none() => failure
+                        .write_errors
+                        .as_ref()
+                        .filter(|errors| errors.iter().all(|e| e.code == DUPLICATE_KEY))
+                        .map(|errors| errors.iter().map(|e| e.index).collect::<Vec<usize>>()),
+                    _ => None,
+                };
+                match duplicates {
+                    Some(duplicates) => duplicates,
+                    None => return Err(error).context("recording feedback events"),
+                }
+            }
+        };
+        let mut claims: Vec<anyhow::Result<Claim>> = keys.iter().map(|_| Ok(Claim::Ours(now))).collect();
+        for index in taken {
+            if let (Some(claim), Some(key)) = (claims.get_mut(index), keys.get(index)) {
+                *claim = self.take_over(key, now).await;
+            }
+        }
+        Ok(claims)
+    }
+
+    /// An event recorded before: taken over when its publisher failed or died (its claim is
+    /// older than the publish lease), else a duplicate (published) or in flight.
+    async fn take_over(&self, key: &str, now: i64) -> anyhow::Result<Claim> {
         let lease_ms = i64::try_from(self.publish_lease.as_millis()).unwrap_or(i64::MAX);
         let stale = doc! { "_id": key, "published": 0, "claim_ms": { "$lt": now.saturating_sub(lease_ms) } };
         self.store.count("findAndModify", 1);
@@ -133,6 +181,23 @@ impl FeedbackStore {
         Ok(if published { Claim::Published } else { Claim::InFlight })
     }
 
+    /// Marks the claimed events of `keys` published, in one update. No claim time is matched:
+    /// each was published by its claimant, whoever holds its claim now.
+    pub async fn settle_published(&self, keys: &[String]) -> anyhow::Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.store.count("update", 1);
+        self.events
+            .update_many(
+                doc! { "_id": { "$in": keys } },
+                doc! { "$set": { "published": 1, "published_ms": self.store.now_ms() } },
+            )
+            .await
+            .context("recording that feedback events were published")?;
+        Ok(())
+    }
+
     /// The outcome of a claimed event's publication: published, or free for the next delivery.
     pub async fn settle(&self, key: &str, claim_ms: i64, published: bool) -> anyhow::Result<()> {
         let update = if published {
@@ -148,28 +213,46 @@ impl FeedbackStore {
         Ok(())
     }
 
-    /// Adds the event to its letter: under its key, so a second delivery writes the same entry
-    /// again rather than a second one (and needs no query on the array). A hard bounce or a
-    /// complaint also lists its recipient for the brake, once: the update is made only while the
-    /// list does not hold the recipient, so a repeated report neither lists nor notes it twice.
-    pub async fn note(&self, letter: ObjectId, note: &FeedbackNote) -> anyhow::Result<()> {
-        let entry = mongodb::bson::to_document(note).context("encoding a feedback note")?;
-        // Keys are URL-safe base64: no `.` or `$`, so each is a plain field name.
-        let mut filter = doc! { "_id": letter };
-        let mut update = doc! { "$set": { format!("feedback.{}", note.key): entry } };
-        let listed = match note.event.as_str() {
-            "hard_bounce" => Some(HARD_BOUNCED),
-            "complaint" => Some(COMPLAINED),
-            _ => None,
-        };
-        if let Some(field) = listed {
-            // `$nin` rather than `$ne`, and `$push` rather than `$addToSet`: the Mongo-wire
-            // server we test on matches neither of the latter on a missing field.
-            filter.insert(field, doc! { "$nin": [&note.address] });
-            update.insert("$push", doc! { field: &note.address });
+    /// Adds each event to its letter, in one multi-statement update: under its key, so a second
+    /// delivery writes the same entry again rather than a second one (and needs no query on the
+    /// array). A hard bounce or a complaint also lists its recipient for the brake, once: the
+    /// statement applies only while the list does not hold the recipient, so a repeated report
+    /// neither lists nor notes it twice.
+    pub async fn note_many(&self, notes: &[(ObjectId, FeedbackNote)]) -> anyhow::Result<()> {
+        if notes.is_empty() {
+            return Ok(());
+        }
+        let mut updates = Vec::with_capacity(notes.len());
+        for (letter, note) in notes {
+            let entry = mongodb::bson::to_document(note).context("encoding a feedback note")?;
+            // Keys are URL-safe base64: no `.` or `$`, so each is a plain field name.
+            let mut filter = doc! { "_id": *letter };
+            let mut update = doc! { "$set": { format!("feedback.{}", note.key): entry } };
+            let listed = match note.event.as_str() {
+                "hard_bounce" => Some(HARD_BOUNCED),
+                "complaint" => Some(COMPLAINED),
+                _ => None,
+            };
+            if let Some(field) = listed {
+                // `$nin` rather than `$ne`, and `$push` rather than `$addToSet`: the Mongo-wire
+                // server we test on matches neither of the latter on a missing field.
+                filter.insert(field, doc! { "$nin": [&note.address] });
+                update.insert("$push", doc! { field: &note.address });
+            }
+            updates.push(doc! { "q": filter, "u": update });
         }
         self.store.count("update", 1);
-        self.letters.update_one(filter, update).await.context("adding feedback to its letter")?;
+        let reply = self
+            .store
+            .db
+            .run_command(doc! { "update": self.letters.name(), "updates": updates, "ordered": false })
+            .await
+            .context("adding feedback to its letters")?;
+        if let Ok(errors) = reply.get_array("writeErrors")
+            && let Some(first) = errors.first()
+        {
+            anyhow::bail!("adding feedback to its letters: {} write errors, first: {first}", errors.len());
+        }
         Ok(())
     }
 

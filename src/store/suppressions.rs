@@ -48,6 +48,39 @@ impl SuppressionStore {
         Ok(())
     }
 
+    /// Adds (or refreshes) several entries in one multi-statement update: `(key, address,
+    /// reason, source)` each.
+    pub async fn add_many(&self, entries: &[(String, &str, &str, &str)]) -> anyhow::Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let now_ms = self.store.now_ms();
+        let updates: Vec<Document> = entries
+            .iter()
+            .map(|(key, address, reason, source)| {
+                let (key, address, reason, source) = (key.as_str(), *address, *reason, *source);
+                let entry = doc! {
+                    "_id": key, "address": address, "reason": reason, "source": source,
+                    "time": DateTime::from_millis(now_ms), "time_ms": now_ms,
+                };
+                doc! { "q": { "_id": key }, "u": entry, "upsert": true }
+            })
+            .collect();
+        self.store.count("update", 1);
+        let reply = self
+            .store
+            .db
+            .run_command(doc! { "update": self.entries.name(), "updates": updates, "ordered": false })
+            .await
+            .context("adding to the suppression list")?;
+        if let Ok(errors) = reply.get_array("writeErrors")
+            && let Some(first) = errors.first()
+        {
+            anyhow::bail!("adding to the suppression list: {} write errors, first: {first}", errors.len());
+        }
+        Ok(())
+    }
+
     /// Removes the entries of `keys` and their bounce counts; returns how many entries there were.
     pub async fn remove(&self, keys: Vec<String>) -> anyhow::Result<u64> {
         self.store.count("delete", 2);
