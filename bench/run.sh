@@ -6,9 +6,11 @@
 #   --quick        1 run per figure and smaller sizes (a few minutes); default: full mode, 3 runs, medians
 #   --runs N       runs per figure (overrides the mode's default)
 #   --senders N    SMTP_MAX_SENDERS, and the bare client's concurrency for the sink ceiling (default 8)
-#   --figures L    only these figures (1..11; 1, 2 and 8 share their runs)
+#   --figures L    only these figures (1..12; 1, 2 and 8 share their runs)
 #   --out FILE     results file (default bench/results.md)
 #   --keep-stack   leave the stack running afterwards (stop it with the same env and scripts/stack.sh down)
+#   --binary PATH  measure this release binary instead of building one (an A/B against another commit's build:
+#                  `git worktree add ../old REV && (cd ../old && cargo build --release)`, then --binary ../old/...)
 #   --dkim rsa|ed25519  sign every message (a fresh RSA-2048 or Ed25519 key): figure 2a is then the CPU with DKIM
 #   --delivery individual  SMTP_DELIVERY=individual: figure 1 counts letters of 2 copies each
 #   --letters N, --backlog N, --rate-burst N, --service-env NAME=VALUE, --verbose: see bench/README.md
@@ -31,6 +33,7 @@ PY=$CACHE/venv/bin/python
 
 keep=0
 dkim=
+bin=
 args=()
 out=$BENCH/results.md
 mode=figures
@@ -47,7 +50,8 @@ while [[ $# -gt 0 ]]; do
         --dkim) dkim=$2; shift ;;
         --delivery) args+=(--service-env "SMTP_DELIVERY=$2"); shift ;;
         --keep-stack) keep=1 ;;
-        -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --binary) bin=$2; shift ;;
+        -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -92,9 +96,14 @@ install_valgrind() {
 [[ $mode == callgrind ]] && install_valgrind
 "$ROOT/scripts/stack.sh" install
 
-log "cargo build --release --locked"
-(cd "$ROOT" && cargo build --release --locked --quiet)
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/mailsender
+if [[ -n $bin ]]; then
+    BIN=$(realpath "$bin")
+else
+    log "cargo build --release --locked"
+    (cd "$ROOT" && cargo build --release --locked --quiet)
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/mailsender
+fi
+log "binary: $BIN"
 [[ -x $BIN ]] || { log "no binary at $BIN"; exit 1; }
 
 stop_stack() {

@@ -32,11 +32,13 @@ use crate::{
     kafka::{self, IngestConsumer, StatusProducer},
     metrics::{Metrics, StatusLabel},
     pipeline::{
-        dispatch::{Dispatcher, LeaseClock, Memory},
+        dispatch::{Dispatcher, Express, LeaseClock, Memory},
         ingest::Ingest,
+        queue::LaneQueue,
         report::Report,
         send::{SendContext, Worker},
     },
+    priority::Fairness,
     store::Store,
 };
 
@@ -78,6 +80,12 @@ impl App {
             rate = %format!("{} per {}", config.smtp.rate_max_letters, humantime::format_duration(config.smtp.rate_period)),
             "starting mailsender"
         );
+        if config.smtp.sandbox {
+            tracing::warn!(
+                simulator = crate::feedback::sandbox::DOMAIN,
+                "SMTP_SANDBOX is on: letters are marked sent but handed to no relay"
+            );
+        }
         // Test hook: `MAILSENDER_FAULT_INJECTION=clock_skew_ms:N` sets this host's clock N ms off.
         let mut skew_ms = 0;
         if let Some(skew) = config.fault_injection.as_deref().and_then(|i| i.strip_prefix("clock_skew_ms:")) {
@@ -101,8 +109,9 @@ impl App {
                 config.deliverability.topic_suppressions.as_str(),
                 config.deliverability.topic_unsubscribed.as_str(),
             ];
-            let feedback = (config.feedback.smtp_addr.is_some() || config.feedback.webhooks.any())
-                .then_some(config.feedback.topic.as_str());
+            let feedback =
+                (config.feedback.smtp_addr.is_some() || config.feedback.webhooks.any() || config.smtp.sandbox)
+                    .then_some(config.feedback.topic.as_str());
             let topics: Vec<&str> = topics.into_iter().chain(feedback).collect();
             retry_at_start("creating Kafka topics", || kafka::ensure_topics(&config.kafka, &topics)).await?;
         }
@@ -140,8 +149,10 @@ impl App {
             (shared.lease.clone(), shared.budget.clone(), shared.metrics.clone(), shared.control.flag());
         let send =
             Arc::new(SendContext::new(&config.smtp, config.retry.clone(), lease, budget, metrics, composer, paused)?);
+        // In the sandbox, the report stage hands stored outcomes to the simulator's mailbox.
+        let (simulator, mailbox) = shared.sandbox(&config).unzip();
         // Before the HTTP state, which publishes the status messages of letters an operator cancels.
-        let report = shared.report(&config);
+        let report = shared.report(&config, simulator);
         let posts = PostDoor::new(&config, &shared.store, shared.metrics.clone())?;
         retry_at_start("preparing the Idempotency-Key collection", || posts.keys.prepare()).await?;
         let consuming = Arc::new(AtomicBool::new(false));
@@ -172,12 +183,13 @@ impl App {
 
         // Every stage below runs supervised: see [`Supervisor`].
         let supervisor = Supervisor::new(&config, &shutdown);
-        let wake = Arc::new(Notify::new());
-        let ingest = tokio::spawn(shared.ingest(&config, consumer, &wake, consuming).run(shutdown.clone()));
-        let (letters_tx, letters_rx) = async_channel::bounded(config.smtp.max_senders);
+        let wakes = Wakes { wake: Arc::new(Notify::new()), express: Arc::new(Notify::new()) };
+        let ingest = tokio::spawn(shared.ingest(&config, consumer, &wakes, consuming).run(shutdown.clone()));
+        let letters_rx = Arc::new(LaneQueue::new(config.dispatch.bulk_share, shared.fairness.clone()));
         let (outcomes_tx, outcomes_rx) = mpsc::channel(512);
-        let dispatcher = shared.dispatcher(&config, wake);
-        let dispatcher = supervisor.spawn("dispatcher", &shutdown, dispatcher.run(letters_tx, shutdown.clone()));
+        let dispatcher = shared.dispatcher(&config, wakes);
+        let dispatcher =
+            supervisor.spawn("dispatcher", &shutdown, dispatcher.run(letters_rx.clone(), shutdown.clone()));
         let (workers, abort) = (TaskTracker::new(), CancellationToken::new());
         for id in 0..config.smtp.max_senders {
             let worker = Worker::new(id, send.clone());
@@ -190,7 +202,7 @@ impl App {
         let report_stage = supervisor.spawn("report", &shutdown, report.clone().run(outcomes_rx, shutdown.clone()));
         // The chores run until `background` fires, after the workers and the report stage.
         let background = CancellationToken::new();
-        let chores = shared.chores(&config, report, suppression_consumer, &supervisor, &background);
+        let chores = shared.chores(&config, report, suppression_consumer, mailbox, &supervisor, &background);
 
         let ingest_failure = until_shutdown(ingest, &shutdown).await;
         tracing::info!(
@@ -268,6 +280,14 @@ struct Shared {
     suppressions: Suppressions,
     lease: Arc<LeaseClock>,
     budget: Arc<Budget>,
+    /// The lanes' virtual clocks and the flows' places (`crate::priority`).
+    fairness: Arc<Fairness>,
+}
+
+/// How ingest wakes the dispatcher: any stored letter, and one that goes before those held.
+struct Wakes {
+    wake: Arc<Notify>,
+    express: Arc<Notify>,
 }
 
 impl Shared {
@@ -289,11 +309,30 @@ impl Shared {
             paced_per_s = budget.plan().rate(),
             "sending budget shared through MongoDB"
         );
-        Shared { store, producer, metrics, control, owner, suppressions, lease, budget }
+        Shared { store, producer, metrics, control, owner, suppressions, lease, budget, fairness: Arc::default() }
     }
 
-    fn report(&self, config: &Config) -> Report {
+    /// `SMTP_SANDBOX`'s simulator addresses, whose events take the real events' path.
+    fn sandbox(
+        &self,
+        config: &Config,
+    ) -> Option<(crate::feedback::sandbox::Simulator, crate::feedback::sandbox::Mailbox)> {
+        if !config.smtp.sandbox {
+            return None;
+        }
+        let feedback = crate::feedback::Feedback {
+            store: self.store.feedback(config.kafka.message_timeout + Duration::from_secs(10)),
+            suppressions: self.suppressions.clone(),
+            producer: self.producer.clone(),
+            topic: config.feedback.topic.clone(),
+            metrics: self.metrics.clone(),
+        };
+        Some(crate::feedback::sandbox::Simulator::new(feedback))
+    }
+
+    fn report(&self, config: &Config, sandbox: Option<crate::feedback::sandbox::Simulator>) -> Report {
         Report {
+            sandbox,
             store: self.store.clone(),
             producer: self.producer.clone(),
             topic: config.kafka.topic_out.clone(),
@@ -308,7 +347,7 @@ impl Shared {
         &self,
         config: &Config,
         consumer: Arc<IngestConsumer>,
-        wake: &Arc<Notify>,
+        wakes: &Wakes,
         running: Arc<AtomicBool>,
     ) -> Ingest {
         Ingest {
@@ -317,13 +356,15 @@ impl Shared {
             store: self.store.clone(),
             config: config.kafka.clone(),
             metrics: self.metrics.clone(),
-            wake: wake.clone(),
+            wake: wakes.wake.clone(),
+            express: wakes.express.clone(),
+            fairness: self.fairness.clone(),
             running,
         }
     }
 
     /// Holds no more letters than the budget lets the workers send within half a lease.
-    fn dispatcher(&self, config: &Config, wake: Arc<Notify>) -> Dispatcher {
+    fn dispatcher(&self, config: &Config, wakes: Wakes) -> Dispatcher {
         let capacity = Dispatcher::capacity(&config.dispatch, config.smtp.max_senders, self.budget.plan().rate());
         Dispatcher {
             store: self.store.clone(),
@@ -331,11 +372,17 @@ impl Shared {
             owner: self.owner.clone(),
             control: self.control.clone(),
             capacity: Arc::new(Semaphore::new(capacity)),
-            wake,
+            wake: wakes.wake,
             lease: self.lease.clone(),
             low_water: Dispatcher::low_water(&config.dispatch, capacity),
             memory: Memory::new(config.dispatch.max_bytes),
             suppressions: self.suppressions.clone(),
+            // As much again as one regular claim, for the letters that go first.
+            express: {
+                let size = Dispatcher::low_water(&config.dispatch, capacity);
+                Express { wake: wakes.express, capacity: Arc::new(Semaphore::new(size)), size }
+            },
+            fairness: self.fairness.clone(),
         }
     }
 
@@ -353,6 +400,7 @@ impl Shared {
             store: self.store.clone(),
             topic_in: config.kafka.topic_in.clone(),
             relays: send.relays.clone(),
+            sandbox: config.smtp.sandbox,
             admin_token: config.http.admin_token.clone(),
             admin_networks: config.http.admin_networks.clone(),
             control: self.control.clone(),
@@ -364,6 +412,7 @@ impl Shared {
             readiness: Default::default(),
             budget: self.budget.clone(),
             posts,
+            attachments: config.kafka.attachments,
         })
     }
 
@@ -391,10 +440,15 @@ impl Shared {
         config: &Config,
         report: Report,
         suppression_consumer: rdkafka::consumer::StreamConsumer,
+        sandbox: Option<crate::feedback::sandbox::Mailbox>,
         supervisor: &Supervisor,
         until: &CancellationToken,
     ) -> TaskTracker {
         let chores = TaskTracker::new();
+        // After the report stage, so the events of its last outcomes are still made.
+        if let Some(mailbox) = sandbox {
+            chores.spawn(supervisor.watch("the sandbox's mailbox", until, mailbox.run(until.clone())));
+        }
         let expiry = crate::pipeline::expiry::run(report.clone(), until.clone());
         chores.spawn(supervisor.watch("expiry", until, expiry));
         let republish = report.republish(
@@ -421,6 +475,14 @@ impl Shared {
         };
         chores.spawn(supervisor.watch("the suppression topic", until, topic.run(until.clone())));
         chores.spawn(supervisor.watch("the control watch", until, self.control.clone().watch(until.clone())));
+        let brake = crate::feedback::brake::Brake {
+            store: self.store.feedback(config.kafka.message_timeout + Duration::from_secs(10)),
+            control: self.control.clone(),
+            metrics: self.metrics.clone(),
+            config: config.feedback.brake.clone(),
+            instance_id: config.instance_id.clone(),
+        };
+        chores.spawn(supervisor.watch("the reputation brake", until, brake.run(until.clone())));
         let gauge = refresh_status_gauge(self.store.clone(), self.metrics.clone(), until.clone());
         chores.spawn(supervisor.watch("the status gauge", until, gauge));
         chores.close();

@@ -24,7 +24,7 @@ use mongodb::bson::Bson;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::store::ControlState;
+pub use crate::store::{ControlState, PauseCause};
 use crate::{
     chore::chore_after,
     clock::Clock,
@@ -127,6 +127,8 @@ pub struct Control {
     /// For the dispatcher to sleep until resumed.
     state: Arc<watch::Sender<bool>>,
     cancels: Cancels,
+    /// The stored state as last read or written here (`GET /` shows it; the brake starts from it).
+    last: Arc<RwLock<ControlState>>,
     metrics: Arc<Metrics>,
 }
 
@@ -138,8 +140,14 @@ impl Control {
             flag: Arc::default(),
             state: Arc::new(watch::Sender::new(false)),
             cancels: Cancels::default(),
+            last: Arc::default(),
             metrics,
         }
+    }
+
+    /// The stored state as this replica last read it (within [`POLL_INTERVAL`]).
+    pub fn state(&self) -> ControlState {
+        self.last.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// The cancelled batches, which the workers check before each send.
@@ -163,12 +171,16 @@ impl Control {
         let _ = state.wait_for(|paused| !paused).await;
     }
 
-    fn apply(&self, paused: bool) {
+    fn apply(&self, state: &ControlState) {
+        let paused = state.paused;
         let was = self.flag.swap(paused, Ordering::Relaxed);
         self.state.send_replace(paused);
         self.metrics.paused.set(i64::from(paused));
+        self.metrics.brake_paused.set(i64::from(state.cause == Some(PauseCause::Brake)));
+        *self.last.write().unwrap_or_else(std::sync::PoisonError::into_inner) = state.clone();
         if was != paused {
-            tracing::info!(paused, "sending {}", if paused { "paused" } else { "resumed" });
+            let reason = state.reason.as_deref().unwrap_or("");
+            tracing::info!(paused, reason, "sending {}", if paused { "paused" } else { "resumed" });
         }
     }
 
@@ -178,7 +190,7 @@ impl Control {
         let started = Instant::now();
         let since = self.clock.now_ms() - CANCEL_MEMORY_MS;
         let (state, cancelled) = self.documents.read(since).await?;
-        self.apply(state.paused);
+        self.apply(&state);
         self.cancels.replace(cancelled, started);
         Ok(state)
     }
@@ -203,8 +215,27 @@ impl Control {
     /// Stores the state for every replica, and applies it here at once.
     pub async fn set_paused(&self, paused: bool, by: &str, now_ms: i64) -> anyhow::Result<ControlState> {
         let state = self.documents.set_paused(paused, by, now_ms).await?;
-        self.apply(paused);
+        self.apply(&state);
         Ok(state)
+    }
+
+    /// Pauses sending for the reputation brake with `reason`, unless the stored state changed
+    /// since this replica read it (an operator resumed meanwhile); says whether it paused.
+    pub async fn brake(&self, reason: &str, by: &str, now_ms: i64) -> anyhow::Result<bool> {
+        let seen = self.state();
+        if seen.paused || !self.documents.brake(&seen, reason, by, now_ms).await? {
+            return Ok(false);
+        }
+        let state = ControlState {
+            paused: true,
+            updated_ms: now_ms,
+            updated_by: Some(by.to_owned()),
+            reason: Some(reason.to_owned()),
+            cause: Some(PauseCause::Brake),
+            resumed_ms: seen.resumed_ms,
+        };
+        self.apply(&state);
+        Ok(true)
     }
 
     /// Follows the stored state until `shutdown`. A failed read keeps the last known state: a

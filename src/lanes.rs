@@ -37,6 +37,20 @@ pub struct MailingExtra {
     /// The producer's own strings, echoed in every status message and feedback event.
     #[serde(rename = "Metadata", alias = "metadata", default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
+
+    /// Files and inline images, checked by `crate::attachments::check` (not by [`Self::check`],
+    /// which has no limits to check them against).
+    #[serde(rename = "Attachments", alias = "attachments", default, skip_serializing_if = "Option::is_none")]
+    pub attachments: Option<Value>,
+    /// `transactional` or `bulk` (the default): see `crate::priority`.
+    #[serde(rename = "Lane", alias = "lane", default, skip_serializing_if = "Option::is_none")]
+    pub lane: Option<Value>,
+    /// The team or product whose letters share one fair share of their lane.
+    #[serde(rename = "Tenant", alias = "tenant", default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<Value>,
+    /// The share of its tenant (or batch) relative to others in its lane, 1 by default.
+    #[serde(rename = "Weight", alias = "weight", default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<Value>,
 }
 
 /// [`MailingExtra`] checked: times in Unix milliseconds, metadata as strings.
@@ -58,7 +72,13 @@ impl MailingExtra {
             return Err("NotAfter must be later than SendAt".to_owned());
         }
         let metadata = metadata_field(self.metadata.as_ref())?;
+        self.priority()?;
         Ok(Timing { send_at_ms, not_after_ms, metadata })
+    }
+
+    /// `Lane`, `Tenant` and `Weight`, checked.
+    pub fn priority(&self) -> Result<crate::priority::Priority, String> {
+        crate::priority::check(self.lane.as_ref(), self.tenant.as_ref(), self.weight.as_ref())
     }
 
     /// The fields again from a stored letter's values, for a dead letter's copy of its mailing.
@@ -75,6 +95,7 @@ impl MailingExtra {
             not_after: time(not_after_ms),
             metadata: (!metadata.is_empty())
                 .then(|| Value::Object(metadata.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect())),
+            ..Default::default()
         }
     }
 }

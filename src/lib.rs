@@ -4,6 +4,7 @@
 
 pub mod address;
 pub mod app;
+pub mod attachments;
 pub mod budget;
 pub mod chore;
 pub mod clock;
@@ -18,6 +19,7 @@ pub mod lanes;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod priority;
 pub mod retention;
 pub mod smtp;
 pub mod store;

@@ -57,6 +57,12 @@ pub struct WebhookLabel {
     pub reason: &'static str,
 }
 
+/// The brake's rates: `hard_bounce` or `complaint`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RelayLabel {
     /// `host:port`, as `SMTP_HOST` names the relay.
@@ -109,6 +115,17 @@ pub struct Metrics {
     pub webhook_ignored: Family<WebhookLabel, Counter>,
     /// Relay webhook requests refused (forged, stale, replayed with another body), by relay and reason.
     pub webhook_refused: Family<WebhookLabel, Counter>,
+    /// The reputation brake's rates over its window, by kind (0 until the window holds
+    /// `BRAKE_MIN_SENDS` recipients).
+    pub brake_rate: Family<KindLabel, Gauge<f64, AtomicU64>>,
+    /// The rates at which the brake pauses, by kind (absent when off).
+    pub brake_limit: Family<KindLabel, Gauge<f64, AtomicU64>>,
+    /// Recipients of the letters in the brake's window.
+    pub brake_window_recipients: Gauge,
+    /// 1 while sending is paused by the brake, as this replica last read the control document.
+    pub brake_paused: Gauge,
+    /// Times this replica's brake paused the deployment.
+    pub brake_trips: Counter,
 }
 
 impl Metrics {
@@ -166,6 +183,11 @@ impl Metrics {
             feedback_unparsed: Counter::default(),
             webhook_ignored: Family::default(),
             webhook_refused: Family::default(),
+            brake_rate: Family::default(),
+            brake_limit: Family::default(),
+            brake_window_recipients: Gauge::default(),
+            brake_paused: Gauge::default(),
+            brake_trips: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("letters_received", "Letters decoded from Kafka batches", metrics.received.clone());
@@ -327,6 +349,42 @@ impl Metrics {
             "Relay webhook requests refused (bad signature or credentials, stale, a replayed token with another body), by relay and reason",
             metrics.webhook_refused.clone(),
         );
+        registry.register(
+            "brake_rate",
+            "Hard bounces and complaints per recipient of the last BRAKE_WINDOW letters sent since the last resume, by kind \
+             (0 until they hold BRAKE_MIN_SENDS recipients)",
+            metrics.brake_rate.clone(),
+        );
+        registry.register(
+            "brake_limit",
+            "The rate at which the reputation brake pauses sending, by kind (BRAKE_MAX_BOUNCE_RATE, BRAKE_MAX_COMPLAINT_RATE)",
+            metrics.brake_limit.clone(),
+        );
+        registry.register(
+            "brake_window_recipients",
+            "Recipients of the letters in the reputation brake's window (its sample)",
+            metrics.brake_window_recipients.clone(),
+        );
+        registry.register(
+            "brake_paused",
+            "1 while sending is paused by the reputation brake, as this replica last read the control document",
+            metrics.brake_paused.clone(),
+        );
+        registry.register(
+            "brake_trips",
+            "Times this replica's reputation brake paused the deployment",
+            metrics.brake_trips.clone(),
+        );
+        // Every kind and source of feedback event from the start, so that rate() and the
+        // dashboard see zero rather than no series before the first event.
+        for kind in ["hard_bounce", "soft_bounce", "complaint", "delay"] {
+            for source in ["dsn", "arf", "ses", "postmark", "sendgrid", "mailgun"] {
+                let _ = metrics.feedback_events.get_or_create(&FeedbackLabel { kind, source });
+            }
+        }
+        for kind in ["hard_bounce", "complaint"] {
+            let _ = metrics.brake_rate.get_or_create(&KindLabel { kind });
+        }
         registry.register("build", "Build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
         Metrics { registry, ..metrics }
     }

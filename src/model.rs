@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{address::Recipient, smtp::message::check_subject};
 
 /// What a producer must send, quoted in every rejection so the fix is obvious.
-pub const EXPECTED_BATCH: &str = r#"a non-empty JSON array of mailings, each {"Subject": string, "Body": string (HTML), "Addresses": [string, ...] (at least one mailbox), "Token": string, optionally "SendAt" and "NotAfter": RFC 3339 time strings, "Metadata": {string: string} (at most 16 keys, 1024 bytes)}"#;
+pub const EXPECTED_BATCH: &str = r#"a non-empty JSON array of mailings, each {"Subject": string, "Body": string (HTML), "Addresses": [string, ...] (at least one mailbox), "Token": string, optionally "SendAt" and "NotAfter": RFC 3339 time strings, "Metadata": {string: string} (at most 16 keys, 1024 bytes), "Attachments": [{"FileName": string, "ContentType": string, "Content": base64 string, "ContentId": string for an inline image}, ...], "Lane": "transactional" or "bulk", "Tenant": string, "Weight": number from 0.01 to 1000}"#;
 
 /// One element of an input batch. Go's JSON decoder matched keys case-insensitively, so the
 /// lower-case spellings that producers may rely on are accepted too.
@@ -62,10 +62,18 @@ pub struct Checked {
     pub rejected: Vec<Rejection>,
     /// Set when nothing can be sent at all.
     pub error: Option<String>,
+    /// The `Attachments`, decoded (empty when `error` is set).
+    pub attachments: Vec<crate::attachments::Attachment>,
 }
 
 impl Mailing {
+    /// [`Mailing::validate_within`] the default attachment limits.
     pub fn validate(&self) -> Checked {
+        self.validate_within(&crate::attachments::AttachmentLimits::default())
+    }
+
+    /// Checks the mailing, its attachments against `limits` (`ATTACHMENTS_MAX_COUNT`, `ATTACHMENTS_MAX_BYTES`).
+    pub fn validate_within(&self, limits: &crate::attachments::AttachmentLimits) -> Checked {
         let mut recipients = Vec::new();
         let mut rejected = Vec::new();
         let mut seen = HashSet::new();
@@ -79,10 +87,13 @@ impl Mailing {
                 Err(reason) => rejected.push(Rejection { address: raw.clone(), reply: reason }),
             }
         }
+        let attachments = crate::attachments::check(self.extra.attachments.as_ref(), limits);
         let error = if let Err(reason) = check_subject(&self.subject) {
             Some(reason)
         } else if let Err(reason) = self.extra.check() {
             Some(reason)
+        } else if let Err(reason) = &attachments {
+            Some(reason.clone())
         } else if self.addresses.is_empty() {
             Some("Addresses is empty: a letter needs at least one recipient".to_owned())
         } else if recipients.is_empty() {
@@ -90,7 +101,9 @@ impl Mailing {
         } else {
             None
         };
-        Checked { recipients, rejected, error }
+        // A failed letter keeps none of its files: it is never sent.
+        let attachments = attachments.ok().filter(|_| error.is_none()).unwrap_or_default();
+        Checked { recipients, rejected, error, attachments }
     }
 }
 
@@ -160,8 +173,9 @@ pub struct Letter {
     /// BSON date because range queries on dates are several times slower on the Mongo-wire server.
     #[serde(default)]
     pub due_ms: i64,
-    /// Bytes of the letter's text (body, subject, token, addresses), so a claim can take no more
-    /// than memory allows without reading the bodies first. Absent (0) on Go-era letters.
+    /// Bytes of the letter's text (body, subject, token, addresses) and attachments, so a claim
+    /// can take no more than memory allows without reading the bodies first. Absent (0) on
+    /// Go-era letters.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub size_bytes: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -204,6 +218,23 @@ pub struct Letter {
     /// The mailing's `Metadata`, echoed in status messages, feedback events and the letter view.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub metadata: std::collections::BTreeMap<String, String>,
+
+    /// The mailing's `Attachments`, decoded; absent on Go-era letters and letters without any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<crate::attachments::Attachment>,
+    /// The mailing's `Lane`; Go-era letters are bulk (`crate::priority`).
+    #[serde(default)]
+    pub lane: crate::priority::Lane,
+    /// The letter's place in its lane's fair order, given at ingest (`priority::Fairness::tag`);
+    /// the claim takes the lowest due first.
+    #[serde(default)]
+    pub vt: f64,
+    /// The mailing's `Tenant`: its letters share one fair share, whatever their Kafka keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The mailing's `Weight` (absent: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
     /// `addresses` parsed, on first use: not stored (MongoDB keeps the Go service's strings).
     #[serde(skip)]
     parsed: ParsedAddresses,
@@ -272,10 +303,22 @@ impl Letter {
     /// Builds the stored letter for one mailing of a batch. A mailing that fails validation is
     /// stored already failed, so its producer hears about it on the status topic.
     pub fn from_mailing(mailing: Mailing, kafka_key: Option<&[u8]>, source: String, now_ms: i64) -> Letter {
-        let checked = mailing.validate();
+        Self::from_mailing_within(mailing, kafka_key, source, now_ms, &crate::attachments::AttachmentLimits::default())
+    }
+
+    /// [`Letter::from_mailing`] with the deployment's attachment limits, as ingest builds letters.
+    pub fn from_mailing_within(
+        mailing: Mailing,
+        kafka_key: Option<&[u8]>,
+        source: String,
+        now_ms: i64,
+        limits: &crate::attachments::AttachmentLimits,
+    ) -> Letter {
+        let checked = mailing.validate_within(limits);
         let failed = checked.error.is_some();
         // Invalid values already failed the letter (`validate`); it then keeps none of them.
         let timing = mailing.extra.check().unwrap_or_default();
+        let priority = mailing.extra.priority().unwrap_or_default();
         let mut letter = Letter {
             id: ObjectId::new(),
             addresses: mailing.addresses,
@@ -307,22 +350,29 @@ impl Letter {
             send_at_ms: timing.send_at_ms,
             not_after_ms: timing.not_after_ms,
             metadata: timing.metadata,
+            attachments: checked.attachments,
+            lane: priority.lane,
+            vt: 0.0,
+            tenant: priority.tenant,
+            weight: (priority.weight != 1.0).then_some(priority.weight),
             parsed: ParsedAddresses::default(),
         };
         letter.size_bytes = letter.text_bytes() as i64;
         letter
     }
 
-    /// Bytes of text this letter holds in memory.
+    /// Bytes this letter holds in memory: its text and its attachments.
     pub fn text_bytes(&self) -> usize {
-        self.body.len()
+        crate::attachments::bytes(&self.attachments)
+            + self.body.len()
             + self.subject.len()
             + self.token.len()
             + self.addresses.iter().map(String::len).sum::<usize>()
             + self.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
     }
 
-    /// A copy without what may be large: the body, the addresses and the per-recipient state.
+    /// A copy without what may be large: the body, the attachments, the addresses and the
+    /// per-recipient state.
     pub fn clone_head(&self) -> Letter {
         Letter {
             id: self.id,
@@ -352,6 +402,11 @@ impl Letter {
             send_at_ms: self.send_at_ms,
             not_after_ms: self.not_after_ms,
             metadata: self.metadata.clone(),
+            attachments: Vec::new(),
+            lane: self.lane,
+            vt: self.vt,
+            tenant: self.tenant.clone(),
+            weight: self.weight,
             parsed: ParsedAddresses::default(),
         }
     }

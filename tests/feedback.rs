@@ -4,17 +4,16 @@
 //! topic, the suppression list and `GET /letters/{id}`; and what bad input gets.
 
 mod common;
+#[path = "common/inbound.rs"]
+mod inbound;
 
 use std::time::Duration;
 
 use common::*;
+use inbound::*;
 use mailsender::{feedback::return_path::ReturnPath, model::Status};
 use mongodb::bson::oid::ObjectId;
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
-};
 
 const LONG: Duration = Duration::from_secs(60);
 const SECRET: &str = "feedback-test-secret-0123456789";
@@ -25,10 +24,6 @@ struct Feedback {
     app: TestApp,
     port: u16,
     topic: String,
-}
-
-fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(repo_root().join("tests/fixtures/feedback").join(name)).unwrap()
 }
 
 /// Sends one letter and returns its id and the MAIL FROM the relay saw.
@@ -50,75 +45,6 @@ async fn send_letter(f: &Feedback, sink: &SmtpSink, key: &str, token: &str, addr
     let received = sink.wait_for_count(before + 1, LONG).await;
     let message = received.iter().find(|r| r.raw.contains(&letter.id.to_hex())).expect("the letter's message");
     (letter.id, message.mail_from.clone())
-}
-
-/// One SMTP conversation with the listener: each command's reply (multi-line replies joined).
-async fn converse(port: u16, steps: &[Step<'_>]) -> Vec<String> {
-    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
-    let mut replies = vec![reply(&mut read).await];
-    for step in steps {
-        match step {
-            Step::Command(command) => write.write_all(format!("{command}\r\n").as_bytes()).await.unwrap(),
-            Step::Data(data) => {
-                let mut stuffed = Vec::with_capacity(data.len() + 64);
-                for line in data.split_inclusive(|&b| b == b'\n') {
-                    if line.starts_with(b".") {
-                        stuffed.push(b'.');
-                    }
-                    stuffed.extend_from_slice(line);
-                }
-                if !stuffed.ends_with(b"\r\n") {
-                    stuffed.extend_from_slice(b"\r\n");
-                }
-                stuffed.extend_from_slice(b".\r\n");
-                write.write_all(&stuffed).await.unwrap();
-            }
-        }
-        replies.push(reply(&mut read).await);
-    }
-    replies
-}
-
-enum Step<'a> {
-    Command(String),
-    Data(&'a [u8]),
-}
-
-async fn reply(read: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> String {
-    let mut text = String::new();
-    loop {
-        let mut line = String::new();
-        let n = tokio::time::timeout(LONG, read.read_line(&mut line)).await.expect("a reply in time").unwrap();
-        assert!(n > 0, "the listener closed the connection; so far: {text}");
-        text.push_str(&line);
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return text.trim_end().to_owned();
-        }
-    }
-}
-
-/// Delivers `message` to `rcpt` as an MTA delivers a DSN (null sender); returns the reply to
-/// RCPT and the reply to the data (or the RCPT reply twice when it was refused).
-async fn deliver(port: u16, rcpt: &str, message: &[u8]) -> (String, String) {
-    let head = vec![
-        Step::Command("EHLO mta.example".into()),
-        Step::Command("MAIL FROM:<>".into()),
-        Step::Command(format!("RCPT TO:<{rcpt}>")),
-    ];
-    let replies = converse(port, &head).await;
-    let rcpt_reply = replies[3].clone();
-    if !rcpt_reply.starts_with('2') {
-        return (rcpt_reply.clone(), rcpt_reply);
-    }
-    let mut steps = head;
-    steps.push(Step::Command("DATA".into()));
-    steps.push(Step::Data(message));
-    steps.push(Step::Command("QUIT".into()));
-    let replies = converse(port, &steps).await;
-    assert!(replies[4].starts_with("354"), "{replies:?}");
-    (rcpt_reply, replies[5].clone())
 }
 
 async fn letter_view(app: &TestApp, id: ObjectId) -> Value {

@@ -376,6 +376,7 @@ pub fn grid() -> Vec<Case> {
             (letters("1s", 100, 1, Some("10000/24h")), 60 * SECOND),
             (letters("1m", 30, 1, None), 5 * MINUTE),
             (letters("1s", 10, 1, None), 60 * SECOND),
+            (letters("1s", 14, 1, None), 30 * SECOND),
             (letters("10s", 10, 5, None), 2 * MINUTE),
             (letters("1s", 100, 1, Some("1000/1m")), 150 * SECOND),
             (letters("1s", 100_000, 1, None), 3 * SECOND),
@@ -423,6 +424,12 @@ mod tests {
         for case in grid() {
             let judged = judge(&case).await;
             let share = judged.share();
+            println!(
+                "{:6.1} % (required {:.0} %) {case} [{}]",
+                share * 100.0,
+                judged.required() * 100.0,
+                judged.bound_by
+            );
             if worst.as_ref().is_none_or(|(w, _)| share < *w) {
                 worst = Some((share, format!("{case}: {} of {} ({})", judged.used, judged.binding, judged.bound_by)));
             }
@@ -441,6 +448,30 @@ mod tests {
             println!("worst configuration: {:.1} % — {case}", share * 100.0);
         }
         assert!(failures.is_empty(), "{} configuration(s) failed:\n{}", failures.len(), failures.join("\n"));
+    }
+
+    /// Three replicas of four workers on a 300 ms relay at 14 letters a second (the sweep's SES
+    /// budget in letters) used 66 % of it, 57 % of 20 a second, where one replica of twelve
+    /// workers used 99 %. The schedule ran a second ahead (the twelve workers held its units that
+    /// far out), yet each replica kept its pool stocked to its horizon: the units it held waited
+    /// while its four workers were busy, and passed unused or were taken too late to reach. Now a
+    /// replica asks for its waiting workers' units alone while the schedule is that far ahead
+    /// (`Budget::far_ahead`): 98.6 %.
+    #[tokio::test(start_paused = true)]
+    async fn three_replicas_of_four_slow_workers_use_the_rate() {
+        let case = Case {
+            vars: vec![var("SMTP_RATE_LIMIT_PERIOD", "1s"), var("SMTP_RATE_LIMIT_MAX_LETTERS", 14)],
+            replicas: 3,
+            workers: 4,
+            send: Duration::from_millis(300),
+            offsets_ms: vec![0],
+            kill_at: None,
+            recipients: vec![1],
+            duration: 30 * SECOND,
+        };
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert!(judged.share() >= judged.required(), "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
     }
 }
 
@@ -615,38 +646,5 @@ mod relays {
                 assert!(judged.over.is_empty(), "{name}: {:?}", judged.over);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod known_gaps {
-    use super::*;
-
-    /// Three replicas of four workers on a 300 ms relay use 66 % of 14 letters a second (57 % of
-    /// 20), where one replica of twelve workers uses 99 % and 10 or 12 a second are used in full.
-    /// Found by the recipient sweep (14 recipients a second with one recipient a message is this
-    /// budget in letters). Traced: each replica keeps its pool stocked up to its horizon, but its
-    /// runs are interleaved with the other replicas', so the schedule runs a second ahead, workers
-    /// take units that far ahead (a cycle of 1.15 s for a 300 ms message), and units a replica
-    /// holds pass unused while its four workers are busy. Skipping units sooner than a worker's
-    /// preparation and refilling earlier brought it to 81 % but cost the 10,000-a-day case with
-    /// the same load its share (87 → 79 %): the grant's size needs to follow the workers' free
-    /// moments, left for the next round. Until then this test keeps the gap from widening unseen:
-    /// the cap holds, and at least the 66 % measured is used (95 % is the aim, as in the sweep).
-    #[tokio::test(start_paused = true)]
-    async fn three_replicas_of_four_slow_workers_keep_the_cap_and_the_known_share() {
-        let case = Case {
-            vars: vec![var("SMTP_RATE_LIMIT_PERIOD", "1s"), var("SMTP_RATE_LIMIT_MAX_LETTERS", 14)],
-            replicas: 3,
-            workers: 4,
-            send: Duration::from_millis(300),
-            offsets_ms: vec![0],
-            kill_at: None,
-            recipients: vec![1],
-            duration: 30 * SECOND,
-        };
-        let judged = judge(&case).await;
-        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
-        assert!(judged.share() >= 0.65, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
     }
 }

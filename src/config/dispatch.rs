@@ -16,6 +16,9 @@ pub struct DispatchConfig {
     pub max_bytes: usize,
     /// How often an idle dispatcher looks for due letters (retries, other replicas' inserts).
     pub poll_interval: Duration,
+    /// The share of the sends bulk letters keep while transactional ones wait too
+    /// (`LANE_BULK_SHARE`, `crate::priority`).
+    pub bulk_share: f64,
 }
 
 /// When a failed attempt is tried again (`policy::decide`).
@@ -70,6 +73,9 @@ pub(super) fn dispatch(env: &Env) -> Result<DispatchConfig, ConfigError> {
             ((1 << 20)..=(4 << 30)).contains(n)
         })?,
         poll_interval: env.positive_duration("DISPATCH_POLL_INTERVAL", "1s")?,
+        bulk_share: env.parse("LANE_BULK_SHARE", 0.1, "a share from 0 to 0.9 (0.1 is 10 %)", |share: &f64| {
+            (0.0..=0.9).contains(share)
+        })?,
     })
 }
 

@@ -26,6 +26,58 @@ pub struct FeedbackConfig {
     /// `KAFKA_TOPIC_FEEDBACK`: bounces, complaints and delays for the profile service.
     pub topic: String,
     pub webhooks: WebhookConfig,
+    pub brake: BrakeConfig,
+}
+
+/// The reputation brake (`crate::feedback::brake`): hard-bounce and complaint rates over the last
+/// letters sent, and the deployment-wide pause when one crosses its limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrakeConfig {
+    /// `BRAKE_INTERVAL`: how often each replica reads the window.
+    pub interval: std::time::Duration,
+    /// `BRAKE_WINDOW`: how many of the last letters sent the rates are taken over.
+    pub window: u32,
+    /// `BRAKE_MIN_SENDS`: the fewest recipients in the window on which the brake judges.
+    pub min_sends: u64,
+    /// `BRAKE_MAX_BOUNCE_RATE`: hard bounces per recipient at which sending pauses; `None` (off)
+    /// never pauses on bounces.
+    pub max_bounce_rate: Option<f64>,
+    /// `BRAKE_MAX_COMPLAINT_RATE`: complaints per recipient at which sending pauses.
+    pub max_complaint_rate: Option<f64>,
+}
+
+/// A rate limit: `5%`, `0.05`, or `off`.
+fn rate(env: &Env, var: &'static str, default: &str) -> Result<Option<f64>, ConfigError> {
+    let raw = env.string(var, default);
+    if raw.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let value = match raw.strip_suffix('%') {
+        Some(percent) => percent.trim().parse::<f64>().map(|p| p / 100.0),
+        None => raw.parse::<f64>(),
+    };
+    match value {
+        Ok(rate) if rate > 0.0 && rate <= 1.0 => Ok(Some(rate)),
+        _ => Err(ConfigError::Invalid {
+            var,
+            value: raw,
+            expected: "a rate above 0 and at most 100 %, such as 5% or 0.05, or off".into(),
+        }),
+    }
+}
+
+fn brake(env: &Env) -> Result<BrakeConfig, ConfigError> {
+    Ok(BrakeConfig {
+        interval: env.positive_duration("BRAKE_INTERVAL", "5s")?,
+        window: env
+            .parse("BRAKE_WINDOW", 2000, "a number of letters from 10 to 100000", |n| (10..=100_000).contains(n))?,
+        min_sends: env.parse("BRAKE_MIN_SENDS", 200, "a number of recipients of at least 1", |n| *n >= 1)?,
+        // SES puts an account under review at a 5 % bounce rate and suspends it at 10 %.
+        max_bounce_rate: rate(env, "BRAKE_MAX_BOUNCE_RATE", "5%")?,
+        // SES reviews at 0.1 % complaints (suspends at 0.5 %); Gmail and Yahoo require bulk
+        // senders to stay under 0.3 %. The strictest published line is the default.
+        max_complaint_rate: rate(env, "BRAKE_MAX_COMPLAINT_RATE", "0.1%")?,
+    })
 }
 
 /// The relays' webhooks (`crate::feedback::webhooks`); each relay's route exists only when its
@@ -194,6 +246,7 @@ pub(super) fn feedback(env: &Env) -> Result<FeedbackConfig, ConfigError> {
         )?,
         topic: env.string("KAFKA_TOPIC_FEEDBACK", "mts-to-profile.feedback"),
         webhooks: webhooks(env)?,
+        brake: brake(env)?,
     })
 }
 
@@ -253,6 +306,26 @@ mod tests {
             let mut pairs = on.to_vec();
             pairs.push((var, value));
             assert_eq!(named(from(&pairs)), var);
+        }
+    }
+
+    #[test]
+    fn the_brake_has_the_relays_limits_by_default_and_reads_rates_as_percent_or_fraction() {
+        let brake = from(&[]).unwrap().feedback.brake;
+        assert_eq!((brake.window, brake.min_sends), (2000, 200));
+        assert_eq!((brake.max_bounce_rate, brake.max_complaint_rate), (Some(0.05), Some(0.001)));
+        let set = from(&[("BRAKE_MAX_BOUNCE_RATE", "0.02"), ("BRAKE_MAX_COMPLAINT_RATE", "off")]).unwrap();
+        assert_eq!((set.feedback.brake.max_bounce_rate, set.feedback.brake.max_complaint_rate), (Some(0.02), None));
+        assert_eq!(from(&[("BRAKE_MAX_BOUNCE_RATE", "2.5 %")]).unwrap().feedback.brake.max_bounce_rate, Some(0.025));
+        for (var, value) in [
+            ("BRAKE_MAX_BOUNCE_RATE", "0"),
+            ("BRAKE_MAX_BOUNCE_RATE", "120%"),
+            ("BRAKE_MAX_COMPLAINT_RATE", "some"),
+            ("BRAKE_WINDOW", "5"),
+            ("BRAKE_MIN_SENDS", "0"),
+            ("BRAKE_INTERVAL", "0s"),
+        ] {
+            assert_eq!(named(from(&[(var, value)])), var);
         }
     }
 

@@ -36,6 +36,27 @@ pub struct KafkaConfig {
     /// A partition whose position has not moved this long, with messages waiting, is reported
     /// stalled (gauge and warning).
     pub stall_warning: Duration,
+    /// What a mailing's `Attachments` may hold (issue 19), checked at `POST /post` and at ingest.
+    pub attachments: AttachmentLimits,
+}
+
+/// Limits on a mailing's `Attachments`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttachmentLimits {
+    /// `ATTACHMENTS_MAX_COUNT`: most files per mailing.
+    pub max_count: usize,
+    /// `ATTACHMENTS_MAX_BYTES`: most bytes of all a mailing's files together, decoded.
+    pub max_bytes: usize,
+}
+
+impl Default for AttachmentLimits {
+    /// 10 files: an invoice, a ticket and their terms take a few; more is an archive, better sent
+    /// as a link. 7 MiB: base64 and its line ends make the message 1.37 times larger, about 9.6 MB,
+    /// inside the 10 MB that Postmark, SES's v1 API and many corporate relays take whole, and under
+    /// half of `DISPATCH_MAX_BYTES`' 16 MiB, so letters that full are still claimed two at a time.
+    fn default() -> Self {
+        AttachmentLimits { max_count: 10, max_bytes: 7 << 20 }
+    }
 }
 
 pub(super) fn read(env: &Env) -> Result<KafkaConfig, ConfigError> {
@@ -61,6 +82,20 @@ pub(super) fn read(env: &Env) -> Result<KafkaConfig, ConfigError> {
             ((1 << 10)..=(2 << 20)).contains(n)
         })?,
         stall_warning: env.positive_duration("KAFKA_STALL_WARNING", "2m")?,
+        attachments: AttachmentLimits {
+            max_count: env.parse(
+                "ATTACHMENTS_MAX_COUNT",
+                AttachmentLimits::default().max_count,
+                "a file count from 0 (no attachments) to 100",
+                |n| *n <= 100,
+            )?,
+            max_bytes: env.parse(
+                "ATTACHMENTS_MAX_BYTES",
+                AttachmentLimits::default().max_bytes,
+                "a byte count from 0 to 64 MiB",
+                |n| *n <= 64 << 20,
+            )?,
+        },
         status_body_max_bytes: env.parse(
             "STATUS_BODY_MAX_BYTES",
             64 * 1024,

@@ -25,7 +25,7 @@ pub use self::{
     dispatch::{ChoreConfig, DispatchConfig, RetryConfig},
     feedback::FeedbackConfig,
     http::{HttpConfig, Network},
-    kafka::KafkaConfig,
+    kafka::{AttachmentLimits, KafkaConfig},
     mongo::{MongoConfig, MongoTarget},
     smtp::{DEFAULT_RELAY_BREAKER_COOLDOWN, DEFAULT_RELAY_BREAKER_FAILURES, SmtpConfig},
 };
@@ -383,6 +383,8 @@ mod tests {
             ("SMTP_FROM", "not an address", "mailbox"),
             ("LOG_FORMAT", "xml", "json"),
             ("SMTP_TLS_INSECURE_SKIP_VERIFY", "perhaps", "true or false"),
+            ("LANE_BULK_SHARE", "0.95", "from 0 to 0.9"),
+            ("LANE_BULK_SHARE", "a tenth", "from 0 to 0.9"),
         ] {
             let error = Config::from_vars(vars(&[(var, value)])).unwrap_err().to_string();
             assert!(error.contains(var) && error.contains(expected), "{var}: {error}");

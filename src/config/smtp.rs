@@ -14,11 +14,16 @@ use crate::smtp::{Breaker, RelayAddr, Timeouts, TlsMode};
 
 #[derive(Debug, Clone)]
 pub struct SmtpConfig {
-    /// `SMTP_HOST` as given: one relay, or several separated by commas.
+    /// `SMTP_SANDBOX`: the whole pipeline runs, but no message is handed to a relay (no
+    /// connection is opened at all) and the simulator addresses make their feedback events
+    /// (`crate::feedback::sandbox`). `SMTP_HOST` may then be unset.
+    pub sandbox: bool,
+    /// `SMTP_HOST` as given: one relay, or several separated by commas (empty in the sandbox
+    /// when unset).
     pub host: String,
     /// `SMTP_PORT`: the port of every relay that names none.
     pub port: u16,
-    /// The relays of `SMTP_HOST`, in order of preference.
+    /// The relays of `SMTP_HOST`, in order of preference (none in the sandbox when unset).
     pub relays: Vec<RelayAddr>,
     /// When a relay that keeps failing is skipped (`SMTP_RELAY_BREAKER_*`).
     pub breaker: Breaker,
@@ -84,16 +89,32 @@ pub(super) fn read(env: &Env) -> Result<SmtpConfig, ConfigError> {
             .and_then(|user| user.parse::<Mailbox>().ok())
             .unwrap_or_else(|| Mailbox::new(None, "mailsender@localhost".parse().expect("valid literal address"))),
     };
-    let host = env.required("SMTP_HOST", "the SMTP server's host name or address, or several separated by commas")?;
+    // A switch of its own rather than a scheme in `SMTP_HOST`: the relay list keeps one meaning
+    // (hosts to fail over between), and a deployment that sends nothing says so in one line.
+    let sandbox = env.boolean("SMTP_SANDBOX", false)?;
+    let host = match env.optional("SMTP_HOST") {
+        Some(host) => host,
+        None if sandbox => String::new(),
+        None => {
+            return Err(ConfigError::Missing {
+                var: "SMTP_HOST",
+                expected: "the SMTP server's host name or address, or several separated by commas",
+            });
+        }
+    };
     let port = env.parse("SMTP_PORT", default_port, "a port number from 1 to 65535", |p: &u16| *p > 0)?;
-    let relays = crate::smtp::relays::parse_relays(&host, port).map_err(|problem| ConfigError::Invalid {
-        var: "SMTP_HOST",
-        value: host.clone(),
-        expected: format!(
-            "host names or addresses separated by commas, in order of preference, each optionally with \
-             :port ([v6]:port for IPv6); {problem}"
-        ),
-    })?;
+    // Checked in the sandbox too when given, so the same settings with the sandbox off start.
+    let relays = match host.as_str() {
+        "" => Vec::new(),
+        host => crate::smtp::relays::parse_relays(host, port).map_err(|problem| ConfigError::Invalid {
+            var: "SMTP_HOST",
+            value: host.to_owned(),
+            expected: format!(
+                "host names or addresses separated by commas, in order of preference, each optionally with \
+                 :port ([v6]:port for IPv6); {problem}"
+            ),
+        })?,
+    };
     let breaker = Breaker {
         failures: env.parse(
             "SMTP_RELAY_BREAKER_FAILURES",
@@ -104,6 +125,7 @@ pub(super) fn read(env: &Env) -> Result<SmtpConfig, ConfigError> {
         cooldown: env.positive_duration("SMTP_RELAY_BREAKER_COOLDOWN", DEFAULT_RELAY_BREAKER_COOLDOWN)?,
     };
     let smtp = SmtpConfig {
+        sandbox,
         host,
         port,
         relays,
@@ -159,4 +181,38 @@ fn timeouts(env: &Env) -> Result<Timeouts, ConfigError> {
         data_end: phase("SMTP_TIMEOUT_DATA_END", defaults.data_end)?,
         short: env.positive_duration("SMTP_TIMEOUT_RSET", &humantime::format_duration(defaults.short).to_string())?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use crate::config::{Config, ConfigError};
+
+    fn from(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let base = [("KAFKA_BROKERS", "127.0.0.1:9092"), ("MONGO_LOCAL", "mongodb://127.0.0.1:27017")];
+        let vars: HashMap<String, String> =
+            base.iter().chain(pairs).map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Config::from_vars(vars)
+    }
+
+    #[test]
+    fn the_sandbox_needs_no_relay_but_checks_one_given() {
+        assert!(matches!(from(&[]), Err(ConfigError::Missing { var: "SMTP_HOST", .. })));
+        let off = from(&[("SMTP_HOST", "smtp.example.com")]).unwrap();
+        assert!(!off.smtp.sandbox, "off by default");
+        let sandbox = from(&[("SMTP_SANDBOX", "true")]).unwrap();
+        assert!(sandbox.smtp.sandbox && sandbox.smtp.relays.is_empty());
+        let with_host = from(&[("SMTP_SANDBOX", "on"), ("SMTP_HOST", "smtp.example.com:2525")]).unwrap();
+        assert_eq!(with_host.smtp.relays.len(), 1);
+        for (pairs, var) in [
+            (vec![("SMTP_SANDBOX", "maybe")], "SMTP_SANDBOX"),
+            (vec![("SMTP_SANDBOX", "true"), ("SMTP_HOST", "a.example.com,,b")], "SMTP_HOST"),
+        ] {
+            match from(&pairs) {
+                Err(ConfigError::Invalid { var: named, .. }) => assert_eq!(named, var),
+                other => panic!("{pairs:?}: expected a refusal naming {var}, got {other:?}"),
+            }
+        }
+    }
 }

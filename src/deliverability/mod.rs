@@ -8,6 +8,8 @@ pub mod suppression;
 pub mod topic;
 pub mod unsubscribe;
 
+use std::sync::Arc;
+
 use lettre::message::{Mailbox, header::HeaderName};
 
 use crate::{
@@ -122,16 +124,24 @@ impl Composer {
             message::check_subject(&letter.subject).map_err(MessageError::new)?;
             return Ok(Vec::new());
         }
-        let text = message::text_of_html(&letter.body)?;
-        self.build_copy(letter, &text, None)
+        self.build_copy(letter, &self.body(letter)?, None)
     }
 
-    /// One recipient's copy: their address in `To:` and in their unsubscribe link. `text` is the
-    /// letter's text alternative, made once for all its copies.
+    /// The encoded body of `letter`'s messages: its HTML, the text alternative made from it and
+    /// its attachments; made once for all its copies (without attachments, shared by every
+    /// letter with the same HTML).
+    pub fn body(&self, letter: &Letter) -> Result<Arc<message::EncodedBody>, MessageError> {
+        let text = message::text_of_html(&letter.body)?;
+        let parts: Vec<message::AttachmentPart<'_>> = letter.attachments.iter().map(|a| a.part()).collect();
+        message::letter_body(&letter.body, &text, &parts)
+    }
+
+    /// One recipient's copy: their address in `To:` and in their unsubscribe link. `body` is the
+    /// letter's [`Composer::body`], made once for all its copies.
     pub fn build_copy(
         &self,
         letter: &Letter,
-        text: &str,
+        body: &Arc<message::EncodedBody>,
         recipient: Option<&Recipient>,
     ) -> Result<Vec<u8>, MessageError> {
         let id = letter.id.to_hex();
@@ -153,7 +163,7 @@ impl Composer {
         };
         let mut headers = self.unsubscribe_headers(&fields)?;
         headers.extend(self.relay_metadata.headers(&id));
-        let draft = message::compose(content, text, &self.from, to.as_ref(), headers)?;
+        let draft = message::compose_over(content, Arc::clone(body), &self.from, to.as_ref(), headers)?;
         match &self.dkim {
             Some(dkim) => draft.finish_signed(|message| dkim.sign(message)),
             None => draft.finish(),

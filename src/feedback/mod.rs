@@ -16,16 +16,18 @@
 //! [`Feedback::record`]; the key leaves the source out, so a DSN and a webhook for one bounce make
 //! one event.
 //!
-//! Still to come, and how they fit:
-//! - The sandbox: simulator addresses whose "delivery" builds the same [`Event`]s (source
-//!   `sandbox`) and records them through [`Feedback::record`].
-//! - The reputation brake: `<collection>_feedback` holds one document per event with its time
-//!   (`time_ms`); counting hard bounces and complaints over a window against the letters sent in
-//!   it gives the rates, without a second record.
+//! The sandbox ([`sandbox`], `SMTP_SANDBOX`) hands no message to a relay; its simulator
+//! addresses make [`Event`]s with the source `sandbox`, recorded through [`Feedback::record`]
+//! once their letter's outcome is stored.
+//!
+//! The reputation brake ([`brake`]) counts the hard bounces and complaints noted on the last
+//! letters sent and pauses sending when a rate crosses its limit.
 
+pub mod brake;
 pub mod listener;
 pub mod report;
 pub mod return_path;
+pub mod sandbox;
 pub mod webhooks;
 
 use std::{sync::Arc, time::Duration};
@@ -94,6 +96,8 @@ pub enum Source {
     Sendgrid,
     Postmark,
     Ses,
+    /// The sandbox's simulator addresses (`SMTP_SANDBOX`).
+    Sandbox,
 }
 
 impl Source {
@@ -105,6 +109,7 @@ impl Source {
             Source::Sendgrid => "sendgrid",
             Source::Postmark => "postmark",
             Source::Ses => "ses",
+            Source::Sandbox => "sandbox",
         }
     }
 }
@@ -226,7 +231,8 @@ pub struct Published<'a> {
     /// The enhanced status code, e.g. `5.1.1`.
     pub status: Option<&'a str>,
     pub diagnostic: Option<&'a str>,
-    /// `dsn`, `arf`, or the relay whose webhook reported it: `mailgun`, `sendgrid`, `postmark`, `ses`.
+    /// `dsn`, `arf`, the relay whose webhook reported it (`mailgun`, `sendgrid`, `postmark`,
+    /// `ses`), or `sandbox` for the simulator addresses of `SMTP_SANDBOX`.
     pub source: &'static str,
     /// ARF's `Feedback-Type` (`abuse`, …).
     pub feedback_type: Option<&'a str>,

@@ -41,6 +41,8 @@ pub struct HttpState {
     pub topic_in: String,
     /// The SMTP relays, whose breakers the readiness detail shows.
     pub relays: Arc<crate::smtp::Relays>,
+    /// `SMTP_SANDBOX`: no relay is used (nor checked), and `GET /` says so.
+    pub sandbox: bool,
     pub admin_token: Option<SecretString>,
     /// Without `admin_token`, the networks whose peers may use the admin routes.
     pub admin_networks: Vec<crate::config::Network>,
@@ -57,6 +59,8 @@ pub struct HttpState {
     /// Not ready while the shared sending budget is unreachable: the instance sends nothing.
     pub budget: Arc<Budget>,
     pub posts: PostDoor,
+    /// `ATTACHMENTS_MAX_COUNT` and `ATTACHMENTS_MAX_BYTES`, checked at the door as ingest checks them.
+    pub attachments: crate::config::AttachmentLimits,
 }
 
 /// What `POST /post` produces with: its own producer, whose messages time out when the request
@@ -134,10 +138,22 @@ pub const ENDPOINTS: [&str; 13] = [
 ];
 
 async fn index(State(state): State<Arc<HttpState>>) -> Json<Value> {
+    let control = state.control.state();
+    // Why, by whom and since when, while paused (the reputation brake writes its rates here).
+    let pause = control.paused.then(|| {
+        json!({
+            "cause": control.cause,
+            "reason": control.reason,
+            "by": control.updated_by,
+            "since_ms": control.updated_ms,
+        })
+    });
     Json(json!({
         "service": "mailsender",
         "version": env!("CARGO_PKG_VERSION"),
         "paused": state.control.is_paused(),
+        "sandbox": state.sandbox,
+        "pause": pause,
         "endpoints": ENDPOINTS,
     }))
 }
@@ -193,10 +209,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Checks a batch the way ingest will, so a bad request is refused at the door with the index
 /// and field at fault instead of becoming failed letters later.
-pub fn check_batch(body: &[u8]) -> Result<Vec<Mailing>, String> {
+pub fn check_batch(body: &[u8], limits: &crate::config::AttachmentLimits) -> Result<Vec<Mailing>, String> {
     let mailings = parse_batch(body).map_err(|e| e.to_string())?;
     for (index, mailing) in mailings.iter().enumerate() {
-        let checked = mailing.validate();
+        let checked = mailing.validate_within(limits);
         if let Some(rejection) = checked.rejected.first() {
             return Err(format!("mailing {index}: {}", rejection.reply));
         }
@@ -227,7 +243,7 @@ async fn post_batch(
             return error(StatusCode::BAD_REQUEST, reason, Some("Idempotency-Key: <a key unique to this batch>"));
         }
     };
-    let mailings = match check_batch(&body) {
+    let mailings = match check_batch(&body, &state.attachments) {
         Ok(mailings) => mailings,
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason, Some(EXPECTED_BATCH)),
     };
@@ -566,6 +582,10 @@ fn letter_view(letter: &Letter) -> Value {
         "send_at_ms": letter.send_at_ms,
         "not_after_ms": letter.not_after_ms,
         "metadata": letter.metadata,
+        "lane": letter.lane,
+        "tenant": letter.tenant,
+        "weight": letter.weight,
+        "vt": letter.vt,
         "recipients": recipients,
     })
 }
@@ -635,7 +655,8 @@ async fn check_readiness(state: &HttpState) -> (StatusCode, Value) {
             })
         })
         .collect();
-    let smtp = if relays.iter().any(Result::is_ok) {
+    // The sandbox reaches no relay, so none needs to be reachable.
+    let smtp = if state.sandbox || relays.iter().any(Result::is_ok) {
         Ok(())
     } else {
         Err(relays.into_iter().filter_map(Result::err).collect::<Vec<_>>().join("; "))
@@ -668,14 +689,14 @@ mod tests {
     #[test]
     fn batch_check_names_the_mailing_and_the_problem() {
         let ok = br#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#;
-        assert_eq!(check_batch(ok).unwrap().len(), 1);
+        assert_eq!(check_batch(ok, &Default::default()).unwrap().len(), 1);
         let bad_address = br#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t"},
             {"Subject":"s","Body":"b","Addresses":["nope"],"Token":"t"}]"#;
-        let error = check_batch(bad_address).unwrap_err();
+        let error = check_batch(bad_address, &Default::default()).unwrap_err();
         assert!(error.starts_with("mailing 1:") && error.contains("nope"), "{error}");
         let crlf = br#"[{"Subject":"a\r\nBcc: x@y.org","Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#;
-        assert!(check_batch(crlf).unwrap_err().contains("line break"));
-        assert!(check_batch(b"[]").unwrap_err().contains("empty"));
+        assert!(check_batch(crlf, &Default::default()).unwrap_err().contains("line break"));
+        assert!(check_batch(b"[]", &Default::default()).unwrap_err().contains("empty"));
     }
 
     #[test]

@@ -21,7 +21,9 @@ use crate::{
     control::{CancelProbe, Cancels},
     deliverability::suppression::Suppressions,
     model::{AttemptRecord, FailureKind, Letter, Outcome},
-    store::{CANCELLED, ClaimLimit, Store},
+    pipeline::queue::LaneQueue,
+    priority::{Fairness, Lane},
+    store::{CANCELLED, ClaimLimit, LaneClaim, Store},
 };
 
 /// A letter leased to this instance, on its way to a worker. The permit bounds how many letters
@@ -48,6 +50,12 @@ impl Memory {
     pub fn new(max_bytes: usize) -> Memory {
         let total_kib = u32::try_from(max_bytes / 1024).unwrap_or(u32::MAX).clamp(1, Semaphore::MAX_PERMITS as u32);
         Memory { permits: Arc::new(Semaphore::new(total_kib as usize)), total_kib }
+    }
+
+    /// Takes all that is free now, if anything is.
+    fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
+        let free = self.permits.available_permits() as u32;
+        (free > 0).then(|| self.permits.clone().try_acquire_many_owned(free).ok()).flatten()
     }
 
     /// Waits until at least half the budget is free, then takes all that is free.
@@ -215,6 +223,48 @@ pub struct Dispatcher {
     pub memory: Memory,
     /// Recipients on the suppression list are skipped.
     pub suppressions: Suppressions,
+    /// Claims for letters that go before those held.
+    pub express: Express,
+    /// The lanes' virtual clocks, set to the stored backlog's front by the first claims.
+    pub fairness: Arc<Fairness>,
+}
+
+/// The express claim: ingest wakes it when it stores a letter that goes before letters already
+/// held (a transactional one, the first of a batch that had none waiting), and it claims at
+/// once with the permits of its own capacity, so that letter need not wait until half the
+/// held letters are sent.
+pub struct Express {
+    pub wake: Arc<Notify>,
+    pub capacity: Arc<Semaphore>,
+    /// The capacity's size.
+    pub size: usize,
+}
+
+/// Why a claim took nothing.
+enum ClaimError {
+    Failed(anyhow::Error),
+    /// The suppression lookup failed: the letters went back (logged where it happened).
+    Unchecked,
+}
+
+/// The pause after `failures` failed claims in a row.
+/// How often letters without a lane (written by the Go service) are made claimable.
+const ADOPT_EVERY: Duration = Duration::from_secs(5);
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(200 * 2u64.pow(failures.min(5)))
+}
+
+/// One permit of `permit`'s `count`, each.
+fn split(mut permit: OwnedSemaphorePermit, count: usize) -> Vec<OwnedSemaphorePermit> {
+    let mut permits = Vec::with_capacity(count);
+    for _ in 1..count {
+        if let Some(one) = permit.split(1) {
+            permits.push(one);
+        }
+    }
+    permits.push(permit);
+    permits
 }
 
 impl Dispatcher {
@@ -231,8 +281,19 @@ impl Dispatcher {
         (capacity / 2).clamp(1, config.claim_batch.max(1))
     }
 
-    pub async fn run(self, out: async_channel::Sender<Claimed>, shutdown: CancellationToken) {
+    pub async fn run(self, queue: Arc<LaneQueue>, shutdown: CancellationToken) {
+        self.claim_loop(&queue, &shutdown).await;
+        // Workers stop reading at shutdown; what is left is released by the app.
+        queue.close();
+        tracing::debug!("dispatcher stopped");
+    }
+
+    async fn claim_loop(&self, queue: &LaneQueue, shutdown: &CancellationToken) {
         let mut failures = 0u32;
+        // The last express claim took all it could: more such letters wait, and the next express
+        // claim comes as soon as half its capacity is free again.
+        let mut express_more = false;
+        let express_half = (self.express.size / 2).max(1);
         loop {
             if self.control.is_paused() {
                 tokio::select! {
@@ -242,122 +303,82 @@ impl Dispatcher {
                 }
             }
             // Claim only once a good share of the capacity is free: claiming one letter at a
-            // time as each send finishes would cost three round trips per letter.
-            let first = tokio::select! {
+            // time as each send finishes would cost three round trips per letter. Except for
+            // letters that go before the ones held (transactional ones, a new batch's first):
+            // those are claimed at once, on the express capacity.
+            let (mut permits, express) = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                _ = self.express.wake.notified() => match self.express_permits() {
+                    Some(permits) => (permits, true),
+                    None => continue,
+                },
+                permit = self.express.capacity.clone().acquire_many_owned(express_half as u32), if express_more => {
+                    match permit {
+                        Ok(permit) => (split(permit, express_half), true),
+                        Err(_) => break,
+                    }
+                }
                 permit = self.capacity.clone().acquire_many_owned(self.low_water as u32) => match permit {
-                    Ok(permit) => permit,
+                    Ok(permit) => (split(permit, self.low_water), false),
                     Err(_) => break,
                 },
             };
-            let mut permits = vec![first];
-            for _ in 1..self.low_water {
-                if let Some(one) = permits[0].split(1) {
-                    permits.push(one);
-                }
-            }
-            while permits.len() < self.config.claim_batch {
+            while !express && permits.len() < self.config.claim_batch {
                 match self.capacity.clone().try_acquire_owned() {
                     Ok(permit) => permits.push(permit),
                     Err(_) => break,
                 }
             }
-            let mut room = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                room = self.memory.reserve() => match room {
+            let room = if express {
+                // Never wait for memory here: a full memory means letters are held already.
+                match self.memory.try_reserve() {
                     Some(room) => room,
-                    None => break,
-                },
-            };
-            let limit = ClaimLimit {
-                count: permits.len(),
-                bytes: room.num_permits() * 1024,
-                oversize_alone: room.num_permits() == self.memory.total_kib as usize,
+                    None => continue,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    room = self.memory.reserve() => match room {
+                        Some(room) => room,
+                        None => break,
+                    },
+                }
             };
             // Waiting for capacity or memory may have outlasted a pause.
             if self.control.is_paused() {
                 continue;
             }
-            let started = self.store.now_ms();
-            let lease_until = started + self.config.lease.as_millis() as i64;
-            let renewed_at = Instant::now();
-            match self.store.claim(&self.owner, limit, started, lease_until).await {
-                Ok(letters) if letters.is_empty() => {
+            // An express claim takes only the bulk letters that go before those held.
+            let bulk_before = express.then(|| queue.last_vt(Lane::Bulk).unwrap_or(f64::MIN));
+            let asked = permits.len();
+            let claimed = self.claim_once(queue, permits, room, bulk_before, backoff(failures + 1)).await;
+            if express {
+                express_more = matches!(claimed, Ok(n) if n == asked);
+            }
+            match claimed {
+                Ok(0) if express => {}
+                Ok(0) => {
                     failures = 0;
-                    drop(permits);
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = self.wake.notified() => {}
+                        _ = self.express.wake.notified() => self.express.wake.notify_one(),
                         _ = tokio::time::sleep(self.config.poll_interval) => {}
                     }
                 }
-                Ok(mut letters) => {
-                    tracing::debug!(count = letters.len(), "claimed letters");
-                    // Suppressed recipients are marked refused, for the whole claim at once. A
-                    // claim that cannot be checked is not sent: it goes back, not counted as an
-                    // attempt, and the claimer backs off as after a failed claim.
-                    if let Err(error) = self.suppressions.apply(&mut letters).await {
-                        failures = failures.saturating_add(1);
-                        let pause = Duration::from_millis(200 * 2u64.pow(failures.min(5)));
-                        let ids: Vec<ObjectId> = letters.iter().map(|l| l.id).collect();
-                        let due = self.store.now_ms() + pause.as_millis() as i64;
+                Ok(_) => failures = 0,
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    let pause = backoff(failures);
+                    if let ClaimError::Failed(error) = error {
                         tracing::warn!(
                             error = format!("{error:#}"),
-                            letters = ids.len(),
                             retry_in_ms = pause.as_millis() as u64,
-                            "suppression lookup failed; the claimed letters go back unsent"
+                            "claiming letters failed"
                         );
-                        if let Err(release) = self.store.release(&self.owner, &ids, due).await {
-                            // Never held, so never renewed: they come back when their lease ends.
-                            tracing::warn!(
-                                error = format!("{release:#}"),
-                                "releasing unchecked letters failed; they come back when their lease ends"
-                            );
-                        }
-                        drop(permits);
-                        drop(room);
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(pause) => {}
-                        }
-                        continue;
                     }
-                    failures = 0;
-                    // Every claimed letter is held from now on, also those still waiting for a
-                    // worker, so a renewal can tell which of them were taken over meanwhile.
-                    let claimed: Vec<Claimed> = letters
-                        .into_iter()
-                        .zip(permits.drain(..))
-                        .map(|(letter, permit)| {
-                            let held = self.lease.hold(&letter, renewed_at);
-                            // A Go-era letter's size is known only now; if it is larger than
-                            // assumed, the budget is exceeded by that much, once.
-                            let memory = room.split(kib(letter.text_bytes()).min(room.num_permits()));
-                            Claimed { letter, claimed_at: renewed_at, memory, _permit: permit, _held: held }
-                        })
-                        .collect();
-                    drop(permits);
-                    drop(room);
-                    for claimed in claimed {
-                        // Workers stop reading at shutdown; what is left is released by the app.
-                        tokio::select! {
-                            biased;
-                            _ = shutdown.cancelled() => return,
-                            sent = out.send(claimed) => if sent.is_err() { return },
-                        }
-                    }
-                }
-                Err(error) => {
-                    drop(permits);
-                    failures = failures.saturating_add(1);
-                    let pause = Duration::from_millis(200 * 2u64.pow(failures.min(5)));
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        retry_in_ms = pause.as_millis() as u64,
-                        "claiming letters failed"
-                    );
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(pause) => {}
@@ -365,7 +386,79 @@ impl Dispatcher {
                 }
             }
         }
-        tracing::debug!("dispatcher stopped");
+    }
+
+    /// Whatever the express capacity has free, one permit per letter.
+    fn express_permits(&self) -> Option<Vec<OwnedSemaphorePermit>> {
+        let free = self.express.capacity.available_permits().min(self.config.claim_batch);
+        let permit = self.express.capacity.clone().try_acquire_many_owned(u32::try_from(free).ok()?).ok()?;
+        (free > 0).then(|| split(permit, free))
+    }
+
+    /// One claim of up to one letter per permit, within `room`, put in the queue. Returns how
+    /// many letters it took; a failure took none (letters whose suppression lookup failed go back,
+    /// due again after `pause`).
+    async fn claim_once(
+        &self,
+        queue: &LaneQueue,
+        mut permits: Vec<OwnedSemaphorePermit>,
+        mut room: OwnedSemaphorePermit,
+        bulk_before: Option<f64>,
+        pause: Duration,
+    ) -> Result<usize, ClaimError> {
+        let limit = ClaimLimit {
+            count: permits.len(),
+            bytes: room.num_permits() * 1024,
+            oversize_alone: room.num_permits() == self.memory.total_kib as usize,
+        };
+        let started = self.store.now_ms();
+        let lease_until = started + self.config.lease.as_millis() as i64;
+        let renewed_at = Instant::now();
+        let lanes = LaneClaim { bulk_share: self.config.bulk_share, bulk_before };
+        let mut letters =
+            self.store.claim(&self.owner, limit, started, lease_until, lanes).await.map_err(ClaimError::Failed)?;
+        if letters.is_empty() {
+            return Ok(0);
+        }
+        tracing::debug!(count = letters.len(), "claimed letters");
+        // Suppressed recipients are marked refused, for the whole claim at once. A claim that
+        // cannot be checked is not sent: it goes back, not counted as an attempt, and the claimer
+        // backs off as after a failed claim.
+        if let Err(error) = self.suppressions.apply(&mut letters).await {
+            let ids: Vec<ObjectId> = letters.iter().map(|l| l.id).collect();
+            let due = self.store.now_ms() + pause.as_millis() as i64;
+            tracing::warn!(
+                error = format!("{error:#}"),
+                letters = ids.len(),
+                retry_in_ms = pause.as_millis() as u64,
+                "suppression lookup failed; the claimed letters go back unsent"
+            );
+            if let Err(release) = self.store.release(&self.owner, &ids, due).await {
+                // Never held, so never renewed: they come back when their lease ends.
+                tracing::warn!(
+                    error = format!("{release:#}"),
+                    "releasing unchecked letters failed; they come back when their lease ends"
+                );
+            }
+            return Err(ClaimError::Unchecked);
+        }
+        // After a restart, the lanes' clocks start at the backlog's front.
+        for lane in Lane::ALL {
+            if let Some(first) = letters.iter().filter(|l| l.lane == lane).map(|l| l.vt).min_by(f64::total_cmp) {
+                self.fairness.advance(lane, first);
+            }
+        }
+        let count = letters.len();
+        for (letter, permit) in letters.into_iter().zip(permits.drain(..)) {
+            // Every claimed letter is held from now on, also those still waiting for a worker,
+            // so a renewal can tell which of them were taken over meanwhile.
+            let held = self.lease.hold(&letter, renewed_at);
+            // A Go-era letter's size is known only now; if it is larger than assumed, the
+            // budget is exceeded by that much, once.
+            let memory = room.split(kib(letter.text_bytes()).min(room.num_permits()));
+            queue.push(Claimed { letter, claimed_at: renewed_at, memory, _permit: permit, _held: held });
+        }
+        Ok(count)
     }
 
     /// Renews this instance's leases and reaps other instances' expired ones, on a timer.
@@ -377,7 +470,19 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) {
         let (store, config, owner, lease) = (&store, &config, &owner, &lease);
-        chore("lease maintenance", config.lease / 3, shutdown, move || async move {
+        // Letters the Go service (or a version before the lanes) writes during a rolling update
+        // have no lane nor place, so the claim's index does not see them until they are adopted:
+        // every few seconds, not every third of the lease (40 s with a 120 s lease held them that
+        // long). Two indexed updates per round.
+        let adopt =
+            chore("adopting Go-era letters", ADOPT_EVERY.min(config.lease / 3), shutdown.clone(), move || async move {
+                match store.adopt_legacy().await {
+                    Ok(0) => {}
+                    Ok(adopted) => tracing::info!(adopted, "letters written by the Go service made claimable"),
+                    Err(error) => tracing::warn!(error = format!("{error:#}"), "adopting Go-era letters failed"),
+                }
+            });
+        let maintain = chore("lease maintenance", config.lease / 3, shutdown, move || async move {
             if let Err(error) = store.sync_clock().await {
                 tracing::warn!(error = format!("{error:#}"), "measuring MongoDB's clock failed");
             }
@@ -405,18 +510,13 @@ impl Dispatcher {
                 }
                 Err(error) => tracing::warn!(error = format!("{error:#}"), "renewing leases failed"),
             }
-            match store.adopt_legacy().await {
-                Ok(0) => {}
-                Ok(adopted) => tracing::info!(adopted, "letters written by the Go service made claimable"),
-                Err(error) => tracing::warn!(error = format!("{error:#}"), "adopting Go-era letters failed"),
-            }
             match store.reap_expired(now).await {
                 Ok(0) => {}
                 Ok(reaped) => tracing::info!(reaped, "returned letters with expired leases to awaiting"),
                 Err(error) => tracing::warn!(error = format!("{error:#}"), "reaping expired leases failed"),
             }
-        })
-        .await;
+        });
+        tokio::join!(adopt, maintain);
     }
 }
 
@@ -430,6 +530,7 @@ mod tests {
             claim_batch,
             max_bytes: 16 << 20,
             poll_interval: Duration::from_secs(1),
+            bulk_share: 0.1,
         }
     }
 

@@ -52,6 +52,8 @@ struct Pending {
     offsets: BTreeMap<i32, i64>,
     /// Payload bytes read, so a few big messages are written at once rather than lingering.
     bytes: usize,
+    /// A letter goes before those the dispatcher may hold: claim it at once when stored.
+    express: bool,
 }
 
 /// Pending payload bytes that end the linger early: with megabyte bodies, `INGEST_BATCH` letters
@@ -71,6 +73,10 @@ pub struct Ingest {
     pub config: KafkaConfig,
     pub metrics: Arc<Metrics>,
     pub wake: Arc<Notify>,
+    /// Woken when a stored letter goes before those the dispatcher may hold (`priority`).
+    pub express: Arc<Notify>,
+    /// Gives each letter its place in its lane's fair order.
+    pub fairness: Arc<crate::priority::Fairness>,
     /// Whether the consumer loop is running, for readiness.
     pub running: Arc<AtomicBool>,
 }
@@ -134,11 +140,15 @@ impl Ingest {
                 // cluster), whose offsets start again at 0, cannot collide with; a redelivery of
                 // the same message carries the same timestamp.
                 let stamp = message.timestamp().to_millis().map(|ms| format!("@{ms}")).unwrap_or_default();
+                let first = pending.letters.len();
                 for (index, mailing) in mailings.into_iter().enumerate() {
                     let source = format!("{}/{partition}/{offset}/{index}{stamp}", self.config.topic_in);
-                    pending.letters.push(Letter::from_mailing(mailing, message.key(), source, now));
+                    let letter =
+                        Letter::from_mailing_within(mailing, message.key(), source, now, &self.config.attachments);
+                    pending.letters.push(letter);
                     pending.origins.push((partition, offset));
                 }
+                pending.express |= self.fairness.tag(&mut pending.letters[first..], now);
             }
             Err(error) => {
                 tracing::warn!(partition, offset, kafka_key = %key, reason = %error, "malformed message sent to the dead-letter topic");
@@ -189,6 +199,9 @@ impl Ingest {
         }
         if has_letters {
             self.wake.notify_one();
+        }
+        if batch.express {
+            self.express.notify_one();
         }
     }
 
@@ -287,13 +300,23 @@ impl Ingest {
 
 /// The letter as a one-mailing batch, the shape its producer sent.
 fn mailing_payload(letter: &Letter) -> Vec<u8> {
-    let mailing = Mailing {
+    let mut mailing = Mailing {
         subject: letter.subject.clone(),
         body: letter.body.clone(),
         addresses: letter.addresses.clone(),
         token: letter.token.clone(),
-        extra: crate::lanes::MailingExtra::from_stored(letter.send_at_ms, letter.not_after_ms, &letter.metadata),
+        extra: crate::lanes::MailingExtra {
+            lane: Some(serde_json::Value::from(letter.lane.as_str())),
+            tenant: letter.tenant.clone().map(serde_json::Value::from),
+            weight: letter.weight.map(serde_json::Value::from),
+            ..crate::lanes::MailingExtra::from_stored(letter.send_at_ms, letter.not_after_ms, &letter.metadata)
+        },
     };
+    // Attachments (issue 19), in the shape the producer sent them.
+    if !letter.attachments.is_empty() {
+        mailing.extra.attachments =
+            Some(serde_json::Value::Array(letter.attachments.iter().map(|a| a.to_json()).collect()));
+    }
     serde_json::to_vec(&[mailing]).unwrap_or_default()
 }
 

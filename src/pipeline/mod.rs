@@ -4,6 +4,7 @@ pub mod dispatch;
 pub mod expiry;
 pub mod ingest;
 pub mod policy;
+pub mod queue;
 pub mod rate_limit;
 pub mod report;
 pub mod send;

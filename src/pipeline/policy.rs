@@ -187,6 +187,7 @@ pub const THROTTLE_RETRY: Duration = Duration::from_secs(1);
 pub fn decide(letter: &mut Letter, report: AttemptReport, retry: &RetryConfig, now_ms: i64, jitter: f64) -> Outcome {
     letter.delivered.extend(report.delivered);
     letter.rejected.extend(report.refused);
+    let had_reply = report.last_reply.is_some();
     if let Some(reply) = report.last_reply {
         letter.last_reply = Some(reply);
     }
@@ -215,7 +216,10 @@ pub fn decide(letter: &mut Letter, report: AttemptReport, retry: &RetryConfig, n
             finish(letter, Some((FailureKind::AttemptsExhausted, reason)))
         }
         Some(Failure::Transient(_)) | None => {
-            if letter.last_reply.is_none() {
+            // An attempt that ended before any transaction reply (refused connection, a 421
+            // greeting) still says why the letter waits now; a reply from an earlier attempt
+            // would name a fault that may have passed.
+            if !had_reply {
                 letter.last_reply = Some(reason.clone());
             }
             let due_ms = now_ms + backoff(retry, letter.attempts, jitter).as_millis() as i64;
@@ -619,6 +623,26 @@ mod tests {
         let outcome = decide(&mut l, report, &retry(), 10_000, 0.0);
         assert_eq!(l.attempts, 2);
         assert_eq!(outcome, Outcome::Retry { due_ms: 11_000, reason: "454 slow".into() });
+    }
+
+    #[test]
+    fn a_retry_without_a_reply_names_its_own_fault_not_an_earlier_one() {
+        let mut l = letter(&["a@x.org"], 1);
+        let refused = AttemptReport::failed(Failure::Transient("connecting to relay: refused".into()));
+        decide(&mut l, refused, &retry(), 0, 0.0);
+        assert_eq!(l.last_reply.as_deref(), Some("connecting to relay: refused"));
+        l.attempts += 1;
+        let greeted = AttemptReport::failed(Failure::Transient("greeting refused: 421 4.3.2 closing".into()));
+        decide(&mut l, greeted, &retry(), 0, 0.0);
+        assert_eq!(l.last_reply.as_deref(), Some("greeting refused: 421 4.3.2 closing"));
+        l.attempts += 1;
+        let replied = AttemptReport {
+            last_reply: Some("451 4.3.0 try later".into()),
+            failure: Some(Failure::Transient("message data: 451 4.3.0 try later".into())),
+            ..Default::default()
+        };
+        decide(&mut l, replied, &retry(), 0, 0.0);
+        assert_eq!(l.last_reply.as_deref(), Some("451 4.3.0 try later"), "the relay's own words when it replied");
     }
 
     #[test]

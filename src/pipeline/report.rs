@@ -53,6 +53,8 @@ pub struct Report {
     pub body_max: usize,
     /// Learns of refusals meaning "no such mailbox".
     pub suppressions: Suppressions,
+    /// `SMTP_SANDBOX`: learns of stored outcomes, to make the simulator addresses' events.
+    pub sandbox: Option<crate::feedback::sandbox::Simulator>,
 }
 
 impl Report {
@@ -81,6 +83,9 @@ impl Report {
                 record.published = published.contains(&record.letter.id);
             }
             self.write(&batch, &shutdown).await;
+            if let Some(sandbox) = &self.sandbox {
+                sandbox.stored(&batch);
+            }
         }
         tracing::debug!("report stopped");
     }

@@ -21,6 +21,7 @@ use tracing::Instrument;
 use super::{
     dispatch::{Claimed, LeaseClock},
     policy::{self, AttemptReport, Failure},
+    queue::LaneQueue,
     rate_limit::RateLimit,
     report::Attempted,
 };
@@ -40,8 +41,12 @@ mod individual;
 pub struct SendContext {
     /// The SMTP settings every relay shares (timeouts, TLS, credentials).
     pub smtp: smtp::Settings,
-    /// The relays of `SMTP_HOST`, in order of preference, with their circuit breakers.
+    /// The relays of `SMTP_HOST`, in order of preference, with their circuit breakers (none in
+    /// the sandbox).
     pub relays: Arc<smtp::Relays>,
+    /// `SMTP_SANDBOX`: each transaction is `smtp::sandbox`'s, which opens no connection and
+    /// hands the message to no one; everything around it (budget, lease, policy) is unchanged.
+    pub sandbox: bool,
     pub from: Mailbox,
     /// Most recipients in one transaction.
     pub max_recipients: usize,
@@ -91,11 +96,14 @@ impl SendContext {
             commands: metrics.smtp_commands.clone(),
             connections: metrics.smtp_connections.clone(),
         };
-        let relay_metrics = smtp.relays.iter().map(|relay| metrics.relay(relay)).collect();
-        let relays = Arc::new(smtp::Relays::new(&settings, &smtp.relays, smtp.breaker, relay_metrics));
+        // In the sandbox no relay is used, so none is shown as one (`/ready`, the metrics).
+        let addrs = if smtp.sandbox { &[][..] } else { &smtp.relays[..] };
+        let relay_metrics = addrs.iter().map(|relay| metrics.relay(relay)).collect();
+        let relays = Arc::new(smtp::Relays::new(&settings, addrs, smtp.breaker, relay_metrics));
         Ok(SendContext {
             smtp: settings,
             relays,
+            sandbox: smtp.sandbox,
             from: smtp.from.clone(),
             max_recipients: smtp.max_recipients,
             idle_check_after: smtp.idle_check_after,
@@ -132,7 +140,7 @@ impl Worker {
     /// `abort` fires (the shutdown deadline passed).
     pub async fn run(
         mut self,
-        letters: async_channel::Receiver<Claimed>,
+        letters: Arc<LaneQueue>,
         outcomes: mpsc::Sender<Attempted>,
         shutdown: CancellationToken,
         abort: CancellationToken,
@@ -144,9 +152,9 @@ impl Worker {
             let claimed = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                claimed = letters.recv() => match claimed {
-                    Ok(claimed) => claimed,
-                    Err(_) => break,
+                claimed = letters.pop() => match claimed {
+                    Some(claimed) => claimed,
+                    None => break,
                 },
             };
             self.ctx.limiter.note_received(!letters.is_empty());

@@ -9,8 +9,11 @@ use std::{
 };
 
 use lettre::message::{
-    Body, Mailbox, MultiPart,
-    header::{ContentTransferEncoding, ContentType, Header, HeaderName, HeaderValue, MIME_VERSION_1_0},
+    Body, Mailbox, MultiPart, SinglePart,
+    header::{
+        ContentDisposition, ContentId, ContentTransferEncoding, ContentType, Header, HeaderName, HeaderValue,
+        MIME_VERSION_1_0,
+    },
 };
 
 /// The longest Subject accepted, in characters. A header line may hold 998 octets (RFC 5322
@@ -159,7 +162,9 @@ pub fn build(content: Content<'_>, from: &Mailbox) -> Result<Vec<u8>, MessageErr
 /// that depends on the body alone, so letters that carry the same body share it.
 #[derive(Debug)]
 pub struct EncodedBody {
-    boundary: String,
+    /// The message's Content-Type: `multipart/alternative`, or with attachments `multipart/mixed`
+    /// or `multipart/related`, naming the boundary.
+    content_type: String,
     /// The multipart's bytes after its header block: the message's body.
     bytes: Vec<u8>,
     /// The longest line of `bytes`, without its line end.
@@ -181,7 +186,134 @@ impl EncodedBody {
             return Err(MessageError("the multipart is not 7-bit".to_owned()));
         }
         let longest_line = longest_line(&formatted);
-        Ok(EncodedBody { boundary, bytes: formatted, longest_line })
+        let content_type = format!("multipart/alternative; boundary=\"{boundary}\"");
+        Ok(EncodedBody { content_type, bytes: formatted, longest_line })
+    }
+
+    /// This body (an HTML body and its text alternative) with attachments around it:
+    /// `multipart/mixed` of the alternative and the files; inline parts (those with a Content-ID,
+    /// which the HTML shows as `cid:`) go with the alternative in a `multipart/related` (RFC
+    /// 2387), inside the `mixed` when there are files too. Each part base64 in lines of 76.
+    /// Made once per letter: the alternative is the shared one, copied once into the new body.
+    pub fn with_attachments(&self, attachments: &[AttachmentPart<'_>]) -> Result<EncodedBody, MessageError> {
+        let alternative_type = ContentType::parse(&self.content_type)
+            .map_err(|e| MessageError(format!("Content-Type of the alternative: {e}")))?;
+        let alternative = SinglePart::builder()
+            .header(alternative_type)
+            .body(Body::dangerous_pre_encoded(self.bytes.clone(), ContentTransferEncoding::SevenBit));
+        let (inline, files): (Vec<&AttachmentPart<'_>>, Vec<&AttachmentPart<'_>>) =
+            attachments.iter().partition(|part| part.content_id.is_some());
+        let related = match inline.is_empty() {
+            true => None,
+            false => {
+                // A fresh random boundary (lettre's), with RFC 2387's `type` of the root part.
+                let boundary = MultiPart::related().build().boundary();
+                let kind = format!("multipart/related; boundary=\"{boundary}\"; type=\"multipart/alternative\"");
+                let kind = ContentType::parse(&kind).map_err(|e| MessageError(format!("Content-Type: {e}")))?;
+                let mut related = MultiPart::builder().header(kind).singlepart(alternative.clone());
+                for part in &inline {
+                    related = related.singlepart(attachment_part(part)?);
+                }
+                Some(related)
+            }
+        };
+        let top = match (related, files.is_empty()) {
+            (Some(related), true) => related,
+            (related, _) => {
+                let mixed = MultiPart::mixed();
+                let mut mixed = match related {
+                    Some(related) => mixed.multipart(related),
+                    None => mixed.singlepart(alternative),
+                };
+                for part in &files {
+                    mixed = mixed.singlepart(attachment_part(part)?);
+                }
+                mixed
+            }
+        };
+        let content_type = top
+            .headers()
+            .get_raw("Content-Type")
+            .ok_or_else(|| MessageError("the multipart has no Content-Type".to_owned()))?
+            .to_owned();
+        let mut formatted = top.formatted();
+        let body_start = memchr::memmem::find(&formatted, b"\r\n\r\n")
+            .ok_or_else(|| MessageError("the multipart has no header end".to_owned()))?;
+        formatted.drain(..body_start + 4);
+        if !formatted.is_ascii() || formatted.contains(&0) {
+            return Err(MessageError("the multipart is not 7-bit".to_owned()));
+        }
+        let longest_line = longest_line(&formatted);
+        Ok(EncodedBody { content_type, bytes: formatted, longest_line })
+    }
+}
+
+/// An attachment as the message carries it; `crate::attachments` checked the values (a MIME
+/// type, a file name without control characters, a Content-ID of printable ASCII).
+#[derive(Debug, Clone, Copy)]
+pub struct AttachmentPart<'a> {
+    pub file_name: &'a str,
+    pub content_type: &'a str,
+    /// Set for an inline part: the id without `<>`.
+    pub content_id: Option<&'a str>,
+    pub content: &'a [u8],
+}
+
+/// One attachment's MIME part: the file name in `Content-Disposition` (RFC 2231 when not ASCII,
+/// as lettre writes it) and, for the clients that read only that, in `Content-Type`'s `name`
+/// (RFC 2047 words when not ASCII, as Gmail and Thunderbird write it); the content base64.
+fn attachment_part(part: &AttachmentPart<'_>) -> Result<SinglePart, MessageError> {
+    let mut builder = SinglePart::builder().header(NamedContentType::new(part.content_type, part.file_name)?);
+    builder = match part.content_id {
+        Some(id) => builder
+            .header(ContentId::from(format!("<{id}>")))
+            .header(ContentDisposition::inline_with_name(part.file_name)),
+        None => builder.header(ContentDisposition::attachment(part.file_name)),
+    };
+    let body = Body::new_with_encoding(part.content.to_vec(), ContentTransferEncoding::Base64)
+        .map_err(|_| MessageError(format!("cannot base64-encode {:?}", part.file_name)))?;
+    Ok(builder.body(body))
+}
+
+/// `Content-Type: <type>; name="<file name>"`, encoded as lettre's own headers are.
+#[derive(Debug, Clone)]
+struct NamedContentType(HeaderValue);
+
+impl NamedContentType {
+    fn new(content_type: &str, file_name: &str) -> Result<NamedContentType, MessageError> {
+        use email_encoding::headers::{rfc2047, rfc2231, writer::EmailWriter};
+        use std::fmt::Write as _;
+        let failed = |_| MessageError(format!("cannot encode the name {file_name:?}"));
+        let mut encoded = String::new();
+        {
+            let mut w = EmailWriter::new(&mut encoded, "Content-Type: ".len(), 0, false);
+            w.write_str(content_type).map_err(failed)?;
+            w.write_char(';').map_err(failed)?;
+            w.space();
+            if file_name.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+                rfc2231::encode("name", file_name, &mut w).map_err(failed)?;
+            } else {
+                w.write_str("name=\"").map_err(failed)?;
+                rfc2047::encode(file_name, &mut w).map_err(failed)?;
+                w.write_char('"').map_err(failed)?;
+            }
+        }
+        let raw = format!("{content_type}; name=\"{file_name}\"");
+        Ok(NamedContentType(HeaderValue::dangerous_new_pre_encoded(Self::name(), raw, encoded)))
+    }
+}
+
+impl Header for NamedContentType {
+    fn name() -> HeaderName {
+        HeaderName::new_from_ascii_str("Content-Type")
+    }
+
+    fn parse(_: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Err("only written, never parsed".into())
+    }
+
+    fn display(&self) -> HeaderValue {
+        self.0.clone()
     }
 }
 
@@ -216,6 +348,20 @@ pub fn encoded_body(html: &str, text: &str) -> Result<Arc<EncodedBody>, MessageE
     Ok(body)
 }
 
+/// The body of a letter with `attachments` around its alternative; without any, the shared
+/// alternative itself (the path of every letter without attachments, unchanged).
+pub fn letter_body(
+    html: &str,
+    text: &str,
+    attachments: &[AttachmentPart<'_>],
+) -> Result<Arc<EncodedBody>, MessageError> {
+    let alternative = encoded_body(html, text)?;
+    if attachments.is_empty() {
+        return Ok(alternative);
+    }
+    Ok(Arc::new(alternative.with_attachments(attachments)?))
+}
+
 /// A message whose headers are set and whose body is encoded: [`Draft::finish`] formats it, or
 /// [`Draft::finish_signed`] after a DKIM signature is added.
 pub struct Draft {
@@ -234,8 +380,20 @@ pub fn compose(
     to: Option<&Mailbox>,
     extra: ExtraHeaders,
 ) -> Result<Draft, MessageError> {
-    check_subject(content.subject).map_err(MessageError)?;
     let body = encoded_body(content.html, text)?;
+    compose_over(content, body, from, to, extra)
+}
+
+/// [`compose`] over a body made already ([`letter_body`]): once per letter with attachments, for
+/// all its per-recipient copies. `content.html` is not read again.
+pub fn compose_over(
+    content: Content<'_>,
+    body: Arc<EncodedBody>,
+    from: &Mailbox,
+    to: Option<&Mailbox>,
+    extra: ExtraHeaders,
+) -> Result<Draft, MessageError> {
+    check_subject(content.subject).map_err(MessageError)?;
     let domain = from.email.domain();
     // lettre needs an envelope to format a message whose headers name no recipient; the SMTP
     // envelope is written by our client, so this one is never used.
@@ -257,8 +415,8 @@ pub fn compose(
     // The multipart goes in as a raw body with its Content-Type among the message's headers:
     // lettre keeps a MIME body's Content-Type with the body, where its DKIM signer does not see
     // it, and a signature naming Content-Type would then not verify.
-    let content_type = ContentType::parse(&format!("multipart/alternative; boundary=\"{}\"", body.boundary))
-        .map_err(|e| MessageError(format!("Content-Type: {e}")))?;
+    let content_type =
+        ContentType::parse(&body.content_type).map_err(|e| MessageError(format!("Content-Type: {e}")))?;
     Ok(Draft { headers: builder.header(MIME_VERSION_1_0).header(content_type), body })
 }
 
@@ -615,6 +773,110 @@ mod tests {
         assert!(text.len() < 2 * TEXT_FROM_HTML_MAX_BYTES, "{} bytes", text.len());
         assert!(text.ends_with("[The rest of this message is in its HTML version.]\n"));
         eprintln!("text of a {} KB body in {:?}", html.len() / 1000, started.elapsed());
+    }
+
+    /// A message over `body`, as the composer makes one.
+    fn message_over(body: Arc<EncodedBody>) -> Vec<u8> {
+        let from: Mailbox = "noreply@example.com".parse().unwrap();
+        compose_over(content("Files", "<p>unused here</p>"), body, &from, None, Vec::new()).unwrap().finish().unwrap()
+    }
+
+    fn part<'a>(name: &'a str, content_type: &'a str, id: Option<&'a str>, content: &'a [u8]) -> AttachmentPart<'a> {
+        AttachmentPart { file_name: name, content_type, content_id: id, content }
+    }
+
+    #[test]
+    fn a_letter_without_attachments_keeps_the_shared_body() {
+        let html = "<p>no files in this one</p>";
+        let text = text_of_html(html).unwrap();
+        let shared = encoded_body(html, &text).unwrap();
+        let body = letter_body(html, &text, &[]).unwrap();
+        assert!(Arc::ptr_eq(&shared, &body), "a letter without attachments must take the shared body");
+        let with = letter_body(html, &text, &[part("a.txt", "text/plain", None, b"a")]).unwrap();
+        assert!(!Arc::ptr_eq(&shared, &with));
+        // The shared body is left as it was.
+        assert!(shared.content_type.starts_with("multipart/alternative;"), "{}", shared.content_type);
+    }
+
+    #[test]
+    fn attachments_go_around_the_alternative_byte_for_byte() {
+        use mail_parser::{MessageParser, MimeHeaders};
+        let html = r#"<p>Invoice <img src="cid:logo@example.com"></p>"#;
+        let text = text_of_html(html).unwrap();
+        let binary: Vec<u8> = (0..=255u8).cycle().take(5_000).collect();
+        let long_name = format!("{}.pdf", "Ж".repeat(FILE_NAME_CHARS_TESTED));
+        let file = part("all-bytes.bin", "application/octet-stream", None, &binary);
+        let named = part("Счёт «1» \\ \"q\".pdf", "application/pdf; charset=binary", None, b"%PDF-1.7");
+        let long = part(&long_name, "application/pdf", None, b"long");
+        let logo = part("logo.png", "image/png", Some("logo@example.com"), b"\x89PNG\r\n\x1a\n");
+        for (parts, top, related) in [
+            (vec![file, named, long], "mixed", false),
+            (vec![logo], "related", true),
+            (vec![file, logo, named], "mixed", true),
+        ] {
+            let raw = message_over(letter_body(html, &text, &parts).unwrap());
+            let shown = String::from_utf8(raw.clone()).expect("7-bit");
+            assert!(raw.is_ascii(), "{shown}");
+            assert!(longest_line(&raw) <= 78, "a line of {} octets in\n{shown}", longest_line(&raw));
+            let message = MessageParser::default().parse(&raw).unwrap();
+            assert_eq!(message.content_type().unwrap().subtype(), Some(top), "{shown}");
+            assert_eq!((message.text_body.len(), message.html_body.len()), (1, 1), "{shown}");
+            assert_eq!(message.body_html(0).unwrap(), html);
+            let nested_related =
+                message.parts.iter().find(|p| p.content_type().and_then(|c| c.subtype()) == Some("related"));
+            assert_eq!(nested_related.is_some(), related, "{shown}");
+            if let Some(related) = nested_related {
+                assert_eq!(related.content_type().unwrap().attribute("type"), Some("multipart/alternative"));
+            }
+            for expected in &parts {
+                let found = match expected.content_id {
+                    Some(id) => message.parts.iter().find(|p| p.content_id() == Some(id)),
+                    None => message.parts.iter().find(|p| p.attachment_name() == Some(expected.file_name)),
+                };
+                let found = found.unwrap_or_else(|| panic!("{:?} missing from\n{shown}", expected.file_name));
+                assert_eq!(found.contents(), expected.content, "{:?}", expected.file_name);
+                let disposition = found.content_disposition().unwrap();
+                assert_eq!(disposition.ctype(), if expected.content_id.is_some() { "inline" } else { "attachment" });
+                assert_eq!(found.content_type().unwrap().attribute("name"), Some(expected.file_name), "{shown}");
+                assert_eq!(found.content_transfer_encoding(), Some("base64"));
+            }
+        }
+    }
+
+    /// Characters of the longest file name tried: `crate::attachments` allows 255.
+    const FILE_NAME_CHARS_TESTED: usize = 251;
+
+    #[test]
+    fn file_names_are_encoded_and_base64_lines_are_76() {
+        let text = text_of_html("<p>x</p>").unwrap();
+        let content: Vec<u8> = (0..1_000u32).map(|i| (i % 256) as u8).collect();
+        let body = letter_body("<p>x</p>", &text, &[part("März.pdf", "application/pdf", None, &content)]).unwrap();
+        let shown = String::from_utf8(body.bytes.clone()).unwrap();
+        assert!(shown.contains("filename*0*=utf-8''M%C3%A4rz.pdf"), "RFC 2231 in Content-Disposition:\n{shown}");
+        assert!(shown.contains("name=\"=?utf-8?b?TcOkcnoucGRm?=\""), "RFC 2047 in Content-Type:\n{shown}");
+        assert!(!shown.contains("März"), "{shown}");
+        let start = shown.find("Content-Transfer-Encoding: base64\r\n\r\n").unwrap();
+        let lines: Vec<&str> =
+            shown[start..].split("\r\n").skip(2).take_while(|l| !l.is_empty() && !l.starts_with("--")).collect();
+        assert_eq!(lines.len(), 1_000usize.div_ceil(57), "{lines:?}");
+        assert!(lines[..lines.len() - 1].iter().all(|l| l.len() == 76), "{lines:?}");
+    }
+
+    #[test]
+    fn a_signed_message_with_attachments_carries_them_under_the_signature() {
+        let from: Mailbox = "noreply@example.com".parse().unwrap();
+        let text = text_of_html("<p>x</p>").unwrap();
+        let body =
+            letter_body("<p>x</p>", &text, &[part("a.bin", "application/octet-stream", None, &[0, 1, 2])]).unwrap();
+        let header = HeaderName::new_from_ascii_str("DKIM-Signature");
+        let signed = compose_over(content("Hi", "<p>x</p>"), body, &from, None, Vec::new())
+            .unwrap()
+            .finish_signed(|m| m.headers_mut().insert_raw(HeaderValue::new(header, "v=1; test".to_owned())))
+            .unwrap();
+        let shown = String::from_utf8(signed).unwrap();
+        assert!(headers(&shown).contains("Content-Type: multipart/mixed;"), "{shown}");
+        assert!(headers(&shown).contains("DKIM-Signature: v=1; test"), "{shown}");
+        assert!(shown.contains("filename=\"a.bin\"") && shown.contains("AAEC"), "{shown}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod client;
 pub mod message;
 pub mod relays;
 pub mod reply;
+pub mod sandbox;
 pub mod transaction;
 
 pub use client::{Capabilities, Connection, Settings, Timeouts, TlsMode};

@@ -17,14 +17,44 @@ const DOCUMENT_ID: &str = "dispatch";
 const CANCEL_KIND: &str = "cancel";
 
 /// The control state as stored.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ControlState {
     pub paused: bool,
     /// When it last changed, Unix milliseconds; 0 when never set.
     pub updated_ms: i64,
-    /// The instance whose API changed it last.
+    /// The instance whose API changed it last (`brake@<instance>` when the brake paused).
     pub updated_by: Option<String>,
+    /// Why sending is paused, while it is: an operator's `POST /pause`, or the reputation brake's
+    /// rates against its limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Who paused: `operator` or `brake`, while paused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<PauseCause>,
+    /// When sending was last resumed, Unix milliseconds; 0 when never. The brake judges only the
+    /// letters sent after it.
+    pub resumed_ms: i64,
 }
+
+/// Who paused sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseCause {
+    Operator,
+    Brake,
+}
+
+impl PauseCause {
+    fn as_str(self) -> &'static str {
+        match self {
+            PauseCause::Operator => "operator",
+            PauseCause::Brake => "brake",
+        }
+    }
+}
+
+/// The reason stored with an operator's pause.
+pub const OPERATOR_REASON: &str = "paused by an operator (POST /pause)";
 
 /// The control documents.
 #[derive(Clone)]
@@ -52,11 +82,7 @@ impl ControlStore {
             .try_collect()
             .await
             .context("reading the control documents")?;
-        let state = documents
-            .iter()
-            .find(|d| d.get_str("_id") == Ok(DOCUMENT_ID))
-            .map(state_of)
-            .unwrap_or(ControlState { paused: false, updated_ms: 0, updated_by: None });
+        let state = documents.iter().find(|d| d.get_str("_id") == Ok(DOCUMENT_ID)).map(state_of).unwrap_or_default();
         Ok((state, documents.iter().filter_map(cancel_of).collect()))
     }
 
@@ -91,32 +117,70 @@ impl ControlStore {
         Ok(deleted.deleted_count > 0)
     }
 
-    /// Stores whether sending is paused.
+    /// Stores whether sending is paused: an operator's pause, or a resume (of either pause),
+    /// which also records when, so the brake starts its window afresh.
     pub async fn set_paused(&self, paused: bool, by: &str, now_ms: i64) -> anyhow::Result<ControlState> {
-        // An integer: the Mongo-wire server stores booleans set by `$set` as integers anyway.
-        let fields = doc! { "paused": i32::from(paused), "updated_ms": now_ms, "updated_by": by };
+        // Integers: the Mongo-wire server stores booleans set by `$set` as integers anyway.
+        let fields = if paused {
+            doc! {
+                "paused": 1_i32, "updated_ms": now_ms, "updated_by": by,
+                "reason": OPERATOR_REASON, "cause": PauseCause::Operator.as_str(),
+            }
+        } else {
+            doc! {
+                "paused": 0_i32, "updated_ms": now_ms, "updated_by": by,
+                "reason": Bson::Null, "cause": Bson::Null, "resumed_ms": now_ms,
+            }
+        };
         // Update, else insert (upserts are not relied on; see `Store::try_lock`); a concurrent
         // first insert from another replica makes the second update win.
         for _ in 0..2 {
-            self.store.count("update", 1);
-            let updated = self
-                .documents
-                .update_one(doc! { "_id": DOCUMENT_ID }, doc! { "$set": fields.clone() })
-                .await
-                .context("writing the control document")?;
-            if updated.matched_count == 1 {
+            if self.update(doc! { "_id": DOCUMENT_ID }, &fields).await? {
                 break;
             }
-            let mut document = fields.clone();
-            document.insert("_id", DOCUMENT_ID);
-            self.store.count("insert", 1);
-            match self.documents.insert_one(document).await {
-                Ok(_) => break,
-                Err(error) if is_duplicate(&error) => continue,
-                Err(error) => return Err(anyhow::Error::new(error).context("creating the control document")),
+            if self.insert(&fields).await? {
+                break;
             }
         }
-        Ok(ControlState { paused, updated_ms: now_ms, updated_by: Some(by.to_owned()) })
+        self.read(i64::MAX).await.map(|(state, _)| state)
+    }
+
+    /// Pauses sending for the brake, unless the state changed since `seen` was read (an
+    /// operator resumed or paused meanwhile): a brake that judged the letters before a resume
+    /// must not undo it. Says whether it paused.
+    pub async fn brake(&self, seen: &ControlState, reason: &str, by: &str, now_ms: i64) -> anyhow::Result<bool> {
+        let fields = doc! {
+            "paused": 1_i32, "updated_ms": now_ms, "updated_by": by,
+            "reason": reason, "cause": PauseCause::Brake.as_str(),
+        };
+        if seen.updated_ms == 0 {
+            // Never written: the first writer creates it, and a concurrent one loses.
+            return self.insert(&fields).await;
+        }
+        self.update(doc! { "_id": DOCUMENT_ID, "updated_ms": seen.updated_ms }, &fields).await
+    }
+
+    /// `$set`s `fields` on the document `filter` matches; says whether one matched.
+    async fn update(&self, filter: Document, fields: &Document) -> anyhow::Result<bool> {
+        self.store.count("update", 1);
+        let updated = self
+            .documents
+            .update_one(filter, doc! { "$set": fields.clone() })
+            .await
+            .context("writing the control document")?;
+        Ok(updated.matched_count == 1)
+    }
+
+    /// Creates the document; `false` when another replica created it first.
+    async fn insert(&self, fields: &Document) -> anyhow::Result<bool> {
+        let mut document = fields.clone();
+        document.insert("_id", DOCUMENT_ID);
+        self.store.count("insert", 1);
+        match self.documents.insert_one(document).await {
+            Ok(_) => Ok(true),
+            Err(error) if is_duplicate(&error) => Ok(false),
+            Err(error) => Err(anyhow::Error::new(error).context("creating the control document")),
+        }
     }
 }
 
@@ -127,12 +191,27 @@ fn state_of(document: &Document) -> ControlState {
         Some(Bson::Int64(n)) => *n != 0,
         _ => false,
     };
-    let updated_ms = match document.get("updated_ms") {
+    let millis = |field: &str| match document.get(field) {
         Some(Bson::Int64(n)) => *n,
         Some(Bson::Int32(n)) => i64::from(*n),
         _ => 0,
     };
-    ControlState { paused, updated_ms, updated_by: document.get_str("updated_by").ok().map(str::to_owned) }
+    let text = |field: &str| document.get_str(field).ok().map(str::to_owned);
+    // A reason and a cause are kept only while paused (a resume clears them).
+    let cause = match document.get_str("cause") {
+        Ok("brake") => Some(PauseCause::Brake),
+        Ok(_) => Some(PauseCause::Operator),
+        // Paused before causes were stored: by an operator, the only one who could.
+        Err(_) => paused.then_some(PauseCause::Operator),
+    };
+    ControlState {
+        paused,
+        updated_ms: millis("updated_ms"),
+        updated_by: text("updated_by"),
+        reason: text("reason").filter(|_| paused),
+        cause: cause.filter(|_| paused),
+        resumed_ms: millis("resumed_ms"),
+    }
 }
 
 /// The `_id` of a batch's cancel document, and the field that holds its key.
@@ -171,7 +250,22 @@ mod tests {
         assert!(!state_of(&doc! { "paused": 0_i64 }).paused);
         assert!(!state_of(&doc! {}).paused);
         let state = state_of(&doc! { "paused": 1_i32, "updated_ms": 42_i64, "updated_by": "pod-a" });
-        assert_eq!(state, ControlState { paused: true, updated_ms: 42, updated_by: Some("pod-a".into()) });
+        let expected = ControlState {
+            paused: true,
+            updated_ms: 42,
+            updated_by: Some("pod-a".into()),
+            cause: Some(PauseCause::Operator),
+            ..ControlState::default()
+        };
+        assert_eq!(state, expected, "a pause stored before causes were is an operator's");
+        let braked = state_of(&doc! { "paused": 1_i32, "reason": "bounces", "cause": "brake", "resumed_ms": 7_i32 });
+        assert_eq!(
+            (braked.cause, braked.reason.as_deref(), braked.resumed_ms),
+            (Some(PauseCause::Brake), Some("bounces"), 7)
+        );
+        let resumed =
+            state_of(&doc! { "paused": 0_i32, "reason": Bson::Null, "cause": Bson::Null, "resumed_ms": 9_i64 });
+        assert_eq!((resumed.cause, resumed.reason, resumed.resumed_ms), (None, None, 9));
     }
 
     #[test]

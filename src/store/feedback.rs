@@ -6,14 +6,17 @@
 //!   taken over by the retry;
 //! - the letter: the event's [`FeedbackNote`] in its `feedback` document, under the event's key;
 //! - `<MONGODB_COLLECTION>_feedback_unparsed`: the messages the listener took but could not use
-//!   (not a report, cut off, an unknown letter), kept whole with the reason.
+//!   (not a report, cut off, an unknown letter), kept whole with the reason;
+//! - the reputation brake's window ([`FeedbackStore::brake_window`]): the last letters sent, with
+//!   their hard-bounced and complained-about recipients, counted in one aggregation.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::TryStreamExt as _;
 use mongodb::{
     Collection,
-    bson::{Binary, Document, doc, oid::ObjectId, spec::BinarySubtype},
+    bson::{Binary, Bson, Document, doc, oid::ObjectId, spec::BinarySubtype},
 };
 
 use super::{Store, is_duplicate};
@@ -28,6 +31,25 @@ pub struct FeedbackStore {
     /// How long a claim on an event holds before another delivery of the same report may take
     /// it over: longer than the producer can take to deliver or fail (`KAFKA_MESSAGE_TIMEOUT`).
     publish_lease: Duration,
+}
+
+/// The letters' fields that list, per kind the brake counts, the recipients reported: beside the
+/// `feedback` notes because the notes' keys are per event and an aggregation cannot count the
+/// fields of a subdocument on the Mongo-wire server we test on (no `$objectToArray`), while it
+/// can sum the sizes of arrays.
+pub const HARD_BOUNCED: &str = "hard_bounced";
+pub const COMPLAINED: &str = "complained";
+
+/// The letters in the reputation brake's window and what was reported about them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrakeWindow {
+    pub letters: u64,
+    /// Recipients the relay accepted.
+    pub recipients: u64,
+    /// Recipients reported hard-bounced.
+    pub hard_bounces: u64,
+    /// Recipients who complained.
+    pub complaints: u64,
 }
 
 /// Who publishes an event.
@@ -127,16 +149,70 @@ impl FeedbackStore {
     }
 
     /// Adds the event to its letter: under its key, so a second delivery writes the same entry
-    /// again rather than a second one (and needs no query on the array).
+    /// again rather than a second one (and needs no query on the array). A hard bounce or a
+    /// complaint also lists its recipient for the brake, once: the update is made only while the
+    /// list does not hold the recipient, so a repeated report neither lists nor notes it twice.
     pub async fn note(&self, letter: ObjectId, note: &FeedbackNote) -> anyhow::Result<()> {
         let entry = mongodb::bson::to_document(note).context("encoding a feedback note")?;
         // Keys are URL-safe base64: no `.` or `$`, so each is a plain field name.
+        let mut filter = doc! { "_id": letter };
+        let mut update = doc! { "$set": { format!("feedback.{}", note.key): entry } };
+        let listed = match note.event.as_str() {
+            "hard_bounce" => Some(HARD_BOUNCED),
+            "complaint" => Some(COMPLAINED),
+            _ => None,
+        };
+        if let Some(field) = listed {
+            // `$nin` rather than `$ne`, and `$push` rather than `$addToSet`: the Mongo-wire
+            // server we test on matches neither of the latter on a missing field.
+            filter.insert(field, doc! { "$nin": [&note.address] });
+            update.insert("$push", doc! { field: &note.address });
+        }
         self.store.count("update", 1);
-        self.letters
-            .update_one(doc! { "_id": letter }, doc! { "$set": { format!("feedback.{}", note.key): entry } })
-            .await
-            .context("adding feedback to its letter")?;
+        self.letters.update_one(filter, update).await.context("adding feedback to its letter")?;
         Ok(())
+    }
+
+    /// The brake's window: the last `letters` letters sent after `sent_after_ms`, their accepted
+    /// recipients and how many of those were reported hard-bounced or complaining. One
+    /// aggregation on the `{status, updated_ms}` index, reading at most `letters` documents
+    /// whatever the volume (a sent letter's `updated_ms` is when its outcome was stored).
+    pub async fn brake_window(&self, sent_after_ms: i64, letters: u32) -> anyhow::Result<BrakeWindow> {
+        let size = |field: &str| doc! { "$sum": { "$size": { "$ifNull": [format!("${field}"), []] } } };
+        let pipeline = [
+            doc! { "$match": { "status": "sent", "updated_ms": { "$gt": sent_after_ms } } },
+            doc! { "$sort": { "updated_ms": -1 } },
+            doc! { "$limit": i64::from(letters) },
+            doc! { "$group": {
+                "_id": Bson::Null,
+                "letters": { "$sum": 1 },
+                "recipients": size("delivered"),
+                "hard_bounces": size(HARD_BOUNCED),
+                "complaints": size(COMPLAINED),
+            } },
+        ];
+        self.store.count("aggregate", 1);
+        let rows: Vec<Document> = self
+            .letters
+            .aggregate(pipeline)
+            .await
+            .context("reading the brake's window")?
+            .try_collect()
+            .await
+            .context("reading the brake's window")?;
+        let Some(row) = rows.first() else { return Ok(BrakeWindow::default()) };
+        let number = |field: &str| match row.get(field) {
+            Some(Bson::Int32(n)) => u64::try_from(*n).unwrap_or(0),
+            Some(Bson::Int64(n)) => u64::try_from(*n).unwrap_or(0),
+            Some(Bson::Double(n)) if *n >= 0.0 => *n as u64,
+            _ => 0,
+        };
+        Ok(BrakeWindow {
+            letters: number("letters"),
+            recipients: number("recipients"),
+            hard_bounces: number("hard_bounces"),
+            complaints: number("complaints"),
+        })
     }
 
     /// Keeps a message the listener took but could not use, whole, with why.

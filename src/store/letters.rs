@@ -12,7 +12,10 @@ use mongodb::{
 };
 
 use super::{DUPLICATE_KEY, Store};
-use crate::model::{AttemptRecord, Letter, Outcome, Rejection, Status};
+use crate::{
+    model::{AttemptRecord, Letter, Outcome, Rejection, Status},
+    priority::{Lane, scheduled_vt},
+};
 
 /// One claimed document as a letter, or why this version cannot read it.
 fn decode_letter(document: &RawDocumentBuf) -> Result<Letter, String> {
@@ -56,6 +59,27 @@ pub struct ClaimLimit {
     /// Whether one letter larger than `bytes` may be taken when it comes first: true when nothing
     /// else is held, so a letter bigger than the whole budget is still sent, alone.
     pub oversize_alone: bool,
+}
+
+/// Which lanes a claim takes, and in what proportion.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LaneClaim {
+    /// The least share of a claim that goes to bulk letters when both lanes have enough.
+    pub bulk_share: f64,
+    /// Only bulk letters placed before this `vt` (the express claim: those that go before the
+    /// bulk letters already held; the others wait for a regular claim).
+    pub bulk_before: Option<f64>,
+}
+
+impl LaneClaim {
+    /// Up to `count` of the two lanes' first letters: transactional first, but at least
+    /// `bulk_share` of `count` bulk when there are enough, and whatever one lane leaves to the other.
+    fn merge<T>(&self, count: usize, urgent: Vec<T>, bulk: Vec<T>) -> Vec<T> {
+        let bulk_min = ((count as f64 * self.bulk_share).ceil() as usize).min(bulk.len());
+        let urgent_taken = urgent.len().min(count.saturating_sub(bulk_min));
+        let bulk_taken = bulk.len().min(count - urgent_taken);
+        urgent.into_iter().take(urgent_taken).chain(bulk.into_iter().take(bulk_taken)).collect()
+    }
 }
 
 /// The size assumed for a letter the Go service wrote, which records none.
@@ -118,10 +142,15 @@ impl Store {
                 .options(IndexOptions::builder().unique(true).sparse(true).build())
                 .build(),
             IndexModel::builder().keys(doc! { "status": 1, "due_ms": 1 }).build(),
+            // The claim: per lane, in fair order, due ones only; `due_ms` in the key so a letter
+            // not due yet is passed over without reading it (`due_ids`).
+            IndexModel::builder().keys(doc! { "status": 1, "lane": 1, "vt": 1, "due_ms": 1 }).build(),
             // Awaiting letters past their `NotAfter`, whatever their due time (`expire_awaiting`).
             IndexModel::builder().keys(doc! { "status": 1, "not_after_ms": 1 }).build(),
             IndexModel::builder().keys(doc! { "owner": 1, "status": 1 }).build(),
             IndexModel::builder().keys(doc! { "unreported": 1 }).build(),
+            // The reputation brake's window: the last letters sent (`FeedbackStore::brake_window`).
+            IndexModel::builder().keys(doc! { "status": 1, "updated_ms": 1 }).build(),
         ];
         self.count("createIndexes", 1);
         self.count("update", 1);
@@ -141,10 +170,12 @@ impl Store {
         Ok(())
     }
 
-    /// Makes letters the Go service wrote (no due time) claimable. Run at start and by the lease
-    /// maintenance, because the old service may still be writing beside this one (a canary).
+    /// Makes letters the Go service wrote (no due time) and letters of versions before the lanes
+    /// (no lane, no place in the fair order) claimable: bulk, at the front of the fair order,
+    /// since they were there first. Run at start and by the lease maintenance, because an older
+    /// version may still be writing beside this one (a canary, a rolling update).
     pub async fn adopt_legacy(&self) -> anyhow::Result<u64> {
-        self.count("update", 1);
+        self.count("update", 2);
         let result = self
             .letters
             .update_many(
@@ -153,7 +184,15 @@ impl Store {
             )
             .await
             .context("migrating awaiting letters without due_ms")?;
-        Ok(result.modified_count)
+        let unlaned = self
+            .letters
+            .update_many(
+                doc! { "status": "awaiting", "vt": { "$exists": false } },
+                doc! { "$set": { "lane": Lane::Bulk.as_str(), "vt": 0.0_f64 } },
+            )
+            .await
+            .context("migrating awaiting letters without a lane")?;
+        Ok(result.modified_count.max(unlaned.modified_count))
     }
 
     /// Inserts letters; those whose `source` is already stored (a redelivered Kafka message) are
@@ -255,17 +294,19 @@ impl Store {
     }
 
     /// Leases up to `limit.count` due letters, of at most `limit.bytes` together, to `owner` until
-    /// `lease_until_ms`. Several replicas may claim at once: the update only takes letters still
-    /// `awaiting`, and each replica reads back only the letters its own claim token marked.
+    /// `lease_until_ms`: transactional ones first, bulk ones for at least `lanes.bulk_share` of
+    /// the count when there are enough of both. Several replicas may claim at once: the update
+    /// only takes letters still `awaiting`, and each replica reads back only the letters its own
+    /// claim token marked.
     pub async fn claim(
         &self,
         owner: &str,
         limit: ClaimLimit,
         now_ms: i64,
         lease_until_ms: i64,
+        lanes: LaneClaim,
     ) -> anyhow::Result<Vec<Letter>> {
-        let due = doc! { "status": "awaiting", "due_ms": { "$lte": now_ms } };
-        let ids = self.due_ids(due, limit).await.context("finding due letters")?;
+        let ids = self.due_ids(limit, now_ms, lanes).await.context("finding due letters")?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -358,25 +399,52 @@ impl Store {
         }
     }
 
-    /// The ids of the first due letters that fit `limit`, in one reply: their sizes come with the
-    /// ids, so no body is read before the claim knows it has room for it.
-    async fn due_ids(&self, filter: Document, limit: ClaimLimit) -> anyhow::Result<Vec<Bson>> {
-        self.count("find", 1);
-        let letters = self.letters.clone_with_type::<Document>();
-        let found: Vec<Document> = letters
+    /// The ids of the first due letters that fit `limit`, in one reply per lane (the two asked at
+    /// once): their sizes come with the ids, so no body is read before the claim knows it has
+    /// room for it. Each lane is one range of `{status, lane, vt, due_ms}`, read in `vt` order
+    /// up to the scheduled letters due now (`priority::scheduled_vt`).
+    async fn due_ids(&self, limit: ClaimLimit, now_ms: i64, lanes: LaneClaim) -> anyhow::Result<Vec<Bson>> {
+        self.count("find", 2);
+        let (urgent, bulk) = futures::future::try_join(
+            self.due_in(Lane::Transactional, limit.count, now_ms, None),
+            self.due_in(Lane::Bulk, limit.count, now_ms, lanes.bulk_before),
+        )
+        .await?;
+        Ok(limit.fit(lanes.merge(limit.count, urgent, bulk).into_iter()))
+    }
+
+    /// One lane's first due letters, (id, size), in fair order; only those placed before
+    /// `before` if given.
+    async fn due_in(
+        &self,
+        lane: Lane,
+        count: usize,
+        now_ms: i64,
+        before: Option<f64>,
+    ) -> anyhow::Result<Vec<(Bson, usize)>> {
+        let vt = match before {
+            Some(before) => doc! { "$lt": before.min(scheduled_vt(now_ms)) },
+            None => doc! { "$lte": scheduled_vt(now_ms) },
+        };
+        let filter = doc! { "status": "awaiting", "lane": lane.as_str(), "vt": vt, "due_ms": { "$lte": now_ms } };
+        let found: Vec<Document> = self
+            .letters
+            .clone_with_type::<Document>()
             .find(filter)
-            .sort(doc! { "due_ms": 1 })
-            .limit(limit.count as i64)
-            .batch_size(limit.count as u32)
+            .sort(doc! { "vt": 1 })
+            .limit(count as i64)
+            .batch_size(count as u32)
             .projection(doc! { "_id": 1, "size_bytes": 1 })
             .await?
             .try_collect()
             .await?;
-        let sized = found.into_iter().filter_map(|d| {
-            let size = d.get("size_bytes").and_then(|s| s.as_i64().or_else(|| s.as_i32().map(i64::from)));
-            Some((d.get("_id")?.clone(), size.map_or(UNKNOWN_SIZE, |s| s.max(0) as usize)))
-        });
-        Ok(limit.fit(sized))
+        Ok(found
+            .into_iter()
+            .filter_map(|d| {
+                let size = d.get("size_bytes").and_then(|s| s.as_i64().or_else(|| s.as_i32().map(i64::from)));
+                Some((d.get("_id")?.clone(), size.map_or(UNKNOWN_SIZE, |s| s.max(0) as usize)))
+            })
+            .collect())
     }
 
     /// Extends the lease of the letters this process holds (`held`) that are still leased to
@@ -577,6 +645,9 @@ fn outcome_statement(owner: &str, record: &AttemptRecord, now_ms: i64) -> Docume
         Outcome::Retry { reason, due_ms } => {
             set.insert("status", Status::Awaiting.as_str());
             set.insert("error", reason);
+            // It keeps its place in the fair order (`vt`): due again, it goes before the letters
+            // placed after it, instead of behind a whole campaign. Until then the claim passes
+            // over it in the index (`due_ms` is in the key); failing letters are few.
             set.insert("due_ms", *due_ms);
         }
         Outcome::Released => {
@@ -670,5 +741,21 @@ mod tests {
         assert!(limit.fit(huge.into_iter()).is_empty(), "waits for room while other letters are held");
         let alone = ClaimLimit { oversize_alone: true, ..limit };
         assert_eq!(alone.fit(huge.into_iter()), ["big"], "a letter larger than the budget goes alone");
+    }
+
+    #[test]
+    fn a_claim_takes_transactional_letters_first_and_keeps_bulk_its_share() {
+        let lanes = LaneClaim { bulk_share: 0.1, bulk_before: None };
+        let (urgent, bulk) = (
+            |n: usize| (0..n).map(|i| format!("t{i}")).collect::<Vec<_>>(),
+            |n: usize| (0..n).map(|i| format!("b{i}")).collect::<Vec<_>>(),
+        );
+        let taken = lanes.merge(20, urgent(30), bulk(30));
+        assert_eq!(taken.iter().filter(|id| id.starts_with('b')).count(), 2, "{taken:?}");
+        assert_eq!(taken[..18], urgent(18)[..], "transactional first");
+        assert_eq!(lanes.merge(20, urgent(5), bulk(30)).len(), 20, "bulk borrows what transactional leaves");
+        assert_eq!(lanes.merge(20, urgent(30), bulk(1)).len(), 20, "and the other way round");
+        assert_eq!(lanes.merge(20, urgent(0), bulk(0)), Vec::<String>::new());
+        assert_eq!(LaneClaim { bulk_share: 0.0, bulk_before: None }.merge(4, urgent(4), bulk(4)), urgent(4));
     }
 }

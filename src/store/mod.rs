@@ -37,11 +37,11 @@ mod suppressions;
 mod unsubscribed;
 
 pub use batches::{BatchKey, BatchProgress, CANCELLED};
-pub use control::{ControlState, ControlStore};
-pub use feedback::{Claim as FeedbackClaim, FeedbackStore};
+pub use control::{ControlState, ControlStore, OPERATOR_REASON, PauseCause};
+pub use feedback::{BrakeWindow, Claim as FeedbackClaim, FeedbackStore};
 pub use idempotency::IdempotencyKeys;
 pub use ledger::MongoLedger;
-pub use letters::{ClaimLimit, DeadLetterRecord, InsertReport, UNKNOWN_SIZE, Unstorable};
+pub use letters::{ClaimLimit, DeadLetterRecord, InsertReport, LaneClaim, UNKNOWN_SIZE, Unstorable};
 pub use suppressions::{LOOKUP_CHUNK_BYTES, SuppressionStore};
 pub use unsubscribed::{EventClaim, UnsubscribedEvents};
 

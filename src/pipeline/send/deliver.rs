@@ -113,10 +113,6 @@ impl Worker {
     ) -> (Result<smtp::Transaction, SmtpError>, bool) {
         let ctx = self.ctx.clone();
         let not_after = self.not_after;
-        let connection = match self.session(avoid).await {
-            Ok(connection) => connection,
-            Err(error) => return (Err(error), false),
-        };
         let mut withheld = false;
         let before_end = async {
             if !ctx.limiter.at_dot(ticket).await {
@@ -128,6 +124,15 @@ impl Worker {
             // sending.
             // So is `NotAfter`: a message whose time passed is withdrawn, never delivered late.
             ctx.lease.vouch(lease.0, &lease.1).filter(|_| !crate::lanes::expired(not_after, ctx.clock.now_ms()))
+        };
+        // The one place the sandbox differs: no connection, no relay, the same pacing and checks.
+        if ctx.sandbox {
+            let result = smtp::sandbox::send(chunk, before_end).await;
+            return (result, withheld);
+        }
+        let connection = match self.session(avoid).await {
+            Ok(connection) => connection,
+            Err(error) => return (Err(error), false),
         };
         let from = ctx.composer.envelope_sender(&lease.1);
         let result = transaction::send(connection, &from, chunk, message, &ctx.smtp.timeouts, before_end).await;

@@ -8,7 +8,6 @@ use crate::{
     address::Recipient,
     model::{Letter, Rejection},
     pipeline::policy::{AttemptReport, Failure},
-    smtp::message,
 };
 
 impl Worker {
@@ -24,16 +23,16 @@ impl Worker {
         // The unit taken for the letter goes to the first copy (when its cost fits one copy).
         let mut ticket = ticket;
         let mut report = AttemptReport::default();
-        // The text alternative is the same in every copy: made once.
-        let text = match message::text_of_html(&letter.body) {
-            Ok(text) => text,
+        // The body (the text alternative, the attachments) is the same in every copy: made once.
+        let body = match self.ctx.composer.body(letter) {
+            Ok(body) => body,
             Err(error) => {
                 report.failure = Some(Failure::Permanent(error.to_string()));
                 return report;
             }
         };
         for recipient in recipients {
-            let bytes = match self.ctx.composer.build_copy(letter, &text, Some(&recipient)) {
+            let bytes = match self.ctx.composer.build_copy(letter, &body, Some(&recipient)) {
                 Ok(bytes) => bytes,
                 Err(error) => {
                     report.refused.push(Rejection { address: recipient.to_string(), reply: error.to_string() });
