@@ -2,19 +2,25 @@
 //! wrote (what status messages echo), and the forms SMTP needs (ASCII with the domain in punycode,
 //! or UTF-8 where the server offers SMTPUTF8).
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use lettre::Address;
 
-/// A mailbox that can go in `RCPT TO`.
+/// A mailbox that can go in `RCPT TO`. Shared, not copied: a letter's recipients are parsed once
+/// (`Letter::pending_recipients`) and handed to every stage, so a clone is a reference count.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Recipient {
+pub struct Recipient(Arc<Parts>);
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Parts {
     /// As given by the producer (trimmed): what status messages and the letter's state use.
     address: String,
     local: String,
     domain: String,
     /// The domain in its ASCII form (IDNA punycode for an internationalised domain).
     ascii_domain: String,
+    /// See [`Recipient::key`]; made with the rest, as every stage compares by it.
+    key: String,
 }
 
 /// How a recipient must be written in the envelope for a given server.
@@ -49,12 +55,13 @@ impl Recipient {
             idna::domain_to_ascii(&domain)
                 .map_err(|e| format!("invalid address {address:?}: the domain cannot be written in ASCII: {e}"))?
         };
-        Ok(Recipient { address: parsed.to_string(), local, domain, ascii_domain })
+        let key = format!("{}@{}", local.to_lowercase(), ascii_domain);
+        Ok(Recipient(Arc::new(Parts { address: parsed.to_string(), local, domain, ascii_domain, key })))
     }
 
     /// The address as given.
     pub fn as_str(&self) -> &str {
-        &self.address
+        &self.0.address
     }
 
     /// The canonical identity of the mailbox, for de-duplication, matching earlier outcomes and
@@ -62,22 +69,28 @@ impl Recipient {
     /// IDNA ASCII form lower-cased, so a UTF-8 and a punycode spelling of one address are one
     /// key. Local parts are case-sensitive in theory but not at any real mailbox provider.
     pub fn key(&self) -> String {
-        format!("{}@{}", self.local.to_lowercase(), self.ascii_domain)
+        self.0.key.clone()
+    }
+
+    /// [`Recipient::key`] without a copy.
+    pub fn key_str(&self) -> &str {
+        &self.0.key
     }
 
     /// Whether sending to this address needs SMTPUTF8 (its local part is not ASCII).
     pub fn needs_utf8(&self) -> bool {
-        !self.local.is_ascii()
+        !self.0.local.is_ascii()
     }
 
     /// The envelope form for a server that does (`smtputf8`) or does not offer SMTPUTF8. An
     /// internationalised domain goes as punycode whenever the local part allows ASCII, which every
     /// server accepts.
     pub fn envelope_form(&self, smtputf8: bool) -> EnvelopeForm {
-        if self.local.is_ascii() {
-            EnvelopeForm::Ascii(format!("{}@{}", self.local, self.ascii_domain))
+        let parts = &*self.0;
+        if parts.local.is_ascii() {
+            EnvelopeForm::Ascii(format!("{}@{}", parts.local, parts.ascii_domain))
         } else if smtputf8 {
-            EnvelopeForm::Utf8(format!("{}@{}", self.local, self.domain))
+            EnvelopeForm::Utf8(format!("{}@{}", parts.local, parts.domain))
         } else {
             EnvelopeForm::Unsendable(
                 "the address's local part is not ASCII and the SMTP server does not offer SMTPUTF8 (RFC 6531)"
@@ -89,7 +102,7 @@ impl Recipient {
 
 impl fmt::Display for Recipient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.address)
+        f.write_str(&self.0.address)
     }
 }
 

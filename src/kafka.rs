@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context;
 use rdkafka::{
-    ClientConfig, ClientContext, Statistics,
+    ClientConfig, ClientContext,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::DefaultClientContext,
     consumer::{ConsumerContext, Rebalance, StreamConsumer},
@@ -223,16 +223,50 @@ impl StatsContext {
     }
 }
 
-impl ClientContext for StatsContext {
-    fn stats(&self, statistics: Statistics) {
-        let before = self.sent.swap(statistics.tx, Ordering::Relaxed);
-        if statistics.tx > before {
+/// The part of librdkafka's statistics the metrics read. rdkafka's own `Statistics` decodes the
+/// whole report (every broker's latency windows and request counts, every topic's batch sizes)
+/// into maps of owned strings, to be dropped at once; this reads the few numbers used and skips
+/// the rest without building it (issue 23: the statistics were a tenth of an idle replica's work).
+#[derive(serde::Deserialize)]
+struct Report {
+    /// Requests sent to the brokers, since the client started.
+    #[serde(default)]
+    tx: i64,
+    #[serde(default)]
+    topics: HashMap<String, TopicReport>,
+}
+
+#[derive(serde::Deserialize)]
+struct TopicReport {
+    #[serde(default)]
+    partitions: HashMap<i32, PartitionReport>,
+}
+
+#[derive(serde::Deserialize)]
+struct PartitionReport {
+    #[serde(default)]
+    fetch_state: String,
+    #[serde(default = "unknown")]
+    app_offset: i64,
+    #[serde(default = "unknown")]
+    consumer_lag: i64,
+}
+
+/// librdkafka's "not known" for offsets and lag.
+fn unknown() -> i64 {
+    -1
+}
+
+impl StatsContext {
+    fn report(&self, report: &Report) {
+        let before = self.sent.swap(report.tx, Ordering::Relaxed);
+        if report.tx > before {
             self.metrics
                 .kafka_requests
                 .get_or_create(&ClientLabel { client: self.client })
-                .inc_by((statistics.tx - before) as u64);
+                .inc_by((report.tx - before) as u64);
         }
-        for topic in statistics.topics.values() {
+        for topic in report.topics.values() {
             for (partition, stats) in &topic.partitions {
                 // librdkafka keeps reporting a partition it no longer fetches (given away in a
                 // rebalance) with its last lag; that one is another replica's to report.
@@ -246,6 +280,17 @@ impl ClientContext for StatsContext {
                 if self.client == "consumer" && *partition >= 0 && stats.app_offset >= 0 {
                     self.watch_position(*partition, stats.app_offset, stats.consumer_lag);
                 }
+            }
+        }
+    }
+}
+
+impl ClientContext for StatsContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        match serde_json::from_slice::<Report>(statistics) {
+            Ok(report) => self.report(&report),
+            Err(error) => {
+                tracing::warn!(error = %error, client = self.client, "librdkafka's statistics cannot be read")
             }
         }
     }
@@ -375,4 +420,69 @@ pub fn side_consumer(config: &KafkaConfig, group_id: &str) -> anyhow::Result<Str
         .set("fetch.wait.max.ms", "100")
         .create()
         .with_context(|| format!("creating the Kafka consumer of group {group_id}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A consumer's report as librdkafka 2.12 writes it, cut to one broker and one topic; the
+    /// windows and request counts the metrics do not read are there to be skipped.
+    fn report(tx: i64, lag: i64, app_offset: i64) -> String {
+        let window = r#"{"min":0,"max":0,"avg":0,"sum":0,"stddev":0,"p50":0,"p75":0,"p90":0,"p95":0,"p99":0,"p99_99":0,"outofrange":0,"hdrsize":0,"cnt":0}"#;
+        format!(
+            r#"{{"name":"mailsender#consumer-1","client_id":"mailsender","type":"consumer","ts":1,"time":2,"age":3,
+            "replyq":0,"msg_cnt":0,"msg_size":0,"msg_max":100000,"msg_size_max":1073741824,"simple_cnt":0,
+            "metadata_cache_cnt":1,"tx":{tx},"tx_bytes":1000,"rx":{tx},"rx_bytes":2000,"txmsgs":0,"txmsg_bytes":0,
+            "rxmsgs":5,"rxmsg_bytes":500,
+            "brokers":{{"127.0.0.1:9092/1":{{"name":"127.0.0.1:9092/1","nodeid":1,"nodename":"127.0.0.1:9092",
+              "source":"configured","state":"UP","stateage":1,"outbuf_cnt":0,"outbuf_msg_cnt":0,"waitresp_cnt":1,
+              "waitresp_msg_cnt":0,"tx":{tx},"txbytes":1,"txerrs":0,"txretries":0,"txidle":1,"req_timeouts":0,
+              "rx":1,"rxbytes":1,"rxerrs":0,"rxcorriderrs":0,"rxpartial":0,"rxidle":1,"zbuf_grow":0,
+              "buf_grow":0,"wakeups":1,"connects":1,"disconnects":0,
+              "int_latency":{window},"outbuf_latency":{window},"rtt":{window},"throttle":{window},
+              "req":{{"Fetch":3,"Offset":0,"Metadata":2,"OffsetCommit":1,"Heartbeat":4,"JoinGroup":1}},
+              "toppars":{{"in-0":{{"topic":"in","partition":0}}}}}}}},
+            "topics":{{"in":{{"topic":"in","age":1,"metadata_age":1,"batchsize":{window},"batchcnt":{window},
+              "partitions":{{
+                "0":{{"partition":0,"broker":1,"leader":1,"desired":true,"unknown":false,"fetch_state":"active",
+                     "query_offset":-1001,"next_offset":10,"app_offset":{app_offset},"stored_offset":{app_offset},
+                     "committed_offset":{app_offset},"eof_offset":-1001,"lo_offset":0,"hi_offset":12,
+                     "ls_offset":12,"consumer_lag":{lag},"consumer_lag_stored":{lag},"txmsgs":0,"rxmsgs":5}},
+                "1":{{"partition":1,"broker":1,"leader":1,"desired":false,"fetch_state":"stopped",
+                     "app_offset":3,"consumer_lag":7}},
+                "-1":{{"partition":-1,"broker":-1,"leader":-1,"fetch_state":"none","app_offset":-1001,
+                      "consumer_lag":-1}}}}}}}},
+            "cgrp":{{"state":"up","stateage":1,"join_state":"steady","rebalance_age":1,"rebalance_cnt":1,
+              "rebalance_reason":"","assignment_size":1}}}}"#
+        )
+    }
+
+    #[test]
+    fn statistics_give_requests_lag_and_stalls() {
+        let metrics = Arc::new(Metrics::new());
+        let context = StatsContext::new(metrics.clone(), "consumer", Duration::ZERO);
+        let lag =
+            |partition: &str| metrics.consumer_lag.get_or_create(&PartitionLabel { partition: partition.into() }).get();
+        let requests = || metrics.kafka_requests.get_or_create(&ClientLabel { client: "consumer" }).get();
+
+        context.stats_raw(report(11, 2, 10).as_bytes());
+        assert_eq!(requests(), 11);
+        assert_eq!(lag("0"), 2);
+        // Given away (stopped) and the internal partition: not this replica's to report.
+        assert!(metrics.consumer_lag.get(&PartitionLabel { partition: "1".into() }).is_none());
+        assert!(metrics.consumer_lag.get(&PartitionLabel { partition: "-1".into() }).is_none());
+
+        // The next report: the requests since, the new lag; the position did not move while
+        // messages wait, so (with no grace) the partition is stalled.
+        context.stats_raw(report(15, 3, 10).as_bytes());
+        assert_eq!(requests(), 15);
+        assert_eq!(lag("0"), 3);
+        assert_eq!(metrics.partition_stalled.get_or_create(&PartitionLabel { partition: "0".into() }).get(), 1);
+
+        // A report that cannot be read changes nothing.
+        context.stats_raw(b"{\"tx\": \"many\"");
+        assert_eq!(requests(), 15);
+        assert_eq!(lag("0"), 3);
+    }
 }

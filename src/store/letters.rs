@@ -6,7 +6,7 @@ use anyhow::Context;
 use futures::TryStreamExt;
 use mongodb::{
     IndexModel,
-    bson::{Bson, Document, doc, oid::ObjectId},
+    bson::{Bson, Document, RawDocumentBuf, doc, oid::ObjectId},
     error::ErrorKind,
     options::IndexOptions,
 };
@@ -16,6 +16,20 @@ use crate::{
     model::{AttemptRecord, Letter, Outcome, Rejection, Status},
     priority::{Lane, scheduled_vt},
 };
+
+/// One claimed document as a letter, or why this version cannot read it.
+fn decode_letter(document: &RawDocumentBuf) -> Result<Letter, String> {
+    mongodb::bson::from_slice::<Letter>(document.as_bytes())
+        .map_err(|error| format!("the stored letter cannot be read: {error}"))
+}
+
+/// A raw document's `_id`, to fail it by; `Null` when even that cannot be read.
+fn raw_id(document: &RawDocumentBuf) -> Bson {
+    match document.get("_id") {
+        Ok(Some(id)) => Bson::try_from(id).unwrap_or(Bson::Null),
+        _ => Bson::Null,
+    }
+}
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct InsertReport {
@@ -358,9 +372,12 @@ impl Store {
     /// Reads back what a claim took, document by document, so that one malformed document does
     /// not strand its neighbours: it comes back apart, with the reason.
     async fn read_claimed(&self, ids: &[Bson], token: &str) -> anyhow::Result<(Vec<Letter>, Vec<(Bson, String)>)> {
-        let documents: Vec<Document> = self
+        // Raw documents, each decoded once straight into a `Letter`: decoding into `Document`
+        // first and then into the letter cost a second full decoding, ~80,000 instructions a
+        // letter under callgrind (issue 23).
+        let documents: Vec<RawDocumentBuf> = self
             .letters
-            .clone_with_type::<Document>()
+            .clone_with_type::<RawDocumentBuf>()
             .find(doc! { "_id": { "$in": ids }, "claim": token })
             // One reply for the whole claim instead of a getMore per 101 letters.
             .batch_size(ids.len() as u32)
@@ -372,10 +389,9 @@ impl Store {
         let mut letters = Vec::with_capacity(documents.len());
         let mut malformed = Vec::new();
         for document in documents {
-            let id = document.get("_id").cloned().unwrap_or(Bson::Null);
-            match mongodb::bson::from_document::<Letter>(document) {
+            match decode_letter(&document) {
                 Ok(letter) => letters.push(letter),
-                Err(error) => malformed.push((id, format!("the stored letter cannot be read: {error}"))),
+                Err(reason) => malformed.push((raw_id(&document), reason)),
             }
         }
         Ok((letters, malformed))
