@@ -9,6 +9,7 @@
 //! Stored with the letter as BSON binary, decoded: a third smaller than the base64 the producer
 //! sent, and decoded once, at ingest, not at every attempt.
 
+use crate::model::json_kind;
 use std::collections::HashSet;
 
 use base64::Engine as _;
@@ -70,7 +71,7 @@ pub fn check(value: Option<&Value>, limits: &AttachmentLimits) -> Result<Vec<Att
     let items = match value {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(items)) => items,
-        Some(other) => return Err(format!("Attachments must be an array of objects, not {}", kind(other))),
+        Some(other) => return Err(format!("Attachments must be an array of objects, not {}", json_kind(other))),
     };
     if items.len() > limits.max_count {
         return Err(format!(
@@ -117,7 +118,7 @@ fn over_size(bytes: usize, limits: &AttachmentLimits) -> String {
 
 fn one(index: usize, item: &Value) -> Result<Attachment, String> {
     let Value::Object(fields) = item else {
-        return Err(format!("Attachments[{index}] must be an object, not {}", kind(item)));
+        return Err(format!("Attachments[{index}] must be an object, not {}", json_kind(item)));
     };
     let (mut file_name, mut content_type, mut content, mut content_id) = (None, None, None, None);
     // Keys in any case, as Go's JSON decoder matched the mailing's own fields.
@@ -136,7 +137,7 @@ fn one(index: usize, item: &Value) -> Result<Attachment, String> {
         *slot = match value {
             Value::Null => None,
             Value::String(text) => Some(text.as_str()),
-            other => return Err(format!("Attachments[{index}].{key} must be a string, not {}", kind(other))),
+            other => return Err(format!("Attachments[{index}].{key} must be a string, not {}", json_kind(other))),
         };
     }
     let at = |field: &str| format!("Attachments[{index}].{field}");
@@ -197,17 +198,6 @@ fn one(index: usize, item: &Value) -> Result<Attachment, String> {
     };
 
     Ok(Attachment { file_name: file_name.to_owned(), content_type: content_type.to_owned(), content_id, content })
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// The bytes the attachments hold in memory, for the letter's `size_bytes`.

@@ -4,6 +4,7 @@
 //! the batch, so a wrong type fails only its own letter (with a reason naming the field) instead
 //! of sending the whole Kafka message to the dead-letter topic.
 
+use crate::model::json_kind;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -105,7 +106,7 @@ fn time_field(name: &str, value: Option<&Value>) -> Result<Option<i64>, String> 
     let text = match value {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::String(text)) => text,
-        Some(other) => return Err(format!("{name} must be an RFC 3339 time string, not {}", kind(other))),
+        Some(other) => return Err(format!("{name} must be an RFC 3339 time string, not {}", json_kind(other))),
     };
     mongodb::bson::DateTime::parse_rfc3339_str(text)
         .map(|time| Some(time.timestamp_millis()))
@@ -116,7 +117,7 @@ fn metadata_field(value: Option<&Value>) -> Result<BTreeMap<String, String>, Str
     let map = match value {
         None | Some(Value::Null) => return Ok(BTreeMap::new()),
         Some(Value::Object(map)) => map,
-        Some(other) => return Err(format!("Metadata must be an object of strings, not {}", kind(other))),
+        Some(other) => return Err(format!("Metadata must be an object of strings, not {}", json_kind(other))),
     };
     if map.len() > METADATA_MAX_KEYS {
         return Err(format!("Metadata has {} keys, over the limit of {METADATA_MAX_KEYS}", map.len()));
@@ -125,7 +126,7 @@ fn metadata_field(value: Option<&Value>) -> Result<BTreeMap<String, String>, Str
     let mut bytes = 0;
     for (key, value) in map {
         let Value::String(text) = value else {
-            return Err(format!("Metadata value of {key:?} must be a string, not {}", kind(value)));
+            return Err(format!("Metadata value of {key:?} must be a string, not {}", json_kind(value)));
         };
         bytes += key.len() + text.len();
         metadata.insert(key.clone(), text.clone());
@@ -134,17 +135,6 @@ fn metadata_field(value: Option<&Value>) -> Result<BTreeMap<String, String>, Str
         return Err(format!("Metadata is {bytes} bytes (keys and values), over the limit of {METADATA_MAX_BYTES}"));
     }
     Ok(metadata)
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// Whether a letter with this `NotAfter` may no longer be sent at `now_ms`.

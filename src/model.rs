@@ -9,6 +9,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::{address::Recipient, smtp::message::check_subject};
 
+/// How a refusal names the JSON type a producer sent where another was expected (the optional
+/// fields' checks in `attachments`, `lanes` and `priority` share it).
+pub(crate) fn json_kind(value: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// What a producer must send, quoted in every rejection so the fix is obvious.
 pub const EXPECTED_BATCH: &str = r#"a non-empty JSON array of mailings, each {"Subject": string, "Body": string (HTML), "Addresses": [string, ...] (at least one mailbox), "Token": string, optionally "SendAt" and "NotAfter": RFC 3339 time strings, "Metadata": {string: string} (at most 16 keys, 1024 bytes), "Attachments": [{"FileName": string, "ContentType": string, "Content": base64 string, "ContentId": string for an inline image}, ...], "Lane": "transactional" or "bulk", "Tenant": string, "Weight": number from 0.01 to 1000}"#;
 

@@ -15,6 +15,7 @@
 //! letters held for later. A retry keeps its place: due again, it goes before the letters placed
 //! after it; until then the claim passes over it in the index (`due_ms` is in the key).
 
+use crate::model::json_kind;
 use std::{
     collections::HashMap,
     sync::{
@@ -89,7 +90,7 @@ pub fn check(lane: Option<&Value>, tenant: Option<&Value>, weight: Option<&Value
         Some(Value::String(text)) if text.eq_ignore_ascii_case("transactional") => Lane::Transactional,
         Some(Value::String(text)) if text.eq_ignore_ascii_case("bulk") => Lane::Bulk,
         Some(Value::String(text)) => return Err(format!("Lane must be \"transactional\" or \"bulk\", not {text:?}")),
-        Some(other) => return Err(format!("Lane must be \"transactional\" or \"bulk\", not {}", kind(other))),
+        Some(other) => return Err(format!("Lane must be \"transactional\" or \"bulk\", not {}", json_kind(other))),
     };
     let tenant = match tenant {
         None | Some(Value::Null) => None,
@@ -98,7 +99,7 @@ pub fn check(lane: Option<&Value>, tenant: Option<&Value>, weight: Option<&Value
             return Err(format!("Tenant is {} bytes, over the limit of {TENANT_MAX_BYTES}", name.len()));
         }
         Some(Value::String(name)) => Some(name.clone()),
-        Some(other) => return Err(format!("Tenant must be a string, not {}", kind(other))),
+        Some(other) => return Err(format!("Tenant must be a string, not {}", json_kind(other))),
     };
     let weight = match weight {
         None | Some(Value::Null) => 1.0,
@@ -107,21 +108,10 @@ pub fn check(lane: Option<&Value>, tenant: Option<&Value>, weight: Option<&Value
             _ => return Err(format!("Weight must be a number from {WEIGHT_MIN} to {WEIGHT_MAX}, not {n}")),
         },
         Some(other) => {
-            return Err(format!("Weight must be a number from {WEIGHT_MIN} to {WEIGHT_MAX}, not {}", kind(other)));
+            return Err(format!("Weight must be a number from {WEIGHT_MIN} to {WEIGHT_MAX}, not {}", json_kind(other)));
         }
     };
     Ok(Priority { lane, tenant, weight })
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// The `vt` of a letter due at `due_ms` that is not in the fair part (held for its `SendAt`, or
