@@ -1,6 +1,7 @@
 //! The edges of the letter store (issue 22): a lease left behind by a claim whose reply was lost
 //! expires, a suppression lookup that cannot be done sends nothing, and a cancel stops the
-//! letters replicas already claimed. Against the real binary and the real servers.
+//! letters replicas already claimed; an idle service's chores write nothing. Against the real
+//! binary and the real servers.
 
 mod common;
 
@@ -359,4 +360,28 @@ async fn a_cancel_stops_the_letters_already_claimed() {
         .filter(|m| m["KafkaKey"] == "cancel-claimed" && m["Status"] == "error" && m["Error"] == "cancelled")
         .count();
     assert_eq!(reported, cancelled.len());
+}
+
+/// The commands of `command` the service has sent to MongoDB so far.
+async fn mongo_commands(app: &TestApp, command: &str) -> f64 {
+    let (_, text) = app.get("/metrics").await;
+    metric_value(&text, &format!("mailsender_mongo_commands_total{{command=\"{command}\"}}")).unwrap_or(0.0)
+}
+
+/// The adoption of Go-era letters (every 2 s with the tests' 6 s lease) and the reaper of
+/// expired leases (as often) look before they write: with nothing to adopt or reap they are
+/// one indexed `find` each. They were `update_many`s on `$exists: false` and on the lease,
+/// which the local stack's server answered by reading every awaiting letter: 60-90 ms each at
+/// 20,000 waiting, every few seconds, and claims and outcomes waited behind them.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_service_s_chores_write_nothing() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[]).await;
+    // Past the start's own writes (indexes, migrations).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (updates, finds) = (mongo_commands(&app, "update").await, mongo_commands(&app, "find").await);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let finds_after = mongo_commands(&app, "find").await;
+    assert!(finds_after >= finds + 6.0, "the chores did not run: {finds} finds, then {finds_after}");
+    assert_eq!(mongo_commands(&app, "update").await, updates, "an idle service wrote to MongoDB");
 }
