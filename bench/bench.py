@@ -1368,6 +1368,8 @@ def main():
     p.add_argument("--letters", type=int, help="letters for figures 1-3 (default 10,000; quick 2,000)")
     p.add_argument("--backlog", type=int, help="large backlog for figure 6 (default 100,000; quick 20,000)")
     p.add_argument("--rate-burst", type=int, default=1, help="SMTP_RATE_LIMIT_BURST for figure 5 (default 1)")
+    p.add_argument("--rate-limit", type=int, default=100,
+                   help="letters per second for figures 5, 13 and 14 (default 100)")
     p.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for every service run (experiments, e.g. MALLOC_ARENA_MAX=2)")
     p.add_argument("--verbose", action="store_true")
@@ -1405,7 +1407,7 @@ def main():
     ctx.timeout = 600
     ctx.latency_seconds = 10 if quick else 20
     ctx.latency_batch = 10
-    ctx.rate_limit = 100
+    ctx.rate_limit = a.rate_limit
     ctx.rate_burst = a.rate_burst
     ctx.rate_seconds = 10 if quick else 30
     ctx.backlog_small = 1000

@@ -45,7 +45,7 @@ fi
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick | --verbose) args+=("$1") ;;
-        --runs | --senders | --figures | --letters | --backlog | --service-env | --rate-burst | --sizes) args+=("$1" "$2"); shift ;;
+        --runs | --senders | --figures | --letters | --backlog | --service-env | --rate-burst | --rate-limit | --sizes) args+=("$1" "$2"); shift ;;
         --out) out=$2; shift ;;
         --dkim) dkim=$2; shift ;;
         --delivery) args+=(--service-env "SMTP_DELIVERY=$2"); shift ;;

@@ -3,8 +3,9 @@
 //! without it reaching the relay, `Metadata` comes back unchanged in the status message and the
 //! letter view, and bad values are refused at `/post` and fail only their own letter via Kafka.
 //! The second part: transactional letters overtake a bulk backlog, bulk keeps its share under a
-//! transactional flood, a small batch interleaves with a large one, and bad `Lane`, `Tenant` and
-//! `Weight` values are refused the same way.
+//! transactional flood, a small batch interleaves with a large one, a code waits for no bulk
+//! worker's ticket at a slow rate, and bad `Lane`, `Tenant` and `Weight` values are refused the
+//! same way.
 
 mod common;
 
@@ -267,6 +268,39 @@ fn is(received: &Received, tag: &str) -> bool {
     received.rcpt_tos[0].starts_with(tag)
 }
 
+/// Produces `count` one-letter transactional batches `otp{i}`, `pause` apart, waits for them
+/// at the relay, and asserts that at most `max` bulk letters went between each one's produce
+/// and its end of data. Counted in letters, not milliseconds, so a loaded machine does not
+/// change the verdict. Returns the relay's records in end-of-data order.
+async fn codes_overtaken_by_at_most(
+    app: &TestApp,
+    sink: &SmtpSink,
+    count: usize,
+    pause: Duration,
+    max: usize,
+) -> Vec<Received> {
+    let mut produced = Vec::new();
+    for i in 0..count {
+        produced.push(now_ms());
+        let code = json!([mailing(&format!("otp{i}"), json!({ "Lane": "transactional" }))]);
+        app.produce(Some(&format!("login-{i}")), code.to_string().as_bytes()).await;
+        tokio::time::sleep(pause).await;
+    }
+    let received = wait_for("the codes at the relay", LONG, || async {
+        let received = by_end_of_data(sink);
+        (received.iter().filter(|r| is(r, "otp")).count() == count).then_some(received)
+    })
+    .await;
+    for (i, produced) in produced.iter().enumerate() {
+        let code = received.iter().position(|r| is(r, &format!("otp{i}"))).unwrap();
+        let after_produce = |r: &&Received| (r.eod_ts * 1000.0) as i64 >= *produced;
+        let overtaken = received[..code].iter().filter(after_produce).filter(|r| is(r, "news")).count();
+        let waited = (received[code].eod_ts * 1000.0) as i64 - produced;
+        assert!(overtaken <= max, "{overtaken} bulk letters went between code {i}'s produce and it ({waited} ms)");
+    }
+    received
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn transactional_letters_overtake_a_bulk_backlog_under_a_rate_limit() {
     let sink = SmtpSink::start().await;
@@ -277,33 +311,29 @@ async fn transactional_letters_overtake_a_bulk_backlog_under_a_rate_limit() {
         app.produce(Some("newsletter"), news.to_string().as_bytes()).await;
     }
     sink.wait_for_count(10, LONG).await;
-    let mut produced = Vec::new();
-    for i in 0..3 {
-        produced.push(now_ms());
-        let code = json!([mailing(&format!("otp{i}"), json!({ "Lane": "transactional" }))]);
-        app.produce(Some(&format!("login-{i}")), code.to_string().as_bytes()).await;
-        tokio::time::sleep(Duration::from_millis(700)).await;
-    }
-    let received = wait_for("the three codes at the relay", LONG, || async {
-        let received = by_end_of_data(&sink);
-        (received.iter().filter(|r| is(r, "otp")).count() == 3).then_some(received)
-    })
-    .await;
-    // Counted in letters, not milliseconds, so a loaded machine does not change the verdict:
-    // what goes before a code is what the workers already held and what was sent while Kafka,
+    // What goes before a code is what the workers already held and what was sent while Kafka,
     // ingest and one claim took their time (at 20 letters/s, a unit every 50 ms); behind the
     // backlog it would be the rest of the 300.
-    for (i, produced) in produced.iter().enumerate() {
-        let code = received.iter().position(|r| is(r, &format!("otp{i}"))).unwrap();
-        let after_produce = |r: &&Received| (r.eod_ts * 1000.0) as i64 >= *produced;
-        let overtaken = received[..code].iter().filter(after_produce).filter(|r| is(r, "news")).count();
-        let waited = (received[code].eod_ts * 1000.0) as i64 - produced;
-        assert!(overtaken < 30, "{overtaken} bulk letters went between code {i}'s produce and it ({waited} ms)");
-    }
+    let received = codes_overtaken_by_at_most(&app, &sink, 3, Duration::from_millis(700), 29).await;
     let last_code = received.iter().rposition(|r| is(r, "otp")).unwrap();
     let news_before = received[..last_code].iter().filter(|r| is(r, "news")).count();
     assert!(news_before < 120, "{news_before} of 300 bulk letters went before the last code");
     assert_eq!(app.letters().await.iter().filter(|l| l.lane == mailsender::priority::Lane::Transactional).count(), 3);
+}
+
+/// At a slow rate every unit a bulk worker holds ahead is a long wait: eight workers that each
+/// took the next unit as soon as they were free held 4 s of a 2/s budget, and a code produced
+/// then went after eight more bulk letters. Bulk now takes its units in turn, each only when
+/// near, so a code goes after what was sent while Kafka, ingest and the claim took their time
+/// (a letter or two at 2/s) and the unit a bulk letter held.
+#[tokio::test(flavor = "multi_thread")]
+async fn at_a_slow_rate_a_code_waits_for_no_worker_s_ticket() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[("SMTP_MAX_SENDERS", "8"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "2")]).await;
+    app.produce(Some("newsletter"), mailings("news", 60, json!({})).to_string().as_bytes()).await;
+    // Every worker busy: the first bulk letters at the relay, the claim long done.
+    sink.wait_for_count(4, LONG).await;
+    codes_overtaken_by_at_most(&app, &sink, 2, Duration::from_secs(3), 4).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -80,6 +80,11 @@ impl Pool {
         None
     }
 
+    /// The time of the first unit from `from_ns` on, without taking it.
+    pub(super) fn next_unit(&self, from_ns: i64, interval_ns: i64) -> Option<i64> {
+        self.runs.iter().find_map(|run| run.from(from_ns, interval_ns)).map(|run| run.first_ns)
+    }
+
     /// Where `count` units of `run` from `first_ns` on were charged: at their own places, or all at
     /// the run's last unit.
     fn placed(&self, run: Run, first_ns: i64, count: u32, interval_ns: i64) -> Placed {

@@ -78,7 +78,9 @@ impl LaneQueue {
         let (lane, vt, seq) = (claimed.letter.lane, claimed.letter.vt, inner.seq);
         inner.lanes[lane.index()].push(Entry { vt, seq, claimed });
         drop(inner);
-        self.ready.notify_one();
+        // All of them: a worker waiting for a transactional letter passes over a bulk one, which
+        // one waiting for any letter must still see.
+        self.ready.notify_waiters();
     }
 
     /// No more letters come (the dispatcher stopped): waiting workers get `None`.
@@ -102,26 +104,48 @@ impl LaneQueue {
 
     /// The next letter, if one waits.
     pub fn try_pop(&self) -> Option<Claimed> {
+        self.pop_if(None)
+    }
+
+    /// The next letter in the turn order, if one waits and it is of `only` (when given): a
+    /// transactional letter is taken only in its turn, so bulk's share holds for workers taking
+    /// urgent letters alone too.
+    fn pop_if(&self, only: Option<Lane>) -> Option<Claimed> {
         let mut inner = self.lock();
         let waiting = Lane::ALL.map(|lane| !inner.lanes[lane.index()].is_empty());
         let lane = match waiting {
-            [true, true] => {
-                inner.credit += self.bulk_share;
-                if inner.credit >= 1.0 {
-                    inner.credit -= 1.0;
-                    Lane::Bulk
-                } else {
-                    Lane::Transactional
-                }
-            }
-            [true, false] => Lane::Transactional,
+            [true, true] if inner.credit + self.bulk_share >= 1.0 => Lane::Bulk,
+            [true, true] | [true, false] => Lane::Transactional,
             [false, true] => Lane::Bulk,
             [false, false] => return None,
         };
+        if only.is_some_and(|only| only != lane) {
+            return None;
+        }
+        if waiting == [true, true] {
+            inner.credit += self.bulk_share;
+            if lane == Lane::Bulk {
+                inner.credit -= 1.0;
+            }
+        }
         let entry = inner.lanes[lane.index()].pop()?;
         drop(inner);
         self.fairness.advance(lane, entry.vt);
         Some(entry.claimed)
+    }
+
+    /// Waits for a transactional letter whose turn it is; never returns once closed (the
+    /// worker's [`LaneQueue::pop`] says so).
+    pub async fn pop_urgent(&self) -> Claimed {
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(claimed) = self.pop_if(Some(Lane::Transactional)) {
+                return claimed;
+            }
+            notified.await;
+        }
     }
 
     /// Waits for the next letter; `None` once closed and empty.

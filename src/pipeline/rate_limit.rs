@@ -32,8 +32,16 @@ pub struct RateLimit {
     configured: f64,
     slowdown: Mutex<Slowdown>,
     idle: Arc<Idle>,
+    /// Bulk letters take their units one after another, each in its turn (see [`BulkTurn`]).
+    bulk_turn: Arc<tokio::sync::Mutex<()>>,
     metrics: Arc<Metrics>,
 }
+
+/// A worker's turn to take the budget for a bulk letter. Held from before the worker takes a
+/// letter until its units are taken, so bulk workers queue here, first come first served, and
+/// each takes its units only when they are near ([`Budget::bulk_wait`]); workers not holding it
+/// take a transactional letter at once ([`crate::pipeline::queue::LaneQueue::pop_urgent`]).
+pub type BulkTurn = tokio::sync::OwnedMutexGuard<()>;
 
 /// How long the workers must have found no letter waiting before the replica gives its budget
 /// units back: longer than the dispatcher takes to hand over the next claim while it has letters.
@@ -145,8 +153,14 @@ impl RateLimit {
             configured,
             slowdown: Mutex::new(Slowdown::new(throttle_recovery_step, Instant::now())),
             idle: Arc::default(),
+            bulk_turn: Arc::default(),
             metrics,
         }
+    }
+
+    /// Waits for this worker's turn to take the budget for a bulk letter.
+    pub async fn bulk_turn(&self) -> BulkTurn {
+        self.bulk_turn.clone().lock_owned().await
     }
 
     /// A worker found no letter waiting: when none arrives within [`IDLE_GRACE`], the units this
@@ -198,12 +212,21 @@ impl RateLimit {
 
     /// Waits for the throttle slowdown, then for the budget's units for one message to
     /// `recipients` recipients; the message's final dot then waits for the ticket's time.
-    pub async fn reserve(&self, recipients: usize) -> Ticket {
+    /// With a bulk letter's `turn`, the units are taken only when they are near, and the turn
+    /// passes to the next bulk worker once they are.
+    pub async fn reserve(&self, recipients: usize, turn: Option<BulkTurn>) -> Ticket {
         let wait = self.lock_slowdown().admit(self.configured, Instant::now());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+        if turn.is_some() {
+            // Re-checked after each sleep: a transactional letter may have taken that unit.
+            while let Some(wait) = self.budget.bulk_wait() {
+                tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+            }
+        }
         let ticket = self.budget.take(self.cost(recipients)).await;
+        drop(turn);
         // A unit far ahead (a burst's spacing after it, a slow rate) is waited for here, before
         // the transaction opens, not with the relay's DATA phase open; up to a second ahead the
         // transaction opens at once, so the final dot waits on the precise timer with the data
@@ -325,7 +348,7 @@ mod tests {
             let (limit, times) = (limit.clone(), times.clone());
             tasks.push(tokio::spawn(async move {
                 for _ in 0..15 {
-                    let ticket = limit.reserve(1).await;
+                    let ticket = limit.reserve(1, None).await;
                     // The transaction is ready at once (the fake clock stands still), as the
                     // worker reports it.
                     limit.budget.prepared(ticket.issued.elapsed());
@@ -353,6 +376,50 @@ mod tests {
         // Grants of several units, not one write per send.
         let writes = ledger.writes.load(std::sync::atomic::Ordering::Relaxed);
         assert!(writes <= 30, "{writes} writes for 60 sends");
+    }
+
+    /// Eight workers keep a 20/s budget busy with bulk letters, each taking its units in its
+    /// turn; a transactional letter then gets a unit within two intervals and two leads, not
+    /// behind the eight workers' tickets (400 ms: the units each worker took as soon as it was
+    /// free), and bulk still keeps the whole rate. Deterministic on the paused clock.
+    #[tokio::test(start_paused = true)]
+    async fn bulk_takes_its_units_in_turn_so_a_transactional_letter_gets_the_next_one() {
+        let config = smtp(1_000, 20, 1);
+        let metrics = Arc::new(Metrics::new());
+        let budget = Budget::new(Plan::new(&config), Arc::new(MemoryLedger::new()), metrics.clone());
+        let limit = Arc::new(RateLimit::new(Arc::new(budget), config.throttle_recovery_step, metrics));
+        let start = tokio::time::Instant::now();
+        let dots = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut workers = Vec::new();
+        for _ in 0..8 {
+            let (limit, dots, stop) = (limit.clone(), dots.clone(), stop.clone());
+            workers.push(tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    let turn = limit.bulk_turn().await;
+                    let ticket = limit.reserve(1, Some(turn)).await;
+                    limit.budget.prepared(ticket.issued.elapsed());
+                    tokio::time::sleep_until(ticket.at).await;
+                    dots.lock().unwrap().push(start.elapsed());
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let asked = tokio::time::Instant::now();
+        let ticket = limit.reserve(1, None).await;
+        let waited = ticket.at.duration_since(asked);
+        let interval = Duration::from_millis(50);
+        let bound = 2 * interval + 2 * limit.budget.lead() + Duration::from_millis(1);
+        assert!(waited <= bound, "the transactional letter's unit was {waited:?} away (bound {bound:?})");
+        stop.cancel();
+        for worker in workers {
+            worker.await.unwrap();
+        }
+        // Bulk used the budget all along: 50 ms apart less the 0.75 % guard, 39.7 in two seconds.
+        let dots = dots.lock().unwrap().clone();
+        let steady = dots.iter().filter(|t| **t >= Duration::from_secs(1) && **t < Duration::from_secs(3)).count();
+        assert!(steady >= 39, "{steady} bulk letters in the two seconds before");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use super::{
     report::Attempted,
 };
 use crate::budget::{Budget, Ticket};
+use crate::priority::Lane;
 use crate::{
     config::{RetryConfig, SmtpConfig},
     metrics::Metrics,
@@ -149,14 +150,22 @@ impl Worker {
             if letters.is_empty() {
                 self.ctx.limiter.note_empty();
             }
-            let claimed = tokio::select! {
+            // A transactional letter is taken at once by any worker not sending; a bulk one
+            // only in the worker's turn at the budget (`BulkTurn`), so bulk never holds units
+            // far ahead of a transactional letter produced meanwhile.
+            let (claimed, turn) = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                claimed = letters.pop() => match claimed {
-                    Some(claimed) => claimed,
+                claimed = letters.pop_urgent() => (claimed, None),
+                (claimed, turn) = async {
+                    let turn = self.ctx.limiter.bulk_turn().await;
+                    (letters.pop().await, turn)
+                } => match claimed {
+                    Some(claimed) => (claimed, Some(turn)),
                     None => break,
                 },
             };
+            let mut turn = turn.filter(|_| claimed.letter.lane == Lane::Bulk);
             self.ctx.limiter.note_received(!letters.is_empty());
             // The first transaction's budget is taken here, where shutdown may still interrupt
             // the wait (the budget may be exhausted for hours); later ones, in `deliver`. While
@@ -176,9 +185,11 @@ impl Worker {
                     biased;
                     _ = shutdown.cancelled() => break,
                     _ = crate::lanes::until_expiry(&self.ctx.clock, not_after) => None,
-                    ticket = self.ctx.limiter.reserve(pending.min(self.ctx.max_recipients)) => Some(ticket),
+                    ticket = self.ctx.limiter.reserve(pending.min(self.ctx.max_recipients), turn.take()) => Some(ticket),
                 }
             };
+            // Not sent after all, or sent without the budget: the next bulk worker's turn.
+            drop(turn);
             // The pause or a cancel may also have come while waiting for the budget.
             let paused = paused || self.ctx.paused.load(Ordering::Relaxed);
             if let Some(outcome) = self.not_to_send(&claimed, paused) {

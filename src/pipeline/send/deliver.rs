@@ -43,7 +43,7 @@ impl Worker {
             let limiter = &self.ctx.limiter;
             let ticket = match ticket.take().filter(|t| t.units == limiter.cost(chunk.len())) {
                 Some(ticket) => ticket,
-                None => limiter.reserve(chunk.len()).await,
+                None => limiter.reserve(chunk.len(), None).await,
             };
             let (result, withheld) = self.transmit(&chunk, message, ticket, lease, &relays_left).await;
             let step = match result {
