@@ -255,6 +255,7 @@ impl RateLimit {
             ticket.wait().await;
             let late = tokio::time::Instant::now().saturating_duration_since(ticket.unit);
             if late <= budget.plan().late {
+                budget.on_time();
                 metrics.budget_lateness.observe(late.as_secs_f64());
                 // Off unless asked for (`RUST_LOG=…,mailsender::dot=trace`): every dot's time
                 // as this replica saw it, so the spacing can be checked apart from how a relay
