@@ -9,7 +9,7 @@ mod inbound;
 
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncWriteExt as _, BufReader};
 
 use common::*;
 use inbound::*;
@@ -268,44 +268,20 @@ struct Stalled {
     rest: Vec<u8>,
 }
 
-/// One SMTP reply, its continuation lines joined.
-async fn smtp_reply(read: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> String {
-    let mut text = String::new();
-    loop {
-        let mut line = String::new();
-        let n = tokio::time::timeout(LONG, read.read_line(&mut line)).await.expect("a reply in time").unwrap();
-        assert!(n > 0, "the listener closed the connection; so far: {text}");
-        text.push_str(&line);
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return text.trim_end().to_owned();
-        }
-    }
-}
-
 /// Opens a delivery of `message` to `rcpt` and stops halfway through its data.
 async fn stall(port: u16, rcpt: &str, message: &[u8]) -> Stalled {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
-    let mut replies = vec![smtp_reply(&mut read).await];
+    let mut replies = vec![reply(&mut read).await];
     for command in
         ["EHLO slow-mta.example".to_owned(), "MAIL FROM:<>".to_owned(), format!("RCPT TO:<{rcpt}>"), "DATA".to_owned()]
     {
         write.write_all(format!("{command}\r\n").as_bytes()).await.unwrap();
-        replies.push(smtp_reply(&mut read).await);
+        replies.push(reply(&mut read).await);
     }
     assert!(replies[4].starts_with("354"), "{replies:?}");
-    let mut stuffed = Vec::new();
-    for line in message.split_inclusive(|&b| b == b'\n') {
-        if line.starts_with(b".") {
-            stuffed.push(b'.');
-        }
-        stuffed.extend_from_slice(line);
-    }
-    if !stuffed.ends_with(b"\r\n") {
-        stuffed.extend_from_slice(b"\r\n");
-    }
-    stuffed.extend_from_slice(b".\r\n");
+    let stuffed = dot_stuffed(message);
     let half = stuffed[..stuffed.len() / 2].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     write.write_all(&stuffed[..half]).await.unwrap();
     write.flush().await.unwrap();
@@ -316,7 +292,7 @@ impl Stalled {
     /// Sends the rest of the message; the reply to its final dot.
     async fn finish(mut self) -> String {
         self.write.write_all(&self.rest).await.unwrap();
-        smtp_reply(&mut self.read).await
+        reply(&mut self.read).await
     }
 }
 

@@ -241,18 +241,7 @@ impl FeedbackStore {
             }
             updates.push(doc! { "q": filter, "u": update });
         }
-        self.store.count("update", 1);
-        let reply = self
-            .store
-            .db
-            .run_command(doc! { "update": self.letters.name(), "updates": updates, "ordered": false })
-            .await
-            .context("adding feedback to its letters")?;
-        if let Ok(errors) = reply.get_array("writeErrors")
-            && let Some(first) = errors.first()
-        {
-            anyhow::bail!("adding feedback to its letters: {} write errors, first: {first}", errors.len());
-        }
+        self.store.update_statements(self.letters.name(), updates, "adding feedback to its letters").await?;
         Ok(())
     }
 

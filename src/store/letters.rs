@@ -594,17 +594,7 @@ impl Store {
         }
         let now_ms = self.now_ms();
         let updates: Vec<Document> = records.iter().map(|r| outcome_statement(owner, r, now_ms)).collect();
-        self.count("update", 1);
-        let reply = self
-            .db
-            .run_command(doc! { "update": self.letters.name(), "updates": updates, "ordered": false })
-            .await
-            .context("recording outcomes")?;
-        if let Ok(errors) = reply.get_array("writeErrors")
-            && !errors.is_empty()
-        {
-            anyhow::bail!("recording outcomes: {} write errors, first: {}", errors.len(), errors[0]);
-        }
+        let reply = self.update_statements(self.letters.name(), updates, "recording outcomes").await?;
         let matched = match reply.get("n") {
             Some(Bson::Int32(n)) => *n as usize,
             Some(Bson::Int64(n)) => *n as usize,

@@ -72,6 +72,29 @@ impl Store {
         self.metrics.mongo_commands.get_or_create(&CommandLabel { command: command.to_owned() }).inc_by(round_trips);
     }
 
+    /// Runs `updates` (`q`/`u` statements) on `collection` as one unordered `update` command: one
+    /// round trip, and a write error in any statement fails the call, named by `what`. Returns
+    /// the server's reply (its `n`: the statements that matched).
+    async fn update_statements(
+        &self,
+        collection: &str,
+        updates: Vec<Document>,
+        what: &str,
+    ) -> anyhow::Result<Document> {
+        self.count("update", 1);
+        let reply = self
+            .db
+            .run_command(doc! { "update": collection, "updates": updates, "ordered": false })
+            .await
+            .with_context(|| what.to_owned())?;
+        if let Ok(errors) = reply.get_array("writeErrors")
+            && let Some(first) = errors.first()
+        {
+            anyhow::bail!("{what}: {} write errors, first: {first}", errors.len());
+        }
+        Ok(reply)
+    }
+
     /// A client for `config`'s database, on `clock`, which [`Store::sync_clock`] measures.
     pub async fn connect(config: &MongoConfig, clock: Clock, metrics: Arc<Metrics>) -> anyhow::Result<Store> {
         let mut options = match &config.target {

@@ -66,18 +66,7 @@ impl SuppressionStore {
                 doc! { "q": { "_id": key }, "u": entry, "upsert": true }
             })
             .collect();
-        self.store.count("update", 1);
-        let reply = self
-            .store
-            .db
-            .run_command(doc! { "update": self.entries.name(), "updates": updates, "ordered": false })
-            .await
-            .context("adding to the suppression list")?;
-        if let Ok(errors) = reply.get_array("writeErrors")
-            && let Some(first) = errors.first()
-        {
-            anyhow::bail!("adding to the suppression list: {} write errors, first: {first}", errors.len());
-        }
+        self.store.update_statements(self.entries.name(), updates, "adding to the suppression list").await?;
         Ok(())
     }
 

@@ -28,20 +28,7 @@ pub async fn converse(port: u16, steps: &[Step<'_>]) -> Vec<String> {
     for step in steps {
         match step {
             Step::Command(command) => write.write_all(format!("{command}\r\n").as_bytes()).await.unwrap(),
-            Step::Data(data) => {
-                let mut stuffed = Vec::with_capacity(data.len() + 64);
-                for line in data.split_inclusive(|&b| b == b'\n') {
-                    if line.starts_with(b".") {
-                        stuffed.push(b'.');
-                    }
-                    stuffed.extend_from_slice(line);
-                }
-                if !stuffed.ends_with(b"\r\n") {
-                    stuffed.extend_from_slice(b"\r\n");
-                }
-                stuffed.extend_from_slice(b".\r\n");
-                write.write_all(&stuffed).await.unwrap();
-            }
+            Step::Data(data) => write.write_all(&dot_stuffed(data)).await.unwrap(),
         }
         replies.push(reply(&mut read).await);
     }
@@ -53,7 +40,24 @@ pub enum Step<'a> {
     Data(&'a [u8]),
 }
 
-async fn reply(read: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> String {
+/// `data` as sent after DATA: lines starting with a dot doubled, ended by CRLF and the final dot.
+pub fn dot_stuffed(data: &[u8]) -> Vec<u8> {
+    let mut stuffed = Vec::with_capacity(data.len() + 64);
+    for line in data.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            stuffed.push(b'.');
+        }
+        stuffed.extend_from_slice(line);
+    }
+    if !stuffed.ends_with(b"\r\n") {
+        stuffed.extend_from_slice(b"\r\n");
+    }
+    stuffed.extend_from_slice(b".\r\n");
+    stuffed
+}
+
+/// One SMTP reply, its lines joined.
+pub async fn reply(read: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> String {
     let mut text = String::new();
     loop {
         let mut line = String::new();
