@@ -370,8 +370,8 @@ pub fn consumer(config: &KafkaConfig, metrics: Arc<Metrics>) -> anyhow::Result<I
         .set("receive.message.max.bytes", (config.max_message_bytes + (1 << 20)).to_string())
         .set("statistics.interval.ms", config.statistics_interval.as_millis().to_string())
         // Some brokers (tansu among them) hold a fetch for its whole wait even when data is
-        // there, so the wait is the floor of ingest latency: 100 ms instead of 500.
-        .set("fetch.wait.max.ms", "100");
+        // there, so the wait is the floor of ingest latency: 100 ms by default instead of 500.
+        .set("fetch.wait.max.ms", config.fetch_wait.as_millis().to_string());
     if let Some(instance) = &config.group_instance_id {
         client.set("group.instance.id", instance);
     }
@@ -417,7 +417,7 @@ pub fn side_consumer(config: &KafkaConfig, group_id: &str) -> anyhow::Result<Str
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
-        .set("fetch.wait.max.ms", "100")
+        .set("fetch.wait.max.ms", config.fetch_wait.as_millis().to_string())
         .create()
         .with_context(|| format!("creating the Kafka consumer of group {group_id}"))
 }

@@ -336,6 +336,20 @@ async fn at_a_slow_rate_a_code_waits_for_no_worker_s_ticket() {
     codes_overtaken_by_at_most(&app, &sink, 2, Duration::from_secs(3), 4).await;
 }
 
+/// Ingest gathers messages for `INGEST_LINGER` to write them with one insert; a letter that goes
+/// before those held (here a code) ends the linger at once, or every code would wait it out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_code_does_not_wait_out_the_ingest_linger() {
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(&sink, &[("INGEST_LINGER", "6s")]).await;
+    let produced = now_ms();
+    let code = json!([mailing("otp", json!({ "Lane": "transactional" }))]);
+    app.produce(Some("login"), code.to_string().as_bytes()).await;
+    let received = sink.wait_for_count(1, LONG).await;
+    let waited = (received[0].eod_ts * 1000.0) as i64 - produced;
+    assert!(waited < 3_000, "the code reached the relay {waited} ms after its produce, behind a 6 s linger");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bulk_keeps_its_share_under_a_transactional_flood() {
     let sink = SmtpSink::start().await;

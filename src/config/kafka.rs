@@ -28,6 +28,10 @@ pub struct KafkaConfig {
     pub ingest_batch: usize,
     /// Longest a partial ingest batch waits for more messages before it is written.
     pub ingest_linger: Duration,
+    /// `fetch.wait.max.ms` of the consumers: Kafka answers a fetch as soon as data is there, so
+    /// this only sets how often an idle consumer asks; some brokers (tansu) hold every fetch for
+    /// the whole wait, and there it is the floor of a letter's time from produce to ingest.
+    pub fetch_wait: Duration,
     /// Bodies larger than this are left out of status messages (`BodyOmitted: true`).
     pub status_body_max_bytes: usize,
     /// The largest input message the consumer fetches. It must cover whatever the topic accepts,
@@ -77,6 +81,12 @@ pub(super) fn read(env: &Env) -> Result<KafkaConfig, ConfigError> {
         create_topics: env.boolean("KAFKA_CREATE_TOPICS", true)?,
         ingest_batch: env.parse("INGEST_BATCH", 500, "a letter count from 1 to 10000", |n| (1..=10_000).contains(n))?,
         ingest_linger: env.duration("INGEST_LINGER", "20ms")?,
+        fetch_wait: env.duration_within(
+            "KAFKA_FETCH_WAIT_MAX",
+            "100ms",
+            "a duration from 1ms to 5s",
+            Duration::from_millis(1)..=Duration::from_secs(5),
+        )?,
         max_message_bytes: env.parse("KAFKA_MAX_MESSAGE_BYTES", 64 << 20, "a byte count from 1 MiB to 1 GiB", |n| {
             ((1 << 20)..=(1 << 30)).contains(n)
         })?,

@@ -226,6 +226,22 @@ impl Env {
         Ok(value)
     }
 
+    /// A duration inside `range`, its bounds named by `expected` when it is not.
+    fn duration_within(
+        &self,
+        var: &'static str,
+        default: &str,
+        expected: &str,
+        range: std::ops::RangeInclusive<Duration>,
+    ) -> Result<Duration, ConfigError> {
+        let value = self.duration(var, default)?;
+        if !range.contains(&value) {
+            let value = humantime::format_duration(value).to_string();
+            return Err(ConfigError::Invalid { var, value, expected: expected.to_owned() });
+        }
+        Ok(value)
+    }
+
     /// Durations as the Go service wrote them (`5s`, `500ms`, `1m30s`) or plain seconds.
     fn duration(&self, var: &'static str, default: &str) -> Result<Duration, ConfigError> {
         let raw = self.string(var, default);
@@ -385,6 +401,9 @@ mod tests {
             ("SMTP_TLS_INSECURE_SKIP_VERIFY", "perhaps", "true or false"),
             ("LANE_BULK_SHARE", "0.95", "from 0 to 0.9"),
             ("LANE_BULK_SHARE", "a tenth", "from 0 to 0.9"),
+            ("KAFKA_FETCH_WAIT_MAX", "0s", "from 1ms to 5s"),
+            ("KAFKA_FETCH_WAIT_MAX", "10s", "from 1ms to 5s"),
+            ("KAFKA_FETCH_WAIT_MAX", "soon", "duration"),
         ] {
             let error = Config::from_vars(vars(&[(var, value)])).unwrap_err().to_string();
             assert!(error.contains(var) && error.contains(expected), "{var}: {error}");

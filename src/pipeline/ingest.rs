@@ -56,6 +56,11 @@ struct Pending {
     express: bool,
 }
 
+/// The linger once a letter that goes before those held (a transactional one, a new batch's first)
+/// is pending: long enough for the messages librdkafka already fetched to join its insert, short
+/// against the unit spacing such a letter is promised.
+const EXPRESS_LINGER: Duration = Duration::from_millis(1);
+
 /// Pending payload bytes that end the linger early: with megabyte bodies, `INGEST_BATCH` letters
 /// would otherwise be held in memory at once.
 const PENDING_BYTES: usize = 8 << 20;
@@ -98,7 +103,9 @@ impl Ingest {
                 message = self.consumer.recv() => match message {
                     Ok(message) => {
                         self.add(&mut pending, &message);
-                        deadline.get_or_insert_with(|| Instant::now() + self.config.ingest_linger);
+                        let linger = if pending.express { EXPRESS_LINGER } else { self.config.ingest_linger };
+                        let due = Instant::now() + linger;
+                        deadline = Some(deadline.map_or(due, |deadline| deadline.min(due)));
                         if pending.letters.len() >= self.config.ingest_batch || pending.bytes >= PENDING_BYTES {
                             self.flush(&mut pending, &shutdown).await;
                             deadline = None;
