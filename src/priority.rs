@@ -140,8 +140,9 @@ impl Fairness {
         f64::from_bits(self.clocks[lane.index()].load(Ordering::Relaxed))
     }
 
-    /// A letter of `lane` with this `vt` was taken by a worker, or claimed (after a restart the
-    /// first claim brings the clock to the stored backlog). Scheduled letters do not move it.
+    /// A letter of `lane` with this `vt` was taken by a worker, or is the first held after a claim
+    /// (after a restart the first claim brings the clock to the stored backlog). Scheduled letters
+    /// do not move it.
     pub fn advance(&self, lane: Lane, vt: f64) {
         if !(0.0..SCHEDULED).contains(&vt) {
             return;

@@ -442,12 +442,6 @@ impl Dispatcher {
             }
             return Err(ClaimError::Unchecked);
         }
-        // After a restart, the lanes' clocks start at the backlog's front.
-        for lane in Lane::ALL {
-            if let Some(first) = letters.iter().filter(|l| l.lane == lane).map(|l| l.vt).min_by(f64::total_cmp) {
-                self.fairness.advance(lane, first);
-            }
-        }
         let count = letters.len();
         for (letter, permit) in letters.into_iter().zip(permits.drain(..)) {
             // Every claimed letter is held from now on, also those still waiting for a worker,
@@ -457,6 +451,14 @@ impl Dispatcher {
             // budget is exceeded by that much, once.
             let memory = room.split(kib(letter.text_bytes()).min(room.num_permits()));
             queue.push(Claimed { letter, claimed_at: renewed_at, memory, _permit: permit, _held: held });
+        }
+        // After a restart, the lanes' clocks start at the backlog's front: the first letter held,
+        // not the first claimed. Letters claimed before and still held go before this claim's, and a
+        // clock moved past them put a new batch behind them all (a claim's worth of a campaign).
+        for lane in Lane::ALL {
+            if let Some(front) = queue.first_vt(lane) {
+                self.fairness.advance(lane, front);
+            }
         }
         Ok(count)
     }

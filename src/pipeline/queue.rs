@@ -97,6 +97,11 @@ impl LaneQueue {
         self.lock().lanes.iter().map(BinaryHeap::len).sum()
     }
 
+    /// The place of the first letter of `lane` waiting here (the next a worker takes), if any waits.
+    pub fn first_vt(&self, lane: Lane) -> Option<f64> {
+        self.lock().lanes[lane.index()].peek().map(|entry| entry.vt)
+    }
+
     /// The place of the last letter of `lane` waiting here, if any waits.
     pub fn last_vt(&self, lane: Lane) -> Option<f64> {
         self.lock().lanes[lane.index()].iter().map(|entry| entry.vt).max_by(f64::total_cmp)
