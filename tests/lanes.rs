@@ -461,8 +461,9 @@ async fn a_small_batch_waits_for_none_of_the_campaign_letters_held() {
         let big_before = received[..first].iter().filter(after_produce).filter(|r| is(r, "big")).count();
         eprintln!("small batch {team}: {big_before} campaign letters before its first, {waited} ms");
         // Those the two workers had and what went while Kafka, ingest and the express claim took
-        // their time: a few at 20 letters/s.
-        assert!(big_before <= 12, "{big_before} campaign letters went before small batch {team}'s first ({waited} ms)");
+        // their time: 4 here (about 200 ms at 20 letters/s); 20 leaves a second for a loaded
+        // machine, and the old clock put at least one of the three batches 58 or more behind.
+        assert!(big_before <= 20, "{big_before} campaign letters went before small batch {team}'s first ({waited} ms)");
     }
 }
 
