@@ -50,7 +50,9 @@ fn gaps_from(received: &[Received], from: f64, count: usize) -> Vec<u32> {
 /// [`DOTS`]): when each message was handed over, on the replica's clock, before the relay's own
 /// delay in recording it. The hard cap is exact there; at the Python test relay, whose event
 /// loop now and then records a message some milliseconds late (two dots 50 ms apart recorded
-/// 36 ms apart, the same with the code before), a one-second window may show one more.
+/// 36 ms apart, the same with the code before), a one-second window may show one or two more:
+/// with 16 workers on 300 ms final replies at 40/s it recorded four messages within 5 ms whose
+/// dots were 25 ms apart, and a second at the relay held 42 where the replicas' dots held 40.
 fn dots_logged(logs: &[String]) -> Vec<Received> {
     // Text logs may carry colour codes, whose digits are not the values.
     let plain = |line: &str| -> String {
@@ -85,8 +87,8 @@ fn dots_logged(logs: &[String]) -> Vec<Received> {
 const DOTS: (&str, &str) = ("RUST_LOG", "info,mailsender=debug,mailsender::dot=trace");
 
 /// The relay's recording delay may add this many messages to its busiest one-second window (see
-/// [`dots_logged`]).
-const RELAY_JITTER: usize = 1;
+/// [`dots_logged`]); the exact cap is asserted on the dots.
+const RELAY_JITTER: usize = 2;
 
 /// Asserts the hard cap of `budget` letters per second: exactly on the replicas' own final dots
 /// (`logs`, every one of the `count` letters), and at the relay within its recording jitter.
