@@ -268,6 +268,19 @@ fn is(received: &Received, tag: &str) -> bool {
     received.rcpt_tos[0].starts_with(tag)
 }
 
+/// Produces `parts` messages of 100 mailings each under `key`, tagged `{tag}{part}x{i}`.
+async fn produce_in_hundreds(app: &TestApp, key: &str, tag: &str, parts: usize, extra: Value) {
+    for part in 0..parts {
+        let batch = mailings(&format!("{tag}{part}x"), 100, extra.clone());
+        app.produce(Some(key), batch.to_string().as_bytes()).await;
+    }
+}
+
+/// How many letters tagged `tag` reached the relay after `produced_ms` and before `received[until]`.
+fn went_between(received: &[Received], produced_ms: i64, until: usize, tag: &str) -> usize {
+    received[..until].iter().filter(|r| (r.eod_ts * 1000.0) as i64 >= produced_ms && is(r, tag)).count()
+}
+
 /// Produces `count` one-letter transactional batches `otp{i}`, `pause` apart, waits for them
 /// at the relay, and asserts that at most `max` bulk letters went between each one's produce
 /// and its end of data. Counted in letters, not milliseconds, so a loaded machine does not
@@ -293,8 +306,7 @@ async fn codes_overtaken_by_at_most(
     .await;
     for (i, produced) in produced.iter().enumerate() {
         let code = received.iter().position(|r| is(r, &format!("otp{i}"))).unwrap();
-        let after_produce = |r: &&Received| (r.eod_ts * 1000.0) as i64 >= *produced;
-        let overtaken = received[..code].iter().filter(after_produce).filter(|r| is(r, "news")).count();
+        let overtaken = went_between(&received, *produced, code, "news");
         let waited = (received[code].eod_ts * 1000.0) as i64 - produced;
         assert!(overtaken <= max, "{overtaken} bulk letters went between code {i}'s produce and it ({waited} ms)");
     }
@@ -306,10 +318,7 @@ async fn transactional_letters_overtake_a_bulk_backlog_under_a_rate_limit() {
     let sink = SmtpSink::start().await;
     let app = TestApp::spawn(&sink, &[("SMTP_MAX_SENDERS", "2"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "20")]).await;
     // 300 bulk letters: 15 s at 20 letters/s.
-    for part in 0..3 {
-        let news = mailings(&format!("news{part}x"), 100, json!({}));
-        app.produce(Some("newsletter"), news.to_string().as_bytes()).await;
-    }
+    produce_in_hundreds(&app, "newsletter", "news", 3, json!({})).await;
     sink.wait_for_count(10, LONG).await;
     // What goes before a code is what the workers already held and what was sent while Kafka,
     // ingest and one claim took their time (at 20 letters/s, a unit every 50 ms); behind the
@@ -359,18 +368,12 @@ async fn bulk_keeps_its_share_under_a_transactional_flood() {
     )
     .await;
     // 300 bulk letters: 15 s at 20 letters/s, so bulk still has a backlog through the window.
-    for part in 0..3 {
-        let news = mailings(&format!("news{part}x"), 100, json!({}));
-        app.produce(Some("newsletter"), news.to_string().as_bytes()).await;
-    }
+    produce_in_hundreds(&app, "newsletter", "news", 3, json!({})).await;
     // The test topic has two partitions and the keys may land on different ones, whose messages
     // ingest reads in no set order: the flood is produced only once bulk is at the relay, or a
     // flood ingested first would be 60 letters sent before bulk had any (CI saw "0 of 60").
     sink.wait_for_count(5, LONG).await;
-    for part in 0..2 {
-        let flood = mailings(&format!("code{part}x"), 100, json!({ "Lane": "transactional" }));
-        app.produce(Some("codes"), flood.to_string().as_bytes()).await;
-    }
+    produce_in_hundreds(&app, "codes", "code", 2, json!({ "Lane": "transactional" })).await;
     let received = wait_for("the flood's first letter and 60 after it at the relay", LONG, || async {
         let received = by_end_of_data(&sink);
         let first_code = received.iter().position(|r| is(r, "code"))?;
@@ -392,10 +395,7 @@ async fn a_small_batch_interleaves_with_a_large_one() {
     let sink = SmtpSink::start().await;
     let app = TestApp::spawn(&sink, &[("SMTP_MAX_SENDERS", "2"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "50")]).await;
     // 500 letters of one campaign: 10 s at 50 letters/s.
-    for part in 0..5 {
-        let campaign = mailings(&format!("big{part}x"), 100, json!({}));
-        app.produce(Some("campaign"), campaign.to_string().as_bytes()).await;
-    }
+    produce_in_hundreds(&app, "campaign", "big", 5, json!({})).await;
     sink.wait_for_count(20, LONG).await;
     let produced = now_ms();
     app.produce(Some("team"), mailings("small", 10, json!({})).to_string().as_bytes()).await;
@@ -409,8 +409,7 @@ async fn a_small_batch_interleaves_with_a_large_one() {
     // Counted in letters, so a loaded machine does not change the verdict: about one campaign
     // letter beside each small one, and those the workers held; first-come-first-served would
     // send the rest of the 500 first.
-    let after_produce = |r: &&Received| (r.eod_ts * 1000.0) as i64 >= produced;
-    let big_meanwhile = received[..last_small].iter().filter(after_produce).filter(|r| is(r, "big")).count();
+    let big_meanwhile = went_between(&received, produced, last_small, "big");
     assert!(big_meanwhile < 60, "{big_meanwhile} campaign letters went before the small batch's last ({took} ms)");
     // Interleaved, not first-come-first-served: the campaign kept sending meanwhile.
     let first_small = received.iter().position(|r| is(r, "small")).unwrap();
@@ -432,10 +431,7 @@ async fn a_small_batch_waits_for_none_of_the_campaign_letters_held() {
     )
     .await;
     // 600 letters: 30 s at 20 letters/s, held 200 at a time and claimed 100 at a time.
-    for part in 0..6 {
-        let campaign = mailings(&format!("big{part}x"), 100, json!({}));
-        app.produce(Some("campaign"), campaign.to_string().as_bytes()).await;
-    }
+    produce_in_hundreds(&app, "campaign", "big", 6, json!({})).await;
     // Past the first claim's 200, which held the clock at the campaign's front: the second claim
     // comes when 100 are sent.
     sink.wait_for_count(110, LONG).await;
@@ -457,8 +453,7 @@ async fn a_small_batch_waits_for_none_of_the_campaign_letters_held() {
     for (team, produced) in produced.iter().enumerate() {
         let first = received.iter().position(|r| is(r, &format!("small{team}x"))).unwrap();
         let waited = (received[first].eod_ts * 1000.0) as i64 - produced;
-        let after_produce = |r: &&Received| (r.eod_ts * 1000.0) as i64 >= *produced;
-        let big_before = received[..first].iter().filter(after_produce).filter(|r| is(r, "big")).count();
+        let big_before = went_between(&received, *produced, first, "big");
         eprintln!("small batch {team}: {big_before} campaign letters before its first, {waited} ms");
         // Those the two workers had and what went while Kafka, ingest and the express claim took
         // their time: 4 here (about 200 ms at 20 letters/s); 20 leaves a second for a loaded

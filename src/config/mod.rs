@@ -234,12 +234,7 @@ impl Env {
         expected: &str,
         range: std::ops::RangeInclusive<Duration>,
     ) -> Result<Duration, ConfigError> {
-        let value = self.duration(var, default)?;
-        if !range.contains(&value) {
-            let value = humantime::format_duration(value).to_string();
-            return Err(ConfigError::Invalid { var, value, expected: expected.to_owned() });
-        }
-        Ok(value)
+        within(var, self.duration(var, default)?, range, expected)
     }
 
     /// Durations as the Go service wrote them (`5s`, `500ms`, `1m30s`) or plain seconds.
@@ -255,7 +250,17 @@ impl Env {
 
 /// `value`, read from `var`, refused below `min`.
 fn at_least(var: &'static str, value: Duration, min: Duration, expected: &str) -> Result<Duration, ConfigError> {
-    if value < min {
+    within(var, value, min.., expected)
+}
+
+/// `value`, read from `var`, refused outside `range`, which `expected` names.
+fn within(
+    var: &'static str,
+    value: Duration,
+    range: impl std::ops::RangeBounds<Duration>,
+    expected: &str,
+) -> Result<Duration, ConfigError> {
+    if !range.contains(&value) {
         let value = humantime::format_duration(value).to_string();
         return Err(ConfigError::Invalid { var, value, expected: expected.to_owned() });
     }
