@@ -28,8 +28,9 @@ pub(super) struct Pool {
 /// Units taken from the pool for one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Taken {
-    /// Its final dot at this unit's time (that of the last of its units).
-    At(i64),
+    /// Its final dot from `usable_ns` on (its last unit less the burst tolerance), late past
+    /// `due_ns` ([`Plan::due_ns`]).
+    At { usable_ns: i64, due_ns: i64 },
     /// Its final dot at any moment until this time.
     Until(i64),
 }
@@ -38,10 +39,11 @@ impl Pool {
     /// `units` for one message: loose ones that are still usable at `ready_ns` (when the message
     /// can be ready), else the last of `units` consecutive units not before `now_ns`. Units
     /// passed over are kept for the quotas ([`Pool::take_expired`]).
-    pub(super) fn take(&mut self, units: u32, interval_ns: i64, now_ns: i64, ready_ns: i64) -> Option<(Taken, Placed)> {
+    pub(super) fn take(&mut self, units: u32, plan: &Plan, now_ns: i64, ready_ns: i64) -> Option<(Taken, Placed)> {
+        let interval_ns = plan.interval_ns;
         while let Some((until, count)) = self.loose.front_mut() {
             if *until < ready_ns || *count < units {
-                self.expired.push(Placed { first_ns: *until, count: *count, step_ns: 0 });
+                self.expired.push(Placed { first_ns: *until, count: *count, step_ns: 0, floor_ns: i64::MIN });
                 self.loose.pop_front();
                 continue;
             }
@@ -51,46 +53,55 @@ impl Pool {
                 self.loose.pop_front();
             }
             self.handed += u64::from(units);
-            return Some((Taken::Until(until), Placed { first_ns: until, count: units, step_ns: 0 }));
+            return Some((
+                Taken::Until(until),
+                Placed { first_ns: until, count: units, step_ns: 0, floor_ns: i64::MIN },
+            ));
         }
         while let Some(whole) = self.runs.pop_front() {
-            // Units before `now_ns` are of no use: spending them late could crowd a window.
-            let run = whole.from(now_ns, interval_ns);
+            // Units due before `now_ns` are of no use: spending them late could crowd a window.
+            let run = plan.alive(whole, now_ns);
             let kept = run.map_or(0, |run| run.count);
             if kept < whole.count {
-                self.expired.push(self.placed(whole, whole.first_ns, whole.count - kept, interval_ns));
+                self.expired.push(self.placed(whole, whole.first_ns, whole.count - kept, plan));
             }
             let Some(mut run) = run else { continue };
             // Too few consecutive units for this message: they expire unused rather than split
             // it across other replicas' units.
             if run.count < units {
-                self.expired.push(self.placed(whole, run.first_ns, run.count, interval_ns));
+                self.expired.push(self.placed(whole, run.first_ns, run.count, plan));
                 continue;
             }
             let last = run.first_ns + i64::from(units - 1) * interval_ns;
-            let placed = self.placed(whole, run.first_ns, units, interval_ns);
+            let taken = Taken::At { usable_ns: last - plan.tolerance_ns, due_ns: plan.due_ns(run, run.first_ns, last) };
+            let placed = self.placed(whole, run.first_ns, units, plan);
             run.first_ns += i64::from(units) * interval_ns;
             run.count -= units;
             if run.count > 0 {
                 self.runs.push_front(run);
             }
             self.handed += u64::from(units);
-            return Some((Taken::At(last), placed));
+            return Some((taken, placed));
         }
         None
     }
 
-    /// The time of the first unit from `from_ns` on, without taking it.
-    pub(super) fn next_unit(&self, from_ns: i64, interval_ns: i64) -> Option<i64> {
-        self.runs.iter().find_map(|run| run.from(from_ns, interval_ns)).map(|run| run.first_ns)
+    /// From when the first unit still due at `cut_ns` may be used, without taking it.
+    pub(super) fn next_usable(&self, cut_ns: i64, plan: &Plan) -> Option<i64> {
+        self.runs.iter().find_map(|run| plan.alive(*run, cut_ns)).map(|run| run.first_ns - plan.tolerance_ns)
     }
 
-    /// Where `count` units of `run` from `first_ns` on were charged: at their own places, or all at
-    /// the run's last unit.
-    fn placed(&self, run: Run, first_ns: i64, count: u32, interval_ns: i64) -> Placed {
+    /// Where `count` units of `run` from `first_ns` on were charged ([`Plan::placed`]), or, where
+    /// runs are charged at their ends, all at the run's last unit.
+    fn placed(&self, run: Run, first_ns: i64, count: u32, plan: &Plan) -> Placed {
         match self.charged_at_end {
-            true => Placed { first_ns: run.end_ns(interval_ns) - interval_ns, count, step_ns: 0 },
-            false => Placed { first_ns, count, step_ns: interval_ns },
+            true => Placed {
+                first_ns: run.end_ns(plan.interval_ns) - plan.interval_ns,
+                count,
+                step_ns: 0,
+                floor_ns: i64::MIN,
+            },
+            false => plan.placed(Run { first_ns, count, ..run }),
         }
     }
 
@@ -106,23 +117,26 @@ impl Pool {
 
     /// Adds a granted run in time order: units another replica gave back may lie before the
     /// runs this one holds.
-    pub(super) fn add(&mut self, first_ns: i64, count: u32, interval_ns: i64) {
-        let at = self.runs.partition_point(|run| run.first_ns < first_ns);
+    pub(super) fn add(&mut self, granted: Run, plan: &Plan) {
+        let at = self.runs.partition_point(|run| run.first_ns < granted.first_ns);
+        // Joined only where the grant's time changes nothing for the units joined: they become
+        // usable at their places less the tolerance, after either grant.
         if !self.charged_at_end
             && let Some(before) = at.checked_sub(1).and_then(|i| self.runs.get_mut(i))
-            && before.end_ns(interval_ns) == first_ns
+            && before.end_ns(plan.interval_ns) == granted.first_ns
+            && granted.first_ns - plan.tolerance_ns >= before.from_ns.max(granted.from_ns)
         {
-            before.count += count;
+            before.count += granted.count;
             return;
         }
-        self.runs.insert(at, Run { first_ns, count });
+        self.runs.insert(at, granted);
     }
 
-    /// Takes out every unit from `from_ns` on, to give them back to the budget.
-    pub(super) fn take_back(&mut self, from_ns: i64, interval_ns: i64) -> Vec<Run> {
+    /// Takes out every unit still due at `from_ns`, to give them back to the budget.
+    pub(super) fn take_back(&mut self, from_ns: i64, plan: &Plan) -> Vec<Run> {
         let mut back = Vec::new();
         self.runs.retain_mut(|run| {
-            if let Some(tail) = run.from(from_ns, interval_ns) {
+            if let Some(tail) = plan.alive(*run, from_ns) {
                 back.push(tail);
                 run.count -= tail.count;
             }
@@ -133,15 +147,17 @@ impl Pool {
 
     /// Every unit from `from_ns` on expires: where units are charged at their runs' ends, a
     /// replica that has no letters gives them back to the quotas rather than to the schedule.
-    pub(super) fn expire_from(&mut self, from_ns: i64, interval_ns: i64) -> u64 {
+    pub(super) fn expire_from(&mut self, from_ns: i64, plan: &Plan) -> u64 {
+        let interval_ns = plan.interval_ns;
         let mut units = 0;
-        for tail in self.take_back(from_ns, interval_ns) {
+        for tail in self.take_back(from_ns, plan) {
             // `take_back` cut `tail` off its run's end, so the tail ends where the run did.
             units += u64::from(tail.count);
             self.expired.push(Placed {
                 first_ns: tail.end_ns(interval_ns) - interval_ns,
                 count: tail.count,
                 step_ns: 0,
+                floor_ns: i64::MIN,
             });
         }
         units
@@ -213,41 +229,82 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::schedule::tests::smtp;
+
+    /// A schedule of a unit every 10 ns, usable `tolerance_ns` before its place, and under
+    /// quotas only `reach_ns` after that.
+    fn plan(tolerance_ns: i64, reach_ns: i64) -> Plan {
+        Plan { interval_ns: 10, tolerance_ns, reach_ns, ..Plan::new(&smtp(&[])) }
+    }
+
+    fn run(first_ns: i64, count: u32) -> Run {
+        Run { first_ns, count, from_ns: 0 }
+    }
 
     #[test]
     fn units_go_back_from_a_time_on_and_grants_keep_time_order() {
+        let plan = plan(0, i64::MAX);
         let mut pool = Pool::default();
-        pool.add(1_000, 4, 10);
-        pool.add(1_040, 2, 10);
-        pool.add(2_000, 3, 10);
+        pool.add(run(1_000, 4), &plan);
+        pool.add(run(1_040, 2), &plan);
+        pool.add(run(2_000, 3), &plan);
         // Units given back by another replica, earlier than those held: taken first.
-        pool.add(500, 1, 10);
+        pool.add(run(500, 1), &plan);
         let runs = |pool: &Pool| pool.runs.iter().map(|run| (run.first_ns, run.count)).collect::<Vec<_>>();
         assert_eq!(runs(&pool), vec![(500, 1), (1_000, 6), (2_000, 3)]);
-        assert_eq!(pool.take(1, 10, 0, 0).map(|(taken, _)| taken), Some(Taken::At(500)));
-        assert_eq!(
-            pool.take_back(1_025, 10),
-            vec![Run { first_ns: 1_030, count: 3 }, Run { first_ns: 2_000, count: 3 }]
-        );
+        assert_eq!(pool.take(1, &plan, 0, 0).map(|(taken, _)| taken), Some(Taken::At { usable_ns: 500, due_ns: 500 }));
+        assert_eq!(pool.take_back(1_025, &plan), vec![run(1_030, 3), run(2_000, 3)]);
         assert_eq!(runs(&pool), vec![(1_000, 3)]);
-        assert_eq!(pool.take_back(0, 10), vec![Run { first_ns: 1_000, count: 3 }]);
+        assert_eq!(pool.take_back(0, &plan), vec![run(1_000, 3)]);
         assert!(pool.runs.is_empty());
     }
 
     /// Units passed over are kept for the quotas at their places.
     #[test]
     fn units_passed_unused_are_kept_for_the_quotas() {
+        let plan = plan(0, i64::MAX);
         let mut pool = Pool::default();
-        pool.add(1_000, 4, 10);
-        pool.add(1_100, 3, 10);
+        pool.add(run(1_000, 4), &plan);
+        pool.add(run(1_100, 3), &plan);
         // At 1_025, the units at 1_000, 1_010 and 1_020 have passed.
-        assert_eq!(pool.take(1, 10, 1_025, 1_025).map(|(taken, _)| taken), Some(Taken::At(1_030)));
-        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_000, count: 3, step_ns: 10 }]);
+        assert_eq!(
+            pool.take(1, &plan, 1_025, 1_025).map(|(taken, _)| taken),
+            Some(Taken::At { usable_ns: 1_030, due_ns: 1_030 })
+        );
+        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_000, count: 3, step_ns: 10, floor_ns: 0 }]);
         // Four units wanted, three in a row left: they expire rather than split the message.
-        assert_eq!(pool.take(4, 10, 1_031, 1_031).map(|(taken, _)| taken), None);
-        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_100, count: 3, step_ns: 10 }]);
+        assert_eq!(pool.take(4, &plan, 1_031, 1_031).map(|(taken, _)| taken), None);
+        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_100, count: 3, step_ns: 10, floor_ns: 0 }]);
         pool.loose.push_back((2_000, 5));
-        assert_eq!(pool.take(1, 10, 2_001, 2_001).map(|(taken, _)| taken), None);
-        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 2_000, count: 5, step_ns: 0 }]);
+        assert_eq!(pool.take(1, &plan, 2_001, 2_001).map(|(taken, _)| taken), None);
+        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 2_000, count: 5, step_ns: 0, floor_ns: i64::MIN }]);
+    }
+
+    /// Under a quota, a burst's units are charged at the grant's time and due within the reach
+    /// of it: a unit placed 50 ns ahead with a tolerance of 50 is usable at once and due 15 ns
+    /// after the grant, not at its place.
+    #[test]
+    fn a_bursts_units_are_due_within_the_reach_of_where_they_are_charged() {
+        let plan = plan(50, 15);
+        let mut pool = Pool::default();
+        // Granted at 0: units at 20, 30, ..., 110.
+        pool.add(run(20, 10), &plan);
+        assert_eq!(pool.take(1, &plan, 0, 0).map(|(taken, _)| taken), Some(Taken::At { usable_ns: -30, due_ns: 15 }));
+        // At 16 the units usable from 0 on (places 30, 40, 50) are past their reach; the one at
+        // 60 is usable from 10, due at 25.
+        assert_eq!(pool.take(1, &plan, 16, 16).map(|(taken, _)| taken), Some(Taken::At { usable_ns: 10, due_ns: 25 }));
+        assert_eq!(pool.take_expired(), vec![Placed { first_ns: -20, count: 3, step_ns: 10, floor_ns: 0 }]);
+        // Charged where usable: three at the grant, then one every 10 ns.
+        let charged = plan.placed(run(20, 10)).per_bucket(10);
+        assert_eq!(charged, vec![(0, 4), (1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)]);
+        // A grant that continues the run joins it only where the grant's time changes nothing:
+        // units at 120 and 130 granted at 60 are usable from 70 as they would be from 0.
+        let mut joined = Pool::default();
+        joined.add(run(20, 10), &plan);
+        joined.add(Run { first_ns: 120, count: 2, from_ns: 60 }, &plan);
+        assert_eq!(joined.runs.len(), 1);
+        // Granted at 100, they are not usable from 70.
+        pool.add(Run { first_ns: 120, count: 2, from_ns: 100 }, &plan);
+        assert_eq!(pool.runs.len(), 2);
     }
 }

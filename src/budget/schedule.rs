@@ -26,6 +26,9 @@ const LOOSE_GUARD_PER_100K: i64 = 250;
 /// Loose grants only where that share holds at least this many units (budgets of about 51,200 per
 /// period and more); below, units are far enough apart to be taken one by one.
 const LOOSE_MIN: i64 = 64;
+/// Under quotas, a burst's units are charged this much after a lead from their grant (or a reach,
+/// if shorter): the time a slow first transaction has beyond the lead guessed for it.
+const BURST_SLACK: Duration = Duration::from_secs(1);
 
 /// The budget's state as stored: one document for the deployment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -43,11 +46,15 @@ pub struct State {
     pub returned: Vec<Run>,
 }
 
-/// Consecutive units of the rate's schedule: the first one's time (server nanoseconds) and how many.
+/// Consecutive units of the rate's schedule: the first one's time (server nanoseconds), how
+/// many, and when they were granted: none is used before (a burst's units are usable at once,
+/// from the grant on), and under quotas each is charged where it becomes usable
+/// ([`Plan::placed`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
     pub first_ns: i64,
     pub count: u32,
+    pub from_ns: i64,
 }
 
 impl Run {
@@ -57,8 +64,11 @@ impl Run {
             return Some(self);
         }
         let past = ((from_ns - self.first_ns) as u64).div_ceil(interval_ns as u64) as i64;
-        (past < i64::from(self.count))
-            .then(|| Run { first_ns: self.first_ns + past * interval_ns, count: self.count - past as u32 })
+        (past < i64::from(self.count)).then(|| Run {
+            first_ns: self.first_ns + past * interval_ns,
+            count: self.count - past as u32,
+            ..self
+        })
     }
 
     /// The time just after the last unit: where a run that continues this one starts.
@@ -68,22 +78,43 @@ impl Run {
 }
 
 /// Units counted against the quotas where they are used: `count` units from `first_ns`,
-/// `step_ns` apart (a scheduled run: the rate's interval; a loose grant: 0, all at its end).
+/// `step_ns` apart (a scheduled run: the rate's interval; a loose grant: 0, all at its end), none
+/// before `floor_ns` (those go to the floor's bucket).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placed {
     pub first_ns: i64,
     pub count: u32,
     pub step_ns: i64,
+    pub floor_ns: i64,
 }
 
 impl Placed {
     /// How many of the units fall in each bucket of `bucket_ns`, in bucket order.
-    fn per_bucket(self, bucket_ns: i64) -> Vec<(i64, u32)> {
+    pub(super) fn per_bucket(self, bucket_ns: i64) -> Vec<(i64, u32)> {
         if self.count == 0 {
             return Vec::new();
         }
         if self.step_ns == 0 {
-            return vec![(self.first_ns.div_euclid(bucket_ns), self.count)];
+            return vec![(self.first_ns.max(self.floor_ns).div_euclid(bucket_ns), self.count)];
+        }
+        if self.first_ns < self.floor_ns {
+            // The units before the floor, all in its bucket; the rest at their own places.
+            let below =
+                ((self.floor_ns - self.first_ns) as u64).div_ceil(self.step_ns as u64).min(u64::from(self.count));
+            let rest = Placed {
+                first_ns: self.first_ns + below as i64 * self.step_ns,
+                count: self.count - below as u32,
+                ..self
+            };
+            let mut buckets = vec![(self.floor_ns.div_euclid(bucket_ns), below as u32)];
+            for (bucket, n) in rest.per_bucket(bucket_ns) {
+                match buckets.last_mut() {
+                    Some((last, held)) if *last == bucket => *held += n,
+                    _ => buckets.push((bucket, n)),
+                }
+            }
+            buckets.retain(|(_, n)| *n > 0);
+            return buckets;
         }
         let last_ns = self.first_ns + i64::from(self.count - 1) * self.step_ns;
         let (first, last) = (self.first_ns.div_euclid(bucket_ns), last_ns.div_euclid(bucket_ns));
@@ -107,10 +138,11 @@ pub struct LooseGrant {
 
 /// One quota window, as counted.
 ///
-/// Each unit is charged to the bucket of its own place on the schedule (a loose grant's, to the
-/// bucket of its end), and a unit is used no later than its place and the guard, so a use is
-/// never more than a bucket after its charge (a burst's or a loose grant's use may come before
-/// it). A grant is allowed when the units charged since one bucket before the window's start,
+/// Each unit is charged to the bucket of where it becomes usable: its place on the schedule less
+/// the burst tolerance, and not before its grant (a loose grant's units, to the bucket of its
+/// end). A unit is used no later than its place and the guard, and under quotas within
+/// [`Plan::reach_ns`] of its charge, so a use is never more than a bucket after its charge (a
+/// loose grant's use may come before it). A grant is allowed when the units charged since one bucket before the window's start,
 /// and all those charged ahead, leave room: every window of the quota's length at the relay then
 /// holds at most `limit` units (at the last grant whose units fall in a window, every unit used in
 /// that window was granted and is still counted). It is conservative: a unit frees one to two
@@ -161,6 +193,9 @@ pub struct Plan {
     pub largest_cost: u32,
     /// The smallest window's limit: a letter costing more can never be sent.
     pub smallest_window: u32,
+    /// Under quotas, how long after it becomes usable a unit may still be taken to the relay
+    /// (`i64::MAX`: until its place). See [`Plan::placed`].
+    pub reach_ns: i64,
     pub unit: RateUnit,
     /// The rate's window counted exactly, as a quota is, where messages cost several units (a
     /// budget in recipients) and the schedule alone would have to leave room for the largest of
@@ -243,6 +278,12 @@ impl Plan {
             })
             .collect();
         let horizon_ns = HORIZON.as_nanos() as i64;
+        // A unit used at most a bucket after its charge keeps the quotas' count exact (see
+        // [`QuotaPlan`]); the dot's lateness and the replicas' clock uncertainty come off it.
+        let reach_ns = match quotas.iter().map(|q| q.bucket_ns).min() {
+            Some(bucket_ns) if exact.is_none() => bucket_ns - 2 * guard,
+            _ => i64::MAX,
+        };
         // A burst is granted at once: after idle time up to BURST units are usable together.
         let max_grant = match &exact {
             Some(window) => (window.window_ns / 32 / interval_ns).clamp(1, 1_000_000) as u32,
@@ -268,6 +309,7 @@ impl Plan {
             loose_span_ns: LOOSE_SPAN.as_nanos() as i64,
             largest_cost,
             smallest_window,
+            reach_ns,
             unit: smtp.rate_unit,
             exact,
         }
@@ -278,15 +320,55 @@ impl Plan {
         self.quotas.iter().chain(&self.exact)
     }
 
-    /// Where `count` units from `first_ns` on the schedule are charged: each at its own place, or,
-    /// where the rate's window is counted exactly, all at the last.
-    pub fn placed(&self, first_ns: i64, count: u32) -> Placed {
+    /// Where the units of `run` are charged: each where it becomes usable ([`Plan::charged_ns`]),
+    /// or, where the rate's window is counted exactly, all at the last unit's place.
+    ///
+    /// Charged at their places, a burst's units, used up to `BURST − 1` intervals before them,
+    /// stayed counted against a quota until those places and a window had passed: 2,000 a day
+    /// with a burst of 100 beside 40 per 10 minutes sent 40 at once and then one every 43 s
+    /// (68 of 120 in 30 minutes). Charged where they become usable, each is used within
+    /// [`Plan::reach_ns`] of its charge or not at all ([`Plan::due_ns`]), and the count holds.
+    pub fn placed(&self, run: Run) -> Placed {
         match self.exact {
-            Some(_) => {
-                Placed { first_ns: first_ns + i64::from(count.max(1) - 1) * self.interval_ns, count, step_ns: 0 }
-            }
-            None => Placed { first_ns, count, step_ns: self.interval_ns },
+            Some(_) => Placed {
+                first_ns: run.first_ns + i64::from(run.count.max(1) - 1) * self.interval_ns,
+                count: run.count,
+                step_ns: 0,
+                floor_ns: i64::MIN,
+            },
+            None => Placed {
+                first_ns: run.first_ns - self.tolerance_ns,
+                count: run.count,
+                step_ns: self.interval_ns,
+                floor_ns: run.from_ns,
+            },
         }
+    }
+
+    /// Where the unit at `place_ns` of `run` is charged against the quotas: where it becomes
+    /// usable (its place less the burst tolerance), and not before the grant's `from_ns`. A unit
+    /// may go before its charge (a burst's units, at once), never more than the reach after it.
+    pub fn charged_ns(&self, run: Run, place_ns: i64) -> i64 {
+        run.from_ns.max(place_ns - self.tolerance_ns)
+    }
+
+    /// The last moment a message on the units of `run` from `first_ns` to `last_ns` may go (less
+    /// the lateness allowed): the last unit's place, and within [`Plan::reach_ns`] of where its
+    /// first unit is charged (never before the last unit is charged: a message of many units
+    /// would otherwise never go).
+    pub fn due_ns(&self, run: Run, first_ns: i64, last_ns: i64) -> i64 {
+        let reach = self.charged_ns(run, first_ns).saturating_add(self.reach_ns);
+        last_ns.min(reach.max(self.charged_ns(run, last_ns)))
+    }
+
+    /// The units of `run` whose due time is not before `cut_ns`, if any.
+    pub fn alive(&self, run: Run, cut_ns: i64) -> Option<Run> {
+        // due = min(place, charged + reach), non-decreasing in the place.
+        let from_ns = match run.from_ns.saturating_add(self.reach_ns) >= cut_ns {
+            true => cut_ns,
+            false => cut_ns.max(cut_ns - self.reach_ns + self.tolerance_ns),
+        };
+        run.from(from_ns, self.interval_ns)
     }
 
     /// Units per second the schedule allows.
@@ -298,8 +380,8 @@ impl Plan {
 /// What the budget says to a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// `count` units, the first at `first_ns`, then every interval.
-    Granted { first_ns: i64, count: u32 },
+    /// `count` units, the first at `first_ns`, then every interval, usable from `from_ns` on.
+    Granted { first_ns: i64, count: u32, from_ns: i64 },
     /// `count` units to use at any moment until `until_ns`.
     Loose { until_ns: i64, count: u32 },
     /// Nothing before `until_ns` (server time), because of `window`.
@@ -321,7 +403,7 @@ pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, 
         return (Decision::Wait { until_ns, window: plan.rate_label.clone() }, state.clone());
     }
     // Units given back that no one can reach any more leave the list, and the quotas with them.
-    let (returned, dead) = split_returned(&state.returned, now_ns + lead_ns, plan.interval_ns);
+    let (returned, dead) = split_returned(&state.returned, now_ns + lead_ns, plan);
     let pruned = State { returned, ..refund(state, plan, now_ns, &dead) };
     let mut next = pruned.clone();
     let mut count = want.max(need);
@@ -402,9 +484,18 @@ pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, 
     // lead after the grant and the span (a lead longer than the span once left every loose unit
     // unusable, and nothing was sent).
     let loose_until_ns = now_ns + lead_ns + plan.loose_span_ns;
+    // A burst's units, usable at once, are charged no sooner than a message prepared on them can
+    // be ready (a lead), and some slack after it: the lead is a guess until a transaction has been
+    // measured, and a 2 s relay's first messages, prepared in a second where the lead guessed
+    // 100 ms, missed the reach of their charge and wasted the burst.
+    let slack_ns = match plan.tolerance_ns {
+        0 => 0,
+        _ => plan.reach_ns.min(BURST_SLACK.as_nanos() as i64),
+    };
+    let from_ns = now_ns + lead_ns + slack_ns;
     let placed = match loose {
-        true => Placed { first_ns: loose_until_ns, count, step_ns: 0 },
-        false => plan.placed(start, count),
+        true => Placed { first_ns: loose_until_ns, count, step_ns: 0, floor_ns: i64::MIN },
+        false => plan.placed(Run { first_ns: start, count, from_ns }),
     };
     charge(&mut next, plan, placed);
     next.next_ns = start + i64::from(count) * plan.interval_ns;
@@ -415,7 +506,7 @@ pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, 
         next.loose.push(LooseGrant { from_ns: now_ns, until_ns, count });
         return (Decision::Loose { until_ns: loose_until_ns, count }, next);
     }
-    (Decision::Granted { first_ns: start, count }, next)
+    (Decision::Granted { first_ns: start, count, from_ns }, next)
 }
 
 /// Counts `placed` against every quota, each unit in the bucket of its place.
@@ -428,15 +519,15 @@ fn charge(state: &mut State, plan: &Plan, placed: Placed) {
     }
 }
 
-/// Splits runs given back into the units still ahead of `earliest_ns` and those passed.
-fn split_returned(runs: &[Run], earliest_ns: i64, interval_ns: i64) -> (Vec<Run>, Vec<Placed>) {
+/// Splits runs given back into the units still usable at `earliest_ns` and those passed.
+fn split_returned(runs: &[Run], earliest_ns: i64, plan: &Plan) -> (Vec<Run>, Vec<Placed>) {
     let mut alive = Vec::new();
     let mut dead = Vec::new();
     for run in runs {
-        let ahead = run.from(earliest_ns, interval_ns);
+        let ahead = plan.alive(*run, earliest_ns);
         let kept = ahead.map_or(0, |a| a.count);
         if kept < run.count {
-            dead.push(Placed { first_ns: run.first_ns, count: run.count - kept, step_ns: interval_ns });
+            dead.push(plan.placed(Run { count: run.count - kept, ..*run }));
         }
         alive.extend(ahead);
     }
@@ -476,11 +567,11 @@ pub fn refund(state: &State, plan: &Plan, now_ns: i64, unused: &[Placed]) -> Sta
 /// replica had used them; and they were counted against the quotas when first granted, so they
 /// are not counted again.
 fn reuse(state: &State, plan: &Plan, now_ns: i64, earliest_ns: i64, want: u32, need: u32) -> Option<(Decision, State)> {
-    let (mut returned, dead) = split_returned(&state.returned, earliest_ns, plan.interval_ns);
+    let (mut returned, dead) = split_returned(&state.returned, earliest_ns, plan);
     let index = returned.iter().position(|run| run.count >= need)?;
     let run = &mut returned[index];
     let count = want.min(run.count);
-    let decision = Decision::Granted { first_ns: run.first_ns, count };
+    let decision = Decision::Granted { first_ns: run.first_ns, count, from_ns: run.from_ns };
     run.first_ns += i64::from(count) * plan.interval_ns;
     run.count -= count;
     returned.retain(|run| run.count > 0);
@@ -492,7 +583,7 @@ fn reuse(state: &State, plan: &Plan, now_ns: i64, earliest_ns: i64, want: u32, n
 /// `now_ns` are dropped.
 pub fn give_back(state: &State, plan: &Plan, now_ns: i64, runs: &[Run]) -> State {
     let all: Vec<Run> = state.returned.iter().chain(runs).copied().collect();
-    let (mut returned, dead) = split_returned(&all, now_ns, plan.interval_ns);
+    let (mut returned, dead) = split_returned(&all, now_ns, plan);
     returned.sort_by_key(|run| run.first_ns);
     let next = refund(state, plan, now_ns, &dead);
     State { version: state.version + 1, returned, ..next }
@@ -544,15 +635,21 @@ pub(super) mod tests {
         assert_eq!(plan.interval_ns, 50_375_000);
         let now = 1_000 * S;
         let (first, state) = decide(&State::default(), &plan, now, plan.lead_ns, 4, 1);
-        assert_eq!(first, Decision::Granted { first_ns: now + plan.lead_ns, count: 4 });
+        // Without a burst, no unit is usable before a lead from the grant.
+        let from_ns = now + plan.lead_ns;
+        assert_eq!(first, Decision::Granted { first_ns: now + plan.lead_ns, count: 4, from_ns });
         // Another replica at the same moment continues where the first grant ends.
         let (second, state) = decide(&state, &plan, now, plan.lead_ns, 4, 1);
-        assert_eq!(second, Decision::Granted { first_ns: now + plan.lead_ns + 4 * plan.interval_ns, count: 4 });
+        assert_eq!(
+            second,
+            Decision::Granted { first_ns: now + plan.lead_ns + 4 * plan.interval_ns, count: 4, from_ns }
+        );
         assert_eq!(state.version, 2);
         // After a pause the schedule starts again from now, not from the past.
         let later = now + 60 * S;
         let (third, _) = decide(&state, &plan, later, plan.lead_ns, 1, 1);
-        assert_eq!(third, Decision::Granted { first_ns: later + plan.lead_ns, count: 1 });
+        let Decision::Granted { first_ns, count: 1, .. } = third else { panic!("{third:?}") };
+        assert_eq!(first_ns, later + plan.lead_ns);
     }
 
     #[test]
@@ -565,9 +662,11 @@ pub(super) mod tests {
         let mut state = State::default();
         let mut now = 1_000 * S;
         let mut granted = 0;
+        let mut first = None;
         while granted < 30 {
             let (decision, next) = decide(&state, &plan, now, plan.lead_ns, 7, 1);
-            let Decision::Granted { count, .. } = decision else { panic!("{decision:?}") };
+            let Decision::Granted { first_ns, count, from_ns } = decision else { panic!("{decision:?}") };
+            first.get_or_insert(Run { first_ns, count, from_ns });
             granted += count;
             state = next;
             now += S / 10;
@@ -579,7 +678,7 @@ pub(super) mod tests {
         // Freed no sooner than a window after the first grant, and at most two buckets later.
         assert!((1_020 * S..=1_023 * S).contains(&until_ns), "{until_ns}");
         // Units that pass unused go back to the quota, to the buckets they were counted in.
-        let unused = [Placed { first_ns: 1_000 * S + plan.lead_ns, count: 7, step_ns: plan.interval_ns }];
+        let unused = [plan.placed(first.expect("a first grant"))];
         let refunded = refund(&state, &plan, now, &unused);
         let (decision, _) = decide(&refunded, &plan, now, plan.lead_ns, 7, 1);
         assert!(matches!(decision, Decision::Granted { count: 7, .. }), "{decision:?}");
@@ -623,7 +722,7 @@ pub(super) mod tests {
         let mut dots = Vec::new();
         for need in [1, 3, 10] {
             let (decision, next) = decide(&state, &plan, now, plan.lead_ns, need, need);
-            let Decision::Granted { first_ns, count } = decision else { panic!("{decision:?}") };
+            let Decision::Granted { first_ns, count, .. } = decision else { panic!("{decision:?}") };
             assert_eq!(count, need);
             dots.push(first_ns + i64::from(count - 1) * plan.interval_ns);
             state = next;
@@ -632,7 +731,7 @@ pub(super) mod tests {
         // A fourth, of 2, waits until the first two have left the window (1 + 3 + 10 = 14): no
         // window of a second holds more than 14, and it goes as soon as one has room.
         let (decision, next) = decide(&state, &plan, now, plan.lead_ns, 2, 2);
-        let Decision::Granted { first_ns, count: 2 } = decision else { panic!("{decision:?}") };
+        let Decision::Granted { first_ns, count: 2, from_ns } = decision else { panic!("{decision:?}") };
         let dot = first_ns + plan.interval_ns;
         assert!(
             dot > dots[1] + S && dot < dots[1] + S + 10_000_000,
@@ -640,7 +739,7 @@ pub(super) mod tests {
             (dot - dots[1]) / 1_000_000
         );
         // Units that pass unused go back to the window's count where they were charged.
-        let unused = [plan.placed(first_ns, 2)];
+        let unused = [plan.placed(Run { first_ns, count: 2, from_ns })];
         let refunded = refund(&next, &plan, now, &unused);
         assert_eq!(refunded.quotas["rate"].values().sum::<u32>(), 14);
     }
@@ -655,27 +754,32 @@ pub(super) mod tests {
         let now = 1_000 * S;
         let (a, state) = decide(&State::default(), &plan, now, plan.lead_ns, 6, 1);
         let (b, state) = decide(&state, &plan, now, plan.lead_ns, 6, 1);
-        let Decision::Granted { first_ns: a_first, count: 6 } = a else { panic!("{a:?}") };
+        let Decision::Granted { first_ns: a_first, count: 6, from_ns: a_from } = a else { panic!("{a:?}") };
         assert!(matches!(b, Decision::Granted { count: 6, .. }), "{b:?}");
         let counted = |state: &State| state.quotas.values().flat_map(|b| b.values()).sum::<u32>();
         assert_eq!(counted(&state), 12);
         // A gives back its last four units, one of them already too close to now to be used.
-        let back = [Run { first_ns: a_first + 2 * plan.interval_ns, count: 4 }];
+        let back = [Run { first_ns: a_first + 2 * plan.interval_ns, count: 4, from_ns: a_from }];
         let state = give_back(&state, &plan, now, &back);
         let later = a_first + 2 * plan.interval_ns - plan.lead_ns + 1;
         // The next grant takes them first, at their own times (not after B's), one unit fewer.
         let (c, state) = decide(&state, &plan, later, plan.lead_ns, 6, 1);
-        assert_eq!(c, Decision::Granted { first_ns: a_first + 3 * plan.interval_ns, count: 3 });
+        assert_eq!(c, Decision::Granted { first_ns: a_first + 3 * plan.interval_ns, count: 3, from_ns: a_from });
         // Not counted against the quota again; the one that passed unused goes back to it.
         assert_eq!(counted(&state), 11, "units given back are not counted against the quota again");
         assert!(state.returned.is_empty(), "{:?}", state.returned);
         // Then the schedule goes on after B's grant, as before.
         let (d, state) = decide(&state, &plan, later, plan.lead_ns, 2, 1);
-        assert_eq!(d, Decision::Granted { first_ns: a_first + 12 * plan.interval_ns, count: 2 });
+        assert!(
+            matches!(d, Decision::Granted { first_ns, count: 2, .. } if first_ns == a_first + 12 * plan.interval_ns)
+        );
         // A run shorter than a message's units is left for a smaller one.
-        let state = give_back(&state, &plan, later, &[Run { first_ns: a_first + 40 * plan.interval_ns, count: 2 }]);
+        let back = Run { first_ns: a_first + 40 * plan.interval_ns, count: 2, from_ns: later };
+        let state = give_back(&state, &plan, later, &[back]);
         let (e, state) = decide(&state, &plan, later, plan.lead_ns, 3, 3);
-        assert_eq!(e, Decision::Granted { first_ns: a_first + 14 * plan.interval_ns, count: 3 });
+        assert!(
+            matches!(e, Decision::Granted { first_ns, count: 3, .. } if first_ns == a_first + 14 * plan.interval_ns)
+        );
         assert_eq!(state.returned.len(), 1);
     }
 }
@@ -686,11 +790,18 @@ mod placed_tests {
 
     #[test]
     fn units_are_counted_in_the_buckets_of_their_places() {
-        let run = Placed { first_ns: 95, count: 5, step_ns: 10 };
+        let run = Placed { first_ns: 95, count: 5, step_ns: 10, floor_ns: i64::MIN };
         // 95, 105, 115, 125, 135 in buckets of 20: [80, 100) 1, [100, 120) 2, [120, 140) 2.
         assert_eq!(run.per_bucket(20), vec![(4, 1), (5, 2), (6, 2)]);
-        assert_eq!(Placed { first_ns: 95, count: 3, step_ns: 0 }.per_bucket(20), vec![(4, 3)]);
-        let total: u32 = Placed { first_ns: -7, count: 1_000, step_ns: 3 }.per_bucket(64).iter().map(|(_, n)| n).sum();
-        assert_eq!(total, 1_000);
+        assert_eq!(Placed { first_ns: 95, count: 3, step_ns: 0, floor_ns: i64::MIN }.per_bucket(20), vec![(4, 3)]);
+        let placed = Placed { first_ns: -7, count: 1_000, step_ns: 3, floor_ns: i64::MIN };
+        assert_eq!(placed.per_bucket(64).iter().map(|(_, n)| n).sum::<u32>(), 1_000);
+        // None before the floor: 95 and 105 at 110, in [100, 120) with 115; 125, 135 as before.
+        let floored = Placed { floor_ns: 110, ..run };
+        assert_eq!(floored.per_bucket(20), vec![(5, 3), (6, 2)]);
+        // All of them below it.
+        assert_eq!(Placed { floor_ns: 500, ..run }.per_bucket(20), vec![(25, 5)]);
+        let placed = Placed { floor_ns: 1_234, ..placed };
+        assert_eq!(placed.per_bucket(64).iter().map(|(_, n)| n).sum::<u32>(), 1_000);
     }
 }

@@ -127,9 +127,11 @@ pub async fn run(case: &Case) -> Seen {
         let clock = crate::clock::Clock::starting_at((EPOCH_MS + offset_ms) * 1_000_000);
         let ledger: Arc<dyn Ledger> = ledger.clone();
         let budget = Arc::new(Budget::with_clock(plan.clone(), ledger, clock, Arc::new(Metrics::new())));
+        // Bulk letters' workers take their units one after another (`RateLimit::bulk_turn`).
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
         let mut workers = Vec::new();
         for worker in 0..case.workers {
-            let (budget, dots, case) = (budget.clone(), dots.clone(), case.clone());
+            let (budget, dots, case, turn) = (budget.clone(), dots.clone(), case.clone(), turn.clone());
             let id = replica * case.workers + worker;
             let unit = config.rate_unit;
             workers.push(tokio::spawn(async move {
@@ -141,7 +143,7 @@ pub async fn run(case: &Case) -> Seen {
                             RateUnit::Letter => 1,
                             RateUnit::Recipient => recipients.min(config.max_recipients as u32),
                         };
-                        send_one(&budget, cost, case.send, started, id, &dots).await;
+                        send_one(&budget, &turn, cost, case.send, started, id, &dots).await;
                         sent += case.workers;
                     }
                 };
@@ -169,18 +171,27 @@ pub async fn run(case: &Case) -> Seen {
     Seen { dots, by_worker, plan }
 }
 
-/// One message as a worker sends it (`RateLimit::reserve`, then `deliver`'s final dot): its
-/// units, the wait before opening the transaction, the data, the dot at the unit's time or a new
-/// unit when too late for it (bounded by [`HOLD_MAX`]); the dot, if it went, in `dots`.
+/// One bulk message as a worker sends it (`RateLimit::reserve`, then `deliver`'s final dot): in
+/// its turn, its units once they are near ([`Budget::bulk_wait`]), the wait before opening the
+/// transaction, the data, the dot at the unit's time or a new unit when too late for it (bounded
+/// by [`HOLD_MAX`]); the dot, if it went, in `dots`.
 async fn send_one(
     budget: &Arc<Budget>,
+    turn: &Arc<tokio::sync::Mutex<()>>,
     cost: u32,
     send: Duration,
     started: Instant,
     worker: usize,
     dots: &Mutex<Vec<(Duration, u32, usize)>>,
 ) {
+    let queued = budget.queued();
+    let turn = turn.clone().lock_owned().await;
+    drop(queued);
+    while let Some(wait) = budget.bulk_wait() {
+        tokio::time::sleep(wait.min(SECOND)).await;
+    }
     let mut ticket = budget.take(cost).await;
+    drop(turn);
     let open_at = ticket.at.checked_sub(budget.lead().max(SECOND)).unwrap_or(ticket.at);
     let mut issued = ticket.issued;
     if open_at > Instant::now() {
@@ -223,9 +234,6 @@ pub struct Judged {
     /// (a daily quota's for the day): 94.0-94.2 % of 2,000 a day killed 1.5 s into the first
     /// window, the worst.
     pub killed: bool,
-    /// With a burst beside a quota: what the quota lets through when, the burst spent, it frees
-    /// units only as their places on the rate's schedule pass (see [`Judged::required`]).
-    pub quota_pace: Option<u64>,
     /// Messages of different costs against a window counted exactly (a budget in recipients).
     pub mixed_sizes: bool,
 }
@@ -240,32 +248,30 @@ impl Judged {
     /// - Where the workers are the limit, each message with `BURST=1` waits for a unit placed a
     ///   lead ahead (1.5 × the slowest recent preparation): with units at every moment (the
     ///   reference, a budget far above the load) a message goes when ready, and a budget whose
-    ///   units its replicas hold sparsely pays half a preparation per message. Three replicas of
-    ///   four workers on a 300 ms relay at 100/s: 375 ms a message against 300, 80.0 %: 78 %.
-    /// - Several replicas whose workers carry less than twice the rate: each replica's pool holds
-    ///   units its busy workers reach late, and they pass (three replicas of four workers on a
-    ///   300 ms relay: 98.6 % of 14 a second, 84.0 % of 20): 82 %.
+    ///   units its replicas hold sparsely pays part of a preparation per message. Three replicas
+    ///   of four workers on a 300 ms relay at 100,000/s over 3 s: 90.0 %: 88 %.
     /// - A replica killed: the units of the grants it held stay counted until their windows pass,
-    ///   94.0 % at worst (2,000 a day, killed 1.5 s into the first window): 90 %.
-    /// - Messages of mixed sizes against the rate's exact window: 87.9-97.5 % of what the sizes
+    ///   91.5 % at worst (2,000 a day as a 24 h period with a burst of 2,000, killed 1.5 s in): 90 %.
+    /// - Several replicas whose workers carry less than twice the rate: a bulk worker takes its
+    ///   unit in its turn two leads and an interval ahead (`Budget::bulk_wait`, so that a
+    ///   transactional letter gets the next one), and holds it that long; on a 300 ms relay that is
+    ///   a cycle of 650 ms where 300 would do. Three replicas of four workers at 20 a second:
+    ///   88.0 % with the replicas' clocks in step, 97.8 % with them ±10 minutes apart: 85 %.
+    /// - Messages of mixed sizes against the rate's exact window: 86.4-98.3 % of what the sizes
     ///   allow in order (a message waiting for room goes a bucket and the guard after the room is
-    ///   there, and each message's grant costs a round trip and a lead): 85 %.
-    /// - A burst beside a quota: a unit is counted against a quota at its place on the schedule,
-    ///   and a burst uses units up to `BURST − 1` intervals before their places, so once the
-    ///   burst is spent the quota frees them only as their places pass, one per interval of the
-    ///   rate (2,000 per 24 h with a burst of 100 and 40 per 10 min: 68 of 120 in 30 min, 40 and
-    ///   then one per 43 s). Judged against that pace where it is lower than the binding limit.
+    ///   there, each message's grant costs a round trip and a lead, and a replica's bulk workers
+    ///   take their grants one at a time): 85 %.
+    ///
+    /// The simulated workers take their units as the service's bulk workers do, in turn and near
+    /// their time; taking each as soon as they were free, they held the schedule a worker's unit
+    /// ahead each, and three replicas of four at 20 a second used 84.0 %.
     pub fn required(&self) -> f64 {
-        let floor: f64 = match self.bound_by.starts_with("the workers") {
+        match self.bound_by.starts_with("the workers") {
             _ if self.mixed_sizes => 0.85,
-            true => 0.78,
+            true => 0.88,
             false if self.killed => 0.90,
-            false if self.replicas > 1 && self.carried < 2 * self.binding => 0.82,
+            false if self.replicas > 1 && self.carried < 2 * self.binding => 0.85,
             false => 0.95,
-        };
-        match self.quota_pace {
-            Some(pace) => floor.min(0.95 * pace as f64 / self.binding.max(1) as f64),
-            None => floor,
         }
     }
 }
@@ -376,20 +382,6 @@ pub async fn judge(case: &Case) -> Judged {
             over.push((quota.label.clone(), busiest, u64::from(quota.limit)));
         }
     }
-    // A quota's first window, then one unit per interval of the rate (the burst spent, units
-    // are freed as their places pass).
-    let quota_pace = match burst {
-        0 => None,
-        _ => plan
-            .quotas
-            .iter()
-            .map(|quota| {
-                let after = (d - quota.window_ns as f64 / 1e9).max(0.0);
-                u64::from(quota.limit) + (after * 1e9 / plan.interval_ns as f64) as u64
-            })
-            .min()
-            .filter(|pace| *pace < binding),
-    };
     let mixed_sizes = plan.exact.is_some() && case.recipients.iter().any(|r| *r != case.recipients[0]);
     Judged {
         used: seen.used(),
@@ -399,7 +391,6 @@ pub async fn judge(case: &Case) -> Judged {
         replicas: case.replicas,
         carried,
         killed: case.kill_at.is_some(),
-        quota_pace,
         mixed_sizes,
     }
 }
@@ -636,28 +627,114 @@ mod tests {
         assert!(judged.share() <= 1.02, "{} of {}", judged.used, judged.binding);
     }
 
+    /// 2,000 a day as a 24 h period with a burst of 100, beside 40 per 10 minutes: the quota's
+    /// 40 go at once in every window. Each unit was counted against the quota at its place on the
+    /// schedule, where a burst uses it up to 99 intervals (71 minutes) earlier, so the quota freed
+    /// the burst's units only as their places passed, one every 43 s: 68 of 120 in 30 minutes.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_beside_a_quota_frees_the_quota_where_its_units_went() {
+        let case = Case {
+            vars: vec![
+                var("SMTP_RATE_LIMIT_PERIOD", "24h"),
+                var("SMTP_RATE_LIMIT_MAX_LETTERS", 2_000),
+                var("SMTP_RATE_LIMIT_BURST", 100),
+                var("SMTP_QUOTAS", "40/10m"),
+            ],
+            replicas: 2,
+            workers: 8,
+            send: Duration::from_millis(300),
+            offsets_ms: vec![0, 600_000],
+            kill_at: None,
+            recipients: vec![1],
+            duration: 30 * MINUTE,
+        };
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert_eq!((judged.binding, judged.bound_by.as_str()), (120, "40/10m"));
+        assert!(judged.used >= 114, "{} of 120 in 30 minutes", judged.used);
+    }
+
     /// Three replicas of four workers on a 300 ms relay at 14 letters a second (the sweep's SES
     /// budget in letters) used 66 % of it, 57 % of 20 a second, where one replica of twelve
     /// workers used 99 %. The schedule ran a second ahead (the twelve workers held its units that
     /// far out), yet each replica kept its pool stocked to its horizon: the units it held waited
     /// while its four workers were busy, and passed unused or were taken too late to reach. Now a
     /// replica asks for its waiting workers' units alone while the schedule is that far ahead
-    /// (`Budget::far_ahead`): 98.6 %.
+    /// (`Budget::far_ahead`): 98.6 %. At 20 a second, where the bulk turn's units held ahead
+    /// cost the most, 88.0 % (a known gap, [`Judged::required`]).
     #[tokio::test(start_paused = true)]
     async fn three_replicas_of_four_slow_workers_use_the_rate() {
+        for rate in [14, 20] {
+            let case = Case {
+                vars: vec![var("SMTP_RATE_LIMIT_PERIOD", "1s"), var("SMTP_RATE_LIMIT_MAX_LETTERS", rate)],
+                replicas: 3,
+                workers: 4,
+                send: Duration::from_millis(300),
+                offsets_ms: vec![0],
+                kill_at: None,
+                recipients: vec![1],
+                duration: 30 * SECOND,
+            };
+            let judged = judge(&case).await;
+            assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+            assert_eq!(judged.bound_by, format!("{rate}/1s"));
+            assert!(judged.share() >= judged.required(), "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        }
+    }
+
+    /// 518 a second with a burst of 275, four workers on a 1 ms relay: the burst goes at once.
+    /// Where units are usable long before their places, a replica asks for what its waiting
+    /// workers need; bulk workers wait for their turn outside the budget, and the background
+    /// refill counted none of them, so each grant was one unit and a round trip: the rate went
+    /// out, the burst never did (2,589 of 2,864).
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_goes_at_once_with_bulk_workers_in_turn() {
         let case = Case {
-            vars: vec![var("SMTP_RATE_LIMIT_PERIOD", "1s"), var("SMTP_RATE_LIMIT_MAX_LETTERS", 14)],
-            replicas: 3,
+            vars: vec![
+                var("SMTP_RATE_LIMIT_PERIOD", "1s"),
+                var("SMTP_RATE_LIMIT_MAX_LETTERS", 518),
+                var("SMTP_RATE_LIMIT_BURST", 275),
+            ],
+            replicas: 1,
             workers: 4,
-            send: Duration::from_millis(300),
+            send: Duration::from_millis(1),
             offsets_ms: vec![0],
             kill_at: None,
             recipients: vec![1],
-            duration: 30 * SECOND,
+            duration: 5 * SECOND,
         };
         let judged = judge(&case).await;
         assert!(judged.over.is_empty(), "over: {:?}", judged.over);
-        assert!(judged.share() >= judged.required(), "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        assert_eq!((judged.binding, judged.bound_by.as_str()), (2_864, "518/1s"));
+        assert!(judged.share() >= 0.95, "{} of {}", judged.used, judged.binding);
+    }
+
+    /// SES's 14 recipients a second with letters of 1 to 10 recipients, three replicas of four
+    /// workers on a 300 ms relay. A bulk worker waited in its turn for the schedule's end
+    /// (`Budget::bulk_wait`), and then again for room in the window, where a message in
+    /// recipients goes: the replica's other workers waited behind it, and the budget used 80.0 %
+    /// of what letters of those sizes allow in order. Counted exactly, the window's room decides
+    /// and bulk does not wait for the schedule: 96.7 %.
+    #[tokio::test(start_paused = true)]
+    async fn bulk_workers_in_turn_keep_a_budget_in_recipients_used() {
+        let case = Case {
+            vars: vec![
+                var("SMTP_RATE_LIMIT_UNIT", "recipient"),
+                var("SMTP_RATE_LIMIT_PERIOD", "1s"),
+                var("SMTP_RATE_LIMIT_MAX_LETTERS", 14),
+                var("SMTP_MAX_RECIPIENTS", 50),
+            ],
+            replicas: 3,
+            workers: 4,
+            send: Duration::from_millis(300),
+            offsets_ms: vec![600_000, 0, -600_000],
+            kill_at: None,
+            recipients: vec![1, 3, 10, 2, 7, 1, 5, 4, 9, 1],
+            duration: 40 * SECOND,
+        };
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert!(judged.share() >= 0.90, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
     }
 }
 

@@ -160,6 +160,7 @@ impl RateLimit {
 
     /// Waits for this worker's turn to take the budget for a bulk letter.
     pub async fn bulk_turn(&self) -> BulkTurn {
+        let _queued = self.budget.queued();
         self.bulk_turn.clone().lock_owned().await
     }
 

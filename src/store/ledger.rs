@@ -48,7 +48,7 @@ fn loose_to_bson(loose: &[LooseGrant]) -> Vec<Bson> {
 }
 
 fn runs_to_bson(runs: &[Run]) -> Vec<Bson> {
-    runs.iter().map(|r| Bson::Document(doc! { "f": r.first_ns, "n": i64::from(r.count) })).collect()
+    runs.iter().map(|r| Bson::Document(doc! { "f": r.first_ns, "n": i64::from(r.count), "g": r.from_ns })).collect()
 }
 
 fn state_to_bson(state: &State) -> Document {
@@ -91,8 +91,14 @@ fn state_from_bson(document: &Document) -> State {
         .iter()
         .map(|g| LooseGrant { from_ns: int(g.get("f")), until_ns: int(g.get("u")), count: count(g.get("n")) })
         .collect();
-    let returned =
-        entries("back").iter().map(|r| Run { first_ns: int(r.get("f")), count: count(r.get("n")) }).collect();
+    // A run given back before runs kept their grant's time ("g") was charged at its places, not
+    // where its units became usable, so it cannot be given back to the right buckets: it is
+    // dropped, its units left counted (lost once, never counted twice).
+    let returned = entries("back")
+        .iter()
+        .filter(|r| r.contains_key("g"))
+        .map(|r| Run { first_ns: int(r.get("f")), count: count(r.get("n")), from_ns: int(r.get("g")) })
+        .collect();
     State { version: int(document.get("v")), next_ns: int(document.get("next_ns")), quotas, loose, returned }
 }
 
@@ -156,11 +162,14 @@ mod tests {
             next_ns: 1_795_000_000_123_456_789,
             quotas: BTreeMap::from([("w60000".to_owned(), BTreeMap::from([(29_916_666, 12), (29_916_667, 3)]))]),
             loose: vec![LooseGrant { from_ns: 5, until_ns: 250_000_005, count: 40 }],
-            returned: vec![Run { first_ns: 1_795_000_000_000_000_000, count: 6 }],
+            returned: vec![Run { first_ns: 1_795_000_000_000_000_000, count: 6, from_ns: 1_794_999_999_000_000_000 }],
         };
         assert_eq!(state_from_bson(&state_to_bson(&state)), state);
         // A document from before loose grants and give-backs reads with neither.
         let old = doc! { "v": 3_i64, "next_ns": 10_i64, "quotas": {} };
         assert_eq!(state_from_bson(&old), State { version: 3, next_ns: 10, ..State::default() });
+        // Runs given back before they kept their grant's time are dropped, left counted.
+        let old = doc! { "v": 3_i64, "next_ns": 10_i64, "quotas": {}, "back": [{ "f": 5_i64, "n": 2_i64 }] };
+        assert_eq!(state_from_bson(&old).returned, Vec::new());
     }
 }
