@@ -231,8 +231,7 @@ pub struct Judged {
     pub replicas: usize,
     pub carried: u64,
     /// A replica was killed: the units of the grants it held are lost until their windows pass
-    /// (a daily quota's for the day): 94.0-94.2 % of 2,000 a day killed 1.5 s into the first
-    /// window, the worst.
+    /// (a daily quota's for the day; see [`Judged::required`]).
     pub killed: bool,
     /// Messages of different costs against a window counted exactly (a budget in recipients).
     pub mixed_sizes: bool,
@@ -251,7 +250,8 @@ impl Judged {
     ///   units its replicas hold sparsely pays part of a preparation per message. Three replicas
     ///   of four workers on a 300 ms relay at 100,000/s over 3 s: 90.0 %: 88 %.
     /// - A replica killed: the units of the grants it held stay counted until their windows pass,
-    ///   91.5 % at worst (2,000 a day as a 24 h period with a burst of 2,000, killed 1.5 s in): 90 %.
+    ///   94.4 % at worst (10 a 10 s period with a burst of 5, beside 30 a minute, killed 1.5 s
+    ///   in: the burst's units it held stay counted for the first minute): 92 %.
     /// - Several replicas whose workers carry less than twice the rate: a bulk worker takes its
     ///   unit in its turn two leads and an interval ahead (`Budget::bulk_wait`, so that a
     ///   transactional letter gets the next one), and holds it that long; on a 300 ms relay that is
@@ -269,7 +269,7 @@ impl Judged {
         match self.bound_by.starts_with("the workers") {
             _ if self.mixed_sizes => 0.85,
             true => 0.88,
-            false if self.killed => 0.90,
+            false if self.killed => 0.92,
             false if self.replicas > 1 && self.carried < 2 * self.binding => 0.85,
             false => 0.95,
         }
@@ -329,7 +329,11 @@ pub async fn judge(case: &Case) -> Judged {
     let carried = match case.duration > sample {
         true => {
             let rest = (case.duration - sample).as_secs_f64();
-            sampled.used() + (sampled.steady_rate(sample / 4) * rest) as u64
+            // Measured after a kill within the sample, so that only the workers still alive
+            // carry on: measured from a quarter of it, the killed replica's workers kept their
+            // rate for the rest of the run, and a case they could not reach read 91.5 %.
+            let from = case.kill_at.map_or(sample / 4, |killed| killed.max(sample / 4));
+            sampled.used() + (sampled.steady_rate(from) * rest) as u64
         }
         false => sampled.used(),
     };
@@ -424,21 +428,35 @@ fn var(name: &'static str, value: impl ToString) -> (&'static str, String) {
     (name, value.to_string())
 }
 
+/// A budget in letters: `max` per `period` with a burst, and quotas if any.
+fn letters(period: &str, max: u32, burst: u32, quotas: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut vars = vec![
+        var("SMTP_RATE_LIMIT_PERIOD", period),
+        var("SMTP_RATE_LIMIT_MAX_LETTERS", max),
+        var("SMTP_RATE_LIMIT_BURST", burst),
+    ];
+    vars.extend(quotas.map(|quotas| var("SMTP_QUOTAS", quotas)));
+    vars
+}
+
+impl Case {
+    /// `replicas` of `workers` each, sends of `send`, letters of one recipient, clocks in step,
+    /// none killed.
+    fn load(
+        vars: Vec<(&'static str, String)>,
+        replicas: usize,
+        workers: usize,
+        send: Duration,
+        duration: Duration,
+    ) -> Case {
+        Case { vars, replicas, workers, send, offsets_ms: vec![0], kill_at: None, recipients: vec![1], duration }
+    }
+}
+
 /// The grid: the relays' own settings (a daily quota with the rate left high, SES in recipients,
 /// Microsoft 365, a daily limit written as a 24 h period with a burst) and the corners around
 /// them, each under several loads.
 pub fn grid() -> Vec<Case> {
-    let letters = |period: &str, max: u32, burst: u32, quotas: Option<&str>| {
-        let mut vars = vec![
-            var("SMTP_RATE_LIMIT_PERIOD", period),
-            var("SMTP_RATE_LIMIT_MAX_LETTERS", max),
-            var("SMTP_RATE_LIMIT_BURST", burst),
-        ];
-        if let Some(quotas) = quotas {
-            vars.push(var("SMTP_QUOTAS", quotas));
-        }
-        vars
-    };
     let recipients = |max: u32, per_message: u32, quotas: Option<&str>| {
         let mut vars = letters("1s", max, 1, quotas);
         vars.push(var("SMTP_RATE_LIMIT_UNIT", "recipient"));
@@ -633,25 +651,31 @@ mod tests {
     /// the burst's units only as their places passed, one every 43 s: 68 of 120 in 30 minutes.
     #[tokio::test(start_paused = true)]
     async fn a_burst_beside_a_quota_frees_the_quota_where_its_units_went() {
-        let case = Case {
-            vars: vec![
-                var("SMTP_RATE_LIMIT_PERIOD", "24h"),
-                var("SMTP_RATE_LIMIT_MAX_LETTERS", 2_000),
-                var("SMTP_RATE_LIMIT_BURST", 100),
-                var("SMTP_QUOTAS", "40/10m"),
-            ],
-            replicas: 2,
-            workers: 8,
-            send: Duration::from_millis(300),
-            offsets_ms: vec![0, 600_000],
-            kill_at: None,
-            recipients: vec![1],
-            duration: 30 * MINUTE,
-        };
+        let vars = letters("24h", 2_000, 100, Some("40/10m"));
+        let case =
+            Case { offsets_ms: vec![0, 600_000], ..Case::load(vars, 2, 8, Duration::from_millis(300), 30 * MINUTE) };
         let judged = judge(&case).await;
         assert!(judged.over.is_empty(), "over: {:?}", judged.over);
         assert_eq!((judged.binding, judged.bound_by.as_str()), (120, "40/10m"));
         assert!(judged.used >= 114, "{} of 120 in 30 minutes", judged.used);
+    }
+
+    /// What the workers carry leaves out a killed replica's workers once it is dead: 2,000 as a
+    /// 24 h burst, two replicas of eight workers on a 50 ms relay, the first killed at 1.5 s. The
+    /// survivor's eight workers carry about 1,840 in 10 s; the judge extrapolated all sixteen
+    /// from the sample's second quarter on, said the day's 2,000 bound the case, and read the
+    /// budget as 91.5 % used, a known gap that was the judge's.
+    #[tokio::test(start_paused = true)]
+    async fn what_the_workers_carry_leaves_out_a_killed_replica() {
+        let vars = letters("24h", 2_000, 2_000, None);
+        let case = Case {
+            kill_at: Some(Duration::from_millis(1_500)),
+            ..Case::load(vars, 2, 8, Duration::from_millis(50), 10 * SECOND)
+        };
+        let judged = judge(&case).await;
+        assert_eq!(judged.bound_by, "the workers", "{} bound by {}", judged.binding, judged.bound_by);
+        assert!((1_700..1_950).contains(&judged.binding), "{} carried", judged.binding);
+        assert!(judged.share() >= 0.95, "{} of {}", judged.used, judged.binding);
     }
 
     /// Three replicas of four workers on a 300 ms relay at 14 letters a second (the sweep's SES
@@ -665,16 +689,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn three_replicas_of_four_slow_workers_use_the_rate() {
         for rate in [14, 20] {
-            let case = Case {
-                vars: vec![var("SMTP_RATE_LIMIT_PERIOD", "1s"), var("SMTP_RATE_LIMIT_MAX_LETTERS", rate)],
-                replicas: 3,
-                workers: 4,
-                send: Duration::from_millis(300),
-                offsets_ms: vec![0],
-                kill_at: None,
-                recipients: vec![1],
-                duration: 30 * SECOND,
-            };
+            let case = Case::load(letters("1s", rate, 1, None), 3, 4, Duration::from_millis(300), 30 * SECOND);
             let judged = judge(&case).await;
             assert!(judged.over.is_empty(), "over: {:?}", judged.over);
             assert_eq!(judged.bound_by, format!("{rate}/1s"));
@@ -689,20 +704,7 @@ mod tests {
     /// out, the burst never did (2,589 of 2,864).
     #[tokio::test(start_paused = true)]
     async fn a_burst_goes_at_once_with_bulk_workers_in_turn() {
-        let case = Case {
-            vars: vec![
-                var("SMTP_RATE_LIMIT_PERIOD", "1s"),
-                var("SMTP_RATE_LIMIT_MAX_LETTERS", 518),
-                var("SMTP_RATE_LIMIT_BURST", 275),
-            ],
-            replicas: 1,
-            workers: 4,
-            send: Duration::from_millis(1),
-            offsets_ms: vec![0],
-            kill_at: None,
-            recipients: vec![1],
-            duration: 5 * SECOND,
-        };
+        let case = Case::load(letters("1s", 518, 275, None), 1, 4, Duration::from_millis(1), 5 * SECOND);
         let judged = judge(&case).await;
         assert!(judged.over.is_empty(), "over: {:?}", judged.over);
         assert_eq!((judged.binding, judged.bound_by.as_str()), (2_864, "518/1s"));
