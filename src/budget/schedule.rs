@@ -47,9 +47,8 @@ pub struct State {
 }
 
 /// Consecutive units of the rate's schedule: the first one's time (server nanoseconds), how
-/// many, and when they were granted: none is used before (a burst's units are usable at once,
-/// from the grant on), and under quotas each is charged where it becomes usable
-/// ([`Plan::placed`]).
+/// many, and `from_ns`, before which none of them is charged against the quotas (a lead after
+/// their grant, and with a burst up to a second more; see [`Plan::placed`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
     pub first_ns: i64,
@@ -139,8 +138,8 @@ pub struct LooseGrant {
 /// One quota window, as counted.
 ///
 /// Each unit is charged to the bucket of where it becomes usable: its place on the schedule less
-/// the burst tolerance, and not before its grant (a loose grant's units, to the bucket of its
-/// end). A unit is used no later than its place and the guard, and under quotas within
+/// the burst tolerance, and not before a lead after its grant (a loose grant's units, to the
+/// bucket of its end). A unit is used no later than its place and the guard, and under quotas within
 /// [`Plan::reach_ns`] of its charge, so a use is never more than a bucket after its charge (a
 /// loose grant's use may come before it). A grant is allowed when the units charged since one bucket before the window's start,
 /// and all those charged ahead, leave room: every window of the quota's length at the relay then
@@ -380,7 +379,7 @@ impl Plan {
 /// What the budget says to a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// `count` units, the first at `first_ns`, then every interval, usable from `from_ns` on.
+    /// `count` units, the first at `first_ns`, then every interval, none charged before `from_ns`.
     Granted { first_ns: i64, count: u32, from_ns: i64 },
     /// `count` units to use at any moment until `until_ns`.
     Loose { until_ns: i64, count: u32 },
