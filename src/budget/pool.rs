@@ -43,7 +43,7 @@ impl Pool {
         let interval_ns = plan.interval_ns;
         while let Some((until, count)) = self.loose.front_mut() {
             if *until < ready_ns || *count < units {
-                self.expired.push(Placed { first_ns: *until, count: *count, step_ns: 0, floor_ns: i64::MIN });
+                self.expired.push(Placed::at(*until, *count));
                 self.loose.pop_front();
                 continue;
             }
@@ -53,10 +53,7 @@ impl Pool {
                 self.loose.pop_front();
             }
             self.handed += u64::from(units);
-            return Some((
-                Taken::Until(until),
-                Placed { first_ns: until, count: units, step_ns: 0, floor_ns: i64::MIN },
-            ));
+            return Some((Taken::Until(until), Placed::at(until, units)));
         }
         while let Some(whole) = self.runs.pop_front() {
             // Units due before `now_ns` are of no use: spending them late could crowd a window.
@@ -95,12 +92,7 @@ impl Pool {
     /// runs are charged at their ends, all at the run's last unit.
     fn placed(&self, run: Run, first_ns: i64, count: u32, plan: &Plan) -> Placed {
         match self.charged_at_end {
-            true => Placed {
-                first_ns: run.end_ns(plan.interval_ns) - plan.interval_ns,
-                count,
-                step_ns: 0,
-                floor_ns: i64::MIN,
-            },
+            true => Placed::at(run.end_ns(plan.interval_ns) - plan.interval_ns, count),
             false => plan.placed(Run { first_ns, count, ..run }),
         }
     }
@@ -153,12 +145,7 @@ impl Pool {
         for tail in self.take_back(from_ns, plan) {
             // `take_back` cut `tail` off its run's end, so the tail ends where the run did.
             units += u64::from(tail.count);
-            self.expired.push(Placed {
-                first_ns: tail.end_ns(interval_ns) - interval_ns,
-                count: tail.count,
-                step_ns: 0,
-                floor_ns: i64::MIN,
-            });
+            self.expired.push(Placed::at(tail.end_ns(interval_ns) - interval_ns, tail.count));
         }
         units
     }
@@ -277,7 +264,7 @@ mod tests {
         assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_100, count: 3, step_ns: 10, floor_ns: 0 }]);
         pool.loose.push_back((2_000, 5));
         assert_eq!(pool.take(1, &plan, 2_001, 2_001).map(|(taken, _)| taken), None);
-        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 2_000, count: 5, step_ns: 0, floor_ns: i64::MIN }]);
+        assert_eq!(pool.take_expired(), vec![Placed::at(2_000, 5)]);
     }
 
     /// Under a quota, a burst's units are charged at the grant's time and due within the reach

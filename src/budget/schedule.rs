@@ -88,6 +88,12 @@ pub struct Placed {
 }
 
 impl Placed {
+    /// `count` units all charged at `at_ns` (a loose grant's end, or a run charged at its last
+    /// unit).
+    pub fn at(at_ns: i64, count: u32) -> Placed {
+        Placed { first_ns: at_ns, count, step_ns: 0, floor_ns: i64::MIN }
+    }
+
     /// How many of the units fall in each bucket of `bucket_ns`, in bucket order.
     pub(super) fn per_bucket(self, bucket_ns: i64) -> Vec<(i64, u32)> {
         if self.count == 0 {
@@ -329,12 +335,7 @@ impl Plan {
     /// [`Plan::reach_ns`] of its charge or not at all ([`Plan::due_ns`]), and the count holds.
     pub fn placed(&self, run: Run) -> Placed {
         match self.exact {
-            Some(_) => Placed {
-                first_ns: run.first_ns + i64::from(run.count.max(1) - 1) * self.interval_ns,
-                count: run.count,
-                step_ns: 0,
-                floor_ns: i64::MIN,
-            },
+            Some(_) => Placed::at(run.first_ns + i64::from(run.count.max(1) - 1) * self.interval_ns, run.count),
             None => Placed {
                 first_ns: run.first_ns - self.tolerance_ns,
                 count: run.count,
@@ -493,7 +494,7 @@ pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, 
     };
     let from_ns = now_ns + lead_ns + slack_ns;
     let placed = match loose {
-        true => Placed { first_ns: loose_until_ns, count, step_ns: 0, floor_ns: i64::MIN },
+        true => Placed::at(loose_until_ns, count),
         false => plan.placed(Run { first_ns: start, count, from_ns }),
     };
     charge(&mut next, plan, placed);
@@ -508,7 +509,7 @@ pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, 
     (Decision::Granted { first_ns: start, count, from_ns }, next)
 }
 
-/// Counts `placed` against every quota, each unit in the bucket of its place.
+/// Counts `placed` against every quota, each unit in the bucket of its charge.
 fn charge(state: &mut State, plan: &Plan, placed: Placed) {
     for quota in plan.counted() {
         let buckets = state.quotas.entry(quota.key.clone()).or_default();
@@ -634,7 +635,7 @@ pub(super) mod tests {
         assert_eq!(plan.interval_ns, 50_375_000);
         let now = 1_000 * S;
         let (first, state) = decide(&State::default(), &plan, now, plan.lead_ns, 4, 1);
-        // Without a burst, no unit is usable before a lead from the grant.
+        // Without a burst, no unit is charged before a lead from the grant.
         let from_ns = now + plan.lead_ns;
         assert_eq!(first, Decision::Granted { first_ns: now + plan.lead_ns, count: 4, from_ns });
         // Another replica at the same moment continues where the first grant ends.
@@ -792,7 +793,7 @@ mod placed_tests {
         let run = Placed { first_ns: 95, count: 5, step_ns: 10, floor_ns: i64::MIN };
         // 95, 105, 115, 125, 135 in buckets of 20: [80, 100) 1, [100, 120) 2, [120, 140) 2.
         assert_eq!(run.per_bucket(20), vec![(4, 1), (5, 2), (6, 2)]);
-        assert_eq!(Placed { first_ns: 95, count: 3, step_ns: 0, floor_ns: i64::MIN }.per_bucket(20), vec![(4, 3)]);
+        assert_eq!(Placed::at(95, 3).per_bucket(20), vec![(4, 3)]);
         let placed = Placed { first_ns: -7, count: 1_000, step_ns: 3, floor_ns: i64::MIN };
         assert_eq!(placed.per_bucket(64).iter().map(|(_, n)| n).sum::<u32>(), 1_000);
         // None before the floor: 95 and 105 at 110, in [100, 120) with 115; 125, 135 as before.
