@@ -19,7 +19,7 @@ use crate::{
     deliverability::suppression::Suppressions,
     kafka::StatusProducer,
     metrics::Metrics,
-    model::{AttemptRecord, Letter, Outcome, Status, StatusMessage},
+    model::{AttemptRecord, Letter, Outcome, Status, StatusWriter},
     store::Store,
 };
 
@@ -63,6 +63,8 @@ impl Report {
     pub async fn run(self, mut outcomes: mpsc::Receiver<Attempted>, shutdown: CancellationToken) {
         let mut received = Vec::with_capacity(WRITE_BATCH);
         let mut broker_healthy = true;
+        // Kept from batch to batch: a campaign's body is escaped once, not once per batch.
+        let mut writer = StatusWriter::default();
         while outcomes.recv_many(&mut received, WRITE_BATCH).await > 0 {
             // The permits are held until the batch is written, at the end of this round.
             let (mut batch, _held): (Vec<AttemptRecord>, Vec<_>) =
@@ -77,7 +79,7 @@ impl Report {
                 .collect();
             self.suppressions.note_hard_bounces(finals.iter().copied());
             let wait = if broker_healthy { PUBLISH_WAIT } else { PUBLISH_WAIT_DEGRADED };
-            let published = self.publish(&finals, wait).await;
+            let published = self.publish(&finals, wait, &mut writer).await;
             broker_healthy = published.len() == finals.len();
             for record in &mut batch {
                 record.published = published.contains(&record.letter.id);
@@ -120,32 +122,43 @@ impl Report {
 
     /// Publishes status messages concurrently; returns the ids the broker acknowledged within
     /// `wait`.
-    async fn publish(&self, letters: &[&Letter], wait: Duration) -> HashSet<ObjectId> {
-        let sends = letters.iter().map(|letter| async move {
-            let payload = match serde_json::to_vec(&StatusMessage::new(letter, self.body_max)) {
-                Ok(payload) => payload,
-                Err(error) => {
-                    tracing::error!(letter_id = %letter.id, error = %error, "status message not serialisable");
-                    return None;
-                }
-            };
-            let key = letter.key_bytes();
-            let send = self.producer.send(&self.topic, key.as_deref(), &payload, None);
-            match tokio::time::timeout(wait, send).await {
-                Ok(Ok(_)) => Some(letter.id),
-                Ok(Err(error)) => {
-                    tracing::warn!(letter_id = %letter.id, kafka_key = %letter.kafkakey, error = %error, "status message not published; stored for republishing");
-                    None
-                }
-                Err(_) => {
-                    tracing::warn!(letter_id = %letter.id, kafka_key = %letter.kafkakey, "status message not acknowledged in time; stored for republishing");
-                    None
-                }
-            }
+    async fn publish(&self, letters: &[&Letter], wait: Duration, writer: &mut StatusWriter) -> HashSet<ObjectId> {
+        let sends = letters.iter().map(|letter| {
+            let payload = writer.write(letter, self.body_max);
+            async move { self.send_status(letter, payload, wait).await }
         });
         let published: HashSet<ObjectId> = join_all(sends).await.into_iter().flatten().collect();
         self.metrics.published.inc_by(published.len() as u64);
         published
+    }
+
+    /// Sends one status message; its letter's id once the broker acknowledged it within `wait`.
+    async fn send_status(
+        &self,
+        letter: &Letter,
+        payload: serde_json::Result<Vec<u8>>,
+        wait: Duration,
+    ) -> Option<ObjectId> {
+        let payload = match payload {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::error!(letter_id = %letter.id, error = %error, "status message not serialisable");
+                return None;
+            }
+        };
+        let key = letter.key_bytes();
+        let send = self.producer.send(&self.topic, key.as_deref(), &payload, None);
+        match tokio::time::timeout(wait, send).await {
+            Ok(Ok(_)) => Some(letter.id),
+            Ok(Err(error)) => {
+                tracing::warn!(letter_id = %letter.id, kafka_key = %letter.kafkakey, error = %error, "status message not published; stored for republishing");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(letter_id = %letter.id, kafka_key = %letter.kafkakey, "status message not acknowledged in time; stored for republishing");
+                None
+            }
+        }
     }
 
     /// Republishes final outcomes that were stored but never acknowledged by the broker. Only
@@ -163,7 +176,8 @@ impl Report {
                     return;
                 }
             };
-            let published = this.publish(&letters.iter().collect::<Vec<_>>(), PUBLISH_WAIT).await;
+            let published =
+                this.publish(&letters.iter().collect::<Vec<_>>(), PUBLISH_WAIT, &mut StatusWriter::default()).await;
             tracing::info!(found = letters.len(), published = published.len(), "republished unreported outcomes");
             let failed: Vec<ObjectId> = letters.iter().map(|l| l.id).filter(|id| !published.contains(id)).collect();
             if let Err(error) = this.store.postpone_unreported(&failed, this.store.now_ms()).await {
@@ -189,8 +203,9 @@ impl Report {
     /// Returns how many were published now.
     pub async fn publish_ended(&self, letters: &[Letter]) -> anyhow::Result<usize> {
         let mut count = 0;
+        let mut writer = StatusWriter::default();
         for chunk in letters.chunks(WRITE_BATCH) {
-            let published = self.publish(&chunk.iter().collect::<Vec<_>>(), PUBLISH_WAIT).await;
+            let published = self.publish(&chunk.iter().collect::<Vec<_>>(), PUBLISH_WAIT, &mut writer).await;
             let ids: Vec<ObjectId> = published.into_iter().collect();
             self.store.mark_reported(&ids).await?;
             count += ids.len();

@@ -469,17 +469,22 @@ impl Connection {
         command: Command,
         timeout: Duration,
     ) -> Result<(Reply, Vec<String>), SmtpError> {
-        let server = self.server.clone();
+        // A reply is read several times per letter: one allocation per line, and the server's
+        // name copied only into an error (issue 23).
         let stream = &mut self.stream;
-        let lines = bounded(command, &server, timeout, async {
-            let mut lines = Vec::new();
+        let lines = bounded(command, &self.server, timeout, async {
+            let mut lines = Vec::with_capacity(1);
             loop {
-                let mut raw = Vec::new();
+                let mut raw = Vec::with_capacity(64);
                 let read = (&mut *stream).take(MAX_REPLY_LINE).read_until(b'\n', &mut raw).await?;
                 if read == 0 {
                     return Ok(None);
                 }
-                let line = String::from_utf8_lossy(&raw).trim_end_matches(['\r', '\n']).to_owned();
+                while raw.last().is_some_and(|b| matches!(b, b'\r' | b'\n')) {
+                    raw.pop();
+                }
+                let line =
+                    String::from_utf8(raw).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
                 let last = line.as_bytes().get(3) != Some(&b'-');
                 lines.push(line);
                 if last {
@@ -488,11 +493,14 @@ impl Connection {
             }
         })
         .await?
-        .map_err(|source| SmtpError::Io { command, server: server.clone(), source })?;
+        .map_err(|source| SmtpError::Io { command, server: self.server.clone(), source })?;
         self.last_used = Instant::now();
-        let Some(lines) = lines else { return Err(SmtpError::Closed { command, server }) };
-        let reply =
-            Reply::parse(&lines, command).map_err(|message| SmtpError::Protocol { command, server, message })?;
+        let Some(lines) = lines else { return Err(SmtpError::Closed { command, server: self.server.clone() }) };
+        let reply = Reply::parse(&lines, command).map_err(|message| SmtpError::Protocol {
+            command,
+            server: self.server.clone(),
+            message,
+        })?;
         Ok((reply, lines))
     }
 

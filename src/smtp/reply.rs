@@ -92,9 +92,11 @@ impl Reply {
     /// Parses the lines of one reply (without CRLF), all carrying the same code.
     pub fn parse(lines: &[String], command: Command) -> Result<Reply, String> {
         let mut code = None;
-        let mut texts = Vec::with_capacity(lines.len());
+        // The lines' texts joined with a space, built in place: a reply is parsed several times
+        // per letter (issue 23).
+        let mut joined = String::with_capacity(lines.iter().map(|l| l.len()).sum::<usize>());
         let mut enhanced = None;
-        for line in lines {
+        for (i, line) in lines.iter().enumerate() {
             let digits = line.get(..3).filter(|d| d.bytes().all(|b| b.is_ascii_digit()));
             let Some(digits) = digits else { return Err(format!("malformed SMTP reply line {line:?}")) };
             let this: u16 = digits.parse().map_err(|_| format!("malformed SMTP reply line {line:?}"))?;
@@ -110,10 +112,17 @@ impl Reply {
                 }
                 None => text,
             };
-            texts.push(text.trim());
+            if i > 0 {
+                joined.push(' ');
+            }
+            joined.push_str(text.trim());
         }
         let code = code.ok_or_else(|| "empty SMTP reply".to_owned())?;
-        Ok(Reply { code, enhanced, text: texts.join(" ").trim().to_owned(), command })
+        let trimmed = joined.trim();
+        if trimmed.len() != joined.len() {
+            joined = trimmed.to_owned();
+        }
+        Ok(Reply { code, enhanced, text: joined, command })
     }
 
     pub fn is_positive(&self) -> bool {
@@ -378,6 +387,10 @@ mod tests {
             assert!(Reply::parse(&[bad.to_owned()], Command::Noop).is_err(), "{bad}");
         }
         assert!(Reply::parse(&["250-a".into(), "251 b".into()], Command::Noop).is_err());
+        // Texts joined with one space each, the whole trimmed: as `join(" ").trim()` did.
+        let lines = ["451-4.7.0  a ".into(), "451-".into(), "451 4.7.0 b  ".into()];
+        assert_eq!(Reply::parse(&lines, Command::Data).unwrap().text, "a  b");
+        assert_eq!(Reply::parse(&["250-".into(), "250 x".into()], Command::Noop).unwrap().text, "x");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use mongodb::{
     Collection,
-    bson::{Binary, Bson, Document, doc, oid::ObjectId, spec::BinarySubtype},
+    bson::{Binary, Bson, Document, RawDocumentBuf, doc, oid::ObjectId, spec::BinarySubtype},
     error::ErrorKind,
 };
 
@@ -239,7 +239,7 @@ impl FeedbackStore {
                 filter.insert(field, doc! { "$nin": [&note.address] });
                 update.insert("$push", doc! { field: &note.address });
             }
-            updates.push(doc! { "q": filter, "u": update });
+            updates.push(RawDocumentBuf::from_document(&doc! { "q": filter, "u": update })?);
         }
         self.store.update_statements(self.letters.name(), updates, "adding feedback to its letters").await?;
         Ok(())

@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context;
 use mongodb::{
     Client, Collection, Database,
-    bson::{Document, doc},
+    bson::{Document, RawArrayBuf, RawDocumentBuf, doc, rawdoc},
     error::{ErrorKind, WriteFailure},
     options::{ClientOptions, Credential, ServerAddress},
 };
@@ -25,6 +25,7 @@ use crate::{
 };
 
 mod batches;
+mod bson_writer;
 mod control;
 mod expiry;
 mod feedback;
@@ -78,13 +79,17 @@ impl Store {
     async fn update_statements(
         &self,
         collection: &str,
-        updates: Vec<Document>,
+        updates: Vec<RawDocumentBuf>,
         what: &str,
     ) -> anyhow::Result<Document> {
         self.count("update", 1);
+        let mut statements = RawArrayBuf::new();
+        for update in updates {
+            statements.push(update);
+        }
         let reply = self
             .db
-            .run_command(doc! { "update": collection, "updates": updates, "ordered": false })
+            .run_raw_command(rawdoc! { "update": collection, "updates": statements, "ordered": false })
             .await
             .with_context(|| what.to_owned())?;
         if let Ok(errors) = reply.get_array("writeErrors")

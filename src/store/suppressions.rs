@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use anyhow::Context as _;
 use mongodb::{
     Collection,
-    bson::{DateTime, Document, doc},
+    bson::{DateTime, Document, RawDocumentBuf, doc},
     options::ReturnDocument,
 };
 
@@ -55,7 +55,7 @@ impl SuppressionStore {
             return Ok(());
         }
         let now_ms = self.store.now_ms();
-        let updates: Vec<Document> = entries
+        let updates = entries
             .iter()
             .map(|(key, address, reason, source)| {
                 let (key, address, reason, source) = (key.as_str(), *address, *reason, *source);
@@ -63,9 +63,9 @@ impl SuppressionStore {
                     "_id": key, "address": address, "reason": reason, "source": source,
                     "time": DateTime::from_millis(now_ms), "time_ms": now_ms,
                 };
-                doc! { "q": { "_id": key }, "u": entry, "upsert": true }
+                RawDocumentBuf::from_document(&doc! { "q": { "_id": key }, "u": entry, "upsert": true })
             })
-            .collect();
+            .collect::<Result<Vec<_>, _>>()?;
         self.store.update_statements(self.entries.name(), updates, "adding to the suppression list").await?;
         Ok(())
     }
