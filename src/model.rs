@@ -296,6 +296,48 @@ impl fmt::Debug for ParsedAddresses {
     }
 }
 
+impl Letter {
+    /// A letter with every field empty, for a reader that fills it in field by field
+    /// (`store::letter_doc`).
+    pub(crate) fn blank() -> Letter {
+        Letter {
+            id: ObjectId::from_bytes([0; 12]),
+            addresses: Vec::new(),
+            subject: String::new(),
+            body: String::new(),
+            token: String::new(),
+            status: Status::Awaiting,
+            kafkakey: String::new(),
+            key_null: None,
+            key_b64: None,
+            source: None,
+            attempts: 0,
+            due_ms: 0,
+            size_bytes: 0,
+            owner: None,
+            lease_ms: None,
+            claim: None,
+            delivered: Vec::new(),
+            rejected: Vec::new(),
+            last_reply: None,
+            error: None,
+            unreported: None,
+            created_at: None,
+            updated_ms: 0,
+            feedback: Default::default(),
+            send_at_ms: None,
+            not_after_ms: None,
+            metadata: Default::default(),
+            attachments: Vec::new(),
+            lane: Default::default(),
+            vt: 0.0,
+            tenant: None,
+            weight: None,
+            parsed: ParsedAddresses::default(),
+        }
+    }
+}
+
 #[cfg(test)]
 impl Letter {
     /// A letter with every field set to something but `feedback` and `attachments` (which the

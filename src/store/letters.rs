@@ -11,16 +11,19 @@ use mongodb::{
     options::IndexOptions,
 };
 
-use super::{DUPLICATE_KEY, Store, bson_writer::DocWriter};
+use super::{
+    DUPLICATE_KEY, Store,
+    bson_writer::DocWriter,
+    letter_doc::{encode_letter, rejections},
+};
 use crate::{
-    model::{AttemptRecord, Letter, Outcome, Rejection, Status},
+    model::{AttemptRecord, Letter, Outcome, Status},
     priority::{Lane, scheduled_vt},
 };
 
 /// One claimed document as a letter, or why this version cannot read it.
 fn decode_letter(document: &RawDocumentBuf) -> Result<Letter, String> {
-    mongodb::bson::from_slice::<Letter>(document.as_bytes())
-        .map_err(|error| format!("the stored letter cannot be read: {error}"))
+    super::letter_doc::decode(document).map_err(|error| format!("the stored letter cannot be read: {error}"))
 }
 
 /// A raw document's `_id`, to fail it by; `Null` when even that cannot be read.
@@ -691,107 +694,6 @@ impl Store {
     }
 }
 
-/// A letter as the document `Letter`'s `Serialize` makes, written field by field: through serde,
-/// the encoding took ~10,000 instructions a letter under callgrind, its `_id` written as a hex
-/// string and parsed back (issue 23). Letters with feedback or attachments, a `created_at`
-/// other than a date (ingest makes neither) or a metadata key no document can hold go through
-/// serde. The test
-/// `an_encoded_letter_is_the_serialized_one` holds the two to the same bytes.
-fn encode_letter(letter: &Letter) -> anyhow::Result<RawDocumentBuf> {
-    let created_at = match &letter.created_at {
-        None => None,
-        Some(Bson::DateTime(at)) => Some(*at),
-        Some(_) => return Ok(mongodb::bson::to_raw_document_buf(letter)?),
-    };
-    // A key with a NUL byte cannot be a BSON key: serde refuses it.
-    if !letter.feedback.is_empty() || !letter.attachments.is_empty() || letter.metadata.keys().any(|k| k.contains('\0'))
-    {
-        return Ok(mongodb::bson::to_raw_document_buf(letter)?);
-    }
-    let mut d = DocWriter::with_capacity(letter.text_bytes() + 64 * letter.addresses.len() + 512);
-    d.object_id("_id", letter.id);
-    d.strings("addresses", letter.addresses.iter().map(String::as_str));
-    d.str("subject", &letter.subject);
-    d.str("body", &letter.body);
-    d.str("token", &letter.token);
-    d.str("status", letter.status.as_str());
-    d.str("kafkakey", &letter.kafkakey);
-    if let Some(key_null) = letter.key_null {
-        d.i32("key_null", key_null);
-    }
-    if let Some(key_b64) = &letter.key_b64 {
-        d.str("key_b64", key_b64);
-    }
-    if let Some(source) = &letter.source {
-        d.str("source", source);
-    }
-    d.i32("attempts", letter.attempts);
-    d.i64("due_ms", letter.due_ms);
-    if letter.size_bytes != 0 {
-        d.i64("size_bytes", letter.size_bytes);
-    }
-    if let Some(owner) = &letter.owner {
-        d.str("owner", owner);
-    }
-    if let Some(lease_ms) = letter.lease_ms {
-        d.i64("lease_ms", lease_ms);
-    }
-    if let Some(claim) = &letter.claim {
-        d.str("claim", claim);
-    }
-    d.strings("delivered", letter.delivered.iter().map(String::as_str));
-    rejections(&mut d, &letter.rejected, ("Address", "Reply"));
-    if let Some(last_reply) = &letter.last_reply {
-        d.str("last_reply", last_reply);
-    }
-    if let Some(error) = &letter.error {
-        d.str("error", error);
-    }
-    if let Some(unreported) = letter.unreported {
-        d.i32("unreported", unreported);
-    }
-    if let Some(created_at) = created_at {
-        d.date_time("created_at", created_at);
-    }
-    d.i64("updated_ms", letter.updated_ms);
-    if let Some(send_at_ms) = letter.send_at_ms {
-        d.i64("send_at_ms", send_at_ms);
-    }
-    if let Some(not_after_ms) = letter.not_after_ms {
-        d.i64("not_after_ms", not_after_ms);
-    }
-    if !letter.metadata.is_empty() {
-        d.document("metadata");
-        for (key, value) in &letter.metadata {
-            d.str(key, value);
-        }
-        d.end();
-    }
-    d.str("lane", letter.lane.as_str());
-    d.f64("vt", letter.vt);
-    if let Some(tenant) = &letter.tenant {
-        d.str("tenant", tenant);
-    }
-    if let Some(weight) = letter.weight {
-        d.f64("weight", weight);
-    }
-    Ok(d.finish()?)
-}
-
-/// `rejected` as an array of documents named by `names`: an inserted letter has serde's
-/// `Address` and `Reply` (the Go service's), an outcome has always written `address` and `reply`;
-/// `Rejection` reads both.
-fn rejections(d: &mut DocWriter, rejected: &[Rejection], (address, reply): (&str, &str)) {
-    d.array("rejected");
-    for (i, rejection) in rejected.iter().enumerate() {
-        d.document_at(i);
-        d.str(address, &rejection.address);
-        d.str(reply, &rejection.reply);
-        d.end();
-    }
-    d.end();
-}
-
 /// A letter's outcome as one `update` statement, written as raw BSON: built as a `Document`
 /// and converted, each statement cost ~10,000 instructions more under callgrind (an ordered
 /// map hashed per field, then encoded; issue 23).
@@ -941,7 +843,7 @@ mod tests {
     /// order of fields in `$set` means nothing to the server).
     #[test]
     fn an_outcome_statement_sets_what_its_outcome_says() {
-        use crate::model::FailureKind;
+        use crate::model::{FailureKind, Rejection};
         let mut letter = Letter::from_mailing(
             crate::model::Mailing {
                 subject: "s".into(),
@@ -1010,29 +912,6 @@ mod tests {
                 doc! { "q": filter.clone(), "u": { "$set": set, "$unset": unset }, "multi": false, "upsert": false };
             assert_eq!(statement, expected, "{label}");
         }
-    }
-
-    /// The hand-written encoding is serde's, byte for byte, for a letter with every field set
-    /// and for one with every optional field absent. `Letter::with_every_field` is a struct
-    /// literal, so a field added to `Letter` fails to compile there until it is set, and then
-    /// fails here until the encoder writes it.
-    #[test]
-    fn an_encoded_letter_is_the_serialized_one() {
-        let full = Letter::with_every_field();
-        let mut bare = full.clone();
-        (bare.key_null, bare.key_b64, bare.source, bare.size_bytes) = (None, None, None, 0);
-        (bare.owner, bare.lease_ms, bare.claim, bare.last_reply, bare.error) = (None, None, None, None, None);
-        (bare.unreported, bare.created_at, bare.send_at_ms, bare.not_after_ms) = (None, None, None, None);
-        (bare.tenant, bare.weight, bare.lane) = (None, None, crate::priority::Lane::Bulk);
-        (bare.addresses, bare.delivered, bare.rejected, bare.metadata) = (vec![], vec![], vec![], Default::default());
-        let mut nul_key = bare.clone();
-        nul_key.metadata.insert("a\0b".into(), "v".into());
-        for letter in [&full, &bare] {
-            let ours = encode_letter(letter).unwrap();
-            let serde = mongodb::bson::to_raw_document_buf(letter).unwrap();
-            assert_eq!(ours.as_bytes(), serde.as_bytes(), "{:?}", ours.to_document());
-        }
-        assert!(encode_letter(&nul_key).is_err(), "refused as serde refuses it, not a panic");
     }
 
     #[test]

@@ -31,6 +31,7 @@ mod expiry;
 mod feedback;
 mod idempotency;
 mod ledger;
+mod letter_doc;
 mod letters;
 mod locks;
 mod retention;
