@@ -256,7 +256,8 @@ mod tests {
             (held.status, held.due_ms, held.send_at_ms),
             (Status::Awaiting, 1_796_112_000_000, Some(1_796_112_000_000))
         );
-        let message = serde_json::to_value(crate::model::StatusMessage::new(&held, 1024)).unwrap();
+        let message: serde_json::Value =
+            serde_json::from_slice(&crate::model::StatusWriter::default().write(&held, 1024).unwrap()).unwrap();
         assert_eq!(message["Metadata"], serde_json::json!({ "k": "v" }));
         // A SendAt in the past is simply due now.
         let now = Letter::from_mailing(

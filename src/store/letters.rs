@@ -365,12 +365,10 @@ impl Store {
             return Ok(Vec::new());
         }
         let token = ObjectId::new().to_hex();
+        let count = ids.len();
         // The ids as raw BSON, for both commands: through a `Document`, each `ObjectId` went
         // out as a hex string and was parsed back, twice (~4,000 instructions a letter, issue 23).
-        let mut raw_ids = RawArrayBuf::new();
-        for id in &ids {
-            raw_ids.push(RawBson::try_from(id.clone()).context("a due letter's _id")?);
-        }
+        let raw_ids: RawArrayBuf = ids.into_iter().collect();
         let statement = rawdoc! {
             "q": { "_id": { "$in": raw_ids.clone() }, "status": "awaiting" },
             "u": { "$set": {
@@ -387,7 +385,7 @@ impl Store {
         // still come back when their lease ends: maintenance renews only letters this process
         // holds (`renew`), and it never held these.
         let read = match claimed {
-            Ok(_) => self.read_claimed(raw_ids, ids.len(), &token).await,
+            Ok(_) => self.read_claimed(raw_ids, count, &token).await,
             Err(error) => Err(error),
         };
         match read {
@@ -469,7 +467,7 @@ impl Store {
     /// once): their sizes come with the ids, so no body is read before the claim knows it has
     /// room for it. Each lane is one range of `{status, lane, vt, due_ms}`, read in `vt` order
     /// up to the scheduled letters due now (`priority::scheduled_vt`).
-    async fn due_ids(&self, limit: ClaimLimit, now_ms: i64, lanes: LaneClaim) -> anyhow::Result<Vec<Bson>> {
+    async fn due_ids(&self, limit: ClaimLimit, now_ms: i64, lanes: LaneClaim) -> anyhow::Result<Vec<RawBson>> {
         self.count("find", 2);
         let (urgent, bulk) = futures::future::try_join(
             self.due_in(Lane::Transactional, limit.count, now_ms, None),
@@ -487,7 +485,7 @@ impl Store {
         count: usize,
         now_ms: i64,
         before: Option<f64>,
-    ) -> anyhow::Result<Vec<(Bson, usize)>> {
+    ) -> anyhow::Result<Vec<(RawBson, usize)>> {
         let vt = match before {
             Some(before) => doc! { "$lt": before.min(scheduled_vt(now_ms)) },
             None => doc! { "$lte": scheduled_vt(now_ms) },
@@ -509,7 +507,7 @@ impl Store {
         Ok(found
             .iter()
             .filter_map(|d| {
-                let id = Bson::try_from(d.get("_id").ok()??).ok()?;
+                let id = d.get("_id").ok()??.to_raw_bson();
                 let size = match d.get("size_bytes") {
                     Ok(Some(RawBsonRef::Int64(size))) => Some(size),
                     Ok(Some(RawBsonRef::Int32(size))) => Some(i64::from(size)),
