@@ -328,7 +328,7 @@ impl Budget {
             let clock = self.reading();
             let waiting = self.waiting.load(Ordering::Relaxed);
             let mut want = self.pool().want(units, waiting, &self.plan);
-            if self.scarce() || self.far_ahead(clock.now_ns()) {
+            if self.scarce() || self.far_ahead(clock.now_ns()) || self.stock_blocks() {
                 want = want.min(units.saturating_mul(waiting.max(1) as u32));
             }
             let granted = tokio::time::timeout(GRANT_TIMEOUT, self.grant(&mut granting, want, units)).await;
@@ -390,7 +390,7 @@ impl Budget {
         let taken = pool.take(units, &self.plan, now_ns - late_ns, now_ns + lead_ns)?;
         let low = pool.low(now_ns, now_ns + self.prefetch_ns(), self.plan.interval_ns);
         drop(pool);
-        if low && !self.scarce() && !self.far_ahead(now_ns) {
+        if low && !self.scarce() && !self.far_ahead(now_ns) && !self.stock_blocks() {
             self.refill();
         }
         let issued = Instant::now();
@@ -457,6 +457,16 @@ impl Budget {
         self.plan.loose_max == 0
             && self.plan.exact.is_none()
             && end_ns - self.plan.tolerance_ns - now_ns > self.prefetch_ns() + LOOKAHEAD.as_nanos() as i64
+    }
+
+    /// Whether units stocked ahead of the workers would hold room others could use: where the
+    /// rate's window is counted exactly, a grant is charged where its last unit lies, so units a
+    /// replica holds while its workers are busy fill the window until they pass unused and go
+    /// back. Three replicas of four workers on a 300 ms relay sent 7 letters in SES's first
+    /// second of 14 and 81 % of the rate after, with the schedule at eight times the rate. There
+    /// a replica asks for what its waiting workers need, as it does far ahead.
+    fn stock_blocks(&self) -> bool {
+        self.plan.exact.is_some()
     }
 
     fn scarce(&self) -> bool {

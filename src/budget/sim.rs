@@ -20,6 +20,8 @@ use super::{Budget, HOLD_MAX, Ledger, MemoryLedger, Plan, schedule::tests::smtp}
 use crate::{config::RateUnit, metrics::Metrics};
 
 const SECOND: Duration = Duration::from_secs(1);
+#[cfg(test)]
+const MS: Duration = Duration::from_millis(1);
 const MINUTE: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(86_400);
 /// Where every run's server clock starts (Unix milliseconds: 2027-01-15 08:27:13.517 UTC, in no
@@ -247,8 +249,11 @@ impl Judged {
     /// - Where the workers are the limit, each message with `BURST=1` waits for a unit placed a
     ///   lead ahead (1.5 × the slowest recent preparation): with units at every moment (the
     ///   reference, a budget far above the load) a message goes when ready, and a budget whose
-    ///   units its replicas hold sparsely pays part of a preparation per message. Three replicas
-    ///   of four workers on a 300 ms relay at 100,000/s over 3 s: 90.0 %: 88 %.
+    ///   units its replicas hold sparsely pays part of a preparation per message. Two replicas of
+    ///   eight workers on a 50 ms relay at 20,000 recipients a second, letters of 1, 50 and 7,
+    ///   the first killed at 1.5 s: 92.7 % in the grid; two replicas of nine workers on a 2 s
+    ///   relay at 209 a second with a burst of 75 beside 279 a minute: 90.3 % in the property
+    ///   cases: 89 %.
     /// - A replica killed: the units of the grants it held stay counted until their windows pass,
     ///   94.4 % at worst (10 a 10 s period with a burst of 5, beside 30 a minute, killed 1.5 s
     ///   in: the burst's units it held stay counted for the first minute): 92 %.
@@ -257,18 +262,17 @@ impl Judged {
     ///   transactional letter gets the next one), and holds it that long; on a 300 ms relay that is
     ///   a cycle of 650 ms where 300 would do. Three replicas of four workers at 20 a second:
     ///   88.0 % with the replicas' clocks in step, 97.8 % with them ±10 minutes apart: 85 %.
-    /// - Messages of mixed sizes against the rate's exact window: 86.4-98.3 % of what the sizes
-    ///   allow in order (a message waiting for room goes a bucket and the guard after the room is
-    ///   there, each message's grant costs a round trip and a lead, and a replica's bulk workers
-    ///   take their grants one at a time): 85 %.
+    /// - Messages of mixed sizes against the rate's exact window, with a quota beside it: 94.9 %
+    ///   of what the sizes allow in order (sixteen workers on a 2 s relay, letters of 1 to 100
+    ///   recipients at 100 a second beside 2,000 a minute): 93 %.
     ///
     /// The simulated workers take their units as the service's bulk workers do, in turn and near
     /// their time; taking each as soon as they were free, they held the schedule a worker's unit
     /// ahead each, and three replicas of four at 20 a second used 84.0 %.
     pub fn required(&self) -> f64 {
         match self.bound_by.starts_with("the workers") {
-            _ if self.mixed_sizes => 0.85,
-            true => 0.88,
+            true => 0.89,
+            false if self.mixed_sizes => 0.93,
             false if self.killed => 0.92,
             false if self.replicas > 1 && self.carried < 2 * self.binding => 0.85,
             false => 0.95,
@@ -350,8 +354,16 @@ pub async fn judge(case: &Case) -> Judged {
     if plan.exact.is_some() {
         let costs: Vec<u32> = case.recipients.iter().map(|r| (*r).min(plan.largest_cost)).collect();
         if costs.iter().any(|c| *c != costs[0]) {
-            let label = format!("{} as letters of mixed sizes allow in order", plan.rate_label);
-            limits[0] = (label, in_order(&costs, plan.rate_max + burst as u32, plan.period_ns, case.duration));
+            // Every window at once: a quota beside the rate wastes what its last message in a
+            // window could not fill too, up to a message's cost less one (5 % of 2,000 a minute
+            // for messages of up to 100 recipients).
+            let windows: Vec<(u32, i64)> = std::iter::once((plan.rate_max + burst as u32, plan.period_ns))
+                .chain(plan.quotas.iter().map(|quota| (quota.limit, quota.window_ns)))
+                .collect();
+            let labels: Vec<&str> =
+                std::iter::once(plan.rate_label.as_str()).chain(plan.quotas.iter().map(|q| q.label.as_str())).collect();
+            let label = format!("{} as letters of mixed sizes allow in order", labels.join(" and "));
+            limits[0] = (label, in_order(&costs, &windows, case.send / 2, case.duration));
         }
     }
     // A quota: each window that starts within the time, as full as the workers can make it in
@@ -400,25 +412,34 @@ pub async fn judge(case: &Case) -> Judged {
 }
 
 /// The most units a relay counting every window exactly takes from messages of `costs` (cycled)
-/// sent in order, each as soon as the window has room for it, in `duration`: where messages cost
-/// several units, one that does not fit what the window has left waits for room, and what is
-/// left unused meanwhile is lost to any sender that keeps the order (88.6 % of SES's 14 a second
-/// for letters of 1 to 10 recipients).
-fn in_order(costs: &[u32], limit: u32, window_ns: i64, duration: Duration) -> u64 {
+/// sent in order, each as soon as every window (`(limit, width)`) has room for it, in `duration`:
+/// where messages cost several units, one that does not fit what a window has left waits for
+/// room, and what is left unused meanwhile is lost to any sender that keeps the order (88.6 % of
+/// SES's 14 a second for letters of 1 to 10 recipients). The first goes at `first`: no sender's
+/// dot comes before its first transaction is prepared (counted from 0, a 2 s relay's cases read a
+/// second of the rate short, 3 % of 40 s).
+fn in_order(costs: &[u32], windows: &[(u32, i64)], first: Duration, duration: Duration) -> u64 {
+    use std::collections::VecDeque;
     let end = duration.as_nanos() as i64;
-    let mut sent: std::collections::VecDeque<(i64, u32)> = std::collections::VecDeque::new();
-    let (mut at, mut held, mut used) = (0_i64, 0_u32, 0_u64);
+    // Per window: the messages it still counts, and their units.
+    let mut counted: Vec<(VecDeque<(i64, u32)>, u32)> = windows.iter().map(|_| (VecDeque::new(), 0)).collect();
+    let (mut at, mut used) = (first.as_nanos() as i64, 0_u64);
     for cost in costs.iter().cycle() {
-        while held + cost > limit {
-            let Some((first, n)) = sent.pop_front() else { break };
-            at = at.max(first + window_ns);
-            held -= n;
+        // Time only moves on, so a window that has room at `at` still has it later.
+        for ((sent, held), (limit, width)) in counted.iter_mut().zip(windows) {
+            while *held + cost > *limit {
+                let Some((first, n)) = sent.pop_front() else { break };
+                at = at.max(first + width);
+                *held -= n;
+            }
         }
         if at >= end {
             return used;
         }
-        sent.push_back((at, *cost));
-        held += cost;
+        for (sent, held) in &mut counted {
+            sent.push_back((at, *cost));
+            *held += cost;
+        }
         used += u64::from(*cost);
     }
     used
@@ -716,7 +737,8 @@ mod tests {
     /// (`Budget::bulk_wait`), and then again for room in the window, where a message in
     /// recipients goes: the replica's other workers waited behind it, and the budget used 80.0 %
     /// of what letters of those sizes allow in order. Counted exactly, the window's room decides
-    /// and bulk does not wait for the schedule: 96.7 %.
+    /// and bulk does not wait for the schedule: 96.7 %; with the schedule at eight times the rate
+    /// and grants as the workers ask, 98.6 %.
     #[tokio::test(start_paused = true)]
     async fn bulk_workers_in_turn_keep_a_budget_in_recipients_used() {
         let case = Case {
@@ -736,7 +758,64 @@ mod tests {
         };
         let judged = judge(&case).await;
         assert!(judged.over.is_empty(), "over: {:?}", judged.over);
-        assert!(judged.share() >= 0.90, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+    }
+
+    /// Letters of 1 to 10 recipients against 30 recipients a second, one replica: the schedule
+    /// spread units at twice the rate, so the messages that the window's room let go together
+    /// went one after another, each a few of its units later, and each late message freed its
+    /// room as late: 93.3 % of what the sizes allow in order, with one worker on a 1 ms relay and
+    /// with eight on a 20 ms one. Spread at eight times the rate, and granted as the workers ask
+    /// (units a replica stocked ahead held the window's room while its workers were busy): 95 %
+    /// and more.
+    #[tokio::test(start_paused = true)]
+    async fn messages_of_mixed_sizes_use_what_the_window_allows() {
+        let mut vars = letters("1s", 30, 1, None);
+        vars.push(var("SMTP_RATE_LIMIT_UNIT", "recipient"));
+        vars.push(var("SMTP_MAX_RECIPIENTS", 10));
+        for (workers, send) in [(1, Duration::from_millis(1)), (8, Duration::from_millis(20))] {
+            let case = Case {
+                recipients: vec![1, 3, 10, 2, 7, 1, 5, 4, 9, 1],
+                ..Case::load(vars.clone(), 1, workers, send, 30 * SECOND)
+            };
+            let judged = judge(&case).await;
+            assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+            assert!(judged.bound_by.contains("mixed sizes"), "{}", judged.bound_by);
+            assert!(judged.share() >= 0.95, "{workers} worker(s): {} of {}", judged.used, judged.binding);
+        }
+    }
+
+    /// Three replicas of four workers on a 300 ms relay at 100,000 a second, where grants are
+    /// loose: workers in step took their units within a moment of each other, the rate measured
+    /// over that moment read hundreds of times theirs, and a replica's grant took the deployment's
+    /// whole loose allowance; another replica's messages then waited a lead for scheduled units,
+    /// 381 ms a message where 306 do (90.0 % of what they carry). Measured over a lookahead, each
+    /// replica takes what it uses.
+    #[tokio::test(start_paused = true)]
+    async fn loose_grants_leave_room_for_every_replica() {
+        let case = Case {
+            offsets_ms: vec![600_000, 0, -600_000],
+            ..Case::load(letters("1s", 100_000, 1, None), 3, 4, Duration::from_millis(300), 3 * SECOND)
+        };
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert_eq!(judged.bound_by, "the workers");
+        assert!(judged.share() >= 0.98, "{} of {}", judged.used, judged.binding);
+    }
+
+    /// The reference for messages of mixed sizes: every window at once (a quota beside the rate
+    /// loses what its last message in a window cannot fill too), and nothing before the first
+    /// transaction can reach its dot.
+    #[test]
+    fn in_order_counts_every_window_from_the_first_possible_dot() {
+        let second = 1_000_000_000;
+        // 5 a second: 3 at 0 s, 3 at 1 s, 3 at 2 s (the second 3 never fits beside the first).
+        assert_eq!(in_order(&[3], &[(5, second)], Duration::ZERO, 2500 * MS), 9);
+        // And 7 per 10 s beside it: 3 at 0 s, 3 at 1 s, then the quota's room is 1 until 10 s.
+        assert_eq!(in_order(&[3], &[(5, second), (7, 10 * second)], Duration::ZERO, 9 * SECOND), 6);
+        assert_eq!(in_order(&[3], &[(5, second), (7, 10 * second)], Duration::ZERO, 10_001 * MS), 9);
+        // From 1 s on: the window starting at 2 s ends past 2.5 s.
+        assert_eq!(in_order(&[3], &[(5, second)], SECOND, 2500 * MS), 6);
     }
 }
 
