@@ -328,7 +328,7 @@ impl Budget {
             let clock = self.reading();
             let waiting = self.waiting.load(Ordering::Relaxed);
             let mut want = self.pool().want(units, waiting, &self.plan);
-            if self.scarce() || self.far_ahead(clock.now_ns()) || self.stock_blocks() {
+            if self.asks_as_needed(clock.now_ns()) {
                 want = want.min(units.saturating_mul(waiting.max(1) as u32));
             }
             let granted = tokio::time::timeout(GRANT_TIMEOUT, self.grant(&mut granting, want, units)).await;
@@ -390,7 +390,7 @@ impl Budget {
         let taken = pool.take(units, &self.plan, now_ns - late_ns, now_ns + lead_ns)?;
         let low = pool.low(now_ns, now_ns + self.prefetch_ns(), self.plan.interval_ns);
         drop(pool);
-        if low && !self.scarce() && !self.far_ahead(now_ns) && !self.stock_blocks() {
+        if low && !self.asks_as_needed(now_ns) {
             self.refill();
         }
         let issued = Instant::now();
@@ -467,6 +467,12 @@ impl Budget {
     /// a replica asks for what its waiting workers need, as it does far ahead.
     fn stock_blocks(&self) -> bool {
         self.plan.exact.is_some()
+    }
+
+    /// Whether this replica asks only for what its waiting workers need, with no grant in the
+    /// background: its letters are running out, the schedule is far ahead, or stock would block.
+    fn asks_as_needed(&self, now_ns: i64) -> bool {
+        self.scarce() || self.far_ahead(now_ns) || self.stock_blocks()
     }
 
     fn scarce(&self) -> bool {

@@ -201,10 +201,10 @@ impl Pool {
             // workers on a 300 ms relay at 100,000 a second: 90.0 % of what they carry). Until a
             // lookahead has passed the last rate stands; the first is taken over a lookahead.
             let settling = plan.loose_max > 0 && elapsed < LOOKAHEAD.as_secs_f64();
-            if settling && self.rate == 0.0 {
-                elapsed = LOOKAHEAD.as_secs_f64();
-            }
             if !(settling && self.rate > 0.0) {
+                if settling {
+                    elapsed = LOOKAHEAD.as_secs_f64();
+                }
                 if elapsed > 0.0 {
                     let measured = self.handed as f64 / elapsed;
                     self.rate = if self.rate == 0.0 { measured } else { 0.5 * self.rate + 0.5 * measured };

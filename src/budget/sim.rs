@@ -20,7 +20,6 @@ use super::{Budget, HOLD_MAX, Ledger, MemoryLedger, Plan, schedule::tests::smtp}
 use crate::{config::RateUnit, metrics::Metrics};
 
 const SECOND: Duration = Duration::from_secs(1);
-#[cfg(test)]
 const MS: Duration = Duration::from_millis(1);
 const MINUTE: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(86_400);
@@ -357,11 +356,10 @@ pub async fn judge(case: &Case) -> Judged {
             // Every window at once: a quota beside the rate wastes what its last message in a
             // window could not fill too, up to a message's cost less one (5 % of 2,000 a minute
             // for messages of up to 100 recipients).
-            let windows: Vec<(u32, i64)> = std::iter::once((plan.rate_max + burst as u32, plan.period_ns))
-                .chain(plan.quotas.iter().map(|quota| (quota.limit, quota.window_ns)))
-                .collect();
-            let labels: Vec<&str> =
-                std::iter::once(plan.rate_label.as_str()).chain(plan.quotas.iter().map(|q| q.label.as_str())).collect();
+            let (windows, labels): (Vec<(u32, i64)>, Vec<&str>) =
+                std::iter::once(((plan.rate_max + burst as u32, plan.period_ns), plan.rate_label.as_str()))
+                    .chain(plan.quotas.iter().map(|quota| ((quota.limit, quota.window_ns), quota.label.as_str())))
+                    .unzip();
             let label = format!("{} as letters of mixed sizes allow in order", labels.join(" and "));
             limits[0] = (label, in_order(&costs, &windows, case.send / 2, case.duration));
         }
