@@ -196,7 +196,10 @@ async fn a_throttle_reply_slows_the_whole_instance_which_then_recovers() {
     println!("rate before {before:.1}/s, after the throttle {slowed:.1}/s, at the end {recovered:.1}/s");
     assert!(before >= 16.0, "before the throttle: {before:.1}/s");
     assert!(slowed <= 0.75 * before, "not slowed down: {slowed:.1}/s after, {before:.1}/s before");
-    assert!(recovered >= 16.0, "not recovered: {recovered:.1}/s at the end");
+    // Back to the rate it had before, measured on the same machine: on a loaded one the rate
+    // before read 17.0/s and the end 15.0/s, where an absolute 16/s failed though it recovered;
+    // not recovered, the end stays at the slowed rate, at most 75 % of the rate before.
+    assert!(recovered >= 0.85 * before, "not recovered: {recovered:.1}/s at the end, {before:.1}/s before");
     let (_, metrics) = app.get("/metrics").await;
     let events = metrics
         .lines()

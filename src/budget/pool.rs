@@ -37,9 +37,18 @@ pub(super) enum Taken {
 
 impl Pool {
     /// `units` for one message: loose ones that are still usable at `ready_ns` (when the message
-    /// can be ready), else the last of `units` consecutive units not before `now_ns`. Units
-    /// passed over are kept for the quotas ([`Pool::take_expired`]).
-    pub(super) fn take(&mut self, units: u32, plan: &Plan, now_ns: i64, ready_ns: i64) -> Option<(Taken, Placed)> {
+    /// can be ready), else the last of `units` consecutive units due at `cut_ns` or later (when
+    /// the message can reach its dot, less the lateness allowed). Units due before `now_ns` have
+    /// passed and are kept for the quotas ([`Pool::take_expired`]); units between `now_ns` and
+    /// `cut_ns` stay for a message that is ready sooner.
+    pub(super) fn take(
+        &mut self,
+        units: u32,
+        plan: &Plan,
+        now_ns: i64,
+        cut_ns: i64,
+        ready_ns: i64,
+    ) -> Option<(Taken, Placed)> {
         let interval_ns = plan.interval_ns;
         while let Some((until, count)) = self.loose.front_mut() {
             if *until < ready_ns || *count < units {
@@ -54,6 +63,12 @@ impl Pool {
             }
             self.handed += u64::from(units);
             return Some((Taken::Until(until), Placed::at(until, units)));
+        }
+        // Where runs are charged at their ends, a run split around units left for later would be
+        // charged elsewhere than the ledger did; those pools hold only what the waiting workers
+        // asked for anyway (`Budget::stock_blocks`).
+        if cut_ns > now_ns && !self.charged_at_end {
+            return self.take_from(units, plan, now_ns, cut_ns);
         }
         while let Some(whole) = self.runs.pop_front() {
             // Units due before `now_ns` are of no use: spending them late could crowd a window.
@@ -81,6 +96,46 @@ impl Pool {
             return Some((taken, placed));
         }
         None
+    }
+
+    /// The first `units` consecutive units due at `cut_ns` or later, of any run; units before them
+    /// stay in the pool, but those past `now_ns`, which expire.
+    fn take_from(&mut self, units: u32, plan: &Plan, now_ns: i64, cut_ns: i64) -> Option<(Taken, Placed)> {
+        let interval_ns = plan.interval_ns;
+        let mut passed = Vec::new();
+        self.runs.retain_mut(|whole| {
+            let run = plan.alive(*whole, now_ns);
+            let kept = run.map_or(0, |run| run.count);
+            if kept < whole.count {
+                passed.push((*whole, whole.count - kept));
+            }
+            if let Some(run) = run {
+                *whole = run;
+            }
+            kept > 0
+        });
+        for (whole, count) in passed {
+            self.expired.push(self.placed(whole, whole.first_ns, count, plan));
+        }
+        let (at, usable) =
+            self.runs.iter().enumerate().find_map(|(at, run)| {
+                plan.alive(*run, cut_ns).filter(|usable| usable.count >= units).map(|u| (at, u))
+            })?;
+        let run = self.runs[at];
+        let last = usable.first_ns + i64::from(units - 1) * interval_ns;
+        let taken =
+            Taken::At { usable_ns: last - plan.tolerance_ns, due_ns: plan.due_ns(usable, usable.first_ns, last) };
+        let placed = self.placed(run, usable.first_ns, units, plan);
+        let before = Run { count: run.count - usable.count, ..run };
+        let after = Run { first_ns: last + interval_ns, count: usable.count - units, ..usable };
+        self.runs.remove(at);
+        for piece in [after, before] {
+            if piece.count > 0 {
+                self.runs.insert(at, piece);
+            }
+        }
+        self.handed += u64::from(units);
+        Some((taken, placed))
     }
 
     /// From when the first unit still due at `cut_ns` may be used, without taking it.
@@ -251,7 +306,10 @@ mod tests {
         pool.add(run(500, 1), &plan);
         let runs = |pool: &Pool| pool.runs.iter().map(|run| (run.first_ns, run.count)).collect::<Vec<_>>();
         assert_eq!(runs(&pool), vec![(500, 1), (1_000, 6), (2_000, 3)]);
-        assert_eq!(pool.take(1, &plan, 0, 0).map(|(taken, _)| taken), Some(Taken::At { usable_ns: 500, due_ns: 500 }));
+        assert_eq!(
+            pool.take(1, &plan, 0, 0, 0).map(|(taken, _)| taken),
+            Some(Taken::At { usable_ns: 500, due_ns: 500 })
+        );
         assert_eq!(pool.take_back(1_025, &plan), vec![run(1_030, 3), run(2_000, 3)]);
         assert_eq!(runs(&pool), vec![(1_000, 3)]);
         assert_eq!(pool.take_back(0, &plan), vec![run(1_000, 3)]);
@@ -267,15 +325,15 @@ mod tests {
         pool.add(run(1_100, 3), &plan);
         // At 1_025, the units at 1_000, 1_010 and 1_020 have passed.
         assert_eq!(
-            pool.take(1, &plan, 1_025, 1_025).map(|(taken, _)| taken),
+            pool.take(1, &plan, 1_025, 1_025, 1_025).map(|(taken, _)| taken),
             Some(Taken::At { usable_ns: 1_030, due_ns: 1_030 })
         );
         assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_000, count: 3, step_ns: 10, floor_ns: 0 }]);
         // Four units wanted, three in a row left: they expire rather than split the message.
-        assert_eq!(pool.take(4, &plan, 1_031, 1_031).map(|(taken, _)| taken), None);
+        assert_eq!(pool.take(4, &plan, 1_031, 1_031, 1_031).map(|(taken, _)| taken), None);
         assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_100, count: 3, step_ns: 10, floor_ns: 0 }]);
         pool.loose.push_back((2_000, 5));
-        assert_eq!(pool.take(1, &plan, 2_001, 2_001).map(|(taken, _)| taken), None);
+        assert_eq!(pool.take(1, &plan, 2_001, 2_001, 2_001).map(|(taken, _)| taken), None);
         assert_eq!(pool.take_expired(), vec![Placed::at(2_000, 5)]);
     }
 
@@ -288,10 +346,16 @@ mod tests {
         let mut pool = Pool::default();
         // Granted at 0: units at 20, 30, ..., 110.
         pool.add(run(20, 10), &plan);
-        assert_eq!(pool.take(1, &plan, 0, 0).map(|(taken, _)| taken), Some(Taken::At { usable_ns: -30, due_ns: 15 }));
+        assert_eq!(
+            pool.take(1, &plan, 0, 0, 0).map(|(taken, _)| taken),
+            Some(Taken::At { usable_ns: -30, due_ns: 15 })
+        );
         // At 16 the units usable from 0 on (places 30, 40, 50) are past their reach; the one at
         // 60 is usable from 10, due at 25.
-        assert_eq!(pool.take(1, &plan, 16, 16).map(|(taken, _)| taken), Some(Taken::At { usable_ns: 10, due_ns: 25 }));
+        assert_eq!(
+            pool.take(1, &plan, 16, 16, 16).map(|(taken, _)| taken),
+            Some(Taken::At { usable_ns: 10, due_ns: 25 })
+        );
         assert_eq!(pool.take_expired(), vec![Placed { first_ns: -20, count: 3, step_ns: 10, floor_ns: 0 }]);
         // Charged where usable: three at the grant, then one every 10 ns.
         let charged = plan.placed(run(20, 10)).per_bucket(10);

@@ -209,7 +209,7 @@ async fn send_one(
             break true;
         }
         budget.missed(&ticket);
-        match tokio::time::timeout_at(hold_until, budget.take(cost)).await {
+        match tokio::time::timeout_at(hold_until, budget.take_ready(cost)).await {
             Ok(next) if next.at <= hold_until => ticket = next,
             _ => break false,
         }
@@ -248,19 +248,19 @@ impl Judged {
     /// - Where the workers are the limit, each message with `BURST=1` waits for a unit placed a
     ///   lead ahead (1.5 × the slowest recent preparation): with units at every moment (the
     ///   reference, a budget far above the load) a message goes when ready, and a budget whose
-    ///   units its replicas hold sparsely pays part of a preparation per message. Two replicas of
-    ///   eight workers on a 50 ms relay at 20,000 recipients a second, letters of 1, 50 and 7,
-    ///   the first killed at 1.5 s: 92.7 % in the grid; two replicas of nine workers on a 2 s
-    ///   relay at 209 a second with a burst of 75 beside 279 a minute: 90.3 % in the property
-    ///   cases: 89 %.
+    ///   units its replicas hold sparsely pays part of a preparation per message, and a message
+    ///   takes no unit it cannot reach (`Budget::cut_ns`), so where the replicas' pools are stocked
+    ///   to their horizon it may wait for a unit past them. 95.4 % at worst in the grid; three
+    ///   replicas of eleven workers on a 300 ms relay at 323 a second with a burst of 35, over
+    ///   5 s: 90.1 % in the property cases (99.0 % before the cut): 89 %.
     /// - A replica killed: the units of the grants it held stay counted until their windows pass,
     ///   94.4 % at worst (10 a 10 s period with a burst of 5, beside 30 a minute, killed 1.5 s
     ///   in: the burst's units it held stay counted for the first minute): 92 %.
     /// - Several replicas whose workers carry less than twice the rate: a bulk worker takes its
-    ///   unit in its turn two leads and an interval ahead (`Budget::bulk_wait`, so that a
-    ///   transactional letter gets the next one), and holds it that long; on a 300 ms relay that is
-    ///   a cycle of 650 ms where 300 would do. Three replicas of four workers at 20 a second:
-    ///   88.0 % with the replicas' clocks in step, 97.8 % with them ±10 minutes apart: 85 %.
+    ///   unit in its turn a lead and an interval ahead (`Budget::bulk_wait`, so that a
+    ///   transactional letter gets the next one), and holds it that long. Three replicas of four
+    ///   workers on a 300 ms relay: 98.8 % at 20 a second, 96.4 % at 30, but 80.0 % at 40 (not in
+    ///   the grid; 70.9 % before): 85 %.
     /// - Messages of mixed sizes against the rate's exact window, with a quota beside it: 94.9 %
     ///   of what the sizes allow in order (sixteen workers on a 2 s relay, letters of 1 to 100
     ///   recipients at 100 a second beside 2,000 a minute): 93 %.
@@ -506,6 +506,7 @@ pub fn grid() -> Vec<Case> {
             (letters("1s", 10, 1, None), 60 * SECOND),
             (letters("1s", 14, 1, None), 30 * SECOND),
             (letters("1s", 20, 1, None), 30 * SECOND),
+            (letters("1s", 30, 1, None), 30 * SECOND),
             (letters("10s", 10, 5, None), 2 * MINUTE),
             (letters("1s", 100, 1, Some("1000/1m")), 150 * SECOND),
             (letters("1s", 100_000, 1, None), 3 * SECOND),
@@ -703,16 +704,19 @@ mod tests {
     /// far out), yet each replica kept its pool stocked to its horizon: the units it held waited
     /// while its four workers were busy, and passed unused or were taken too late to reach. Now a
     /// replica asks for its waiting workers' units alone while the schedule is that far ahead
-    /// (`Budget::far_ahead`): 98.6 %. At 20 a second, where the bulk turn's units held ahead
-    /// cost the most, 88.0 % (a known gap, [`Judged::required`]).
+    /// (`Budget::far_ahead`): 98.6 %. At 20 a second 88.0 %, at 30 a second 59.6 %: a worker
+    /// took the pool's next unit although its message could not reach it (a preparation is
+    /// 150 ms, units 33 ms apart), missed it, and took another half a second ahead with the DATA
+    /// phase open; and bulk took its unit two leads ahead. Units a message cannot reach now stay
+    /// for messages that are ready (`Budget::cut_ns`), and bulk takes one lead ahead.
     #[tokio::test(start_paused = true)]
     async fn three_replicas_of_four_slow_workers_use_the_rate() {
-        for rate in [14, 20] {
+        for rate in [14, 20, 30] {
             let case = Case::load(letters("1s", rate, 1, None), 3, 4, Duration::from_millis(300), 30 * SECOND);
             let judged = judge(&case).await;
             assert!(judged.over.is_empty(), "over: {:?}", judged.over);
             assert_eq!(judged.bound_by, format!("{rate}/1s"));
-            assert!(judged.share() >= judged.required(), "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+            assert!(judged.share() >= 0.95, "{rate}/s: {} of {} ({})", judged.used, judged.binding, judged.bound_by);
         }
     }
 

@@ -275,7 +275,7 @@ impl RateLimit {
             // Too late for its unit (a slow connection, a late wake-up): the dot on it could
             // crowd the next window, so the message waits for a new one.
             tracing::debug!(late_ms = late.as_secs_f64() * 1e3, "late for the budget's unit; taking another");
-            match tokio::time::timeout_at(hold_until, budget.take(ticket.units)).await {
+            match tokio::time::timeout_at(hold_until, budget.take_ready(ticket.units)).await {
                 Ok(next) if next.at <= hold_until => ticket = next,
                 _ => {
                     metrics.budget_withdrawn.inc();
