@@ -430,23 +430,32 @@ pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, 
     }
     // Quotas of windows no longer configured would only grow the document.
     next.quotas.retain(|key, _| plan.counted().any(|q| &q.key == key));
+    // No unit of this grant is charged before a lead from now (nor before its place less the
+    // burst tolerance), so a window that ends before then holds none of them: the quotas are
+    // counted from there. Counted from now, a replica waiting for a quota to free asked when it
+    // did, and its first unit came a lead and a round trip later: 2.8 s of 100 recipients a
+    // second lost at every minute's reopening of 2,000 a minute with 2 s sends.
+    let charged_from_ns = (now_ns + lead_ns).max(start - plan.tolerance_ns);
     for quota in &plan.quotas {
         let buckets = next.quotas.entry(quota.key.clone()).or_default();
-        let first_counted = (now_ns - quota.window_ns).div_euclid(quota.bucket_ns) - 1;
-        buckets.retain(|bucket, _| *bucket >= first_counted);
-        let used: u64 = buckets.values().map(|n| u64::from(*n)).sum();
+        // Kept from now: another replica's grant may be charged sooner than this one.
+        let first_kept = (now_ns - quota.window_ns).div_euclid(quota.bucket_ns) - 1;
+        buckets.retain(|bucket, _| *bucket >= first_kept);
+        let first_counted = (charged_from_ns - quota.window_ns).div_euclid(quota.bucket_ns) - 1;
+        let used: u64 = buckets.range(first_counted..).map(|(_, n)| u64::from(*n)).sum();
         let available = u64::from(quota.limit).saturating_sub(used);
         if available < u64::from(need) {
             // What was given back to the quotas is kept, for the caller to write.
             let state = if dead.is_empty() { state.clone() } else { pruned };
             // Free when enough of the oldest buckets have left the counted range: bucket b
-            // leaves it at (b + 2) buckets + the window.
+            // leaves it at (b + 2) buckets + the window, for units charged from then on, which
+            // a grant asked for a lead and more before gives.
             let mut freed = 0;
             let mut until_ns = now_ns + quota.window_ns;
-            for (bucket, n) in buckets.iter() {
+            for (bucket, n) in buckets.range(first_counted..) {
                 freed += u64::from(*n);
                 if used - freed + u64::from(need) <= u64::from(quota.limit) {
-                    until_ns = (bucket + 2) * quota.bucket_ns + quota.window_ns;
+                    until_ns = (bucket + 2) * quota.bucket_ns + quota.window_ns - (charged_from_ns - now_ns);
                     break;
                 }
             }
