@@ -248,7 +248,7 @@ impl Judged {
     ///   reference, a budget far above the load) a message goes when ready, and a budget whose
     ///   units its replicas hold sparsely pays part of a preparation per message, and a message
     ///   takes no unit it cannot reach (`Budget::cut_ns`), so where the replicas' pools are stocked
-    ///   to their horizon it may wait for a unit past them. 95.4 % at worst in the grid; three
+    ///   to their horizon it may wait for a unit past them. 95.8 % at worst in the grid; three
     ///   replicas of eleven workers on a 300 ms relay at 323 a second with a burst of 35, over
     ///   5 s: 90.1 % in the property cases (99.0 % before the cut): 89 %.
     /// - A replica killed: the units of the grants it held stay counted until their windows pass,
