@@ -71,71 +71,68 @@ impl Pool {
             return self.take_from(units, plan, now_ns, cut_ns);
         }
         while let Some(whole) = self.runs.pop_front() {
-            // Units due before `now_ns` are of no use: spending them late could crowd a window.
-            let run = plan.alive(whole, now_ns);
-            let kept = run.map_or(0, |run| run.count);
-            if kept < whole.count {
-                self.expired.push(self.placed(whole, whole.first_ns, whole.count - kept, plan));
-            }
-            let Some(mut run) = run else { continue };
+            let Some(mut run) = self.alive_or_expire(whole, now_ns, plan) else { continue };
             // Too few consecutive units for this message: they expire unused rather than split
             // it across other replicas' units.
             if run.count < units {
                 self.expired.push(self.placed(whole, run.first_ns, run.count, plan));
                 continue;
             }
-            let last = run.first_ns + i64::from(units - 1) * interval_ns;
-            let taken = Taken::At { usable_ns: last - plan.tolerance_ns, due_ns: plan.due_ns(run, run.first_ns, last) };
-            let placed = self.placed(whole, run.first_ns, units, plan);
+            let handed = self.hand(whole, run, units, plan);
             run.first_ns += i64::from(units) * interval_ns;
             run.count -= units;
             if run.count > 0 {
                 self.runs.push_front(run);
             }
-            self.handed += u64::from(units);
-            return Some((taken, placed));
+            return Some(handed);
         }
         None
+    }
+
+    /// The units of `whole` still due at `now_ns`; those before have passed and expire (units
+    /// due before now are of no use: spending them late could crowd a window).
+    fn alive_or_expire(&mut self, whole: Run, now_ns: i64, plan: &Plan) -> Option<Run> {
+        let run = plan.alive(whole, now_ns);
+        let kept = run.map_or(0, |run| run.count);
+        if kept < whole.count {
+            self.expired.push(self.placed(whole, whole.first_ns, whole.count - kept, plan));
+        }
+        run
+    }
+
+    /// The ticket for the first `units` of `usable`, a part of `whole`.
+    fn hand(&mut self, whole: Run, usable: Run, units: u32, plan: &Plan) -> (Taken, Placed) {
+        let last = usable.first_ns + i64::from(units - 1) * plan.interval_ns;
+        let taken =
+            Taken::At { usable_ns: last - plan.tolerance_ns, due_ns: plan.due_ns(usable, usable.first_ns, last) };
+        self.handed += u64::from(units);
+        (taken, self.placed(whole, usable.first_ns, units, plan))
     }
 
     /// The first `units` consecutive units due at `cut_ns` or later, of any run; units before them
     /// stay in the pool, but those past `now_ns`, which expire.
     fn take_from(&mut self, units: u32, plan: &Plan, now_ns: i64, cut_ns: i64) -> Option<(Taken, Placed)> {
-        let interval_ns = plan.interval_ns;
-        let mut passed = Vec::new();
-        self.runs.retain_mut(|whole| {
-            let run = plan.alive(*whole, now_ns);
-            let kept = run.map_or(0, |run| run.count);
-            if kept < whole.count {
-                passed.push((*whole, whole.count - kept));
-            }
-            if let Some(run) = run {
-                *whole = run;
-            }
-            kept > 0
-        });
-        for (whole, count) in passed {
-            self.expired.push(self.placed(whole, whole.first_ns, count, plan));
-        }
+        let runs = std::mem::take(&mut self.runs);
+        self.runs = runs.into_iter().filter_map(|whole| self.alive_or_expire(whole, now_ns, plan)).collect();
         let (at, usable) =
             self.runs.iter().enumerate().find_map(|(at, run)| {
                 plan.alive(*run, cut_ns).filter(|usable| usable.count >= units).map(|u| (at, u))
             })?;
         let run = self.runs[at];
-        let last = usable.first_ns + i64::from(units - 1) * interval_ns;
-        let taken =
-            Taken::At { usable_ns: last - plan.tolerance_ns, due_ns: plan.due_ns(usable, usable.first_ns, last) };
-        let placed = self.placed(run, usable.first_ns, units, plan);
+        let handed = self.hand(run, usable, units, plan);
         let before = Run { count: run.count - usable.count, ..run };
-        let after = Run { first_ns: last + interval_ns, count: usable.count - units, ..usable };
+        let after = Run {
+            first_ns: usable.first_ns + i64::from(units) * plan.interval_ns,
+            count: usable.count - units,
+            ..usable
+        };
         self.runs.remove(at);
         for piece in [after, before] {
             if piece.count > 0 {
                 self.runs.insert(at, piece);
             }
         }
-        self.handed += u64::from(units);
-        Some((taken, placed))
+        Some(handed)
     }
 
     /// From when the first unit still due at `cut_ns` may be used, without taking it.
