@@ -88,19 +88,18 @@ impl Mailing {
 
     /// Checks the mailing, its attachments against `limits` (`ATTACHMENTS_MAX_COUNT`, `ATTACHMENTS_MAX_BYTES`).
     pub fn validate_within(&self, limits: &crate::attachments::AttachmentLimits) -> Checked {
-        let mut recipients = Vec::new();
+        let mut valid = Vec::with_capacity(self.addresses.len());
         let mut rejected = Vec::new();
-        let mut seen = HashSet::new();
         for raw in &self.addresses {
             match Recipient::parse(raw) {
-                Ok(recipient) => {
-                    if seen.insert(recipient.key()) {
-                        recipients.push(recipient);
-                    }
-                }
+                Ok(recipient) => valid.push(recipient),
                 Err(reason) => rejected.push(Rejection { address: raw.clone(), reply: reason }),
             }
         }
+        // Compared by key without copying one (a mailing has few addresses: `Keys`).
+        let mut seen = Keys::with_capacity(valid.len());
+        let recipients: Vec<Recipient> =
+            valid.iter().filter(|r| seen.insert(Cow::Borrowed(r.key_str()))).cloned().collect();
         let attachments = crate::attachments::check(self.extra.attachments.as_ref(), limits);
         let error = if let Err(reason) = check_subject(&self.subject) {
             Some(reason)
@@ -262,25 +261,57 @@ struct ParsedAddresses(std::sync::OnceLock<Vec<ParsedAddress>>);
 
 /// One of `addresses`: the recipient when it is a valid mailbox, and its key either way.
 #[derive(Clone)]
-struct ParsedAddress {
-    /// As stored, so a cache that no longer matches `addresses` is seen.
-    raw: String,
-    recipient: Option<Recipient>,
-    key: String,
+enum ParsedAddress {
+    Valid {
+        recipient: Recipient,
+        /// As stored, when that is not the recipient's form (spaces around it), so a cache that
+        /// no longer matches `addresses` is seen.
+        raw: Option<String>,
+    },
+    Invalid {
+        raw: String,
+        key: String,
+    },
 }
 
 impl ParsedAddress {
+    /// Copies nothing the recipient holds already: a claim parses every letter's addresses.
     fn of(raw: &str) -> ParsedAddress {
         match Recipient::parse(raw) {
-            Ok(recipient) => ParsedAddress { raw: raw.to_owned(), key: recipient.key(), recipient: Some(recipient) },
-            Err(_) => ParsedAddress { raw: raw.to_owned(), recipient: None, key: raw.trim().to_lowercase() },
+            Ok(recipient) => {
+                let raw = (recipient.as_str() != raw).then(|| raw.to_owned());
+                ParsedAddress::Valid { recipient, raw }
+            }
+            Err(_) => ParsedAddress::Invalid { raw: raw.to_owned(), key: raw.trim().to_lowercase() },
+        }
+    }
+
+    /// As stored.
+    fn raw(&self) -> &str {
+        match self {
+            ParsedAddress::Valid { recipient, raw } => raw.as_deref().unwrap_or(recipient.as_str()),
+            ParsedAddress::Invalid { raw, .. } => raw,
+        }
+    }
+
+    fn key(&self) -> &str {
+        match self {
+            ParsedAddress::Valid { recipient, .. } => recipient.key_str(),
+            ParsedAddress::Invalid { key, .. } => key,
+        }
+    }
+
+    fn recipient(&self) -> Option<&Recipient> {
+        match self {
+            ParsedAddress::Valid { recipient, .. } => Some(recipient),
+            ParsedAddress::Invalid { .. } => None,
         }
     }
 
     /// Whether `raw` names this address: as stored, or as its recipient writes it (the form
     /// `delivered` and `rejected` hold).
     fn named_by(&self, raw: &str) -> bool {
-        self.raw == raw || self.recipient.as_ref().is_some_and(|r| r.as_str() == raw)
+        self.raw() == raw || self.recipient().is_some_and(|r| r.as_str() == raw)
     }
 }
 
@@ -567,8 +598,8 @@ impl Letter {
         // An address of the letter has its key already; anything else is parsed as before.
         let key = |raw: &str| -> Cow<'_, str> {
             match parsed.iter().find(|p| p.named_by(raw)) {
-                Some(p) => Cow::Borrowed(p.key.as_str()),
-                None => Cow::Owned(ParsedAddress::of(raw).key),
+                Some(p) => Cow::Borrowed(p.key()),
+                None => Cow::Owned(ParsedAddress::of(raw).key().to_owned()),
             }
         };
         let mut done = Keys::with_capacity(parsed.len() + self.delivered.len() + self.rejected.len());
@@ -577,7 +608,7 @@ impl Letter {
         }
         parsed
             .iter()
-            .filter_map(|p| p.recipient.as_ref())
+            .filter_map(ParsedAddress::recipient)
             .filter(|r| done.insert(Cow::Borrowed(r.key_str())))
             .cloned()
             .collect()
@@ -588,7 +619,7 @@ impl Letter {
         let parse = || self.addresses.iter().map(|raw| ParsedAddress::of(raw)).collect::<Vec<_>>();
         let cached = self.parsed.0.get_or_init(parse);
         let current =
-            cached.len() == self.addresses.len() && cached.iter().zip(&self.addresses).all(|(p, a)| p.raw == *a);
+            cached.len() == self.addresses.len() && cached.iter().zip(&self.addresses).all(|(p, a)| p.raw() == a);
         if current { Cow::Borrowed(cached) } else { Cow::Owned(parse()) }
     }
 }

@@ -4,9 +4,12 @@
 //! 23). `Letter`'s `Serialize` and `Deserialize` stay the definition: the tests hold the bytes
 //! written to serde's, and a document read here to what serde reads from it.
 
-use mongodb::bson::{Bson, RawBsonRef, RawDocument, RawDocumentBuf};
+use mongodb::bson::{Bson, RawDocument, RawDocumentBuf};
 
-use super::bson_writer::DocWriter;
+use super::{
+    bson_reader::{Elements, Value},
+    bson_writer::DocWriter,
+};
 use crate::{
     model::{Letter, Rejection, Status},
     priority::Lane,
@@ -131,139 +134,149 @@ const REQUIRED: u64 = (1 << 7) - 1;
 fn read(document: &RawDocument) -> Option<Letter> {
     let mut letter = Letter::blank();
     let mut seen = 0_u64;
-    for element in document.iter() {
+    for element in Elements::of(document.as_bytes()).ok()? {
         let (key, value) = element.ok()?;
         let bit = match key {
-            "_id" => {
-                letter.id = value.as_object_id()?;
+            b"_id" => {
+                letter.id = match value {
+                    Value::ObjectId(id) => id,
+                    _ => return None,
+                };
                 0
             }
-            "addresses" => {
+            b"addresses" => {
                 letter.addresses = strings(value)?;
                 1
             }
-            "subject" => {
+            b"subject" => {
                 letter.subject = text(value)?;
                 2
             }
-            "body" => {
+            b"body" => {
                 letter.body = text(value)?;
                 3
             }
-            "token" => {
+            b"token" => {
                 letter.token = text(value)?;
                 4
             }
-            "status" => {
-                letter.status = status(value.as_str()?)?;
+            b"status" => {
+                letter.status = status(string_of(value)?)?;
                 5
             }
-            "kafkakey" => {
+            b"kafkakey" => {
                 letter.kafkakey = text(value)?;
                 6
             }
-            "key_null" => {
+            b"key_null" => {
                 letter.key_null = Some(int32(value)?);
                 7
             }
-            "key_b64" => {
+            b"key_b64" => {
                 letter.key_b64 = Some(text(value)?);
                 8
             }
-            "source" => {
+            b"source" => {
                 letter.source = Some(text(value)?);
                 9
             }
-            "attempts" => {
+            b"attempts" => {
                 letter.attempts = int32(value)?;
                 10
             }
-            "due_ms" => {
+            b"due_ms" => {
                 letter.due_ms = int64(value)?;
                 11
             }
-            "size_bytes" => {
+            b"size_bytes" => {
                 letter.size_bytes = int64(value)?;
                 12
             }
-            "owner" => {
+            b"owner" => {
                 letter.owner = Some(text(value)?);
                 13
             }
-            "lease_ms" => {
+            b"lease_ms" => {
                 letter.lease_ms = Some(int64(value)?);
                 14
             }
-            "claim" => {
+            b"claim" => {
                 letter.claim = Some(text(value)?);
                 15
             }
-            "delivered" => {
+            b"delivered" => {
                 letter.delivered = strings(value)?;
                 16
             }
-            "rejected" => {
-                letter.rejected = value.as_array()?.into_iter().map(|r| rejection(r.ok()?)).collect::<Option<_>>()?;
+            b"rejected" => {
+                letter.rejected = array(value)?.map(|r| rejection(r.ok()?.1)).collect::<Option<_>>()?;
                 17
             }
-            "last_reply" => {
+            b"last_reply" => {
                 letter.last_reply = Some(text(value)?);
                 18
             }
-            "error" => {
+            b"error" => {
                 letter.error = Some(text(value)?);
                 19
             }
-            "unreported" => {
+            b"unreported" => {
                 letter.unreported = Some(int32(value)?);
                 20
             }
-            "created_at" => {
-                letter.created_at = Some(Bson::DateTime(value.as_datetime()?));
+            b"created_at" => {
+                letter.created_at = match value {
+                    Value::DateTime(at) => Some(Bson::DateTime(at)),
+                    _ => return None,
+                };
                 21
             }
-            "updated_ms" => {
+            b"updated_ms" => {
                 letter.updated_ms = int64(value)?;
                 22
             }
-            "send_at_ms" => {
+            b"send_at_ms" => {
                 letter.send_at_ms = Some(int64(value)?);
                 23
             }
-            "not_after_ms" => {
+            b"not_after_ms" => {
                 letter.not_after_ms = Some(int64(value)?);
                 24
             }
-            "metadata" => {
-                for entry in value.as_document()? {
+            b"metadata" => {
+                for entry in document_of(value)? {
                     let (key, value) = entry.ok()?;
-                    letter.metadata.insert(key.to_owned(), text(value)?);
+                    letter.metadata.insert(std::str::from_utf8(key).ok()?.to_owned(), text(value)?);
                 }
                 25
             }
-            "lane" => {
-                letter.lane = match value.as_str()? {
+            b"lane" => {
+                letter.lane = match string_of(value)? {
                     "transactional" => Lane::Transactional,
                     "bulk" => Lane::Bulk,
                     _ => return None,
                 };
                 26
             }
-            "vt" => {
+            b"vt" => {
                 letter.vt = float(value)?;
                 27
             }
-            "tenant" => {
+            b"tenant" => {
                 letter.tenant = Some(text(value)?);
                 28
             }
-            "weight" => {
+            b"weight" => {
                 letter.weight = Some(float(value)?);
                 29
             }
-            "feedback" | "attachments" => return None,
-            // Fields this version does not know are passed over, as serde passes them over.
-            _ => continue,
+            b"feedback" | b"attachments" => return None,
+            // Fields this version does not know are passed over, as serde passes them over
+            // (a key that is not UTF-8 is serde's to refuse).
+            _ => match std::str::from_utf8(key) {
+                Ok(_) => continue,
+                Err(_) => return None,
+            },
         };
         if seen & (1 << bit) != 0 {
             return None;
@@ -275,37 +288,58 @@ fn read(document: &RawDocument) -> Option<Letter> {
 
 /// Integers and floats as serde takes them: of either integer width where the value fits (a
 /// MongoDB-wire server may store a small 64-bit integer as 32 bits), floats from integers too.
-fn int64(value: RawBsonRef<'_>) -> Option<i64> {
+fn int64(value: Value<'_>) -> Option<i64> {
     match value {
-        RawBsonRef::Int64(n) => Some(n),
-        RawBsonRef::Int32(n) => Some(i64::from(n)),
+        Value::Int64(n) => Some(n),
+        Value::Int32(n) => Some(i64::from(n)),
         _ => None,
     }
 }
 
-fn int32(value: RawBsonRef<'_>) -> Option<i32> {
+fn int32(value: Value<'_>) -> Option<i32> {
     match value {
-        RawBsonRef::Int32(n) => Some(n),
-        RawBsonRef::Int64(n) => i32::try_from(n).ok(),
+        Value::Int32(n) => Some(n),
+        Value::Int64(n) => i32::try_from(n).ok(),
         _ => None,
     }
 }
 
-fn float(value: RawBsonRef<'_>) -> Option<f64> {
+fn float(value: Value<'_>) -> Option<f64> {
     match value {
-        RawBsonRef::Double(x) => Some(x),
-        RawBsonRef::Int32(n) => Some(f64::from(n)),
-        RawBsonRef::Int64(n) => Some(n as f64),
+        Value::Double(x) => Some(x),
+        Value::Int32(n) => Some(f64::from(n)),
+        Value::Int64(n) => Some(n as f64),
         _ => None,
     }
 }
 
-fn text(value: RawBsonRef<'_>) -> Option<String> {
-    value.as_str().map(str::to_owned)
+fn string_of(value: Value<'_>) -> Option<&str> {
+    match value {
+        Value::Str(text) => Some(text),
+        _ => None,
+    }
 }
 
-fn strings(value: RawBsonRef<'_>) -> Option<Vec<String>> {
-    value.as_array()?.into_iter().map(|v| text(v.ok()?)).collect()
+fn text(value: Value<'_>) -> Option<String> {
+    string_of(value).map(str::to_owned)
+}
+
+fn array(value: Value<'_>) -> Option<Elements<'_>> {
+    match value {
+        Value::Array(elements) => Some(elements),
+        _ => None,
+    }
+}
+
+fn document_of(value: Value<'_>) -> Option<Elements<'_>> {
+    match value {
+        Value::Document(elements) => Some(elements),
+        _ => None,
+    }
+}
+
+fn strings(value: Value<'_>) -> Option<Vec<String>> {
+    array(value)?.map(|v| text(v.ok()?.1)).collect()
 }
 
 fn status(value: &str) -> Option<Status> {
@@ -320,16 +354,16 @@ fn status(value: &str) -> Option<Status> {
 
 /// A rejection under the Go service's names or the lower-case ones outcomes write (`Rejection`'s
 /// aliases); both at once is serde's to refuse.
-fn rejection(value: RawBsonRef<'_>) -> Option<Rejection> {
+fn rejection(value: Value<'_>) -> Option<Rejection> {
     let (mut address, mut reply) = (None, None);
-    for entry in value.as_document()? {
+    for entry in document_of(value)? {
         let (key, value) = entry.ok()?;
         let slot = match key {
-            "Address" | "address" => &mut address,
-            "Reply" | "reply" => &mut reply,
+            b"Address" | b"address" => &mut address,
+            b"Reply" | b"reply" => &mut reply,
             _ => continue,
         };
-        if slot.replace(value.as_str()?).is_some() {
+        if slot.replace(string_of(value)?).is_some() {
             return None;
         }
     }

@@ -25,6 +25,7 @@ use crate::{
 };
 
 mod batches;
+mod bson_reader;
 mod bson_writer;
 mod control;
 mod expiry;
