@@ -472,13 +472,13 @@ fn line_of(value: HeaderValue) -> String {
 }
 
 /// The line `entry` keeps for `key`, made by `make` when it keeps another.
-fn recent_line<K: PartialEq + ?Sized + ToOwned<Owned = O>, O: std::borrow::Borrow<K>>(
-    entry: &mut Option<(O, String)>,
+fn recent_line<K: PartialEq + ToOwned + ?Sized>(
+    entry: &mut Option<(K::Owned, String)>,
     key: &K,
     make: impl FnOnce() -> HeaderValue,
 ) -> String {
     match entry {
-        Some((kept, line)) if kept.borrow() == key => line.clone(),
+        Some((kept, line)) if std::borrow::Borrow::<K>::borrow(kept) == key => line.clone(),
         _ => {
             let line = line_of(make());
             *entry = Some((key.to_owned(), line.clone()));
@@ -495,11 +495,7 @@ impl Draft<'_> {
         let collides = |name: &HeaderName| FIXED_HEADERS.iter().any(|fixed| name.eq_ignore_ascii_case(fixed));
         if self.extra.iter().any(|(name, _)| collides(name)) {
             // An extra header that replaces a fixed one: lettre's builder places it.
-            let message = self.message(Vec::new())?;
-            let mut raw = message.formatted();
-            check_lines(longest_line(&raw).max(self.body.longest_line))?;
-            raw.extend_from_slice(&self.body.bytes);
-            return Ok(raw);
+            return self.finish_signed(|_| {});
         }
         let mut head = String::with_capacity(512);
         {
@@ -514,8 +510,8 @@ impl Draft<'_> {
                 None => head.push_str(&UNDISCLOSED_LINE),
             }
             let subject = self.content.subject;
-            match is_plain("Subject", subject) {
-                true => push_plain(&mut head, "Subject", subject),
+            match is_plain(&header::Subject::name(), subject) {
+                true => push_plain(&mut head, &header::Subject::name(), subject),
                 false => head.push_str(&recent_line(&mut recent.subject, subject, || {
                     header::Subject::from(subject.to_owned()).display()
                 })),
@@ -531,8 +527,7 @@ impl Draft<'_> {
             header::MessageId::from(id).display()
         });
         for (name, value) in self.extra {
-            let text = HeaderName::clone(&name);
-            push_value(&mut head, &text, value, |value| HeaderValue::new(name, value));
+            push_value(&mut head, &name, value, |value| HeaderValue::new(name.clone(), value));
         }
         head.push_str(&MIME_VERSION_LINE);
         head.push_str(&self.body.content_type_line);
