@@ -23,6 +23,30 @@ pub(crate) fn json_kind(value: &serde_json::Value) -> &'static str {
     }
 }
 
+/// Maps and sets of letters by id, with foldhash rather than SipHash: the lease clock and the
+/// report stage touch them for every letter (SipHash was ~2,500 instructions a letter, issue 23),
+/// and the keys are ids this service or MongoDB made, hashed with a per-process random seed.
+pub type IdMap<V> = std::collections::HashMap<ObjectId, V, foldhash::fast::RandomState>;
+/// See [`IdMap`].
+pub type IdSet = std::collections::HashSet<ObjectId, foldhash::fast::RandomState>;
+
+/// A letter's id as its 24 hex digits, written on the stack: `ObjectId::to_hex` collects
+/// characters one by one into a `String` (~750 instructions, twice a letter, issue 23).
+pub struct IdHex([u8; 24]);
+
+impl IdHex {
+    pub fn new(id: &ObjectId) -> IdHex {
+        let mut digits = [0; 24];
+        // 12 bytes always fit 24 digits.
+        let _ = hex::encode_to_slice(id.bytes(), &mut digits);
+        IdHex(digits)
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
 /// What a producer must send, quoted in every rejection so the fix is obvious.
 pub const EXPECTED_BATCH: &str = r#"a non-empty JSON array of mailings, each {"Subject": string, "Body": string (HTML), "Addresses": [string, ...] (at least one mailbox), "Token": string, optionally "SendAt" and "NotAfter": RFC 3339 time strings, "Metadata": {string: string} (at most 16 keys, 1024 bytes), "Attachments": [{"FileName": string, "ContentType": string, "Content": base64 string, "ContentId": string for an inline image}, ...], "Lane": "transactional" or "bulk", "Tenant": string, "Weight": number from 0.01 to 1000}"#;
 
@@ -60,11 +84,29 @@ pub fn parse_batch(payload: &[u8]) -> Result<Vec<Mailing>, BatchError> {
     if payload.is_empty() {
         return Err(BatchError::NoPayload);
     }
-    let mailings: Vec<Mailing> = serde_json::from_slice(payload).map_err(|e| BatchError::Json(e.to_string()))?;
+    let mailings = match simd_mailings(payload) {
+        Some(mailings) => mailings,
+        // serde_json's words for what is wrong: they are what producers have been told so far.
+        None => serde_json::from_slice(payload).map_err(|e| BatchError::Json(e.to_string()))?,
+    };
     if mailings.is_empty() {
         return Err(BatchError::Empty);
     }
     Ok(mailings)
+}
+
+/// The batch read by simd-json, or `None` where it refuses it. A letter's body is most of a
+/// batch, and serde_json reads a string byte by byte past every escape (a newsletter's quotes and
+/// line ends: ~17,000 instructions a letter, the most of any step, issue 23); simd-json finds the
+/// quotes and backslashes 32 bytes at a time. It rewrites its input, hence the copy. What it
+/// accepts, serde_json accepts as the same batch (`simd_json_accepts_only_what_serde_json_accepts`).
+fn simd_mailings(payload: &[u8]) -> Option<Vec<Mailing>> {
+    // serde_json's nesting limit (127 arrays and objects), which also keeps the recursive reading of an unknown field's
+    // value (serde's, whatever the parser) off the end of the stack.
+    const DEPTH: usize = 127;
+    let mut copy = payload.to_vec();
+    let mut buffers = simd_json::Buffers::with_max_depth(copy.len(), DEPTH);
+    simd_json::serde::from_slice_with_buffers(&mut copy, &mut buffers).ok()
 }
 
 /// A mailing checked for what would break or abuse the SMTP exchange.
@@ -747,9 +789,9 @@ impl StatusWriter {
         let Some((_, escaped)) = &self.last else {
             return Err(serde::ser::Error::custom("the escaped body was not kept"));
         };
-        let id = letter.id.to_hex();
+        let id = IdHex::new(&letter.id);
         let message = StatusMessage {
-            id: &id,
+            id: id.as_str(),
             addresses: &letter.addresses,
             subject: &letter.subject,
             body: escaped,
@@ -785,6 +827,18 @@ fn is_zero(n: &i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_is_written_as_the_bson_crate_writes_it() {
+        for id in [
+            ObjectId::new(),
+            ObjectId::from_bytes([0; 12]),
+            ObjectId::from_bytes([0xff; 12]),
+            ObjectId::from_bytes(*b"\x01#Eg\x89\xab\xcd\xef\x10\x32\x54\x76"),
+        ] {
+            assert_eq!(IdHex::new(&id).as_str(), id.to_hex());
+        }
+    }
 
     /// The status message as it was built before [`StatusWriter`] (copied from the letter), kept
     /// to show the writer writes the same bytes.
@@ -881,6 +935,111 @@ mod tests {
         .unwrap();
         assert_eq!(batch.len(), 2);
         assert_eq!(batch[1].addresses, vec!["b@x.org"]);
+    }
+
+    /// Batches that exercise what the two parsers could read differently: escapes of every kind,
+    /// raw control characters, surrogates, numbers at the edges, duplicate and unknown keys, the
+    /// optional fields, trailing bytes.
+    const TRICKY: &[&str] = &[
+        r#"[{"Subject":"s","Body":"<p class=\"a\">x</p>\n\r\t\\ \/ \b\f","Addresses":["a@x.org"],"Token":"t"}]"#,
+        r#"[{"Subject":"\u00e9\u041b\ud83d\ude00","Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#,
+        r#"[{"Subject":"\ud800","Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#,
+        r#"[{"Subject":"\udc00\ud800","Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#,
+        r#"[{"Subject":"\u00","Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#,
+        r#"[{"Subject":"\x41","Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#,
+        "[{\"Subject\":\"raw\nline\",\"Body\":\"b\",\"Addresses\":[\"a@x.org\"],\"Token\":\"t\"}]",
+        "[{\"Subject\":\"tab\there\",\"Body\":\"b\",\"Addresses\":[\"a@x.org\"],\"Token\":\"t\"}]",
+        "[{\"Subject\":\"nul\u{0}\",\"Body\":\"b\",\"Addresses\":[\"a@x.org\"],\"Token\":\"t\"}]",
+        "[{\"Subject\":\"del\u{7f} é ✓\",\"Body\":\"b\",\"Addresses\":[\"a@x.org\"],\"Token\":\"t\"}]",
+        r#"[{"Subject":"s","Subject":"again","Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#,
+        r#"[{"Subject":"s","subject":"again","Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Weight":1e400}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Weight":-0.0}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Weight":0.1e1,"Lane":"bulk"}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Weight":18446744073709551616}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Weight":-9223372036854775809}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Weight":01}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Weight":1.}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Weight":.5}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Weight":+1}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Metadata":{"k":"v","n":{"deep":[1,2,{"x":null}]}}}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","SendAt":"2026-12-03T10:00:00Z","NotAfter":null}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Attachments":[{"FileName":"a.txt","ContentType":"text/plain","Content":"aGk="}]}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Unknown":{"a":[true,false,null]}}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t"}] "#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t"}]x"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t"}][]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t"},]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org",],"Token":"t"}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t",}]"#,
+        r#"[{'Subject':"s","Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#,
+        r#" [ { "Subject" : "s" , "Body" : "b" , "Addresses" : [ "a@x.org" ] , "Token" : "t" } ] "#,
+        r#"[{"Subject":null,"Body":"b","Addresses":["a@x.org"],"Token":"t"}]"#,
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Lane":true,"Tenant":1}]"#,
+        "\u{feff}[{\"Subject\":\"s\",\"Body\":\"b\",\"Addresses\":[\"a@x.org\"],\"Token\":\"t\"}]",
+        r#"[{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t"}"#,
+        r#"[[], {}]"#,
+        "[]",
+        "null",
+    ];
+
+    /// Whatever simd-json accepts, serde_json accepts as the same batch; where simd-json
+    /// refuses, `parse_batch` asks serde_json, so its verdict and its words stand either way.
+    fn agrees(payload: &[u8]) -> Result<(), String> {
+        match (simd_mailings(payload), serde_json::from_slice::<Vec<Mailing>>(payload)) {
+            (Some(simd), Ok(serde)) if simd == serde => Ok(()),
+            (Some(simd), serde) => Err(format!("simd-json read {simd:?}, serde_json {serde:?}")),
+            (None, _) => Ok(()),
+        }
+    }
+
+    #[test]
+    fn simd_json_accepts_only_what_serde_json_accepts() {
+        let mut accepted = 0;
+        for batch in TRICKY {
+            agrees(batch.as_bytes()).unwrap_or_else(|e| panic!("{batch}: {e}"));
+            accepted += usize::from(simd_mailings(batch.as_bytes()).is_some());
+        }
+        assert!(accepted >= 10, "simd-json accepted only {accepted} of the batches");
+        // Every prefix of a batch with every kind of escape, and a long one whose strings cross
+        // the 32- and 64-byte blocks simd-json reads.
+        let long = format!(
+            r#"[{{"Subject":"s","Body":"{}","Addresses":["a@x.org","b@x.org"],"Token":"t"}}]"#,
+            r#"<a href=\"https://x.org/?a=1&amp;b=2\">\u00e9\n</a>\t\\ "#.repeat(40)
+        );
+        for end in 0..long.len() {
+            agrees(&long.as_bytes()[..end]).unwrap_or_else(|e| panic!("prefix {end}: {e}"));
+        }
+        assert!(simd_mailings(long.as_bytes()).is_some());
+        // Around serde_json's nesting limit, and far past it (no stack overflow either way).
+        for depth in (120..=136).chain([1_000, 100_000]) {
+            let nested = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+            let batch =
+                format!(r#"[{{"Subject":"s","Body":"b","Addresses":["a@x.org"],"Token":"t","Metadata":{nested}}}]"#);
+            agrees(batch.as_bytes()).unwrap_or_else(|e| panic!("depth {depth}: {e}"));
+            assert!(parse_batch(batch.as_bytes()).is_err() || depth < 128, "depth {depth}");
+        }
+    }
+
+    proptest::proptest! {
+        /// A batch with bytes changed, inserted or removed anywhere.
+        #[test]
+        fn damaged_batches_are_read_alike(
+            which in 0..TRICKY.len(),
+            edits in proptest::collection::vec((0.0..1.0_f64, proptest::prelude::any::<u8>(), 0..3_u8), 1..4),
+        ) {
+            let mut payload = TRICKY[which].as_bytes().to_vec();
+            for (at, byte, kind) in edits {
+                let at = ((payload.len() as f64) * at) as usize;
+                match kind {
+                    0 if at < payload.len() => payload[at] = byte,
+                    1 => payload.insert(at.min(payload.len()), byte),
+                    _ if at < payload.len() => { payload.remove(at); }
+                    _ => {}
+                }
+            }
+            proptest::prop_assert!(agrees(&payload).is_ok(), "{:?}: {:?}", String::from_utf8_lossy(&payload), agrees(&payload));
+        }
     }
 
     #[test]

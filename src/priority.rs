@@ -131,7 +131,9 @@ const FLOWS_KEPT: usize = 4096;
 pub struct Fairness {
     /// `f64` bits, per lane.
     clocks: [AtomicU64; 2],
-    flows: Mutex<HashMap<(Lane, String), f64>>,
+    /// foldhash: ingest looks a flow up for every letter (SipHash and `format!` were ~1,000
+    /// instructions a letter, issue 23).
+    flows: Mutex<HashMap<(Lane, String), f64, foldhash::fast::RandomState>>,
 }
 
 impl Fairness {
@@ -168,10 +170,13 @@ impl Fairness {
                 letter.vt = scheduled_vt(letter.due_ms);
                 continue;
             }
-            let flow = match &letter.tenant {
-                Some(tenant) => format!("t:{tenant}"),
-                None => format!("k:{}", letter.key_b64.as_deref().unwrap_or(&letter.kafkakey)),
+            let (kind, name) = match &letter.tenant {
+                Some(tenant) => ("t:", tenant.as_str()),
+                None => ("k:", letter.key_b64.as_deref().unwrap_or(&letter.kafkakey)),
             };
+            let mut flow = String::with_capacity(kind.len() + name.len());
+            flow.push_str(kind);
+            flow.push_str(name);
             let clock = self.clock(letter.lane);
             let finish = flows.entry((letter.lane, flow)).or_insert(clock);
             let start = finish.max(clock);

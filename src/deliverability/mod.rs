@@ -144,8 +144,8 @@ impl Composer {
         body: &Arc<message::EncodedBody>,
         recipient: Option<&Recipient>,
     ) -> Result<Vec<u8>, MessageError> {
-        let id = letter.id.to_hex();
-        let content = Content { id: &id, subject: &letter.subject, html: &letter.body };
+        let id = crate::model::IdHex::new(&letter.id);
+        let content = Content { id: id.as_str(), subject: &letter.subject, html: &letter.body };
         let to = match recipient {
             Some(recipient) => Some(
                 recipient
@@ -157,12 +157,12 @@ impl Composer {
         };
         let fields = Fields {
             token: letter.token.clone(),
-            letter_id: id.clone(),
+            letter_id: id.as_str().to_owned(),
             kafka_key: letter.kafkakey.clone(),
             address: recipient.map(Recipient::to_string),
         };
         let mut headers = self.unsubscribe_headers(&fields)?;
-        headers.extend(self.relay_metadata.headers(&id));
+        headers.extend(self.relay_metadata.headers(id.as_str()));
         let draft = message::compose_over(content, Arc::clone(body), &self.from, to.as_ref(), headers)?;
         match &self.dkim {
             Some(dkim) => draft.finish_signed(|message| dkim.sign(message)),

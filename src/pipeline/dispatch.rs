@@ -3,7 +3,6 @@
 //! letters whose owner died to `awaiting`.
 
 use std::{
-    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -20,7 +19,7 @@ use crate::{
     config::DispatchConfig,
     control::{CancelProbe, Cancels},
     deliverability::suppression::Suppressions,
-    model::{AttemptRecord, FailureKind, Letter, Outcome},
+    model::{AttemptRecord, FailureKind, IdMap, IdSet, Letter, Outcome},
     pipeline::queue::LaneQueue,
     priority::{Fairness, Lane},
     store::{CANCELLED, ClaimLimit, LaneClaim, Store},
@@ -106,10 +105,10 @@ pub struct LeaseClock {
     lease: Duration,
     renewed_ms: AtomicU64,
     /// Letters this process holds (claimed, not yet finished by a worker).
-    held: Mutex<HashMap<ObjectId, HeldLetter>>,
+    held: Mutex<IdMap<HeldLetter>>,
     /// Letters a worker finished whose outcome may not be stored yet: still leased to us in
     /// MongoDB, so still renewed, until a renewal no longer finds them ours.
-    finishing: Mutex<HashMap<ObjectId, Instant>>,
+    finishing: Mutex<IdMap<Instant>>,
     /// The batches an operator cancelled: a held letter of one is not sent.
     cancels: Cancels,
 }
@@ -126,12 +125,12 @@ impl LeaseClock {
         }
     }
 
-    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectId, HeldLetter>> {
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, IdMap<HeldLetter>> {
         // The guarded code cannot panic, so a poisoned lock still holds consistent data.
         self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn lock_finishing(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectId, Instant>> {
+    fn lock_finishing(&self) -> std::sync::MutexGuard<'_, IdMap<Instant>> {
         self.finishing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -147,7 +146,7 @@ impl LeaseClock {
     /// A renewal started at `at` found `still_ours` leased to this process. Only those are
     /// confirmed: a letter claimed before `at` and missing there was taken over (reaped while this
     /// replica was cut off, and claimed by another) and must not be sent from here.
-    fn renewed(&self, at: Instant, still_ours: &HashSet<ObjectId>) -> usize {
+    fn renewed(&self, at: Instant, still_ours: &IdSet) -> usize {
         let mut lost = 0;
         for (id, held) in self.lock_held().iter_mut() {
             if held.claimed < at && !still_ours.contains(id) && !held.taken {
@@ -555,7 +554,7 @@ mod tests {
         let renewal = Instant::now();
         // Claimed after the renewal started: its absence from the read-back proves nothing.
         let _late = clock.hold(&late, Instant::now());
-        assert_eq!(clock.renewed(renewal, &HashSet::from([kept.id])), 1);
+        assert_eq!(clock.renewed(renewal, &IdSet::from_iter([kept.id])), 1);
         assert!(!clock.taken(&kept.id) && clock.taken(&taken.id) && !clock.taken(&late.id));
         drop(_taken);
         assert!(!clock.taken(&taken.id), "a finished letter is forgotten");
@@ -574,7 +573,7 @@ mod tests {
         expected.sort();
         assert_eq!(renewable, expected, "a finished letter is renewed until its outcome is stored");
         // The outcome is stored: the read-back no longer finds it ours.
-        clock.renewed(renewal, &HashSet::from([working.id]));
+        clock.renewed(renewal, &IdSet::from_iter([working.id]));
         assert_eq!(clock.renewable(), vec![working.id]);
     }
 
@@ -596,7 +595,7 @@ mod tests {
         assert!(clock.trusted(claimed));
         std::thread::sleep(Duration::from_millis(320));
         assert!(!clock.trusted(claimed), "a lease within its last quarter must not be trusted");
-        clock.renewed(Instant::now(), &HashSet::new());
+        clock.renewed(Instant::now(), &IdSet::default());
         assert!(clock.trusted(claimed));
     }
 }

@@ -148,8 +148,15 @@ impl Ingest {
                 // the same message carries the same timestamp.
                 let stamp = message.timestamp().to_millis().map(|ms| format!("@{ms}")).unwrap_or_default();
                 let first = pending.letters.len();
+                // `topic/partition/offset/index@stamp`, the prefix made once a message.
+                let prefix = format!("{}/{partition}/{offset}/", self.config.topic_in);
+                let mut digits = itoa::Buffer::new();
                 for (index, mailing) in mailings.into_iter().enumerate() {
-                    let source = format!("{}/{partition}/{offset}/{index}{stamp}", self.config.topic_in);
+                    let index = digits.format(index);
+                    let mut source = String::with_capacity(prefix.len() + index.len() + stamp.len());
+                    source.push_str(&prefix);
+                    source.push_str(index);
+                    source.push_str(&stamp);
                     let letter =
                         Letter::from_mailing_within(mailing, message.key(), source, now, &self.config.attachments);
                     pending.letters.push(letter);

@@ -7,7 +7,7 @@
 //! broker outage or a crash loses no status message (one may be published twice). Publishing
 //! first saves a second write per letter (clearing a mark) on the common path.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use futures::future::join_all;
 use mongodb::bson::oid::ObjectId;
@@ -19,7 +19,7 @@ use crate::{
     deliverability::suppression::Suppressions,
     kafka::StatusProducer,
     metrics::Metrics,
-    model::{AttemptRecord, Letter, Outcome, Status, StatusWriter},
+    model::{AttemptRecord, IdSet, Letter, Outcome, Status, StatusWriter},
     store::Store,
 };
 
@@ -122,12 +122,12 @@ impl Report {
 
     /// Publishes status messages concurrently; returns the ids the broker acknowledged within
     /// `wait`.
-    async fn publish(&self, letters: &[&Letter], wait: Duration, writer: &mut StatusWriter) -> HashSet<ObjectId> {
+    async fn publish(&self, letters: &[&Letter], wait: Duration, writer: &mut StatusWriter) -> IdSet {
         let sends = letters.iter().map(|letter| {
             let payload = writer.write(letter, self.body_max);
             async move { self.send_status(letter, payload, wait).await }
         });
-        let published: HashSet<ObjectId> = join_all(sends).await.into_iter().flatten().collect();
+        let published: IdSet = join_all(sends).await.into_iter().flatten().collect();
         self.metrics.published.inc_by(published.len() as u64);
         published
     }

@@ -540,7 +540,7 @@ impl Store {
     }
 
     /// The letters leased to `owner` now.
-    pub async fn held_by(&self, owner: &str) -> anyhow::Result<std::collections::HashSet<ObjectId>> {
+    pub async fn held_by(&self, owner: &str) -> anyhow::Result<crate::model::IdSet> {
         self.count("find", 1);
         let documents: Vec<Document> = self
             .letters
