@@ -483,12 +483,7 @@ impl Connection {
                 if read == 0 {
                     return Ok(None);
                 }
-                while raw.last().is_some_and(|b| matches!(b, b'\r' | b'\n')) {
-                    raw.pop();
-                }
-                let line =
-                    String::from_utf8(raw).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-                let last = line.as_bytes().get(3) != Some(&b'-');
+                let (line, last) = reply_line(raw);
                 lines.push(line);
                 if last {
                     return Ok(Some(lines));
@@ -514,12 +509,8 @@ impl Connection {
             if (end + 1 - start) as u64 > MAX_REPLY_LINE {
                 return None;
             }
-            let mut line = &buffer[start..end];
-            while let [rest @ .., b'\r'] = line {
-                line = rest;
-            }
-            let last = line.get(3) != Some(&b'-');
-            lines.push(String::from_utf8_lossy(line).into_owned());
+            let (line, last) = reply_line(buffer[start..=end].to_vec());
+            lines.push(line);
             start = end + 1;
             if last {
                 std::pin::Pin::new(&mut self.stream).consume(start);
@@ -580,6 +571,17 @@ async fn handshake(
 }
 
 /// Runs `future` within `timeout`, naming the phase when it does not finish.
+/// A reply line as read, its CR/LF taken off, and whether it is its reply's last (no `-` after
+/// the code); one allocation, the line's own.
+fn reply_line(mut raw: Vec<u8>) -> (String, bool) {
+    while raw.last().is_some_and(|b| matches!(b, b'\r' | b'\n')) {
+        raw.pop();
+    }
+    let line = String::from_utf8(raw).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    let last = line.as_bytes().get(3) != Some(&b'-');
+    (line, last)
+}
+
 async fn bounded<T>(
     command: Command,
     server: &str,
