@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -131,7 +132,15 @@ def run(ctx, letters, index):
         idle_rate = totals(idle_part) / (time.monotonic() - t0)
         t1 = time.monotonic()
         tag = "cg" + svc.tag[-6:]
+        if ctx.backlog:
+            post(svc, "/pause")
         sent = load.produce(svc.topic_in, tag, letters, ctx.per_batch)
+        if ctx.backlog:
+            # Every letter stored before the first is claimed: each claim then takes a full batch, as a
+            # replica does under load, where letters trickling in as they are stored made the claims' sizes
+            # (and so the figure) vary by +-10 % from one run to the next.
+            B.wait_until("letters stored", ctx.timeout, lambda: awaiting(ctx, svc) >= letters, interval=0.5)
+            post(svc, "/resume")
         rows = collector.wait_keys(sent.keys(), letters, ctx.timeout)
         time.sleep(1.0)
         letters_part = dump(svc.pid, out_dir, seen)
@@ -140,6 +149,11 @@ def run(ctx, letters, index):
         if sent_ok != letters:
             raise RuntimeError(f"{sent_ok} of {letters} letters sent")
         exit_code = svc.stop(timeout=300)
+        if ctx.keep_parts:
+            os.makedirs(ctx.keep_parts, exist_ok=True)
+            kept = os.path.join(ctx.keep_parts, f"{name}.letters")
+            shutil.copyfile(letters_part, kept)
+            letters_part = kept
         allocs = alloc_calls(letters_part)
         return {"letters": letters, "start_instr": totals(start_part), "idle_instr_per_s": round(idle_rate),
                 "rust_allocs": sum(v for k, v in allocs.items() if k in RUST_ALLOC),
@@ -149,6 +163,19 @@ def run(ctx, letters, index):
     finally:
         B.teardown(collector, svc)
         sink.stop()
+
+
+def post(svc, path):
+    req = B.urllib.request.Request(svc.url(path), method="POST", data=b"")
+    with B.urllib.request.urlopen(req, timeout=30) as r:
+        if r.status != 200:
+            raise RuntimeError(f"POST {path}: {r.status}")
+
+
+def awaiting(ctx, svc):
+    import pymongo
+    with pymongo.MongoClient(ctx.mongo_uri, serverSelectionTimeoutMS=5000) as client:
+        return client[svc.database]["letters"].count_documents({"status": "awaiting"})
 
 
 def top_inclusive(part, count):
@@ -195,6 +222,12 @@ def main():
     p.add_argument("--top", type=int, default=25, help="inclusive functions shown")
     p.add_argument("--senders", type=int, default=8)
     p.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--live", action="store_true",
+                   help="letters claimed as they are stored (the method before 2026-12-03's eighth round), "
+                        "not from a backlog stored while sending is paused")
+    p.add_argument("--keep-parts", metavar="DIR",
+                   help="copy each run's letters part here (for callgrind_annotate; the stack's work directory "
+                        "goes with the stack)")
     p.add_argument("--quick", action="store_true", help="accepted for run.sh's sake: one run per size is the default")
     p.add_argument("--verbose", action="store_true", help="accepted for run.sh's sake")
     a = p.parse_args()
@@ -209,6 +242,8 @@ def main():
     ctx.body_bytes = len(NEWSLETTER)
     ctx.idle_seconds = 5
     ctx.timeout = 900
+    ctx.backlog = not a.live
+    ctx.keep_parts = a.keep_parts
     os.makedirs(ctx.work, exist_ok=True)
     small, large = (int(x) for x in a.sizes.split(","))
 
@@ -235,7 +270,8 @@ def main():
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; commit {revision(a.repo)}",
         f"- {small:,} and {large:,} letters of 2 recipients, {len(NEWSLETTER):,}-byte HTML body; service env: {env_note}; "
-        f"{a.runs} run(s) per size",
+        f"{a.runs} run(s) per size; "
+        + ("letters claimed as they are stored" if a.live else "letters stored first (sending paused), then sent"),
         f"- **instructions per letter: {B.median(raw):,.0f}** (runs: {', '.join(f'{x:,.0f}' for x in raw)}); "
         f"idle rate taken out: {B.median(net):,.0f} ({', '.join(f'{x:,.0f}' for x in net)})",
         f"- allocations per letter: **{B.median([r + c for r, c in zip(rust_allocs, c_allocs)]):,.1f}**; "

@@ -16,7 +16,9 @@
 #   --letters N, --backlog N, --rate-burst N, --service-env NAME=VALUE, --verbose: see bench/README.md
 #   callgrind      instead of the figures: instructions per letter under valgrind's callgrind (bench/callgrind.py;
 #                  installs Debian's valgrind if missing), with --runs N, --sizes SMALL,LARGE (500,2500), --dkim,
-#                  --delivery, --service-env; the report is printed and, with --out FILE, appended to FILE
+#                  --delivery, --service-env; the report is printed and, with --out FILE, appended to FILE.
+#                  The letters are stored while sending is paused, then sent (--live: as they are stored, the
+#                  method before 2026-12-03, whose runs spread by +-10 %); --keep-parts DIR keeps the profiles
 #
 # Environment: BENCH_RUN (run dir, default /tmp/bench-run), BENCH_KAFKA_PORT (29392), BENCH_MONGO_PORT (28417),
 # MAILSENDER_CACHE (installed servers, as for scripts/stack.sh).
@@ -44,8 +46,8 @@ if [[ ${1:-} == callgrind ]]; then
 fi
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --quick | --verbose) args+=("$1") ;;
-        --runs | --senders | --figures | --letters | --backlog | --service-env | --rate-burst | --rate-limit | --sizes) args+=("$1" "$2"); shift ;;
+        --quick | --verbose | --live) args+=("$1") ;;
+        --runs | --senders | --figures | --letters | --backlog | --service-env | --rate-burst | --rate-limit | --sizes | --keep-parts) args+=("$1" "$2"); shift ;;
         --out) out=$2; shift ;;
         --dkim) dkim=$2; shift ;;
         --delivery) args+=(--service-env "SMTP_DELIVERY=$2"); shift ;;

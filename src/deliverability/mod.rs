@@ -119,10 +119,10 @@ impl Composer {
     /// The formatted, signed message of `letter`, for all its recipients (BCC). In individual
     /// mode only the checks that fail the whole letter: its copies are built per recipient, and
     /// signing a message no one gets would cost a signature per letter.
-    pub fn build(&self, letter: &Letter) -> Result<Vec<u8>, MessageError> {
+    pub fn build(&self, letter: &Letter) -> Result<message::Composed, MessageError> {
         if self.individual {
             message::check_subject(&letter.subject).map_err(MessageError::new)?;
-            return Ok(Vec::new());
+            return Ok(message::Composed::default());
         }
         self.build_copy(letter, &self.body(letter)?, None)
     }
@@ -143,7 +143,7 @@ impl Composer {
         letter: &Letter,
         body: &Arc<message::EncodedBody>,
         recipient: Option<&Recipient>,
-    ) -> Result<Vec<u8>, MessageError> {
+    ) -> Result<message::Composed, MessageError> {
         let id = crate::model::IdHex::new(&letter.id);
         let content = Content { id: id.as_str(), subject: &letter.subject, html: &letter.body };
         let to = match recipient {

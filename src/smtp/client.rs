@@ -596,7 +596,7 @@ async fn bounded<T>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -620,6 +620,21 @@ mod tests {
         assert_eq!(Capabilities::parse(&lines[..1]), Capabilities::default());
     }
 
+    /// A plain connection over `client`, as if its greeting and EHLO had been read, for tests that
+    /// play the server on the other end.
+    pub(crate) fn connection_over(client: TcpStream, capabilities: Capabilities) -> Connection {
+        Connection {
+            stream: BufReader::new(Stream::Plain(client)),
+            capabilities,
+            encrypted: false,
+            server: "test".to_owned(),
+            commands: Counter::default(),
+            last_used: Instant::now(),
+            clean: true,
+            data: Vec::new(),
+        }
+    }
+
     /// Replies that arrive together are taken from the buffer, one that arrives in pieces is
     /// read whole, and a reply that never comes still times out.
     #[tokio::test]
@@ -628,16 +643,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (mut server, _) = listener.accept().await.unwrap();
-        let mut connection = Connection {
-            stream: BufReader::new(Stream::Plain(client)),
-            capabilities: Capabilities::default(),
-            encrypted: false,
-            server: "test".to_owned(),
-            commands: Counter::default(),
-            last_used: Instant::now(),
-            clean: true,
-            data: Vec::new(),
-        };
+        let mut connection = connection_over(client, Capabilities::default());
         let wait = Duration::from_secs(5);
         server.write_all(b"250 2.1.0 one\r\n250-two a\r\r\n250 two b\r\n452 4.5.3 three\n354 go").await.unwrap();
         let first = connection.read_reply_lines(Command::MailFrom, wait).await.unwrap();

@@ -155,7 +155,68 @@ pub type ExtraHeaders = Vec<(HeaderName, String)>;
 /// and a resend after a crash carry the same id and receivers can recognise the duplicate.
 pub fn build(content: Content<'_>, from: &Mailbox) -> Result<Vec<u8>, MessageError> {
     let text = text_of_html(content.html)?;
-    compose(content, &text, from, None, Vec::new())?.finish()
+    Ok(compose(content, &text, from, None, Vec::new())?.finish()?.to_bytes().into_owned())
+}
+
+/// A message ready for the relay: its bytes are [`Composed::parts`] one after the other. A BCC
+/// letter's or a copy's headers are its own and its body is the one every letter with that body
+/// shares, so the body is copied once per transaction, straight into the connection's buffer
+/// with its dots doubled, and not first into a message of its own (issue 23). A signed message
+/// is whole: the signer formats it.
+#[derive(Debug, Default)]
+pub struct Composed(Parts);
+
+#[derive(Debug)]
+enum Parts {
+    Whole(Vec<u8>),
+    Over { head: Vec<u8>, body: Arc<EncodedBody> },
+}
+
+impl Default for Parts {
+    fn default() -> Parts {
+        Parts::Whole(Vec::new())
+    }
+}
+
+impl Composed {
+    /// A message formatted already, in one piece.
+    pub fn whole(bytes: Vec<u8>) -> Composed {
+        Composed(Parts::Whole(bytes))
+    }
+
+    /// The message's bytes in order; their concatenation is the message.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        match &self.0 {
+            Parts::Whole(bytes) => [bytes, &[]],
+            Parts::Over { head, body } => [head, &body.bytes],
+        }
+    }
+
+    /// The message's length in octets, as `SIZE=` declares it.
+    pub fn len(&self) -> usize {
+        self.parts().iter().map(|part| part.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether every octet is ASCII (else the message needs `BODY=8BITMIME`).
+    pub fn is_ascii(&self) -> bool {
+        match &self.0 {
+            Parts::Whole(bytes) => bytes.is_ascii(),
+            Parts::Over { head, body } => body.ascii && head.is_ascii(),
+        }
+    }
+
+    /// The message in one buffer (copied unless it is whole already): for what reads the
+    /// message as a whole, never the send path.
+    pub fn to_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        match &self.0 {
+            Parts::Whole(bytes) => std::borrow::Cow::Borrowed(bytes),
+            Parts::Over { .. } => std::borrow::Cow::Owned(self.parts().concat()),
+        }
+    }
 }
 
 /// The `multipart/alternative` body of an HTML body and its text alternative, encoded (7bit,
@@ -173,13 +234,22 @@ pub struct EncodedBody {
     bytes: Vec<u8>,
     /// The longest line of `bytes`, without its line end.
     longest_line: usize,
+    /// Whether `bytes` is ASCII, which a message's `BODY=8BITMIME` depends on: known once per
+    /// body, not found again by every transaction that carries it.
+    ascii: bool,
 }
 
 impl EncodedBody {
     fn new(content_type: String, bytes: Vec<u8>) -> Result<EncodedBody, MessageError> {
         let parsed = ContentType::parse(&content_type).map_err(|e| MessageError(format!("Content-Type: {e}")))?;
         let content_type_line = line_of(parsed.display());
-        Ok(EncodedBody { content_type, content_type_line, longest_line: longest_line(&bytes), bytes })
+        Ok(EncodedBody {
+            content_type,
+            content_type_line,
+            longest_line: longest_line(&bytes),
+            ascii: bytes.is_ascii(),
+            bytes,
+        })
     }
 
     fn encode(html: &str, text: &str) -> Result<EncodedBody, MessageError> {
@@ -488,10 +558,12 @@ fn recent_line<K: PartialEq + ToOwned + ?Sized>(
 }
 
 impl Draft<'_> {
-    /// The message's bytes, checked against SMTP's line limit: the headers formatted for this
-    /// letter, then the shared body, copied once. Written line by line as lettre's builder and
-    /// `Message::formatted` write them (`messages_are_byte_for_byte_those_of_the_old_path`).
-    pub fn finish(self) -> Result<Vec<u8>, MessageError> {
+    /// The message, checked against SMTP's line limit: the headers formatted for this letter,
+    /// over the shared body, which is not copied here but once, dot-stuffed, into the
+    /// connection's buffer ([`crate::smtp::transaction::write_data`]). Written line by line as
+    /// lettre's builder and `Message::formatted` write them
+    /// (`messages_are_byte_for_byte_those_of_the_old_path`).
+    pub fn finish(self) -> Result<Composed, MessageError> {
         let collides = |name: &HeaderName| FIXED_HEADERS.iter().any(|fixed| name.eq_ignore_ascii_case(fixed));
         if self.extra.iter().any(|(name, _)| collides(name)) {
             // An extra header that replaces a fixed one: lettre's builder places it.
@@ -534,21 +606,18 @@ impl Draft<'_> {
         head.push_str(&SEVEN_BIT_LINE);
         head.push_str("\r\n");
         check_lines(longest_line(head.as_bytes()).max(self.body.longest_line))?;
-        let mut raw = head.into_bytes();
-        raw.reserve_exact(self.body.bytes.len());
-        raw.extend_from_slice(&self.body.bytes);
-        Ok(raw)
+        Ok(Composed(Parts::Over { head: head.into_bytes(), body: self.body }))
     }
 
     /// The message signed by `sign` (which adds a DKIM-Signature header), then formatted: the
     /// signer reads the body from the message, so it gets a copy of the shared one.
-    pub fn finish_signed(self, sign: impl FnOnce(&mut lettre::Message)) -> Result<Vec<u8>, MessageError> {
+    pub fn finish_signed(self, sign: impl FnOnce(&mut lettre::Message)) -> Result<Composed, MessageError> {
         let mut message = self.message(self.body.bytes.clone())?;
         sign(&mut message);
         let raw = message.formatted();
         let headers = raw.len() - self.body.bytes.len();
         check_lines(longest_line(&raw[..headers]).max(self.body.longest_line))?;
-        Ok(raw)
+        Ok(Composed::whole(raw))
     }
 
     fn message_id(&self) -> String {
@@ -761,7 +830,21 @@ mod tests {
                         let old = before::finish(&before::compose(content, &text, from, to, extra.clone()).unwrap());
                         let new = compose(content, &text, from, to, extra.clone()).unwrap().finish();
                         match (old, new) {
-                            (Ok(old), Ok(new)) => assert_eq!(comparable(&new), comparable(&old), "body {body:?}"),
+                            (Ok(old), Ok(new)) => {
+                                assert_eq!(comparable(&new.to_bytes()), comparable(&old), "body {body:?}");
+                                // On the wire: the parts written into the connection's buffer
+                                // are the old message written whole, dot-stuffed as before
+                                // (the loop of commit ab88d6a).
+                                let mut data = Vec::new();
+                                crate::smtp::transaction::write_data(&mut data, &new.parts());
+                                assert_eq!(
+                                    comparable(&data),
+                                    comparable(&crate::smtp::transaction::tests::dot_stuffed_before(&old)),
+                                    "body {body:?}"
+                                );
+                                assert_eq!(new.len(), old.len());
+                                assert_eq!(new.is_ascii(), old.is_ascii());
+                            }
                             (Err(old), Err(new)) => {
                                 assert_eq!(new.to_string(), format!("cannot build the message: {old}"))
                             }
@@ -824,7 +907,7 @@ mod tests {
         for at in [second, second + Duration::from_millis(999), second + Duration::from_secs(1), second] {
             let mut draft = compose(content("Hi", "<p>x</p>"), "x", &from, None, Vec::new()).unwrap();
             draft.date = at;
-            let raw = draft.finish().unwrap();
+            let raw = draft.finish().unwrap().to_bytes().into_owned();
             assert_eq!(date_line(&raw), line_of(header::Date::new(at).display()), "{at:?}");
         }
     }
@@ -859,12 +942,17 @@ mod tests {
         let body = "<p>signed</p>\n.dot";
         let text = text_of_html(body).unwrap();
         let header = HeaderName::new_from_ascii_str("DKIM-Signature");
-        let unsigned = compose(content("Hi", body), &text, &from, None, Vec::new()).unwrap().finish().unwrap();
+        let unsigned = compose(content("Hi", body), &text, &from, None, Vec::new())
+            .unwrap()
+            .finish()
+            .unwrap()
+            .to_bytes()
+            .into_owned();
         let signed = compose(content("Hi", body), &text, &from, None, Vec::new())
             .unwrap()
             .finish_signed(|m| m.headers_mut().insert_raw(HeaderValue::new(header, "v=1; test".to_owned())))
             .unwrap();
-        let signed = comparable(&signed);
+        let signed = comparable(&signed.to_bytes());
         let signature = signed.find("DKIM-Signature: v=1; test\r\n").unwrap();
         let without =
             format!("{}{}", &signed[..signature], &signed[signature + "DKIM-Signature: v=1; test\r\n".len()..]);
@@ -981,7 +1069,8 @@ mod tests {
     /// A message over `body`, as the composer makes one.
     fn message_over(body: Arc<EncodedBody>) -> Vec<u8> {
         let from: Mailbox = "noreply@example.com".parse().unwrap();
-        compose_over(content("Files", "<p>unused here</p>"), body, &from, None, Vec::new()).unwrap().finish().unwrap()
+        let composed = compose_over(content("Files", "<p>unused here</p>"), body, &from, None, Vec::new()).unwrap();
+        composed.finish().unwrap().to_bytes().into_owned()
     }
 
     fn part<'a>(name: &'a str, content_type: &'a str, id: Option<&'a str>, content: &'a [u8]) -> AttachmentPart<'a> {
@@ -1076,7 +1165,7 @@ mod tests {
             .unwrap()
             .finish_signed(|m| m.headers_mut().insert_raw(HeaderValue::new(header, "v=1; test".to_owned())))
             .unwrap();
-        let shown = String::from_utf8(signed).unwrap();
+        let shown = String::from_utf8(signed.to_bytes().into_owned()).unwrap();
         assert!(headers(&shown).contains("Content-Type: multipart/mixed;"), "{shown}");
         assert!(headers(&shown).contains("DKIM-Signature: v=1; test"), "{shown}");
         assert!(shown.contains("filename=\"a.bin\"") && shown.contains("AAEC"), "{shown}");

@@ -9,6 +9,7 @@ pub mod sandbox;
 pub mod transaction;
 
 pub use client::{Capabilities, Connection, Settings, Timeouts, TlsMode};
+pub use message::Composed;
 pub use relays::{Breaker, RelayAddr, RelayMetrics, Relays};
 pub use reply::{Command, EnhancedCode, Reply, SmtpError};
 pub use transaction::{RcptResult, Transaction};

@@ -20,7 +20,7 @@ impl Worker {
     pub(super) async fn deliver(
         &mut self,
         recipients: Vec<Recipient>,
-        message: &[u8],
+        message: &smtp::Composed,
         lease: (Instant, ObjectId),
         ticket: Option<Ticket>,
     ) -> AttemptReport {
@@ -106,7 +106,7 @@ impl Worker {
     async fn transmit(
         &mut self,
         chunk: &[Recipient],
-        message: &[u8],
+        message: &smtp::Composed,
         ticket: Ticket,
         lease: (Instant, ObjectId),
         avoid: &[usize],
