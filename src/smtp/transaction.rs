@@ -166,9 +166,9 @@ pub async fn send(
             let mut data = connection.take_data_buffer();
             write_data(&mut data, &message.parts());
             let mut before_end = std::pin::pin!(before_end);
-            // Most often the dot may go at once (no budget, or its unit's moment passed while the
-            // message was made): then the message and its dot go in one write, a system call and
-            // a segment fewer a letter (issue 23). Only a message the socket's buffer takes
+            // When the dot may go at once (the budget far above the load, or the unit's moment
+            // passed while the message was made), the message and its dot go in one write, a
+            // system call and a segment fewer a letter (issue 23). Only a message the socket's buffer takes
             // whole, so the dot still goes within the write of its moment.
             let now = match data.len() <= ONE_WRITE_MAX {
                 true => std::future::poll_fn(|cx| Poll::Ready(before_end.as_mut().poll(cx))).await,
