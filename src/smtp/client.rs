@@ -570,7 +570,6 @@ async fn handshake(
         .map_err(|e| SmtpError::Tls { server, message: e.to_string() })
 }
 
-/// Runs `future` within `timeout`, naming the phase when it does not finish.
 /// A reply line as read, its CR/LF taken off, and whether it is its reply's last (no `-` after
 /// the code); one allocation, the line's own.
 fn reply_line(mut raw: Vec<u8>) -> (String, bool) {
@@ -582,6 +581,7 @@ fn reply_line(mut raw: Vec<u8>) -> (String, bool) {
     (line, last)
 }
 
+/// Runs `future` within `timeout`, naming the phase when it does not finish.
 async fn bounded<T>(
     command: Command,
     server: &str,

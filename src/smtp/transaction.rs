@@ -174,20 +174,19 @@ pub async fn send(
                 true => std::future::poll_fn(|cx| Poll::Ready(before_end.as_mut().poll(cx))).await,
                 false => Poll::Pending,
             };
-            match now {
-                Poll::Ready(Some(limit)) => {
-                    connection.write_bytes(&data, Command::DataEnd, limit.min(timeouts.data)).await?;
-                }
-                Poll::Ready(None) => return Err(SmtpError::Withdrawn { server: connection.server().to_owned() }),
+            // What is written before the wait: nothing, or all but the dot.
+            let (written, limit) = match now {
+                Poll::Ready(limit) => (0, limit),
                 Poll::Pending => {
-                    let (body, end) = data.split_at(data.len() - END_OF_DATA.len());
-                    connection.write_bytes(body, Command::DataEnd, timeouts.data).await?;
-                    let Some(limit) = before_end.await else {
-                        return Err(SmtpError::Withdrawn { server: connection.server().to_owned() });
-                    };
-                    connection.write_bytes(end, Command::DataEnd, limit.min(timeouts.data)).await?;
+                    let body = data.len() - END_OF_DATA.len();
+                    connection.write_bytes(&data[..body], Command::DataEnd, timeouts.data).await?;
+                    (body, before_end.await)
                 }
-            }
+            };
+            let Some(limit) = limit else {
+                return Err(SmtpError::Withdrawn { server: connection.server().to_owned() });
+            };
+            connection.write_bytes(&data[written..], Command::DataEnd, limit.min(timeouts.data)).await?;
             connection.put_data_buffer(data);
             connection.commands_sent(1);
             transaction.end = Some(connection.read_reply(Command::DataEnd, timeouts.data_end).await?);
