@@ -6,6 +6,10 @@ use tokio::time::Instant;
 
 use super::{LOOKAHEAD, Placed, Plan, Run};
 
+/// At most this many units in a lookahead, a replica holding a long burst asks for its waiting
+/// workers' units alone ([`Pool::want`]).
+const SLOW_PACE: i64 = 16;
+
 /// Units granted to this replica and not handed out yet.
 #[derive(Debug, Default)]
 pub(super) struct Pool {
@@ -268,8 +272,12 @@ impl Pool {
         let queued = need.saturating_mul(waiting.max(1) as u32);
         // Where units are usable long before their places (a burst over a long period), units
         // held ahead of the workers' need are a replica's to strand if it dies: ask for what the
-        // workers waiting need, a round trip each time, which such a budget's pace allows.
-        if plan.tolerance_ns >= LOOKAHEAD.as_nanos() as i64 {
+        // workers waiting need, a round trip each time, where the budget's pace allows it (a few
+        // units a lookahead). At 1,510 a second with a burst of 786, grants of what six workers
+        // on a 1 ms relay waited for, a round trip each, kept the rate and left the burst unused
+        // (91.9 % of the budget in 5 s).
+        let lookahead_ns = LOOKAHEAD.as_nanos() as i64;
+        if plan.tolerance_ns >= lookahead_ns && plan.interval_ns * SLOW_PACE >= lookahead_ns {
             return queued.clamp(need, max_grant.max(need));
         }
         let expected = (self.rate * LOOKAHEAD.as_secs_f64()).ceil() as u32;

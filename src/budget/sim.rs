@@ -231,9 +231,6 @@ pub struct Judged {
     /// Replicas, and what their workers carry with units at every moment (see [`judge`]).
     pub replicas: usize,
     pub carried: u64,
-    /// A replica was killed: the units of the grants it held are lost until their windows pass
-    /// (a daily quota's for the day; see [`Judged::required`]).
-    pub killed: bool,
 }
 
 impl Judged {
@@ -242,23 +239,28 @@ impl Judged {
     }
 
     /// The share of the binding limit a configuration must use: 95 % of a rate or a quota, and
-    /// less only for these known gaps, each at its measured worst less a margin:
+    /// less only for these known gaps, each at its measured worst less a margin (the grid, the
+    /// property cases, and 800 more explored with `SIM_EXPLORE`, seeds 7 and 11):
     /// - Where the workers are the limit, each message with `BURST=1` waits for a unit placed a
     ///   lead ahead (1.5 × the slowest recent preparation): with units at every moment (the
     ///   reference, a budget far above the load) a message goes when ready, and a budget whose
     ///   units its replicas hold sparsely pays part of a preparation per message, and a message
     ///   takes no unit it cannot reach (`Budget::cut_ns`), so where the replicas' pools are stocked
-    ///   to their horizon it may wait for a unit past them. 95.8 % at worst in the grid; three
-    ///   replicas of eleven workers on a 300 ms relay at 323 a second with a burst of 35, over
-    ///   5 s: 90.1 % in the property cases (99.0 % before the cut): 89 %.
-    /// - A replica killed: the units of the grants it held stay counted until their windows pass,
-    ///   94.4 % at worst (10 a 10 s period with a burst of 5, beside 30 a minute, killed 1.5 s
-    ///   in: the burst's units it held stay counted for the first minute): 92 %.
+    ///   to their horizon it may wait for a unit past them. Three replicas of eleven workers on a
+    ///   300 ms relay at 323 a second with a burst of 35, over 5 s: 90.1 % (99.0 % before the
+    ///   cut). Beside a quota of a 20 s window, a window frees one to two buckets late (5 % of it
+    ///   at worst) and the workers then need a preparation: 93.0 % at worst: 89 %.
     /// - Several replicas whose workers carry less than twice the rate: a bulk worker takes its
     ///   unit in its turn a lead and an interval ahead (`Budget::bulk_wait`, so that a
     ///   transactional letter gets the next one), and holds it that long. Three replicas of four
-    ///   workers on a 300 ms relay: 98.8 % at 20 a second, 96.4 % at 30, but 80.0 % at 40 (not in
-    ///   the grid; 70.9 % before): 85 %.
+    ///   workers on a 300 ms relay: 98.8 % at 20 a second, 96.4 % at 30; 93.9 % at worst in the
+    ///   explored cases (110 a second with a burst of 16 beside 294 a minute, three replicas of
+    ///   eight on a 2 s relay): 93 %. (Three replicas of four at 40 a second, in neither: 80.0 %.)
+    ///
+    /// A replica killed is no longer a gap of its own: under quotas, units are granted no more than
+    /// a second ahead (`schedule::QUOTA_HORIZON`), so a replica that dies strands none of a
+    /// window's later units (94.4 % → 100 % for the grid's worst, 10 a 10 s period with a burst
+    /// of 5 beside 30 a minute, killed 1.5 s in).
     ///
     /// The simulated workers take their units as the service's bulk workers do, in turn and near
     /// their time; taking each as soon as they were free, they held the schedule a worker's unit
@@ -266,8 +268,7 @@ impl Judged {
     pub fn required(&self) -> f64 {
         match self.bound_by.starts_with("the workers") {
             true => 0.89,
-            false if self.killed => 0.92,
-            false if self.replicas > 1 && self.carried < 2 * self.binding => 0.85,
+            false if self.replicas > 1 && self.carried < 2 * self.binding => 0.93,
             false => 0.95,
         }
     }
@@ -323,16 +324,14 @@ pub async fn judge(case: &Case) -> Judged {
     // bound read 124-197 % of it, and were not checked at all.
     let sample = case.duration.min((5 * SECOND).max(40 * case.send));
     let sampled = run(&Case { duration: sample, ..unbounded }).await;
-    let carried = match case.duration > sample {
-        true => {
-            let rest = (case.duration - sample).as_secs_f64();
-            // Measured after a kill within the sample, so that only the workers still alive
-            // carry on: measured from a quarter of it, the killed replica's workers kept their
-            // rate for the rest of the run, and a case they could not reach read 91.5 %.
-            let from = case.kill_at.map_or(sample / 4, |killed| killed.max(sample / 4));
-            sampled.used() + (sampled.steady_rate(from) * rest) as u64
-        }
-        false => sampled.used(),
+    // Measured after a kill within the sample, so that only the workers still alive carry on:
+    // measured from a quarter of it, the killed replica's workers kept their rate for the rest of
+    // the run, and a case they could not reach read 91.5 %.
+    let from = case.kill_at.map_or(sample / 4, |killed| killed.max(sample / 4));
+    let pace = (case.duration > sample).then(|| sampled.steady_rate(from));
+    let carried = match pace {
+        Some(pace) => sampled.used() + (pace * (case.duration - sample).as_secs_f64()) as u64,
+        None => sampled.used(),
     };
     let plan = &seen.plan;
     let d = case.duration.as_secs_f64();
@@ -377,6 +376,20 @@ pub async fn judge(case: &Case) -> Judged {
         limits.push((label, ideal));
     }
     limits.push(("the workers".to_owned(), carried));
+    // Every limit at once, where each message costs one unit: a sender that hands over each
+    // message as soon as the rate, every quota and the workers all allow it. Each limit alone
+    // over the whole run overstates what any sender can do where they bind in turn: 110 a 10 s
+    // period with a burst of 21 beside 500 a minute over 150 s is 1,500 by the quota alone, but
+    // the last half-minute holds what the rate gives it, 330 (the budget read 86.8 % of 1,500).
+    let costs_one = case.recipients.iter().all(|r| (*r).min(plan.largest_cost) == 1);
+    if plan.exact.is_none() && (plan.unit == RateUnit::Letter || costs_one) {
+        // Every worker of the deployment ready at once after a wait, and the pace the workers
+        // keep in between; where the run is short, what they carried is measured whole above.
+        // Not after a kill: the survivors' pace over the whole run would understate the start.
+        let workers = pace.filter(|_| case.kill_at.is_none()).map(|pace| (pace, (case.replicas * case.workers) as f64));
+        let label = format!("{} with every other limit at once", plan.rate_label);
+        limits.push((label, at_once(plan, case.send / 2, case.duration, workers)));
+    }
     let (bound_by, binding) = limits.into_iter().min_by_key(|(_, n)| *n).unwrap_or_default();
     let mut over = Vec::new();
     let rate_allowed = u64::from(plan.rate_max) + burst;
@@ -390,14 +403,47 @@ pub async fn judge(case: &Case) -> Judged {
             over.push((quota.label.clone(), busiest, u64::from(quota.limit)));
         }
     }
-    Judged {
-        used: seen.used(),
-        binding,
-        bound_by,
-        over,
-        replicas: case.replicas,
-        carried,
-        killed: case.kill_at.is_some(),
+    Judged { used: seen.used(), binding, bound_by, over, replicas: case.replicas, carried }
+}
+
+/// The most messages of one unit a sender can hand over from `first` (no dot comes before the
+/// first transaction is prepared) to `duration`, each at the earliest moment every limit allows:
+/// the rate's schedule (`BURST` at once, then one an interval: the generic cell rate algorithm
+/// at the rate's nominal interval, so the guard's spacing counts against the budget), every quota
+/// as a sliding window, and the workers (`(units a second, how many)`: as many at once after a
+/// wait, then their pace). Sending each as early as allowed gives the most messages, since no
+/// limit here lets a later message go sooner for an earlier one having waited.
+fn at_once(plan: &Plan, first: Duration, duration: Duration, workers: Option<(f64, f64)>) -> u64 {
+    use std::collections::VecDeque;
+    let end = duration.as_secs_f64();
+    let interval = plan.period_ns as f64 / 1e9 / f64::from(plan.rate_max);
+    let tolerance = (plan.tolerance_ns / plan.interval_ns) as f64 * interval;
+    let mut quotas: Vec<(VecDeque<f64>, usize, f64)> =
+        plan.quotas.iter().map(|q| (VecDeque::new(), q.limit as usize, q.window_ns as f64 / 1e9)).collect();
+    // The theoretical arrival times of the rate's and the workers' next unit.
+    let (mut rate_tat, mut workers_tat, mut at, mut used) = (0.0_f64, 0.0_f64, first.as_secs_f64(), 0);
+    loop {
+        at = at.max(rate_tat - tolerance);
+        if let Some((pace, count)) = workers {
+            at = at.max(workers_tat - (count - 1.0) / pace);
+        }
+        for (sent, limit, window) in &mut quotas {
+            while sent.len() >= *limit {
+                let Some(oldest) = sent.pop_front() else { break };
+                at = at.max(oldest + *window);
+            }
+        }
+        if at >= end {
+            return used;
+        }
+        rate_tat = rate_tat.max(at) + interval;
+        if let Some((pace, _)) = workers {
+            workers_tat = workers_tat.max(at) + 1.0 / pace;
+        }
+        for (sent, _, _) in &mut quotas {
+            sent.push_back(at);
+        }
+        used += 1;
     }
 }
 
@@ -707,7 +753,7 @@ mod tests {
             let case = Case::load(letters("1s", rate, 1, None), 3, 4, Duration::from_millis(300), 30 * SECOND);
             let judged = judge(&case).await;
             assert!(judged.over.is_empty(), "over: {:?}", judged.over);
-            assert_eq!(judged.bound_by, format!("{rate}/1s"));
+            assert!(judged.bound_by.starts_with(&format!("{rate}/1s")), "{}", judged.bound_by);
             assert!(judged.share() >= 0.95, "{rate}/s: {} of {} ({})", judged.used, judged.binding, judged.bound_by);
         }
     }
@@ -828,6 +874,72 @@ mod tests {
         // From 1 s on: the window starting at 2 s ends past 2.5 s.
         assert_eq!(in_order(&[3], &[(5, second)], SECOND, 2500 * MS), 6);
     }
+
+    /// Every limit at once is what one sender could do under all of them: 110 a 10 s period with
+    /// a burst of 21 beside 500 a minute, from 10 ms to 150 s, is 500 in each of the first two
+    /// minutes (the burst, then the rate until the quota is full at 43.6 s, and again from
+    /// 60.01 s) and in the last half-minute the burst and what the rate gives: 21 + 329. Each
+    /// limit alone said 1,500 (the quota) and 1,670 (the rate). And workers that carry ten a
+    /// second, two of them ready at once, over 10.05 s of a rate far above them: two at 0, then
+    /// one every 0.1 s to 10 s, 2 + 100.
+    #[test]
+    fn every_limit_at_once_is_what_one_sender_could_do_under_all_of_them() {
+        let plan = Plan::new(&smtp(&[
+            ("SMTP_RATE_LIMIT_PERIOD", "10s"),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", "110"),
+            ("SMTP_RATE_LIMIT_BURST", "21"),
+            ("SMTP_QUOTAS", "500/60s"),
+        ]));
+        assert_eq!(at_once(&plan, 10 * MS, 150 * SECOND, None), 1_350);
+        let fast = Plan::new(&smtp(&[("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "1000")]));
+        assert_eq!(at_once(&fast, Duration::ZERO, 10_050 * MS, Some((10.0, 2.0))), 102);
+    }
+
+    /// A long burst beside a quota of a short window: 1,771 an hour with a burst of 1,724 beside
+    /// 226 per 20 s, two replicas of five workers on a 2 s relay, ten minutes. A burst's units
+    /// are used within a reach of their charge or not at all (212 ms for 20 s windows), and each
+    /// replica's background grant added one unit a round that no worker came for in time: a unit
+    /// in six lost to the rate, 84.5 % of it. Where the reach is short a replica now asks for
+    /// what its waiting workers need (`Budget::short_reach`).
+    #[tokio::test(start_paused = true)]
+    async fn a_long_burst_beside_a_quota_of_a_short_window_is_used() {
+        let vars = letters("1h", 1_771, 1_724, Some("226/20s"));
+        let case = Case { offsets_ms: vec![600_000, 0], ..Case::load(vars, 2, 5, 2 * SECOND, 10 * MINUTE) };
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+    }
+
+    /// A fast rate with a long burst: 1,510 a second with a burst of 786, one replica of six
+    /// workers on a 1 ms relay, 5 s. A burst longer than a lookahead made the replica ask for
+    /// what its waiting workers needed, a round trip each: grants of one to five units every
+    /// 2 ms kept the rate and never reached the burst (91.9 %). Only where a lookahead holds few
+    /// units (`pool::SLOW_PACE`) does it still do so.
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_rate_with_a_long_burst_uses_the_burst() {
+        let case =
+            Case { offsets_ms: vec![600_000], ..Case::load(letters("1s", 1_510, 786, None), 1, 6, MS, 5 * SECOND) };
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+    }
+
+    /// A replica killed under a quota strands none of the window: 10 a 10 s period with a burst of
+    /// 5 beside 30 a minute, two replicas of eight workers on a 50 ms relay, the first killed at
+    /// 1.5 s. Its waiting workers had taken five units usable two seconds ahead; dead, it left
+    /// them counted in the first minute (85 of 90 in three minutes, 94.4 %). Under quotas a grant
+    /// now begins at most a second ahead (`schedule::QUOTA_HORIZON`).
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_killed_under_a_quota_strands_none_of_its_window() {
+        let case = Case {
+            kill_at: Some(Duration::from_millis(1_500)),
+            ..Case::load(letters("10s", 10, 5, Some("30/1m")), 2, 8, 50 * MS, 3 * MINUTE)
+        };
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert_eq!(judged.binding, 90, "{}", judged.bound_by);
+        assert!(judged.used >= 89, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+    }
 }
 
 #[cfg(test)]
@@ -835,6 +947,12 @@ mod properties {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// `SIM_EXPLORE` and `SIM_SEED`: how many cases, from which seed.
+    fn explore() -> Option<(u32, u64)> {
+        let cases = std::env::var("SIM_EXPLORE").ok()?.parse().ok()?;
+        Some((cases, std::env::var("SIM_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or(21)))
+    }
 
     fn case() -> impl Strategy<Value = Case> {
         let period = prop_oneof![Just(1_u64), Just(10), Just(60), Just(3_600), Just(86_400)];
@@ -874,12 +992,13 @@ mod properties {
     }
 
     proptest! {
-        // A fixed seed: the same cases in every run, so CI never meets a case first seen there
-        // (`PROPTEST_RNG_SEED` overrides it, to explore).
+        // A fixed seed: the same cases in every run, so CI never meets a case first seen there.
+        // To explore, `SIM_EXPLORE=<cases>` (and `SIM_SEED=<seed>`) runs that many cases and
+        // prints each one's share instead of asserting it (only the caps are asserted).
         #![proptest_config(ProptestConfig {
-            cases: 24,
+            cases: explore().map_or(24, |(cases, _)| cases),
             failure_persistence: None,
-            rng_seed: proptest::test_runner::RngSeed::Fixed(21),
+            rng_seed: proptest::test_runner::RngSeed::Fixed(explore().map_or(21, |(_, seed)| seed)),
             ..ProptestConfig::default()
         })]
 
@@ -890,6 +1009,10 @@ mod properties {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
             let judged = runtime.block_on(judge(&case));
             prop_assert!(judged.over.is_empty(), "{case}: over {:?}", judged.over);
+            if explore().is_some() {
+                println!("{:6.1} % (required {:.0} %) {case} [{}]", judged.share() * 100.0, judged.required() * 100.0, judged.bound_by);
+                return Ok(());
+            }
             prop_assert!(
                 judged.share() >= judged.required(),
                 "{case}: used {} of {} bound by {}",
