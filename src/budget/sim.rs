@@ -240,7 +240,8 @@ impl Judged {
 
     /// The share of the binding limit a configuration must use: 95 % of a rate or a quota, and
     /// less only for these known gaps, each at its measured worst less a margin (the grid, the
-    /// property cases, and 800 more explored with `SIM_EXPLORE`, seeds 7 and 11):
+    /// property cases, and 1,200 more explored with `SIM_EXPLORE`, seeds 7, 11 and 21, of which
+    /// two short runs of 2 s sends fall below their class: the README's budget section):
     /// - Where the workers are the limit, each message with `BURST=1` waits for a unit placed a
     ///   lead ahead (1.5 × the slowest recent preparation): with units at every moment (the
     ///   reference, a budget far above the load) a message goes when ready, and a budget whose
