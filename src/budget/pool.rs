@@ -107,8 +107,10 @@ impl Pool {
     /// The ticket for the first `units` of `usable`, a part of `whole`.
     fn hand(&mut self, whole: Run, usable: Run, units: u32, plan: &Plan) -> (Taken, Placed) {
         let last = usable.first_ns + i64::from(units - 1) * plan.interval_ns;
-        let taken =
-            Taken::At { usable_ns: last - plan.tolerance_ns, due_ns: plan.due_ns(usable, usable.first_ns, last) };
+        let taken = Taken::At {
+            usable_ns: (last - plan.tolerance_ns).max(plan.earliest_use_ns(usable)),
+            due_ns: plan.due_ns(usable, usable.first_ns, last),
+        };
         self.handed += u64::from(units);
         (taken, self.placed(whole, usable.first_ns, units, plan))
     }

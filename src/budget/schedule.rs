@@ -357,6 +357,23 @@ impl Plan {
         }
     }
 
+    /// How much later than a lead from its grant a burst's units are charged ([`BURST_SLACK`]).
+    fn burst_slack_ns(&self) -> i64 {
+        match self.tolerance_ns {
+            0 => 0,
+            _ => self.reach_ns.min(BURST_SLACK.as_nanos() as i64),
+        }
+    }
+
+    /// The soonest a message may go on the units of `run`: its grant counted the quotas from a
+    /// bucket before the window that ends a lead after the grant ([`decide`]), so a message that
+    /// went more than a bucket before then could land in a window no grant counted whole (a 2 s
+    /// relay's message, ready half a second before the lead it was granted on, put 2 in a 5 s
+    /// window of 1); within a reach of it, the count holds. Without quotas, any time.
+    pub fn earliest_use_ns(&self, run: Run) -> i64 {
+        (run.from_ns - self.burst_slack_ns()).saturating_sub(self.reach_ns)
+    }
+
     /// Where the unit at `place_ns` of `run` is charged against the quotas: where it becomes
     /// usable (its place less the burst tolerance), and not before the grant's `from_ns`. A unit
     /// may go before its charge (a burst's units, at once), never more than the reach after it.
@@ -517,11 +534,7 @@ pub fn decide(state: &State, plan: &Plan, now_ns: i64, lead_ns: i64, want: u32, 
     // be ready (a lead), and some slack after it: the lead is a guess until a transaction has been
     // measured, and a 2 s relay's first messages, prepared in a second where the lead guessed
     // 100 ms, missed the reach of their charge and wasted the burst.
-    let slack_ns = match plan.tolerance_ns {
-        0 => 0,
-        _ => plan.reach_ns.min(BURST_SLACK.as_nanos() as i64),
-    };
-    let from_ns = now_ns + lead_ns + slack_ns;
+    let from_ns = now_ns + lead_ns + plan.burst_slack_ns();
     let placed = match loose {
         true => Placed::at(loose_until_ns, count),
         false => plan.placed(Run { first_ns: start, count, from_ns }),

@@ -941,6 +941,18 @@ mod tests {
         assert_eq!(judged.binding, 90, "{}", judged.bound_by);
         assert!(judged.used >= 89, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
     }
+
+    /// A message never goes more than a reach before its first unit's charge: 23 an hour with a
+    /// burst of 7 beside 1 per 5 s, one worker on a 2 s relay (a property case with windows of
+    /// 5 to 20 s, shrunk). The lead (1.5 s) put the charge half a second past the moment the
+    /// message was ready, two quota buckets of 250 ms, and a 5 s window held 2 of 1.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_ready_before_the_lead_keeps_a_short_quota() {
+        let case = Case::load(letters("1h", 23, 7, Some("1/5s")), 1, 1, 2 * SECOND, 10 * MINUTE);
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+    }
 }
 
 #[cfg(test)]
