@@ -417,12 +417,10 @@ pub async fn judge(case: &Case) -> Judged {
 /// wait, then their pace). Sending each as early as allowed gives the most messages, since no
 /// limit here lets a later message go sooner for an earlier one having waited.
 fn at_once(plan: &Plan, first: Duration, duration: Duration, workers: Option<(f64, f64)>) -> u64 {
-    use std::collections::VecDeque;
     let end = duration.as_secs_f64();
     let interval = plan.period_ns as f64 / 1e9 / f64::from(plan.rate_max);
     let tolerance = (plan.tolerance_ns / plan.interval_ns) as f64 * interval;
-    let mut quotas: Vec<(VecDeque<f64>, usize, f64)> =
-        plan.quotas.iter().map(|q| (VecDeque::new(), q.limit as usize, q.window_ns as f64 / 1e9)).collect();
+    let mut quotas: Vec<Sliding> = plan.quotas.iter().map(|q| Sliding::new(q.limit, q.window_ns)).collect();
     // The theoretical arrival times of the rate's and the workers' next unit.
     let (mut rate_tat, mut workers_tat, mut at, mut used) = (0.0_f64, 0.0_f64, first.as_secs_f64(), 0);
     loop {
@@ -430,11 +428,8 @@ fn at_once(plan: &Plan, first: Duration, duration: Duration, workers: Option<(f6
         if let Some((pace, count)) = workers {
             at = at.max(workers_tat - (count - 1.0) / pace);
         }
-        for (sent, limit, window) in &mut quotas {
-            while sent.len() >= *limit {
-                let Some(oldest) = sent.pop_front() else { break };
-                at = at.max(oldest + *window);
-            }
+        for window in &mut quotas {
+            at = at.max(window.fits((at * 1e9).ceil() as i64, 1) as f64 / 1e9);
         }
         if at >= end {
             return used;
@@ -443,8 +438,8 @@ fn at_once(plan: &Plan, first: Duration, duration: Duration, workers: Option<(f6
         if let Some((pace, _)) = workers {
             workers_tat = workers_tat.max(at) + 1.0 / pace;
         }
-        for (sent, _, _) in &mut quotas {
-            sent.push_back(at);
+        for window in &mut quotas {
+            window.push((at * 1e9).ceil() as i64, 1);
         }
         used += 1;
     }
@@ -458,30 +453,55 @@ fn at_once(plan: &Plan, first: Duration, duration: Duration, workers: Option<(f6
 /// dot comes before its first transaction is prepared (counted from 0, a 2 s relay's cases read a
 /// second of the rate short, 3 % of 40 s).
 fn in_order(costs: &[u32], windows: &[(u32, i64)], first: Duration, duration: Duration) -> u64 {
-    use std::collections::VecDeque;
     let end = duration.as_nanos() as i64;
-    // Per window: the messages it still counts, and their units.
-    let mut counted: Vec<(VecDeque<(i64, u32)>, u32)> = windows.iter().map(|_| (VecDeque::new(), 0)).collect();
+    let mut counted: Vec<Sliding> = windows.iter().map(|(limit, width)| Sliding::new(*limit, *width)).collect();
     let (mut at, mut used) = (first.as_nanos() as i64, 0_u64);
     for cost in costs.iter().cycle() {
         // Time only moves on, so a window that has room at `at` still has it later.
-        for ((sent, held), (limit, width)) in counted.iter_mut().zip(windows) {
-            while *held + cost > *limit {
-                let Some((first, n)) = sent.pop_front() else { break };
-                at = at.max(first + width);
-                *held -= n;
-            }
+        for window in &mut counted {
+            at = window.fits(at, *cost);
         }
         if at >= end {
             return used;
         }
-        for (sent, held) in &mut counted {
-            sent.push_back((at, *cost));
-            *held += cost;
+        for window in &mut counted {
+            window.push(at, *cost);
         }
         used += u64::from(*cost);
     }
     used
+}
+
+/// A window a relay counts exactly (`limit` units in any `width_ns`), fed messages in time order:
+/// the messages it still counts, and their units.
+struct Sliding {
+    sent: std::collections::VecDeque<(i64, u32)>,
+    held: u32,
+    limit: u32,
+    width_ns: i64,
+}
+
+impl Sliding {
+    fn new(limit: u32, width_ns: i64) -> Sliding {
+        Sliding { sent: Default::default(), held: 0, limit, width_ns }
+    }
+
+    /// The soonest from `at_ns` a message of `cost` fits: the oldest messages leave the count as
+    /// the window passes them.
+    fn fits(&mut self, at_ns: i64, cost: u32) -> i64 {
+        let mut at_ns = at_ns;
+        while self.held + cost > self.limit {
+            let Some((first, n)) = self.sent.pop_front() else { break };
+            at_ns = at_ns.max(first + self.width_ns);
+            self.held -= n;
+        }
+        at_ns
+    }
+
+    fn push(&mut self, at_ns: i64, cost: u32) {
+        self.sent.push_back((at_ns, cost));
+        self.held += cost;
+    }
 }
 
 fn var(name: &'static str, value: impl ToString) -> (&'static str, String) {
