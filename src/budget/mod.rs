@@ -151,6 +151,8 @@ pub struct Budget {
     available: AtomicBool,
     /// Recent slowest preparation of a transaction, in nanoseconds (see [`LEAD`]).
     preparation_ns: AtomicI64,
+    /// A preparation was measured: until then it is a guess.
+    preparation_measured: AtomicBool,
     /// How much earlier than a lead and an interval bulk takes its units (see `bulk_wait`).
     bulk_slack_ns: AtomicI64,
     /// Recent slowest grant round trip, in nanoseconds.
@@ -185,6 +187,7 @@ impl Budget {
             waiting: AtomicUsize::new(0),
             available: AtomicBool::new(true),
             preparation_ns: AtomicI64::new(LEAD.as_nanos() as i64 * 2 / 3),
+            preparation_measured: AtomicBool::new(false),
             bulk_slack_ns: AtomicI64::new(0),
             round_trip_ns: AtomicI64::new(0),
             schedule_end_ns: AtomicI64::new(0),
@@ -229,6 +232,7 @@ impl Budget {
         let estimate = self.preparation_ns.load(Ordering::Relaxed);
         let next = if took > estimate { took } else { estimate - (estimate - took) / 4 };
         self.preparation_ns.store(next, Ordering::Relaxed);
+        self.preparation_measured.store(true, Ordering::Relaxed);
     }
 
     /// How long before its unit a transaction is opened: the recent slowest preparation and half
@@ -610,9 +614,21 @@ impl Budget {
             let stored = self.latest(granting).await?;
             let clock = self.reading();
             let now_ns = clock.now_ns();
-            let lead_ns = self.lead_ns() + self.round_trip_ns.load(Ordering::Relaxed);
+            let round_trip_ns = self.round_trip_ns.load(Ordering::Relaxed);
+            let lead_ns = self.lead_ns() + round_trip_ns;
+            // A message on this grant is at its dot a preparation after the units arrive at the
+            // soonest: the quotas count them from there, not from the lead's margin over it.
+            // Until a preparation is measured, from the lead: where units lie seconds apart it
+            // is a second at least (`SLOW_LEAD`) for the first messages of a slow relay, and a
+            // burst's units charged from the first guess (67 ms) passed the reach of their
+            // charge before those messages were ready (1,077 a day with a burst of 97 beside
+            // 43 per 20 s, 2 s sends: 62.5 % of the budget).
+            let ready_ns = match self.preparation_measured.load(Ordering::Relaxed) {
+                true => self.preparation_ns.load(Ordering::Relaxed).clamp(0, self.lead_ns()),
+                false => self.lead_ns(),
+            } + round_trip_ns;
             let state = schedule::refund(&stored, &self.plan, now_ns, &unused);
-            let (decision, mut next) = decide(&state, &self.plan, now_ns, lead_ns, want, need);
+            let (decision, mut next) = decide(&state, &self.plan, now_ns, lead_ns, ready_ns, want, need);
             self.publish(&state, now_ns);
             let wait = match &decision {
                 Decision::Wait { until_ns, window } => Some((*until_ns, window.clone())),
