@@ -344,8 +344,13 @@ impl Budget {
         let late_ns = self.plan.late.as_nanos() as i64;
         match ready {
             true => now_ns - late_ns,
-            false => now_ns - late_ns + self.preparation_ns.load(Ordering::Relaxed).clamp(0, self.lead_ns()),
+            false => now_ns - late_ns + self.preparation_within_lead_ns(),
         }
+    }
+
+    /// The recent slowest preparation, never longer than the lead (see [`Budget::cut_ns`]).
+    fn preparation_within_lead_ns(&self) -> i64 {
+        self.preparation_ns.load(Ordering::Relaxed).clamp(0, self.lead_ns())
     }
 
     async fn take_for(self: &Arc<Self>, units: u32, ready: bool) -> Ticket {
@@ -624,7 +629,7 @@ impl Budget {
             // charge before those messages were ready (1,077 a day with a burst of 97 beside
             // 43 per 20 s, 2 s sends: 62.5 % of the budget).
             let ready_ns = match self.preparation_measured.load(Ordering::Relaxed) {
-                true => self.preparation_ns.load(Ordering::Relaxed).clamp(0, self.lead_ns()),
+                true => self.preparation_within_lead_ns(),
                 false => self.lead_ns(),
             } + round_trip_ns;
             let state = schedule::refund(&stored, &self.plan, now_ns, &unused);

@@ -610,6 +610,13 @@ pub fn grid() -> Vec<Case> {
 mod tests {
     use super::*;
 
+    /// Judges `case`: no window over its limit, and at least 95 % of the binding limit used.
+    async fn holds_and_uses_95(case: &Case) {
+        let judged = judge(case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+    }
+
     /// Every configuration of the grid keeps every window within its limit and uses at least
     /// 95 % of the binding limit. Prints the worst configuration.
     #[tokio::test(start_paused = true)]
@@ -835,9 +842,7 @@ mod tests {
             recipients: vec![1, 3, 10, 2, 7, 1, 5, 4, 9, 1],
             duration: 40 * SECOND,
         };
-        let judged = judge(&case).await;
-        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
-        assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        holds_and_uses_95(&case).await;
     }
 
     /// Letters of 1 to 10 recipients against 30 recipients a second, one replica: the schedule
@@ -927,9 +932,7 @@ mod tests {
     async fn a_long_burst_beside_a_quota_of_a_short_window_is_used() {
         let vars = letters("1h", 1_771, 1_724, Some("226/20s"));
         let case = Case { offsets_ms: vec![600_000, 0], ..Case::load(vars, 2, 5, 2 * SECOND, 10 * MINUTE) };
-        let judged = judge(&case).await;
-        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
-        assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        holds_and_uses_95(&case).await;
     }
 
     /// A fast rate with a long burst: 1,510 a second with a burst of 786, one replica of six
@@ -941,9 +944,7 @@ mod tests {
     async fn a_fast_rate_with_a_long_burst_uses_the_burst() {
         let case =
             Case { offsets_ms: vec![600_000], ..Case::load(letters("1s", 1_510, 786, None), 1, 6, MS, 5 * SECOND) };
-        let judged = judge(&case).await;
-        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
-        assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        holds_and_uses_95(&case).await;
     }
 
     /// A replica killed under a quota strands none of the window: 10 a 10 s period with a burst of
@@ -970,9 +971,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_message_ready_before_the_lead_keeps_a_short_quota() {
         let case = Case::load(letters("1h", 23, 7, Some("1/5s")), 1, 1, 2 * SECOND, 10 * MINUTE);
-        let judged = judge(&case).await;
-        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
-        assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        holds_and_uses_95(&case).await;
     }
 
     /// A burst's messages go when they are ready: 1,774 a 10 s period with a burst of 991 beside
@@ -984,9 +983,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_bursts_messages_beside_a_short_quota_go_when_ready() {
         let case = Case::load(letters("10s", 1_774, 991, Some("129/20s")), 1, 7, 2 * SECOND, 50 * SECOND);
-        let judged = judge(&case).await;
-        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
-        assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        holds_and_uses_95(&case).await;
     }
 
     /// Until a preparation is measured, a grant's units are counted from the lead, which where
@@ -1000,9 +997,7 @@ mod tests {
             offsets_ms: vec![-600_000, 0],
             ..Case::load(letters("24h", 1_077, 97, Some("43/20s")), 3, 13, 2 * SECOND, 10 * MINUTE)
         };
-        let judged = judge(&case).await;
-        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
-        assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        holds_and_uses_95(&case).await;
     }
 }
 
