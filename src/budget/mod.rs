@@ -374,7 +374,7 @@ impl Budget {
             if self.asks_as_needed(clock.now_ns()) {
                 want = want.min(units.saturating_mul(waiting.max(1) as u32));
             }
-            // A message at its dot asks for its own units alone: placed for it, a round trip
+            // A message at its dot asks for its own units alone: placed for it, two round trips
             // ahead, they would pass before any message still to be prepared came for them.
             if ready {
                 want = units;
@@ -436,7 +436,7 @@ impl Budget {
         let late_ns = self.plan.late.as_nanos() as i64;
         let mut pool = self.pool();
         // Loose units must last until the message is at its dot: a lead from now, or now for
-        // one there already (its grant's loose units last a round trip and the span).
+        // one there already (its grant's loose units last two round trips and the span).
         let ready_ns = match ready {
             true => now_ns,
             false => now_ns + lead_ns,

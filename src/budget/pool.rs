@@ -263,16 +263,17 @@ impl Pool {
             }
             // Else, under a burst or loose grants, measured over a lookahead at least too: workers
             // that send in step take their units within a moment, and measured over that moment
-            // their rate read many times what it was. Under loose grants the grants took the whole loose allowance, and the
-            // other replicas' messages waited a lead for scheduled units (three replicas of four
-            // workers on a 300 ms relay at 100,000 a second: 90.0 % of what they carry); on the
-            // schedule a replica took grants of up to 58 units where its workers used 9 a
-            // lookahead, the others' grants lay past them, and their messages waited at their
-            // dots (three replicas of eleven on a 300 ms relay at 323 a second with a burst of
-            // 35: 90.1 %). Until a lookahead has passed the last rate stands; the first is taken
-            // over a lookahead. Not without a burst, where units lie at their places anyway: there
-            // it changed no simulated case, and the benchmark's three replicas at 100/s asked a
-            // few percent more grants a letter (0.114 against 0.109) for a lower median rate.
+            // their rate read many times what it was. Under loose grants the grants took the
+            // whole loose allowance, and the other replicas' messages waited a lead for scheduled
+            // units (three replicas of four workers on a 300 ms relay at 100,000 a second: 90.0 %
+            // of what they carry); on the schedule a replica took grants of up to 58 units where
+            // its workers used 9 a lookahead, the others' grants lay past them, and their
+            // messages waited at their dots (three replicas of eleven on a 300 ms relay at 323 a
+            // second with a burst of 35: 90.1 %). Until a lookahead has passed the last rate
+            // stands; the first is taken over a lookahead. Not without a burst, where units lie
+            // at their places anyway: there it changed no simulated case, and the benchmark's
+            // three replicas at 100/s asked a few percent more grants a letter (0.114 against
+            // 0.109) for a lower median rate.
             let settling = (plan.loose_max > 0 || plan.tolerance_ns > 0) && elapsed < LOOKAHEAD.as_secs_f64();
             if !(settling && self.rate > 0.0) {
                 if settling {
