@@ -10,6 +10,9 @@ use super::{LOOKAHEAD, Placed, Plan, Run};
 /// workers' units alone ([`Pool::want`]).
 const SLOW_PACE: i64 = 16;
 
+/// Most tickets remembered for [`Pool::doomed`].
+const RECENT_MAX: usize = 4_096;
+
 /// Units granted to this replica and not handed out yet.
 #[derive(Debug, Default)]
 pub(super) struct Pool {
@@ -22,6 +25,9 @@ pub(super) struct Pool {
     /// Units handed out since `since`, for the size of the next grant.
     handed: u64,
     since: Option<Instant>,
+    /// Scheduled units handed to messages still to be prepared, for [`Pool::doomed`]: (handed
+    /// at, due, units).
+    recent: VecDeque<(i64, i64, u32)>,
     /// Units per second this replica uses, smoothed.
     rate: f64,
     /// Each run's units are charged at its last unit ([`Plan::placed`]): runs are never joined,
@@ -139,6 +145,29 @@ impl Pool {
             }
         }
         Some(handed)
+    }
+
+    /// Notes `units` due at `due_ns` handed at `now_ns` to a message still to be prepared. Kept
+    /// for `keep_ns` (the longest lead), and the last [`RECENT_MAX`] only: what a preparation far
+    /// past the lead would find beyond them still goes, one message at a time, as each misses.
+    pub(super) fn record(&mut self, now_ns: i64, due_ns: i64, units: u32, keep_ns: i64) {
+        while self.recent.front().is_some_and(|(at, _, _)| *at < now_ns - keep_ns) || self.recent.len() >= RECENT_MAX {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((now_ns, due_ns, units));
+    }
+
+    /// The units handed out for messages that a preparation of `took` brings to their dots after
+    /// their units are due and the lateness allowed (`late_ns`) has passed, and that are not at
+    /// their dots yet: they will miss them. Each counted once.
+    pub(super) fn doomed(&mut self, now_ns: i64, took: i64, late_ns: i64) -> u32 {
+        let mut doomed = 0;
+        self.recent.retain(|(at, due_ns, units)| {
+            let misses = at + took > now_ns && at + took > due_ns + late_ns;
+            doomed += if misses { *units } else { 0 };
+            !misses
+        });
+        doomed
     }
 
     /// From when the first unit still due at `cut_ns` may be used, without taking it.
