@@ -165,6 +165,15 @@ pub struct Budget {
     metrics: Arc<Metrics>,
 }
 
+/// Which message units are asked for: where they must lie, and what may be handed to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    /// Still to be prepared: units a lead ahead, none it cannot reach a preparation from now.
+    ToPrepare,
+    /// At its final dot already (it missed its unit): units due as soon as they can arrive.
+    AtDot,
+}
+
 impl Budget {
     /// For unit tests: a clock of its own, this host's.
     #[cfg(test)]
@@ -254,6 +263,11 @@ impl Budget {
         self.preparation_measured.store(true, Ordering::Relaxed);
     }
 
+    /// The units counted for messages that will miss theirs (see [`Budget::prepared`]), once.
+    fn take_doomed(&self) -> u32 {
+        self.doomed_units.swap(0, Ordering::Relaxed).try_into().unwrap_or(u32::MAX)
+    }
+
     /// How long before its unit a transaction is opened: the recent slowest preparation and half
     /// again. A worker whose unit is further ahead waits before opening it, so the relay's DATA
     /// phase is never held open for the budget.
@@ -302,7 +316,7 @@ impl Budget {
         // With none in the pool, the next grant starts where this replica's last one left the
         // schedule (or at another replica's returned units, earlier): at slow rates each grant
         // is a unit or two, and eight bulk workers asking in turn still took eight of them.
-        let next_ns = pool.next_usable(self.cut_ns(now_ns, false), &self.plan);
+        let next_ns = pool.next_usable(self.cut_ns(now_ns, Moment::ToPrepare), &self.plan);
         drop(pool);
         let usable_ns =
             next_ns.unwrap_or_else(|| self.schedule_end_ns.load(Ordering::Relaxed) - self.plan.tolerance_ns);
@@ -339,13 +353,13 @@ impl Budget {
     /// be prepared; the message they pay for is handed over at the ticket's time. Cancel-safe:
     /// dropping the future loses nothing but the units it was given.
     pub async fn take(self: &Arc<Self>, units: u32) -> Ticket {
-        self.take_for(units, false).await
+        self.take_for(units, Moment::ToPrepare).await
     }
 
     /// As [`Budget::take`], for a message already at its final dot (it was late for its unit):
     /// units due at once are of use to it.
     pub async fn take_ready(self: &Arc<Self>, units: u32) -> Ticket {
-        self.take_for(units, true).await
+        self.take_for(units, Moment::AtDot).await
     }
 
     /// The first moment a unit of use to a message is due: a message still to be prepared
@@ -359,11 +373,11 @@ impl Budget {
     /// transaction past a second (Postfix sleeping after its rate limit's 450s) made the
     /// preparation longer than the longest lead, every grant fell short of the cut, and the
     /// replica asked for grants in a loop and sent nothing again.
-    fn cut_ns(&self, now_ns: i64, ready: bool) -> i64 {
+    fn cut_ns(&self, now_ns: i64, moment: Moment) -> i64 {
         let late_ns = self.plan.late.as_nanos() as i64;
-        match ready {
-            true => now_ns - late_ns,
-            false => now_ns - late_ns + self.preparation_within_lead_ns(),
+        match moment {
+            Moment::AtDot => now_ns - late_ns,
+            Moment::ToPrepare => now_ns - late_ns + self.preparation_within_lead_ns(),
         }
     }
 
@@ -372,27 +386,28 @@ impl Budget {
         self.preparation_ns.load(Ordering::Relaxed).clamp(0, self.lead_ns())
     }
 
-    async fn take_for(self: &Arc<Self>, units: u32, ready: bool) -> Ticket {
+    async fn take_for(self: &Arc<Self>, units: u32, moment: Moment) -> Ticket {
         let asked = Instant::now();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = Decrement(&self.waiting);
         // Grants that left nothing usable in a row: never a busy loop of round trips.
         let mut fruitless = 0;
         loop {
-            if let Some(ticket) = self.from_pool(units, asked, ready) {
+            if let Some(ticket) = self.from_pool(units, asked, moment) {
                 return ticket;
             }
             let mut granting = self.granting.lock().await;
             // A background grant, or another worker's, may have landed while this one queued.
-            if let Some(ticket) = self.from_pool(units, asked, ready) {
+            if let Some(ticket) = self.from_pool(units, asked, moment) {
                 return ticket;
             }
             // Messages in preparation that will miss their units (see `prepared`) take the
             // schedule's next units before this message takes one a lead ahead of them; a
             // message at its dot asks for theirs with its own.
-            let doomed = self.doomed_units.swap(0, Ordering::Relaxed) as u32;
-            if doomed > 0 && !ready {
-                let granted = tokio::time::timeout(GRANT_TIMEOUT, self.grant(&mut granting, doomed, 1, true)).await;
+            let doomed = self.take_doomed();
+            if doomed > 0 && moment == Moment::ToPrepare {
+                let granted = self.grant(&mut granting, doomed, 1, Moment::AtDot);
+                let granted = tokio::time::timeout(GRANT_TIMEOUT, granted).await;
                 if !matches!(granted, Ok(Ok(_))) {
                     *granting = None;
                 }
@@ -406,10 +421,10 @@ impl Budget {
             }
             // A message at its dot asks for its own units alone: placed for it, two round trips
             // ahead, they would pass before any message still to be prepared came for them.
-            if ready {
+            if moment == Moment::AtDot {
                 want = units + doomed;
             }
-            let granted = tokio::time::timeout(GRANT_TIMEOUT, self.grant(&mut granting, want, units, ready)).await;
+            let granted = tokio::time::timeout(GRANT_TIMEOUT, self.grant(&mut granting, want, units, moment)).await;
             let granted = granted.unwrap_or_else(|_| {
                 // Whatever the write did is lost with it: at worst, one grant's units unused.
                 *granting = None;
@@ -456,7 +471,7 @@ impl Budget {
 
     /// A ticket from the units already granted, if there are any; starts the next grant in the
     /// background when the pool runs low.
-    fn from_pool(self: &Arc<Self>, units: u32, asked: Instant, ready: bool) -> Option<Ticket> {
+    fn from_pool(self: &Arc<Self>, units: u32, asked: Instant, moment: Moment) -> Option<Ticket> {
         let clock = self.reading();
         let now_ns = clock.now_ns();
         let lead_ns = self.lead_ns();
@@ -467,21 +482,20 @@ impl Budget {
         let mut pool = self.pool();
         // Loose units must last until the message is at its dot: a lead from now, or now for
         // one there already (its grant's loose units last two round trips and the span).
-        let ready_ns = match ready {
-            true => now_ns,
-            false => now_ns + lead_ns,
+        let ready_ns = match moment {
+            Moment::AtDot => now_ns,
+            Moment::ToPrepare => now_ns + lead_ns,
         };
-        let taken = pool.take(units, &self.plan, now_ns - late_ns, self.cut_ns(now_ns, ready), ready_ns)?;
+        let (taken, placed) = pool.take(units, &self.plan, now_ns - late_ns, self.cut_ns(now_ns, moment), ready_ns)?;
+        if let (Moment::ToPrepare, Taken::At { due_ns, .. }) = (moment, taken) {
+            pool.record(now_ns, due_ns, units, LEAD_MAX.as_nanos() as i64);
+        }
         let low = pool.low(now_ns, now_ns + self.prefetch_ns(), self.plan.interval_ns);
         drop(pool);
         if low && !self.asks_as_needed(now_ns) {
             self.refill();
         }
         let issued = Instant::now();
-        let (taken, placed) = taken;
-        if let (false, Taken::At { due_ns, .. }) = (ready, taken) {
-            self.pool().record(now_ns, due_ns, units, LEAD_MAX.as_nanos() as i64);
-        }
         let (at, unit) = match taken {
             Taken::At { usable_ns, due_ns } => (clock.instant(usable_ns), clock.instant(due_ns)),
             // Any moment until then: the lateness allowed past `unit` brings it to `until`.
@@ -505,12 +519,11 @@ impl Budget {
                 // them was one unit a round trip.
                 let waiting = budget.waiting.load(Ordering::Relaxed);
                 // Or for the messages about to miss their units first (see `prepared`).
-                let doomed = budget.doomed_units.swap(0, Ordering::Relaxed) as u32;
-                let (want, ready) = match doomed {
-                    0 => (budget.pool().want(1, waiting, &budget.plan), false),
-                    _ => (doomed, true),
+                let (want, moment) = match budget.take_doomed() {
+                    0 => (budget.pool().want(1, waiting, &budget.plan), Moment::ToPrepare),
+                    doomed => (doomed, Moment::AtDot),
                 };
-                match tokio::time::timeout(GRANT_TIMEOUT, budget.grant(&mut granting, want, 1, ready)).await {
+                match tokio::time::timeout(GRANT_TIMEOUT, budget.grant(&mut granting, want, 1, moment)).await {
                     Ok(Ok(_)) => budget.reachable(),
                     // The workers find out themselves, and say so, when they need the next grant.
                     Ok(Err(error)) => {
@@ -684,7 +697,7 @@ impl Budget {
         granting: &mut Option<State>,
         want: u32,
         need: u32,
-        ready: bool,
+        moment: Moment,
     ) -> anyhow::Result<Option<(i64, String)>> {
         self.measure_clock().await?;
         let unused = self.pool().take_expired();
@@ -698,9 +711,9 @@ impl Budget {
             // open for the lead less the burst's tolerance. A 2 s relay whose first preparation
             // took fifteen times the first guess missed the units of its first message in every
             // replica, and waited 1.3 s at the dot for the next.
-            let lead_ns = match ready {
-                true => round_trip_ns,
-                false => self.lead_ns(),
+            let lead_ns = match moment {
+                Moment::AtDot => round_trip_ns,
+                Moment::ToPrepare => self.lead_ns(),
             } + round_trip_ns;
             // A message on this grant is at its dot a preparation after the units arrive at the
             // soonest: the quotas count them from there, not from the lead's margin over it.
@@ -709,10 +722,10 @@ impl Budget {
             // burst's units charged from the first guess (67 ms) passed the reach of their
             // charge before those messages were ready (1,077 a day with a burst of 97 beside
             // 43 per 20 s, 2 s sends: 62.5 % of the budget).
-            let ready_ns = match (ready, self.preparation_measured.load(Ordering::Relaxed)) {
-                (true, _) => 0,
-                (false, true) => self.preparation_within_lead_ns(),
-                (false, false) => self.lead_ns(),
+            let ready_ns = match (moment, self.preparation_measured.load(Ordering::Relaxed)) {
+                (Moment::AtDot, _) => 0,
+                (Moment::ToPrepare, true) => self.preparation_within_lead_ns(),
+                (Moment::ToPrepare, false) => self.lead_ns(),
             } + round_trip_ns;
             let state = schedule::refund(&stored, &self.plan, now_ns, &unused);
             let (decision, mut next) = decide(&state, &self.plan, now_ns, lead_ns, ready_ns, want, need);
