@@ -84,7 +84,7 @@ const GRANT_TIMEOUT: Duration = Duration::from_secs(1);
 const LOOSE_SPAN: Duration = LOOKAHEAD;
 /// The next grant is asked for when the pool covers less than the lead, two round trips and this.
 const PREFETCH_MARGIN: Duration = Duration::from_millis(25);
-/// Under a quota whose buckets are this short or shorter (windows up to about a minute), a
+/// Under a quota whose buckets are this short or shorter (windows up to about two minutes), a
 /// replica asks only for what its waiting workers need ([`Budget::short_reach`]).
 const SHORT_REACH: Duration = Duration::from_secs(1);
 /// How often a replica without MongoDB tries again.
