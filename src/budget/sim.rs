@@ -787,6 +787,31 @@ mod tests {
         assert!(judged.share() >= 0.95, "{} of {}", judged.used, judged.binding);
     }
 
+    /// Replicas whose workers come at a slower pace than the rate's interval, with the default
+    /// burst of 1: each grant was a run of consecutive units, most of which passed before the
+    /// replica's workers reached them. Strided grants interleave the replicas' units
+    /// (`schedule::decide`). 1,244 a second with three replicas of ten on a 20 ms relay sent
+    /// 3,124 letters in 5 s consecutive, 4,284 strided; 247 per 10 s with two replicas of three
+    /// on a 300 ms relay, 558 in 30 s strided (the judge's reference, bounded as much by its own
+    /// consecutive runs, reads 469).
+    #[tokio::test(start_paused = true)]
+    async fn replicas_whose_workers_trail_the_rate_interleave_their_units() {
+        for (period, max, replicas, workers, send_ms, secs, least) in
+            [("1s", 1_244, 3, 10, 20, 5, 4_000), ("10s", 247, 2, 3, 300, 30, 520)]
+        {
+            let case = Case::load(
+                letters(period, max, 1, None),
+                replicas,
+                workers,
+                Duration::from_millis(send_ms),
+                secs * SECOND,
+            );
+            let judged = judge(&case).await;
+            assert!(judged.over.is_empty(), "{case}: over {:?}", judged.over);
+            assert!(judged.used >= least, "{case}: {} letters, {least} expected", judged.used);
+        }
+    }
+
     /// Three replicas of four workers on a 300 ms relay at 14 letters a second (the sweep's SES
     /// budget in letters) used 66 % of it, 57 % of 20 a second, where one replica of twelve
     /// workers used 99 %. The schedule ran a second ahead (the twelve workers held its units that
@@ -1188,7 +1213,7 @@ mod properties {
             let judged = runtime.block_on(judge(&case));
             prop_assert!(judged.over.is_empty(), "{case}: over {:?}", judged.over);
             if explore().is_some() {
-                println!("{:6.1} % (required {:.0} %) {case} [{}]", judged.share() * 100.0, REQUIRED * 100.0, judged.bound_by);
+                println!("{:6.1} % (required {:.0} %) {case} [{}] used {} of {}", judged.share() * 100.0, REQUIRED * 100.0, judged.bound_by, judged.used, judged.binding);
                 return Ok(());
             }
             prop_assert!(

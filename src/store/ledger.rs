@@ -48,7 +48,11 @@ fn loose_to_bson(loose: &[LooseGrant]) -> Vec<Bson> {
 }
 
 fn runs_to_bson(runs: &[Run]) -> Vec<Bson> {
-    runs.iter().map(|r| Bson::Document(doc! { "f": r.first_ns, "n": i64::from(r.count), "g": r.from_ns })).collect()
+    runs.iter()
+        .map(|r| {
+            Bson::Document(doc! { "f": r.first_ns, "n": i64::from(r.count), "g": r.from_ns, "s": i64::from(r.stride) })
+        })
+        .collect()
 }
 
 fn state_to_bson(state: &State) -> Document {
@@ -58,6 +62,7 @@ fn state_to_bson(state: &State) -> Document {
         "quotas": quotas_to_bson(&state.quotas),
         "loose": loose_to_bson(&state.loose),
         "back": runs_to_bson(&state.returned),
+        "senders": state.senders.iter().map(|(r, at)| Bson::Document(doc! { "r": *r as i64, "t": *at })).collect::<Vec<_>>(),
     }
 }
 
@@ -97,9 +102,15 @@ fn state_from_bson(document: &Document) -> State {
     let returned = entries("back")
         .iter()
         .filter(|r| r.contains_key("g"))
-        .map(|r| Run { first_ns: int(r.get("f")), count: count(r.get("n")), from_ns: int(r.get("g")) })
+        .map(|r| Run {
+            first_ns: int(r.get("f")),
+            count: count(r.get("n")),
+            from_ns: int(r.get("g")),
+            stride: count(r.get("s")).max(1),
+        })
         .collect();
-    State { version: int(document.get("v")), next_ns: int(document.get("next_ns")), quotas, loose, returned }
+    let senders = entries("senders").iter().map(|r| (int(r.get("r")) as u64, int(r.get("t")))).collect();
+    State { version: int(document.get("v")), next_ns: int(document.get("next_ns")), quotas, loose, returned, senders }
 }
 
 impl Ledger for MongoLedger {
@@ -162,7 +173,13 @@ mod tests {
             next_ns: 1_795_000_000_123_456_789,
             quotas: BTreeMap::from([("w60000".to_owned(), BTreeMap::from([(29_916_666, 12), (29_916_667, 3)]))]),
             loose: vec![LooseGrant { from_ns: 5, until_ns: 250_000_005, count: 40 }],
-            returned: vec![Run { first_ns: 1_795_000_000_000_000_000, count: 6, from_ns: 1_794_999_999_000_000_000 }],
+            returned: vec![Run {
+                first_ns: 1_795_000_000_000_000_000,
+                count: 6,
+                from_ns: 1_794_999_999_000_000_000,
+                stride: 3,
+            }],
+            senders: vec![(u64::MAX - 1, 1_795_000_000_000_000_000), (42, 1_794_999_999_900_000_000)],
         };
         assert_eq!(state_from_bson(&state_to_bson(&state)), state);
         // A document from before loose grants and give-backs reads with neither.
