@@ -47,8 +47,13 @@ fn loose_to_bson(loose: &[LooseGrant]) -> Vec<Bson> {
     loose.iter().map(|g| Bson::Document(doc! { "f": g.from_ns, "u": g.until_ns, "n": i64::from(g.count) })).collect()
 }
 
-fn runs_to_bson(runs: &[Run]) -> Vec<Bson> {
+/// The runs of `stride` 1 (`strided` false) or the others. Strided runs are kept apart ("strided"),
+/// where a binary from before strides does not look: read as consecutive, their units would
+/// share places with other replicas' and crowd a window during a rollout or a rollback. It drops
+/// them when it writes, and their units pass unused, once.
+fn runs_to_bson(runs: &[Run], strided: bool) -> Vec<Bson> {
     runs.iter()
+        .filter(|r| (r.stride > 1) == strided)
         .map(|r| {
             Bson::Document(doc! { "f": r.first_ns, "n": i64::from(r.count), "g": r.from_ns, "s": i64::from(r.stride) })
         })
@@ -61,7 +66,8 @@ fn state_to_bson(state: &State) -> Document {
         "next_ns": state.next_ns,
         "quotas": quotas_to_bson(&state.quotas),
         "loose": loose_to_bson(&state.loose),
-        "back": runs_to_bson(&state.returned),
+        "back": runs_to_bson(&state.returned, false),
+        "strided": runs_to_bson(&state.returned, true),
         "senders": state.senders.iter().map(|(r, at)| Bson::Document(doc! { "r": *r as i64, "t": *at })).collect::<Vec<_>>(),
     }
 }
@@ -99,8 +105,9 @@ fn state_from_bson(document: &Document) -> State {
     // A run given back before runs kept their grant's time ("g") was charged at its places, not
     // where its units became usable, so it cannot be given back to the right buckets: it is
     // dropped, its units left counted (lost once, never counted twice).
-    let returned = entries("back")
+    let mut returned: Vec<Run> = entries("back")
         .iter()
+        .chain(&entries("strided"))
         .filter(|r| r.contains_key("g"))
         .map(|r| Run {
             first_ns: int(r.get("f")),
@@ -109,6 +116,7 @@ fn state_from_bson(document: &Document) -> State {
             stride: count(r.get("s")).max(1),
         })
         .collect();
+    returned.sort_by_key(|run| run.first_ns);
     let senders = entries("senders").iter().map(|r| (int(r.get("r")) as u64, int(r.get("t")))).collect();
     State { version: int(document.get("v")), next_ns: int(document.get("next_ns")), quotas, loose, returned, senders }
 }
@@ -173,15 +181,18 @@ mod tests {
             next_ns: 1_795_000_000_123_456_789,
             quotas: BTreeMap::from([("w60000".to_owned(), BTreeMap::from([(29_916_666, 12), (29_916_667, 3)]))]),
             loose: vec![LooseGrant { from_ns: 5, until_ns: 250_000_005, count: 40 }],
-            returned: vec![Run {
-                first_ns: 1_795_000_000_000_000_000,
-                count: 6,
-                from_ns: 1_794_999_999_000_000_000,
-                stride: 3,
-            }],
+            returned: vec![
+                Run { first_ns: 1_795_000_000_000_000_000, count: 6, from_ns: 1_794_999_999_000_000_000, stride: 3 },
+                Run { first_ns: 1_795_000_000_000_000_001, count: 2, from_ns: 1_794_999_999_000_000_000, stride: 1 },
+            ],
             senders: vec![(u64::MAX - 1, 1_795_000_000_000_000_000), (42, 1_794_999_999_900_000_000)],
         };
-        assert_eq!(state_from_bson(&state_to_bson(&state)), state);
+        let stored = state_to_bson(&state);
+        assert_eq!(state_from_bson(&stored), state);
+        // A binary from before strides reads "back" alone: the consecutive runs, not the strided.
+        let back = stored.get_array("back").unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].as_document().unwrap().get_i64("n").unwrap(), 2);
         // A document from before loose grants and give-backs reads with neither.
         let old = doc! { "v": 3_i64, "next_ns": 10_i64, "quotas": {} };
         assert_eq!(state_from_bson(&old), State { version: 3, next_ns: 10, ..State::default() });
