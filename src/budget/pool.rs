@@ -58,17 +58,16 @@ struct Waste {
 }
 
 impl Waste {
-    /// Starts a new span once the current one is over.
-    fn roll(&mut self) {
+    /// Counts units passed and handed out, in a new span once the current one is over.
+    fn count(&mut self, passed: u32, handed: u32) {
         let now = Instant::now();
-        match self.since {
-            Some(since) if now.duration_since(since) < PASSING_SPAN => {}
-            _ => {
-                self.last = (self.passed, self.handed);
-                (self.passed, self.handed) = (0, 0);
-                self.since = Some(now);
-            }
+        if self.since.is_none_or(|since| now.duration_since(since) >= PASSING_SPAN) {
+            self.last = (self.passed, self.handed);
+            (self.passed, self.handed) = (0, 0);
+            self.since = Some(now);
         }
+        self.passed += u64::from(passed);
+        self.handed += u64::from(handed);
     }
 }
 
@@ -129,8 +128,8 @@ impl Pool {
             run.first_ns += i64::from(units) * run.step(interval_ns);
             run.count -= units;
             if run.count > 0 {
-                self.runs.push_front(run);
-                self.runs.make_contiguous().sort_by_key(|run| run.first_ns);
+                // What is left of a strided run may lie after another run's next unit.
+                self.insert_in_order(run);
             }
             return Some(handed);
         }
@@ -144,8 +143,7 @@ impl Pool {
         let kept = run.map_or(0, |run| run.count);
         if kept < whole.count {
             self.expired.push(self.placed(whole, whole.first_ns, whole.count - kept, plan));
-            self.waste.roll();
-            self.waste.passed += u64::from(whole.count - kept);
+            self.waste.count(whole.count - kept, 0);
         }
         run
     }
@@ -158,8 +156,7 @@ impl Pool {
             due_ns: plan.due_ns(usable, usable.first_ns, last),
         };
         self.handed += u64::from(units);
-        self.waste.roll();
-        self.waste.handed += u64::from(units);
+        self.waste.count(0, units);
         (taken, self.placed(whole, usable.first_ns, units, plan))
     }
 
@@ -181,12 +178,12 @@ impl Pool {
             ..usable
         };
         self.runs.remove(at);
-        for piece in [after, before] {
-            if piece.count > 0 {
-                self.runs.insert(at, piece);
-            }
+        if before.count > 0 {
+            self.runs.insert(at, before);
         }
-        self.runs.make_contiguous().sort_by_key(|run| run.first_ns);
+        if after.count > 0 {
+            self.insert_in_order(after);
+        }
         Some(handed)
     }
 
@@ -249,7 +246,7 @@ impl Pool {
     /// Adds a granted run in time order: units another replica gave back may lie before the
     /// runs this one holds.
     pub(super) fn add(&mut self, granted: Run, plan: &Plan) {
-        let at = self.runs.partition_point(|run| run.first_ns < granted.first_ns);
+        let at = self.insertion_point(granted);
         // Joined only where the grant's time changes nothing for the units joined: they become
         // usable at their places less the tolerance, after either grant.
         if !self.charged_at_end
@@ -262,6 +259,16 @@ impl Pool {
             return;
         }
         self.runs.insert(at, granted);
+    }
+
+    /// Where `run` goes among the runs, which are in the order of their first units.
+    fn insertion_point(&self, run: Run) -> usize {
+        self.runs.partition_point(|held| held.first_ns < run.first_ns)
+    }
+
+    fn insert_in_order(&mut self, run: Run) {
+        let at = self.insertion_point(run);
+        self.runs.insert(at, run);
     }
 
     /// Takes out every unit still due at `from_ns`, to give them back to the budget.

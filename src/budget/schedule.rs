@@ -460,6 +460,7 @@ pub fn decide(
     need: u32,
     asker: Option<Asker>,
 ) -> (Decision, State) {
+    // The senders as this grant leaves them, where they count (`None`: as they were).
     let (senders, stride) = match asker {
         Some(asker) if stridable(plan) => {
             let span_ns = SENDERS_SPAN.as_nanos() as i64;
@@ -471,15 +472,17 @@ pub fn decide(
                 .collect();
             senders.push((asker.replica, now_ns));
             let stride = match asker.passing {
-                true => senders.len().clamp(1, STRIDE_MAX) as u32,
+                true => senders.len().min(STRIDE_MAX) as u32,
                 false => 1,
             };
-            (senders, stride)
+            (Some(senders), stride)
         }
-        _ => (state.senders.clone(), 1),
+        _ => (None, 1),
     };
     let (decision, mut next) = decide_units(state, plan, now_ns, lead_ns, ready_ns, Wanted { want, need, stride });
-    if !matches!(decision, Decision::Wait { .. }) {
+    if let Some(senders) = senders
+        && !matches!(decision, Decision::Wait { .. })
+    {
         next.senders = senders;
     }
     (decision, next)
@@ -655,16 +658,18 @@ fn decide_units(
         false => plan.placed(Run { first_ns: start, count, from_ns, stride: 1 }),
     };
     charge(&mut next, plan, placed);
-    next.next_ns = start + i64::from(count) * plan.interval_ns;
-    if !loose && stride > 1 && count > 1 {
-        // Every stride-th unit for this replica, the runs between for the others.
-        next.next_ns = start + i64::from(count) * i64::from(stride) * plan.interval_ns;
+    // Every stride-th unit for this replica, the runs between for the others; not a grant of one
+    // unit (nor a loose one, which `stridable` rules out anyway).
+    let stride = match loose || count == 1 {
+        true => 1,
+        false => stride,
+    };
+    next.next_ns = start + i64::from(count) * i64::from(stride) * plan.interval_ns;
+    if stride > 1 {
         for j in 1..i64::from(stride) {
             next.returned.push(Run { first_ns: start + j * plan.interval_ns, count, from_ns, stride });
         }
         next.returned.sort_by_key(|run| run.first_ns);
-        next.version = state.version + 1;
-        return (Decision::Granted { first_ns: start, count, from_ns, stride }, next);
     }
     next.version = state.version + 1;
     if loose {
@@ -673,7 +678,7 @@ fn decide_units(
         next.loose.push(LooseGrant { from_ns: now_ns, until_ns, count });
         return (Decision::Loose { until_ns: loose_until_ns, count }, next);
     }
-    (Decision::Granted { first_ns: start, count, from_ns, stride: 1 }, next)
+    (Decision::Granted { first_ns: start, count, from_ns, stride }, next)
 }
 
 /// Counts `placed` against every quota, each unit in the bucket of its charge.
