@@ -814,6 +814,23 @@ mod tests {
         }
     }
 
+    /// Replicas whose consecutive units pass now and then, but whose workers reach most of them:
+    /// three replicas of five on a 300 ms relay at 296 per 10 s. With strided grants kept while
+    /// their units are used (`Pool::passing`), a trigger at a fifth of the units passing strided
+    /// them for good and used 817 of the 884 letters the rate allows in 30 s (92.4 %); at three
+    /// tenths they stay consecutive, 870.
+    #[tokio::test(start_paused = true)]
+    async fn replicas_whose_units_pass_now_and_then_stay_consecutive() {
+        let case = Case {
+            offsets_ms: vec![600_000, 0],
+            ..Case::load(letters("10s", 296, 1, None), 3, 5, Duration::from_millis(300), 30 * SECOND)
+        };
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert!(judged.bound_by.starts_with("296/10s"), "{}", judged.bound_by);
+        assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+    }
+
     /// Three replicas of four workers on a 300 ms relay at 14 letters a second (the sweep's SES
     /// budget in letters) used 66 % of it, 57 % of 20 a second, where one replica of twelve
     /// workers used 99 %. The schedule ran a second ahead (the twelve workers held its units that
