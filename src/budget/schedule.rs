@@ -664,6 +664,22 @@ fn decide_units(
         true => 1,
         false => stride,
     };
+    // The places this grant leaps over (the schedule's end lay less than a lead ahead) are of use
+    // to a message already at its dot, whose grant lies a round trip ahead: they go to the
+    // returned runs, one unit a place as ever. Placed at the schedule's new end instead, the
+    // missed first messages of one of two replicas on a 2 s relay waited 1.7 s at their dots
+    // for the places after the other's grant a lead ahead. Not under a quota, which never
+    // counted them, nor with a burst or loose grants.
+    if !loose && plan.quotas.is_empty() && plan.exact.is_none() && plan.tolerance_ns == 0 && plan.loose_max == 0 {
+        let behind = (now_ns - state.next_ns).max(0);
+        let first_ns = state.next_ns + (behind + plan.interval_ns - 1) / plan.interval_ns * plan.interval_ns;
+        let skipped = (start - first_ns) / plan.interval_ns;
+        if skipped > 0 {
+            let count = skipped.min(i64::from(u32::MAX)) as u32;
+            next.returned.push(Run { first_ns, count, from_ns: now_ns, stride: 1 });
+            next.returned.sort_by_key(|run| run.first_ns);
+        }
+    }
     next.next_ns = start + i64::from(count) * i64::from(stride) * plan.interval_ns;
     if stride > 1 {
         for j in 1..i64::from(stride) {

@@ -835,6 +835,28 @@ mod tests {
         assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
     }
 
+    /// Two replicas of fifteen workers on a 2 s relay at 100 a second, `BURST=1`: both
+    /// replicas' first messages missed their units (a preparation of a second, a first lead of
+    /// 100 ms), and each asked for units at once for them. The first to ask got them; the
+    /// second's grant went after the first's next grant, a measured lead (1.5 s) ahead, and its
+    /// fifteen messages waited 1.7 s at their dots: 31 letters in 5 s, the second replica's
+    /// first dot at 2.76 s. The places a grant leaps over now go to the returned runs, where a
+    /// message at its dot takes them: 45 letters, the first dots at 1.02 and 1.17 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_grant_a_lead_ahead_leaves_the_places_before_it_to_messages_at_their_dots() {
+        let case = Case::load(letters("1s", 100, 1, None), 2, 15, 2 * SECOND, 5 * SECOND);
+        let seen = run(&case).await;
+        for (replica, workers) in seen.by_worker.chunks(case.workers).enumerate() {
+            let first = workers.iter().filter_map(|dots| dots.first()).map(|(at, _)| *at).min();
+            assert!(
+                first.is_some_and(|at| at < Duration::from_millis(1_500)),
+                "replica {replica}: first dot {first:?}"
+            );
+        }
+        assert!(seen.used() >= 40, "{} letters", seen.used());
+        assert!(seen.busiest(SECOND) <= 100, "{} in a second", seen.busiest(SECOND));
+    }
+
     /// Three replicas of four workers on a 300 ms relay at 14 letters a second (the sweep's SES
     /// budget in letters) used 66 % of it, 57 % of 20 a second, where one replica of twelve
     /// workers used 99 %. The schedule ran a second ahead (the twelve workers held its units that
