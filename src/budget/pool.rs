@@ -78,19 +78,15 @@ impl Waste {
             return;
         }
         let now = Instant::now();
-        match self.since.map(|since| now.duration_since(since)) {
-            Some(elapsed) if elapsed < PASSING_SPAN => {}
+        let elapsed = self.since.map(|since| now.duration_since(since));
+        if elapsed.is_none_or(|elapsed| elapsed >= PASSING_SPAN) {
             // Strided since the last span's judgement: that judgement holds until it is old.
-            Some(elapsed) if elapsed < PASSING_KEPT => {
-                self.last = (self.passed, self.handed);
-                (self.passed, self.handed) = (0, 0);
-                self.since = Some(now);
-            }
-            _ => {
-                self.last = (0, 0);
-                (self.passed, self.handed) = (0, 0);
-                self.since = Some(now);
-            }
+            self.last = match elapsed {
+                Some(elapsed) if elapsed < PASSING_KEPT => (self.passed, self.handed),
+                _ => (0, 0),
+            };
+            (self.passed, self.handed) = (0, 0);
+            self.since = Some(now);
         }
         self.passed += u64::from(passed);
         self.handed += u64::from(handed);
@@ -501,9 +497,6 @@ mod tests {
         assert_eq!(pool.take_expired(), vec![Placed::at(2_000, 5)]);
     }
 
-    /// Under a quota, a burst's units are charged at the grant's time and due within the reach
-    /// of it: a unit placed 50 ns ahead with a tolerance of 50 is usable at once and due 15 ns
-    /// after the grant, not at its place.
     /// A replica whose consecutive units passed stays strided while its strided units are all
     /// used (they are not what is judged), and is judged again on consecutive units once the
     /// judgement is [`PASSING_KEPT`] old. Counted with the rest, two seconds of strided units
@@ -538,6 +531,9 @@ mod tests {
         assert!(!pool.passing());
     }
 
+    /// Under a quota, a burst's units are charged at the grant's time and due within the reach
+    /// of it: a unit placed 50 ns ahead with a tolerance of 50 is usable at once and due 15 ns
+    /// after the grant, not at its place.
     #[test]
     fn a_bursts_units_are_due_within_the_reach_of_where_they_are_charged() {
         let plan = plan(50, 15);

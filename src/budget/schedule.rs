@@ -508,12 +508,14 @@ const STRIDE_MAX: usize = 8;
 /// grants, no window counted exactly, letters of one unit), no quota to charge the units between
 /// to, and units close enough together for a replica's run to outpace its workers.
 fn stridable(plan: &Plan) -> bool {
-    plan.quotas.is_empty()
-        && plan.exact.is_none()
-        && plan.loose_max == 0
-        && plan.tolerance_ns == 0
-        && plan.largest_cost == 1
-        && plan.interval_ns * 4 <= LOOKAHEAD.as_nanos() as i64
+    uncounted_places(plan) && plan.largest_cost == 1 && plan.interval_ns * 4 <= LOOKAHEAD.as_nanos() as i64
+}
+
+/// Whether any place of the schedule may go to any replica, whoever was granted it: units taken
+/// one at a time at their places (no burst, no loose grants) and nothing that counts them where
+/// they were granted (no quota, no window counted exactly).
+fn uncounted_places(plan: &Plan) -> bool {
+    plan.quotas.is_empty() && plan.exact.is_none() && plan.loose_max == 0 && plan.tolerance_ns == 0
 }
 
 /// What [`decide_units`] grants: `want` units, `need` at least, every `stride` intervals.
@@ -670,21 +672,21 @@ fn decide_units(
     // missed first messages of one of two replicas on a 2 s relay waited 1.7 s at their dots
     // for the places after the other's grant a lead ahead. Not under a quota, which never
     // counted them, nor with a burst or loose grants.
-    if !loose && plan.quotas.is_empty() && plan.exact.is_none() && plan.tolerance_ns == 0 && plan.loose_max == 0 {
+    let returned = next.returned.len();
+    if !loose && uncounted_places(plan) {
         let behind = (now_ns - state.next_ns).max(0);
         let first_ns = state.next_ns + (behind + plan.interval_ns - 1) / plan.interval_ns * plan.interval_ns;
         let skipped = (start - first_ns) / plan.interval_ns;
         if skipped > 0 {
             let count = skipped.min(i64::from(u32::MAX)) as u32;
             next.returned.push(Run { first_ns, count, from_ns: now_ns, stride: 1 });
-            next.returned.sort_by_key(|run| run.first_ns);
         }
     }
     next.next_ns = start + i64::from(count) * i64::from(stride) * plan.interval_ns;
-    if stride > 1 {
-        for j in 1..i64::from(stride) {
-            next.returned.push(Run { first_ns: start + j * plan.interval_ns, count, from_ns, stride });
-        }
+    for j in 1..i64::from(stride) {
+        next.returned.push(Run { first_ns: start + j * plan.interval_ns, count, from_ns, stride });
+    }
+    if next.returned.len() > returned {
         next.returned.sort_by_key(|run| run.first_ns);
     }
     next.version = state.version + 1;
