@@ -654,3 +654,30 @@ async fn a_budget_in_recipients_uses_its_rate() {
     // at a load average of 8), and the code before used 7 %.
     assert!(took <= 83.0 / 14.0 / 0.8, "84 letters took {took:.2}s at 14 recipients/s: under 80 % of the budget");
 }
+
+/// With `BURST=1` and the rate left high (10,000 a second), four workers on a relay that takes
+/// 150 ms before the final dot (the 354 to DATA) and 150 ms after it. Each worker sends at its
+/// pace, 4 / 0.3 s = 13.3 letters a second: every message took a fresh grant a lead ahead (half
+/// again its preparation) and waited the difference at its dot, 10.7 a second. Now its unit is
+/// placed a preparation ahead (`Budget::placing_lead_ns`), and the units it misses are few.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_left_high_without_a_burst_sends_at_the_workers_pace() {
+    let _serial = TIMING.lock().await;
+    let sink = SmtpSink::start().await;
+    sink.control(json!({ "data_start_delay_s": 0.15, "data_delay_s": 0.15 }));
+    let app = TestApp::spawn(
+        &sink,
+        &[("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "10000"), ("SMTP_MAX_SENDERS", "4")],
+    )
+    .await;
+    feed(&app, "pace", 80).await;
+    let received = sink.wait_for_count(80, Duration::from_secs(60)).await;
+    let rate = (received.len() - 1) as f64 / span(&received);
+    let text = reqwest::get(format!("{}/metrics", app.http)).await.unwrap().text().await.unwrap();
+    let missed = metric_value(&text, "mailsender_budget_units_missed_total").unwrap_or(0.0);
+    println!("4 workers, 300 ms transactions, 10,000/s without a burst: {rate:.2} letters/s, {missed} units missed");
+    assert_eq!(received.len(), 80);
+    assert!(rate >= 12.0, "{rate:.2} letters/s: the workers' pace is 13.3");
+    // Five or six, before this change too: the first round's, prepared on the lead's first guess.
+    assert!(missed <= 10.0, "{missed} units missed for 80 letters");
+}
