@@ -247,16 +247,17 @@ async fn send_one(
 ///
 /// Not reached by the grid or the property cases, whose bursts are drawn as a share of the
 /// rate: the default `BURST=1` with several replicas. With the burst forced to 1
-/// (`SIM_BURST1=1`), 9, 8, 11, 9 and 9 of 300 explored cases fall below 95 % with seeds 21, 7,
-/// 11, 3 and 5, the worst 74.2 % (2, 0, 2, 1 and 3 before grants placed units a preparation
-/// ahead, `Budget::placing_lead_ns`: the cases mostly send more since, but the reference, a
-/// budget too, gained more where it had lost half a preparation a message). All but one are
-/// several replicas whose workers come at a slower pace than the rate's units
-/// (`schedule::decide`'s strided grants still leave gaps some workers wait through); the one is
-/// nine workers on a 2 s relay at 4.7 a second, about what they carry (89.6 %). The reference still reads
-/// low with 20 ms sends (up to 135 %): far above the load, each of its messages waits a grant's
-/// round trip, where a budget nearer the load has units in its pool. That is the next work on
-/// the budget.
+/// (`SIM_BURST1=1`), 9, 9, 11, 9 and 9 of 300 explored cases fall below 95 % with seeds 21, 7,
+/// 11, 3 and 5, the worst 74.2 %. Before grants placed units a preparation ahead
+/// (`Budget::placing_lead_ns`) and the judge took the nearer of two [`references`], 2, 0, 2, 1
+/// and 3: the cases mostly send more since, but the reference, far above the load only, lost
+/// half a preparation and a grant's round trip a message, and cases read up to 160 % of it
+/// (111 % now). All but one are several replicas whose workers come at a slower pace than the
+/// rate's units (`schedule::decide`'s strided grants still leave gaps some workers wait
+/// through); the one is nine workers on a 2 s relay at 4.7 a second, about what they carry
+/// (89.6 %). The references are budgets too, and lose what several replicas of few workers lose
+/// in them (three replicas of one worker on a 20 ms relay: 636 letters in 5 s, 750 back to
+/// back). That is the next work on the budget.
 ///
 /// The simulated workers take their units as the service's bulk workers do, in turn and near
 /// their time; taking each as soon as they were free, they held the schedule a worker's unit
@@ -288,65 +289,96 @@ impl Judged {
     }
 }
 
-/// The same load as `case`, with a budget far above it and the same burst tolerance in time: a
-/// burst lets a message go as soon as it is ready, where a unit without one is waited for a lead
-/// after it was taken, so a case with a long burst carried more than its reference without one
-/// (the 24 h budget with a burst of 2,000 read 128-167 % of it).
-fn unbounded(case: &Case) -> Case {
+/// The same load as `case` under references to measure what its workers carry: a budget far
+/// above the load, and one at four times the pace the workers could keep with every message back
+/// to back, each with the same burst tolerance in time as the case (a burst lets a message go as
+/// soon as it is ready, where a unit without one is waited for after it was taken, so a case with
+/// a long burst carried more than its reference without one: the 24 h budget with a burst of
+/// 2,000 read 128-167 % of it). Each one's letters are what some budget carried, so the more of
+/// the two is the nearer to what the workers can. Far above the load, a replica's units pass
+/// before its next message comes, so each message waits a grant's round trip: one worker on a
+/// 20 ms relay carried 209 letters in 5 s at 40,000 a second, 240 at 736 (which read 115 % of
+/// the reference); at four times its pace (200 a second), 239.
+fn references(case: &Case) -> Vec<Case> {
     let vars: Vec<(&str, &str)> = case.vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let tolerance_ns = Plan::new(&smtp(&vars)).tolerance_ns;
-    let burst = (tolerance_ns as f64 * 40_000.0 / 1e9).ceil().clamp(0.0, 39_999.0) as u32 + 1;
+    let plan = Plan::new(&smtp(&vars));
+    let largest = case.recipients.iter().map(|r| (*r).min(plan.largest_cost)).max().unwrap_or(1);
+    let cost = match plan.unit {
+        RateUnit::Letter => 1.0,
+        RateUnit::Recipient => f64::from(largest),
+    };
+    let pace = (case.replicas * case.workers) as f64 / case.send.as_secs_f64() * cost;
+    let near = (4.0 * pace).ceil() as u32;
     // Where the case's own budget takes loose grants (units usable at any moment, no lead waited
     // for), so does its reference: scheduled units read 124-146 % of it at 100,000 a second.
-    let max = match Plan::new(&smtp(&vars)).loose_max {
+    let far = match plan.loose_max {
         0 => 40_000,
         _ => 1_000_000,
     };
-    Case {
-        vars: case
-            .vars
-            .iter()
-            .filter(|(k, _)| {
-                !matches!(
-                    *k,
-                    "SMTP_RATE_LIMIT_PERIOD" | "SMTP_RATE_LIMIT_MAX_LETTERS" | "SMTP_QUOTAS" | "SMTP_RATE_LIMIT_BURST"
-                )
-            })
-            .cloned()
-            // Far above any load here, and still scheduled units (loose grants begin at 51,200 a
-            // period): what the workers carry under the budget's own protocol, each message
-            // placed a lead ahead.
-            .chain([
-                ("SMTP_RATE_LIMIT_PERIOD", "1s".to_owned()),
-                ("SMTP_RATE_LIMIT_MAX_LETTERS", max.to_string()),
-                ("SMTP_RATE_LIMIT_BURST", burst.to_string()),
-            ])
-            .collect(),
-        ..case.clone()
+    let mut maxima = vec![far];
+    if plan.loose_max == 0 && (1..far).contains(&near) {
+        maxima.push(near);
     }
+    maxima
+        .into_iter()
+        .map(|max| {
+            let burst =
+                (plan.tolerance_ns as f64 * f64::from(max) / 1e9).ceil().clamp(0.0, f64::from(max - 1)) as u32 + 1;
+            Case {
+                vars: case
+                    .vars
+                    .iter()
+                    .filter(|(k, _)| {
+                        !matches!(
+                            *k,
+                            "SMTP_RATE_LIMIT_PERIOD"
+                                | "SMTP_RATE_LIMIT_MAX_LETTERS"
+                                | "SMTP_QUOTAS"
+                                | "SMTP_RATE_LIMIT_BURST"
+                        )
+                    })
+                    .cloned()
+                    // Scheduled units still (loose grants begin at 51,200 a period): what the
+                    // workers carry under the budget's own protocol.
+                    .chain([
+                        ("SMTP_RATE_LIMIT_PERIOD", "1s".to_owned()),
+                        ("SMTP_RATE_LIMIT_MAX_LETTERS", max.to_string()),
+                        ("SMTP_RATE_LIMIT_BURST", burst.to_string()),
+                    ])
+                    .collect(),
+                ..case.clone()
+            }
+        })
+        .collect()
 }
 
-/// Runs `case`, and the same load with an unbounded budget to measure what the workers carry,
+/// Runs `case`, and the same load under its [`references`] to measure what the workers carry,
 /// and judges the first against the limits.
 pub async fn judge(case: &Case) -> Judged {
     let seen = run(case).await;
-    let unbounded = unbounded(case);
     // What the workers carry: the whole run where it is short, else a sample of forty rounds
     // (a day of unbounded sends would be millions of simulated messages) and then the rate they
     // kept past their first rounds. A sample of 5 s scaled up counted the start's wait for a first
     // dot once per 5 s, and so took 2 s sends for a fifth slower than they are: the cases they
     // bound read 124-197 % of it, and were not checked at all.
     let sample = case.duration.min((5 * SECOND).max(40 * case.send));
-    let sampled = run(&Case { duration: sample, ..unbounded }).await;
     // Measured after a kill within the sample, so that only the workers still alive carry on:
     // measured from a quarter of it, the killed replica's workers kept their rate for the rest of
     // the run, and a case they could not reach read 91.5 %.
     let from = case.kill_at.map_or(sample / 4, |killed| killed.max(sample / 4));
-    let pace = (case.duration > sample).then(|| sampled.steady_rate(from));
-    let carried = match pace {
-        Some(pace) => sampled.used() + (pace * (case.duration - sample).as_secs_f64()) as u64,
-        None => sampled.used(),
-    };
+    let mut best: Option<(u64, Option<f64>, Seen)> = None;
+    for reference in references(case) {
+        let sampled = run(&Case { duration: sample, ..reference }).await;
+        let pace = (case.duration > sample).then(|| sampled.steady_rate(from));
+        let carried = match pace {
+            Some(pace) => sampled.used() + (pace * (case.duration - sample).as_secs_f64()) as u64,
+            None => sampled.used(),
+        };
+        if best.as_ref().is_none_or(|(most, ..)| carried > *most) {
+            best = Some((carried, pace, sampled));
+        }
+    }
+    let Some((carried, pace, sampled)) = best else { unreachable!("a reference far above the load, at least") };
     let plan = &seen.plan;
     let d = case.duration.as_secs_f64();
     let period = plan.period_ns as f64 / 1e9;
@@ -773,11 +805,29 @@ mod tests {
             duration: 150 * SECOND,
         };
         let judged = judge(&case).await;
-        let carried = run(&unbounded(&case)).await.used();
+        let mut carried = 0;
+        for reference in references(&case) {
+            carried = carried.max(run(&reference).await.used());
+        }
         assert_eq!(judged.bound_by, "the workers");
         let error = judged.binding as f64 / carried as f64 - 1.0;
         assert!(error.abs() < 0.02, "judged {} against {carried} carried over the whole run", judged.binding);
         assert!(judged.share() <= 1.02, "{} of {}", judged.used, judged.binding);
+    }
+
+    /// The judge's reference carries what the workers do where a budget near the load lets them:
+    /// far above it (40,000 a second, the only reference before), each message of one worker on
+    /// a 20 ms relay waited a grant's round trip and half its preparation, and 736 a second read
+    /// 138.7 % of it (240 letters of 173); three replicas of one worker at 1,016 a second read
+    /// 154.9 %. A case that reads well over all of it shows a reference that cannot see a loss.
+    #[tokio::test(start_paused = true)]
+    async fn the_reference_carries_what_the_workers_do_near_the_load() {
+        for (max, replicas) in [(736, 1), (1_016, 3)] {
+            let case = Case::load(letters("1s", max, 1, None), replicas, 1, 20 * MS, 5 * SECOND);
+            let judged = judge(&case).await;
+            assert_eq!(judged.bound_by, "the workers");
+            assert!(judged.share() <= 1.02, "{max}/s, {replicas} replica(s): {} of {}", judged.used, judged.binding);
+        }
     }
 
     /// 2,000 a day as a 24 h period with a burst of 100, beside 40 per 10 minutes: the quota's
