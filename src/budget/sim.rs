@@ -251,7 +251,7 @@ async fn send_one(
 /// 11, 3 and 5, the worst 74.2 %. Before grants placed units a preparation ahead
 /// (`Budget::placing_lead_ns`) and the judge took the nearer of two [`references`], 2, 0, 2, 1
 /// and 3: the cases mostly send more since, but the reference, far above the load only, lost
-/// half a preparation and a grant's round trip a message, and cases read up to 160 % of it
+/// half a preparation and a grant's round trip a message, and cases read up to 155 % of it
 /// (111 % now). All but one are several replicas whose workers come at a slower pace than the
 /// rate's units (`schedule::decide`'s strided grants still leave gaps some workers wait
 /// through); the one is nine workers on a 2 s relay at 4.7 a second, about what they carry
