@@ -282,11 +282,17 @@ impl Budget {
         let lead = self.preparation_ns.load(Ordering::Relaxed) * 3 / 2;
         // Only where units lie seconds apart: a longer lead than measured elsewhere was seen to
         // loosen the spacing of three replicas at 20/s (dots 42–59 ms apart for 50).
-        let slow = match self.plan.interval_ns >= 2 * SLOW_LEAD.as_nanos() as i64 {
+        let slow = match self.units_seconds_apart() {
             true => SLOW_LEAD.as_nanos() as i64,
             false => 0,
         };
         lead.clamp(LEAD_MIN.as_nanos() as i64, LEAD_MAX.as_nanos() as i64).max(slow)
+    }
+
+    /// Where units lie [`SLOW_LEAD`] twice or more apart, a unit missed costs an interval of
+    /// seconds: grants keep the slow lead there.
+    fn units_seconds_apart(&self) -> bool {
+        self.plan.interval_ns >= 2 * SLOW_LEAD.as_nanos() as i64
     }
 
     /// How far ahead a grant for messages still to be prepared places its first unit (less the
@@ -300,9 +306,7 @@ impl Budget {
     /// seconds apart the slow lead stays: a message that misses its unit waits an interval.
     fn placing_lead_ns(&self) -> i64 {
         let lead_ns = self.lead_ns();
-        if !self.preparation_measured.load(Ordering::Relaxed)
-            || self.plan.interval_ns >= 2 * SLOW_LEAD.as_nanos() as i64
-        {
+        if !self.preparation_measured.load(Ordering::Relaxed) || self.units_seconds_apart() {
             return lead_ns;
         }
         let usable_ns = self.preparation_ns.load(Ordering::Relaxed).saturating_add(self.plan.tolerance_ns);

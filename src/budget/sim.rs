@@ -273,6 +273,10 @@ pub const REQUIRED: f64 = 0.95;
 /// slower and the case read 97.3 % of 778 (with 757 recipients; under today's reference, 90.9 %).
 pub const REQUIRED_MIXED_EXACT: f64 = 0.94;
 
+/// How the judge names the limit of letters of mixed sizes filling exact windows in order, at
+/// the end of the windows' labels: [`REQUIRED_MIXED_EXACT`]'s class.
+const MIXED_IN_ORDER: &str = "as letters of mixed sizes allow in order";
+
 /// The judgement of one case.
 #[derive(Debug)]
 pub struct Judged {
@@ -399,7 +403,7 @@ pub async fn judge(case: &Case) -> Judged {
                 std::iter::once(((plan.rate_max + burst as u32, plan.period_ns), plan.rate_label.as_str()))
                     .chain(plan.quotas.iter().map(|quota| ((quota.limit, quota.window_ns), quota.label.as_str())))
                     .unzip();
-            let label = format!("{} as letters of mixed sizes allow in order", labels.join(" and "));
+            let label = format!("{} {MIXED_IN_ORDER}", labels.join(" and "));
             limits[0] = (label, in_order(&costs, &windows, case.send / 2, case.duration, None));
             // And with the workers at once: where the windows and the workers bind together, a
             // message the windows hold back holds its worker too, and each alone overstates what
@@ -695,7 +699,7 @@ mod tests {
     /// The share a grid case must use: [`REQUIRED`], but [`REQUIRED_MIXED_EXACT`] where letters
     /// of mixed sizes fill an exact window in order.
     fn required(judged: &Judged) -> f64 {
-        match judged.bound_by.ends_with("as letters of mixed sizes allow in order") {
+        match judged.bound_by.ends_with(MIXED_IN_ORDER) {
             true => REQUIRED_MIXED_EXACT,
             false => REQUIRED,
         }
