@@ -681,3 +681,41 @@ async fn a_rate_left_high_without_a_burst_sends_at_the_workers_pace() {
     // Five or six, before this change too: the first round's, prepared on the lead's first guess.
     assert!(missed <= 10.0, "{missed} units missed for 80 letters");
 }
+
+/// Three replicas of one worker each, `BURST=1`, 30 letters a second, on relays that take
+/// 150 ms before the final dot and 150 ms after it: together the workers carry 10 letters a
+/// second. Each replica stocked units ahead of its worker, sized by the rate it measured, and a
+/// worker's grant and the refill after it, a round trip apart, read as hundreds a second: the
+/// replicas' grants took the schedule far ahead, and the others' messages waited for units
+/// after them. Now each message's unit is placed where it will be ready
+/// (`Budget::places_each_message`).
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_of_slow_workers_send_at_their_pace() {
+    let _serial = TIMING.lock().await;
+    let sinks = [SmtpSink::start().await, SmtpSink::start().await, SmtpSink::start().await];
+    for sink in &sinks {
+        sink.control(json!({ "data_start_delay_s": 0.15, "data_delay_s": 0.15 }));
+    }
+    let budget =
+        [("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "30"), ("SMTP_MAX_SENDERS", "1"), DOTS];
+    let app = TestApp::spawn(&sinks[0], &budget).await;
+    let b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sinks[1].port)).await;
+    let c = Replica::start(Replica::env_from(&app, &format!("{}-c", app.name), sinks[2].port)).await;
+    feed(&app, "slow", 120).await;
+    let received = received_from(&[&sinks[0], &sinks[1], &sinks[2]], 120, Duration::from_secs(90)).await;
+    // Each worker's pace over its own letters: how the letters were shared is the claims'
+    // doing, not the budget's.
+    let paces: Vec<(usize, f64)> = sinks
+        .iter()
+        .map(|sink| {
+            let own = sink.received();
+            (own.len(), own.len().saturating_sub(1) as f64 / span(&own))
+        })
+        .collect();
+    println!("3 replicas of 1 worker, 300 ms transactions, 30/s without a burst: (letters, letters/s) {paces:.2?}");
+    assert_eq!(received.len(), 120);
+    assert_cap_per_second(&[app.log(), b.log(), c.log()], 120, &received, 30);
+    for (letters, pace) in paces.into_iter().filter(|(letters, _)| *letters >= 10) {
+        assert!(pace >= 3.0, "{letters} letters at {pace:.2} a second: a worker's pace is 3.33");
+    }
+}

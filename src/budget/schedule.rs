@@ -514,7 +514,7 @@ fn stridable(plan: &Plan) -> bool {
 /// Whether any place of the schedule may go to any replica, whoever was granted it: units taken
 /// one at a time at their places (no burst, no loose grants) and nothing that counts them where
 /// they were granted (no quota, no window counted exactly).
-fn uncounted_places(plan: &Plan) -> bool {
+pub(super) fn uncounted_places(plan: &Plan) -> bool {
     plan.quotas.is_empty() && plan.exact.is_none() && plan.loose_max == 0 && plan.tolerance_ns == 0
 }
 
