@@ -314,11 +314,18 @@ impl Budget {
     /// seconds apart the slow lead stays: a message that misses its unit waits an interval.
     fn placing_lead_ns(&self) -> i64 {
         let lead_ns = self.lead_ns();
-        if !self.preparation_measured.load(Ordering::Relaxed) || self.units_seconds_apart() {
-            return lead_ns;
+        match self.measured_preparation_ns() {
+            Some(preparation_ns) if !self.units_seconds_apart() => {
+                preparation_ns.saturating_add(self.plan.tolerance_ns).clamp(LEAD_MIN.as_nanos() as i64, lead_ns)
+            }
+            _ => lead_ns,
         }
-        let usable_ns = self.preparation_ns.load(Ordering::Relaxed).saturating_add(self.plan.tolerance_ns);
-        usable_ns.clamp(LEAD_MIN.as_nanos() as i64, lead_ns)
+    }
+
+    /// The recent slowest preparation, once a transaction has measured one (before, it is a
+    /// guess from [`LEAD`]).
+    fn measured_preparation_ns(&self) -> Option<i64> {
+        self.preparation_measured.load(Ordering::Relaxed).then(|| self.preparation_ns.load(Ordering::Relaxed))
     }
 
     /// How long a bulk message waits before it takes its units: bulk takes the pool's next unit
@@ -653,12 +660,11 @@ impl Budget {
     /// where a round trip a message would cost more than it saves. The ledger then takes a
     /// write a letter, at the workers' pace at most.
     fn places_each_message(&self) -> bool {
+        let round_trip_ns = self.round_trip_ns.load(Ordering::Relaxed).max(PLACING_ROUND_TRIP_MIN.as_nanos() as i64);
         schedule::uncounted_places(&self.plan)
-            && self.preparation_measured.load(Ordering::Relaxed)
-            && self.preparation_ns.load(Ordering::Relaxed)
-                > PLACING_ROUND_TRIPS.saturating_mul(
-                    self.round_trip_ns.load(Ordering::Relaxed).max(PLACING_ROUND_TRIP_MIN.as_nanos() as i64),
-                )
+            && self
+                .measured_preparation_ns()
+                .is_some_and(|preparation_ns| preparation_ns > PLACING_ROUND_TRIPS.saturating_mul(round_trip_ns))
     }
 
     /// Whether units stocked ahead would pass their reach before a worker came for them: under a
