@@ -1131,6 +1131,35 @@ mod tests {
         holds_and_uses_95(&case).await;
     }
 
+    /// A budget in recipients with a burst keeps its cap where its window is counted exactly.
+    /// A message may go up to the burst's tolerance before its place, and its window was checked
+    /// from its place on: its early dot met windows whose earlier units were not counted. Found
+    /// by `SIM_RECIPIENTS=1` explorations: 741 a minute with a burst of 514 held 1,736
+    /// recipients in a minute of 1,254 allowed, 161 per 10 s with a burst of 103 held 339 of 263.
+    /// Only the cap is asserted: such budgets' use is not yet judged right (README's budget
+    /// section).
+    #[tokio::test(start_paused = true)]
+    async fn a_budget_in_recipients_with_a_burst_keeps_its_cap() {
+        let mixed = vec![1, 3, 10, 2, 7, 1, 5, 4, 9, 1];
+        // (period, max, burst, per message, replicas × workers, send ms, letters' recipients, s)
+        let cases = [
+            ("60s", 741, 514, 10, (2, 1), 1, mixed.clone(), 180),
+            ("10s", 161, 103, 10, (1, 8), 1, vec![1], 30),
+            ("1s", 477, 459, 10, (1, 1), 1, vec![1, 40, 5, 100, 2], 5),
+            ("1s", 426, 308, 50, (2, 5), 300, vec![1, 50, 7], 5),
+            ("10s", 1_975, 207, 1_000, (2, 1), 1, mixed, 30),
+        ];
+        for (period, max, burst, per_message, (replicas, workers), send_ms, recipients, secs) in cases {
+            let mut vars = letters(period, max, burst, None);
+            vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", per_message)]);
+            let send = Duration::from_millis(send_ms);
+            let case = Case { recipients, ..Case::load(vars, replicas, workers, send, Duration::from_secs(secs)) };
+            let judged = judge(&case).await;
+            assert!(judged.over.is_empty(), "{case}: over {:?}", judged.over);
+            assert!(judged.used > 0, "{case}: nothing sent");
+        }
+    }
+
     /// A fast rate with a long burst: 1,510 a second with a burst of 786, one replica of six
     /// workers on a 1 ms relay, 5 s. A burst longer than a lookahead made the replica ask for
     /// what its waiting workers needed, a round trip each: grants of one to five units every
@@ -1376,6 +1405,20 @@ mod properties {
                     vars.push(var("SMTP_QUOTAS", format!("{limit}/{window_s}s")));
                     duration = duration.max(Duration::from_secs(window_s * 5 / 2));
                 }
+                // `SIM_RECIPIENTS=1` explores budgets in recipients, letters of one and of mixed
+                // sizes. Taken from the values drawn, not drawn themselves, so that the cases CI
+                // runs stay the same.
+                let mut recipients = vec![1];
+                if std::env::var_os("SIM_RECIPIENTS").is_some() {
+                    let per_message = [1, 10, 50, 1_000][max as usize % 4];
+                    vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", per_message)]);
+                    recipients = match (max / 4) % 4 {
+                        0 => vec![1],
+                        1 => vec![1, 3, 10, 2, 7, 1, 5, 4, 9, 1],
+                        2 => vec![1, 50, 7],
+                        _ => vec![1, 40, 5, 100, 2],
+                    };
+                }
                 Case {
                     vars,
                     replicas,
@@ -1383,7 +1426,7 @@ mod properties {
                     send: Duration::from_millis(send_ms),
                     offsets_ms: vec![offset_ms, 0],
                     kill_at: None,
-                    recipients: vec![1],
+                    recipients,
                     duration,
                 }
             })
