@@ -621,6 +621,10 @@ impl Case {
     }
 }
 
+/// Letters of one to ten recipients, in the order the grid's and the tests' letters of mixed sizes
+/// come.
+const MIXED: [u32; 10] = [1, 3, 10, 2, 7, 1, 5, 4, 9, 1];
+
 /// The grid: the relays' own settings (a daily quota with the rate left high, SES in recipients,
 /// Microsoft 365, a daily limit written as a 24 h period with a burst) and the corners around
 /// them, each under several loads.
@@ -632,7 +636,7 @@ pub fn grid() -> Vec<Case> {
         vars
     };
     // Letters of one recipient, and of one to ten.
-    let (one, mixed) = (vec![1], vec![1, 3, 10, 2, 7, 1, 5, 4, 9, 1]);
+    let (one, mixed) = (vec![1], MIXED.to_vec());
     // (settings, how long to run, the letters' recipients)
     type Budget = (Vec<(&'static str, String)>, Duration, Vec<u32>);
     let budgets: Vec<Budget> = vec![
@@ -1007,7 +1011,7 @@ mod tests {
             send: Duration::from_millis(300),
             offsets_ms: vec![600_000, 0, -600_000],
             kill_at: None,
-            recipients: vec![1, 3, 10, 2, 7, 1, 5, 4, 9, 1],
+            recipients: MIXED.to_vec(),
             duration: 40 * SECOND,
         };
         holds_and_uses_95(&case).await;
@@ -1026,10 +1030,7 @@ mod tests {
         vars.push(var("SMTP_RATE_LIMIT_UNIT", "recipient"));
         vars.push(var("SMTP_MAX_RECIPIENTS", 10));
         for (workers, send) in [(1, Duration::from_millis(1)), (8, Duration::from_millis(20))] {
-            let case = Case {
-                recipients: vec![1, 3, 10, 2, 7, 1, 5, 4, 9, 1],
-                ..Case::load(vars.clone(), 1, workers, send, 30 * SECOND)
-            };
+            let case = Case { recipients: MIXED.to_vec(), ..Case::load(vars.clone(), 1, workers, send, 30 * SECOND) };
             let judged = judge(&case).await;
             assert!(judged.over.is_empty(), "over: {:?}", judged.over);
             assert!(judged.bound_by.contains("mixed sizes"), "{}", judged.bound_by);
@@ -1124,7 +1125,7 @@ mod tests {
         vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 50)]);
         let case = Case {
             kill_at: Some(1_500 * MS),
-            recipients: vec![1, 3, 10, 2, 7, 1, 5, 4, 9, 1],
+            recipients: MIXED.to_vec(),
             ..Case::load(vars, 2, 8, 50 * MS, 40 * SECOND)
         };
         let seen = run(&case).await;
@@ -1143,7 +1144,7 @@ mod tests {
     /// section).
     #[tokio::test(start_paused = true)]
     async fn a_budget_in_recipients_with_a_burst_keeps_its_cap() {
-        let mixed = vec![1, 3, 10, 2, 7, 1, 5, 4, 9, 1];
+        let mixed = MIXED.to_vec();
         // (period, max, burst, per message, replicas × workers, send ms, letters' recipients, s)
         let cases = [
             ("60s", 741, 514, 10, (2, 1), 1, mixed.clone(), 180),
@@ -1417,7 +1418,7 @@ mod properties {
                     vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", per_message)]);
                     recipients = match (max / 4) % 4 {
                         0 => vec![1],
-                        1 => vec![1, 3, 10, 2, 7, 1, 5, 4, 9, 1],
+                        1 => MIXED.to_vec(),
                         2 => vec![1, 50, 7],
                         _ => vec![1, 40, 5, 100, 2],
                     };
