@@ -268,6 +268,53 @@ async fn recipient_unit_caps_recipients_per_second_across_replicas() {
     );
 }
 
+/// Unit `recipient` with a burst: SES's 14 recipients a second, `SMTP_RATE_LIMIT_BURST=14`, 100
+/// letters of one recipient. The burst goes at once, then the rate: any three seconds of final
+/// dots hold at most 3 × 14 + 13. Where the rate's window is counted exactly, every second held
+/// the burst again until the budget kept the rate's pace too (the simulation: 24.3 recipients a
+/// second for a minute, `a_burst_in_recipients_comes_back_only_after_idle_time`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_in_recipients_goes_once_then_the_rate() {
+    let _serial = TIMING.lock().await;
+    let sink = SmtpSink::start().await;
+    let app = TestApp::spawn(
+        &sink,
+        &[
+            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", "14"),
+            ("SMTP_RATE_LIMIT_BURST", "14"),
+            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+            DOTS,
+        ],
+    )
+    .await;
+    let letters: Vec<Value> = (0..100)
+        .map(|i| {
+            json!({
+                "Subject": format!("burst {i}"),
+                "Body": "<p>budget</p>",
+                "Addresses": [format!("b{i}@example.org")],
+                "Token": format!("token-{i}"),
+            })
+        })
+        .collect();
+    app.produce(Some("burst"), Value::Array(letters).to_string().as_bytes()).await;
+    let received = wait_for("every letter at the SMTP server", Duration::from_secs(60), || async {
+        let all = sink.received();
+        (all.len() >= 100).then_some(all)
+    })
+    .await;
+    let dots = dots_logged(&[app.log()]);
+    let (three, at) = busiest_window(&dots, 3.0, |r| r.rcpt_tos.len());
+    let (one, _) = busiest_window(&dots, 1.0, |r| r.rcpt_tos.len());
+    let took = span(&received);
+    println!("14/s with a burst of 14: 100 letters in {took:.2}s, busiest second {one}, busiest 3 s {three}");
+    assert_eq!(dots.len(), 100, "every final dot logged");
+    assert!(one <= 27, "{one} recipients within one second: the cap is 14 + 13");
+    assert!(three <= 3 * 14 + 13, "{three} recipients within three seconds (from +{at:.2}s): the pace is 14 a second");
+    assert!(one >= 14, "{one} recipients in the busiest second: the burst did not go at once");
+}
+
 /// A quota of 30 letters per 20 s (standing in for a daily quota): a replica is killed with -9
 /// after some letters and restarted, and a second replica starts. Together they send at most 30
 /// in any 20 s, and the 31st letter waits for the window that holds the first.

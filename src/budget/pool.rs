@@ -138,24 +138,33 @@ impl Pool {
         if cut_ns > now_ns && !self.charged_at_end {
             return self.take_from(units, plan, now_ns, cut_ns);
         }
+        // Runs with too few consecutive units for this message stay for a smaller one (a message
+        // is never split across runs: they may be other replicas' units), and expire when they
+        // pass. Expired at once, the rest of a grant sized for a message of one recipient went
+        // unused when the next message had forty, and its places were lost to the schedule:
+        // three replicas of sixteen workers under 718 recipients a day with a burst of 686,
+        // letters of 1 to 100 recipients, sent 500 of the burst's 686.
+        let mut short = Vec::new();
+        let mut handed = None;
         while let Some(whole) = self.runs.pop_front() {
             let Some(mut run) = self.alive_or_expire(whole, now_ns, plan) else { continue };
-            // Too few consecutive units for this message: they expire unused rather than split
-            // it across other replicas' units.
             if run.count < units {
-                self.expired.push(self.placed(whole, run.first_ns, run.count, plan));
+                short.push(run);
                 continue;
             }
-            let handed = self.hand(whole, run, units, plan);
+            handed = Some(self.hand(whole, run, units, plan));
             run.first_ns += i64::from(units) * run.step(interval_ns);
             run.count -= units;
             if run.count > 0 {
                 // What is left of a strided run may lie after another run's next unit.
                 self.insert_in_order(run);
             }
-            return Some(handed);
+            break;
         }
-        None
+        for run in short {
+            self.insert_in_order(run);
+        }
+        handed
     }
 
     /// The units of `whole` still due at `now_ns`; those before have passed and expire (units
@@ -254,7 +263,7 @@ impl Pool {
     /// runs are charged at their ends, all at the run's last unit.
     fn placed(&self, run: Run, first_ns: i64, count: u32, plan: &Plan) -> Placed {
         match self.charged_at_end {
-            true => Placed::at(run.last_ns(plan.interval_ns), count),
+            true => Placed::at_end(run.last_ns(plan.interval_ns), count, run.from_ns),
             false => plan.placed(Run { first_ns, count, ..run }),
         }
     }
@@ -318,7 +327,7 @@ impl Pool {
         for tail in self.take_back(from_ns, plan) {
             // `take_back` cut `tail` off its run's end, so the tail ends where the run did.
             units += u64::from(tail.count);
-            self.expired.push(Placed::at(tail.last_ns(interval_ns), tail.count));
+            self.expired.push(Placed::at_end(tail.last_ns(interval_ns), tail.count, tail.from_ns));
         }
         units
     }
@@ -489,9 +498,18 @@ mod tests {
             Some(Taken::At { usable_ns: 1_030, due_ns: 1_030 })
         );
         assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_000, count: 3, step_ns: 10, floor_ns: 0 }]);
-        // Four units wanted, three in a row left: they expire rather than split the message.
+        // Four units wanted, three in a row left: the message is not split across runs, and the
+        // three stay for a smaller message (expired at once, the rest of a grant sized for a
+        // small message went unused when the next one was larger).
         assert_eq!(pool.take(4, &plan, 1_031, 1_031, 1_031).map(|(taken, _)| taken), None);
-        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_100, count: 3, step_ns: 10, floor_ns: 0 }]);
+        assert_eq!(pool.take_expired(), vec![]);
+        assert_eq!(
+            pool.take(2, &plan, 1_031, 1_031, 1_031).map(|(taken, _)| taken),
+            Some(Taken::At { usable_ns: 1_110, due_ns: 1_110 })
+        );
+        // The last one passes unused, and expires then.
+        assert_eq!(pool.take(1, &plan, 1_125, 1_125, 1_125).map(|(taken, _)| taken), None);
+        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_120, count: 1, step_ns: 10, floor_ns: 0 }]);
         pool.loose.push_back((2_000, 5));
         assert_eq!(pool.take(1, &plan, 2_001, 2_001, 2_001).map(|(taken, _)| taken), None);
         assert_eq!(pool.take_expired(), vec![Placed::at(2_000, 5)]);

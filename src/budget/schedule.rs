@@ -56,6 +56,9 @@ pub struct State {
     /// The replicas that asked for units lately: (replica, when, in server nanoseconds). Their
     /// number is the stride of a grant to a replica whose units pass unused ([`decide`]).
     pub senders: Vec<(u64, i64)>,
+    /// Where the rate's window is counted exactly and has a burst: when the rate's next unit is
+    /// due at its own pace, in server nanoseconds ([`Plan::pace`]).
+    pub paced_ns: i64,
 }
 
 /// Units of the rate's schedule, `stride` intervals apart (1: consecutive; see [`decide`]): the
@@ -116,6 +119,13 @@ impl Placed {
     /// unit).
     pub fn at(at_ns: i64, count: u32) -> Placed {
         Placed { first_ns: at_ns, count, step_ns: 0, floor_ns: i64::MIN }
+    }
+
+    /// `count` units of a run granted with `from_ns` whose last unit lies at `last_ns`, where the
+    /// rate's window is counted exactly: charged there against that window, and against the
+    /// quotas where the run's last unit becomes usable ([`Plan::buckets`]).
+    pub fn at_end(last_ns: i64, count: u32, from_ns: i64) -> Placed {
+        Placed { first_ns: last_ns, count, step_ns: 0, floor_ns: from_ns }
     }
 
     /// How many of the units fall in each bucket of `bucket_ns`, in bucket order.
@@ -230,6 +240,16 @@ pub struct Plan {
     /// budget in recipients) and the schedule alone would have to leave room for the largest of
     /// them. See [`exact_window`].
     pub exact: Option<QuotaPlan>,
+    /// Where the rate's window is counted exactly and `BURST` is more than 1: the rate's own
+    /// interval and burst tolerance, `(interval, tolerance)` in nanoseconds. There the window
+    /// holds `MAX + BURST − 1` a period and the schedule runs at eight times the rate, so the
+    /// window alone let every period hold the burst again: SES's 14 recipients a second with a
+    /// burst of 14 sent 24.3 a second for a minute, 100 per 10 s with a burst of 50 sent 149
+    /// per 10 s. A grant's first message goes no sooner than the rate's pace allows, less its
+    /// tolerance, and moves the pace on by the grant's units (the generic cell rate algorithm,
+    /// a message of many units taken as soon as one is due): a burst after idle time, then the
+    /// rate. With `BURST=1` the window is the rate's own and holds the pace by itself.
+    pub pace: Option<(i64, i64)>,
 }
 
 /// Where the rate's window is counted exactly: a budget in recipients whose largest message
@@ -314,8 +334,8 @@ impl Plan {
         // A unit used at most a bucket after its charge keeps the quotas' count exact (see
         // [`QuotaPlan`]); the dot's lateness and the replicas' clock uncertainty come off it.
         let reach_ns = match quotas.iter().map(|q| q.bucket_ns).min() {
-            Some(bucket_ns) if exact.is_none() => bucket_ns - 2 * guard,
-            _ => i64::MAX,
+            Some(bucket_ns) => bucket_ns - 2 * guard,
+            None => i64::MAX,
         };
         // A burst is granted at once: after idle time up to BURST units are usable together.
         let max_grant = match &exact {
@@ -346,6 +366,13 @@ impl Plan {
             smallest_window,
             reach_ns,
             unit: smtp.rate_unit,
+            pace: match (&exact, smtp.rate_burst) {
+                (Some(_), 2..) => {
+                    let interval_ns = (period_ns as f64 / f64::from(smtp.rate_max_letters)).ceil() as i64;
+                    Some((interval_ns, i64::from(smtp.rate_burst - 1) * interval_ns))
+                }
+                _ => None,
+            },
             exact,
         }
     }
@@ -365,7 +392,7 @@ impl Plan {
     /// [`Plan::reach_ns`] of its charge or not at all ([`Plan::due_ns`]), and the count holds.
     pub fn placed(&self, run: Run) -> Placed {
         match self.exact {
-            Some(_) => Placed::at(run.last_ns(self.interval_ns), run.count),
+            Some(_) => Placed::at_end(run.last_ns(self.interval_ns), run.count, run.from_ns),
             None => Placed {
                 first_ns: run.first_ns - self.tolerance_ns,
                 count: run.count,
@@ -373,6 +400,25 @@ impl Plan {
                 floor_ns: run.from_ns,
             },
         }
+    }
+
+    /// The buckets of `window` where `placed` is charged, and how many units in each.
+    ///
+    /// Where the rate's window is counted exactly, a run is charged against it at its last unit
+    /// ([`Plan::placed`]), but against a quota where that unit becomes usable: its place less the
+    /// burst tolerance, not before the grant's `from_ns`, and used within [`Plan::reach_ns`] of
+    /// there, as every unit is where the window is not counted exactly. Charged at their places
+    /// against the quotas too, a long burst's units, used at once, stayed counted until their
+    /// places and a window had passed: 1,490 recipients a day with a burst of 853 beside 409 per
+    /// 20 s sent 409 at once and then one recipient every 7 s, as a unit's place left the
+    /// window (489 of the 863 the burst and the rate allow in 10 minutes).
+    pub(super) fn buckets(&self, placed: Placed, window: &QuotaPlan) -> Vec<(i64, u32)> {
+        match &self.exact {
+            Some(exact) if exact.key == window.key => Placed::at(placed.first_ns, placed.count),
+            Some(_) => Placed::at((placed.first_ns - self.tolerance_ns).max(placed.floor_ns), placed.count),
+            None => placed,
+        }
+        .per_bucket(window.bucket_ns)
     }
 
     /// How much later than a lead from its grant a burst's units are charged ([`BURST_SLACK`]).
@@ -653,6 +699,13 @@ fn decide_units(
         // counted, and a budget in recipients with a burst broke its cap: 741 a minute with a
         // burst of 514, two replicas of one worker on a 1 ms relay, letters of 1 to 10, held
         // 1,736 recipients in a minute of 1,254 allowed.
+        if let Some((_, pace_tolerance_ns)) = plan.pace {
+            // The first message goes at its last unit's place less the tolerance: no sooner than
+            // the pace allows.
+            let earliest_ns = state.paced_ns - pace_tolerance_ns;
+            let dot_ns = last_of(start) - plan.tolerance_ns;
+            start += (earliest_ns - dot_ns).max(0);
+        }
         let back_ns = plan.late.as_nanos() as i64 + plan.tolerance_ns;
         let first_counted = |at: i64| (at - window.window_ns - back_ns).div_euclid(window.bucket_ns);
         let buckets = next.quotas.entry(window.key.clone()).or_default();
@@ -676,6 +729,23 @@ fn decide_units(
         }
         let counted: u64 = buckets.range(first_counted(last_of(start))..).map(|(_, n)| u64::from(*n)).sum();
         count = count.min(u64::from(window.limit).saturating_sub(counted) as u32).min(plan.max_grant.max(need));
+        if let Some((pace_ns, pace_tolerance_ns)) = plan.pace {
+            // This message goes once one unit is due at the pace (a message may cost more than
+            // the burst); the grant's units beyond it, only as many as are due by then. Its dot
+            // comes from its last unit's place less the tolerance on, and not before it is
+            // prepared: the units due are counted at the soonest, and where the pace has fallen
+            // behind (after idle time) it moves on from a lead from now, the latest the dot is
+            // expected, so that a dot later than guessed does not bunch the next grants' units
+            // behind it. Units that pass unused stay counted against the pace, as a relay that
+            // counted them would: given back, a grant's rest came back after the pace had moved
+            // on from a later dot, and two periods held up to 4.8 % more than the pace allows.
+            let soonest_ns = (last_of(start) - plan.tolerance_ns).max(now_ns);
+            let ready_ns = soonest_ns.max(now_ns + lead_ns.max(ready_ns));
+            let due = ((soonest_ns + pace_tolerance_ns - state.paced_ns.max(soonest_ns)) / pace_ns + 1)
+                .clamp(0, i64::from(u32::MAX));
+            count = count.min(need.max(due as u32));
+            next.paced_ns = state.paced_ns.max(ready_ns) + i64::from(count) * pace_ns;
+        }
     }
     // A loose grant's units are used until the message that takes the last of them is ready: a
     // lead after the grant and the span (a lead longer than the span once left every loose unit
@@ -734,7 +804,7 @@ fn decide_units(
 fn charge(state: &mut State, plan: &Plan, placed: Placed) {
     for quota in plan.counted() {
         let buckets = state.quotas.entry(quota.key.clone()).or_default();
-        for (bucket, n) in placed.per_bucket(quota.bucket_ns) {
+        for (bucket, n) in plan.buckets(placed, quota) {
             *buckets.entry(bucket).or_default() += n;
         }
     }
@@ -767,7 +837,7 @@ pub fn refund(state: &State, plan: &Plan, now_ns: i64, unused: &[Placed]) -> Sta
         let Some(buckets) = next.quotas.get_mut(&quota.key) else { continue };
         let first_counted = (now_ns - quota.window_ns).div_euclid(quota.bucket_ns) - 1;
         for placed in unused {
-            for (bucket, n) in placed.per_bucket(quota.bucket_ns) {
+            for (bucket, n) in plan.buckets(*placed, quota) {
                 if bucket < first_counted {
                     continue;
                 }

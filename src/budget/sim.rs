@@ -55,6 +55,15 @@ pub struct Case {
     pub duration: Duration,
 }
 
+impl Case {
+    /// The cost of each message its letters make, in order ([`messages`]).
+    fn messages(&self) -> Vec<u32> {
+        let vars: Vec<(&str, &str)> = self.vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let config = smtp(&vars);
+        messages(&Plan::new(&config), config.max_recipients as u32, &self.recipients)
+    }
+}
+
 impl fmt::Display for Case {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let vars: Vec<String> =
@@ -142,8 +151,9 @@ pub async fn run(case: &Case) -> Seen {
     let end = started + case.duration;
     let dots = Arc::new(Mutex::new(Vec::new()));
     let mut replicas = Vec::new();
-    // The deployment's letters, in order: the next one's place in `case.recipients`.
-    let next_letter = Arc::new(AtomicUsize::new(0));
+    // The deployment's messages, in order: the next one's place in `messages`.
+    let messages = Arc::new(case.messages());
+    let next_message = Arc::new(AtomicUsize::new(0));
     for replica in 0..case.replicas {
         let offset_ms = case.offsets_ms[replica % case.offsets_ms.len()];
         let clock = crate::clock::Clock::starting_at((EPOCH_MS + offset_ms) * 1_000_000);
@@ -154,18 +164,16 @@ pub async fn run(case: &Case) -> Seen {
         let mut workers = Vec::new();
         for worker in 0..case.workers {
             let (budget, dots, case, turn) = (budget.clone(), dots.clone(), case.clone(), turn.clone());
-            let next_letter = next_letter.clone();
+            let (messages, next_message) = (messages.clone(), next_message.clone());
             let id = replica * case.workers + worker;
-            let unit = config.rate_unit;
             workers.push(tokio::spawn(async move {
                 let work = async {
+                    if messages.is_empty() {
+                        return tokio::time::sleep_until(end).await;
+                    }
                     loop {
-                        let letter = next_letter.fetch_add(1, Ordering::Relaxed);
-                        let recipients = case.recipients[letter % case.recipients.len()];
-                        let cost = match unit {
-                            RateUnit::Letter => 1,
-                            RateUnit::Recipient => recipients.min(config.max_recipients as u32),
-                        };
+                        let message = next_message.fetch_add(1, Ordering::Relaxed);
+                        let cost = messages[message % messages.len()];
                         send_one(&budget, &turn, cost, case.send, started, id, &dots).await;
                     }
                 };
@@ -191,6 +199,30 @@ pub async fn run(case: &Case) -> Seen {
     }
     let dots = all.into_iter().map(|(at, units, _)| (at, units)).collect();
     Seen { dots, by_worker, plan }
+}
+
+/// The cost of each message that letters of `recipients` (cycled) make, in order, as the
+/// service sends them: a letter's recipients in transactions of at most `max_recipients`, each
+/// one message; in recipient mode, a letter with more recipients than the smallest window holds
+/// is failed at once and makes none (`RateLimit::too_large`). Simulated as one message of at most
+/// `max_recipients`, a letter of 50 recipients beside a quota of 23 waited for the budget forever,
+/// and its worker with it, where the service fails it and sends the next.
+fn messages(plan: &Plan, max_recipients: u32, recipients: &[u32]) -> Vec<u32> {
+    let mut messages = Vec::new();
+    for &letter in recipients {
+        if plan.unit == RateUnit::Recipient && letter > plan.smallest_window {
+            continue;
+        }
+        let chunks = letter.max(1).div_ceil(max_recipients.max(1));
+        for chunk in 0..chunks {
+            let size = (letter - chunk * max_recipients).min(max_recipients).max(1);
+            messages.push(match plan.unit {
+                RateUnit::Letter => 1,
+                RateUnit::Recipient => size,
+            });
+        }
+    }
+    messages
 }
 
 /// One bulk message as a worker sends it (`RateLimit::reserve`, then `deliver`'s final dot): in
@@ -296,6 +328,11 @@ pub struct Judged {
 
 impl Judged {
     pub fn share(&self) -> f64 {
+        // Nothing could be sent (every letter too large for the budget's smallest window), and
+        // nothing was.
+        if self.binding == 0 && self.used == 0 {
+            return 1.0;
+        }
         self.used as f64 / self.binding.max(1) as f64
     }
 }
@@ -313,7 +350,7 @@ impl Judged {
 fn references(case: &Case) -> Vec<Case> {
     let vars: Vec<(&str, &str)> = case.vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let plan = Plan::new(&smtp(&vars));
-    let largest = case.recipients.iter().map(|r| (*r).min(plan.largest_cost)).max().unwrap_or(1);
+    let largest = case.messages().into_iter().max().unwrap_or(1);
     let cost = match plan.unit {
         RateUnit::Letter => 1.0,
         RateUnit::Recipient => f64::from(largest),
@@ -400,31 +437,39 @@ pub async fn judge(case: &Case) -> Judged {
     // begins within the time (the first of them the burst's), so a 1/s budget over 5 s is 5 and a
     // daily one over two days and a minute is 3 (floored, it read 150 % of 2).
     let mut limits = vec![(plan.rate_label.clone(), burst + (d / period * f64::from(plan.rate_max)).ceil() as u64)];
-    if plan.exact.is_some() {
-        let costs: Vec<u32> = case.recipients.iter().map(|r| (*r).min(plan.largest_cost)).collect();
-        if costs.iter().any(|c| *c != costs[0]) {
-            // Every window at once: a quota beside the rate wastes what its last message in a
-            // window could not fill too, up to a message's cost less one (5 % of 2,000 a minute
-            // for messages of up to 100 recipients).
-            let (windows, labels): (Vec<(u32, i64)>, Vec<&str>) =
-                std::iter::once(((plan.rate_max + burst as u32, plan.period_ns), plan.rate_label.as_str()))
-                    .chain(plan.quotas.iter().map(|quota| ((quota.limit, quota.window_ns), quota.label.as_str())))
-                    .unzip();
-            // Beside the rate's own limit, the burst and then its pace, not instead of it: the
-            // windows alone let a daily budget with a burst of 267 spend its whole day's window
-            // within 600 s (1,065 recipients, where the burst and the pace give 273).
-            let label = format!("{} {MIXED_IN_ORDER}", labels.join(" and "));
-            limits.push((label, in_order(&costs, &windows, case.send / 2, case.duration, None)));
-            // And with the workers at once: where the windows and the workers bind together, a
-            // message the windows hold back holds its worker too, and each alone overstates what
-            // any sender can do (sixteen workers on a 2 s relay under 30 recipients a second, for
-            // letters of 1 to 10, carry 91 % of the rate: 92.2 % of either alone).
-            let workers = sampled.cycle(from).filter(|_| case.kill_at.is_none());
-            if let Some(cycle) = workers {
-                let label = format!("{} and the workers, for letters of mixed sizes in order", labels.join(" and "));
-                let workers = Some((cycle, case.replicas * case.workers));
-                limits.push((label, in_order(&costs, &windows, case.send / 2, case.duration, workers)));
-            }
+    let costs = case.messages();
+    if costs.iter().any(|cost| *cost > 1) {
+        // Counted as if messages could be split, the rate let a message's units go before the
+        // message could: letters of 1, 50 and 7 recipients under 587 a day with a burst of 12
+        // were judged against 16 recipients in 600 s, where the letter of 50 cannot go for hours
+        // under any sender that keeps the rate and the order (1 of 16 read 6.2 %).
+        let interval = plan.period_ns / i64::from(plan.rate_max);
+        let rate = Some((interval, burst as i64 * interval));
+        let label = format!("{} {MIXED_IN_ORDER}", plan.rate_label);
+        limits.push((label, in_order(&costs, &[], case.send / 2, case.duration, None, rate)));
+    }
+    if plan.exact.is_some() && costs.iter().any(|c| *c != costs[0]) {
+        // Every window at once: a quota beside the rate wastes what its last message in a
+        // window could not fill too, up to a message's cost less one (5 % of 2,000 a minute
+        // for messages of up to 100 recipients).
+        let (windows, labels): (Vec<(u32, i64)>, Vec<&str>) =
+            std::iter::once(((plan.rate_max + burst as u32, plan.period_ns), plan.rate_label.as_str()))
+                .chain(plan.quotas.iter().map(|quota| ((quota.limit, quota.window_ns), quota.label.as_str())))
+                .unzip();
+        // Beside the rate's own limit, the burst and then its pace, not instead of it: the
+        // windows alone let a daily budget with a burst of 267 spend its whole day's window
+        // within 600 s (1,065 recipients, where the burst and the pace give 273).
+        let label = format!("{} {MIXED_IN_ORDER}", labels.join(" and "));
+        limits.push((label, in_order(&costs, &windows, case.send / 2, case.duration, None, None)));
+        // And with the workers at once: where the windows and the workers bind together, a
+        // message the windows hold back holds its worker too, and each alone overstates what
+        // any sender can do (sixteen workers on a 2 s relay under 30 recipients a second, for
+        // letters of 1 to 10, carry 91 % of the rate: 92.2 % of either alone).
+        let workers = sampled.cycle(from).filter(|_| case.kill_at.is_none());
+        if let Some(cycle) = workers {
+            let label = format!("{} and the workers, for letters of mixed sizes in order", labels.join(" and "));
+            let workers = Some((cycle, case.replicas * case.workers));
+            limits.push((label, in_order(&costs, &windows, case.send / 2, case.duration, workers, None)));
         }
     }
     // A quota: each window that starts within the time, as full as the workers can make it in
@@ -454,7 +499,7 @@ pub async fn judge(case: &Case) -> Judged {
     // over the whole run overstates what any sender can do where they bind in turn: 110 a 10 s
     // period with a burst of 21 beside 500 a minute over 150 s is 1,500 by the quota alone, but
     // the last half-minute holds what the rate gives it, 330 (the budget read 86.8 % of 1,500).
-    let costs_one = case.recipients.iter().all(|r| (*r).min(plan.largest_cost) == 1);
+    let costs_one = case.messages().iter().all(|cost| *cost == 1);
     if plan.exact.is_none() && (plan.unit == RateUnit::Letter || costs_one) {
         // Every worker of the deployment ready at once after a wait, and the pace the workers
         // keep in between; where the run is short, what they carried is measured whole above.
@@ -469,6 +514,14 @@ pub async fn judge(case: &Case) -> Judged {
     let busiest = seen.busiest(Duration::from_nanos(plan.period_ns as u64));
     if busiest > rate_allowed {
         over.push((plan.rate_label.clone(), busiest, rate_allowed));
+    }
+    // The rate's pace: two periods hold at most 2 × MAX + BURST − 1, as the generic cell rate
+    // algorithm allows, and a message's units less one more (a message goes once its first unit is
+    // due). The window of a period alone let every period hold the burst again.
+    let paced_allowed = 2 * u64::from(plan.rate_max) + burst + u64::from(plan.largest_cost - 1);
+    let busiest = seen.busiest(Duration::from_nanos(2 * plan.period_ns as u64));
+    if busiest > paced_allowed {
+        over.push((format!("{} over two periods", plan.rate_label), busiest, paced_allowed));
     }
     for quota in &plan.quotas {
         let busiest = seen.busiest(Duration::from_nanos(quota.window_ns as u64));
@@ -525,14 +578,26 @@ fn at_once(plan: &Plan, first: Duration, duration: Duration, workers: Option<(f6
 ///
 /// With `workers` (`(cycle, how many)`), each message also waits for a worker: one that sent a
 /// message sends its next a cycle (one dot to the next, as measured unbounded) later.
+///
+/// With `rate` (`(interval, tolerance)`, in nanoseconds), each message also waits for the rate's
+/// burst and pace as a schedule places a message of several units: its units take the next
+/// places from the rate's next free one (or from when the message is ready, if later), and it
+/// goes at its last unit's place less the tolerance (the generic cell rate algorithm, for
+/// messages of one unit). Counted with the windows at once, the rate's places pass while a
+/// message waits for a window, which no budget that counts the window exactly loses (the
+/// budget's schedule runs at eight times the rate there): SES's classes read 109-113 % of it.
+/// So the judge counts the rate in order and the windows in order apart.
 fn in_order(
     costs: &[u32],
     windows: &[(u32, i64)],
     first: Duration,
     duration: Duration,
     workers: Option<(Duration, usize)>,
+    rate: Option<(i64, i64)>,
 ) -> u64 {
     let end = duration.as_nanos() as i64;
+    // The rate's theoretical arrival time of its next unit.
+    let mut tat = 0_i64;
     let mut counted: Vec<Sliding> = windows.iter().map(|(limit, width)| Sliding::new(*limit, *width)).collect();
     let (mut at, mut used) = (first.as_nanos() as i64, 0_u64);
     // When each worker is free for its next message, soonest first.
@@ -541,6 +606,11 @@ fn in_order(
     for cost in costs.iter().cycle() {
         if let Some(std::cmp::Reverse(soonest)) = free.pop() {
             at = at.max(soonest);
+        }
+        // Its units' places: from the rate's next free one, or from when it is ready if later.
+        let place = tat.max(at);
+        if let Some((interval, tolerance)) = rate {
+            at = at.max(place + i64::from(cost - 1) * interval - tolerance);
         }
         // Time only moves on, so a window that has room at `at` still has it later.
         for window in &mut counted {
@@ -554,6 +624,9 @@ fn in_order(
         }
         for window in &mut counted {
             window.push(at, *cost);
+        }
+        if let Some((interval, _)) = rate {
+            tat = place + i64::from(*cost) * interval;
         }
         used += u64::from(*cost);
     }
@@ -1063,20 +1136,29 @@ mod tests {
     fn in_order_counts_every_window_from_the_first_possible_dot() {
         let second = 1_000_000_000;
         // 5 a second: 3 at 0 s, 3 at 1 s, 3 at 2 s (the second 3 never fits beside the first).
-        assert_eq!(in_order(&[3], &[(5, second)], Duration::ZERO, 2500 * MS, None), 9);
+        assert_eq!(in_order(&[3], &[(5, second)], Duration::ZERO, 2500 * MS, None, None), 9);
         // And 7 per 10 s beside it: 3 at 0 s, 3 at 1 s, then the quota's room is 1 until 10 s.
-        assert_eq!(in_order(&[3], &[(5, second), (7, 10 * second)], Duration::ZERO, 9 * SECOND, None), 6);
-        assert_eq!(in_order(&[3], &[(5, second), (7, 10 * second)], Duration::ZERO, 10_001 * MS, None), 9);
+        assert_eq!(in_order(&[3], &[(5, second), (7, 10 * second)], Duration::ZERO, 9 * SECOND, None, None), 6);
+        assert_eq!(in_order(&[3], &[(5, second), (7, 10 * second)], Duration::ZERO, 10_001 * MS, None, None), 9);
         // From 1 s on: the window starting at 2 s ends past 2.5 s.
-        assert_eq!(in_order(&[3], &[(5, second)], SECOND, 2500 * MS, None), 6);
+        assert_eq!(in_order(&[3], &[(5, second)], SECOND, 2500 * MS, None, None), 6);
         // Two workers, each free a second after its last dot: two messages at 0 s, 1 s and 2 s,
         // where the window alone takes three.
-        assert_eq!(in_order(&[1], &[(3, second)], Duration::ZERO, 2500 * MS, None), 9);
-        assert_eq!(in_order(&[1], &[(3, second)], Duration::ZERO, 2500 * MS, Some((SECOND, 2))), 6);
+        assert_eq!(in_order(&[1], &[(3, second)], Duration::ZERO, 2500 * MS, None, None), 9);
+        assert_eq!(in_order(&[1], &[(3, second)], Duration::ZERO, 2500 * MS, Some((SECOND, 2)), None), 6);
         // Letters of 2 and 1 units: the window alone takes both at 0 s, 1 s and 2 s; one worker
         // free every half second sends them at 0, 0.5, 1, 1.5 and 2 s (the sixth at 2.5 s).
-        assert_eq!(in_order(&[2, 1], &[(3, second)], Duration::ZERO, 2500 * MS, None), 9);
-        assert_eq!(in_order(&[2, 1], &[(3, second)], Duration::ZERO, 2500 * MS, Some((500 * MS, 1))), 8);
+        assert_eq!(in_order(&[2, 1], &[(3, second)], Duration::ZERO, 2500 * MS, None, None), 9);
+        assert_eq!(in_order(&[2, 1], &[(3, second)], Duration::ZERO, 2500 * MS, Some((500 * MS, 1)), None), 8);
+        // One unit a second with a burst of 3: a message of 5 waits for its last unit's place less
+        // the tolerance (4 s − 2 s), and the next, on places 5 s to 9 s, for 7 s, though the
+        // window has room for both at once.
+        let rate = Some((second, 2 * second));
+        assert_eq!(in_order(&[5], &[(100, 100 * second)], Duration::ZERO, 1999 * MS, None, rate), 0);
+        assert_eq!(in_order(&[5], &[(100, 100 * second)], Duration::ZERO, 6999 * MS, None, rate), 5);
+        assert_eq!(in_order(&[5], &[(100, 100 * second)], Duration::ZERO, 7001 * MS, None, rate), 10);
+        // Messages of one unit: the burst at once, then the pace.
+        assert_eq!(in_order(&[1], &[(100, 100 * second)], Duration::ZERO, 2500 * MS, None, rate), 5);
     }
 
     /// Every limit at once is what one sender could do under all of them: 110 a 10 s period with
@@ -1140,8 +1222,9 @@ mod tests {
     /// from its place on: its early dot met windows whose earlier units were not counted. Found
     /// by `SIM_RECIPIENTS=1` explorations: 741 a minute with a burst of 514 held 1,736
     /// recipients in a minute of 1,254 allowed, 161 per 10 s with a burst of 103 held 339 of 263.
-    /// Only the cap is asserted: such budgets' use is not yet judged right (README's budget
-    /// section).
+    /// Only the caps are asserted (the window's, and the pace's over two periods): with a burst,
+    /// these budgets sent up to twice their rate until the pace held them
+    /// ([`a_burst_in_recipients_comes_back_only_after_idle_time`]).
     #[tokio::test(start_paused = true)]
     async fn a_budget_in_recipients_with_a_burst_keeps_its_cap() {
         let mixed = MIXED.to_vec();
@@ -1162,6 +1245,92 @@ mod tests {
             assert!(judged.over.is_empty(), "{case}: over {:?}", judged.over);
             assert!(judged.used > 0, "{case}: nothing sent");
         }
+    }
+
+    /// A long burst in recipients beside a quota: 1,490 recipients a day with a burst of 853
+    /// beside 409 per 20 s, one worker on a 20 ms relay, a minute. Where the rate's window is
+    /// counted exactly, the quota was charged at each grant's last unit's place, up to the
+    /// burst's tolerance (1.7 h) ahead, and held each unit until a window had passed that place:
+    /// 409 at once, then one recipient every 7 s, as a place left the window (415 in the minute,
+    /// where the burst gives 853). Charged where the units become usable (`Plan::buckets`), the
+    /// burst goes as the quota frees: 409, 409 and the rest.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_in_recipients_beside_a_quota_frees_the_quota_where_its_units_went() {
+        let mut vars = letters("24h", 1_490, 853, Some("409/20s"));
+        vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 50)]);
+        holds_and_uses_95(&Case::load(vars, 1, 1, 20 * MS, MINUTE)).await;
+    }
+
+    /// A burst in recipients comes back only after idle time: SES's 14 recipients a second with
+    /// a burst of 14, letters of one recipient, one replica of eight workers on a 20 ms relay, a
+    /// minute. Where the rate's window is counted exactly, it holds `MAX + BURST − 1` a period
+    /// and the schedule runs at eight times the rate, so every second held the burst again: 24.3
+    /// recipients a second, where the rate allows 14 after the first second (1,458 in the minute,
+    /// against 853). The pace (`Plan::pace`) holds it: the judge checks every two periods.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_in_recipients_comes_back_only_after_idle_time() {
+        let mut vars = letters("1s", 14, 14, None);
+        vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 50)]);
+        let case = Case::load(vars, 1, 8, 20 * MS, MINUTE);
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "{case}: over {:?}", judged.over);
+        assert!((852..=853).contains(&judged.used), "{case}: {} of {}", judged.used, judged.binding);
+    }
+
+    /// Letters of 1 to 100 recipients under a daily budget with a long burst: 718 recipients a
+    /// day with a burst of 686, one replica of sixteen workers on a 20 ms relay, 10 minutes.
+    /// A grant is sized for the workers waiting as if each message were this one; the rest of a
+    /// grant asked for a message of one recipient expired when the next message had forty, and
+    /// its places were lost to the schedule (540 of the 688 the burst allows in order). Kept for
+    /// a smaller message (`Pool::take`), they serve the next one.
+    #[tokio::test(start_paused = true)]
+    async fn the_rest_of_a_grant_too_short_for_a_message_waits_for_a_smaller_one() {
+        let mut vars = letters("24h", 718, 686, None);
+        vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 50)]);
+        let case = Case { recipients: vec![1, 40, 5, 100, 2], ..Case::load(vars, 1, 16, 20 * MS, 10 * MINUTE) };
+        holds_and_uses_95(&case).await;
+    }
+
+    /// A letter larger than the burst waits for the rate in order: under 587 recipients a day
+    /// with a burst of 12, letters of 1, 50 and 7 recipients, the letter of 50 goes when the
+    /// pace has brought its units, hours later, and the letters behind it wait (in order). The
+    /// judge counted the rate's units as if messages could be split, 16 in 600 s, and read the
+    /// one recipient sent as 6.2 %.
+    #[tokio::test(start_paused = true)]
+    async fn a_letter_larger_than_the_burst_is_judged_in_order() {
+        let mut vars = letters("24h", 587, 12, None);
+        vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 1_000)]);
+        let case = Case { recipients: vec![1, 50, 7], ..Case::load(vars, 2, 3, MS, 10 * MINUTE) };
+        let judged = judge(&case).await;
+        assert_eq!((judged.used, judged.binding), (1, 1), "{case}: bound by {}", judged.bound_by);
+    }
+
+    /// A letter with more recipients than the smallest window holds is failed by the service
+    /// (`RateLimit::too_large`) and the next one sent. The simulation sent it as one message and
+    /// its worker waited for the budget forever: 1,082 recipients an hour with a burst of 250
+    /// beside 23 per 10 minutes, letters of 1, 50 and 7, one worker, sent 1 recipient in 25
+    /// minutes.
+    #[tokio::test(start_paused = true)]
+    async fn a_letter_too_large_for_the_smallest_window_holds_no_other_back() {
+        let mut vars = letters("1h", 1_082, 250, Some("23/10m"));
+        vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 50)]);
+        let case = Case { recipients: vec![1, 50, 7], ..Case::load(vars, 1, 1, 20 * MS, 25 * MINUTE) };
+        holds_and_uses_95(&case).await;
+    }
+
+    /// The messages a letter makes, as the service sends them: transactions of at most
+    /// `SMTP_MAX_RECIPIENTS`, none for a letter larger than the smallest window.
+    #[test]
+    fn letters_make_the_messages_the_service_sends() {
+        let plan = |quotas: &str, unit: &str| {
+            let mut vars = letters("1s", 1_000, 1, Some(quotas).filter(|q| !q.is_empty()));
+            vars.push(var("SMTP_RATE_LIMIT_UNIT", unit));
+            let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            Plan::new(&smtp(&vars))
+        };
+        assert_eq!(messages(&plan("", "recipient"), 10, &[1, 50, 7]), vec![1, 10, 10, 10, 10, 10, 7]);
+        assert_eq!(messages(&plan("23/10m", "recipient"), 50, &[1, 50, 7]), vec![1, 7]);
+        assert_eq!(messages(&plan("23/10m", "letter"), 10, &[1, 25]), vec![1, 1, 1, 1]);
     }
 
     /// A fast rate with a long burst: 1,510 a second with a burst of 786, one replica of six

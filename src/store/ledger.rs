@@ -69,6 +69,7 @@ fn state_to_bson(state: &State) -> Document {
         "back": runs_to_bson(&state.returned, false),
         "strided": runs_to_bson(&state.returned, true),
         "senders": state.senders.iter().map(|(r, at)| Bson::Document(doc! { "r": *r as i64, "t": *at })).collect::<Vec<_>>(),
+        "paced_ns": state.paced_ns,
     }
 }
 
@@ -118,7 +119,15 @@ fn state_from_bson(document: &Document) -> State {
         .collect();
     returned.sort_by_key(|run| run.first_ns);
     let senders = entries("senders").iter().map(|r| (int(r.get("r")) as u64, int(r.get("t")))).collect();
-    State { version: int(document.get("v")), next_ns: int(document.get("next_ns")), quotas, loose, returned, senders }
+    State {
+        version: int(document.get("v")),
+        next_ns: int(document.get("next_ns")),
+        quotas,
+        loose,
+        returned,
+        senders,
+        paced_ns: int(document.get("paced_ns")),
+    }
 }
 
 impl Ledger for MongoLedger {
@@ -186,6 +195,7 @@ mod tests {
                 Run { first_ns: 1_795_000_000_000_000_001, count: 2, from_ns: 1_794_999_999_000_000_000, stride: 1 },
             ],
             senders: vec![(u64::MAX - 1, 1_795_000_000_000_000_000), (42, 1_794_999_999_900_000_000)],
+            paced_ns: 1_795_000_000_500_000_000,
         };
         let stored = state_to_bson(&state);
         assert_eq!(state_from_bson(&stored), state);
