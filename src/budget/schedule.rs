@@ -740,11 +740,11 @@ fn decide_units(
             // counted them would: given back, a grant's rest came back after the pace had moved
             // on from a later dot, and two periods held up to 4.8 % more than the pace allows.
             let soonest_ns = (last_of(start) - plan.tolerance_ns).max(now_ns);
-            let ready_ns = soonest_ns.max(now_ns + lead_ns.max(ready_ns));
+            let latest_guess_ns = soonest_ns.max(now_ns + lead_ns);
             let due = ((soonest_ns + pace_tolerance_ns - state.paced_ns.max(soonest_ns)) / pace_ns + 1)
                 .clamp(0, i64::from(u32::MAX));
             count = count.min(need.max(due as u32));
-            next.paced_ns = state.paced_ns.max(ready_ns) + i64::from(count) * pace_ns;
+            next.paced_ns = state.paced_ns.max(latest_guess_ns) + i64::from(count) * pace_ns;
         }
     }
     // A loose grant's units are used until the message that takes the last of them is ready: a

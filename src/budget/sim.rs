@@ -499,7 +499,7 @@ pub async fn judge(case: &Case) -> Judged {
     // over the whole run overstates what any sender can do where they bind in turn: 110 a 10 s
     // period with a burst of 21 beside 500 a minute over 150 s is 1,500 by the quota alone, but
     // the last half-minute holds what the rate gives it, 330 (the budget read 86.8 % of 1,500).
-    let costs_one = case.messages().iter().all(|cost| *cost == 1);
+    let costs_one = costs.iter().all(|cost| *cost == 1);
     if plan.exact.is_none() && (plan.unit == RateUnit::Letter || costs_one) {
         // Every worker of the deployment ready at once after a wait, and the pace the workers
         // keep in between; where the run is short, what they carried is measured whole above.
