@@ -1277,6 +1277,19 @@ mod tests {
         assert!((852..=853).contains(&judged.used), "{case}: {} of {}", judged.used, judged.binding);
     }
 
+    /// Units that pass unused go back to the pace: 1,534 recipients an hour with a burst of 1,162
+    /// beside 73 per 20 s, two replicas of nine workers on a 20 ms relay, letters of 1 to 100, 10
+    /// minutes. Each reopening of the quota, grants sized for the workers waiting left units
+    /// that passed unused, and kept counted against the pace they spent the burst: 1,008 of the
+    /// 1,393 recipients the burst and the rate allow in order.
+    #[tokio::test(start_paused = true)]
+    async fn units_that_pass_unused_go_back_to_the_pace() {
+        let mut vars = letters("1h", 1_534, 1_162, Some("73/20s"));
+        vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 50)]);
+        let case = Case { recipients: vec![1, 40, 5, 100, 2], ..Case::load(vars, 2, 9, 20 * MS, 10 * MINUTE) };
+        holds_and_uses_95(&case).await;
+    }
+
     /// Letters of 1 to 100 recipients under a daily budget with a long burst: 718 recipients a
     /// day with a burst of 686, one replica of sixteen workers on a 20 ms relay, 10 minutes.
     /// A grant is sized for the workers waiting as if each message were this one; the rest of a

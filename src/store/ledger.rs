@@ -70,6 +70,7 @@ fn state_to_bson(state: &State) -> Document {
         "strided": runs_to_bson(&state.returned, true),
         "senders": state.senders.iter().map(|(r, at)| Bson::Document(doc! { "r": *r as i64, "t": *at })).collect::<Vec<_>>(),
         "paced_ns": state.paced_ns,
+        "paced_reset_ns": state.paced_reset_ns,
     }
 }
 
@@ -127,6 +128,7 @@ fn state_from_bson(document: &Document) -> State {
         returned,
         senders,
         paced_ns: int(document.get("paced_ns")),
+        paced_reset_ns: int(document.get("paced_reset_ns")),
     }
 }
 
@@ -196,6 +198,7 @@ mod tests {
             ],
             senders: vec![(u64::MAX - 1, 1_795_000_000_000_000_000), (42, 1_794_999_999_900_000_000)],
             paced_ns: 1_795_000_000_500_000_000,
+            paced_reset_ns: 1_794_999_999_950_000_000,
         };
         let stored = state_to_bson(&state);
         assert_eq!(state_from_bson(&stored), state);
