@@ -270,7 +270,7 @@ async fn recipient_unit_caps_recipients_per_second_across_replicas() {
 
 /// Unit `recipient` with a burst: SES's 14 recipients a second, `SMTP_RATE_LIMIT_BURST=14`, 100
 /// letters of one recipient. The burst goes at once, then the rate: any three seconds of final
-/// dots hold at most 3 × 14 + 13. Where the rate's window is counted exactly, every second held
+/// dots hold at most 3 × 14 + 13 (and a late dot). Where the rate's window is counted exactly, every second held
 /// the burst again until the budget kept the rate's pace too (the simulation: 24.3 recipients a
 /// second for a minute, `a_burst_in_recipients_comes_back_only_after_idle_time`).
 #[tokio::test(flavor = "multi_thread")]
@@ -311,7 +311,13 @@ async fn a_burst_in_recipients_goes_once_then_the_rate() {
     println!("14/s with a burst of 14: 100 letters in {took:.2}s, busiest second {one}, busiest 3 s {three}");
     assert_eq!(dots.len(), 100, "every final dot logged");
     assert!(one <= 27, "{one} recipients within one second: the cap is 14 + 13");
-    assert!(three <= 3 * 14 + 13, "{three} recipients within three seconds (from +{at:.2}s): the pace is 14 a second");
+    // The pace's bound, and one more: a dot may come up to the guard after its unit, and the
+    // pace (unlike the window, checked from the earliest dot less the guard) does not leave room
+    // for it. Before the pace was kept: 81.
+    assert!(
+        three <= 3 * 14 + 13 + 1,
+        "{three} recipients within three seconds (from +{at:.2}s): the pace is 14 a second"
+    );
     assert!(one >= 14, "{one} recipients in the busiest second: the burst did not go at once");
 }
 
