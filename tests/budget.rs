@@ -288,22 +288,8 @@ async fn a_burst_in_recipients_goes_once_then_the_rate() {
         ],
     )
     .await;
-    let letters: Vec<Value> = (0..100)
-        .map(|i| {
-            json!({
-                "Subject": format!("burst {i}"),
-                "Body": "<p>budget</p>",
-                "Addresses": [format!("b{i}@example.org")],
-                "Token": format!("token-{i}"),
-            })
-        })
-        .collect();
-    app.produce(Some("burst"), Value::Array(letters).to_string().as_bytes()).await;
-    let received = wait_for("every letter at the SMTP server", Duration::from_secs(60), || async {
-        let all = sink.received();
-        (all.len() >= 100).then_some(all)
-    })
-    .await;
+    feed(&app, "burst", 100).await;
+    let received = received_from(&[&sink], 100, Duration::from_secs(60)).await;
     let dots = dots_logged(&[app.log()]);
     let (three, at) = busiest_window(&dots, 3.0, |r| r.rcpt_tos.len());
     let (one, _) = busiest_window(&dots, 1.0, |r| r.rcpt_tos.len());

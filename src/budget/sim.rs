@@ -680,6 +680,19 @@ fn letters(period: &str, max: u32, burst: u32, quotas: Option<&str>) -> Vec<(&'s
     vars
 }
 
+/// As [`letters`], counted in recipients, at most `per_message` a transaction.
+fn in_recipients(
+    period: &str,
+    max: u32,
+    burst: u32,
+    quotas: Option<&str>,
+    per_message: u32,
+) -> Vec<(&'static str, String)> {
+    let mut vars = letters(period, max, burst, quotas);
+    vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", per_message)]);
+    vars
+}
+
 impl Case {
     /// `replicas` of `workers` each, sends of `send`, letters of one recipient, clocks in step,
     /// none killed.
@@ -702,12 +715,8 @@ const MIXED: [u32; 10] = [1, 3, 10, 2, 7, 1, 5, 4, 9, 1];
 /// Microsoft 365, a daily limit written as a 24 h period with a burst) and the corners around
 /// them, each under several loads.
 pub fn grid() -> Vec<Case> {
-    let recipients = |max: u32, per_message: u32, quotas: Option<&str>| {
-        let mut vars = letters("1s", max, 1, quotas);
-        vars.push(var("SMTP_RATE_LIMIT_UNIT", "recipient"));
-        vars.push(var("SMTP_MAX_RECIPIENTS", per_message));
-        vars
-    };
+    let recipients =
+        |max: u32, per_message: u32, quotas: Option<&str>| in_recipients("1s", max, 1, quotas, per_message);
     // Letters of one recipient, and of one to ten.
     let (one, mixed) = (vec![1], MIXED.to_vec());
     // (settings, how long to run, the letters' recipients)
@@ -1040,9 +1049,7 @@ mod tests {
     /// for that much before.
     #[tokio::test(start_paused = true)]
     async fn a_quota_is_used_from_the_moment_it_frees() {
-        let mut vars = letters("1s", 100, 1, Some("2000/1m"));
-        vars.push(var("SMTP_RATE_LIMIT_UNIT", "recipient"));
-        vars.push(var("SMTP_MAX_RECIPIENTS", 1_000));
+        let vars = in_recipients("1s", 100, 1, Some("2000/1m"), 1_000);
         let case = Case { recipients: vec![1, 40, 5, 100, 2], ..Case::load(vars, 1, 16, 2 * SECOND, 150 * SECOND) };
         let judged = judge(&case).await;
         assert!(judged.over.is_empty(), "over: {:?}", judged.over);
@@ -1099,9 +1106,7 @@ mod tests {
     /// and more.
     #[tokio::test(start_paused = true)]
     async fn messages_of_mixed_sizes_use_what_the_window_allows() {
-        let mut vars = letters("1s", 30, 1, None);
-        vars.push(var("SMTP_RATE_LIMIT_UNIT", "recipient"));
-        vars.push(var("SMTP_MAX_RECIPIENTS", 10));
+        let vars = in_recipients("1s", 30, 1, None, 10);
         for (workers, send) in [(1, Duration::from_millis(1)), (8, Duration::from_millis(20))] {
             let case = Case { recipients: MIXED.to_vec(), ..Case::load(vars.clone(), 1, workers, send, 30 * SECOND) };
             let judged = judge(&case).await;
@@ -1203,8 +1208,7 @@ mod tests {
     /// window ahead (`schedule::exact_horizon_ns`).
     #[tokio::test(start_paused = true)]
     async fn a_replica_killed_under_an_exact_window_strands_at_most_a_window() {
-        let mut vars = letters("1s", 14, 1, None);
-        vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 50)]);
+        let vars = in_recipients("1s", 14, 1, None, 50);
         let case = Case {
             kill_at: Some(1_500 * MS),
             recipients: MIXED.to_vec(),
@@ -1237,8 +1241,7 @@ mod tests {
             ("10s", 1_975, 207, 1_000, (2, 1), 1, mixed, 30),
         ];
         for (period, max, burst, per_message, (replicas, workers), send_ms, recipients, secs) in cases {
-            let mut vars = letters(period, max, burst, None);
-            vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", per_message)]);
+            let vars = in_recipients(period, max, burst, None, per_message);
             let send = Duration::from_millis(send_ms);
             let case = Case { recipients, ..Case::load(vars, replicas, workers, send, Duration::from_secs(secs)) };
             let judged = judge(&case).await;
@@ -1256,8 +1259,7 @@ mod tests {
     /// burst goes as the quota frees: 409, 409 and the rest.
     #[tokio::test(start_paused = true)]
     async fn a_burst_in_recipients_beside_a_quota_frees_the_quota_where_its_units_went() {
-        let mut vars = letters("24h", 1_490, 853, Some("409/20s"));
-        vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 50)]);
+        let vars = in_recipients("24h", 1_490, 853, Some("409/20s"), 50);
         holds_and_uses_95(&Case::load(vars, 1, 1, 20 * MS, MINUTE)).await;
     }
 
@@ -1269,8 +1271,7 @@ mod tests {
     /// against 853). The pace (`Plan::pace`) holds it: the judge checks every two periods.
     #[tokio::test(start_paused = true)]
     async fn a_burst_in_recipients_comes_back_only_after_idle_time() {
-        let mut vars = letters("1s", 14, 14, None);
-        vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 50)]);
+        let vars = in_recipients("1s", 14, 14, None, 50);
         let case = Case::load(vars, 1, 8, 20 * MS, MINUTE);
         let judged = judge(&case).await;
         assert!(judged.over.is_empty(), "{case}: over {:?}", judged.over);
@@ -1284,8 +1285,7 @@ mod tests {
     /// 1,393 recipients the burst and the rate allow in order.
     #[tokio::test(start_paused = true)]
     async fn units_that_pass_unused_go_back_to_the_pace() {
-        let mut vars = letters("1h", 1_534, 1_162, Some("73/20s"));
-        vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 50)]);
+        let vars = in_recipients("1h", 1_534, 1_162, Some("73/20s"), 50);
         let case = Case { recipients: vec![1, 40, 5, 100, 2], ..Case::load(vars, 2, 9, 20 * MS, 10 * MINUTE) };
         holds_and_uses_95(&case).await;
     }
@@ -1298,8 +1298,7 @@ mod tests {
     /// a smaller message (`Pool::take`), they serve the next one.
     #[tokio::test(start_paused = true)]
     async fn the_rest_of_a_grant_too_short_for_a_message_waits_for_a_smaller_one() {
-        let mut vars = letters("24h", 718, 686, None);
-        vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 50)]);
+        let vars = in_recipients("24h", 718, 686, None, 50);
         let case = Case { recipients: vec![1, 40, 5, 100, 2], ..Case::load(vars, 1, 16, 20 * MS, 10 * MINUTE) };
         holds_and_uses_95(&case).await;
     }
@@ -1311,8 +1310,7 @@ mod tests {
     /// one recipient sent as 6.2 %.
     #[tokio::test(start_paused = true)]
     async fn a_letter_larger_than_the_burst_is_judged_in_order() {
-        let mut vars = letters("24h", 587, 12, None);
-        vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 1_000)]);
+        let vars = in_recipients("24h", 587, 12, None, 1_000);
         let case = Case { recipients: vec![1, 50, 7], ..Case::load(vars, 2, 3, MS, 10 * MINUTE) };
         let judged = judge(&case).await;
         assert_eq!((judged.used, judged.binding), (1, 1), "{case}: bound by {}", judged.bound_by);
@@ -1325,8 +1323,7 @@ mod tests {
     /// minutes.
     #[tokio::test(start_paused = true)]
     async fn a_letter_too_large_for_the_smallest_window_holds_no_other_back() {
-        let mut vars = letters("1h", 1_082, 250, Some("23/10m"));
-        vars.extend([var("SMTP_RATE_LIMIT_UNIT", "recipient"), var("SMTP_MAX_RECIPIENTS", 50)]);
+        let vars = in_recipients("1h", 1_082, 250, Some("23/10m"), 50);
         let case = Case { recipients: vec![1, 50, 7], ..Case::load(vars, 1, 1, 20 * MS, 25 * MINUTE) };
         holds_and_uses_95(&case).await;
     }
