@@ -768,7 +768,8 @@ impl Budget {
         moment: Moment,
     ) -> anyhow::Result<Option<(i64, String)>> {
         self.measure_clock().await?;
-        let unused = self.pool().take_expired();
+        let (passed, missed) = self.pool().take_expired();
+        let unused: Vec<Placed> = passed.iter().chain(&missed).copied().collect();
         for _ in 0..CAS_ATTEMPTS {
             let stored = self.latest(granting).await?;
             let clock = self.reading();
@@ -796,6 +797,7 @@ impl Budget {
                 (Moment::ToPrepare, false) => self.lead_ns(),
             } + round_trip_ns;
             let state = schedule::refund(&stored, &self.plan, now_ns, &unused);
+            let state = schedule::refund_pace(state, &self.plan, &passed);
             // Units for messages at their dots stay consecutive: they are taken at once, and a
             // stride put the units placed for missed messages of 2 s relays out of their reach
             // (three replicas of two workers at 760 a second: 66.7 % of what they carry).

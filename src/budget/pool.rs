@@ -42,6 +42,8 @@ pub(super) struct Pool {
     pub(super) loose: VecDeque<(i64, u32)>,
     /// Units that passed unused, to give back to the quotas with the next write.
     expired: Vec<Placed>,
+    /// Units handed to messages that reached their dots too late for them ([`Pool::expire`]).
+    missed: Vec<Placed>,
     /// Units handed out since `since`, for the size of the next grant.
     handed: u64,
     since: Option<Instant>,
@@ -268,14 +270,15 @@ impl Pool {
         }
     }
 
-    /// Units handed out that no message went on.
+    /// Units handed out that no message went on: it reached its dot too late for them.
     pub(super) fn expire(&mut self, placed: Placed) {
-        self.expired.push(placed);
+        self.missed.push(placed);
     }
 
-    /// The units that passed unused since the last call, to give back to the quotas.
-    pub(super) fn take_expired(&mut self) -> Vec<Placed> {
-        std::mem::take(&mut self.expired)
+    /// The units that passed unused since the last call, to give back to the quotas: those no
+    /// message took, and those of messages that missed them.
+    pub(super) fn take_expired(&mut self) -> (Vec<Placed>, Vec<Placed>) {
+        (std::mem::take(&mut self.expired), std::mem::take(&mut self.missed))
     }
 
     /// Adds a granted run in time order: units another replica gave back may lie before the
@@ -497,22 +500,22 @@ mod tests {
             pool.take(1, &plan, 1_025, 1_025, 1_025).map(|(taken, _)| taken),
             Some(Taken::At { usable_ns: 1_030, due_ns: 1_030 })
         );
-        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_000, count: 3, step_ns: 10, floor_ns: 0 }]);
+        assert_eq!(pool.take_expired(), (vec![Placed { first_ns: 1_000, count: 3, step_ns: 10, floor_ns: 0 }], vec![]));
         // Four units wanted, three in a row left: the message is not split across runs, and the
         // three stay for a smaller message (expired at once, the rest of a grant sized for a
         // small message went unused when the next one was larger).
         assert_eq!(pool.take(4, &plan, 1_031, 1_031, 1_031).map(|(taken, _)| taken), None);
-        assert_eq!(pool.take_expired(), vec![]);
+        assert_eq!(pool.take_expired(), (vec![], vec![]));
         assert_eq!(
             pool.take(2, &plan, 1_031, 1_031, 1_031).map(|(taken, _)| taken),
             Some(Taken::At { usable_ns: 1_110, due_ns: 1_110 })
         );
         // The last one passes unused, and expires then.
         assert_eq!(pool.take(1, &plan, 1_125, 1_125, 1_125).map(|(taken, _)| taken), None);
-        assert_eq!(pool.take_expired(), vec![Placed { first_ns: 1_120, count: 1, step_ns: 10, floor_ns: 0 }]);
+        assert_eq!(pool.take_expired(), (vec![Placed { first_ns: 1_120, count: 1, step_ns: 10, floor_ns: 0 }], vec![]));
         pool.loose.push_back((2_000, 5));
         assert_eq!(pool.take(1, &plan, 2_001, 2_001, 2_001).map(|(taken, _)| taken), None);
-        assert_eq!(pool.take_expired(), vec![Placed::at(2_000, 5)]);
+        assert_eq!(pool.take_expired(), (vec![Placed::at(2_000, 5)], vec![]));
     }
 
     /// A replica whose consecutive units passed stays strided while its strided units are all
@@ -568,7 +571,7 @@ mod tests {
             pool.take(1, &plan, 16, 16, 16).map(|(taken, _)| taken),
             Some(Taken::At { usable_ns: 10, due_ns: 25 })
         );
-        assert_eq!(pool.take_expired(), vec![Placed { first_ns: -20, count: 3, step_ns: 10, floor_ns: 0 }]);
+        assert_eq!(pool.take_expired(), (vec![Placed { first_ns: -20, count: 3, step_ns: 10, floor_ns: 0 }], vec![]));
         // Charged where usable: three at the grant, then one every 10 ns.
         let charged = plan.placed(run(20, 10)).per_bucket(10);
         assert_eq!(charged, vec![(0, 4), (1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)]);

@@ -70,7 +70,8 @@ fn state_to_bson(state: &State) -> Document {
         "strided": runs_to_bson(&state.returned, true),
         "senders": state.senders.iter().map(|(r, at)| Bson::Document(doc! { "r": *r as i64, "t": *at })).collect::<Vec<_>>(),
         "paced_ns": state.paced_ns,
-        "paced_reset_ns": state.paced_reset_ns,
+        "paced_floor_ns": state.paced_floor_ns,
+        "paced_refund_from_ns": state.paced_refund_from_ns,
     }
 }
 
@@ -128,7 +129,8 @@ fn state_from_bson(document: &Document) -> State {
         returned,
         senders,
         paced_ns: int(document.get("paced_ns")),
-        paced_reset_ns: int(document.get("paced_reset_ns")),
+        paced_floor_ns: int(document.get("paced_floor_ns")),
+        paced_refund_from_ns: int(document.get("paced_refund_from_ns")),
     }
 }
 
@@ -198,7 +200,8 @@ mod tests {
             ],
             senders: vec![(u64::MAX - 1, 1_795_000_000_000_000_000), (42, 1_794_999_999_900_000_000)],
             paced_ns: 1_795_000_000_500_000_000,
-            paced_reset_ns: 1_794_999_999_950_000_000,
+            paced_floor_ns: 1_795_000_000_200_000_000,
+            paced_refund_from_ns: 1_794_999_999_950_000_001,
         };
         let stored = state_to_bson(&state);
         assert_eq!(state_from_bson(&stored), state);
