@@ -40,9 +40,11 @@ pub(super) struct Pool {
     pub(super) runs: VecDeque<Run>,
     /// Loose units: (usable until, count).
     pub(super) loose: VecDeque<(i64, u32)>,
-    /// Units that passed unused, to give back to the quotas with the next write.
+    /// Units that passed unused, no message on them, to give back with the next write: to the
+    /// quotas, and where the pace is kept to it and the schedule.
     expired: Vec<Placed>,
-    /// Units handed to messages that reached their dots too late for them ([`Pool::expire`]).
+    /// Units handed to messages that reached their dots too late for them ([`Pool::expire`]): to
+    /// the quotas only.
     missed: Vec<Placed>,
     /// Units handed out since `since`, for the size of the next grant.
     handed: u64,

@@ -1136,6 +1136,43 @@ pub(super) mod tests {
         assert_eq!(refunded.quotas["rate"].values().sum::<u32>(), 14);
     }
 
+    /// Where the pace is kept, units no message took go back to it and to the schedule, but not
+    /// those of a grant made before the pace last moved on from a later dot: that move spent
+    /// them. The grant that moves it on gives its own back.
+    #[test]
+    fn unused_units_go_back_to_the_pace_unless_its_move_spent_them() {
+        let plan = Plan::new(&smtp(&[
+            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", "14"),
+            ("SMTP_RATE_LIMIT_BURST", "14"),
+            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+            ("SMTP_MAX_RECIPIENTS", "50"),
+        ]));
+        let (pace_ns, _) = plan.pace.expect("a pace: the window is counted exactly, with a burst");
+        // The rest of a grant of 4, after a message of 2, as the pool gives it back.
+        let rest = |decision: Decision| {
+            let Decision::Granted { first_ns, count: 4, from_ns, .. } = decision else { panic!("{decision:?}") };
+            [Placed::at_end(Run { first_ns, count: 4, from_ns, stride: 1 }.last_ns(plan.interval_ns), 2, from_ns)]
+        };
+        let now = 1_000 * S;
+        // A fresh budget: the first grant moves the pace on, and its rest goes back.
+        let (decision, first) = decide(&State::default(), &plan, now, plan.lead_ns, plan.lead_ns, 4, 4, None);
+        let first_rest = rest(decision);
+        let back = refund_pace(first.clone(), &plan, &first_rest);
+        assert_eq!(back.paced_ns, first.paced_ns - 2 * pace_ns);
+        assert_eq!(back.next_ns, first.next_ns - 2 * plan.interval_ns);
+        // After a minute idle the next grant moves the pace on again: the first grant's rest no
+        // longer goes back, the second's does.
+        let later = now + 60 * S;
+        let (decision, second) = decide(&first, &plan, later, plan.lead_ns, plan.lead_ns, 4, 4, None);
+        let second_rest = rest(decision);
+        assert_eq!(refund_pace(second.clone(), &plan, &first_rest), second);
+        assert_eq!(refund_pace(second.clone(), &plan, &second_rest).paced_ns, second.paced_ns - 2 * pace_ns);
+        // Without a pace (`BURST=1`), nothing changes.
+        let unpaced = Plan { pace: None, ..plan.clone() };
+        assert_eq!(refund_pace(second.clone(), &unpaced, &second_rest), second);
+    }
+
     #[test]
     fn units_given_back_are_granted_again_at_their_places_and_counted_once() {
         let plan = Plan::new(&smtp(&[
