@@ -797,7 +797,7 @@ impl Budget {
                 (Moment::ToPrepare, false) => self.lead_ns(),
             } + round_trip_ns;
             let state = schedule::refund(&stored, &self.plan, now_ns, &unused);
-            let state = schedule::refund_pace(state, &self.plan, &passed);
+            let state = schedule::refund_pace(state, &self.plan, now_ns, &passed, &missed);
             // Units for messages at their dots stay consecutive: they are taken at once, and a
             // stride put the units placed for missed messages of 2 s relays out of their reach
             // (three replicas of two workers at 760 a second: 66.7 % of what they carry).

@@ -43,8 +43,8 @@ pub(super) struct Pool {
     /// Units that passed unused, no message on them, to give back with the next write: to the
     /// quotas, and where the pace is kept to it and the schedule.
     expired: Vec<Placed>,
-    /// Units handed to messages that reached their dots too late for them ([`Pool::expire`]): to
-    /// the quotas only.
+    /// Units handed to messages that reached their dots too late for them ([`Pool::expire`]): they
+    /// go back too, and may move the pace on (`schedule::refund_pace`).
     missed: Vec<Placed>,
     /// Units handed out since `since`, for the size of the next grant.
     handed: u64,

@@ -32,6 +32,12 @@ const LOOSE_MIN: i64 = 64;
 /// Under quotas, a burst's units are charged this much after a lead from their grant (or a reach,
 /// if shorter): the time a slow first transaction has beyond the lead guessed for it.
 const BURST_SLACK: Duration = Duration::from_secs(1);
+/// How long after the pace's guess of a dot its grant's missed units may still move the pace on
+/// to where the dot fell ([`refund_pace`]); later (another grant whose units share its `from_ns`,
+/// or a replica that stalled), they stay counted instead, as before the move was known, rather
+/// than hold the pace back for that long. A missed message asks again at its dot, a preparation
+/// after its grant: seconds at most.
+const ORIGIN_REACH: Duration = Duration::from_secs(10);
 /// Under quotas, a grant's first usable moment is at most this far ahead (or two leads, if
 /// longer), not the whole [`Plan::horizon_ns`]: every unit a replica holds is counted against the
 /// quotas until its window passes, and a replica that dies strands what it holds. Waiting
@@ -65,6 +71,10 @@ pub struct State {
     /// ([`refund_pace`]): every grant made before the pace last moved on from a later dot than
     /// its own has one (it is at most `paced_floor_ns` as that move found it).
     pub paced_refund_from_ns: i64,
+    /// Where the pace last moved on from a later dot than its own: that grant's guess of its dot,
+    /// and its `from_ns` (server nanoseconds). If that grant's message misses its units, the
+    /// pace moves on by as much as the dot came later ([`refund_pace`]).
+    pub paced_origin: (i64, i64),
 }
 
 /// Units of the rate's schedule, `stride` intervals apart (1: consecutive; see [`decide`]): the
@@ -694,6 +704,7 @@ fn decide_units(
     }
     let mut start = start;
     let mut paced_reset = false;
+    let mut origin_ns = 0;
     if let Some(window) = &plan.exact {
         // The message goes where the rate's window has room for it: no earlier than its last
         // unit's place, later if the windows around that place are full.
@@ -750,6 +761,7 @@ fn decide_units(
                 .clamp(0, i64::from(u32::MAX));
             count = count.min(need.max(due as u32));
             paced_reset = state.paced_ns < latest_guess_ns;
+            origin_ns = latest_guess_ns;
             next.paced_ns = state.paced_ns.max(latest_guess_ns) + i64::from(count) * pace_ns;
         }
     }
@@ -767,6 +779,7 @@ fn decide_units(
         // made before this move all have one at or before the latest so far.
         if paced_reset {
             next.paced_refund_from_ns = state.paced_floor_ns.saturating_add(1);
+            next.paced_origin = (origin_ns, from_ns);
         }
         next.paced_floor_ns = state.paced_floor_ns.max(from_ns);
     }
@@ -867,32 +880,50 @@ pub fn refund(state: &State, plan: &Plan, now_ns: i64, unused: &[Placed]) -> Sta
     next
 }
 
-/// The state with units that no message took given back to the rate's pace and to the
-/// schedule too, where the pace is kept ([`Plan::pace`]). Both moved on by every unit granted,
-/// and kept counted, such units spent the burst: the rest of grants sized for several messages
-/// of the size of the one asking. On the schedule, which runs at eight times the rate there and
-/// lets `BURST` of its own units go at once, they kept their places: 1,355 recipients a day with
-/// a burst of 841 beside 108 a minute, letters of 1, 50 and 7, left a third of each grant unused,
-/// ran out of the schedule's tolerance after 573 recipients and waited 200 s (573 of the 813 the
-/// burst and the rate allow in order in 10 minutes; 863 so). The places such units leave may be
-/// granted again: the cap is the window counted exactly and the pace, not the schedule.
+/// The state with units that passed unused given back to the rate's pace and to the schedule
+/// too, where the pace is kept ([`Plan::pace`]). Both moved on by every unit granted, and kept
+/// counted, such units spent the burst: the rest of grants sized for several messages of the
+/// size of the one asking, and the units of messages that reached their dots too late for them.
+/// On the schedule, which runs at eight times the rate there and lets `BURST` of its own units go
+/// at once, they kept their places: 1,355 recipients a day with a burst of 841 beside 108 a
+/// minute, letters of 1, 50 and 7, left a third of each grant unused, ran out of the schedule's
+/// tolerance after 573 recipients and waited 200 s (573 of the 813 the burst and the rate allow in
+/// order in 10 minutes; 863 so). The places such units leave may be granted again: the cap is the
+/// window counted exactly and the pace, not the schedule.
 ///
-/// Not the units of a message that reached its dot too late for them: the pace moved on from
-/// where their grant expected that dot, and the dot came later, so the pace counts the message
-/// from too soon by as much, and these units make up for it. Given back as well, two periods of
-/// 569 a minute with a burst of 328 held 1,481 recipients of the 1,474 allowed: the first
-/// messages on a 2 s relay missed their units, and the pace kept the first guess of their dots,
-/// a second early (this, not the rule below, is what held up to 4.8 % over the pace when every
-/// unit went back). Nor the units of a grant made before the pace last moved on from a later dot
-/// than its own: that move spent them already. Such a grant is known by its `from_ns`, the
-/// units' floor (`State::paced_refund_from_ns`), so that the grant that moves the pace on gives
-/// its own unused units back (ruled out with the grants of the next 2.5 s before, 249 an hour
-/// with a burst of 231 sent 205 of 263); without this rule the explored cases change by a few
-/// units in three of 1,000, none over.
-pub fn refund_pace(state: State, plan: &Plan, passed: &[Placed]) -> State {
+/// Where the grant that last moved the pace on from a later dot than its own missed its units,
+/// its message's dot came later than the pace's guess of it (a lead from the grant), and given
+/// back as they are, its units let the pace count the run from too soon: two periods of 569 a
+/// minute with a burst of 328 held 1,481 recipients of the 1,474 allowed, the first messages of
+/// a 2 s relay having missed their units on the lead's first guess, a second early. So the pace
+/// first moves on by as much as the refund comes after that guess (`State::paced_origin`; the
+/// refund comes at or after the message's real dot). Kept counted instead, that first round's
+/// units were lost: 923 an hour with a burst of 258 beside 449 per 20 s, two replicas of four
+/// on a 2 s relay, sent 237 of the 407 the burst and the rate allow in order (414 so).
+///
+/// Not the units of a grant made before the pace last moved on from a later dot than its own:
+/// that move spent them. Such a grant is known by its `from_ns`, the units' floor
+/// (`State::paced_refund_from_ns`), so that the grant that moves the pace on gives its own unused
+/// units back (ruled out with the grants of the next 2.5 s before, 249 an hour with a burst of
+/// 231 sent 205 of 263); without this rule the explored cases change by a few units in three of
+/// 1,000, none over.
+pub fn refund_pace(state: State, plan: &Plan, now_ns: i64, passed: &[Placed], missed: &[Placed]) -> State {
     let Some((pace_ns, _)) = plan.pace else { return state };
+    let mut state = state;
+    let (origin_ns, origin_floor_ns) = state.paced_origin;
+    let mut kept_floor_ns = None;
+    if missed.iter().any(|placed| placed.floor_ns == origin_floor_ns) && now_ns > origin_ns {
+        match now_ns - origin_ns <= ORIGIN_REACH.as_nanos() as i64 {
+            true => {
+                state.paced_ns += now_ns - origin_ns;
+                state.paced_origin = (now_ns, origin_floor_ns);
+            }
+            false => kept_floor_ns = Some(origin_floor_ns),
+        }
+    }
     let units: i64 = passed
         .iter()
+        .chain(missed.iter().filter(|placed| Some(placed.floor_ns) != kept_floor_ns))
         .filter(|placed| placed.floor_ns >= state.paced_refund_from_ns)
         .map(|placed| i64::from(placed.count))
         .sum();
@@ -1136,9 +1167,10 @@ pub(super) mod tests {
         assert_eq!(refunded.quotas["rate"].values().sum::<u32>(), 14);
     }
 
-    /// Where the pace is kept, units no message took go back to it and to the schedule, but not
+    /// Where the pace is kept, units that pass unused go back to it and to the schedule, but not
     /// those of a grant made before the pace last moved on from a later dot: that move spent
-    /// them. The grant that moves it on gives its own back.
+    /// them. The grant that moves it on gives its own back, and if its message missed them, the
+    /// pace first moves on by as much as the dot came after its guess.
     #[test]
     fn unused_units_go_back_to_the_pace_unless_its_move_spent_them() {
         let plan = Plan::new(&smtp(&[
@@ -1158,7 +1190,7 @@ pub(super) mod tests {
         // A fresh budget: the first grant moves the pace on, and its rest goes back.
         let (decision, first) = decide(&State::default(), &plan, now, plan.lead_ns, plan.lead_ns, 4, 4, None);
         let first_rest = rest(decision);
-        let back = refund_pace(first.clone(), &plan, &first_rest);
+        let back = refund_pace(first.clone(), &plan, now, &first_rest, &[]);
         assert_eq!(back.paced_ns, first.paced_ns - 2 * pace_ns);
         assert_eq!(back.next_ns, first.next_ns - 2 * plan.interval_ns);
         // After a minute idle the next grant moves the pace on again: the first grant's rest no
@@ -1166,11 +1198,24 @@ pub(super) mod tests {
         let later = now + 60 * S;
         let (decision, second) = decide(&first, &plan, later, plan.lead_ns, plan.lead_ns, 4, 4, None);
         let second_rest = rest(decision);
-        assert_eq!(refund_pace(second.clone(), &plan, &first_rest), second);
-        assert_eq!(refund_pace(second.clone(), &plan, &second_rest).paced_ns, second.paced_ns - 2 * pace_ns);
+        assert_eq!(refund_pace(second.clone(), &plan, later, &first_rest, &[]), second);
+        assert_eq!(
+            refund_pace(second.clone(), &plan, later, &second_rest, &[]).paced_ns,
+            second.paced_ns - 2 * pace_ns
+        );
+        // The second grant's message reached its dot 3 s after the pace's guess of it, too late
+        // for its units: they go back, and the pace first moves on by those 3 s, once.
+        let (origin_ns, _) = second.paced_origin;
+        let missed = refund_pace(second.clone(), &plan, origin_ns + 3 * S, &[], &second_rest);
+        assert_eq!(missed.paced_ns, second.paced_ns + 3 * S - 2 * pace_ns);
+        assert_eq!(missed.paced_origin.0, origin_ns + 3 * S);
+        // Past the reach of that move, they stay counted, and nothing moves.
+        assert_eq!(refund_pace(second.clone(), &plan, origin_ns + 11 * S, &[], &second_rest), second);
+        // The first grant's missed units, granted before the pace moved on, change nothing.
+        assert_eq!(refund_pace(second.clone(), &plan, origin_ns + 3 * S, &[], &first_rest), second);
         // Without a pace (`BURST=1`), nothing changes.
         let unpaced = Plan { pace: None, ..plan.clone() };
-        assert_eq!(refund_pace(second.clone(), &unpaced, &second_rest), second);
+        assert_eq!(refund_pace(second.clone(), &unpaced, later, &second_rest, &[]), second);
     }
 
     #[test]

@@ -72,6 +72,7 @@ fn state_to_bson(state: &State) -> Document {
         "paced_ns": state.paced_ns,
         "paced_floor_ns": state.paced_floor_ns,
         "paced_refund_from_ns": state.paced_refund_from_ns,
+        "paced_origin": [state.paced_origin.0, state.paced_origin.1],
     }
 }
 
@@ -131,6 +132,10 @@ fn state_from_bson(document: &Document) -> State {
         paced_ns: int(document.get("paced_ns")),
         paced_floor_ns: int(document.get("paced_floor_ns")),
         paced_refund_from_ns: int(document.get("paced_refund_from_ns")),
+        paced_origin: match document.get_array("paced_origin").map(Vec::as_slice) {
+            Ok([at, floor]) => (int(Some(at)), int(Some(floor))),
+            _ => (0, 0),
+        },
     }
 }
 
@@ -202,6 +207,7 @@ mod tests {
             paced_ns: 1_795_000_000_500_000_000,
             paced_floor_ns: 1_795_000_000_200_000_000,
             paced_refund_from_ns: 1_794_999_999_950_000_001,
+            paced_origin: (1_795_000_000_100_000_000, 1_795_000_000_200_000_000),
         };
         let stored = state_to_bson(&state);
         assert_eq!(state_from_bson(&stored), state);
