@@ -703,8 +703,8 @@ fn decide_units(
         count = count.min(available as u32);
     }
     let mut start = start;
-    let mut paced_reset = false;
-    let mut origin_ns = 0;
+    // Where the pace moved on from, if this grant found it behind its dot.
+    let mut paced_moved_from = None;
     if let Some(window) = &plan.exact {
         // The message goes where the rate's window has room for it: no earlier than its last
         // unit's place, later if the windows around that place are full.
@@ -760,8 +760,7 @@ fn decide_units(
             let due = ((soonest_ns + pace_tolerance_ns - state.paced_ns.max(soonest_ns)) / pace_ns + 1)
                 .clamp(0, i64::from(u32::MAX));
             count = count.min(need.max(due as u32));
-            paced_reset = state.paced_ns < latest_guess_ns;
-            origin_ns = latest_guess_ns;
+            paced_moved_from = (state.paced_ns < latest_guess_ns).then_some(latest_guess_ns);
             next.paced_ns = state.paced_ns.max(latest_guess_ns) + i64::from(count) * pace_ns;
         }
     }
@@ -777,7 +776,7 @@ fn decide_units(
     if plan.pace.is_some() {
         // Known by their `from_ns`, which grows with a grant's time but for its lead: the grants
         // made before this move all have one at or before the latest so far.
-        if paced_reset {
+        if let Some(origin_ns) = paced_moved_from {
             next.paced_refund_from_ns = state.paced_floor_ns.saturating_add(1);
             next.paced_origin = (origin_ns, from_ns);
         }
@@ -907,9 +906,8 @@ pub fn refund(state: &State, plan: &Plan, now_ns: i64, unused: &[Placed]) -> Sta
 /// units back (ruled out with the grants of the next 2.5 s before, 249 an hour with a burst of
 /// 231 sent 205 of 263); without this rule the explored cases change by a few units in three of
 /// 1,000, none over.
-pub fn refund_pace(state: State, plan: &Plan, now_ns: i64, passed: &[Placed], missed: &[Placed]) -> State {
+pub fn refund_pace(mut state: State, plan: &Plan, now_ns: i64, passed: &[Placed], missed: &[Placed]) -> State {
     let Some((pace_ns, _)) = plan.pace else { return state };
-    let mut state = state;
     let (origin_ns, origin_floor_ns) = state.paced_origin;
     let mut kept_floor_ns = None;
     if missed.iter().any(|placed| placed.floor_ns == origin_floor_ns) && now_ns > origin_ns {
