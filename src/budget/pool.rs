@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 use tokio::time::Instant;
 
-use super::{LOOKAHEAD, Placed, Plan, Run};
+use super::{HORIZON, LOOKAHEAD, Placed, Plan, Run};
 
 /// At most this many units in a lookahead, a replica holding a long burst asks for its waiting
 /// workers' units alone ([`Pool::want`]).
@@ -165,10 +165,30 @@ impl Pool {
             }
             break;
         }
-        for run in short {
-            self.insert_in_order(run);
-        }
+        self.keep_or_give_back(short, handed.is_none(), cut_ns.max(now_ns), plan);
         handed
+    }
+
+    /// Runs too short for the message that asked stay for a smaller one, and go back as they
+    /// pass. Where the pace is kept ([`Plan::pace`]) and no run served the message, those placed
+    /// beyond the [`HORIZON`] go back at once, with the grant it asks for now (to the quotas, and
+    /// to the pace and the schedule, `schedule::refund_pace`): the schedule runs at eight times
+    /// the rate there, and under a long burst the rest of a grant sized for the workers waiting
+    /// lay minutes ahead and came back a unit at a time as its places passed. 1,562 recipients a
+    /// day with a burst of 766, two replicas of eight workers on a 1 ms relay, letters of 1, 50
+    /// and 7, sent 481 in the first minute and 539 in ten of the 755 the burst and the rate allow
+    /// in order (797 so). Nearer runs stay: they pass, and go back, within the horizon anyway;
+    /// given back however near (from 250 ms ahead), three replicas of fourteen under 464
+    /// recipients per 20 s, letters of 1 to 100, used 92.6 % (91.3 %) of what the sizes allow in
+    /// order where they had used 95.8 %.
+    fn keep_or_give_back(&mut self, short: impl IntoIterator<Item = Run>, unserved: bool, cut_ns: i64, plan: &Plan) {
+        let far_ns = cut_ns + HORIZON.as_nanos() as i64;
+        for run in short {
+            match unserved && plan.pace.is_some() && run.first_ns > far_ns {
+                true => self.expired.push(self.placed(run, run.first_ns, run.count, plan)),
+                false => self.insert_in_order(run),
+            }
+        }
     }
 
     /// The units of `whole` still due at `now_ns`; those before have passed and expire (units
@@ -200,10 +220,18 @@ impl Pool {
     fn take_from(&mut self, units: u32, plan: &Plan, now_ns: i64, cut_ns: i64) -> Option<(Taken, Placed)> {
         let runs = std::mem::take(&mut self.runs);
         self.runs = runs.into_iter().filter_map(|whole| self.alive_or_expire(whole, now_ns, plan)).collect();
-        let (at, usable) =
-            self.runs.iter().enumerate().find_map(|(at, run)| {
-                plan.alive(*run, cut_ns).filter(|usable| usable.count >= units).map(|u| (at, u))
-            })?;
+        let found = self
+            .runs
+            .iter()
+            .enumerate()
+            .find_map(|(at, run)| plan.alive(*run, cut_ns).filter(|usable| usable.count >= units).map(|u| (at, u)));
+        let Some((at, usable)) = found else {
+            let (short, kept): (VecDeque<Run>, VecDeque<Run>) =
+                std::mem::take(&mut self.runs).into_iter().partition(|run| run.count < units);
+            self.runs = kept;
+            self.keep_or_give_back(short, true, cut_ns, plan);
+            return None;
+        };
         let run = self.runs[at];
         let handed = self.hand(run, usable, units, plan);
         let before = Run { count: run.count - usable.count, ..run };
@@ -488,6 +516,43 @@ mod tests {
         assert_eq!(runs(&pool), vec![(1_000, 3)]);
         assert_eq!(pool.take_back(0, &plan), vec![run(1_000, 3)]);
         assert!(pool.runs.is_empty());
+    }
+
+    /// Where the pace is kept, runs too short for the message that asked and placed beyond the
+    /// horizon go back at once when no run serves it; nearer ones stay for a smaller message, as
+    /// every short run does without a pace, or when a run serves the message.
+    #[test]
+    fn short_runs_beyond_the_horizon_go_back_when_no_run_serves_the_message() {
+        let far = HORIZON.as_nanos() as i64 + 1_000;
+        let paced = Plan { pace: Some((80, 800)), ..plan(i64::MAX / 4, i64::MAX) };
+        let back = |pool: &mut Pool| pool.take_expired().0.iter().map(|placed| placed.count).sum::<u32>();
+        let runs = |pool: &Pool| pool.runs.iter().map(|run| (run.first_ns, run.count)).collect::<Vec<_>>();
+        // Taken as the message is ready (cut at now), and ahead of it (cut later).
+        for (now, cut) in [(0, 0), (0, 100)] {
+            let mut pool = Pool::default();
+            pool.add(run(500, 2), &paced);
+            pool.add(run(far, 3), &paced);
+            assert_eq!(pool.take(5, &paced, now, cut, cut), None);
+            assert_eq!(back(&mut pool), 3, "cut at {cut}");
+            assert_eq!(runs(&pool), vec![(500, 2)]);
+            assert!(pool.take(2, &paced, now, cut, cut).is_some());
+
+            // A run that serves the message: the short runs before it stay.
+            let mut pool = Pool::default();
+            pool.add(run(far, 3), &paced);
+            pool.add(run(far + 1_000, 5), &paced);
+            assert!(pool.take(5, &paced, now, cut, cut).is_some());
+            assert_eq!(back(&mut pool), 0);
+            assert_eq!(runs(&pool), vec![(far, 3)]);
+
+            // No pace: they stay, and go back as they pass.
+            let unpaced = plan(i64::MAX / 4, i64::MAX);
+            let mut pool = Pool::default();
+            pool.add(run(far, 3), &unpaced);
+            assert_eq!(pool.take(5, &unpaced, now, cut, cut), None);
+            assert_eq!(back(&mut pool), 0);
+            assert_eq!(runs(&pool), vec![(far, 3)]);
+        }
     }
 
     /// Units passed over are kept for the quotas at their places.

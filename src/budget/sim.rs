@@ -1319,6 +1319,19 @@ mod tests {
         holds_and_uses_95(&case).await;
     }
 
+    /// The rest of a grant placed far ahead goes back at once when it is too short for the next
+    /// message: 1,562 recipients a day with a burst of 766, two replicas of eight workers on a
+    /// 1 ms relay, letters of 1, 50 and 7. Each grant sized for the workers waiting left a rest
+    /// too short for the next letter of 50, placed minutes ahead on the schedule (eight times the
+    /// rate), that came back a unit every 7 s as its places passed: 539 of the 755 recipients the
+    /// burst and the rate allow in order.
+    #[tokio::test(start_paused = true)]
+    async fn the_rest_of_a_grant_far_ahead_goes_back_when_the_next_message_is_larger() {
+        let vars = in_recipients("24h", 1_562, 766, None, 50);
+        let case = Case { recipients: vec![1, 50, 7], ..Case::load(vars, 2, 8, MS, 10 * MINUTE) };
+        holds_and_uses_95(&case).await;
+    }
+
     /// The units of messages that reached their dots too late for them go back to the pace once
     /// it has moved on to where the dots fell: 569 recipients a minute with a burst of 328, five
     /// workers on a 2 s relay, letters of 1, 50 and 7 (ten a message). The first messages,
