@@ -1326,6 +1326,27 @@ mod tests {
         holds_and_uses_95(&case).await;
     }
 
+    /// One replica of `workers` on a 2 s relay, ten minutes behind the server, sending letters
+    /// of 1 to 10 recipients.
+    fn slow_mixed_behind(vars: Vec<(&'static str, String)>, workers: usize, duration: Duration) -> Case {
+        Case {
+            recipients: MIXED.to_vec(),
+            offsets_ms: vec![-600_000, 0],
+            ..Case::load(vars, 1, workers, 2 * SECOND, duration)
+        }
+    }
+
+    /// A burst in recipients is kept by the window counted exactly and the pace even where the
+    /// room for the largest message is under 1 % of the rate: 1,797 recipients a day with a
+    /// burst of 1,215 beside 372 per 20 s, nine workers on a 2 s relay ten minutes behind the
+    /// server, letters of 1 to 10. With the schedule as the cap, units that passed unused could
+    /// not go back to it from its middle, and most of the burst was lost: 1,061 of 1,227.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_with_little_room_for_a_message_gets_its_unused_units_back() {
+        let vars = in_recipients("24h", 1_797, 1_215, Some("372/20s"), 10);
+        holds_and_uses_95(&slow_mixed_behind(vars, 9, 10 * MINUTE)).await;
+    }
+
     /// A quota beside letters of mixed sizes is judged as the letters fit it in order, where
     /// one replica's workers take their units one after another: 21 recipients per 10 minutes,
     /// sixteen workers on a 2 s relay, letters of 1 to 10 recipients. In order they fit 16, 17
@@ -1334,12 +1355,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_quota_beside_letters_of_mixed_sizes_is_judged_as_they_fit_in_order() {
         let vars = in_recipients("60s", 1_221, 647, Some("21/600s"), 10);
-        let case = Case {
-            recipients: MIXED.to_vec(),
-            offsets_ms: vec![-600_000, 0],
-            ..Case::load(vars, 1, 16, 2 * SECOND, 25 * MINUTE)
-        };
-        let judged = judge(&case).await;
+        let judged = judge(&slow_mixed_behind(vars, 16, 25 * MINUTE)).await;
         assert!(judged.bound_by.contains(MIXED_IN_ORDER), "{}", judged.bound_by);
         assert_eq!((judged.used, judged.binding), (47, 47));
     }
