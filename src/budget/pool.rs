@@ -165,13 +165,18 @@ impl Pool {
             }
             break;
         }
-        self.keep_or_give_back(short, handed.is_none(), cut_ns.max(now_ns), plan);
+        for run in short {
+            self.insert_in_order(run);
+        }
+        if handed.is_none() {
+            self.give_back_far_short_runs(units, cut_ns.max(now_ns), plan);
+        }
         handed
     }
 
-    /// Runs too short for the message that asked stay for a smaller one, and go back as they
-    /// pass. Where the pace is kept ([`Plan::pace`]) and no run served the message, those placed
-    /// beyond the [`HORIZON`] go back at once, with the grant it asks for now (to the quotas, and
+    /// No run served a message of `units`: runs too short for it stay for a smaller one, and go
+    /// back as they pass, but where the pace is kept ([`Plan::pace`]) those placed beyond the
+    /// [`HORIZON`] from `cut_ns` go back at once, with the grant it asks for now (to the quotas, and
     /// to the pace and the schedule, `schedule::refund_pace`): the schedule runs at eight times
     /// the rate there, and under a long burst the rest of a grant sized for the workers waiting
     /// lay minutes ahead and came back a unit at a time as its places passed. 1,562 recipients a
@@ -181,13 +186,21 @@ impl Pool {
     /// given back however near (from 250 ms ahead), three replicas of fourteen under 464
     /// recipients per 20 s, letters of 1 to 100, used 92.6 % (91.3 %) of what the sizes allow in
     /// order where they had used 95.8 %.
-    fn keep_or_give_back(&mut self, short: impl IntoIterator<Item = Run>, unserved: bool, cut_ns: i64, plan: &Plan) {
+    fn give_back_far_short_runs(&mut self, units: u32, cut_ns: i64, plan: &Plan) {
+        if plan.pace.is_none() {
+            return;
+        }
         let far_ns = cut_ns + HORIZON.as_nanos() as i64;
-        for run in short {
-            match unserved && plan.pace.is_some() && run.first_ns > far_ns {
-                true => self.expired.push(self.placed(run, run.first_ns, run.count, plan)),
-                false => self.insert_in_order(run),
+        let mut back = Vec::new();
+        self.runs.retain(|run| {
+            let far_short = run.count < units && run.first_ns > far_ns;
+            if far_short {
+                back.push(*run);
             }
+            !far_short
+        });
+        for run in back {
+            self.expired.push(self.placed(run, run.first_ns, run.count, plan));
         }
     }
 
@@ -226,10 +239,7 @@ impl Pool {
             .enumerate()
             .find_map(|(at, run)| plan.alive(*run, cut_ns).filter(|usable| usable.count >= units).map(|u| (at, u)));
         let Some((at, usable)) = found else {
-            let (short, kept): (VecDeque<Run>, VecDeque<Run>) =
-                std::mem::take(&mut self.runs).into_iter().partition(|run| run.count < units);
-            self.runs = kept;
-            self.keep_or_give_back(short, true, cut_ns, plan);
+            self.give_back_far_short_runs(units, cut_ns, plan);
             return None;
         };
         let run = self.runs[at];
