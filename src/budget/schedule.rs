@@ -246,8 +246,6 @@ pub struct Plan {
     /// The most one message may cost: 1, or in recipient mode its recipients, at most
     /// `SMTP_MAX_RECIPIENTS` and at most the smallest window.
     pub largest_cost: u32,
-    /// The smallest window's limit: a letter costing more can never be sent.
-    pub smallest_window: u32,
     /// Under quotas, how long after it becomes usable a unit may still be taken to the relay
     /// (`i64::MAX`: until its place). See [`Plan::placed`].
     pub reach_ns: i64,
@@ -398,7 +396,6 @@ impl Plan {
             loose_max,
             loose_span_ns: LOOSE_SPAN.as_nanos() as i64,
             largest_cost,
-            smallest_window,
             reach_ns,
             unit: smtp.rate_unit,
             pace: match (&exact, smtp.rate_burst) {
@@ -1133,7 +1130,7 @@ pub(super) mod tests {
         assert!(plan.exact.is_none());
         assert_eq!(plan.interval_ns, (1_007_500_000_f64 / 19_991.0).ceil() as i64);
         let letters = Plan::new(&smtp(&[("SMTP_QUOTAS", "3/1m")]));
-        assert_eq!((letters.largest_cost, letters.smallest_window), (1, 3));
+        assert_eq!(letters.largest_cost, 1);
         assert!(letters.exact.is_none());
     }
 

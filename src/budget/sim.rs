@@ -202,20 +202,20 @@ pub async fn run(case: &Case) -> Seen {
 }
 
 /// The cost of each message that letters of `recipients` (cycled) make, in order, as the
-/// service sends them: a letter's recipients in transactions of at most `max_recipients`, each
-/// one message; in recipient mode, a letter with more recipients than the smallest window holds
-/// is failed at once and makes none (`RateLimit::too_large`). Simulated as one message of at most
-/// `max_recipients`, a letter of 50 recipients beside a quota of 23 waited for the budget forever,
-/// and its worker with it, where the service fails it and sends the next.
+/// service sends them: a letter's recipients in transactions of at most `max_recipients`, and in
+/// recipient mode of at most the largest message the budget allows
+/// (`RateLimit::transaction_recipients`), each one message.
 fn messages(plan: &Plan, max_recipients: u32, recipients: &[u32]) -> Vec<u32> {
+    let per_transaction = match plan.unit {
+        RateUnit::Letter => max_recipients,
+        RateUnit::Recipient => max_recipients.min(plan.largest_cost),
+    }
+    .max(1);
     let mut messages = Vec::new();
     for &letter in recipients {
-        if plan.unit == RateUnit::Recipient && letter > plan.smallest_window {
-            continue;
-        }
-        let chunks = letter.max(1).div_ceil(max_recipients.max(1));
+        let chunks = letter.max(1).div_ceil(per_transaction);
         for chunk in 0..chunks {
-            let size = (letter - chunk * max_recipients).min(max_recipients).max(1);
+            let size = (letter - chunk * per_transaction).min(per_transaction).max(1);
             messages.push(match plan.unit {
                 RateUnit::Letter => 1,
                 RateUnit::Recipient => size,
@@ -1440,11 +1440,11 @@ mod tests {
         assert_eq!((judged.used, judged.binding), (1, 1), "{case}: bound by {}", judged.bound_by);
     }
 
-    /// A letter with more recipients than the smallest window holds is failed by the service
-    /// (`RateLimit::too_large`) and the next one sent. The simulation sent it as one message and
-    /// its worker waited for the budget forever: 1,082 recipients an hour with a burst of 250
-    /// beside 23 per 10 minutes, letters of 1, 50 and 7, one worker, sent 1 recipient in 25
-    /// minutes.
+    /// A letter with more recipients than the smallest window holds goes in transactions that
+    /// each fit it (`RateLimit::transaction_recipients`), and the letters behind it follow. The
+    /// simulation once sent it as one message and its worker waited for the budget forever:
+    /// 1,082 recipients an hour with a burst of 250 beside 23 per 10 minutes, letters of 1, 50
+    /// and 7, one worker, sent 1 recipient in 25 minutes.
     #[tokio::test(start_paused = true)]
     async fn a_letter_too_large_for_the_smallest_window_holds_no_other_back() {
         let vars = in_recipients("1h", 1_082, 250, Some("23/10m"), 50);
@@ -1453,7 +1453,7 @@ mod tests {
     }
 
     /// The messages a letter makes, as the service sends them: transactions of at most
-    /// `SMTP_MAX_RECIPIENTS`, none for a letter larger than the smallest window.
+    /// `SMTP_MAX_RECIPIENTS`, and in recipient mode of at most the smallest window.
     #[test]
     fn letters_make_the_messages_the_service_sends() {
         let plan = |quotas: &str, unit: &str| {
@@ -1463,7 +1463,7 @@ mod tests {
             Plan::new(&smtp(&vars))
         };
         assert_eq!(messages(&plan("", "recipient"), 10, &[1, 50, 7]), vec![1, 10, 10, 10, 10, 10, 7]);
-        assert_eq!(messages(&plan("23/10m", "recipient"), 50, &[1, 50, 7]), vec![1, 7]);
+        assert_eq!(messages(&plan("23/10m", "recipient"), 50, &[1, 50, 7]), vec![1, 23, 23, 4, 7]);
         assert_eq!(messages(&plan("23/10m", "letter"), 10, &[1, 25]), vec![1, 1, 1, 1]);
     }
 

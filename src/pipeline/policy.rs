@@ -20,9 +20,10 @@ pub enum Failure {
     Permanent(String),
     /// The relay said "too fast": retried soon, without counting an attempt.
     Throttled(String),
-    /// Withdrawn before its final dot because the budget had no unit for it in time: nothing
-    /// was delivered and the relay judged nothing, so it is retried soon without counting an
-    /// attempt (the next attempt waits for its unit before opening a transaction).
+    /// Withdrawn before its final dot because the budget had no unit for it in time, or a
+    /// transaction after the letter's first had no units before it opened: the relay judged
+    /// nothing more, so the rest is retried soon without counting an attempt (the next attempt
+    /// waits for its unit before opening a transaction).
     Withheld(String),
 }
 
@@ -171,6 +172,15 @@ pub fn failure_of(error: &SmtpError) -> Failure {
 /// `hold`.
 pub fn withheld(error: &SmtpError, hold: Duration) -> Failure {
     Failure::Withheld(format!("{error}: the sending budget had no unit for it within {hold:?}; nothing was delivered"))
+}
+
+/// A transaction after the letter's first had no units within `wait`: the recipients left wait
+/// for the budget's next window, as a withdrawn message does, without costing an attempt.
+pub fn no_units_between_transactions(recipients: usize, wait: Duration) -> Failure {
+    Failure::Withheld(format!(
+        "the sending budget had no units for the next {recipients} recipient(s) within {wait:?}; \
+         they wait for its next window"
+    ))
 }
 
 /// The server was out of step twice in one attempt: a new connection did not help.

@@ -198,17 +198,17 @@ impl RateLimit {
         }
     }
 
-    /// Why a letter to `recipients` recipients can never be sent within the budget, if it cannot:
-    /// in recipient mode, when it has more recipients than the smallest window holds.
-    pub fn too_large(&self, recipients: usize) -> Option<String> {
+    /// The most recipients one transaction carries: `SMTP_MAX_RECIPIENTS`, and in recipient mode
+    /// no more than the budget's smallest window holds. A letter with more recipients than that
+    /// goes in transactions that each fit a window, one window after another; failed at once
+    /// instead, SES's 14 recipients a second refused every letter to 15 addresses or more.
+    pub fn transaction_recipients(&self, max_recipients: usize) -> usize {
         let plan = self.budget.plan();
-        (plan.unit == RateUnit::Recipient && recipients > plan.smallest_window as usize).then(|| {
-            format!(
-                "the letter has {recipients} recipients, more than the sending budget allows in one window \
-                 ({} recipients; SMTP_RATE_LIMIT_MAX_LETTERS and SMTP_QUOTAS with SMTP_RATE_LIMIT_UNIT=recipient)",
-                plan.smallest_window
-            )
-        })
+        match plan.unit {
+            RateUnit::Letter => max_recipients,
+            RateUnit::Recipient => max_recipients.min(plan.largest_cost as usize),
+        }
+        .max(1)
     }
 
     /// Waits for the throttle slowdown, then for the budget's units for one message to
@@ -228,6 +228,24 @@ impl RateLimit {
         }
         let ticket = self.budget.take(self.cost(recipients)).await;
         drop(turn);
+        self.open_near(ticket, wait).await
+    }
+
+    /// As [`RateLimit::reserve`] for a transaction after a letter's first, with no bulk turn:
+    /// `None` when the budget has not handed out its units within `within`. Only the wait for
+    /// them is bounded: a ticket once taken is kept and waited for, as a ticket dropped would
+    /// leave its units counted and unused.
+    pub async fn reserve_within(&self, recipients: usize, within: Duration) -> Option<Ticket> {
+        let wait = self.lock_slowdown().admit(self.configured, Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let ticket = tokio::time::timeout(within, self.budget.take(self.cost(recipients))).await.ok()?;
+        Some(self.open_near(ticket, wait).await)
+    }
+
+    /// Waits until the transaction for `ticket` should open (after the throttle's `wait`).
+    async fn open_near(&self, ticket: Ticket, wait: Duration) -> Ticket {
         // A unit far ahead (a burst's spacing after it, a slow rate) is waited for here, before
         // the transaction opens, not with the relay's DATA phase open; up to a second ahead the
         // transaction opens at once, so the final dot waits on the precise timer with the data
@@ -323,6 +341,10 @@ mod tests {
     };
 
     fn smtp(period_ms: u64, max: u32, burst: u32) -> SmtpConfig {
+        smtp_with(period_ms, max, burst, &[])
+    }
+
+    fn smtp_with(period_ms: u64, max: u32, burst: u32, extra: &[(&str, &str)]) -> SmtpConfig {
         let mut vars: std::collections::HashMap<String, String> =
             [("KAFKA_BROKERS", "k:1"), ("MONGO_LOCAL", "mongodb://m"), ("SMTP_HOST", "h")]
                 .iter()
@@ -331,7 +353,35 @@ mod tests {
         vars.insert("SMTP_RATE_LIMIT_PERIOD".into(), format!("{period_ms}ms"));
         vars.insert("SMTP_RATE_LIMIT_MAX_LETTERS".into(), max.to_string());
         vars.insert("SMTP_RATE_LIMIT_BURST".into(), burst.to_string());
+        vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         crate::Config::from_vars(vars).unwrap().smtp
+    }
+
+    /// In recipient mode a transaction carries no more recipients than the smallest window
+    /// holds, and a later transaction's wait for its units is bounded: under a spent quota none
+    /// come within the bound, and once the quota's window frees they do.
+    #[tokio::test(start_paused = true)]
+    async fn a_transaction_fits_the_smallest_window_and_a_later_ones_wait_is_bounded() {
+        let limiter = |extra: &[(&str, &str)]| {
+            let config = smtp_with(1_000, 14, 1, extra);
+            let metrics = Arc::new(Metrics::new());
+            let budget = Budget::new(Plan::new(&config), Arc::new(MemoryLedger::new()), metrics.clone());
+            RateLimit::new(Arc::new(budget), config.throttle_recovery_step, metrics)
+        };
+        let letters = limiter(&[]);
+        assert_eq!((letters.transaction_recipients(50), letters.transaction_recipients(0)), (50, 1));
+        let ses = limiter(&[("SMTP_RATE_LIMIT_UNIT", "recipient")]);
+        assert_eq!((ses.transaction_recipients(50), ses.transaction_recipients(10)), (14, 10));
+        let quota = limiter(&[("SMTP_RATE_LIMIT_UNIT", "recipient"), ("SMTP_QUOTAS", "6/20s")]);
+        assert_eq!(quota.transaction_recipients(50), 6);
+        let start = tokio::time::Instant::now();
+        let first = quota.reserve(6, None).await;
+        assert_eq!(first.units, 6);
+        assert!(quota.reserve_within(2, Duration::from_secs(10)).await.is_none());
+        assert!(start.elapsed() >= Duration::from_secs(10), "gave up after {:?}", start.elapsed());
+        let next = quota.reserve_within(2, Duration::from_secs(30)).await.expect("the window frees");
+        let freed = next.at.duration_since(first.at);
+        assert!(freed >= Duration::from_secs(20), "the next units {freed:?} after the first");
     }
 
     /// Deterministic: tokio's paused clock only moves when every task waits, so the figures

@@ -49,7 +49,7 @@ pub struct SendContext {
     /// hands the message to no one; everything around it (budget, lease, policy) is unchanged.
     pub sandbox: bool,
     pub from: Mailbox,
-    /// Most recipients in one transaction.
+    /// Most recipients in one transaction (`RateLimit::transaction_recipients`).
     pub max_recipients: usize,
     /// A kept connection idle longer than this is checked with NOOP before use.
     pub idle_check_after: Duration,
@@ -101,16 +101,18 @@ impl SendContext {
         let addrs = if smtp.sandbox { &[][..] } else { &smtp.relays[..] };
         let relay_metrics = addrs.iter().map(|relay| metrics.relay(relay)).collect();
         let relays = Arc::new(smtp::Relays::new(&settings, addrs, smtp.breaker, relay_metrics));
+        let clock = budget.clock().clone();
+        let limiter = RateLimit::new(budget, smtp.throttle_recovery_step, metrics.clone());
         Ok(SendContext {
             smtp: settings,
             relays,
             sandbox: smtp.sandbox,
             from: smtp.from.clone(),
-            max_recipients: smtp.max_recipients,
+            max_recipients: limiter.transaction_recipients(smtp.max_recipients),
             idle_check_after: smtp.idle_check_after,
             retry,
-            clock: budget.clock().clone(),
-            limiter: RateLimit::new(budget, smtp.throttle_recovery_step, metrics.clone()),
+            clock,
+            limiter,
             lease,
             paused,
             unrecorded: Arc::new(Semaphore::new(smtp.max_senders * UNRECORDED_PER_WORKER)),
@@ -178,7 +180,7 @@ impl Worker {
             let not_after = claimed.letter.not_after_ms;
             let expired = crate::lanes::expired(not_after, self.ctx.clock.now_ms());
             let stop = paused || expired || self.ctx.lease.cancelled(&claimed.letter.id);
-            let ticket = if stop || pending == 0 || self.ctx.limiter.too_large(pending).is_some() {
+            let ticket = if stop || pending == 0 {
                 None
             } else {
                 tokio::select! {
@@ -279,17 +281,13 @@ impl Worker {
         let started = Instant::now();
         self.ctx.metrics.in_flight.inc();
         let lease = (claimed_at, letter.id);
-        let too_large = self.ctx.limiter.too_large(recipients.len());
         let report = match self.ctx.composer.build(&letter) {
             Err(error) => AttemptReport::failed(Failure::Permanent(error.to_string())),
             Ok(_) if recipients.is_empty() => AttemptReport::default(),
-            Ok(bytes) => match too_large {
-                Some(reason) => AttemptReport::failed(Failure::Permanent(reason)),
-                None if self.ctx.composer.individual() => {
-                    self.deliver_individually(&letter, recipients, lease, ticket).await
-                }
-                None => self.deliver(recipients, &bytes, lease, ticket).await,
-            },
+            Ok(_) if self.ctx.composer.individual() => {
+                self.deliver_individually(&letter, recipients, lease, ticket).await
+            }
+            Ok(bytes) => self.deliver(recipients, &bytes, lease, ticket).await,
         };
         self.ctx.metrics.in_flight.dec();
         self.ctx.metrics.send_duration.observe(started.elapsed().as_secs_f64());

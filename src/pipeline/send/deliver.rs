@@ -2,7 +2,10 @@
 //! transaction whose replies `policy::judge` reads; a kept connection gone stale, a server out of
 //! step or a relay that failed before the message cost the letter nothing, once each.
 
-use std::{collections::VecDeque, time::Instant};
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 use mongodb::bson::oid::ObjectId;
 
@@ -13,6 +16,13 @@ use crate::{
     pipeline::policy::{self, AttemptReport, Failure, Stop},
     smtp::{self, Connection, SmtpError, transaction},
 };
+
+/// How long a transaction after the letter's first waits for its units, the worker and its
+/// connection held: a letter with more recipients than a window holds waits a window for its
+/// next transaction (a quota's, up to a day), which no shutdown interrupts here. Past this the
+/// letter goes back with what it delivered, without costing an attempt, and the next claim waits
+/// for the budget where a shutdown does interrupt it.
+pub const NEXT_UNITS_WAIT: Duration = Duration::from_secs(10);
 
 impl Worker {
     /// Sends the message to `recipients`, in as many transactions as the chunk size and the
@@ -43,7 +53,13 @@ impl Worker {
             let limiter = &self.ctx.limiter;
             let ticket = match ticket.take().filter(|t| t.units == limiter.cost(chunk.len())) {
                 Some(ticket) => ticket,
-                None => limiter.reserve(chunk.len(), None).await,
+                None => match limiter.reserve_within(chunk.len(), NEXT_UNITS_WAIT).await {
+                    Some(ticket) => ticket,
+                    None => {
+                        report.failure = Some(policy::no_units_between_transactions(chunk.len(), NEXT_UNITS_WAIT));
+                        break;
+                    }
+                },
             };
             let (result, withheld) = self.transmit(&chunk, message, ticket, lease, &relays_left).await;
             let step = match result {
