@@ -1816,6 +1816,17 @@ mod relays {
                 MINUTE,
             ),
             (
+                "SES: 14 recipients/s, 50 per message, letters of 50",
+                vec![
+                    var("SMTP_RATE_LIMIT_UNIT", "recipient"),
+                    var("SMTP_RATE_LIMIT_PERIOD", "1s"),
+                    var("SMTP_RATE_LIMIT_MAX_LETTERS", 14),
+                    var("SMTP_MAX_RECIPIENTS", 50),
+                ],
+                vec![50],
+                MINUTE,
+            ),
+            (
                 "SES: 14 recipients/s, 1 per message",
                 vec![
                     var("SMTP_RATE_LIMIT_UNIT", "recipient"),
