@@ -1806,37 +1806,17 @@ mod relays {
             ),
             (
                 "SES: 14 recipients/s, 50 per message, letters of 1",
-                vec![
-                    var("SMTP_RATE_LIMIT_UNIT", "recipient"),
-                    var("SMTP_RATE_LIMIT_PERIOD", "1s"),
-                    var("SMTP_RATE_LIMIT_MAX_LETTERS", 14),
-                    var("SMTP_MAX_RECIPIENTS", 50),
-                ],
+                in_recipients("1s", 14, 1, None, 50),
                 vec![1],
                 MINUTE,
             ),
             (
                 "SES: 14 recipients/s, 50 per message, letters of 50",
-                vec![
-                    var("SMTP_RATE_LIMIT_UNIT", "recipient"),
-                    var("SMTP_RATE_LIMIT_PERIOD", "1s"),
-                    var("SMTP_RATE_LIMIT_MAX_LETTERS", 14),
-                    var("SMTP_MAX_RECIPIENTS", 50),
-                ],
+                in_recipients("1s", 14, 1, None, 50),
                 vec![50],
                 MINUTE,
             ),
-            (
-                "SES: 14 recipients/s, 1 per message",
-                vec![
-                    var("SMTP_RATE_LIMIT_UNIT", "recipient"),
-                    var("SMTP_RATE_LIMIT_PERIOD", "1s"),
-                    var("SMTP_RATE_LIMIT_MAX_LETTERS", 14),
-                    var("SMTP_MAX_RECIPIENTS", 1),
-                ],
-                vec![1],
-                MINUTE,
-            ),
+            ("SES: 14 recipients/s, 1 per message", in_recipients("1s", 14, 1, None, 1), vec![1], MINUTE),
             (
                 "100/s with 10,000/24h",
                 vec![
