@@ -461,6 +461,14 @@ fn bad_budget_configuration_is_refused_at_start() {
     }
 }
 
+/// A budget in recipients whose smallest window, a quota of 6 per 20 s, is smaller than a letter.
+const SIX_RECIPIENTS_PER_20S: [(&str, &str); 4] = [
+    ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+    ("SMTP_RATE_LIMIT_MAX_LETTERS", "100"),
+    ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+    ("SMTP_QUOTAS", "6/20s"),
+];
+
 /// Unit `recipient`: a letter with more recipients than a window holds goes in transactions that
 /// each fit a window, window after window. Under a quota of 6 recipients per 20 s, a letter of 8
 /// sends 6, then its next transaction finds no units within `NEXT_UNITS_WAIT` (10 s): the letter
@@ -472,17 +480,7 @@ fn bad_budget_configuration_is_refused_at_start() {
 async fn a_letter_larger_than_a_window_goes_window_after_window() {
     let _serial = TIMING.lock().await;
     let sink = SmtpSink::start().await;
-    let app = TestApp::spawn(
-        &sink,
-        &[
-            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
-            ("SMTP_RATE_LIMIT_MAX_LETTERS", "100"),
-            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
-            ("SMTP_QUOTAS", "6/20s"),
-            DOTS,
-        ],
-    )
-    .await;
+    let app = TestApp::spawn(&sink, &[SIX_RECIPIENTS_PER_20S.as_slice(), &[DOTS]].concat()).await;
     app.produce(Some("big"), batch("big", 1, 8).to_string().as_bytes()).await;
     let first = sink.wait_for_count(1, Duration::from_secs(30)).await;
     assert_eq!(first[0].rcpt_tos.len(), 6, "the first transaction fills the window");
@@ -515,6 +513,40 @@ async fn a_letter_larger_than_a_window_goes_window_after_window() {
     let dots = dots_logged(&[app.log()]);
     let (busiest, at) = busiest_window(&dots, 20.0, |r| r.rcpt_tos.len());
     assert!(busiest <= 6, "{busiest} recipients within 20 s of final dots (from +{at:.2}s): the quota is 6");
+}
+
+/// A `/halt` while a letter waits between its transactions for a quota's next window: the wait
+/// ends within `NEXT_UNITS_WAIT` (10 s), inside `SHUTDOWN_TIMEOUT` (20 s), so the attempt ends
+/// with its first 6 recipients recorded as delivered, not abandoned at the deadline with them
+/// unrecorded, to be sent again by the next replica. That replica sends the other 2 alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_halt_between_a_letters_transactions_keeps_what_it_delivered() {
+    let _serial = TIMING.lock().await;
+    let sink = SmtpSink::start().await;
+    let mut app = TestApp::spawn(&sink, &SIX_RECIPIENTS_PER_20S).await;
+    app.produce(Some("halted"), batch("halted", 1, 8).to_string().as_bytes()).await;
+    sink.wait_for_count(1, Duration::from_secs(30)).await;
+    let halted_at = Instant::now();
+    assert_eq!(app.post("/halt", "").await.0, 202);
+    let exit = app.wait_exit(Duration::from_secs(40)).await;
+    let stopped_in = halted_at.elapsed();
+    assert!(exit.success(), "exited with {exit}");
+    let letters = app.letters().await;
+    println!(
+        "stopped in {stopped_in:.1?}: {:?}, {} delivered, attempts {}",
+        letters[0].status,
+        letters[0].delivered.len(),
+        letters[0].attempts
+    );
+    assert_eq!((letters[0].status, letters[0].delivered.len(), letters[0].attempts), (Status::Awaiting, 6, 0));
+    let _b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sink.port)).await;
+    let letters = app.wait_all_final(1, Duration::from_secs(60)).await;
+    assert_eq!((letters[0].status, letters[0].delivered.len()), (Status::Sent, 8), "{:?}", letters[0].error);
+    let mut recipients: Vec<String> = sink.received().into_iter().flat_map(|r| r.rcpt_tos).collect();
+    let total = recipients.len();
+    recipients.sort();
+    recipients.dedup();
+    assert_eq!((total, recipients.len()), (8, 8), "each recipient once");
 }
 
 /// Unit `recipient`: SES's 14 recipients a second with the default `SMTP_MAX_RECIPIENTS` (50),
