@@ -516,9 +516,9 @@ async fn a_letter_larger_than_a_window_goes_window_after_window() {
 }
 
 /// A `/halt` while a letter waits between its transactions for a quota's next window: the wait
-/// ends within `NEXT_UNITS_WAIT` (10 s), inside `SHUTDOWN_TIMEOUT` (20 s), so the attempt ends
-/// with its first 6 recipients recorded as delivered, not abandoned at the deadline with them
-/// unrecorded, to be sent again by the next replica. That replica sends the other 2 alone.
+/// ends at once, so the attempt ends with its first 6 recipients recorded as delivered, not
+/// abandoned at `SHUTDOWN_TIMEOUT` with them unrecorded, to be sent again by the next replica
+/// (with the wait unbounded: 0 of the 6 recorded). That replica sends the other 2 alone.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_halt_between_a_letters_transactions_keeps_what_it_delivered() {
     let _serial = TIMING.lock().await;
@@ -539,6 +539,8 @@ async fn a_halt_between_a_letters_transactions_keeps_what_it_delivered() {
         letters[0].attempts
     );
     assert_eq!((letters[0].status, letters[0].delivered.len(), letters[0].attempts), (Status::Awaiting, 6, 0));
+    // Not the 10 s of `NEXT_UNITS_WAIT` (10.0 s before the shutdown cut the wait short).
+    assert!(stopped_in < Duration::from_secs(8), "the halt took {stopped_in:?}");
     let _b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sink.port)).await;
     let letters = app.wait_all_final(1, Duration::from_secs(60)).await;
     assert_eq!((letters[0].status, letters[0].delivered.len()), (Status::Sent, 8), "{:?}", letters[0].error);

@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tokio_util::sync::CancellationToken;
+
 use crate::{
     budget::{self, Budget, Ticket},
     config::RateUnit,
@@ -232,15 +234,24 @@ impl RateLimit {
     }
 
     /// As [`RateLimit::reserve`] for a transaction after a letter's first, with no bulk turn:
-    /// `None` when the budget has not handed out its units within `within`. Only the wait for
-    /// them is bounded: a ticket once taken is kept and waited for, as a ticket dropped would
-    /// leave its units counted and unused.
-    pub async fn reserve_within(&self, recipients: usize, within: Duration) -> Option<Ticket> {
+    /// `None` when the budget has not handed out its units within `within`, or `stop` fired
+    /// first. Only the wait for them is cut short: a ticket once taken is kept and waited for, as
+    /// a ticket dropped would leave its units counted and unused.
+    pub async fn reserve_within(
+        &self,
+        recipients: usize,
+        within: Duration,
+        stop: &CancellationToken,
+    ) -> Option<Ticket> {
         let wait = self.lock_slowdown().admit(self.configured, Instant::now());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
-        let ticket = tokio::time::timeout(within, self.budget.take(self.cost(recipients))).await.ok()?;
+        let ticket = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return None,
+            taken = tokio::time::timeout(within, self.budget.take(self.cost(recipients))) => taken.ok()?,
+        };
         Some(self.open_near(ticket, wait).await)
     }
 
@@ -377,9 +388,14 @@ mod tests {
         let start = tokio::time::Instant::now();
         let first = quota.reserve(6, None).await;
         assert_eq!(first.units, 6);
-        assert!(quota.reserve_within(2, Duration::from_secs(10)).await.is_none());
+        let running = CancellationToken::new();
+        assert!(quota.reserve_within(2, Duration::from_secs(10), &running).await.is_none());
         assert!(start.elapsed() >= Duration::from_secs(10), "gave up after {:?}", start.elapsed());
-        let next = quota.reserve_within(2, Duration::from_secs(30)).await.expect("the window frees");
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        assert!(quota.reserve_within(2, Duration::from_secs(30), &stopped).await.is_none());
+        assert!(start.elapsed() < Duration::from_secs(11), "a shutdown waited until {:?}", start.elapsed());
+        let next = quota.reserve_within(2, Duration::from_secs(30), &running).await.expect("the window frees");
         let freed = next.at.duration_since(first.at);
         assert!(freed >= Duration::from_secs(20), "the next units {freed:?} after the first");
     }
@@ -442,7 +458,7 @@ mod tests {
         let limit = Arc::new(RateLimit::new(Arc::new(budget), config.throttle_recovery_step, metrics));
         let start = tokio::time::Instant::now();
         let dots = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stop = tokio_util::sync::CancellationToken::new();
+        let stop = CancellationToken::new();
         let mut workers = Vec::new();
         for _ in 0..8 {
             let (limit, dots, stop) = (limit.clone(), dots.clone(), stop.clone());

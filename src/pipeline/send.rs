@@ -131,11 +131,13 @@ pub struct Worker {
     relay: usize,
     /// The `NotAfter` of the letter being sent, checked before each final dot.
     not_after: Option<i64>,
+    /// Shutdown: a letter waiting for units between its transactions stops waiting.
+    shutdown: CancellationToken,
 }
 
 impl Worker {
     pub fn new(id: usize, ctx: Arc<SendContext>) -> Worker {
-        Worker { id, ctx, connection: None, relay: 0, not_after: None }
+        Worker { id, ctx, connection: None, relay: 0, not_after: None, shutdown: CancellationToken::new() }
     }
 
     /// Sends letters until shutdown. A letter not yet started when shutdown comes is dropped
@@ -148,6 +150,7 @@ impl Worker {
         shutdown: CancellationToken,
         abort: CancellationToken,
     ) {
+        self.shutdown = shutdown.clone();
         loop {
             if letters.is_empty() {
                 self.ctx.limiter.note_empty();

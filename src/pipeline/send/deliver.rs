@@ -19,9 +19,10 @@ use crate::{
 
 /// How long a transaction after the letter's first waits for its units, the worker and its
 /// connection held: a letter with more recipients than a window holds waits a window for its
-/// next transaction (a quota's, up to a day), which no shutdown interrupts here. Past this the
-/// letter goes back with what it delivered, without costing an attempt, and the next claim waits
-/// for the budget where a shutdown does interrupt it.
+/// next transaction (a quota's, up to a day). Past this, or at shutdown, the letter goes back
+/// with what it delivered, without costing an attempt, and its next claim waits for the budget.
+/// Unbounded, a `/halt` in that wait was abandoned at `SHUTDOWN_TIMEOUT` with the recipients
+/// delivered unrecorded, and the next replica sent them again.
 pub const NEXT_UNITS_WAIT: Duration = Duration::from_secs(10);
 
 impl Worker {
@@ -53,7 +54,7 @@ impl Worker {
             let limiter = &self.ctx.limiter;
             let ticket = match ticket.take().filter(|t| t.units == limiter.cost(chunk.len())) {
                 Some(ticket) => ticket,
-                None => match limiter.reserve_within(chunk.len(), NEXT_UNITS_WAIT).await {
+                None => match limiter.reserve_within(chunk.len(), NEXT_UNITS_WAIT, &self.shutdown).await {
                     Some(ticket) => ticket,
                     None => {
                         report.failure = Some(policy::no_units_between_transactions(chunk.len(), NEXT_UNITS_WAIT));
