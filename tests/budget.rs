@@ -461,6 +461,23 @@ fn bad_budget_configuration_is_refused_at_start() {
     }
 }
 
+/// The relay took `expected` recipients, each once.
+fn assert_each_recipient_once(received: &[Received], expected: usize) {
+    let mut recipients: Vec<&String> = received.iter().flat_map(|r| &r.rcpt_tos).collect();
+    let total = recipients.len();
+    recipients.sort();
+    recipients.dedup();
+    assert_eq!((total, recipients.len()), (expected, expected), "each recipient once");
+}
+
+/// The one letter ends sent to its `recipients`, each of whom the relay took once: what the
+/// halted replica delivered was not sent again.
+async fn assert_sent_alone(app: &TestApp, sink: &SmtpSink, recipients: usize) {
+    let letters = app.wait_all_final(1, Duration::from_secs(60)).await;
+    assert_eq!((letters[0].status, letters[0].delivered.len()), (Status::Sent, recipients), "{:?}", letters[0].error);
+    assert_each_recipient_once(&sink.received(), recipients);
+}
+
 /// A budget in recipients whose smallest window, a quota of 6 per 20 s, is smaller than a letter.
 const SIX_RECIPIENTS_PER_20S: [(&str, &str); 4] = [
     ("SMTP_RATE_LIMIT_PERIOD", "1s"),
@@ -506,10 +523,7 @@ async fn a_letter_larger_than_a_window_goes_window_after_window() {
     let mut sizes: Vec<usize> = received.iter().map(|r| r.rcpt_tos.len()).collect();
     sizes.sort();
     assert_eq!(sizes, vec![2, 3, 6], "the relay's transactions");
-    let mut recipients: Vec<&String> = received.iter().flat_map(|r| &r.rcpt_tos).collect();
-    recipients.sort();
-    recipients.dedup();
-    assert_eq!(recipients.len(), 11, "each recipient once");
+    assert_each_recipient_once(&received, 11);
     let dots = dots_logged(&[app.log()]);
     let (busiest, at) = busiest_window(&dots, 20.0, |r| r.rcpt_tos.len());
     assert!(busiest <= 6, "{busiest} recipients within 20 s of final dots (from +{at:.2}s): the quota is 6");
@@ -542,13 +556,35 @@ async fn a_halt_between_a_letters_transactions_keeps_what_it_delivered() {
     // Not the 10 s of `NEXT_UNITS_WAIT` (10.0 s before the shutdown cut the wait short).
     assert!(stopped_in < Duration::from_secs(8), "the halt took {stopped_in:?}");
     let _b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sink.port)).await;
-    let letters = app.wait_all_final(1, Duration::from_secs(60)).await;
-    assert_eq!((letters[0].status, letters[0].delivered.len()), (Status::Sent, 8), "{:?}", letters[0].error);
-    let mut recipients: Vec<String> = sink.received().into_iter().flat_map(|r| r.rcpt_tos).collect();
-    let total = recipients.len();
-    recipients.sort();
-    recipients.dedup();
-    assert_eq!((total, recipients.len()), (8, 8), "each recipient once");
+    assert_sent_alone(&app, &sink, 8).await;
+}
+
+/// A `/halt` while a letter of 20 recipients goes in transactions of 2 through a relay that takes
+/// 0.5 s for each, with `SHUTDOWN_TIMEOUT=2s`: the transaction under way finishes and the rest
+/// goes back with what was delivered recorded. Before, the letter outlived the deadline, was
+/// abandoned with its delivered recipients unrecorded (10 at the relay, 0 recorded), and the
+/// next replica sent them again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_halt_mid_letter_records_what_its_transactions_delivered() {
+    let _serial = TIMING.lock().await;
+    let sink = SmtpSink::start().await;
+    sink.control(json!({ "data_delay_s": 0.5 }));
+    let mut app = TestApp::spawn(&sink, &[("SMTP_MAX_RECIPIENTS", "2"), ("SHUTDOWN_TIMEOUT", "2s")]).await;
+    app.produce(Some("long"), batch("long", 1, 20).to_string().as_bytes()).await;
+    sink.wait_for_count(1, Duration::from_secs(30)).await;
+    assert_eq!(app.post("/halt", "").await.0, 202);
+    let exit = app.wait_exit(Duration::from_secs(30)).await;
+    assert!(exit.success(), "exited with {exit}");
+    let at_halt = sink.received().len();
+    let letters = app.letters().await;
+    let recorded = letters[0].delivered.len();
+    println!("{at_halt} transactions at the relay, {recorded} recipients recorded, {:?}", letters[0].status);
+    assert_eq!((letters[0].status, letters[0].attempts), (Status::Awaiting, 0));
+    assert_eq!(recorded, 2 * at_halt, "every recipient the relay took is recorded");
+    let reason = letters[0].last_reply.clone().unwrap_or_default();
+    assert!(reason.contains("shutting down"), "{reason}");
+    let _b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sink.port)).await;
+    assert_sent_alone(&app, &sink, 20).await;
 }
 
 /// Unit `recipient`: SES's 14 recipients a second with the default `SMTP_MAX_RECIPIENTS` (50),
@@ -572,10 +608,8 @@ async fn letters_larger_than_ses_rate_go_in_transactions_that_fit() {
     }
     let received = sink.received();
     let largest = received.iter().map(|r| r.rcpt_tos.len()).max().unwrap_or(0);
-    let mut recipients: Vec<&String> = received.iter().flat_map(|r| &r.rcpt_tos).collect();
-    let total = recipients.len();
-    recipients.sort();
-    recipients.dedup();
+    let total: usize = received.iter().map(|r| r.rcpt_tos.len()).sum();
+    assert_each_recipient_once(&received, 120);
     let dots = dots_logged(&[app.log()]);
     let (busiest, at) = busiest_window(&dots, 1.0, |r| r.rcpt_tos.len());
     let took = span(&received);
@@ -583,7 +617,6 @@ async fn letters_larger_than_ses_rate_go_in_transactions_that_fit() {
         "{} messages, largest {largest}, {total} recipients in {took:.2}s, busiest second {busiest}",
         received.len()
     );
-    assert_eq!((total, recipients.len()), (120, 120), "each recipient once");
     assert_eq!(largest, 14, "transactions of at most the window's 14");
     assert!(busiest <= 14, "{busiest} recipients within one second of final dots (from +{at:.2}s): the rate is 14");
 }

@@ -21,9 +21,10 @@ pub enum Failure {
     /// The relay said "too fast": retried soon, without counting an attempt.
     Throttled(String),
     /// Withdrawn before its final dot because the budget had no unit for it in time, or a
-    /// transaction after the letter's first had no units before it opened: the relay judged
-    /// nothing more, so the rest is retried soon without counting an attempt (the next attempt
-    /// waits for its unit before opening a transaction).
+    /// transaction after the letter's first had no units before it opened, or the service is
+    /// shutting down between its transactions: the relay judged nothing more, so the rest is
+    /// retried soon without counting an attempt (the next attempt waits for its unit before
+    /// opening a transaction).
     Withheld(String),
 }
 
@@ -181,6 +182,12 @@ pub fn no_units_between_transactions(recipients: usize, wait: Duration) -> Failu
         "the sending budget had no units for the next {recipients} recipient(s) within {wait:?}; \
          they wait for its next window"
     ))
+}
+
+/// The service is shutting down between a letter's transactions: the recipients left go back,
+/// as a withdrawn message does, without costing an attempt.
+pub fn stopped_at_shutdown(recipients: usize) -> Failure {
+    Failure::Withheld(format!("the service is shutting down; {recipients} recipient(s) wait for the next attempt"))
 }
 
 /// The server was out of step twice in one attempt: a new connection did not help.

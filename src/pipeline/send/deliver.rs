@@ -44,7 +44,16 @@ impl Worker {
         // Relays left because they failed before the message was handed over: free too, and at
         // most one fewer than there are relays, so the letter still ends when all are down.
         let mut relays_left: Vec<usize> = Vec::new();
+        let mut transactions = 0;
         while !queue.is_empty() {
+            // At shutdown the transaction under way finishes and the rest goes back, recorded:
+            // a letter of many transactions on a slow relay outlived `SHUTDOWN_TIMEOUT`, was
+            // abandoned with the recipients it had delivered unrecorded, and they were sent again.
+            if transactions > 0 && self.shutdown.is_cancelled() {
+                report.failure = Some(policy::stopped_at_shutdown(queue.len()));
+                break;
+            }
+            transactions += 1;
             let take = queue.len().min(self.ctx.max_recipients);
             let chunk: Vec<Recipient> = queue.drain(..take).collect();
             let reused = self.connection.is_some();

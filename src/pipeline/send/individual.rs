@@ -7,7 +7,7 @@ use super::Worker;
 use crate::{
     address::Recipient,
     model::{Letter, Rejection},
-    pipeline::policy::{AttemptReport, Failure},
+    pipeline::policy::{self, AttemptReport, Failure},
 };
 
 impl Worker {
@@ -31,7 +31,13 @@ impl Worker {
                 return report;
             }
         };
-        for recipient in recipients {
+        let count = recipients.len();
+        for (index, recipient) in recipients.into_iter().enumerate() {
+            // As between BCC transactions (`deliver`): at shutdown the rest goes back, recorded.
+            if index > 0 && self.shutdown.is_cancelled() {
+                report.failure = Some(policy::stopped_at_shutdown(count - index));
+                break;
+            }
             let bytes = match self.ctx.composer.build_copy(letter, &body, Some(&recipient)) {
                 Ok(bytes) => bytes,
                 Err(error) => {
