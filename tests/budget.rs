@@ -559,32 +559,38 @@ async fn a_halt_between_a_letters_transactions_keeps_what_it_delivered() {
     assert_sent_alone(&app, &sink, 8).await;
 }
 
-/// A `/halt` while a letter of 20 recipients goes in transactions of 2 through a relay that takes
-/// 0.5 s for each, with `SHUTDOWN_TIMEOUT=2s`: the transaction under way finishes and the rest
-/// goes back with what was delivered recorded. Before, the letter outlived the deadline, was
-/// abandoned with its delivered recipients unrecorded (10 at the relay, 0 recorded), and the
-/// next replica sent them again.
+/// A `/halt` while a letter of 20 recipients goes in transactions of 2 (and, with
+/// `SMTP_DELIVERY=individual`, in copies of 1) through a relay that takes 0.5 s for each, with
+/// `SHUTDOWN_TIMEOUT=2s`: the transaction under way finishes and the rest goes back with what was
+/// delivered recorded. Before, the letter outlived the deadline, was abandoned with its
+/// delivered recipients unrecorded (10 at the relay, 0 recorded), and the next replica sent them
+/// again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_halt_mid_letter_records_what_its_transactions_delivered() {
     let _serial = TIMING.lock().await;
-    let sink = SmtpSink::start().await;
-    sink.control(json!({ "data_delay_s": 0.5 }));
-    let mut app = TestApp::spawn(&sink, &[("SMTP_MAX_RECIPIENTS", "2"), ("SHUTDOWN_TIMEOUT", "2s")]).await;
-    app.produce(Some("long"), batch("long", 1, 20).to_string().as_bytes()).await;
-    sink.wait_for_count(1, Duration::from_secs(30)).await;
-    assert_eq!(app.post("/halt", "").await.0, 202);
-    let exit = app.wait_exit(Duration::from_secs(30)).await;
-    assert!(exit.success(), "exited with {exit}");
-    let at_halt = sink.received().len();
-    let letters = app.letters().await;
-    let recorded = letters[0].delivered.len();
-    println!("{at_halt} transactions at the relay, {recorded} recipients recorded, {:?}", letters[0].status);
-    assert_eq!((letters[0].status, letters[0].attempts), (Status::Awaiting, 0));
-    assert_eq!(recorded, 2 * at_halt, "every recipient the relay took is recorded");
-    let reason = letters[0].last_reply.clone().unwrap_or_default();
-    assert!(reason.contains("shutting down"), "{reason}");
-    let _b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sink.port)).await;
-    assert_sent_alone(&app, &sink, 20).await;
+    for (mode, per_transaction) in [(("SMTP_MAX_RECIPIENTS", "2"), 2), (("SMTP_DELIVERY", "individual"), 1)] {
+        let sink = SmtpSink::start().await;
+        sink.control(json!({ "data_delay_s": 0.5 }));
+        let mut app = TestApp::spawn(&sink, &[mode, ("SHUTDOWN_TIMEOUT", "2s")]).await;
+        app.produce(Some("long"), batch("long", 1, 20).to_string().as_bytes()).await;
+        sink.wait_for_count(1, Duration::from_secs(30)).await;
+        assert_eq!(app.post("/halt", "").await.0, 202);
+        let exit = app.wait_exit(Duration::from_secs(30)).await;
+        assert!(exit.success(), "exited with {exit}");
+        let at_halt = sink.received().len();
+        let letters = app.letters().await;
+        let recorded = letters[0].delivered.len();
+        println!(
+            "{mode:?}: {at_halt} transactions at the relay, {recorded} recipients recorded, {:?}",
+            letters[0].status
+        );
+        assert_eq!((letters[0].status, letters[0].attempts), (Status::Awaiting, 0));
+        assert_eq!(recorded, per_transaction * at_halt, "every recipient the relay took is recorded");
+        let reason = letters[0].last_reply.clone().unwrap_or_default();
+        assert!(reason.contains("shutting down"), "{reason}");
+        let _b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sink.port)).await;
+        assert_sent_alone(&app, &sink, 20).await;
+    }
 }
 
 /// Unit `recipient`: SES's 14 recipients a second with the default `SMTP_MAX_RECIPIENTS` (50),
