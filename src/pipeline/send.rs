@@ -131,7 +131,8 @@ pub struct Worker {
     relay: usize,
     /// The `NotAfter` of the letter being sent, checked before each final dot.
     not_after: Option<i64>,
-    /// Shutdown: a letter waiting for units between its transactions stops waiting.
+    /// Shutdown: a letter being sent stops after the transaction under way, or its wait for the
+    /// next one's units, and goes back with what it delivered.
     shutdown: CancellationToken,
 }
 
