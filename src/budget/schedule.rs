@@ -487,6 +487,19 @@ impl Plan {
         last_ns.min(reach.max(self.charged_ns(run, last_ns)))
     }
 
+    /// The most recipients one transaction carries: `SMTP_MAX_RECIPIENTS`, and in recipient mode
+    /// no more than the largest message the budget allows (the smallest window). A letter with
+    /// more recipients goes in transactions that each fit a window, one window after another;
+    /// failed at once instead, SES's 14 recipients a second refused every letter to 15 addresses
+    /// or more.
+    pub fn transaction_recipients(&self, max_recipients: usize) -> usize {
+        match self.unit {
+            RateUnit::Letter => max_recipients,
+            RateUnit::Recipient => max_recipients.min(self.largest_cost as usize),
+        }
+        .max(1)
+    }
+
     /// The units of `run` whose due time is not before `cut_ns`, if any.
     pub fn alive(&self, run: Run, cut_ns: i64) -> Option<Run> {
         // due = min(place, charged + reach), non-decreasing in the place.

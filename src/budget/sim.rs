@@ -202,15 +202,10 @@ pub async fn run(case: &Case) -> Seen {
 }
 
 /// The cost of each message that letters of `recipients` (cycled) make, in order, as the
-/// service sends them: a letter's recipients in transactions of at most `max_recipients`, and in
-/// recipient mode of at most the largest message the budget allows
-/// (`RateLimit::transaction_recipients`), each one message.
+/// service sends them: a letter's recipients in transactions of at most
+/// [`Plan::transaction_recipients`], each one message.
 fn messages(plan: &Plan, max_recipients: u32, recipients: &[u32]) -> Vec<u32> {
-    let per_transaction = match plan.unit {
-        RateUnit::Letter => max_recipients,
-        RateUnit::Recipient => max_recipients.min(plan.largest_cost),
-    }
-    .max(1);
+    let per_transaction = plan.transaction_recipients(max_recipients as usize) as u32;
     let mut messages = Vec::new();
     for &letter in recipients {
         let chunks = letter.max(1).div_ceil(per_transaction);

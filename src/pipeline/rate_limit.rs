@@ -200,17 +200,9 @@ impl RateLimit {
         }
     }
 
-    /// The most recipients one transaction carries: `SMTP_MAX_RECIPIENTS`, and in recipient mode
-    /// no more than the budget's smallest window holds. A letter with more recipients than that
-    /// goes in transactions that each fit a window, one window after another; failed at once
-    /// instead, SES's 14 recipients a second refused every letter to 15 addresses or more.
+    /// The most recipients one transaction carries ([`budget::Plan::transaction_recipients`]).
     pub fn transaction_recipients(&self, max_recipients: usize) -> usize {
-        let plan = self.budget.plan();
-        match plan.unit {
-            RateUnit::Letter => max_recipients,
-            RateUnit::Recipient => max_recipients.min(plan.largest_cost as usize),
-        }
-        .max(1)
+        self.budget.plan().transaction_recipients(max_recipients)
     }
 
     /// Waits for the throttle slowdown, then for the budget's units for one message to
@@ -218,10 +210,7 @@ impl RateLimit {
     /// With a bulk letter's `turn`, the units are taken only when they are near, and the turn
     /// passes to the next bulk worker once they are.
     pub async fn reserve(&self, recipients: usize, turn: Option<BulkTurn>) -> Ticket {
-        let wait = self.lock_slowdown().admit(self.configured, Instant::now());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
+        let wait = self.throttle_wait().await;
         if turn.is_some() {
             // Re-checked after each sleep: a transactional letter may have taken that unit.
             while let Some(wait) = self.budget.bulk_wait() {
@@ -243,16 +232,22 @@ impl RateLimit {
         within: Duration,
         stop: &CancellationToken,
     ) -> Option<Ticket> {
-        let wait = self.lock_slowdown().admit(self.configured, Instant::now());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
+        let wait = self.throttle_wait().await;
         let ticket = tokio::select! {
             biased;
             _ = stop.cancelled() => return None,
             taken = tokio::time::timeout(within, self.budget.take(self.cost(recipients))) => taken.ok()?,
         };
         Some(self.open_near(ticket, wait).await)
+    }
+
+    /// Waits out the relay's throttle slowdown, if any; how long.
+    async fn throttle_wait(&self) -> Duration {
+        let wait = self.lock_slowdown().admit(self.configured, Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        wait
     }
 
     /// Waits until the transaction for `ticket` should open (after the throttle's `wait`).

@@ -46,11 +46,8 @@ impl Worker {
         let mut relays_left: Vec<usize> = Vec::new();
         let mut transactions = 0;
         while !queue.is_empty() {
-            // At shutdown the transaction under way finishes and the rest goes back, recorded:
-            // a letter of many transactions on a slow relay outlived `SHUTDOWN_TIMEOUT`, was
-            // abandoned with the recipients it had delivered unrecorded, and they were sent again.
-            if transactions > 0 && self.shutdown.is_cancelled() {
-                report.failure = Some(policy::stopped_at_shutdown(queue.len()));
+            if let Some(stop) = self.stopping(transactions, queue.len()) {
+                report.failure = Some(stop);
                 break;
             }
             transactions += 1;
@@ -125,6 +122,14 @@ impl Worker {
             }
         }
         report
+    }
+
+    /// Why the rest of the letter (`left` recipients) goes back before transaction `index`
+    /// (from 0), if it does: at shutdown the transaction under way finishes and the rest goes
+    /// back, recorded. A letter of many transactions on a slow relay outlived `SHUTDOWN_TIMEOUT`,
+    /// was abandoned with the recipients it had delivered unrecorded, and they were sent again.
+    pub(super) fn stopping(&self, index: usize, left: usize) -> Option<policy::Failure> {
+        (index > 0 && self.shutdown.is_cancelled()).then(|| policy::stopped_at_shutdown(left))
     }
 
     /// One transaction on the kept connection or a new one; says also whether the message was

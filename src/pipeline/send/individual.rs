@@ -7,7 +7,7 @@ use super::Worker;
 use crate::{
     address::Recipient,
     model::{Letter, Rejection},
-    pipeline::policy::{self, AttemptReport, Failure},
+    pipeline::policy::{AttemptReport, Failure},
 };
 
 impl Worker {
@@ -33,9 +33,8 @@ impl Worker {
         };
         let count = recipients.len();
         for (index, recipient) in recipients.into_iter().enumerate() {
-            // As between BCC transactions (`deliver`): at shutdown the rest goes back, recorded.
-            if index > 0 && self.shutdown.is_cancelled() {
-                report.failure = Some(policy::stopped_at_shutdown(count - index));
+            if let Some(stop) = self.stopping(index, count - index) {
+                report.failure = Some(stop);
                 break;
             }
             let bytes = match self.ctx.composer.build_copy(letter, &body, Some(&recipient)) {
