@@ -1436,7 +1436,7 @@ mod tests {
     }
 
     /// A letter with more recipients than the smallest window holds goes in transactions that
-    /// each fit it (`RateLimit::transaction_recipients`), and the letters behind it follow. The
+    /// each fit it (`Plan::transaction_recipients`), and the letters behind it follow. The
     /// simulation once sent it as one message and its worker waited for the budget forever:
     /// 1,082 recipients an hour with a burst of 250 beside 23 per 10 minutes, letters of 1, 50
     /// and 7, one worker, sent 1 recipient in 25 minutes.
