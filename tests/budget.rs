@@ -593,38 +593,77 @@ async fn a_halt_mid_letter_records_what_its_transactions_delivered() {
     }
 }
 
+/// `letters` letters of `per_letter` recipients sent under `rate` recipients a second (and
+/// `extra` settings), each ending sent to every one of them, each of whom the relay took once:
+/// what the relay took, the busiest second of final dots (and from when), and the time from the
+/// first message to the last.
+async fn sent_in_recipients(
+    rate: &str,
+    extra: &[(&str, &str)],
+    tag: &str,
+    letters: usize,
+    per_letter: usize,
+) -> (Vec<Received>, usize, f64, f64) {
+    let _serial = TIMING.lock().await;
+    let sink = SmtpSink::start().await;
+    let mut budget = vec![
+        ("SMTP_RATE_LIMIT_PERIOD", "1s"),
+        ("SMTP_RATE_LIMIT_MAX_LETTERS", rate),
+        ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+        DOTS,
+    ];
+    budget.extend_from_slice(extra);
+    let app = TestApp::spawn(&sink, &budget).await;
+    app.produce(Some(tag), batch(tag, letters, per_letter).to_string().as_bytes()).await;
+    for letter in app.wait_all_final(letters, Duration::from_secs(60)).await {
+        assert_eq!((letter.status, letter.delivered.len()), (Status::Sent, per_letter), "{:?}", letter.error);
+    }
+    let received = sink.received();
+    assert_each_recipient_once(&received, letters * per_letter);
+    let (busiest, at) = busiest_window(&dots_logged(&[app.log()]), 1.0, |r| r.rcpt_tos.len());
+    let took = span(&received);
+    (received, busiest, at, took)
+}
+
 /// Unit `recipient`: SES's 14 recipients a second with the default `SMTP_MAX_RECIPIENTS` (50),
 /// letters of 40 recipients. Each goes in transactions of at most 14, and no second holds more
 /// than 14. Before, every such letter failed at once: more recipients than a window holds.
 #[tokio::test(flavor = "multi_thread")]
 async fn letters_larger_than_ses_rate_go_in_transactions_that_fit() {
-    let _serial = TIMING.lock().await;
-    let sink = SmtpSink::start().await;
-    let budget = [
-        ("SMTP_RATE_LIMIT_PERIOD", "1s"),
-        ("SMTP_RATE_LIMIT_MAX_LETTERS", "14"),
-        ("SMTP_RATE_LIMIT_UNIT", "recipient"),
-        DOTS,
-    ];
-    let app = TestApp::spawn(&sink, &budget).await;
-    app.produce(Some("ses40"), batch("ses40", 3, 40).to_string().as_bytes()).await;
-    let letters = app.wait_all_final(3, Duration::from_secs(60)).await;
-    for letter in &letters {
-        assert_eq!((letter.status, letter.delivered.len()), (Status::Sent, 40), "{:?}", letter.error);
-    }
-    let received = sink.received();
+    let (received, busiest, at, took) = sent_in_recipients("14", &[], "ses40", 3, 40).await;
     let largest = received.iter().map(|r| r.rcpt_tos.len()).max().unwrap_or(0);
-    let total: usize = received.iter().map(|r| r.rcpt_tos.len()).sum();
-    assert_each_recipient_once(&received, 120);
-    let dots = dots_logged(&[app.log()]);
-    let (busiest, at) = busiest_window(&dots, 1.0, |r| r.rcpt_tos.len());
-    let took = span(&received);
-    println!(
-        "{} messages, largest {largest}, {total} recipients in {took:.2}s, busiest second {busiest}",
-        received.len()
-    );
+    println!("{} messages, largest {largest}, 120 recipients in {took:.2}s, busiest second {busiest}", received.len());
     assert_eq!(largest, 14, "transactions of at most the window's 14");
     assert!(busiest <= 14, "{busiest} recipients within one second of final dots (from +{at:.2}s): the rate is 14");
+}
+
+/// Unit `recipient`, SES's 14 a second, letters of 50: each went as 14, 14, 14 and 8, and the
+/// second of the 8 left 6 of the window unused (the next letter's 14 did not fit). The next
+/// letter's first transaction now carries the room left, and the rest of it the next second: 200
+/// recipients in 15 windows of 14, not 16 (14.2 s from the first message to the last; 15.1 s
+/// before).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_with_less_room_than_a_transaction_carries_part_of_it() {
+    let (received, busiest, at, took) = sent_in_recipients("14", &[], "ses50", 4, 50).await;
+    let sizes: Vec<usize> = received.iter().map(|r| r.rcpt_tos.len()).collect();
+    println!("{} messages {sizes:?}, 200 recipients in {took:.2}s, busiest second {busiest}", received.len());
+    assert!(busiest <= 14, "{busiest} recipients within one second of final dots (from +{at:.2}s): the rate is 14");
+    assert!(took < 14.5, "200 recipients took {took:.2}s: the room a letter's last transaction left was not used");
+}
+
+/// `SMTP_DELIVERY=individual` with a budget in recipients: each copy is a message of one
+/// recipient, but a letter's first units were taken for its whole first transaction (5 for a
+/// letter of 5), the first copy found them too many and took one of its own, and the 5 were
+/// counted and never used. 20 copies under 10 a second cost 40 units (4.1 s from the first to
+/// the last); now 20 (1.1 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn individual_copies_take_no_units_they_do_not_use() {
+    let (received, busiest, at, took) =
+        sent_in_recipients("10", &[("SMTP_DELIVERY", "individual")], "copies", 4, 5).await;
+    println!("20 copies in {took:.2}s, busiest second {busiest}");
+    assert!(received.iter().all(|r| r.rcpt_tos.len() == 1), "one recipient a copy");
+    assert!(busiest <= 10, "{busiest} recipients within one second of final dots (from +{at:.2}s): the rate is 10");
+    assert!(took < 2.0, "20 copies took {took:.2}s: units taken for the letters and not used by their copies");
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ mod sim;
 
 pub use ledger::{Ledger, MemoryLedger};
 use pool::{Pool, Taken};
-pub use schedule::{Decision, LooseGrant, Placed, Plan, QuotaPlan, Run, State, decide, usage};
+pub use schedule::{Decision, LooseGrant, Need, Placed, Plan, QuotaPlan, Run, State, decide, usage};
 
 /// A replica asks for what it expects to send in this long.
 pub const LOOKAHEAD: Duration = Duration::from_millis(250);
@@ -399,13 +399,32 @@ impl Budget {
     /// be prepared; the message they pay for is handed over at the ticket's time. Cancel-safe:
     /// dropping the future loses nothing but the units it was given.
     pub async fn take(self: &Arc<Self>, units: u32) -> Ticket {
-        self.take_for(units, Moment::ToPrepare).await
+        self.take_for(units, units, Moment::ToPrepare).await
+    }
+
+    /// As [`Budget::take`], for a transaction that may carry fewer recipients than `units` (the
+    /// rest of its letter goes in the next): the ticket's `units` say how many, at least one. A
+    /// window counted in recipients that has room for fewer than a whole transaction lends that
+    /// room to part of it, rather than leave it to pass: under SES's 14 recipients a second,
+    /// letters of 50 went as 14, 14, 14 and 8, and the second of the 8 left 6 unused (12.5 a
+    /// second). Only where the rate's window is counted exactly ([`Plan::exact`]), and not
+    /// under its pace ([`Plan::pace`]), where a transaction goes once one of its units is due and
+    /// nothing is left over: it would be cut into transactions of one. On the schedule alone there
+    /// is no window's room to fill, and parts of runs too short for a message cut letters into
+    /// transactions of a few recipients where the workers bound (three replicas of two workers on
+    /// a 2 s relay, letters of 1 to 10: 1,971 recipients in 30 s where whole ones sent 2,527).
+    pub async fn take_up_to(self: &Arc<Self>, units: u32) -> Ticket {
+        let least = match (&self.plan.exact, self.plan.pace) {
+            (Some(_), None) => 1,
+            _ => units,
+        };
+        self.take_for(least, units, Moment::ToPrepare).await
     }
 
     /// As [`Budget::take`], for a message already at its final dot (it was late for its unit):
     /// units due at once are of use to it.
     pub async fn take_ready(self: &Arc<Self>, units: u32) -> Ticket {
-        self.take_for(units, Moment::AtDot).await
+        self.take_for(units, units, Moment::AtDot).await
     }
 
     /// The first moment a unit of use to a message is due: a message still to be prepared
@@ -432,19 +451,25 @@ impl Budget {
         self.preparation_ns.load(Ordering::Relaxed).clamp(0, self.lead_ns())
     }
 
-    async fn take_for(self: &Arc<Self>, units: u32, moment: Moment) -> Ticket {
+    /// At least `least` and up to `units` consecutive units for one message.
+    async fn take_for(self: &Arc<Self>, least: u32, units: u32, moment: Moment) -> Ticket {
         let asked = Instant::now();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = Decrement(&self.waiting);
         // Grants that left nothing usable in a row: never a busy loop of round trips.
         let mut fruitless = 0;
+        // A part of the message only once its own grant has judged one worth it (`decide`): the
+        // runs other workers' grants left in the pool cut messages into parts where the workers,
+        // not the window, bound (nine workers on a 2 s relay at 1,018 recipients a second,
+        // letters of 1, 50 and 7: 251 recipients in 5 s where whole messages sent 348).
+        let mut fewest = units;
         loop {
-            if let Some(ticket) = self.from_pool(units, asked, moment) {
+            if let Some(ticket) = self.from_pool(fewest, units, asked, moment) {
                 return ticket;
             }
             let mut granting = self.granting.lock().await;
             // A background grant, or another worker's, may have landed while this one queued.
-            if let Some(ticket) = self.from_pool(units, asked, moment) {
+            if let Some(ticket) = self.from_pool(fewest, units, asked, moment) {
                 return ticket;
             }
             // Messages in preparation that will miss their units (see `prepared`) take the
@@ -452,7 +477,7 @@ impl Budget {
             // message at its dot asks for theirs with its own.
             let doomed = self.take_doomed();
             if doomed > 0 && moment == Moment::ToPrepare {
-                let granted = self.grant(&mut granting, doomed, 1, Moment::AtDot);
+                let granted = self.grant(&mut granting, doomed, 1.into(), Moment::AtDot);
                 let granted = tokio::time::timeout(GRANT_TIMEOUT, granted).await;
                 if !matches!(granted, Ok(Ok(_))) {
                     *granting = None;
@@ -470,7 +495,11 @@ impl Budget {
             if moment == Moment::AtDot {
                 want = units + doomed;
             }
-            let granted = tokio::time::timeout(GRANT_TIMEOUT, self.grant(&mut granting, want, units, moment)).await;
+            let granted = tokio::time::timeout(
+                GRANT_TIMEOUT,
+                self.grant(&mut granting, want, Need { least, message: units }, moment),
+            )
+            .await;
             let granted = granted.unwrap_or_else(|_| {
                 // Whatever the write did is lost with it: at worst, one grant's units unused.
                 *granting = None;
@@ -478,6 +507,7 @@ impl Budget {
             });
             match granted {
                 Ok(None) => {
+                    fewest = least;
                     fruitless += 1;
                     if fruitless > 2 {
                         tracing::warn!(fruitless, "budget grants arrive already past; slowing down");
@@ -517,7 +547,7 @@ impl Budget {
 
     /// A ticket from the units already granted, if there are any; starts the next grant in the
     /// background when the pool runs low.
-    fn from_pool(self: &Arc<Self>, units: u32, asked: Instant, moment: Moment) -> Option<Ticket> {
+    fn from_pool(self: &Arc<Self>, least: u32, units: u32, asked: Instant, moment: Moment) -> Option<Ticket> {
         let clock = self.reading();
         let now_ns = clock.now_ns();
         let lead_ns = self.lead_ns();
@@ -532,7 +562,9 @@ impl Budget {
             Moment::AtDot => now_ns,
             Moment::ToPrepare => now_ns + lead_ns,
         };
-        let (taken, placed) = pool.take(units, &self.plan, now_ns - late_ns, self.cut_ns(now_ns, moment), ready_ns)?;
+        let cut_ns = self.cut_ns(now_ns, moment);
+        let (taken, placed) = pool.take_some(least, units, &self.plan, now_ns - late_ns, cut_ns, ready_ns)?;
+        let units = placed.count;
         if let (Moment::ToPrepare, Taken::At { due_ns, .. }) = (moment, taken) {
             pool.record(now_ns, due_ns, units, LEAD_MAX.as_nanos() as i64);
         }
@@ -569,7 +601,7 @@ impl Budget {
                     0 => (budget.pool().want(1, waiting, &budget.plan), Moment::ToPrepare),
                     doomed => (doomed, Moment::AtDot),
                 };
-                match tokio::time::timeout(GRANT_TIMEOUT, budget.grant(&mut granting, want, 1, moment)).await {
+                match tokio::time::timeout(GRANT_TIMEOUT, budget.grant(&mut granting, want, 1.into(), moment)).await {
                     Ok(Ok(_)) => budget.reachable(),
                     // The workers find out themselves, and say so, when they need the next grant.
                     Ok(Err(error)) => {
@@ -788,7 +820,7 @@ impl Budget {
         &self,
         granting: &mut Option<State>,
         want: u32,
-        need: u32,
+        need: Need,
         moment: Moment,
     ) -> anyhow::Result<Option<(i64, String)>> {
         self.measure_clock().await?;

@@ -108,27 +108,36 @@ pub(super) enum Taken {
 }
 
 impl Pool {
-    /// `units` for one message: loose ones that are still usable at `ready_ns` (when the message
-    /// can be ready), else the last of `units` consecutive units due at `cut_ns` or later (when
-    /// the message can reach its dot, less the lateness allowed). Units due before `now_ns` have
-    /// passed and are kept for the quotas ([`Pool::take_expired`]); units between `now_ns` and
-    /// `cut_ns` stay for a message that is ready sooner.
-    pub(super) fn take(
+    /// Up to `units` and at least `least` for one message (the ticket's [`Placed::count`] says
+    /// how many): loose ones that are still usable at `ready_ns` (when the message can be
+    /// ready), else the last of the consecutive units due at `cut_ns` or later (when the message
+    /// can reach its dot, less the lateness allowed). Units due before `now_ns` have passed and
+    /// are kept for the quotas ([`Pool::take_expired`]); units between `now_ns` and `cut_ns` stay
+    /// for a message that is ready sooner.
+    pub(super) fn take_some(
         &mut self,
+        least: u32,
         units: u32,
         plan: &Plan,
         now_ns: i64,
         cut_ns: i64,
         ready_ns: i64,
     ) -> Option<(Taken, Placed)> {
+        // A part only where no run holds the whole message.
+        let whole = self.runs.iter().any(|run| plan.alive(*run, cut_ns.max(now_ns)).is_some_and(|r| r.count >= units));
+        let least = match whole {
+            true => units,
+            false => least.clamp(1, units.max(1)),
+        };
         let interval_ns = plan.interval_ns;
         while let Some((until, count)) = self.loose.front_mut() {
-            if *until < ready_ns || *count < units {
+            if *until < ready_ns || *count < least {
                 self.expired.push(Placed::at(*until, *count));
                 self.loose.pop_front();
                 continue;
             }
             let until = *until;
+            let units = units.min(*count);
             *count -= units;
             if *count == 0 {
                 self.loose.pop_front();
@@ -140,22 +149,23 @@ impl Pool {
         // charged elsewhere than the ledger did; those pools hold only what the waiting workers
         // asked for anyway (`Budget::stock_blocks`).
         if cut_ns > now_ns && !self.charged_at_end {
-            return self.take_from(units, plan, now_ns, cut_ns);
+            return self.take_from(least, units, plan, now_ns, cut_ns);
         }
         // Runs with too few consecutive units for this message stay for a smaller one (a message
         // is never split across runs: they may be other replicas' units), and expire when they
         // pass. Expired at once, the rest of a grant sized for a message of one recipient went
-        // unused when the next message had forty, and its places were lost to the schedule:
+        // unused when the next had forty, and its places were lost to the schedule:
         // three replicas of sixteen workers under 718 recipients a day with a burst of 686,
         // letters of 1 to 100 recipients, sent 500 of the burst's 686.
         let mut short = Vec::new();
         let mut handed = None;
         while let Some(whole) = self.runs.pop_front() {
             let Some(mut run) = self.alive_or_expire(whole, now_ns, plan) else { continue };
-            if run.count < units {
+            if run.count < least {
                 short.push(run);
                 continue;
             }
+            let units = units.min(run.count);
             handed = Some(self.hand(whole, run, units, plan));
             run.first_ns += i64::from(units) * run.step(interval_ns);
             run.count -= units;
@@ -169,7 +179,7 @@ impl Pool {
             self.insert_in_order(run);
         }
         if handed.is_none() {
-            self.give_back_far_short_runs(units, cut_ns.max(now_ns), plan);
+            self.give_back_far_short_runs(least, cut_ns.max(now_ns), plan);
         }
         handed
     }
@@ -217,8 +227,18 @@ impl Pool {
     }
 
     /// The ticket for the first `units` of `usable`, a part of `whole`.
+    ///
+    /// Where runs are charged at their ends, every message on a run goes at its end, where the
+    /// ledger counted the whole run and the window's check looked back from: a message on the
+    /// first units of a longer run (a grant for several waiting workers, or one a smaller
+    /// message took first) went up to the run's length before its charge, further back than
+    /// the check looks, and a window held more than allowed (42 recipients per 10 s beside 173
+    /// per 10 minutes, letters of 1, 50 and 7: 50 in 10 s).
     fn hand(&mut self, whole: Run, usable: Run, units: u32, plan: &Plan) -> (Taken, Placed) {
-        let last = usable.first_ns + i64::from(units - 1) * usable.step(plan.interval_ns);
+        let last = match self.charged_at_end {
+            true => usable.last_ns(plan.interval_ns),
+            false => usable.first_ns + i64::from(units - 1) * usable.step(plan.interval_ns),
+        };
         let taken = Taken::At {
             usable_ns: (last - plan.tolerance_ns).max(plan.earliest_use_ns(usable)),
             due_ns: plan.due_ns(usable, usable.first_ns, last),
@@ -228,20 +248,21 @@ impl Pool {
         (taken, self.placed(whole, usable.first_ns, units, plan))
     }
 
-    /// The first `units` consecutive units due at `cut_ns` or later, of any run; units before them
-    /// stay in the pool, but those past `now_ns`, which expire.
-    fn take_from(&mut self, units: u32, plan: &Plan, now_ns: i64, cut_ns: i64) -> Option<(Taken, Placed)> {
+    /// The first consecutive units due at `cut_ns` or later, of any run with `least` of them, up
+    /// to `units`; units before them stay in the pool, but those past `now_ns`, which expire.
+    fn take_from(&mut self, least: u32, units: u32, plan: &Plan, now_ns: i64, cut_ns: i64) -> Option<(Taken, Placed)> {
         let runs = std::mem::take(&mut self.runs);
         self.runs = runs.into_iter().filter_map(|whole| self.alive_or_expire(whole, now_ns, plan)).collect();
         let found = self
             .runs
             .iter()
             .enumerate()
-            .find_map(|(at, run)| plan.alive(*run, cut_ns).filter(|usable| usable.count >= units).map(|u| (at, u)));
+            .find_map(|(at, run)| plan.alive(*run, cut_ns).filter(|usable| usable.count >= least).map(|u| (at, u)));
         let Some((at, usable)) = found else {
-            self.give_back_far_short_runs(units, cut_ns, plan);
+            self.give_back_far_short_runs(least, cut_ns, plan);
             return None;
         };
+        let units = units.min(usable.count);
         let run = self.runs[at];
         let handed = self.hand(run, usable, units, plan);
         let before = Run { count: run.count - usable.count, ..run };
@@ -519,7 +540,7 @@ mod tests {
         let runs = |pool: &Pool| pool.runs.iter().map(|run| (run.first_ns, run.count)).collect::<Vec<_>>();
         assert_eq!(runs(&pool), vec![(500, 1), (1_000, 6), (2_000, 3)]);
         assert_eq!(
-            pool.take(1, &plan, 0, 0, 0).map(|(taken, _)| taken),
+            pool.take_some(1, 1, &plan, 0, 0, 0).map(|(taken, _)| taken),
             Some(Taken::At { usable_ns: 500, due_ns: 500 })
         );
         assert_eq!(pool.take_back(1_025, &plan), vec![run(1_030, 3), run(2_000, 3)]);
@@ -542,16 +563,16 @@ mod tests {
             let mut pool = Pool::default();
             pool.add(run(500, 2), &paced);
             pool.add(run(far, 3), &paced);
-            assert_eq!(pool.take(5, &paced, now, cut, cut), None);
+            assert_eq!(pool.take_some(5, 5, &paced, now, cut, cut), None);
             assert_eq!(back(&mut pool), 3, "cut at {cut}");
             assert_eq!(runs(&pool), vec![(500, 2)]);
-            assert!(pool.take(2, &paced, now, cut, cut).is_some());
+            assert!(pool.take_some(2, 2, &paced, now, cut, cut).is_some());
 
             // A run that serves the message: the short runs before it stay.
             let mut pool = Pool::default();
             pool.add(run(far, 3), &paced);
             pool.add(run(far + 1_000, 5), &paced);
-            assert!(pool.take(5, &paced, now, cut, cut).is_some());
+            assert!(pool.take_some(5, 5, &paced, now, cut, cut).is_some());
             assert_eq!(back(&mut pool), 0);
             assert_eq!(runs(&pool), vec![(far, 3)]);
 
@@ -559,7 +580,7 @@ mod tests {
             let unpaced = plan(i64::MAX / 4, i64::MAX);
             let mut pool = Pool::default();
             pool.add(run(far, 3), &unpaced);
-            assert_eq!(pool.take(5, &unpaced, now, cut, cut), None);
+            assert_eq!(pool.take_some(5, 5, &unpaced, now, cut, cut), None);
             assert_eq!(back(&mut pool), 0);
             assert_eq!(runs(&pool), vec![(far, 3)]);
         }
@@ -574,24 +595,24 @@ mod tests {
         pool.add(run(1_100, 3), &plan);
         // At 1_025, the units at 1_000, 1_010 and 1_020 have passed.
         assert_eq!(
-            pool.take(1, &plan, 1_025, 1_025, 1_025).map(|(taken, _)| taken),
+            pool.take_some(1, 1, &plan, 1_025, 1_025, 1_025).map(|(taken, _)| taken),
             Some(Taken::At { usable_ns: 1_030, due_ns: 1_030 })
         );
         assert_eq!(pool.take_expired(), (vec![Placed { first_ns: 1_000, count: 3, step_ns: 10, floor_ns: 0 }], vec![]));
         // Four units wanted, three in a row left: the message is not split across runs, and the
         // three stay for a smaller message (expired at once, the rest of a grant sized for a
         // small message went unused when the next one was larger).
-        assert_eq!(pool.take(4, &plan, 1_031, 1_031, 1_031).map(|(taken, _)| taken), None);
+        assert_eq!(pool.take_some(4, 4, &plan, 1_031, 1_031, 1_031).map(|(taken, _)| taken), None);
         assert_eq!(pool.take_expired(), (vec![], vec![]));
         assert_eq!(
-            pool.take(2, &plan, 1_031, 1_031, 1_031).map(|(taken, _)| taken),
+            pool.take_some(2, 2, &plan, 1_031, 1_031, 1_031).map(|(taken, _)| taken),
             Some(Taken::At { usable_ns: 1_110, due_ns: 1_110 })
         );
         // The last one passes unused, and expires then.
-        assert_eq!(pool.take(1, &plan, 1_125, 1_125, 1_125).map(|(taken, _)| taken), None);
+        assert_eq!(pool.take_some(1, 1, &plan, 1_125, 1_125, 1_125).map(|(taken, _)| taken), None);
         assert_eq!(pool.take_expired(), (vec![Placed { first_ns: 1_120, count: 1, step_ns: 10, floor_ns: 0 }], vec![]));
         pool.loose.push_back((2_000, 5));
-        assert_eq!(pool.take(1, &plan, 2_001, 2_001, 2_001).map(|(taken, _)| taken), None);
+        assert_eq!(pool.take_some(1, 1, &plan, 2_001, 2_001, 2_001).map(|(taken, _)| taken), None);
         assert_eq!(pool.take_expired(), (vec![Placed::at(2_000, 5)], vec![]));
     }
 
@@ -606,7 +627,7 @@ mod tests {
         pool.add(run(0, 10), &plan);
         pool.add(run(100, 10), &plan);
         // The first run passed while the workers were busy: 10 passed, 1 handed.
-        assert!(pool.take(1, &plan, 95, 95, 95).is_some());
+        assert!(pool.take_some(1, 1, &plan, 95, 95, 95).is_some());
         assert!(pool.passing());
         for second in 1..=3 {
             tokio::time::advance(PASSING_SPAN).await;
@@ -614,7 +635,7 @@ mod tests {
             pool.add(Run { first_ns, count: 20, from_ns: 0, stride: 3 }, &plan);
             for unit in 0..20 {
                 let at = first_ns + unit * 30;
-                assert!(pool.take(1, &plan, at, at, at).is_some());
+                assert!(pool.take_some(1, 1, &plan, at, at, at).is_some());
             }
             assert!(pool.passing(), "after {second} s of strided units used in full");
         }
@@ -624,7 +645,7 @@ mod tests {
         pool.add(run(10_000, 5), &plan);
         for unit in 0..5 {
             let at = 10_000 + unit * 10;
-            assert!(pool.take(1, &plan, at, at, at).is_some());
+            assert!(pool.take_some(1, 1, &plan, at, at, at).is_some());
         }
         assert!(!pool.passing());
     }
@@ -639,13 +660,13 @@ mod tests {
         // Granted at 0: units at 20, 30, ..., 110.
         pool.add(run(20, 10), &plan);
         assert_eq!(
-            pool.take(1, &plan, 0, 0, 0).map(|(taken, _)| taken),
+            pool.take_some(1, 1, &plan, 0, 0, 0).map(|(taken, _)| taken),
             Some(Taken::At { usable_ns: -30, due_ns: 15 })
         );
         // At 16 the units usable from 0 on (places 30, 40, 50) are past their reach; the one at
         // 60 is usable from 10, due at 25.
         assert_eq!(
-            pool.take(1, &plan, 16, 16, 16).map(|(taken, _)| taken),
+            pool.take_some(1, 1, &plan, 16, 16, 16).map(|(taken, _)| taken),
             Some(Taken::At { usable_ns: 10, due_ns: 25 })
         );
         assert_eq!(pool.take_expired(), (vec![Placed { first_ns: -20, count: 3, step_ns: 10, floor_ns: 0 }], vec![]));

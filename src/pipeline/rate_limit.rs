@@ -200,13 +200,23 @@ impl RateLimit {
         }
     }
 
+    /// How many of `wanted` recipients a transaction on `ticket` carries: in recipient mode the
+    /// budget may hand out fewer units than asked ([`Budget::take_up_to`]), and the rest of the
+    /// letter goes in its next transaction.
+    pub fn recipients_on(&self, ticket: &Ticket, wanted: usize) -> usize {
+        match self.budget.plan().unit {
+            RateUnit::Letter => wanted,
+            RateUnit::Recipient => wanted.min(ticket.units as usize).max(1),
+        }
+    }
+
     /// The most recipients one transaction carries ([`budget::Plan::transaction_recipients`]).
     pub fn transaction_recipients(&self, max_recipients: usize) -> usize {
         self.budget.plan().transaction_recipients(max_recipients)
     }
 
     /// Waits for the throttle slowdown, then for the budget's units for one message to
-    /// `recipients` recipients; the message's final dot then waits for the ticket's time.
+    /// `recipients` recipients (or fewer, [`RateLimit::recipients_on`]); the message's final dot then waits for the ticket's time.
     /// With a bulk letter's `turn`, the units are taken only when they are near, and the turn
     /// passes to the next bulk worker once they are.
     pub async fn reserve(&self, recipients: usize, turn: Option<BulkTurn>) -> Ticket {
@@ -217,7 +227,7 @@ impl RateLimit {
                 tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
             }
         }
-        let ticket = self.budget.take(self.cost(recipients)).await;
+        let ticket = self.budget.take_up_to(self.cost(recipients)).await;
         drop(turn);
         self.open_near(ticket, wait).await
     }
@@ -236,7 +246,7 @@ impl RateLimit {
         let ticket = tokio::select! {
             biased;
             _ = stop.cancelled() => return None,
-            taken = tokio::time::timeout(within, self.budget.take(self.cost(recipients))) => taken.ok()?,
+            taken = tokio::time::timeout(within, self.budget.take_up_to(self.cost(recipients))) => taken.ok()?,
         };
         Some(self.open_near(ticket, wait).await)
     }

@@ -191,7 +191,7 @@ impl Worker {
                     biased;
                     _ = shutdown.cancelled() => break,
                     _ = crate::lanes::until_expiry(&self.ctx.clock, not_after) => None,
-                    ticket = self.ctx.limiter.reserve(pending.min(self.ctx.max_recipients), turn.take()) => Some(ticket),
+                    ticket = self.ctx.limiter.reserve(self.first_transaction(pending), turn.take()) => Some(ticket),
                 }
             };
             // Not sent after all, or sent without the budget: the next bulk worker's turn.
@@ -235,6 +235,17 @@ impl Worker {
             connection.quit(Duration::from_secs(2)).await;
         }
         tracing::debug!(worker = self.id, "smtp worker stopped");
+    }
+
+    /// The recipients of a letter's first transaction, whose units are taken before it is
+    /// claimed for good: one in individual mode (each copy is a message of its own). Taken for
+    /// the whole chunk there, a letter's first units beyond one copy's were counted against the
+    /// budget and never used.
+    fn first_transaction(&self, pending: usize) -> usize {
+        match self.ctx.composer.individual() {
+            true => 1,
+            false => pending.min(self.ctx.max_recipients),
+        }
     }
 
     /// Why a claimed letter is not sent after all: its batch was cancelled (it ends `cancelled`,

@@ -51,23 +51,26 @@ impl Worker {
                 break;
             }
             transactions += 1;
-            let take = queue.len().min(self.ctx.max_recipients);
-            let chunk: Vec<Recipient> = queue.drain(..take).collect();
-            let reused = self.connection.is_some();
+            let wanted = queue.len().min(self.ctx.max_recipients);
             // Taken before the transaction opens, so a long wait (an exhausted quota, MongoDB
             // away) never holds a server's DATA phase open; only the unit's own time is waited
             // for at the final dot. A unit not used (the transaction failed) is not given back.
+            // In recipient mode the ticket may cover fewer recipients than wanted (the room a
+            // window has left): the chunk is that many, and the rest goes in the next one.
             let limiter = &self.ctx.limiter;
-            let ticket = match ticket.take().filter(|t| t.units == limiter.cost(chunk.len())) {
+            let ticket = match ticket.take() {
                 Some(ticket) => ticket,
-                None => match limiter.reserve_within(chunk.len(), NEXT_UNITS_WAIT, &self.shutdown).await {
+                None => match limiter.reserve_within(wanted, NEXT_UNITS_WAIT, &self.shutdown).await {
                     Some(ticket) => ticket,
                     None => {
-                        report.failure = Some(policy::no_units_between_transactions(chunk.len(), NEXT_UNITS_WAIT));
+                        report.failure = Some(policy::no_units_between_transactions(wanted, NEXT_UNITS_WAIT));
                         break;
                     }
                 },
             };
+            let take = limiter.recipients_on(&ticket, wanted);
+            let chunk: Vec<Recipient> = queue.drain(..take).collect();
+            let reused = self.connection.is_some();
             let (result, withheld) = self.transmit(&chunk, message, ticket, lease, &relays_left).await;
             let step = match result {
                 Ok(transaction) => {

@@ -20,7 +20,7 @@ impl Worker {
         lease: (std::time::Instant, mongodb::bson::oid::ObjectId),
         ticket: Option<crate::budget::Ticket>,
     ) -> AttemptReport {
-        // The unit taken for the letter goes to the first copy (when its cost fits one copy).
+        // The unit taken for the letter goes to the first copy (`Worker::first_transaction`).
         let mut ticket = ticket;
         let mut report = AttemptReport::default();
         // The body (the text alternative, the attachments) is the same in every copy: made once.
