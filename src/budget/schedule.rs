@@ -276,11 +276,11 @@ pub struct Plan {
 /// second. Token buckets and GCRA have the same bound (a bucket must hold the largest message).
 /// So where the room would cost more than 1 %, the schedule spaces units for the whole rate and
 /// the rate's window is counted like a quota, in buckets of a 1,024th of it, with every grant
-/// charged at its last unit (where its last message goes; every message of it goes at or before
-/// it, so no use comes after its charge). A grant there covers one message, or at most a
-/// sixteenth of the rate's units, which the schedule (at eight times the rate) lays within a
-/// 128th of the window, so charging at the end frees at most that much late. A replica asks for
-/// what its waiting workers need (`Budget::stock_blocks`).
+/// charged at its last unit, where every message on it goes (`Pool::hand`). A grant there covers
+/// one message, or at most a sixteenth of the rate's units and no more than the guard and the
+/// burst's tolerance span (the window's check looks that far back), which the schedule (at eight
+/// times the rate) lays within a 128th of the window, so charging at the end frees at most that
+/// much late. A replica asks for what its waiting workers need (`Budget::stock_blocks`).
 ///
 /// And wherever a burst is kept beside a quota and a message may cost more than one unit,
 /// while grants are scheduled (not loose): there the window counted exactly and the pace are
@@ -833,8 +833,8 @@ fn decide_units(
             let left_out = i64::from(whole).saturating_sub(i64::try_from(room).unwrap_or(i64::MAX)).max(0);
             let rate_brings_ns = left_out.saturating_mul(plan.period_ns / i64::from(plan.rate_max.max(1)));
             // From the same first place, the whole's last unit lies further along the schedule
-            // anyway: only what the window adds counts (compared at their last units, a daily
-            // budget's letters of 50 went one recipient at a time, 10 s of schedule apart).
+            // anyway: only what the window adds counts (compared at their last units, every
+            // message of several units went in parts of one, wherever the window had room).
             if whole_at - part_at <= rate_brings_ns {
                 need = whole;
                 start = whole_at;
