@@ -407,16 +407,11 @@ impl Budget {
     /// window counted in recipients that has room for fewer than a whole transaction lends that
     /// room to part of it, rather than leave it to pass: under SES's 14 recipients a second,
     /// letters of 50 went as 14, 14, 14 and 8, and the second of the 8 left 6 unused (12.5 a
-    /// second). Only where the rate's window is counted exactly ([`Plan::exact`]), and not
-    /// under its pace ([`Plan::pace`]), where a transaction goes once one of its units is due and
-    /// nothing is left over: it would be cut into transactions of one. On the schedule alone there
-    /// is no window's room to fill, and parts of runs too short for a message cut letters into
-    /// transactions of a few recipients where the workers bound (three replicas of two workers on
-    /// a 2 s relay, letters of 1 to 10: 1,971 recipients in 30 s where whole ones sent 2,527).
+    /// second). Only where [`Plan::splits_transactions`].
     pub async fn take_up_to(self: &Arc<Self>, units: u32) -> Ticket {
-        let least = match (&self.plan.exact, self.plan.pace) {
-            (Some(_), None) => 1,
-            _ => units,
+        let least = match self.plan.splits_transactions() {
+            true => 1,
+            false => units,
         };
         self.take_for(least, units, Moment::ToPrepare).await
     }

@@ -216,7 +216,8 @@ impl RateLimit {
     }
 
     /// Waits for the throttle slowdown, then for the budget's units for one message to
-    /// `recipients` recipients (or fewer, [`RateLimit::recipients_on`]); the message's final dot then waits for the ticket's time.
+    /// `recipients` recipients (or fewer, [`RateLimit::recipients_on`]); the message's final dot
+    /// then waits for the ticket's time.
     /// With a bulk letter's `turn`, the units are taken only when they are near, and the turn
     /// passes to the next bulk worker once they are.
     pub async fn reserve(&self, recipients: usize, turn: Option<BulkTurn>) -> Ticket {
