@@ -490,11 +490,9 @@ impl Budget {
             if moment == Moment::AtDot {
                 want = units + doomed;
             }
-            let granted = tokio::time::timeout(
-                GRANT_TIMEOUT,
-                self.grant(&mut granting, want, Need { least, message: units }, moment),
-            )
-            .await;
+            let held = self.pool().held_to_end(self.cut_ns(clock.now_ns(), moment), &self.plan);
+            let need = Need { least, message: units, held };
+            let granted = tokio::time::timeout(GRANT_TIMEOUT, self.grant(&mut granting, want, need, moment)).await;
             let granted = granted.unwrap_or_else(|_| {
                 // Whatever the write did is lost with it: at worst, one grant's units unused.
                 *granting = None;

@@ -342,6 +342,15 @@ impl Pool {
         (std::mem::take(&mut self.expired), std::mem::take(&mut self.missed))
     }
 
+    /// The units of the run that ends last, from the first due at `cut_ns` on, as `(end_ns,
+    /// count)`: a grant that continues it may serve a message with them
+    /// (`schedule::joins_held`).
+    pub(super) fn held_to_end(&self, cut_ns: i64, plan: &Plan) -> Option<(i64, u32)> {
+        let last = self.runs.iter().max_by_key(|run| run.end_ns(plan.interval_ns))?;
+        let alive = plan.alive(*last, cut_ns)?;
+        Some((alive.end_ns(plan.interval_ns), alive.count))
+    }
+
     /// Adds a granted run in time order: units another replica gave back may lie before the
     /// runs this one holds.
     pub(super) fn add(&mut self, granted: Run, plan: &Plan) {

@@ -1531,6 +1531,31 @@ mod tests {
         }
     }
 
+    /// An hourly budget in recipients, letters of mixed sizes: ten units span 29 s of the
+    /// schedule, ten times the horizon. A grant sized for a small message left its rest in the
+    /// pool, too short for the next message of ten, whose own grant waited at the horizon until
+    /// that rest had all but passed (one replica of sixteen workers: 176 of the 205 the rate
+    /// allows in ten minutes, 85.9 %; of six, letters of 1 to 100: 90.7 %). The next grant now
+    /// continues the units held at the schedule's end, and the message takes them together
+    /// (`schedule::joins_held`). Found by `SIM_BURST1=1 SIM_RECIPIENTS=1` explorations (seeds
+    /// 21 and 3).
+    #[tokio::test(start_paused = true)]
+    async fn a_message_larger_than_the_rest_of_a_grant_takes_it_with_the_next() {
+        let cases = [
+            Case {
+                recipients: MIXED.to_vec(),
+                ..Case::load(in_recipients("1h", 1_237, 1, None, 10), 1, 16, MS, 10 * MINUTE)
+            },
+            Case {
+                recipients: vec![1, 40, 5, 100, 2],
+                ..Case::load(in_recipients("1h", 1_293, 1, None, 10), 1, 6, MS, 10 * MINUTE)
+            },
+        ];
+        for case in &cases {
+            holds_and_uses_95(case).await;
+        }
+    }
+
     /// A budget in recipients whose messages' units, on the schedule, span more than a quota's
     /// reach: 1,429 recipients an hour (a unit every 2.5 s) beside 10 per 20 s, letters of 1 to 10
     /// recipients. A message goes at its last unit, but its units were charged against the quota
