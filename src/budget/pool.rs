@@ -28,7 +28,7 @@ const PASSING_MIN: u64 = 3;
 /// judged afresh, in case its relay or its load changed. What that costs, a span of consecutive
 /// grants that pass in part once in this time, is what a replica lost every other second
 /// before (see [`Waste::count`]).
-const PASSING_KEPT: std::time::Duration = std::time::Duration::from_secs(30);
+pub(super) const PASSING_KEPT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Most tickets remembered for [`Pool::doomed`].
 const RECENT_MAX: usize = 4_096;

@@ -1556,6 +1556,27 @@ mod tests {
         }
     }
 
+    /// Several replicas on a 20 ms relay under a budget in recipients whose room for the largest
+    /// message costs under 1 % (the schedule alone, no window counted exactly): a replica's stock
+    /// is a run of consecutive units at the whole rate's pace, its workers carry a share of the
+    /// rate, and most of the run passed before they came for it; a message needs consecutive
+    /// units, so no stride thins it out. Once its stock passes while another replica shares the
+    /// schedule, a replica places each message as it starts (`Budget::placing_round_trips`).
+    /// Two replicas of thirteen, letters of one (ten recipients a message allowed): 76.4 % of
+    /// what the workers carry before. Three replicas of three, letters of 1 to 10: 3,557
+    /// recipients in 5 s before (52.9 %), 5,164 now (80.6 %, still short: each message's round
+    /// trip is on its path). Found by `SIM_BURST1=1 SIM_RECIPIENTS=1` explorations (seeds 5, 13).
+    #[tokio::test(start_paused = true)]
+    async fn replicas_whose_stock_passes_place_each_message() {
+        let vars = in_recipients("1s", 1_665, 1, None, 10);
+        let ones = Case { offsets_ms: vec![-600_000, 0], ..Case::load(vars, 2, 13, 20 * MS, 5 * SECOND) };
+        holds_and_uses_95(&ones).await;
+        let vars = in_recipients("1s", 1_493, 1, None, 10);
+        let mixed = Case { recipients: MIXED.to_vec(), ..Case::load(vars, 3, 3, 20 * MS, 5 * SECOND) };
+        let judged = sends_within_its_caps(&mixed).await;
+        assert!(judged.share() >= 0.75, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+    }
+
     /// A budget in recipients whose messages' units, on the schedule, span more than a quota's
     /// reach: 1,429 recipients an hour (a unit every 2.5 s) beside 10 per 20 s, letters of 1 to 10
     /// recipients. A message goes at its last unit, but its units were charged against the quota
