@@ -603,6 +603,7 @@ async fn sent_in_recipients(
     tag: &str,
     letters: usize,
     per_letter: usize,
+    window_s: f64,
 ) -> (Vec<Received>, usize, f64, f64) {
     let _serial = TIMING.lock().await;
     let sink = SmtpSink::start().await;
@@ -620,7 +621,7 @@ async fn sent_in_recipients(
     }
     let received = sink.received();
     assert_each_recipient_once(&received, letters * per_letter);
-    let (busiest, at) = busiest_window(&dots_logged(&[app.log()]), 1.0, |r| r.rcpt_tos.len());
+    let (busiest, at) = busiest_window(&dots_logged(&[app.log()]), window_s, |r| r.rcpt_tos.len());
     let took = span(&received);
     (received, busiest, at, took)
 }
@@ -630,7 +631,7 @@ async fn sent_in_recipients(
 /// than 14. Before, every such letter failed at once: more recipients than a window holds.
 #[tokio::test(flavor = "multi_thread")]
 async fn letters_larger_than_ses_rate_go_in_transactions_that_fit() {
-    let (received, busiest, at, took) = sent_in_recipients("14", &[], "ses40", 3, 40).await;
+    let (received, busiest, at, took) = sent_in_recipients("14", &[], "ses40", 3, 40, 1.0).await;
     let largest = received.iter().map(|r| r.rcpt_tos.len()).max().unwrap_or(0);
     println!("{} messages, largest {largest}, 120 recipients in {took:.2}s, busiest second {busiest}", received.len());
     assert_eq!(largest, 14, "transactions of at most the window's 14");
@@ -644,7 +645,7 @@ async fn letters_larger_than_ses_rate_go_in_transactions_that_fit() {
 /// before).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_window_with_less_room_than_a_transaction_carries_part_of_it() {
-    let (received, busiest, at, took) = sent_in_recipients("14", &[], "ses50", 4, 50).await;
+    let (received, busiest, at, took) = sent_in_recipients("14", &[], "ses50", 4, 50, 1.0).await;
     let sizes: Vec<usize> = received.iter().map(|r| r.rcpt_tos.len()).collect();
     println!("{} messages {sizes:?}, 200 recipients in {took:.2}s, busiest second {busiest}", received.len());
     assert!(busiest <= 14, "{busiest} recipients within one second of final dots (from +{at:.2}s): the rate is 14");
@@ -659,11 +660,26 @@ async fn a_window_with_less_room_than_a_transaction_carries_part_of_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn individual_copies_take_no_units_they_do_not_use() {
     let (received, busiest, at, took) =
-        sent_in_recipients("10", &[("SMTP_DELIVERY", "individual")], "copies", 4, 5).await;
+        sent_in_recipients("10", &[("SMTP_DELIVERY", "individual")], "copies", 4, 5, 1.0).await;
     println!("20 copies in {took:.2}s, busiest second {busiest}");
     assert!(received.iter().all(|r| r.rcpt_tos.len() == 1), "one recipient a copy");
     assert!(busiest <= 10, "{busiest} recipients within one second of final dots (from +{at:.2}s): the rate is 10");
     assert!(took < 2.0, "20 copies took {took:.2}s: units taken for the letters and not used by their copies");
+}
+
+/// A quota in recipients beside a rate far above the largest message (15 per 10 s, transactions of
+/// 10): a letter went whole or waited, so each window held one letter of 10 and left 5 unused
+/// until it freed. The next letter's first transaction now carries the quota's rest, and the rest
+/// of it the next window: 40 recipients in three windows, not four (about 21 s from the first
+/// message to the last; 31 s before).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quota_with_less_room_than_a_transaction_carries_part_of_it() {
+    let quota = [("SMTP_QUOTAS", "15/10s"), ("SMTP_MAX_RECIPIENTS", "10")];
+    let (received, busiest, at, took) = sent_in_recipients("10000", &quota, "quota10", 4, 10, 10.0).await;
+    let sizes: Vec<usize> = received.iter().map(|r| r.rcpt_tos.len()).collect();
+    println!("{} messages {sizes:?}, 40 recipients in {took:.2}s, busiest 10 s {busiest}", received.len());
+    assert!(busiest <= 15, "{busiest} recipients within 10 s of final dots (from +{at:.2}s): the quota is 15");
+    assert!(took < 26.0, "40 recipients took {took:.2}s: the room a window had left was not used");
 }
 
 // ------------------------------------------------------------------------------------------------
