@@ -110,6 +110,14 @@ const PLACING_ROUND_TRIPS: i64 = 25;
 const PLACING_ROUND_TRIPS_SHARED: i64 = 4;
 /// Another replica that wrote the schedule within this span shares it.
 const SHARED_SPAN: Duration = Duration::from_secs(1);
+/// The share of a replica's stock passing unused that makes it place each message where others
+/// share the schedule ([`Budget::placing_round_trips`]). Lower than a stride's
+/// (`pool::PASSING_SHARE`): two replicas of sixteen workers on a 20 ms relay under 1,089
+/// recipients a second took runs of a tenth of a second in turn, each replica's workers used
+/// 74 % of its runs at their pace and waited through the other's, and 26 % passing was below
+/// the stride's 30 % (4,223 recipients in 5 s; 5,081 placed one message at a time). A fifth and
+/// a tenth changed that case alone in 1,600 explored.
+const PLACING_PASSING_SHARE: f64 = 0.1;
 
 /// When a message may be handed over: its final dot waits for `at`.
 #[derive(Debug, Clone, Copy)]
@@ -735,12 +743,13 @@ impl Budget {
 
     /// How many round trips a preparation must be longer than for each message to be placed as it
     /// starts ([`Budget::places_each_message`]): [`PLACING_ROUND_TRIPS`], but
-    /// [`PLACING_ROUND_TRIPS_SHARED`] for [`pool::PASSING_KEPT`] after this replica's stock was
-    /// found passing unused (`Pool::passing`) while another replica wrote the schedule within
-    /// [`SHARED_SPAN`] and messages may cost several units. There a stock is a run of
+    /// [`PLACING_ROUND_TRIPS_SHARED`] for [`pool::PASSING_KEPT`] after [`PLACING_PASSING_SHARE`]
+    /// of this replica's stock was found passing unused while another replica wrote the schedule
+    /// within [`SHARED_SPAN`] and messages may cost several units. There a stock is a run of
     /// consecutive units at the whole rate's pace, which a replica whose workers carry a share of
     /// the rate cannot use before it passes, and which no stride can thin out (a message needs
-    /// consecutive units): three replicas of three workers on a 20 ms relay under 1,493
+    /// consecutive units, and the schedule's room for the largest message counts one message
+    /// across a window's edge, not one a replica): three replicas of three workers on a 20 ms relay under 1,493
     /// recipients a second, letters of 1 to 10, sent 3,557 recipients in 5 s, 5,164 placed one
     /// message at a time. Kept for the span once found: placing each message, nothing passes, and
     /// judged afresh every second, the replica went back to stocking and lost it again (4,410).
@@ -750,7 +759,7 @@ impl Budget {
         if self.plan.largest_cost > 1
             && now_ns - self.others_wrote_ns.load(Ordering::Relaxed) <= SHARED_SPAN.as_nanos() as i64
         {
-            if self.pool().passing() {
+            if self.pool().passing_more_than(PLACING_PASSING_SHARE) {
                 self.stock_passed_ns.store(now_ns, Ordering::Relaxed);
             }
             if now_ns - self.stock_passed_ns.load(Ordering::Relaxed) <= pool::PASSING_KEPT.as_nanos() as i64 {

@@ -286,12 +286,18 @@ impl Pool {
     /// up with runs at the rate's pace, and its next grants interleave with the other replicas'
     /// (`schedule::decide`).
     pub(super) fn passing(&self) -> bool {
+        self.passing_more_than(PASSING_SHARE)
+    }
+
+    /// Whether `share` or more of the scheduled units this replica held lately passed unused
+    /// (see [`Pool::passing`]).
+    pub(super) fn passing_more_than(&self, share: f64) -> bool {
         // Judged again now and then: the relay or the load may have changed since.
         if self.waste.since.is_none_or(|since| since.elapsed() >= PASSING_KEPT) {
             return false;
         }
         let (passed, handed) = (self.waste.passed.max(self.waste.last.0), self.waste.handed.max(self.waste.last.1));
-        passed >= PASSING_MIN && passed as f64 >= PASSING_SHARE * (passed + handed) as f64
+        passed >= PASSING_MIN && passed as f64 >= share * (passed + handed) as f64
     }
 
     /// Notes `units` due at `due_ns` handed at `now_ns` to a message still to be prepared. Kept
