@@ -552,6 +552,12 @@ impl Plan {
         run.from(from_ns, self.interval_ns)
     }
 
+    /// How long the configured rate takes to bring `units` (its own pace, not the schedule's,
+    /// which may run faster): what a part of a message saves against waiting for the whole.
+    fn rate_brings_ns(&self, units: u32) -> i64 {
+        i64::from(units).saturating_mul(self.period_ns / i64::from(self.rate_max.max(1)))
+    }
+
     /// Units per second the schedule allows.
     pub fn rate(&self) -> f64 {
         1e9 / self.interval_ns as f64
@@ -827,8 +833,7 @@ fn decide_units(
         // window ([`Plan::splits_transactions`]).
         let whole_soon = in_part && plan.exact.is_none() && available < u64::from(message) && {
             let left_out = message - available as u32;
-            let rate_brings_ns = i64::from(left_out).saturating_mul(plan.period_ns / i64::from(plan.rate_max.max(1)));
-            frees_ns(message) - start <= rate_brings_ns
+            frees_ns(message) - start <= plan.rate_brings_ns(left_out)
         };
         if available < u64::from(need) || whole_soon {
             // What was given back to the quotas is kept, for the caller to write.
@@ -889,7 +894,7 @@ fn decide_units(
         // sent 720 recipients in 30 s of the 864 the window lets through.
         let whole = message.min(count);
         let left_out = whole.saturating_sub(u32::try_from(room).unwrap_or(u32::MAX));
-        let rate_brings_ns = i64::from(left_out).saturating_mul(plan.period_ns / i64::from(plan.rate_max.max(1)));
+        let rate_brings_ns = plan.rate_brings_ns(left_out);
         // From the same first place, the whole's last unit lies further along the schedule
         // anyway: only what the window adds counts (compared at their last units, every message
         // of several units went in parts of one, wherever the window had room).
@@ -1265,15 +1270,21 @@ pub(super) mod tests {
         assert!(matches!(decision, Decision::Granted { .. }), "{decision:?}");
     }
 
+    /// A budget in recipients: `max` per `period`, and any other settings.
+    fn in_recipients(period: &str, max: &str, more: &[(&str, &str)]) -> Plan {
+        let mut vars = vec![
+            ("SMTP_RATE_LIMIT_PERIOD", period),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", max),
+            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+        ];
+        vars.extend_from_slice(more);
+        Plan::new(&smtp(&vars))
+    }
+
     #[test]
     fn recipient_units_leave_room_for_the_largest_message_only_where_it_costs_little() {
         // 9 of 20,000 units a period: the schedule leaves the room.
-        let plan = Plan::new(&smtp(&[
-            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
-            ("SMTP_RATE_LIMIT_MAX_LETTERS", "20000"),
-            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
-            ("SMTP_MAX_RECIPIENTS", "10"),
-        ]));
+        let plan = in_recipients("1s", "20000", &[("SMTP_MAX_RECIPIENTS", "10")]);
         assert_eq!(plan.largest_cost, 10);
         assert!(plan.exact.is_none());
         assert_eq!(plan.interval_ns, (1_007_500_000_f64 / 19_991.0).ceil() as i64);
@@ -1314,12 +1325,7 @@ pub(super) mod tests {
     /// leave 1 unit a second; the window is counted exactly instead.
     #[test]
     fn a_budget_in_recipients_counts_its_window_exactly() {
-        let plan = Plan::new(&smtp(&[
-            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
-            ("SMTP_RATE_LIMIT_MAX_LETTERS", "14"),
-            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
-            ("SMTP_MAX_RECIPIENTS", "50"),
-        ]));
+        let plan = in_recipients("1s", "14", &[("SMTP_MAX_RECIPIENTS", "50")]);
         assert!(plan.exact.is_some());
         assert_eq!(plan.max_grant, 1);
         let now = 1_000 * S;
@@ -1362,11 +1368,7 @@ pub(super) mod tests {
     /// takes to bring the units the part leaves out; and goes whole where the window frees soon.
     #[test]
     fn a_message_goes_in_part_where_the_window_holds_it_back() {
-        let plan = Plan::new(&smtp(&[
-            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
-            ("SMTP_RATE_LIMIT_MAX_LETTERS", "14"),
-            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
-        ]));
+        let plan = in_recipients("1s", "14", &[]);
         let now = 1_000 * S;
         let part = Need { least: 1, message: 14, held: None };
         // 8 in the window: the next 14 would wait a second for them, and the rate brings the 8
@@ -1395,12 +1397,7 @@ pub(super) mod tests {
     /// horizon while the units held lie within it. Not when another grant lies between.
     #[test]
     fn a_grant_continues_the_units_held_at_the_schedules_end() {
-        let plan = Plan::new(&smtp(&[
-            ("SMTP_RATE_LIMIT_PERIOD", "1h"),
-            ("SMTP_RATE_LIMIT_MAX_LETTERS", "1237"),
-            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
-            ("SMTP_MAX_RECIPIENTS", "10"),
-        ]));
+        let plan = in_recipients("1h", "1237", &[("SMTP_MAX_RECIPIENTS", "10")]);
         assert!(plan.exact.is_none() && plan.interval_ns > 2 * S, "{plan:?}");
         let now = 1_000 * S;
         // A grant of ten, of which a message of three took the first three: seven are held, up
@@ -1425,13 +1422,7 @@ pub(super) mod tests {
     /// would wait for the window to free; a message that goes whole waits.
     #[test]
     fn a_quota_grants_its_rest_to_part_of_a_message() {
-        let plan = Plan::new(&smtp(&[
-            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
-            ("SMTP_RATE_LIMIT_MAX_LETTERS", "2000"),
-            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
-            ("SMTP_MAX_RECIPIENTS", "10"),
-            ("SMTP_QUOTAS", "15/10m"),
-        ]));
+        let plan = in_recipients("1s", "2000", &[("SMTP_MAX_RECIPIENTS", "10"), ("SMTP_QUOTAS", "15/10m")]);
         assert!(plan.exact.is_none() && plan.splits_transactions(), "{plan:?}");
         let now = 1_000 * S;
         let (_, state) = decide(&State::default(), &plan, now, plan.lead_ns, plan.lead_ns, 10, 10, None);
