@@ -682,6 +682,37 @@ async fn a_quota_with_less_room_than_a_transaction_carries_part_of_it() {
     assert!(took < 26.0, "40 recipients took {took:.2}s: the room a window had left was not used");
 }
 
+/// Unit `recipient`, 3,000 a minute (a unit every 20 ms; the room for a message of ten costs
+/// 0.3 %, so the schedule alone is the cap), one worker on a relay that takes 300 ms before the
+/// final dot, letters of ten: each message's ten units were placed from where it would be ready
+/// on, and its dot waited the nine intervals (180 ms) after the first, a transaction of 480 ms
+/// where the relay takes 300. Now its units end where it is ready (`Need::early_ns`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_of_several_recipients_goes_when_it_is_prepared() {
+    let _serial = TIMING.lock().await;
+    let sink = SmtpSink::start().await;
+    sink.control(json!({ "data_start_delay_s": 0.3 }));
+    let budget = [
+        ("SMTP_RATE_LIMIT_PERIOD", "60s"),
+        ("SMTP_RATE_LIMIT_MAX_LETTERS", "3000"),
+        ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+        ("SMTP_MAX_RECIPIENTS", "10"),
+        ("SMTP_MAX_SENDERS", "1"),
+        DOTS,
+    ];
+    let app = TestApp::spawn(&sink, &budget).await;
+    app.produce(Some("early"), batch("early", 11, 10).to_string().as_bytes()).await;
+    for letter in app.wait_all_final(11, Duration::from_secs(60)).await {
+        assert_eq!((letter.status, letter.delivered.len()), (Status::Sent, 10), "{:?}", letter.error);
+    }
+    let received = sink.received();
+    assert_each_recipient_once(&received, 110);
+    let each = span(&received) / 10.0;
+    println!("one worker, 300 ms before the dot, letters of 10 at 3,000/min: {each:.3} s a transaction");
+    // 0.48 s before; about 0.31 s now.
+    assert!(each < 0.4, "{each:.3} s a transaction: the relay takes 0.3 s, and the dot waited for its units");
+}
+
 // ------------------------------------------------------------------------------------------------
 // Issue 21: the configurations users run (each of these failed on the code before the fix)
 // ------------------------------------------------------------------------------------------------

@@ -516,7 +516,12 @@ impl Budget {
                 want = units + doomed;
             }
             let held = self.pool().held_to_end(self.cut_ns(clock.now_ns(), moment), &self.plan);
-            let need = Need { least, message: units, held };
+            // A message still to be prepared may take units that pass during its preparation.
+            let early_ns = match moment {
+                Moment::ToPrepare => self.preparation_within_lead_ns(),
+                Moment::AtDot => 0,
+            };
+            let need = Need { least, message: units, held, early_ns };
             let granted = tokio::time::timeout(GRANT_TIMEOUT, self.grant(&mut granting, want, need, moment)).await;
             let granted = granted.unwrap_or_else(|_| {
                 // Whatever the write did is lost with it: at worst, one grant's units unused.

@@ -107,6 +107,26 @@ pub(super) enum Taken {
     Until(i64),
 }
 
+/// The units of `run` a message of up to `units` may take, due at `cut_ns` or later (when it can
+/// reach its dot, less the lateness allowed): where units are used at their places
+/// ([`Plan::units_used_at_places`]), from up to its own span before that, as long as the last
+/// unit it takes is due at the cut or later and none has passed at `now_ns`. Its dot waits for
+/// its last unit, and units the preparation passes over stay unused otherwise
+/// ([`crate::budget::Need::early_ns`]).
+fn usable(plan: &Plan, run: Run, units: u32, now_ns: i64, cut_ns: i64) -> Option<Run> {
+    if units > 1 && plan.units_used_at_places() && run.stride <= 1 {
+        let early_ns = (cut_ns - i64::from(units - 1) * plan.interval_ns).max(now_ns);
+        let spread = plan.alive(run, early_ns).filter(|usable| {
+            let taken = usable.count.min(units);
+            usable.first_ns + i64::from(taken - 1) * plan.interval_ns >= cut_ns
+        });
+        if spread.is_some() {
+            return spread;
+        }
+    }
+    plan.alive(run, cut_ns.max(now_ns))
+}
+
 impl Pool {
     /// Up to `units` and at least `least` for one message (the ticket's [`Placed::count`] says
     /// how many): loose ones that are still usable at `ready_ns` (when the message can be
@@ -124,7 +144,8 @@ impl Pool {
         ready_ns: i64,
     ) -> Option<(Taken, Placed)> {
         // A part only where no run holds the whole message.
-        let whole = self.runs.iter().any(|run| plan.alive(*run, cut_ns.max(now_ns)).is_some_and(|r| r.count >= units));
+        let whole =
+            self.runs.iter().any(|run| usable(plan, *run, units, now_ns, cut_ns).is_some_and(|r| r.count >= units));
         let least = match whole {
             true => units,
             false => least.clamp(1, units.max(1)),
@@ -253,11 +274,9 @@ impl Pool {
     fn take_from(&mut self, least: u32, units: u32, plan: &Plan, now_ns: i64, cut_ns: i64) -> Option<(Taken, Placed)> {
         let runs = std::mem::take(&mut self.runs);
         self.runs = runs.into_iter().filter_map(|whole| self.alive_or_expire(whole, now_ns, plan)).collect();
-        let found = self
-            .runs
-            .iter()
-            .enumerate()
-            .find_map(|(at, run)| plan.alive(*run, cut_ns).filter(|usable| usable.count >= least).map(|u| (at, u)));
+        let found = self.runs.iter().enumerate().find_map(|(at, run)| {
+            usable(plan, *run, units, now_ns, cut_ns).filter(|u| u.count >= least).map(|u| (at, u))
+        });
         let Some((at, usable)) = found else {
             self.give_back_far_short_runs(least, cut_ns, plan);
             return None;
@@ -562,6 +581,32 @@ mod tests {
         assert_eq!(runs(&pool), vec![(1_000, 3)]);
         assert_eq!(pool.take_back(0, &plan), vec![run(1_000, 3)]);
         assert!(pool.runs.is_empty());
+    }
+
+    /// Where units are used at their places, a message of several units takes them from its own
+    /// span before the cut on, its last at the cut or later; units already passed, or a last
+    /// unit before the cut, are not of use to it. With a burst, from the cut on.
+    #[test]
+    fn a_message_of_several_units_takes_them_ending_at_its_cut() {
+        let plan = plan(0, i64::MAX);
+        let taken = |plan: &Plan, units: u32, now: i64, cut: i64, runs: &[Run]| {
+            let mut pool = Pool::default();
+            for run in runs {
+                pool.add(*run, plan);
+            }
+            pool.take_some(units, units, plan, now, cut, now).map(|(_, placed)| (placed.first_ns, placed.count))
+        };
+        // Four units from 1,000 on, the cut at 1,030: all four, the last at the cut.
+        assert_eq!(taken(&plan, 4, 1_000, 1_030, &[run(1_000, 10)]), Some((1_000, 4)));
+        // Now at 1,015: the units before have passed, the four from 1,020 end after the cut.
+        assert_eq!(taken(&plan, 4, 1_015, 1_030, &[run(1_000, 10)]), Some((1_020, 4)));
+        // A run that ends before the cut serves no message, however many units it has.
+        assert_eq!(taken(&plan, 4, 1_000, 1_100, &[run(1_000, 10)]), None);
+        // One unit: from the cut on.
+        assert_eq!(taken(&plan, 1, 1_000, 1_030, &[run(1_000, 10)]), Some((1_030, 1)));
+        // A burst (units usable 5 ns before their places): from the cut on, as counted there.
+        let burst = taken(&self::plan(5, i64::MAX), 4, 1_000, 1_030, &[run(1_000, 10)]);
+        assert!(matches!(burst, Some((first, 4)) if first >= 1_030 - 5), "{burst:?}");
     }
 
     /// Where the pace is kept, runs too short for the message that asked and placed beyond the

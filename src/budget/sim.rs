@@ -1558,6 +1558,32 @@ mod tests {
         }
     }
 
+    /// A slow relay places each message's units as it starts, a preparation ahead. Placed from
+    /// there on, a message of ten units at 167 recipients a second reached its dot and waited
+    /// the nine intervals (54 ms) after its first unit: every transaction of a 300 ms relay took
+    /// up to a sixth longer than it had to. One replica of two workers under 1,669 recipients per
+    /// 10 s, letters of 1 to 10, sent 764 of the 864 recipients its workers carry in 30 s
+    /// (88.4 %); three replicas of two, 2,240 of 2,517. Now its units end at its dot, the
+    /// earlier ones passing during its preparation (`Need::early_ns`). Found by `SIM_BURST1=1
+    /// SIM_RECIPIENTS=1` explorations (seed 3).
+    #[tokio::test(start_paused = true)]
+    async fn a_message_of_several_units_takes_those_that_pass_while_it_is_prepared() {
+        let cases = [
+            Case {
+                recipients: MIXED.to_vec(),
+                ..Case::load(in_recipients("10s", 1_669, 1, None, 10), 1, 2, 300 * MS, 30 * SECOND)
+            },
+            Case {
+                recipients: MIXED.to_vec(),
+                offsets_ms: vec![-600_000, 0],
+                ..Case::load(in_recipients("10s", 1_669, 1, None, 10), 3, 2, 300 * MS, 30 * SECOND)
+            },
+        ];
+        for case in &cases {
+            holds_and_uses_95(case).await;
+        }
+    }
+
     /// Several replicas on a 20 ms relay under a budget in recipients whose room for the largest
     /// message costs under 1 % (the schedule alone, no window counted exactly): a replica's stock
     /// is a run of consecutive units at the whole rate's pace, its workers carry a share of the
