@@ -510,6 +510,9 @@ impl Budget {
             if self.asks_as_needed(clock.now_ns()) {
                 want = want.min(units.saturating_mul(waiting.max(1) as u32));
             }
+            if self.grants_one_message(clock.now_ns()) {
+                want = units;
+            }
             // A message at its dot asks for its own units alone: placed for it, two round trips
             // ahead, they would pass before any message still to be prepared came for them.
             if moment == Moment::AtDot {
@@ -772,6 +775,26 @@ impl Budget {
             }
         }
         PLACING_ROUND_TRIPS
+    }
+
+    /// Whether a grant is for the units of the message asking alone: where another replica
+    /// wrote the schedule within [`SHARED_SPAN`], messages may cost several units, units are
+    /// used at their places, and units lie [`PLACING_ROUND_TRIPS_SHARED`] round trips apart or
+    /// more (a write a message then costs the ledger no more than one per few round trips, and
+    /// the worker a round trip where it mostly waits for its units anyway). A grant sized for
+    /// the rate the replica used held units beyond its message, and a larger message after it
+    /// could take them only while the schedule's end was still theirs ([`schedule::joins_held`]);
+    /// once another replica's grant lay between, they passed. Two replicas of two workers on a
+    /// 1 ms relay under 1,613 recipients a minute, letters of 1, 40, 5, 100 and 2 in
+    /// transactions of ten: a message of two took a grant of ten and eight passed, and the
+    /// replicas sent 4,280 of the 4,832 recipients the sizes allow in order in three minutes
+    /// (88.6 %; one replica alone, 99.4 %).
+    fn grants_one_message(&self, now_ns: i64) -> bool {
+        let round_trip_ns = self.round_trip_ns.load(Ordering::Relaxed).max(PLACING_ROUND_TRIP_MIN.as_nanos() as i64);
+        self.plan.largest_cost > 1
+            && self.plan.units_used_at_places()
+            && now_ns - self.others_wrote_ns.load(Ordering::Relaxed) <= SHARED_SPAN.as_nanos() as i64
+            && self.plan.interval_ns >= PLACING_ROUND_TRIPS_SHARED * round_trip_ns
     }
 
     /// Whether units stocked ahead would pass their reach before a worker came for them: under a

@@ -1584,6 +1584,24 @@ mod tests {
         }
     }
 
+    /// Two replicas share a schedule whose units lie 37 ms apart (1,613 recipients a minute, the
+    /// schedule alone the cap), letters of 1, 40, 5, 100 and 2 in transactions of ten. A grant
+    /// sized for the rate a replica used held ten units for a message of two; the next message,
+    /// of ten, could not take the eight left once the other replica's grant lay between, and
+    /// they passed: 4,280 of the 4,832 recipients the sizes allow in order in three minutes
+    /// (88.6 %; one replica, 99.4 %). Now each message's grant holds its own units
+    /// (`Budget::grants_one_message`). Found by `SIM_BURST1=1 SIM_RECIPIENTS=1` explorations
+    /// (seed 17).
+    #[tokio::test(start_paused = true)]
+    async fn replicas_sharing_a_slow_schedule_grant_each_message_its_own_units() {
+        let case = Case {
+            recipients: vec![1, 40, 5, 100, 2],
+            offsets_ms: vec![600_000, 0],
+            ..Case::load(in_recipients("60s", 1_613, 1, None, 10), 2, 2, MS, 3 * MINUTE)
+        };
+        holds_and_uses_95(&case).await;
+    }
+
     /// Several replicas on a 20 ms relay under a budget in recipients whose room for the largest
     /// message costs under 1 % (the schedule alone, no window counted exactly): a replica's stock
     /// is a run of consecutive units at the whole rate's pace, its workers carry a share of the
