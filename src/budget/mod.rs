@@ -31,7 +31,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -208,6 +208,10 @@ pub struct Budget {
     written_version: AtomicI64,
     /// When this replica last found the state written by another (server nanoseconds).
     others_wrote_ns: AtomicI64,
+    /// The units of the last message that asked for some, and when one of another size asked
+    /// (server nanoseconds; see [`Budget::grants_one_message`]).
+    last_units: AtomicU32,
+    sizes_differed_ns: AtomicI64,
     /// When this replica last found its stock passing unused with others sharing the schedule
     /// (see [`Budget::placing_round_trips`]).
     stock_passed_ns: AtomicI64,
@@ -256,6 +260,8 @@ impl Budget {
             replica: rand::random(),
             written_version: AtomicI64::new(0),
             others_wrote_ns: AtomicI64::new(i64::MIN / 2),
+            last_units: AtomicU32::new(0),
+            sizes_differed_ns: AtomicI64::new(i64::MIN / 2),
             stock_passed_ns: AtomicI64::new(i64::MIN / 2),
             metrics,
         }
@@ -522,6 +528,10 @@ impl Budget {
             let mut want = self.pool().want(units, waiting, &self.plan);
             if self.asks_as_needed(clock.now_ns()) {
                 want = want.min(units.saturating_mul(waiting.max(1) as u32));
+            }
+            let previous = self.last_units.swap(units, Ordering::Relaxed);
+            if previous != 0 && previous != units {
+                self.sizes_differed_ns.store(clock.now_ns(), Ordering::Relaxed);
             }
             if self.grants_one_message(clock.now_ns()) {
                 want = units;
@@ -802,12 +812,23 @@ impl Budget {
     /// transactions of ten: a message of two took a grant of ten and eight passed, and the
     /// replicas sent 4,280 of the 4,832 recipients the sizes allow in order in three minutes
     /// (88.6 %; one replica alone, 99.4 %).
+    ///
+    /// And at any interval where each message is placed as it starts anyway
+    /// ([`Budget::places_each_message`]) and messages of different sizes asked within the span:
+    /// there a grant for the waiting workers took this message's units for each of them, and a
+    /// larger message after it found the rest too short. Three replicas of three workers on a
+    /// 20 ms relay under 1,493 recipients a second, letters of 1 to 10: 5,505 of the 6,407 the
+    /// workers carry in 5 s (85.9 %), 6,106 so. Not for letters of one size, whose rest any
+    /// message after them can take (see [`ONE_MESSAGE_ROUND_TRIPS`]).
     fn grants_one_message(&self, now_ns: i64) -> bool {
         let round_trip_ns = self.round_trip_ns.load(Ordering::Relaxed).max(PLACING_ROUND_TRIP_MIN.as_nanos() as i64);
+        let span_ns = ONE_MESSAGE_SHARED_SPAN.as_nanos() as i64;
         self.plan.largest_cost > 1
             && self.plan.units_used_at_places()
-            && now_ns - self.others_wrote_ns.load(Ordering::Relaxed) <= ONE_MESSAGE_SHARED_SPAN.as_nanos() as i64
-            && self.plan.interval_ns >= ONE_MESSAGE_ROUND_TRIPS * round_trip_ns
+            && now_ns - self.others_wrote_ns.load(Ordering::Relaxed) <= span_ns
+            && (self.plan.interval_ns >= ONE_MESSAGE_ROUND_TRIPS * round_trip_ns
+                || (now_ns - self.sizes_differed_ns.load(Ordering::Relaxed) <= span_ns
+                    && self.places_each_message(now_ns)))
     }
 
     /// Whether units stocked ahead would pass their reach before a worker came for them: under a

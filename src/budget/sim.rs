@@ -1629,8 +1629,10 @@ mod tests {
     /// schedule, a replica places each message as it starts (`Budget::placing_round_trips`).
     /// Two replicas of thirteen, letters of one (ten recipients a message allowed): 76.4 % of
     /// what the workers carry before. Three replicas of three, letters of 1 to 10: 3,557
-    /// recipients in 5 s before (52.9 %), 5,164 now (80.6 %, still short: each message's round
-    /// trip is on its path). Two replicas of sixteen under 1,089 a second, letters of one, whose
+    /// recipients in 5 s before (52.9 %), 5,164 placed (80.6 %), 5,505 with each message's units
+    /// ending at its dot, and 6,106 (95.3 %) with a grant a message where their sizes differ:
+    /// a grant for the waiting workers took this message's size for each of them, and a larger
+    /// message after it found the rest too short (`Budget::grants_one_message`). Two replicas of sixteen under 1,089 a second, letters of one, whose
     /// runs passed a quarter unused: 77.7 %, now 93.5 %. Found by `SIM_BURST1=1
     /// SIM_RECIPIENTS=1` explorations (seeds 5, 13).
     #[tokio::test(start_paused = true)]
@@ -1640,8 +1642,7 @@ mod tests {
         holds_and_uses_95(&ones).await;
         let vars = in_recipients("1s", 1_493, 1, None, 10);
         let mixed = Case { recipients: MIXED.to_vec(), ..Case::load(vars, 3, 3, 20 * MS, 5 * SECOND) };
-        let judged = sends_within_its_caps(&mixed).await;
-        assert!(judged.share() >= 0.75, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        holds_and_uses_95(&mixed).await;
         // Runs taken in turn, each replica's workers using three quarters of its own at their
         // pace: a quarter passing, under a stride's threshold.
         let vars = in_recipients("1s", 1_089, 1, None, 10);
