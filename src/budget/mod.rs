@@ -91,7 +91,7 @@ const SHORT_REACH: Duration = Duration::from_secs(1);
 const RETRY: Duration = Duration::from_millis(500);
 /// Concurrent changes by other replicas tolerated in one grant before backing off.
 const CAS_ATTEMPTS: usize = 8;
-/// The least round trip [`PLACING_ROUND_TRIPS`] counts: on loopback (or an in-memory ledger)
+/// The least round trip [`PLACING_ROUND_TRIPS`] and [`ONE_MESSAGE_ROUND_TRIPS`] count: on loopback (or an in-memory ledger)
 /// it reads near nothing, and a write a letter at a fast relay's pace is load on MongoDB's one
 /// document that a stock of units spares it.
 const PLACING_ROUND_TRIP_MIN: Duration = Duration::from_millis(1);
@@ -765,11 +765,21 @@ impl Budget {
     /// where a round trip a message would cost more than it saves. The ledger then takes a
     /// write a letter, at the workers' pace at most.
     fn places_each_message(&self, now_ns: i64) -> bool {
-        let round_trip_ns = self.round_trip_ns.load(Ordering::Relaxed).max(PLACING_ROUND_TRIP_MIN.as_nanos() as i64);
         schedule::uncounted_places(&self.plan)
             && self.measured_preparation_ns().is_some_and(|preparation_ns| {
-                preparation_ns > self.placing_round_trips(now_ns).saturating_mul(round_trip_ns)
+                preparation_ns > self.placing_round_trips(now_ns).saturating_mul(self.counted_round_trip_ns())
             })
+    }
+
+    /// The recent slowest round trip to the ledger, as the rules that trade one for a message's
+    /// placing count it: never under [`PLACING_ROUND_TRIP_MIN`].
+    fn counted_round_trip_ns(&self) -> i64 {
+        self.round_trip_ns.load(Ordering::Relaxed).max(PLACING_ROUND_TRIP_MIN.as_nanos() as i64)
+    }
+
+    /// Whether this replica found the schedule written by another within `span` of `now_ns`.
+    fn others_wrote_within(&self, now_ns: i64, span: Duration) -> bool {
+        now_ns - self.others_wrote_ns.load(Ordering::Relaxed) <= span.as_nanos() as i64
     }
 
     /// How many round trips a preparation must be longer than for each message to be placed as it
@@ -787,9 +797,7 @@ impl Budget {
     /// Not where the stock is used (two replicas of seven under 1,157 a second, where every
     /// message placed on its own sent 5,386 of the 5,514 stocks send), nor for one replica alone.
     fn placing_round_trips(&self, now_ns: i64) -> i64 {
-        if self.plan.largest_cost > 1
-            && now_ns - self.others_wrote_ns.load(Ordering::Relaxed) <= SHARED_SPAN.as_nanos() as i64
-        {
+        if self.plan.largest_cost > 1 && self.others_wrote_within(now_ns, SHARED_SPAN) {
             if self.pool().passing_more_than(PLACING_PASSING_SHARE) {
                 self.stock_passed_ns.store(now_ns, Ordering::Relaxed);
             }
@@ -821,12 +829,11 @@ impl Budget {
     /// workers carry in 5 s (85.9 %), 6,106 so. Not for letters of one size, whose rest any
     /// message after them can take (see [`ONE_MESSAGE_ROUND_TRIPS`]).
     fn grants_one_message(&self, now_ns: i64) -> bool {
-        let round_trip_ns = self.round_trip_ns.load(Ordering::Relaxed).max(PLACING_ROUND_TRIP_MIN.as_nanos() as i64);
         let span_ns = ONE_MESSAGE_SHARED_SPAN.as_nanos() as i64;
         self.plan.largest_cost > 1
             && self.plan.units_used_at_places()
-            && now_ns - self.others_wrote_ns.load(Ordering::Relaxed) <= span_ns
-            && (self.plan.interval_ns >= ONE_MESSAGE_ROUND_TRIPS * round_trip_ns
+            && self.others_wrote_within(now_ns, ONE_MESSAGE_SHARED_SPAN)
+            && (self.plan.interval_ns >= ONE_MESSAGE_ROUND_TRIPS * self.counted_round_trip_ns()
                 || (now_ns - self.sizes_differed_ns.load(Ordering::Relaxed) <= span_ns
                     && self.places_each_message(now_ns)))
     }

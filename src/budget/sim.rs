@@ -853,6 +853,12 @@ mod tests {
         assert!(judged.share() >= 0.95, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
     }
 
+    async fn each_holds_and_uses_95(cases: &[Case]) {
+        for case in cases {
+            holds_and_uses_95(case).await;
+        }
+    }
+
     /// Judges `case`: no window over its limit, and something sent (a budget that sends nothing
     /// holds every cap).
     async fn sends_within_its_caps(case: &Case) -> Judged {
@@ -1554,9 +1560,7 @@ mod tests {
                 ..Case::load(in_recipients("1h", 1_293, 1, None, 10), 1, 6, MS, 10 * MINUTE)
             },
         ];
-        for case in &cases {
-            holds_and_uses_95(case).await;
-        }
+        each_holds_and_uses_95(&cases).await;
     }
 
     /// A slow relay places each message's units as it starts, a preparation ahead. Placed from
@@ -1580,9 +1584,7 @@ mod tests {
                 ..Case::load(in_recipients("10s", 1_669, 1, None, 10), 3, 2, 300 * MS, 30 * SECOND)
             },
         ];
-        for case in &cases {
-            holds_and_uses_95(case).await;
-        }
+        each_holds_and_uses_95(&cases).await;
     }
 
     /// Two replicas share a schedule whose units lie 37 ms apart (1,613 recipients a minute, the
@@ -1616,9 +1618,7 @@ mod tests {
                 ..Case::load(in_recipients("60s", 1_097, 1, None, 10), 3, 8, 2 * SECOND, 3 * MINUTE)
             },
         ];
-        for case in &cases {
-            holds_and_uses_95(case).await;
-        }
+        each_holds_and_uses_95(&cases).await;
     }
 
     /// Several replicas on a 20 ms relay under a budget in recipients whose room for the largest
