@@ -1621,6 +1621,25 @@ mod tests {
         each_holds_and_uses_95(&cases).await;
     }
 
+    /// Where the rate's window is counted exactly (`SMTP_MAX_RECIPIENTS=1000` against 1,039
+    /// recipients a second), a grant sized for the workers queued behind a message (its units for
+    /// each, up to the largest grant) held units beyond it in the window; what the replica's next
+    /// message could not use held the window's room until it passed, and the other replicas had
+    /// been told to wait for the window's next room meanwhile. Three replicas of twelve on a
+    /// 20 ms relay, letters of 1, 40, 5, 100 and 2: each second's messages went in one run of
+    /// about 130 ms that stopped near 945 recipients, 4,810 of the 5,181 the sizes allow in order
+    /// in 5 s (92.8 %). Now a message whose units the rate brings in two round trips or more
+    /// takes a grant of its own (`Budget::window_grants_one_message`). Found by `SIM_BURST1=1
+    /// SIM_RECIPIENTS=1` explorations (seed 13).
+    #[tokio::test(start_paused = true)]
+    async fn a_window_counted_exactly_grants_each_large_message_its_own_units() {
+        let case = Case {
+            recipients: vec![1, 40, 5, 100, 2],
+            ..Case::load(in_recipients("1s", 1_039, 1, None, 1_000), 3, 12, 20 * MS, 5 * SECOND)
+        };
+        holds_and_uses_95(&case).await;
+    }
+
     /// Several replicas on a 20 ms relay under a budget in recipients whose room for the largest
     /// message costs under 1 % (the schedule alone, no window counted exactly): a replica's stock
     /// is a run of consecutive units at the whole rate's pace, its workers carry a share of the
