@@ -851,8 +851,8 @@ impl Budget {
     /// and the replicas sent 4,810 of the 5,181 the sizes allow in order in 5 s (92.8 %). A
     /// grant a message costs a ledger write a message, no more than one per two round trips
     /// here; for messages of any size, letters of one recipient went at the ledger's pace of
-    /// writes (nine workers on a 1 ms relay under 1,330 a second: 2,450 in 5 s where 6,591 went). Not
-    /// under a quota, whose room a grant's units hold until they pass whatever the window does:
+    /// writes (nine workers on a 1 ms relay under 1,330 a second: 2,450 in 5 s where 6,591
+    /// went). Not under a quota, whose room a grant's units hold until they pass whatever the window does:
     /// there it moved cases both ways by up to a tenth (943 a second with a burst of 51 beside
     /// 164 per 10 minutes, two replicas of fourteen: 100.7 → 87.6 %). Nor with a burst, whose
     /// messages may go together at once: three replicas of four under 911 an hour with a burst of
