@@ -91,9 +91,9 @@ const SHORT_REACH: Duration = Duration::from_secs(1);
 const RETRY: Duration = Duration::from_millis(500);
 /// Concurrent changes by other replicas tolerated in one grant before backing off.
 const CAS_ATTEMPTS: usize = 8;
-/// The least round trip [`PLACING_ROUND_TRIPS`] and [`ONE_MESSAGE_ROUND_TRIPS`] count: on loopback (or an in-memory ledger)
-/// it reads near nothing, and a write a letter at a fast relay's pace is load on MongoDB's one
-/// document that a stock of units spares it.
+/// The least round trip [`PLACING_ROUND_TRIPS`] and [`ONE_MESSAGE_ROUND_TRIPS`] count: on
+/// loopback (or an in-memory ledger) it reads near nothing, and a write a letter at a fast
+/// relay's pace is load on MongoDB's one document that a stock of units spares it.
 const PLACING_ROUND_TRIP_MIN: Duration = Duration::from_millis(1);
 /// A preparation within this is fast enough for a stock under a window counted exactly
 /// ([`Budget::stock_used_in_time`]): between the simulation's 20 ms and 300 ms relays, not tuned
@@ -533,7 +533,7 @@ impl Budget {
             if previous != 0 && previous != units {
                 self.sizes_differed_ns.store(clock.now_ns(), Ordering::Relaxed);
             }
-            if self.grants_one_message(clock.now_ns()) || self.window_grants_one_message(units) {
+            if self.grants_one_message(clock.now_ns(), units) {
                 want = units;
             }
             // A message at its dot asks for its own units alone: placed for it, two round trips
@@ -779,7 +779,7 @@ impl Budget {
 
     /// Whether this replica found the schedule written by another within `span` of `now_ns`.
     fn others_wrote_within(&self, now_ns: i64, span: Duration) -> bool {
-        now_ns - self.others_wrote_ns.load(Ordering::Relaxed) <= span.as_nanos() as i64
+        within(&self.others_wrote_ns, now_ns, span)
     }
 
     /// How many round trips a preparation must be longer than for each message to be placed as it
@@ -801,7 +801,7 @@ impl Budget {
             if self.pool().passing_more_than(PLACING_PASSING_SHARE) {
                 self.stock_passed_ns.store(now_ns, Ordering::Relaxed);
             }
-            if now_ns - self.stock_passed_ns.load(Ordering::Relaxed) <= pool::PASSING_KEPT.as_nanos() as i64 {
+            if within(&self.stock_passed_ns, now_ns, pool::PASSING_KEPT) {
                 return PLACING_ROUND_TRIPS_SHARED;
             }
         }
@@ -809,8 +809,8 @@ impl Budget {
     }
 
     /// Whether a grant is for the units of the message asking alone: where another replica
-    /// wrote the schedule within [`ONE_MESSAGE_SHARED_SPAN`], messages may cost several units, units are
-    /// used at their places, and units lie [`ONE_MESSAGE_ROUND_TRIPS`] round trips apart or more
+    /// wrote the schedule within [`ONE_MESSAGE_SHARED_SPAN`], messages may cost several units,
+    /// units are used at their places, and units lie [`ONE_MESSAGE_ROUND_TRIPS`] round trips apart or more
     /// (a write a message then costs the ledger no more than one per two round trips, and the
     /// worker a round trip where it mostly waits for its units anyway). A grant sized for
     /// the rate the replica used held units beyond its message, and a larger message after it
@@ -828,19 +828,10 @@ impl Budget {
     /// 20 ms relay under 1,493 recipients a second, letters of 1 to 10: 5,505 of the 6,407 the
     /// workers carry in 5 s (85.9 %), 6,106 so. Not for letters of one size, whose rest any
     /// message after them can take (see [`ONE_MESSAGE_ROUND_TRIPS`]).
-    fn grants_one_message(&self, now_ns: i64) -> bool {
-        let span_ns = ONE_MESSAGE_SHARED_SPAN.as_nanos() as i64;
-        self.plan.largest_cost > 1
-            && self.plan.units_used_at_places()
-            && self.others_wrote_within(now_ns, ONE_MESSAGE_SHARED_SPAN)
-            && (self.plan.interval_ns >= ONE_MESSAGE_ROUND_TRIPS * self.counted_round_trip_ns()
-                || (now_ns - self.sizes_differed_ns.load(Ordering::Relaxed) <= span_ns
-                    && self.places_each_message(now_ns)))
-    }
-
-    /// Whether a grant in a window counted exactly holds the asking message's units alone: where no
-    /// quota counts them and the rate brings the message's units in [`ONE_MESSAGE_ROUND_TRIPS`]
-    /// ledger round trips or more. There a grant is charged in the window as a whole, and one
+    ///
+    /// And where the rate's window is counted exactly, without a burst or a quota, for a message
+    /// whose units the rate brings in [`ONE_MESSAGE_ROUND_TRIPS`] ledger round trips or more
+    /// (whatever another replica does). There a grant is charged in the window as a whole, and one
     /// sized for the workers queued behind the message (its units for each of them, up to
     /// [`Plan::max_grant`]) held units beyond it that this replica's next message used only if it
     /// was small enough. The rest held the window's room until they passed and went back, after
@@ -852,16 +843,24 @@ impl Budget {
     /// grant a message costs a ledger write a message, no more than one per two round trips
     /// here; for messages of any size, letters of one recipient went at the ledger's pace of
     /// writes (nine workers on a 1 ms relay under 1,330 a second: 2,450 in 5 s where 6,591
-    /// went). Not under a quota, whose room a grant's units hold until they pass whatever the window does:
-    /// there it moved cases both ways by up to a tenth (943 a second with a burst of 51 beside
-    /// 164 per 10 minutes, two replicas of fourteen: 100.7 → 87.6 %). Nor with a burst, whose
+    /// went). Not under a quota, whose room a grant's units hold until they pass whatever the
+    /// window does: there it moved cases both ways by up to a tenth (943 a second with a burst of
+    /// 51 beside 164 per 10 minutes, two replicas of fourteen: 100.7 → 87.6 %). Nor with a burst, whose
     /// messages may go together at once: three replicas of four under 911 an hour with a burst of
     /// 216, letters of 1 to 100, sent 372 recipients in 10 minutes where 437 went.
-    fn window_grants_one_message(&self, units: u32) -> bool {
-        self.plan.exact.is_some()
-            && self.plan.pace.is_none()
-            && self.plan.quotas.is_empty()
-            && self.plan.rate_brings_ns(units) >= ONE_MESSAGE_ROUND_TRIPS * self.counted_round_trip_ns()
+    fn grants_one_message(&self, now_ns: i64, units: u32) -> bool {
+        let round_trips_ns = ONE_MESSAGE_ROUND_TRIPS * self.counted_round_trip_ns();
+        if self.plan.exact.is_some() {
+            return self.plan.pace.is_none()
+                && self.plan.quotas.is_empty()
+                && self.plan.rate_brings_ns(units) >= round_trips_ns;
+        }
+        self.plan.largest_cost > 1
+            && self.plan.units_used_at_places()
+            && self.others_wrote_within(now_ns, ONE_MESSAGE_SHARED_SPAN)
+            && (self.plan.interval_ns >= round_trips_ns
+                || (within(&self.sizes_differed_ns, now_ns, ONE_MESSAGE_SHARED_SPAN)
+                    && self.places_each_message(now_ns)))
     }
 
     /// Whether units stocked ahead would pass their reach before a worker came for them: under a
@@ -1074,6 +1073,12 @@ pub struct Queued<'a> {
     _waiting: Decrement<'a>,
 }
 
+/// Whether the moment stored in `at_ns` (nanoseconds on the budget's clock) lies within `span`
+/// before `now_ns`.
+fn within(at_ns: &AtomicI64, now_ns: i64, span: Duration) -> bool {
+    now_ns - at_ns.load(Ordering::Relaxed) <= span.as_nanos() as i64
+}
+
 struct Decrement<'a>(&'a AtomicUsize);
 
 impl Drop for Decrement<'_> {
@@ -1091,7 +1096,7 @@ mod tests {
     /// Where the rate's window is counted exactly, a message whose units the rate brings in two
     /// round trips or more takes a grant of its own units: sized for the workers queued behind it
     /// at its own size, a message of 40 recipients with nine workers queued took the largest
-    /// grant, 64 units, 24 of them beyond it (see [`Budget::window_grants_one_message`]). A
+    /// grant, 64 units, 24 of them beyond it (see [`Budget::grants_one_message`]). A
     /// message of one recipient still takes units for the workers queued.
     #[tokio::test(start_paused = true)]
     async fn a_large_message_in_a_window_counted_exactly_holds_its_own_units() {

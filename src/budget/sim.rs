@@ -322,8 +322,9 @@ async fn send_transaction(
 /// 2, 2, 1, 1 and 0 of 200 with seeds 21, 7, 11, 3, 5, 13, 17 and 19 (2, 2, 7, 4, 5, 7, 7 and 3
 /// before grants continued the units held, quotas lent their rest to parts, replicas whose stock
 /// passed placed each message, messages' units ended at their dots, replicas sharing a schedule
-/// took a grant a message and so did large messages in a window counted exactly), the worst 80.9 % (52.9 %; the same class: three replicas of
-/// eight workers on a 20 ms relay, letters of one); that class broke a quota before
+/// took a grant a message and so did large messages in a window counted exactly), the worst
+/// 80.9 % (52.9 %; the same class: three replicas of eight workers on a 20 ms relay, letters of
+/// one); that class broke a quota before
 /// (`a_message_spread_over_more_than_a_quotas_reach_keeps_the_quota`).
 ///
 /// The simulated workers take their units as the service's bulk workers do, in turn and near
@@ -1629,7 +1630,7 @@ mod tests {
     /// 20 ms relay, letters of 1, 40, 5, 100 and 2: each second's messages went in one run of
     /// about 130 ms that stopped near 945 recipients, 4,810 of the 5,181 the sizes allow in order
     /// in 5 s (92.8 %). Now a message whose units the rate brings in two round trips or more
-    /// takes a grant of its own (`Budget::window_grants_one_message`). Found by `SIM_BURST1=1
+    /// takes a grant of its own (`Budget::grants_one_message`). Found by `SIM_BURST1=1
     /// SIM_RECIPIENTS=1` explorations (seed 13).
     #[tokio::test(start_paused = true)]
     async fn a_window_counted_exactly_grants_each_large_message_its_own_units() {
