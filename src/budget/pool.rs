@@ -431,12 +431,12 @@ impl Pool {
     }
 
     /// Whether the pool holds less than this replica uses until `horizon_ns` (where its runs are
-    /// strided, less than its lane brings): the next grant should be on its way.
+    /// strided, less than they bring): the next grant should be on its way.
     pub(super) fn low(&self, now_ns: i64, horizon_ns: i64, interval_ns: i64) -> bool {
         let scheduled_until = self.runs.iter().map(|run| run.end_ns(interval_ns)).max().unwrap_or(0);
         if scheduled_until >= horizon_ns {
-            // Strided runs reach far with few units: low when they hold less than its lane
-            // brings until the horizon, so that it asks (and takes the runs between) in time; by
+            // Strided runs reach far with few units: low when they hold less than they
+            // bring until the horizon, so that it asks (and takes the runs between) in time; by
             // its last unit's place, a replica took the others' runs only once they had passed.
             if self.runs.iter().all(|run| run.stride <= 1) {
                 return false;
@@ -451,15 +451,16 @@ impl Pool {
                     false => 0,
                 })
                 .sum();
-            // Its lane's units, not the rate it was handed units at: asked for by that rate, the
-            // next grant came once its workers had run dry and waited, and the rate they were
-            // handed units at stayed as low (1,378 a second, three replicas of fourteen: one of
-            // them used half what the others did). Nor by what its workers carry where that is
-            // more than its lane: the runs between are the other replicas' lanes, and a replica
-            // that took one beside its own held two for a lookahead, used what its workers could
-            // of them, and left a replica whose lane it was without units until the schedule's
-            // end (three replicas of eight on a 20 ms relay under 960 a second, each carrying a
-            // little more than its third: 72 of each 96 units used for seconds at a time).
+            // What its stride brings, not the rate it was handed units at: asked for by that
+            // rate, the next grant came once its workers had run dry and waited, and the rate
+            // they were handed units at stayed as low (1,378 a second, three replicas of
+            // fourteen: one of them used half what the others did). Nor by what its workers
+            // carry where that is more than its stride brings: the runs between are the other
+            // replicas', and a replica that took one beside its own held two for a lookahead,
+            // used what its workers could of them, and left the replica whose run it was
+            // without units until the schedule's end (three replicas of eight on a 20 ms relay
+            // under 960 a second, each carrying a little more than its third: 72 of each 96
+            // units used for seconds at a time).
             let step = self.runs.iter().map(|run| run.step(interval_ns)).max().unwrap_or(interval_ns);
             let stride_units = ((horizon_ns - now_ns).max(0) / step) as u64;
             return held < stride_units;
@@ -715,21 +716,21 @@ mod tests {
         assert!(!pool.passing());
     }
 
-    /// A replica whose strided lane holds its units up to the horizon is not low, though its
-    /// workers carry twice what the lane brings: the runs between are the other replicas' lanes.
-    /// A lane that starts past now, its first units taken already, is.
+    /// A replica whose strided run holds its units up to the horizon is not low, though its
+    /// workers carry twice what the run brings: the runs between are the other replicas'. A run
+    /// that starts past now, its first units taken already, is.
     #[test]
-    fn a_strided_lane_reaching_the_horizon_is_not_low() {
+    fn a_strided_run_reaching_the_horizon_is_not_low() {
         let plan = plan(0, i64::MAX);
         let mut pool = Pool::default();
         // Every third unit of a schedule of one every 10 ns: 100, 130, ..., 670.
         pool.add(Run { first_ns: 100, count: 20, from_ns: 0, stride: 3 }, &plan);
-        let lane = 1e9 / 30.0;
-        pool.rate = 2.0 * lane;
-        assert!(!pool.low(100, 400, plan.interval_ns), "11 units held until the horizon, the lane brings 10");
-        let mut ahead = Pool { rate: 2.0 * lane, ..Pool::default() };
+        let brings = 1e9 / 30.0;
+        pool.rate = 2.0 * brings;
+        assert!(!pool.low(100, 400, plan.interval_ns), "11 units held until the horizon, the run brings 10");
+        let mut ahead = Pool { rate: 2.0 * brings, ..Pool::default() };
         ahead.add(Run { first_ns: 250, count: 15, from_ns: 0, stride: 3 }, &plan);
-        assert!(ahead.low(100, 400, plan.interval_ns), "6 units held until the horizon, the lane brings 10");
+        assert!(ahead.low(100, 400, plan.interval_ns), "6 units held until the horizon, the run brings 10");
     }
 
     /// Under a quota, a burst's units are charged at the grant's time and due within the reach
