@@ -459,8 +459,8 @@ impl Pool {
             // replicas', and a replica that took one beside its own held two for a lookahead,
             // used what its workers could of them, and left the replica whose run it was
             // without units until the schedule's end (three replicas of eight on a 20 ms relay
-            // under 960 a second, each carrying a little more than its third: 72 of each 96
-            // units used for seconds at a time).
+            // under 960 a second, each able to send 400 a second, more than its third: 72 of
+            // each 96 units used for seconds at a time).
             let step = self.runs.iter().map(|run| run.step(interval_ns)).max().unwrap_or(interval_ns);
             let stride_units = ((horizon_ns - now_ns).max(0) / step) as u64;
             return held < stride_units;

@@ -1624,15 +1624,15 @@ mod tests {
     }
 
     /// Three replicas of eight workers on a 20 ms relay under 960 recipients a second, letters of
-    /// one: each replica's workers carry a little more than its third of the rate. Where its runs
-    /// were strided, a replica asked for more whenever its pool held less than its workers
-    /// carried until the next grant was due, took another replica's run beside its own, and
-    /// used what its workers could of the two; the replica whose run it was waited for the
-    /// schedule's end. Past the start, tenths of a second held 71 to 77 of the rate's 96 units
-    /// for a second at a time: 3,840 recipients in 5 s, 80.9 % of what the workers carry. Now a
-    /// strided replica asks when it holds less than its own runs bring (`Pool::low`): every
-    /// tenth from 2.3 s holds 95 or 96, 4,034 in all (85.0 %, the rest lost before). Found
-    /// by `SIM_BURST1=1 SIM_RECIPIENTS=1` explorations (seed 7).
+    /// one: each replica's workers can send 400 a second, more than its third of the rate. Where
+    /// its runs were strided, a replica asked for more whenever its pool held less than its workers
+    /// carried until the next grant was due, took another replica's run beside its own, and used
+    /// what its workers could of the two; the replica whose run it was waited for the schedule's
+    /// end. Past the start, tenths of a second held 71 to 77 of the rate's 96 units for a second at
+    /// a time: 3,840 recipients in 5 s, 80.9 % of what the workers carry. Now a strided replica
+    /// asks when it holds less than its own runs bring (`Pool::low`): every tenth from 2.3 s holds
+    /// 95 or 96, 4,034 in all (85.0 %, the rest lost before). Found by `SIM_BURST1=1
+    /// SIM_RECIPIENTS=1` explorations (seed 7).
     #[tokio::test(start_paused = true)]
     async fn strided_replicas_keep_to_their_own_runs() {
         let case =
