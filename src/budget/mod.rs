@@ -808,46 +808,45 @@ impl Budget {
         PLACING_ROUND_TRIPS
     }
 
-    /// Whether a grant is for the units of the message asking alone: where another replica
-    /// wrote the schedule within [`ONE_MESSAGE_SHARED_SPAN`], messages may cost several units,
-    /// units are used at their places, and units lie [`ONE_MESSAGE_ROUND_TRIPS`] round trips apart or more
-    /// (a write a message then costs the ledger no more than one per two round trips, and the
-    /// worker a round trip where it mostly waits for its units anyway). A grant sized for
-    /// the rate the replica used held units beyond its message, and a larger message after it
-    /// could take them only while the schedule's end was still theirs ([`schedule::joins_held`]);
-    /// once another replica's grant lay between, they passed. Two replicas of two workers on a
-    /// 1 ms relay under 1,613 recipients a minute, letters of 1, 40, 5, 100 and 2 in
-    /// transactions of ten: a message of two took a grant of ten and eight passed, and the
-    /// replicas sent 4,280 of the 4,832 recipients the sizes allow in order in three minutes
-    /// (88.6 %; one replica alone, 99.4 %).
+    /// Whether a grant is for the units of the message asking alone: where another replica wrote
+    /// the schedule within [`ONE_MESSAGE_SHARED_SPAN`], messages may cost several units, units are
+    /// used at their places, and units lie [`ONE_MESSAGE_ROUND_TRIPS`] round trips apart or more (a
+    /// write a message then costs the ledger no more than one per two round trips, and the worker a
+    /// round trip where it mostly waits for its units anyway). A grant sized for the rate the
+    /// replica used held units beyond its message, and a larger message after it could take them
+    /// only while the schedule's end was still theirs ([`schedule::joins_held`]); once another
+    /// replica's grant lay between, they passed. Two replicas of two workers on a 1 ms relay under
+    /// 1,613 recipients a minute, letters of 1, 40, 5, 100 and 2 in transactions of ten: a message
+    /// of two took a grant of ten and eight passed, and the replicas sent 4,280 of the 4,832
+    /// recipients the sizes allow in order in three minutes (88.6 %; one replica alone, 99.4 %).
     ///
     /// And at any interval where each message is placed as it starts anyway
     /// ([`Budget::places_each_message`]) and messages of different sizes asked within the span:
     /// there a grant for the waiting workers took this message's units for each of them, and a
-    /// larger message after it found the rest too short. Three replicas of three workers on a
-    /// 20 ms relay under 1,493 recipients a second, letters of 1 to 10: 5,505 of the 6,407 the
-    /// workers carry in 5 s (85.9 %), 6,106 so. Not for letters of one size, whose rest any
-    /// message after them can take (see [`ONE_MESSAGE_ROUND_TRIPS`]).
+    /// larger message after it found the rest too short. Three replicas of three workers on a 20 ms
+    /// relay under 1,493 recipients a second, letters of 1 to 10: 5,505 of the 6,407 the workers
+    /// carry in 5 s (85.9 %), 6,106 so. Not for letters of one size, whose rest any message after
+    /// them can take (see [`ONE_MESSAGE_ROUND_TRIPS`]).
     ///
     /// And where the rate's window is counted exactly, without a burst or a quota, for a message
     /// whose units the rate brings in [`ONE_MESSAGE_ROUND_TRIPS`] ledger round trips or more
     /// (whatever another replica does). There a grant is charged in the window as a whole, and one
     /// sized for the workers queued behind the message (its units for each of them, up to
     /// [`Plan::max_grant`]) held units beyond it that this replica's next message used only if it
-    /// was small enough. The rest held the window's room until they passed and went back, after
-    /// the other replicas had been told to wait for the window's next room, up to a second
-    /// later. Three replicas of twelve workers on a 20 ms relay under 1,039 recipients a second,
+    /// was small enough. The rest held the window's room until they passed and went back, after the
+    /// other replicas had been told to wait for the window's next room, up to a second later. Three
+    /// replicas of twelve workers on a 20 ms relay under 1,039 recipients a second,
     /// `SMTP_MAX_RECIPIENTS=1000`, letters of 1, 40, 5, 100 and 2: a message of 40 took 64 units,
-    /// each second's messages went in one run of about 130 ms that stopped near 945 recipients,
-    /// and the replicas sent 4,810 of the 5,181 the sizes allow in order in 5 s (92.8 %). A
-    /// grant a message costs a ledger write a message, no more than one per two round trips
-    /// here; for messages of any size, letters of one recipient went at the ledger's pace of
-    /// writes (nine workers on a 1 ms relay under 1,330 a second: 2,450 in 5 s where 6,591
-    /// went). Not under a quota, whose room a grant's units hold until they pass whatever the
-    /// window does: there it moved cases both ways by up to a tenth (943 a second with a burst of
-    /// 51 beside 164 per 10 minutes, two replicas of fourteen: 100.7 → 87.6 %). Nor with a burst, whose
-    /// messages may go together at once: three replicas of four under 911 an hour with a burst of
-    /// 216, letters of 1 to 100, sent 372 recipients in 10 minutes where 437 went.
+    /// each second's messages went in one run of about 130 ms that stopped near 945 recipients, and
+    /// the replicas sent 4,810 of the 5,181 the sizes allow in order in 5 s (92.8 %). A grant a
+    /// message costs a ledger write a message, no more than one per two round trips here; for
+    /// messages of any size, letters of one recipient went at the ledger's pace of writes (nine
+    /// workers on a 1 ms relay under 1,330 a second: 2,450 in 5 s where 6,591 went). Not under a
+    /// quota, whose room a grant's units hold until they pass whatever the window does: there it
+    /// moved cases both ways by up to a tenth (943 a second with a burst of 51 beside 164 per 10
+    /// minutes, two replicas of fourteen: 100.7 → 87.6 %). Nor with a burst, whose messages may go
+    /// together at once: three replicas of four under 911 an hour with a burst of 216, letters of 1
+    /// to 100, sent 372 recipients in 10 minutes where 437 went.
     fn grants_one_message(&self, now_ns: i64, units: u32) -> bool {
         let round_trips_ns = ONE_MESSAGE_ROUND_TRIPS * self.counted_round_trip_ns();
         if self.plan.exact.is_some() {

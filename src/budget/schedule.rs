@@ -561,7 +561,7 @@ impl Plan {
 
     /// How long the configured rate takes to bring `units` (its own pace, not the schedule's,
     /// which may run faster): what a part of a message saves against waiting for the whole.
-    pub fn rate_brings_ns(&self, units: u32) -> i64 {
+    pub(super) fn rate_brings_ns(&self, units: u32) -> i64 {
         i64::from(units).saturating_mul(self.period_ns / i64::from(self.rate_max.max(1)))
     }
 
