@@ -532,31 +532,37 @@ async fn a_letter_larger_than_a_window_goes_window_after_window() {
 /// A `/halt` while a letter waits between its transactions for a quota's next window: the wait
 /// ends at once, so the attempt ends with its first 6 recipients recorded as delivered, not
 /// abandoned at `SHUTDOWN_TIMEOUT` with them unrecorded, to be sent again by the next replica
-/// (with the wait unbounded: 0 of the 6 recorded). That replica sends the other 2 alone.
+/// (with the wait unbounded: 0 of the 6 recorded). That replica sends the other 2 alone. The
+/// same with `SMTP_DELIVERY=individual`, where the seventh copy waits. The letter's reason is
+/// the shutdown: it said the budget had no units within 10 s, a wait the halt had cut short.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_halt_between_a_letters_transactions_keeps_what_it_delivered() {
     let _serial = TIMING.lock().await;
-    let sink = SmtpSink::start().await;
-    let mut app = TestApp::spawn(&sink, &SIX_RECIPIENTS_PER_20S).await;
-    app.produce(Some("halted"), batch("halted", 1, 8).to_string().as_bytes()).await;
-    sink.wait_for_count(1, Duration::from_secs(30)).await;
-    let halted_at = Instant::now();
-    assert_eq!(app.post("/halt", "").await.0, 202);
-    let exit = app.wait_exit(Duration::from_secs(40)).await;
-    let stopped_in = halted_at.elapsed();
-    assert!(exit.success(), "exited with {exit}");
-    let letters = app.letters().await;
-    println!(
-        "stopped in {stopped_in:.1?}: {:?}, {} delivered, attempts {}",
-        letters[0].status,
-        letters[0].delivered.len(),
-        letters[0].attempts
-    );
-    assert_eq!((letters[0].status, letters[0].delivered.len(), letters[0].attempts), (Status::Awaiting, 6, 0));
-    // Not the 10 s of `NEXT_UNITS_WAIT` (10.0 s before the shutdown cut the wait short).
-    assert!(stopped_in < Duration::from_secs(8), "the halt took {stopped_in:?}");
-    let _b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sink.port)).await;
-    assert_sent_alone(&app, &sink, 8).await;
+    for mode in [("SMTP_DELIVERY", "bcc"), ("SMTP_DELIVERY", "individual")] {
+        let sink = SmtpSink::start().await;
+        let mut app = TestApp::spawn(&sink, &[SIX_RECIPIENTS_PER_20S.as_slice(), &[mode]].concat()).await;
+        app.produce(Some("halted"), batch("halted", 1, 8).to_string().as_bytes()).await;
+        sink.wait_for_count(if mode.1 == "bcc" { 1 } else { 6 }, Duration::from_secs(30)).await;
+        let halted_at = Instant::now();
+        assert_eq!(app.post("/halt", "").await.0, 202);
+        let exit = app.wait_exit(Duration::from_secs(40)).await;
+        let stopped_in = halted_at.elapsed();
+        assert!(exit.success(), "exited with {exit}");
+        let letters = app.letters().await;
+        let reason = letters[0].last_reply.clone().unwrap_or_default();
+        println!(
+            "{mode:?}: stopped in {stopped_in:.1?}: {:?}, {} delivered, attempts {}, {reason:?}",
+            letters[0].status,
+            letters[0].delivered.len(),
+            letters[0].attempts
+        );
+        assert_eq!((letters[0].status, letters[0].delivered.len(), letters[0].attempts), (Status::Awaiting, 6, 0));
+        assert!(reason.contains("shutting down; 2 recipient(s) wait"), "{reason}");
+        // Not the 10 s of `NEXT_UNITS_WAIT` (10.0 s before the shutdown cut the wait short).
+        assert!(stopped_in < Duration::from_secs(8), "the halt took {stopped_in:?}");
+        let _b = Replica::start(Replica::env_from(&app, &format!("{}-b", app.name), sink.port)).await;
+        assert_sent_alone(&app, &sink, 8).await;
+    }
 }
 
 /// A `/halt` while a letter of 20 recipients goes in transactions of 2 (and, with

@@ -63,7 +63,13 @@ impl Worker {
                 None => match limiter.reserve_within(wanted, NEXT_UNITS_WAIT, &self.shutdown).await {
                     Some(ticket) => ticket,
                     None => {
-                        report.failure = Some(policy::no_units_between_transactions(wanted, NEXT_UNITS_WAIT));
+                        // A halt cuts the wait short (or lands just before it): the letter goes
+                        // back for the shutdown, not for a budget that was never waited out.
+                        report.failure = Some(if self.shutdown.is_cancelled() {
+                            policy::stopped_at_shutdown(queue.len())
+                        } else {
+                            policy::no_units_between_transactions(wanted, NEXT_UNITS_WAIT)
+                        });
                         break;
                     }
                 },

@@ -7,7 +7,7 @@ use super::Worker;
 use crate::{
     address::Recipient,
     model::{Letter, Rejection},
-    pipeline::policy::{AttemptReport, Failure},
+    pipeline::policy::{self, AttemptReport, Failure},
 };
 
 impl Worker {
@@ -45,12 +45,17 @@ impl Worker {
                 }
             };
             let copy = self.deliver(vec![recipient], &bytes, lease, ticket.take()).await;
+            let stopped = copy.delivered.is_empty() && self.shutdown.is_cancelled();
             report.add(copy.refused, copy.deferred, copy.delivered);
             if copy.last_reply.is_some() {
                 report.last_reply = copy.last_reply;
             }
             if copy.failure.is_some() {
-                report.failure = copy.failure;
+                // A halt that cut this copy's wait for its unit short stops every copy left.
+                report.failure = match copy.failure {
+                    Some(Failure::Withheld(_)) if stopped => Some(policy::stopped_at_shutdown(count - index)),
+                    failure => failure,
+                };
                 break;
             }
         }
