@@ -126,6 +126,15 @@ impl Seen {
         self.by_worker.iter().map(move |dots| &dots[dots.partition_point(|(at, _)| *at < from)..])
     }
 
+    /// The units of the dots before `until`, in consecutive windows of `width` from the start.
+    pub fn per_window(&self, width: Duration, until: Duration) -> Vec<u32> {
+        let mut windows = vec![0; (until.as_nanos() / width.as_nanos()) as usize];
+        for (at, units) in self.dots.iter().filter(|(at, _)| *at < until) {
+            windows[(at.as_nanos() / width.as_nanos()) as usize] += units;
+        }
+        windows
+    }
+
     /// The most units any window of `width` holds (half-open windows, as a relay counts).
     pub fn busiest(&self, width: Duration) -> u64 {
         let (mut busiest, mut held, mut first) = (0, 0, 0);
@@ -1638,11 +1647,7 @@ mod tests {
         let case =
             Case { recipients: vec![1], ..Case::load(in_recipients("1s", 960, 1, None, 1), 3, 8, 20 * MS, 5 * SECOND) };
         sends_within_its_caps(&case).await;
-        let seen = run(&case).await;
-        let mut tenths = vec![0u32; (case.duration.as_millis() / 100) as usize];
-        for (at, units) in seen.dots.iter().filter(|(at, _)| *at < case.duration) {
-            tenths[(at.as_millis() / 100) as usize] += units;
-        }
+        let tenths = run(&case).await.per_window(100 * MS, case.duration);
         // From 2.5 s, nine tenths of the rate's 96 units a tenth of a second at least.
         for (tenth, units) in tenths.iter().enumerate().skip(25) {
             assert!(*units >= 86, "{units} of the rate's 96 units in the tenth of a second from {} ms", tenth * 100);
