@@ -30,6 +30,14 @@ const PASSING_MIN: u64 = 3;
 /// before (see [`Waste::count`]).
 pub(super) const PASSING_KEPT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// A first grant holds a lookahead of the rate up to this many units (else a quarter of it,
+/// [`Pool::want`]): where a lookahead holds few units, a quarter of it is a few, the replicas'
+/// measured rates started as low, and their grants stayed small and alternated; a replica that
+/// gave its units back left them to pass before the other asked again (two replicas of four
+/// workers at 100 a second, `a_replica_out_of_letters_gives_its_units_to_the_others`: a gap of
+/// 111 ms in the other's letters). A tenth of a second at 500 a second.
+const FIRST_GRANT_FLOOR: u32 = 50;
+
 /// Most tickets remembered for [`Pool::doomed`].
 const RECENT_MAX: usize = 4_096;
 
@@ -473,9 +481,9 @@ impl Pool {
 
     /// How many units to ask for: what this replica used in the last while, over the
     /// lookahead, and at least what is asked for now. The first time, with nothing measured yet,
-    /// a lookahead of the whole budget (or a quarter of the loose allowance; under a quota or a
-    /// burst, what the workers waiting need): workers queue up one by one at start, and a grant
-    /// for the first of them alone leaves the rest a round trip without units.
+    /// a quarter of a lookahead of the whole budget (or a quarter of the loose allowance; under
+    /// a quota or a burst, what the workers waiting need): workers queue up one by one at start,
+    /// and a grant for the first of them alone leaves the rest a round trip without units.
     pub(super) fn want(&mut self, need: u32, waiting: usize, plan: &Plan) -> u32 {
         let max_grant = plan.max_grant;
         let now = Instant::now();
@@ -495,7 +503,13 @@ impl Pool {
                 // about once a round of its workers (120 grants in the first quarter second
                 // there, against 6; the same 3 a quarter second after).
                 0 if plan.tolerance_ns > 0 => 1,
-                0 => lookahead,
+                // Else a quarter of a lookahead: replicas that start together lay their first
+                // grants end to end, and where each held a lookahead of the rate, the third's first
+                // unit came half a second after the first's, while each one's workers used what
+                // they could of a run at the rate's pace and the rest passed (three replicas of
+                // eight on a 20 ms relay under 960 a second: 443 units in the first second, 735
+                // so). A lookahead of [`FIRST_GRANT_FLOOR`] units or fewer goes whole.
+                0 => (lookahead / 4).max(lookahead.min(FIRST_GRANT_FLOOR)),
                 loose => (loose / 4).max(1),
             };
             return first.max(need.saturating_mul(waiting.max(1) as u32)).clamp(need, max_grant.max(need));

@@ -1685,6 +1685,30 @@ mod tests {
         }
     }
 
+    /// Three replicas of eight workers that start together on a 20 ms relay under 960 a second,
+    /// each able to send 400 a second. Each one's first grant was a lookahead of the rate (240
+    /// units over 250 ms), and the three lay end to end: the second's first unit came 250 ms
+    /// after the first's, the third's 500 ms, and each used about 100 of its 240 (443 units in the
+    /// first second). Now a first grant is a quarter of a lookahead (`Pool::want`): 735.
+    #[tokio::test(start_paused = true)]
+    async fn replicas_that_start_together_share_the_first_second() {
+        let case = Case::load(letters("1s", 960, 1, None), 3, 8, 20 * MS, 5 * SECOND);
+        sends_within_its_caps(&case).await;
+        let seen = run(&case).await;
+        // From 0.4 s, nine tenths of the rate's 96 units a tenth of a second at least.
+        let tenths = seen.per_window(100 * MS, 1500 * MS);
+        for (tenth, units) in tenths.iter().enumerate().skip(4) {
+            assert!(*units >= 86, "{units} of the rate's 96 units in the tenth of a second from {} ms", tenth * 100);
+        }
+        // And every replica sends in every tenth from 0.3 s.
+        for replica in 0..case.replicas {
+            let tenths = seen.replica_per_window(replica, case.workers, 100 * MS, 1500 * MS);
+            for (tenth, units) in tenths.iter().enumerate().skip(3) {
+                assert!(*units >= 10, "replica {replica}: {units} units in the tenth from {} ms", tenth * 100);
+            }
+        }
+    }
+
     /// Where the rate's window is counted exactly (`SMTP_MAX_RECIPIENTS=1000` against 1,039
     /// recipients a second), a grant sized for the workers queued behind a message (its units for
     /// each, up to the largest grant) held units beyond it in the window; what the replica's next
