@@ -332,8 +332,8 @@ async fn send_transaction(
 /// (`SIM_BURST1=1`), 1, 2, 0, 0 and 0 of 300 explored cases fall below 95 % with seeds 21, 7,
 /// 11, 3 and 5, the worst 92.5 % (82.8 % before a lane left to the others went whole and a
 /// first grant was a quarter of a lookahead, 80.9 % before a strided replica asked by its own
-/// runs): each of them three replicas on a 20 ms relay, whose replicas' first grants still lie
-/// end to end. They were 9, 9, 11, 9 and 9, the worst 74.2 %, before
+/// runs): each of them three replicas on a 20 ms relay. They were 9, 9, 11, 9 and 9, the worst
+/// 74.2 %, before
 /// replicas on slower relays placed each message where it would be ready
 /// (`Budget::places_each_message`). The judge's reference is the nearer of two [`references`]:
 /// far above the load only, it lost half a preparation and a grant's round trip a message, and
