@@ -128,22 +128,12 @@ impl Seen {
 
     /// The units of the dots before `until`, in consecutive windows of `width` from the start.
     pub fn per_window(&self, width: Duration, until: Duration) -> Vec<u32> {
-        let mut windows = vec![0; (until.as_nanos() / width.as_nanos()) as usize];
-        for (at, units) in self.dots.iter().filter(|(at, _)| *at < until) {
-            windows[(at.as_nanos() / width.as_nanos()) as usize] += units;
-        }
-        windows
+        windows(&self.dots, width, until)
     }
 
     /// As [`Seen::per_window`], for the dots of one replica of `workers` workers.
     pub fn replica_per_window(&self, replica: usize, workers: usize, width: Duration, until: Duration) -> Vec<u32> {
-        let mut windows = vec![0; (until.as_nanos() / width.as_nanos()) as usize];
-        for dots in &self.by_worker[replica * workers..(replica + 1) * workers] {
-            for (at, units) in dots.iter().filter(|(at, _)| *at < until) {
-                windows[(at.as_nanos() / width.as_nanos()) as usize] += units;
-            }
-        }
-        windows
+        windows(self.by_worker[replica * workers..(replica + 1) * workers].iter().flatten(), width, until)
     }
 
     /// The most units any window of `width` holds (half-open windows, as a relay counts).
@@ -159,6 +149,15 @@ impl Seen {
         }
         busiest
     }
+}
+
+/// The units of `dots` before `until`, in consecutive windows of `width` from the start.
+fn windows<'a>(dots: impl IntoIterator<Item = &'a (Duration, u32)>, width: Duration, until: Duration) -> Vec<u32> {
+    let mut windows = vec![0; (until.as_nanos() / width.as_nanos()) as usize];
+    for (at, units) in dots.into_iter().filter(|(at, _)| *at < until) {
+        windows[(at.as_nanos() / width.as_nanos()) as usize] += units;
+    }
+    windows
 }
 
 /// Runs `case` on the current (paused) runtime.
@@ -1646,6 +1645,13 @@ mod tests {
         each_holds_and_uses_95(&cases).await;
     }
 
+    /// Asserts that every tenth of a second from the `from`-th on holds `least` units or more.
+    fn each_tenth_holds(tenths: &[u32], from: usize, least: u32, whose: &str) {
+        for (tenth, units) in tenths.iter().enumerate().skip(from) {
+            assert!(*units >= least, "{whose}: {units} units (at least {least}) in the tenth from {} ms", tenth * 100);
+        }
+    }
+
     /// Three replicas of eight workers on a 20 ms relay under 960 recipients a second, letters of
     /// one: each replica's workers can send 400 a second, more than its third of the rate. Where
     /// its runs were strided, a replica asked for more whenever its pool held less than its workers
@@ -1662,11 +1668,8 @@ mod tests {
         let case =
             Case { recipients: vec![1], ..Case::load(in_recipients("1s", 960, 1, None, 1), 3, 8, 20 * MS, 5 * SECOND) };
         sends_within_its_caps(&case).await;
-        let tenths = run(&case).await.per_window(100 * MS, case.duration);
         // From 2.5 s, nine tenths of the rate's 96 units a tenth of a second at least.
-        for (tenth, units) in tenths.iter().enumerate().skip(25) {
-            assert!(*units >= 86, "{units} of the rate's 96 units in the tenth of a second from {} ms", tenth * 100);
-        }
+        each_tenth_holds(&run(&case).await.per_window(100 * MS, case.duration), 25, 86, "all replicas");
     }
 
     /// Three replicas of fourteen workers on a 20 ms relay under 1,378 letters a second: each
@@ -1683,9 +1686,7 @@ mod tests {
         for replica in 0..case.replicas {
             let tenths = seen.replica_per_window(replica, case.workers, 100 * MS, case.duration);
             // A third of the rate's 137.8 units a tenth is 45.9; nine tenths of it at least.
-            for (tenth, units) in tenths.iter().enumerate().skip(10) {
-                assert!(*units >= 41, "replica {replica}: {units} units in the tenth from {} ms", tenth * 100);
-            }
+            each_tenth_holds(&tenths, 10, 41, &format!("replica {replica}"));
         }
     }
 
@@ -1700,16 +1701,11 @@ mod tests {
         sends_within_its_caps(&case).await;
         let seen = run(&case).await;
         // From 0.4 s, nine tenths of the rate's 96 units a tenth of a second at least.
-        let tenths = seen.per_window(100 * MS, 1500 * MS);
-        for (tenth, units) in tenths.iter().enumerate().skip(4) {
-            assert!(*units >= 86, "{units} of the rate's 96 units in the tenth of a second from {} ms", tenth * 100);
-        }
+        each_tenth_holds(&seen.per_window(100 * MS, 1500 * MS), 4, 86, "all replicas");
         // And every replica sends in every tenth from 0.3 s.
         for replica in 0..case.replicas {
             let tenths = seen.replica_per_window(replica, case.workers, 100 * MS, 1500 * MS);
-            for (tenth, units) in tenths.iter().enumerate().skip(3) {
-                assert!(*units >= 10, "replica {replica}: {units} units in the tenth from {} ms", tenth * 100);
-            }
+            each_tenth_holds(&tenths, 3, 10, &format!("replica {replica}"));
         }
     }
 
