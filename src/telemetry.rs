@@ -1,5 +1,7 @@
 //! Logging set-up and the signals that start a graceful shutdown.
 
+use std::io::IsTerminal;
+
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
@@ -14,7 +16,9 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => registry
             .with(fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false))
             .try_init(),
-        LogFormat::Text => registry.with(fmt::layer()).try_init(),
+        // Colour only on a terminal: in a pod's log or a file the escape codes are noise between
+        // the fields that people and log pipelines read.
+        LogFormat::Text => registry.with(fmt::layer().with_ansi(std::io::stdout().is_terminal())).try_init(),
     };
     // Already initialised (tests start several apps in one process): keep the first.
     let _ = result;

@@ -516,8 +516,22 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.kill();
+        // A test that fails on CI leaves only its output behind: the process's own account of
+        // what it did goes with the panic, or a timeout there cannot be told from another.
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!("--- the last {} lines of {} ---", tail.len(), self.log_path().display());
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
     }
 }
+
+/// How much of a failed test's process log goes with its failure.
+const LOG_TAIL_LINES: usize = 80;
 
 pub async fn produce(topic: &str, key: Option<&str>, payload: &[u8]) {
     produce_bytes(topic, key.map(str::as_bytes), payload).await;
