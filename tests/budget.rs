@@ -18,7 +18,7 @@ use std::{
 };
 
 use chaos::Replica;
-use common::{Received, SmtpSink, TestApp, batch, metric_value, wait_for};
+use common::{DelayProxy, Received, SmtpSink, TestApp, batch, metric_value, mongo_uri, mongodb_address, wait_for};
 use mailsender::model::Status;
 use serde_json::{Value, json};
 
@@ -786,6 +786,31 @@ async fn replicas_whose_clocks_run_ahead_still_send_at_the_budgets_pace() {
     // Both replicas log their dots on the same skewed clock, so their times compare.
     assert_cap_per_second(&[app.log(), b.log()], 100, &received, 20);
     assert!(took <= 100.0 / 20.0 * 1.2, "100 letters took {took:.2}s at 20/s");
+}
+
+/// MongoDB in another region: 300 ms a round trip (150 ms each way through a delaying proxy in
+/// front of the stack's server). The budget's five clock readings before its first grant were
+/// counted in the second a grant may take, so every first grant timed out and began again: not
+/// one of 20 letters went in 60 s. Now the readings have a bound of their own and a grant one of
+/// four round trips (see `budget::sim`'s `a_database_in_another_region_still_grants_the_budget`
+/// for the sweep from 50 to 900 ms).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_in_another_region_still_sends() {
+    let _serial = TIMING.lock().await;
+    let sink = SmtpSink::start().await;
+    let proxy = DelayProxy::start(&mongodb_address(&mongo_uri()), Duration::from_millis(150)).await;
+    let uri = proxy.mongodb_uri(&mongo_uri());
+    let app = TestApp::spawn(
+        &sink,
+        &[("MONGO_LOCAL", uri.as_str()), ("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "20")],
+    )
+    .await;
+    feed(&app, "far", 20).await;
+    let letters = app.wait_all_final(20, Duration::from_secs(60)).await;
+    assert!(letters.iter().all(|l| l.status == Status::Sent), "{letters:?}");
+    let received = sink.wait_for_count(20, Duration::from_secs(5)).await;
+    assert_eq!(received.len(), 20, "each letter once");
+    println!("MongoDB 300 ms away: 20 letters at the relay within {:.2}s of each other", span(&received));
 }
 
 /// A replica whose clock runs ten minutes ahead of MongoDB's does not hold back the others (issue

@@ -78,8 +78,12 @@ pub const HOLD_MAX: Duration = Duration::from_secs(5);
 /// transaction opens at most a second before its unit anyway (`rate_limit::OPEN_AHEAD`).
 const BULK_SLACK_MAX: Duration = Duration::from_secs(1);
 /// A grant that takes longer counts as MongoDB unreachable (the driver itself waits up to its
-/// server selection timeout, 5 s, before it says so).
+/// server selection timeout, 5 s, before it says so); longer for a database far away
+/// ([`Budget::grant_timeout`]).
 const GRANT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The most the clock's readings before the first grant may take together (see
+/// [`Budget::measure_clock`]): five round trips of a database a continent away, and more.
+const CLOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// A loose grant's units are used within this long of the grant.
 const LOOSE_SPAN: Duration = LOOKAHEAD;
 /// The next grant is asked for when the pool covers less than the lead, two round trips and this.
@@ -200,6 +204,9 @@ pub struct Budget {
     bulk_slack_ns: AtomicI64,
     /// Recent slowest grant round trip, in nanoseconds.
     round_trip_ns: AtomicI64,
+    /// The shortest round trip of the clock's readings (`i64::MAX`: none yet): how far away
+    /// MongoDB is, whatever the load (see [`Budget::grant_timeout`]).
+    distance_ns: AtomicI64,
     /// The schedule's next free unit as of this replica's last write (server nanoseconds).
     schedule_end_ns: AtomicI64,
     /// This replica, among those that share the schedule (`State::senders`).
@@ -256,6 +263,7 @@ impl Budget {
             preparation_measured: AtomicBool::new(false),
             bulk_slack_ns: AtomicI64::new(0),
             round_trip_ns: AtomicI64::new(0),
+            distance_ns: AtomicI64::new(i64::MAX),
             schedule_end_ns: AtomicI64::new(0),
             replica: rand::random(),
             written_version: AtomicI64::new(0),
@@ -516,16 +524,14 @@ impl Budget {
             // message at its dot asks for theirs with its own.
             let doomed = self.take_doomed();
             if doomed > 0 && moment == Moment::ToPrepare {
-                let granted = self.grant(&mut granting, doomed, 1.into(), Moment::AtDot);
-                let granted = tokio::time::timeout(GRANT_TIMEOUT, granted).await;
-                if !matches!(granted, Ok(Ok(_))) {
+                if self.timed_grant(&mut granting, doomed, 1.into(), Moment::AtDot).await.is_err() {
                     *granting = None;
                 }
                 continue;
             }
             let clock = self.reading();
             let waiting = self.waiting.load(Ordering::Relaxed);
-            let mut want = self.pool().want(units, waiting, &self.plan);
+            let mut want = self.pool().want(units, waiting, &self.plan, self.round_trip());
             if self.asks_as_needed(clock.now_ns()) {
                 want = want.min(units.saturating_mul(waiting.max(1) as u32));
             }
@@ -548,13 +554,7 @@ impl Budget {
                 Moment::AtDot => 0,
             };
             let need = Need { least, message: units, held, early_ns };
-            let granted = tokio::time::timeout(GRANT_TIMEOUT, self.grant(&mut granting, want, need, moment)).await;
-            let granted = granted.unwrap_or_else(|_| {
-                // Whatever the write did is lost with it: at worst, one grant's units unused.
-                *granting = None;
-                Err(anyhow::anyhow!("no answer from MongoDB within {GRANT_TIMEOUT:?}"))
-            });
-            match granted {
+            match self.timed_grant(&mut granting, want, need, moment).await {
                 Ok(None) => {
                     fewest = least;
                     fruitless += 1;
@@ -647,17 +647,16 @@ impl Budget {
                 let waiting = budget.waiting.load(Ordering::Relaxed);
                 // Or for the messages about to miss their units first (see `prepared`).
                 let (want, moment) = match budget.take_doomed() {
-                    0 => (budget.pool().want(1, waiting, &budget.plan), Moment::ToPrepare),
+                    0 => (budget.pool().want(1, waiting, &budget.plan, budget.round_trip()), Moment::ToPrepare),
                     doomed => (doomed, Moment::AtDot),
                 };
-                match tokio::time::timeout(GRANT_TIMEOUT, budget.grant(&mut granting, want, 1.into(), moment)).await {
-                    Ok(Ok(_)) => budget.reachable(),
+                match budget.timed_grant(&mut granting, want, 1.into(), moment).await {
+                    Ok(_) => budget.reachable(),
                     // The workers find out themselves, and say so, when they need the next grant.
-                    Ok(Err(error)) => {
+                    Err(error) => {
                         tracing::debug!(error = format!("{error:#}"), "background budget grant failed");
                         *granting = None;
                     }
-                    Err(_) => *granting = None,
                 }
             }
             budget.refilling.store(false, Ordering::Release);
@@ -905,7 +904,7 @@ impl Budget {
                 let next = schedule::give_back(&state, &self.plan, clock.now_ns(), &runs);
                 Ok::<_, anyhow::Error>(self.ledger.replace(state.version, &next).await?.map(|_| next))
             };
-            match tokio::time::timeout(GRANT_TIMEOUT, written).await {
+            match tokio::time::timeout(self.grant_timeout(), written).await {
                 Ok(Ok(Some(next))) => {
                     *granting = Some(next);
                     self.metrics.budget_units_returned.inc_by(units);
@@ -937,17 +936,80 @@ impl Budget {
     /// measured at start already, so nothing before was decided on this host's; measured again
     /// here, when the process is no longer busy starting, the readings are shorter and the
     /// replicas' clocks closer (what they differ by comes out of the guard).
+    ///
+    /// Bounded on its own, not by the grant's timeout: its five readings are round trips too,
+    /// and counted in the second a grant may take, they filled it once MongoDB was 200 ms away
+    /// (a database in another region): every first grant timed out, the clock was measured
+    /// again from the start, and the replica never sent a letter. Where the readings do not
+    /// come in time, the clock measured at start stands.
     async fn measure_clock(&self) -> anyhow::Result<()> {
         if self.clock_measured.load(Ordering::Acquire) {
             return Ok(());
         }
         let readings = crate::clock::FIRST_READINGS;
-        let offset_ms = self.clock.measure(readings, Duration::ZERO, || self.ledger.server_time()).await?;
-        if offset_ms.abs() > 1_000 {
-            tracing::warn!(offset_ms, "this host's clock differs from MongoDB's; the sending budget follows MongoDB's");
+        let read = || async {
+            let sent = Instant::now();
+            let read = self.ledger.server_time().await;
+            if read.is_ok() {
+                self.distance_ns.fetch_min(sent.elapsed().as_nanos() as i64, Ordering::Relaxed);
+            }
+            read
+        };
+        let measuring = self.clock.measure(readings, Duration::ZERO, read);
+        match tokio::time::timeout(CLOCK_TIMEOUT, measuring).await {
+            Ok(Ok(offset_ms)) if offset_ms.abs() > 1_000 => {
+                tracing::warn!(
+                    offset_ms,
+                    "this host's clock differs from MongoDB's; the sending budget follows MongoDB's"
+                );
+            }
+            Ok(Ok(_)) => {}
+            _ if self.clock.is_measured() => {
+                tracing::debug!("MongoDB's clock not read again before the first grant; the reading at start stands");
+            }
+            Ok(Err(error)) => return Err(error),
+            Err(_) => anyhow::bail!("no answer from MongoDB's clock within {CLOCK_TIMEOUT:?}"),
         }
         self.clock_measured.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// [`Budget::grant`] once the clock is measured, within [`Budget::grant_timeout`]: whatever
+    /// a write that timed out did is lost with it (at worst, one grant's units unused).
+    async fn timed_grant(
+        &self,
+        granting: &mut Option<State>,
+        want: u32,
+        need: Need,
+        moment: Moment,
+    ) -> anyhow::Result<Option<(i64, String)>> {
+        self.measure_clock().await?;
+        let timeout = self.grant_timeout();
+        match tokio::time::timeout(timeout, self.grant(granting, want, need, moment)).await {
+            Ok(granted) => granted,
+            Err(_) => {
+                *granting = None;
+                Err(anyhow::anyhow!("no answer from MongoDB within {timeout:?}"))
+            }
+        }
+    }
+
+    /// The recent slowest round trip of a grant's write.
+    fn round_trip(&self) -> Duration {
+        Duration::from_nanos(self.round_trip_ns.load(Ordering::Relaxed).max(0) as u64)
+    }
+
+    /// How long a grant (a read, a write, and another pair for each replica that wrote first)
+    /// may take before MongoDB counts as unreachable: [`GRANT_TIMEOUT`], or four of the
+    /// shortest round trips the clock's readings measured where that is longer. A database half
+    /// a second away answers every grant in a second: held to [`GRANT_TIMEOUT`], each one timed
+    /// out and the replica never sent a letter.
+    fn grant_timeout(&self) -> Duration {
+        let distance_ns = self.distance_ns.load(Ordering::Relaxed);
+        match distance_ns {
+            i64::MAX => GRANT_TIMEOUT,
+            _ => GRANT_TIMEOUT.max(Duration::from_nanos(distance_ns as u64) * 4),
+        }
     }
 
     /// One grant: `Ok(None)` when units were added to the pool, `Ok(Some((until, window)))` when
@@ -962,7 +1024,6 @@ impl Budget {
         need: Need,
         moment: Moment,
     ) -> anyhow::Result<Option<(i64, String)>> {
-        self.measure_clock().await?;
         let (passed, missed) = self.pool().take_expired();
         let unused: Vec<Placed> = passed.iter().chain(&missed).copied().collect();
         for _ in 0..CAS_ATTEMPTS {
@@ -1027,7 +1088,7 @@ impl Budget {
                     // was read late, the runtime stalled (an 18 MB claim decoding), and a lead that
                     // long put every later grant past the horizon, each one waiting for a write
                     // that would never come to lower it: the replica sent nothing for minutes.
-                    let took = received.duration_since(sent).min(GRANT_TIMEOUT).as_nanos() as i64;
+                    let took = received.duration_since(sent).min(self.grant_timeout()).as_nanos() as i64;
                     let previous = self.round_trip_ns.load(Ordering::Relaxed);
                     let next_estimate = if took > previous { took } else { previous - (previous - took) / 4 };
                     self.round_trip_ns.store(next_estimate, Ordering::Relaxed);

@@ -484,7 +484,7 @@ impl Pool {
     /// a quarter of a lookahead of the whole budget (or a quarter of the loose allowance; under
     /// a quota or a burst, what the workers waiting need): workers queue up one by one at start,
     /// and a grant for the first of them alone leaves the rest a round trip without units.
-    pub(super) fn want(&mut self, need: u32, waiting: usize, plan: &Plan) -> u32 {
+    pub(super) fn want(&mut self, need: u32, waiting: usize, plan: &Plan, round_trip: std::time::Duration) -> u32 {
         let max_grant = plan.max_grant;
         let now = Instant::now();
         if self.since.is_none() {
@@ -562,7 +562,13 @@ impl Pool {
         if plan.tolerance_ns >= lookahead_ns && plan.interval_ns * SLOW_PACE >= lookahead_ns {
             return queued.clamp(need, max_grant.max(need));
         }
-        let expected = (self.rate * LOOKAHEAD.as_secs_f64()).ceil() as u32;
+        // Over a lookahead, or three round trips where the database is further away than a
+        // lookahead holds: a grant is the replica's units until the next one can arrive, and
+        // with MongoDB 300 ms away, grants of a lookahead's units a round trip apart measured
+        // the rate they allowed, smaller each time (100 a second, one replica of four workers:
+        // 277 letters in 30 s).
+        let span_s = LOOKAHEAD.as_secs_f64().max(3.0 * round_trip.as_secs_f64());
+        let expected = (self.rate * span_s).ceil() as u32;
         expected.max(queued).clamp(need, max_grant.max(need))
     }
 }

@@ -675,3 +675,74 @@ pub fn suppressed(entries: &[mongodb::bson::Document]) -> Vec<(String, String)> 
     out.sort();
     out
 }
+
+/// A TCP proxy that delays every byte by `one_way` in each direction, as a network between
+/// regions does: a real server made far away. Order is kept; a side that closes closes the other.
+pub struct DelayProxy {
+    pub port: u16,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl DelayProxy {
+    pub async fn start(upstream: &str, one_way: Duration) -> DelayProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = upstream.to_owned();
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
+                    let (from_client, to_client) = inbound.into_split();
+                    let (from_server, to_server) = outbound.into_split();
+                    tokio::join!(delayed(from_client, to_server, one_way), delayed(from_server, to_client, one_way));
+                });
+            }
+        });
+        DelayProxy { port, accept }
+    }
+
+    /// `uri` (a `mongodb://host:port/...` URI) with its address replaced by this proxy's.
+    pub fn mongodb_uri(&self, uri: &str) -> String {
+        let rest = uri.strip_prefix("mongodb://").expect("a mongodb:// URI");
+        let path = rest.find('/').map_or("", |at| &rest[at..]);
+        format!("mongodb://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Copies `from` to `to`, each read written `delay` after it arrived.
+async fn delayed(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, delay: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    let reader = async move {
+        let mut buffer = vec![0; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buffer).await {
+            if tx.send((tokio::time::Instant::now() + delay, buffer[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(reader, writer);
+}
+
+/// The `host:port` of a `mongodb://` URI.
+pub fn mongodb_address(uri: &str) -> String {
+    let rest = uri.strip_prefix("mongodb://").expect("a mongodb:// URI");
+    rest[..rest.find(['/', '?']).unwrap_or(rest.len())].to_owned()
+}
