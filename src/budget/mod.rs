@@ -225,6 +225,10 @@ pub struct Budget {
     metrics: Arc<Metrics>,
 }
 
+/// What a grant came to: `Ok(None)` when units were added to the pool, `Ok(Some((until, window)))`
+/// when the budget has none before `until` (server nanoseconds) because of `window`.
+type Granted = anyhow::Result<Option<(i64, String)>>;
+
 /// Which message units are asked for: where they must lie, and what may be handed to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Moment {
@@ -976,13 +980,7 @@ impl Budget {
 
     /// [`Budget::grant`] once the clock is measured, within [`Budget::grant_timeout`]: whatever
     /// a write that timed out did is lost with it (at worst, one grant's units unused).
-    async fn timed_grant(
-        &self,
-        granting: &mut Option<State>,
-        want: u32,
-        need: Need,
-        moment: Moment,
-    ) -> anyhow::Result<Option<(i64, String)>> {
+    async fn timed_grant(&self, granting: &mut Option<State>, want: u32, need: Need, moment: Moment) -> Granted {
         self.measure_clock().await?;
         let timeout = self.grant_timeout();
         match tokio::time::timeout(timeout, self.grant(granting, want, need, moment)).await {
@@ -1017,13 +1015,7 @@ impl Budget {
     /// the quotas in the same write (or alone, when nothing can be granted); if the write's fate
     /// is unknown (an error, a timeout) they are dropped, since counting them twice could let a
     /// window hold more than its quota.
-    async fn grant(
-        &self,
-        granting: &mut Option<State>,
-        want: u32,
-        need: Need,
-        moment: Moment,
-    ) -> anyhow::Result<Option<(i64, String)>> {
+    async fn grant(&self, granting: &mut Option<State>, want: u32, need: Need, moment: Moment) -> Granted {
         let (passed, missed) = self.pool().take_expired();
         let unused: Vec<Placed> = passed.iter().chain(&missed).copied().collect();
         for _ in 0..CAS_ATTEMPTS {

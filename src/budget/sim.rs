@@ -140,6 +140,34 @@ impl Seen {
         windows(&self.dots, width, until)
     }
 
+    /// (window, busiest, allowed) of every window of the budget that held more than it allows:
+    /// the rate's period, two periods at its pace, and each quota's window.
+    pub fn over(&self) -> Vec<(String, u64, u64)> {
+        let plan = &self.plan;
+        let burst = (plan.tolerance_ns / plan.interval_ns) as u64;
+        let mut over = Vec::new();
+        let rate_allowed = u64::from(plan.rate_max) + burst;
+        let busiest = self.busiest(Duration::from_nanos(plan.period_ns as u64));
+        if busiest > rate_allowed {
+            over.push((plan.rate_label.clone(), busiest, rate_allowed));
+        }
+        // The rate's pace: two periods hold at most 2 × MAX + BURST − 1, as the generic cell rate
+        // algorithm allows, and a message's units less one more (a message goes once its first unit is
+        // due). The window of a period alone let every period hold the burst again.
+        let paced_allowed = 2 * u64::from(plan.rate_max) + burst + u64::from(plan.largest_cost - 1);
+        let busiest = self.busiest(Duration::from_nanos(2 * plan.period_ns as u64));
+        if busiest > paced_allowed {
+            over.push((format!("{} over two periods", plan.rate_label), busiest, paced_allowed));
+        }
+        for quota in &plan.quotas {
+            let busiest = self.busiest(Duration::from_nanos(quota.window_ns as u64));
+            if busiest > u64::from(quota.limit) {
+                over.push((quota.label.clone(), busiest, u64::from(quota.limit)));
+            }
+        }
+        over
+    }
+
     /// As [`Seen::per_window`], for the dots of one replica of `workers` workers.
     pub fn replica_per_window(&self, replica: usize, workers: usize, width: Duration, until: Duration) -> Vec<u32> {
         windows(self.by_worker[replica * workers..(replica + 1) * workers].iter().flatten(), width, until)
@@ -576,27 +604,7 @@ pub async fn judge(case: &Case) -> Judged {
         limits.push((label, at_once(plan, case.send / 2, case.duration, workers)));
     }
     let (bound_by, binding) = limits.into_iter().min_by_key(|(_, n)| *n).unwrap_or_default();
-    let mut over = Vec::new();
-    let rate_allowed = u64::from(plan.rate_max) + burst;
-    let busiest = seen.busiest(Duration::from_nanos(plan.period_ns as u64));
-    if busiest > rate_allowed {
-        over.push((plan.rate_label.clone(), busiest, rate_allowed));
-    }
-    // The rate's pace: two periods hold at most 2 × MAX + BURST − 1, as the generic cell rate
-    // algorithm allows, and a message's units less one more (a message goes once its first unit is
-    // due). The window of a period alone let every period hold the burst again.
-    let paced_allowed = 2 * u64::from(plan.rate_max) + burst + u64::from(plan.largest_cost - 1);
-    let busiest = seen.busiest(Duration::from_nanos(2 * plan.period_ns as u64));
-    if busiest > paced_allowed {
-        over.push((format!("{} over two periods", plan.rate_label), busiest, paced_allowed));
-    }
-    for quota in &plan.quotas {
-        let busiest = seen.busiest(Duration::from_nanos(quota.window_ns as u64));
-        if busiest > u64::from(quota.limit) {
-            over.push((quota.label.clone(), busiest, u64::from(quota.limit)));
-        }
-    }
-    Judged { used: seen.used(), binding, bound_by, over }
+    Judged { used: seen.used(), binding, bound_by, over: seen.over() }
 }
 
 /// The most messages of one unit a sender can hand over from `first` (no dot comes before the
@@ -1713,10 +1721,10 @@ mod tests {
                     database: database_ms * MS,
                     ..Case::load(letters("1s", 100, 1, None), replicas, 4, 20 * MS, 30 * SECOND)
                 };
-                let judged = judge(&case).await;
-                assert!(judged.over.is_empty(), "{case}: over {:?}", judged.over);
-                let seconds = run(&case).await.per_window(SECOND, case.duration);
-                println!("{case}: {} letters, per second {seconds:?}", judged.used);
+                let seen = run(&case).await;
+                assert!(seen.over().is_empty(), "{case}: over {:?}", seen.over());
+                let seconds = seen.per_window(SECOND, case.duration);
+                println!("{case}: {} letters, per second {seconds:?}", seen.used());
                 let last = &seconds[seconds.len() - 10..];
                 assert!(last.iter().all(|n| *n >= 20), "{case}: the last ten seconds held {last:?}");
             }

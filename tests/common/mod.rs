@@ -705,9 +705,7 @@ impl DelayProxy {
 
     /// `uri` (a `mongodb://host:port/...` URI) with its address replaced by this proxy's.
     pub fn mongodb_uri(&self, uri: &str) -> String {
-        let rest = uri.strip_prefix("mongodb://").expect("a mongodb:// URI");
-        let path = rest.find('/').map_or("", |at| &rest[at..]);
-        format!("mongodb://127.0.0.1:{}{path}", self.port)
+        uri.replacen(&mongodb_address(uri), &format!("127.0.0.1:{}", self.port), 1)
     }
 }
 
