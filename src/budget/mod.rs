@@ -537,7 +537,8 @@ impl Budget {
             let waiting = self.waiting.load(Ordering::Relaxed);
             let mut want = self.pool().want(units, waiting, &self.plan, self.round_trip());
             if self.asks_as_needed(clock.now_ns()) {
-                want = want.min(units.saturating_mul(waiting.max(1) as u32));
+                let queued = units.saturating_mul(waiting.max(1) as u32);
+                want = want.min(queued.saturating_add(self.units_within_round_trip(clock.now_ns())));
             }
             let previous = self.last_units.swap(units, Ordering::Relaxed);
             if previous != 0 && previous != units {
@@ -772,6 +773,23 @@ impl Budget {
             && self.measured_preparation_ns().is_some_and(|preparation_ns| {
                 preparation_ns > self.placing_round_trips(now_ns).saturating_mul(self.counted_round_trip_ns())
             })
+    }
+
+    /// Where each message is placed as it starts ([`Budget::places_each_message`]), the whole
+    /// units this replica's workers use within a grant's round trip: a grant for the workers
+    /// waiting holds that many more. There the ledger takes a write a grant, and where the workers
+    /// come for more than a unit a round trip, the writes follow one another: each grant placed
+    /// its first unit a lead from when it was asked, past the schedule's end, and the units
+    /// between went to no one. Two replicas of sixteen workers on a 20 ms relay under 1,089
+    /// recipients a second, letters of one: 290 grants a second of 3.6 units, 1,032 a second sent
+    /// (94.4 % of the rate over 30 s; 97.7 % so). Whole units only: rounded up, grants held a
+    /// unit more on slower relays too, whose workers come for one a round trip at most, and it
+    /// passed unused (two replicas of seven on a 300 ms relay under 430 per 10 s: 99.1 → 86.9 %).
+    fn units_within_round_trip(&self, now_ns: i64) -> u32 {
+        match self.places_each_message(now_ns) {
+            true => (self.pool().rate() * self.round_trip().as_secs_f64()) as u32,
+            false => 0,
+        }
     }
 
     /// The recent slowest round trip to the ledger, as the rules that trade one for a message's

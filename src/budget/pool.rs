@@ -438,6 +438,11 @@ impl Pool {
         units
     }
 
+    /// Units a second this replica uses, as last measured (0 until a grant has measured it).
+    pub(super) fn rate(&self) -> f64 {
+        self.rate
+    }
+
     /// Whether the pool holds less than this replica uses until `horizon_ns` (where its runs are
     /// strided, less than they bring): the next grant should be on its way.
     pub(super) fn low(&self, now_ns: i64, horizon_ns: i64, interval_ns: i64) -> bool {
