@@ -348,7 +348,7 @@ struct MongoProxy {
 impl MongoProxy {
     async fn start() -> MongoProxy {
         let upstream = common::mongo_uri();
-        let authority = upstream.trim_start_matches("mongodb://").split(['/', '?']).next().unwrap().to_owned();
+        let authority = mongodb_address(&upstream);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));

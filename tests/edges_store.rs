@@ -165,7 +165,7 @@ type Decide = Arc<dyn Fn(&[u8]) -> Fault + Send + Sync>;
 /// service's connection, command by command, as `decide` says; everything else goes through.
 async fn faulty_proxy(decide: Decide) -> u16 {
     let uri = mongo_uri();
-    let target = uri.trim_start_matches("mongodb://").split(['/', '?']).next().unwrap().to_owned();
+    let target = mongodb_address(&uri);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
