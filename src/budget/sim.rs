@@ -2073,6 +2073,23 @@ mod tests {
         assert!(judged.share() >= 0.97, "{} of {}", judged.used, judged.binding);
     }
 
+    /// One replica without a burst under a rate tens of times what its workers carry (a relay
+    /// without a limit of its own, the rate set out of the way): grants sized by what the workers
+    /// use were runs at the rate's pace that passed within a few milliseconds, and every round
+    /// of the workers waited for a grant's round trip and a lead (`Budget::alone_units`).
+    /// Fourteen workers on a 20 ms relay carry 700 letters a second; they sent 602-616 a second
+    /// from 12,790 a second to 43,390, 86.9 % of what they carry in 5 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_alone_under_a_rate_far_above_its_workers_keeps_their_pace() {
+        for rate in [12_790, 23_635, 43_390] {
+            let case = Case::load(letters("1s", rate, 1, None), 1, 14, 20 * MS, 5 * SECOND);
+            let judged = judge(&case).await;
+            assert!(judged.over.is_empty(), "{case}: over {:?}", judged.over);
+            assert!(judged.used >= 3_250, "{case}: {} letters of the 3,500 the workers carry in 5 s", judged.used);
+            assert!(judged.share() >= REQUIRED, "{case}: {} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        }
+    }
+
     /// Without a burst and with the rate left high, each message took a fresh grant a lead
     /// (half again its preparation) ahead and waited the difference at its dot: six workers on a
     /// 300 ms relay sent 480 letters in 30 s at 100 a second and above, 588 at 50. Now a grant
@@ -2149,6 +2166,13 @@ mod properties {
             prop_oneof![Just(0_i64), Just(600_000), Just(-600_000)],
         )
             .prop_map(|(period_s, max, burst_share, quota, replicas, workers, send_ms, offset_ms)| {
+                // `SIM_HIGH=1` explores rates of 10,000 to 100,000 a second, a relay without a
+                // limit of its own whose rate is set out of the way: the values drawn scaled, so
+                // that the cases CI runs stay the same.
+                let (period_s, max) = match std::env::var_os("SIM_HIGH") {
+                    Some(_) => (1, 10_000 + (max - 1) * 45),
+                    None => (period_s, max),
+                };
                 // `SIM_BURST1=1` explores the default burst alone, which a share of the rate
                 // seldom draws.
                 let burst = match std::env::var_os("SIM_BURST1") {
