@@ -690,8 +690,8 @@ impl Budget {
     /// moment: at 40,000 a second, 98 units in 2.5 ms, which passed before the workers came back
     /// from their 20 ms sends. Every worker then waited at once for a round trip and a lead, each
     /// round: one replica of fourteen on a 20 ms relay under 23,635 a second sent 602-616 letters
-    /// a second of the 700 they carry (86.9 %; from 12,790 a second to 43,390 the same), and 700
-    /// so. The units between pass, which costs no one else: none wrote the schedule for a second.
+    /// a second of the 700 they carry (86.9 %; at 43,390 the same, and three workers at 12,790),
+    /// and 700 so. The units between pass, which costs no one else: none wrote the schedule for a second.
     /// Not from the start, where replicas started together each found the schedule its own, and
     /// their spans lay end to end (three replicas of eight on a 20 ms relay under 960 a second:
     /// 94.9 → 92.0 % in 5 s). Several replicas under such a rate are not covered by this.
