@@ -120,6 +120,10 @@ const PLACING_ROUND_TRIPS_SHARED: i64 = 4;
 const ONE_MESSAGE_ROUND_TRIPS: i64 = 2;
 /// Another replica that wrote the schedule within this span shares it.
 const SHARED_SPAN: Duration = Duration::from_secs(1);
+/// A rate this many times what a replica's workers use is far above them
+/// ([`Budget::shares_a_rate_far_above`]): eight replicas at this one's pace would use a quarter
+/// of it.
+const FAR_ABOVE: f64 = 32.0;
 /// The same for a grant a message ([`Budget::grants_one_message`]): a replica learns that
 /// another wrote only from its own next write, and on a 2 s relay a replica writes about once a
 /// transaction, so judged over [`SHARED_SPAN`] its first grant after each pause was sized for its
@@ -538,8 +542,9 @@ impl Budget {
             }
             let clock = self.reading();
             let waiting = self.waiting.load(Ordering::Relaxed);
-            let mut want =
-                self.pool().want(units, waiting, &self.plan, self.round_trip()).max(self.alone_units(clock.now_ns()));
+            // Two statements: the pool's lock is held to the end of the first.
+            let mut want = self.pool().want(units, waiting, &self.plan, self.round_trip());
+            want = want.max(self.spanning_units(clock.now_ns()));
             if self.asks_as_needed(clock.now_ns()) {
                 let queued = units.saturating_mul(waiting.max(1) as u32);
                 want = want.min(queued.saturating_add(self.units_within_round_trip(clock.now_ns())));
@@ -658,7 +663,7 @@ impl Budget {
                 let (want, moment) = match budget.take_doomed() {
                     0 => {
                         let want = budget.pool().want(1, waiting, &budget.plan, budget.round_trip());
-                        (want.max(budget.alone_units(budget.reading().now_ns())), Moment::ToPrepare)
+                        (want.max(budget.spanning_units(budget.reading().now_ns())), Moment::ToPrepare)
                     }
                     doomed => (doomed, Moment::AtDot),
                 };
@@ -683,27 +688,49 @@ impl Budget {
         self.running_out.store(running_out, Ordering::Relaxed);
     }
 
-    /// Where this replica has had the schedule to itself for [`SHARED_SPAN`] and any place may go
-    /// to any replica (`BURST=1`, no quota, no window counted exactly): the units that cover the
-    /// pool's prefetch span ([`Budget::prefetch_ns`]), whatever its workers use. A grant sized by
-    /// what they use is a run at the rate's pace, and where the rate is far above them it spans a
-    /// moment: at 40,000 a second, 98 units in 2.5 ms, which passed before the workers came back
-    /// from their 20 ms sends. Every worker then waited at once for a round trip and a lead, each
-    /// round: one replica of fourteen on a 20 ms relay under 23,635 a second sent 602-616 letters
-    /// a second of the 700 they carry (86.9 %; at 43,390 the same, and three workers at 12,790),
-    /// and 700 so. The units between pass, which costs no one else: none wrote the schedule for a second.
-    /// Not from the start, where replicas started together each found the schedule its own, and
-    /// their spans lay end to end (three replicas of eight on a 20 ms relay under 960 a second:
-    /// 94.9 → 92.0 % in 5 s). Several replicas under such a rate are not covered by this.
-    fn alone_units(&self, now_ns: i64) -> u32 {
+    /// Where the rate is far above what a replica's workers use, the units that cover the pool's
+    /// prefetch span ([`Budget::prefetch_ns`]) in time, whatever the workers use: only where any
+    /// place may go to any replica (`BURST=1`, no quota, no window counted exactly), and the
+    /// replica has had the schedule to itself for [`SHARED_SPAN`] or shares a rate far above it
+    /// ([`Budget::shares_a_rate_far_above`]). A grant sized by what the workers use is a run at
+    /// the rate's pace, and there it spans a moment: at 40,000 a second, 98 units in 2.5 ms, which
+    /// passed before the workers came back from their 20 ms sends. Every worker then waited at
+    /// once for a round trip and a lead, each round: one replica of fourteen on a 20 ms relay
+    /// under 23,635 a second sent 602-616 letters a second of the 700 they carry (86.9 %; at
+    /// 43,390 the same, and three workers at 12,790), and 700 so. The units between pass, which
+    /// costs no one: alone, no other replica wrote the schedule for a second; shared, the grant is
+    /// strided and the lanes between go to the others (`schedule::decide`), each covering the same
+    /// span. Alone, not from the start: replicas started together each found the schedule their
+    /// own, and their spans lay end to end (three replicas of eight on a 20 ms relay under 960 a
+    /// second: 94.9 → 92.0 % in 5 s).
+    fn spanning_units(&self, now_ns: i64) -> u32 {
+        if !schedule::uncounted_places(&self.plan) {
+            return 0;
+        }
         let alone_ns = now_ns.saturating_sub(self.first_wrote_ns.load(Ordering::Relaxed));
-        if alone_ns < SHARED_SPAN.as_nanos() as i64
-            || self.others_wrote_within(now_ns, SHARED_SPAN)
-            || !schedule::uncounted_places(&self.plan)
-        {
+        let alone = alone_ns >= SHARED_SPAN.as_nanos() as i64 && !self.others_wrote_within(now_ns, SHARED_SPAN);
+        if !alone && !self.shares_a_rate_far_above(now_ns) {
             return 0;
         }
         (self.prefetch_ns() / self.plan.interval_ns).clamp(0, i64::from(self.plan.max_grant)) as u32
+    }
+
+    /// Whether another replica wrote the schedule within [`SHARED_SPAN`], the rate is
+    /// [`FAR_ABOVE`] times what this replica's workers use or more, and any place may go to any
+    /// replica with letters of one unit: there its grants cover a span in time
+    /// ([`Budget::spanning_units`]) and are strided, every m-th unit for m replicas. Runs at the
+    /// rate's pace passed before the workers came back, and the stride a replica takes once its
+    /// units pass divides the pace by three at most here: three replicas of eight on a 20 ms
+    /// relay under 40,000 a second sent 888 letters a second of the 1,200 they carry (74 %).
+    fn shares_a_rate_far_above(&self, now_ns: i64) -> bool {
+        if self.plan.largest_cost > 1
+            || !schedule::uncounted_places(&self.plan)
+            || !self.others_wrote_within(now_ns, SHARED_SPAN)
+        {
+            return false;
+        }
+        let used = self.pool().rate();
+        used > 0.0 && used * FAR_ABOVE < 1e9 / self.plan.interval_ns as f64
     }
 
     /// How far ahead the pool should cover: the lead, two round trips and a margin.
@@ -1101,8 +1128,10 @@ impl Budget {
             // Units for messages at their dots stay consecutive: they are taken at once, and a
             // stride put the units placed for missed messages of 2 s relays out of their reach
             // (three replicas of two workers at 760 a second: 66.7 % of what they carry).
+            // Before the pool's lock: `shares_a_rate_far_above` takes it too.
+            let far = self.shares_a_rate_far_above(now_ns);
             let asker = matches!(moment, Moment::ToPrepare)
-                .then(|| schedule::Asker { replica: self.replica, passing: self.pool().passing() });
+                .then(|| schedule::Asker { replica: self.replica, passing: far || self.pool().passing() });
             let (decision, mut next) = decide(&state, &self.plan, now_ns, lead_ns, ready_ns, want, need, asker);
             self.publish(&state, now_ns);
             let wait = match &decision {

@@ -2076,7 +2076,7 @@ mod tests {
     /// One replica without a burst under a rate tens of times what its workers carry (a relay
     /// without a limit of its own, the rate set out of the way): grants sized by what the workers
     /// use were runs at the rate's pace that passed within a few milliseconds, and every round
-    /// of the workers waited for a grant's round trip and a lead (`Budget::alone_units`).
+    /// of the workers waited for a grant's round trip and a lead (`Budget::spanning_units`).
     /// Fourteen workers on a 20 ms relay carry 700 letters a second; at 23,635 and 43,390 a
     /// second they sent 602-616, 86.9 % of what they carry in 5 s (three workers at 12,790 the
     /// same share).
@@ -2088,8 +2088,31 @@ mod tests {
             assert!(judged.over.is_empty(), "{case}: over {:?}", judged.over);
             // Each worker carries 50 a second; 93 % of that over the 5 s, its first round less.
             let carried = 250 * workers as u64;
+            println!("{case}: {} letters of the {carried} the workers carry", judged.used);
             assert!(
                 judged.used * 100 >= carried * 93,
+                "{case}: {} letters of the {carried} the workers carry",
+                judged.used
+            );
+            assert!(judged.share() >= REQUIRED, "{case}: {} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        }
+    }
+
+    /// Several replicas without a burst under a rate far above their workers: runs at the rate's
+    /// pace passed before the workers came back, and the stride a replica took once its units
+    /// passed divided the pace by the replicas only (`Budget::shares_a_rate_far_above`). Three
+    /// replicas of eight on a 20 ms relay under 40,000 a second sent 888 letters a second of the
+    /// 1,200 they carry.
+    #[tokio::test(start_paused = true)]
+    async fn replicas_sharing_a_rate_far_above_their_workers_keep_their_pace() {
+        for (rate, replicas, workers) in [(40_000, 3, 8), (33_220, 2, 16), (23_860, 2, 12)] {
+            let case = Case::load(letters("1s", rate, 1, None), replicas, workers, 20 * MS, 5 * SECOND);
+            let judged = judge(&case).await;
+            assert!(judged.over.is_empty(), "{case}: over {:?}", judged.over);
+            let carried = 250 * (replicas * workers) as u64;
+            println!("{case}: {} letters of the {carried} the workers carry", judged.used);
+            assert!(
+                judged.used * 100 >= carried * 90,
                 "{case}: {} letters of the {carried} the workers carry",
                 judged.used
             );
