@@ -1130,8 +1130,12 @@ impl Budget {
             // (three replicas of two workers at 760 a second: 66.7 % of what they carry).
             // Before the pool's lock: `shares_a_rate_far_above` takes it too.
             let far = self.shares_a_rate_far_above(now_ns);
-            let asker = matches!(moment, Moment::ToPrepare)
-                .then(|| schedule::Asker { replica: self.replica, passing: far || self.pool().passing() });
+            let holds_from_ns = self.pool().held_from(now_ns + self.prefetch_ns());
+            let asker = matches!(moment, Moment::ToPrepare).then(|| schedule::Asker {
+                replica: self.replica,
+                passing: far || self.pool().passing(),
+                holds_from_ns,
+            });
             let (decision, mut next) = decide(&state, &self.plan, now_ns, lead_ns, ready_ns, want, need, asker);
             self.publish(&state, now_ns);
             let wait = match &decision {

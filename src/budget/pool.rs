@@ -438,6 +438,12 @@ impl Pool {
         units
     }
 
+    /// The first place of a run held from `horizon_ns` on (past what the pool should cover), if
+    /// any: see [`crate::budget::schedule::Asker::holds_from_ns`].
+    pub(super) fn held_from(&self, horizon_ns: i64) -> Option<i64> {
+        self.runs.iter().map(|run| run.first_ns).filter(|first_ns| *first_ns >= horizon_ns).min()
+    }
+
     /// Units a second this replica uses, as last measured (0 until a grant has measured it).
     pub(super) fn rate(&self) -> f64 {
         self.rate

@@ -20,7 +20,10 @@ use std::{
 use tokio::time::Instant;
 
 use super::{Budget, HOLD_MAX, Ledger, MemoryLedger, Plan, schedule::tests::smtp};
-use crate::{config::RateUnit, metrics::Metrics};
+use crate::{
+    config::{RateUnit, SmtpConfig},
+    metrics::Metrics,
+};
 
 const SECOND: Duration = Duration::from_secs(1);
 const MS: Duration = Duration::from_millis(1);
@@ -63,9 +66,14 @@ pub const DATABASE: Duration = Duration::from_millis(2);
 impl Case {
     /// The cost of each message its letters make, in order ([`messages`]).
     fn messages(&self) -> Vec<u32> {
-        let vars: Vec<(&str, &str)> = self.vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let config = smtp(&vars);
+        let config = self.config();
         messages(&Plan::new(&config), config.max_recipients as u32, &self.recipients)
+    }
+
+    /// The SMTP settings its variables make.
+    fn config(&self) -> SmtpConfig {
+        let vars: Vec<(&str, &str)> = self.vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        smtp(&vars)
     }
 }
 
@@ -2115,6 +2123,39 @@ mod tests {
             judged.used
         );
         assert!(judged.share() >= REQUIRED, "{case}: {} of {} ({})", judged.used, judged.binding, judged.bound_by);
+    }
+
+    /// Where grants may be loose (about 51,200 a second and more), the grants on the schedule
+    /// beside them were runs at the rate's pace, neither strided nor spanning the pool's prefetch
+    /// (`schedule::uncounted_places`); and replicas whose strided runs lay past their pools'
+    /// horizon asked again and took the runs between of their own stride, so the schedule's end
+    /// ran ahead of now (`schedule::Asker::holds_from_ns`). Three replicas of eleven on a 1 ms
+    /// relay sent 44,967 letters in 5 s under 63,010 a second and 52,642 under 100,000, where
+    /// they sent 75,645 under 40,000 (78,686 now); three of thirteen on a 20 ms relay, 7,429
+    /// under 74,170 and 9,335 under 40,000. Now each sends at least 95 % of what it does under
+    /// 40,000, where grants are never loose.
+    #[tokio::test(start_paused = true)]
+    async fn replicas_where_grants_may_be_loose_keep_the_pace_they_have_below() {
+        for (workers, send, rates) in
+            [(11, MS, [63_010, 100_000, 1_000_000]), (13, 20 * MS, [74_170, 300_000, 1_000_000])]
+        {
+            let below = run(&Case::load(letters("1s", 40_000, 1, None), 3, workers, send, 5 * SECOND)).await.used();
+            for rate in rates {
+                let case = Case::load(letters("1s", rate, 1, None), 3, workers, send, 5 * SECOND);
+                assert!(Plan::new(&case.config()).loose_max > 0, "{case}: grants are never loose");
+                let judged = judge(&case).await;
+                assert!(judged.over.is_empty(), "{case}: over {:?}", judged.over);
+                println!("{case}: {} letters, {below} under 40,000/s", judged.used);
+                assert!(judged.used * 100 >= below * 95, "{case}: {} letters, {below} under 40,000/s", judged.used);
+                assert!(
+                    judged.share() >= REQUIRED,
+                    "{case}: {} of {} ({})",
+                    judged.used,
+                    judged.binding,
+                    judged.bound_by
+                );
+            }
+        }
     }
 
     /// Without a burst and with the rate left high, each message took a fresh grant a lead
