@@ -1128,14 +1128,20 @@ impl Budget {
             // Units for messages at their dots stay consecutive: they are taken at once, and a
             // stride put the units placed for missed messages of 2 s relays out of their reach
             // (three replicas of two workers at 760 a second: 66.7 % of what they carry).
-            // Before the pool's lock: `shares_a_rate_far_above` takes it too.
-            let far = self.shares_a_rate_far_above(now_ns);
-            let holds_from_ns = self.pool().held_from(now_ns + self.prefetch_ns());
-            let asker = matches!(moment, Moment::ToPrepare).then(|| schedule::Asker {
-                replica: self.replica,
-                passing: far || self.pool().passing(),
-                holds_from_ns,
-            });
+            let asker = match moment {
+                Moment::AtDot => None,
+                Moment::ToPrepare => {
+                    // Before the pool's lock: `shares_a_rate_far_above` takes it too.
+                    let far = self.shares_a_rate_far_above(now_ns);
+                    let horizon_ns = now_ns + self.prefetch_ns();
+                    let pool = self.pool();
+                    Some(schedule::Asker {
+                        replica: self.replica,
+                        passing: far || pool.passing(),
+                        holds_from_ns: pool.held_from(horizon_ns),
+                    })
+                }
+            };
             let (decision, mut next) = decide(&state, &self.plan, now_ns, lead_ns, ready_ns, want, need, asker);
             self.publish(&state, now_ns);
             let wait = match &decision {

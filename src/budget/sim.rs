@@ -207,8 +207,7 @@ fn windows<'a>(dots: impl IntoIterator<Item = &'a (Duration, u32)>, width: Durat
 
 /// Runs `case` on the current (paused) runtime.
 pub async fn run(case: &Case) -> Seen {
-    let vars: Vec<(&str, &str)> = case.vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let config = smtp(&vars);
+    let config = case.config();
     let plan = Plan::new(&config);
     let ledger = Arc::new(MemoryLedger::slow(case.database).starting_at(EPOCH_MS));
     let started = Instant::now();
@@ -448,8 +447,7 @@ impl Judged {
 /// 20 ms relay carried 209 letters in 5 s at 40,000 a second, 240 at 736 (which read 115 % of
 /// the reference); at four times its pace (200 a second), 239.
 fn references(case: &Case) -> Vec<Case> {
-    let vars: Vec<(&str, &str)> = case.vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let plan = Plan::new(&smtp(&vars));
+    let plan = Plan::new(&case.config());
     let largest = case.messages().into_iter().max().unwrap_or(1);
     let cost = match plan.unit {
         RateUnit::Letter => 1.0,
