@@ -984,6 +984,15 @@ async fn a_rate_left_high_without_a_burst_sends_at_the_workers_pace() {
 /// replicas' grants took the schedule far ahead, and the others' messages waited for units
 /// after them. Now each message's unit is placed where it will be ready
 /// (`Budget::places_each_message`).
+///
+/// What is asserted is the budget's part of each worker's pace: how long each letter waited for
+/// its units (`mailsender_rate_limit_wait_seconds`). The pace over a worker's whole span, asserted
+/// before, also counted one-off stalls that are not this rule's, and CI read 2.99 letters a second
+/// over 20 letters where 3.0 was asked: a MongoDB write that took half a second on a loaded
+/// machine (the lead after it decays over the next grants, and each message waits the excess
+/// at its dot), and the second message at the start, placed behind the other replicas' first
+/// grants. Under 16 ms, in six runs each in a debug build: 76–96 % of each replica's letters
+/// now; before, 20–32 % of those of the replica held back most.
 #[tokio::test(flavor = "multi_thread")]
 async fn replicas_of_slow_workers_send_at_their_pace() {
     let _serial = TIMING.lock().await;
@@ -998,19 +1007,41 @@ async fn replicas_of_slow_workers_send_at_their_pace() {
     let c = Replica::start(Replica::env_from(&app, &format!("{}-c", app.name), sinks[2].port)).await;
     feed(&app, "slow", 120).await;
     let received = received_from(&[&sinks[0], &sinks[1], &sinks[2]], 120, Duration::from_secs(90)).await;
-    // Each worker's pace over its own letters: how the letters were shared is the claims'
-    // doing, not the budget's.
-    let paces: Vec<(usize, f64)> = sinks
-        .iter()
-        .map(|sink| {
-            let own = sink.received();
-            (own.len(), own.len().saturating_sub(1) as f64 / span(&own))
-        })
-        .collect();
-    println!("3 replicas of 1 worker, 300 ms transactions, 30/s without a burst: (letters, letters/s) {paces:.2?}");
+    // Each worker over its own letters: how the letters were shared is the claims' doing, not
+    // the budget's.
+    let mut workers = Vec::new();
+    for (sink, http) in sinks.iter().zip([&app.http, &b.http, &c.http]) {
+        let mut at: Vec<f64> = sink.received().iter().map(|r| r.eod_ts).collect();
+        at.sort_by(f64::total_cmp);
+        let mut gaps: Vec<f64> = at.windows(2).map(|pair| pair[1] - pair[0]).collect();
+        gaps.sort_by(f64::total_cmp);
+        let median_pace = gaps.get(gaps.len() / 2).map_or(0.0, |gap| 1.0 / gap);
+        let text = reqwest::get(format!("{http}/metrics")).await.unwrap().text().await.unwrap();
+        let quick = waits_within(&text, 0.016);
+        workers.push((at.len(), median_pace, quick / at.len().max(1) as f64));
+    }
+    println!(
+        "3 replicas of 1 worker, 300 ms transactions, 30/s without a burst: \
+         (letters, letters/s at the median gap, share that waited under 16 ms for the budget) {workers:.2?}"
+    );
     assert_eq!(received.len(), 120);
     assert_cap_per_second(&[app.log(), b.log(), c.log()], 120, &received, 30);
-    for (letters, pace) in paces.into_iter().filter(|(letters, _)| *letters >= 10) {
-        assert!(pace >= 3.0, "{letters} letters at {pace:.2} a second: a worker's pace is 3.33");
+    for (letters, _, quick) in workers.into_iter().filter(|(letters, ..)| *letters >= 10) {
+        assert!(quick >= 0.5, "of {letters} letters, {:.0} % waited under 16 ms for the budget", quick * 100.0);
     }
+}
+
+/// How many letters waited at most `seconds` for the budget: the count of the
+/// `mailsender_rate_limit_wait_seconds` bucket with the largest bound within it.
+fn waits_within(metrics: &str, seconds: f64) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("mailsender_rate_limit_wait_seconds_bucket{le=\"")?;
+            let (bound, count) = rest.split_once("\"} ")?;
+            Some((bound.parse::<f64>().ok()?, count.trim().parse::<f64>().ok()?))
+        })
+        .filter(|(bound, _)| *bound <= seconds * 1.001)
+        .map(|(_, count)| count)
+        .fold(0.0, f64::max)
 }
