@@ -991,8 +991,10 @@ async fn a_rate_left_high_without_a_burst_sends_at_the_workers_pace() {
 /// over 20 letters where 3.0 was asked: a MongoDB write that took half a second on a loaded
 /// machine (the lead after it decays over the next grants, and each message waits the excess
 /// at its dot), and the second message at the start, placed behind the other replicas' first
-/// grants. Under 16 ms, in six runs each in a debug build: 76–96 % of each replica's letters
-/// now; before, 20–32 % of those of the replica held back most.
+/// grants. Under 16 ms, in a debug build: 86–97 % of each replica's letters now (60–74 % with
+/// two busy loops beside the test on two cores); 20–27 % of those of the replica held back most
+/// before the fix above, in every run. Once, 35 % before a stalled write no longer sent a replica
+/// back to stocking ahead (`Budget::counted_round_trip_ns`).
 #[tokio::test(flavor = "multi_thread")]
 async fn replicas_of_slow_workers_send_at_their_pace() {
     let _serial = TIMING.lock().await;
@@ -1027,7 +1029,7 @@ async fn replicas_of_slow_workers_send_at_their_pace() {
     assert_eq!(received.len(), 120);
     assert_cap_per_second(&[app.log(), b.log(), c.log()], 120, &received, 30);
     for (letters, _, quick) in workers.into_iter().filter(|(letters, ..)| *letters >= 10) {
-        assert!(quick >= 0.5, "of {letters} letters, {:.0} % waited under 16 ms for the budget", quick * 100.0);
+        assert!(quick >= 0.4, "of {letters} letters, {:.0} % waited under 16 ms for the budget", quick * 100.0);
     }
 }
 
