@@ -31,6 +31,11 @@ pub struct MemoryLedger {
     pub writes: AtomicUsize,
     /// Each call takes this long, as a round trip to a real server does.
     pub round_trip: Duration,
+    /// The first write in each span of the first length answers the second late, as a loaded
+    /// server's now and then do.
+    pub stalls: Option<(Duration, Duration)>,
+    /// The spans whose write has stalled.
+    stalled: AtomicUsize,
     origin_ms: i64,
     started: std::sync::OnceLock<Instant>,
 }
@@ -53,6 +58,11 @@ impl MemoryLedger {
     /// 94.2 % for one case).
     pub fn starting_at(self, origin_ms: i64) -> MemoryLedger {
         MemoryLedger { origin_ms, ..self }
+    }
+
+    /// The same server, with the first write in every span of `every` answering `stall` late.
+    pub fn stalling(self, stalls: Option<(Duration, Duration)>) -> MemoryLedger {
+        MemoryLedger { stalls, ..self }
     }
 
     async fn travel(&self, time: Duration) {
@@ -103,7 +113,17 @@ impl Ledger for MemoryLedger {
                     Some(self.now_ms())
                 }
             };
-            self.travel(self.round_trip / 2).await;
+            let stall = match (self.stalls, self.started.get()) {
+                (Some((every, stall)), Some(started)) if written.is_some() => {
+                    let span = (started.elapsed().as_nanos() / every.as_nanos().max(1)) as usize;
+                    match self.stalled.fetch_max(span, Ordering::Relaxed) < span {
+                        true => stall,
+                        false => Duration::ZERO,
+                    }
+                }
+                _ => Duration::ZERO,
+            };
+            self.travel(self.round_trip / 2 + stall).await;
             Ok(written)
         })
     }
@@ -116,5 +136,33 @@ impl Ledger for MemoryLedger {
             self.travel(self.round_trip / 2).await;
             Ok(now)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first write of each span answers late, the others at the round trip; a write that
+    /// lost its compare-and-set never stalls.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalling_ledger_answers_the_first_write_of_each_span_late() {
+        let ledger = MemoryLedger::slow(Duration::from_millis(2))
+            .stalling(Some((Duration::from_secs(1), Duration::from_millis(300))));
+        let timed = |expected: i64, version: i64| {
+            let ledger = &ledger;
+            async move {
+                let started = Instant::now();
+                let written = ledger.replace(expected, &State { version, ..State::default() }).await.unwrap();
+                (written.is_some(), started.elapsed().as_millis())
+            }
+        };
+        assert_eq!(timed(0, 1).await, (true, 2), "the first span, before its end, holds no stall");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(timed(5, 2).await, (false, 2), "a lost compare-and-set answers at once");
+        assert_eq!(timed(1, 2).await, (true, 302), "the first write of the next span");
+        assert_eq!(timed(2, 3).await, (true, 2), "the second write of that span");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(timed(3, 4).await, (true, 302), "and the first of the span after");
     }
 }

@@ -205,11 +205,20 @@ fn windows<'a>(dots: impl IntoIterator<Item = &'a (Duration, u32)>, width: Durat
     windows
 }
 
+/// `SIM_STALLS=every_ms:ms`: the first write to the ledger in each span of `every_ms` answers
+/// `ms` late, as a loaded MongoDB's now and then do; for explorations of how the budget weathers
+/// them (none by default).
+fn stalls() -> Option<(Duration, Duration)> {
+    let stalls = std::env::var("SIM_STALLS").ok()?;
+    let (every, ms) = stalls.split_once(':')?;
+    Some((Duration::from_millis(every.parse().ok()?), Duration::from_millis(ms.parse().ok()?)))
+}
+
 /// Runs `case` on the current (paused) runtime.
 pub async fn run(case: &Case) -> Seen {
     let config = case.config();
     let plan = Plan::new(&config);
-    let ledger = Arc::new(MemoryLedger::slow(case.database).starting_at(EPOCH_MS));
+    let ledger = Arc::new(MemoryLedger::slow(case.database).starting_at(EPOCH_MS).stalling(stalls()));
     let started = Instant::now();
     let end = started + case.duration;
     let dots = Arc::new(Mutex::new(Vec::new()));
