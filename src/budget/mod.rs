@@ -591,7 +591,8 @@ impl Budget {
                     // later they were out of its reach every time. After two stalled writes,
                     // one replica of eight workers on a 2 s relay under a quota of 343 a minute
                     // asked for a grant every 52 ms for the rest of the run and sent nothing
-                    // (24 % of what it carries). Nor with the grants held for the pause.
+                    // (24 % of what it carries). And the lock on grants is let go for the pause,
+                    // so that the other workers' grants go on meanwhile.
                     if fruitless > 2 {
                         drop(granting);
                         if let Some(ticket) = self.from_pool(fewest, units, asked, moment) {
@@ -1154,16 +1155,16 @@ impl Budget {
             // with a 300 ms stall once a second, SES's 14 recipients a second with one worker,
             // where each message takes its own grant, sent 4 a second (each message waited the
             // margin at its dot), and 408 of 5,100 explored cases fell below 95 % (219 now).
-            let round_trip_ns = self.median_round_trip_ns.load(Ordering::Relaxed);
+            let margin_ns = self.median_round_trip_ns.load(Ordering::Relaxed);
             // For a message already at its dot, units due as soon as they can arrive (the
             // write's round trip, and one more of margin): a lead ahead, it held the DATA phase
             // open for the lead less the burst's tolerance. A 2 s relay whose first preparation
             // took fifteen times the first guess missed the units of its first message in every
             // replica, and waited 1.3 s at the dot for the next.
             let lead_ns = match moment {
-                Moment::AtDot => round_trip_ns,
+                Moment::AtDot => margin_ns,
                 Moment::ToPrepare => self.placing_lead_ns(),
-            } + round_trip_ns;
+            } + margin_ns;
             // A message on this grant is at its dot a preparation after the units arrive at the
             // soonest: the quotas count them from there, not from the lead's margin over it.
             // Until a preparation is measured, from the lead: where units lie seconds apart it
@@ -1175,7 +1176,7 @@ impl Budget {
                 (Moment::AtDot, _) => 0,
                 (Moment::ToPrepare, true) => self.preparation_within_lead_ns(),
                 (Moment::ToPrepare, false) => self.lead_ns(),
-            } + round_trip_ns;
+            } + margin_ns;
             let state = schedule::refund(&stored, &self.plan, now_ns, &unused);
             let state = schedule::refund_pace(state, &self.plan, now_ns, &passed, &missed);
             // Units for messages at their dots stay consecutive: they are taken at once, and a
