@@ -886,8 +886,13 @@ impl Budget {
         self.median_round_trip_ns.load(Ordering::Relaxed).max(PLACING_ROUND_TRIP_MIN.as_nanos() as i64)
     }
 
-    /// Keeps a grant's round trip among the last [`RECENT_ROUND_TRIPS`] and their median.
+    /// Counts a grant's round trip in both estimates: the recent slowest, decaying by a quarter a
+    /// grant (the stock's), and the median of the last [`RECENT_ROUND_TRIPS`] (the margin's and
+    /// the placing rules').
     fn record_round_trip(&self, took_ns: i64) {
+        let previous = self.round_trip_ns.load(Ordering::Relaxed);
+        let slowest = if took_ns > previous { took_ns } else { previous - (previous - took_ns) / 4 };
+        self.round_trip_ns.store(slowest, Ordering::Relaxed);
         let mut recent = self.recent_round_trips.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if recent.len() == RECENT_ROUND_TRIPS {
             recent.pop_front();
@@ -1217,16 +1222,12 @@ impl Budget {
                     self.written_version.store(next.version, Ordering::Relaxed);
                     let _ =
                         self.first_wrote_ns.compare_exchange(i64::MAX, now_ns, Ordering::Relaxed, Ordering::Relaxed);
-                    // The slowest recent round trip, decaying: the next grant starts this much
-                    // later, so its units are not past when they arrive.
+                    // The round trip, for the next grants' margin and the stock's size.
                     // At most the grant timeout: a write that "took" longer answered in time but
                     // was read late, the runtime stalled (an 18 MB claim decoding), and a lead that
                     // long put every later grant past the horizon, each one waiting for a write
                     // that would never come to lower it: the replica sent nothing for minutes.
                     let took = received.duration_since(sent).min(self.grant_timeout()).as_nanos() as i64;
-                    let previous = self.round_trip_ns.load(Ordering::Relaxed);
-                    let next_estimate = if took > previous { took } else { previous - (previous - took) / 4 };
-                    self.round_trip_ns.store(next_estimate, Ordering::Relaxed);
                     self.record_round_trip(took);
                     self.clock.observe(server_ms, sent, received);
                     self.publish(&next, now_ns);
