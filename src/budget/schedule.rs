@@ -1183,6 +1183,16 @@ pub fn give_back(state: &State, plan: &Plan, now_ns: i64, runs: &[Run]) -> State
 }
 
 /// Used and remaining units of every window at `now_ns`, for the metrics.
+/// The share of the rate's window left at `now_ns` where it is counted exactly (the units
+/// charged from a window before it on, those placed ahead included), else `None`.
+pub fn exact_room(state: &State, plan: &Plan, now_ns: i64) -> Option<f64> {
+    let window = plan.exact.as_ref()?;
+    let first_counted = (now_ns - window.window_ns).div_euclid(window.bucket_ns) - 1;
+    let used: u64 =
+        state.quotas.get(&window.key).map(|b| b.range(first_counted..).map(|(_, n)| u64::from(*n)).sum()).unwrap_or(0);
+    Some(u64::from(window.limit).saturating_sub(used) as f64 / f64::from(window.limit.max(1)))
+}
+
 pub fn usage(state: &State, plan: &Plan, now_ns: i64) -> Vec<(String, u64, u64)> {
     let ahead = (state.next_ns - now_ns).max(0);
     let reserved = ((ahead as f64 / plan.interval_ns as f64).ceil() as u64).min(u64::from(plan.rate_max));
