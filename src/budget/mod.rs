@@ -368,6 +368,9 @@ impl Budget {
     /// ([`Budget::books_ahead`]), the booking starts here.
     pub fn on_time(self: &Arc<Self>) {
         let _ = self.bulk_slack_ns.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |slack| Some(slack - slack / 64));
+        if !self.measures_returns() {
+            return;
+        }
         let books = self.books_ahead(self.reading().now_ns());
         self.returns().dot(Instant::now(), books);
         if books {
@@ -398,6 +401,12 @@ impl Budget {
         let next = if took > estimate { took } else { estimate - (estimate - took) / 4 };
         self.preparation_ns.store(next, Ordering::Relaxed);
         self.preparation_measured.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the workers' returns are measured: only where their units may be booked
+    /// ([`Budget::books_ahead`]), so that other budgets pay no lock a message for them.
+    fn measures_returns(&self) -> bool {
+        self.plan.exact.is_some() && self.plan.quotas.is_empty()
     }
 
     /// A worker asks for its next message's units at `at`.
@@ -609,8 +618,10 @@ impl Budget {
     /// recipients a second, a stall a second: 55 % of what they carry in 5 s, 72.5 % before
     /// bookings, 81.0 % so).
     pub fn queued(&self) -> Queued<'_> {
-        self.came_back(Instant::now());
-        self.queued_returns.fetch_add(1, Ordering::Relaxed);
+        if self.measures_returns() {
+            self.came_back(Instant::now());
+            self.queued_returns.fetch_add(1, Ordering::Relaxed);
+        }
         self.waiting.fetch_add(1, Ordering::Relaxed);
         Queued { _waiting: Decrement(&self.waiting) }
     }
@@ -669,7 +680,7 @@ impl Budget {
     /// At least `least` and up to `units` consecutive units for one message.
     async fn take_for(self: &Arc<Self>, least: u32, units: u32, moment: Moment) -> Ticket {
         let asked = Instant::now();
-        if moment == Moment::ToPrepare {
+        if moment == Moment::ToPrepare && self.measures_returns() {
             // Measured already where the worker queued for its turn.
             if self.queued_returns.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_err() {
                 self.came_back(asked);
