@@ -209,6 +209,22 @@ async fn malformed_http_bodies_get_a_clear_400_or_413() {
         format!(r#"[{{"Subject":"s","Body":"{}","Addresses":["a@example.org"],"Token":"t"}}]"#, "x".repeat(10_000));
     let (status, _) = app.post("/post", huge).await;
     assert_eq!(status, 413);
+    // Far over the limit, the client is still writing when the answer is ready: it must read
+    // the 413, not find the connection reset under it.
+    let far_over = vec![b'x'; 8 << 20];
+    for attempt in 0..10 {
+        let response = reqwest::Client::new()
+            .post(format!("{}/post", app.http))
+            .header("content-type", "application/json")
+            .body(far_over.clone())
+            .send()
+            .await;
+        let response = response.unwrap_or_else(|e| panic!("8 MiB post {attempt}: no answer, {e}"));
+        assert_eq!(response.status().as_u16(), 413, "8 MiB post {attempt}");
+        let text = response.text().await.unwrap_or_else(|e| panic!("8 MiB post {attempt}: {e}"));
+        let answer: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "8 MiB post {attempt}: {answer}");
+    }
 
     // Nothing above reached the topic; the service still works.
     let (status, _) = app.post("/post", good.to_string()).await;

@@ -108,7 +108,48 @@ pub fn router(state: Arc<HttpState>, max_body_bytes: usize) -> Router {
         .merge(admin)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn(move |request, next| answer_oversized(request, next, max_body_bytes)))
         .with_state(state)
+}
+
+/// How much of a body over the limit is read and dropped before the 413 goes, and for how long
+/// at most (see [`answer_oversized`]).
+const LINGER_BYTES: u64 = 64 << 20;
+const LINGER_FOR: Duration = Duration::from_secs(5);
+
+/// A body whose `Content-Length` is over the limit gets its 413 once it has been read (up to
+/// [`LINGER_BYTES`], within [`LINGER_FOR`]) and dropped, with the connection closed after it,
+/// as web servers' lingering close does. Answered at once, the connection closed with the
+/// client's bytes unread, the kernel reset it, and a client still writing them never read the
+/// answer: every 8 MiB post to a 4 KiB limit got "error sending request" instead of the 413 (and
+/// one in about twenty suites a 900 KB one).
+async fn answer_oversized(request: Request, next: Next, max_body_bytes: usize) -> Response {
+    let length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    let Some(length) = length.filter(|length| *length > max_body_bytes as u64) else {
+        return next.run(request).await;
+    };
+    let mut body = request.into_body().into_data_stream();
+    let drain = async {
+        let mut read = 0_u64;
+        while read < LINGER_BYTES {
+            match futures::StreamExt::next(&mut body).await {
+                Some(Ok(chunk)) => read += chunk.len() as u64,
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_FOR, drain).await;
+    let mut response = error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the body is {length} bytes; at most {max_body_bytes} are accepted (HTTP_MAX_BODY_BYTES)"),
+        None,
+    );
+    response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    response
 }
 
 /// A JSON error body: what went wrong and, where it helps, what was expected.
