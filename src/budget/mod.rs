@@ -442,14 +442,12 @@ impl Budget {
     /// on slower relays a round trip is a small share of a send.
     fn books_ahead(&self, now_ns: i64) -> bool {
         let return_ns = self.return_ns.load(Ordering::Relaxed);
-        let alone_ns = now_ns.saturating_sub(self.first_wrote_ns.load(Ordering::Relaxed));
         self.stock_blocks()
             && self.window_roomy.load(Ordering::Relaxed)
             && !within(&self.told_to_wait_ns, now_ns, SHARED_SPAN)
             && self.plan.quotas.is_empty()
             && !self.scarce()
-            && alone_ns >= SHARED_SPAN.as_nanos() as i64
-            && !self.others_wrote_within(now_ns, SHARED_SPAN)
+            && self.alone(now_ns)
             && self.same_sizes.load(Ordering::Relaxed) >= BOOKING_SAME_SIZES
             && return_ns != i64::MAX
             && return_ns >= BOOKING_ROUND_TRIPS.saturating_mul(self.counted_round_trip_ns())
@@ -897,9 +895,7 @@ impl Budget {
         if !schedule::uncounted_places(&self.plan) {
             return 0;
         }
-        let alone_ns = now_ns.saturating_sub(self.first_wrote_ns.load(Ordering::Relaxed));
-        let alone = alone_ns >= SHARED_SPAN.as_nanos() as i64 && !self.others_wrote_within(now_ns, SHARED_SPAN);
-        if !alone && !self.shares_a_rate_far_above(now_ns) {
+        if !self.alone(now_ns) && !self.shares_a_rate_far_above(now_ns) {
             return 0;
         }
         (self.prefetch_ns() / self.plan.interval_ns).clamp(0, i64::from(self.plan.max_grant)) as u32
@@ -1065,6 +1061,13 @@ impl Budget {
         }
         recent.push_back(took_ns);
         self.median_round_trip_ns.store(median(&recent), Ordering::Relaxed);
+    }
+
+    /// Whether this replica has had the schedule to itself: it first wrote it [`SHARED_SPAN`] ago
+    /// or more, and found no other replica's write within that span.
+    fn alone(&self, now_ns: i64) -> bool {
+        let alone_ns = now_ns.saturating_sub(self.first_wrote_ns.load(Ordering::Relaxed));
+        alone_ns >= SHARED_SPAN.as_nanos() as i64 && !self.others_wrote_within(now_ns, SHARED_SPAN)
     }
 
     /// Whether this replica found the schedule written by another within `span` of `now_ns`.

@@ -1187,10 +1187,14 @@ pub fn give_back(state: &State, plan: &Plan, now_ns: i64, runs: &[Run]) -> State
 /// charged from a window before it on, those placed ahead included), else `None`.
 pub fn exact_room(state: &State, plan: &Plan, now_ns: i64) -> Option<f64> {
     let window = plan.exact.as_ref()?;
-    let first_counted = (now_ns - window.window_ns).div_euclid(window.bucket_ns) - 1;
-    let used: u64 =
-        state.quotas.get(&window.key).map(|b| b.range(first_counted..).map(|(_, n)| u64::from(*n)).sum()).unwrap_or(0);
+    let used = counted_now(state, window, now_ns);
     Some(u64::from(window.limit).saturating_sub(used) as f64 / f64::from(window.limit.max(1)))
+}
+
+/// The units a window counted in buckets holds at `now_ns`, those placed ahead included.
+fn counted_now(state: &State, window: &QuotaPlan, now_ns: i64) -> u64 {
+    let first_counted = (now_ns - window.window_ns).div_euclid(window.bucket_ns) - 1;
+    state.quotas.get(&window.key).map(|b| b.range(first_counted..).map(|(_, n)| u64::from(*n)).sum()).unwrap_or(0)
 }
 
 pub fn usage(state: &State, plan: &Plan, now_ns: i64) -> Vec<(String, u64, u64)> {
@@ -1198,12 +1202,7 @@ pub fn usage(state: &State, plan: &Plan, now_ns: i64) -> Vec<(String, u64, u64)>
     let reserved = ((ahead as f64 / plan.interval_ns as f64).ceil() as u64).min(u64::from(plan.rate_max));
     let mut windows = vec![(plan.rate_label.clone(), reserved, u64::from(plan.rate_max) - reserved)];
     for quota in plan.counted() {
-        let first_counted = (now_ns - quota.window_ns).div_euclid(quota.bucket_ns) - 1;
-        let used: u64 = state
-            .quotas
-            .get(&quota.key)
-            .map(|b| b.range(first_counted..).map(|(_, n)| u64::from(*n)).sum())
-            .unwrap_or(0);
+        let used = counted_now(state, quota, now_ns);
         windows.push((quota.label.clone(), used, u64::from(quota.limit).saturating_sub(used)));
     }
     if plan.exact.is_some() {
