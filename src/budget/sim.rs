@@ -560,15 +560,26 @@ pub async fn judge(case: &Case) -> Judged {
     // daily one over two days and a minute is 3 (floored, it read 150 % of 2).
     let mut limits = vec![(plan.rate_label.clone(), burst + (d / period * f64::from(plan.rate_max)).ceil() as u64)];
     let costs = case.messages();
-    if costs.iter().any(|cost| *cost > 1) {
+    // Where the rate's window is counted exactly, the window is the rate's cap (the windows in
+    // order below), and a message waits for no pace but the burst's, which lets it go once its
+    // first unit is due (`Plan::pace`): paced to its last unit, letters of 1, 50 and 7 under 298
+    // recipients an hour were judged against 1 recipient in 600 s (the letter of 50 waiting 49
+    // intervals), and the budget's 298 read 29,800 %: one recipient sent would have passed.
+    let rate_pace = match (&plan.exact, plan.pace) {
+        (None, _) => {
+            let interval = plan.period_ns / i64::from(plan.rate_max);
+            Some(Pace { interval_ns: interval, tolerance_ns: burst as i64 * interval, at_first_unit: false })
+        }
+        (Some(_), Some((interval_ns, tolerance_ns))) => Some(Pace { interval_ns, tolerance_ns, at_first_unit: true }),
+        (Some(_), None) => None,
+    };
+    if let Some(pace) = rate_pace.filter(|_| costs.iter().any(|cost| *cost > 1)) {
         // Counted as if messages could be split, the rate let a message's units go before the
         // message could: letters of 1, 50 and 7 recipients under 587 a day with a burst of 12
         // were judged against 16 recipients in 600 s, where the letter of 50 cannot go for hours
         // under any sender that keeps the rate and the order (1 of 16 read 6.2 %).
-        let interval = plan.period_ns / i64::from(plan.rate_max);
-        let rate = Some((interval, burst as i64 * interval));
         let label = format!("{} {MIXED_IN_ORDER}", plan.rate_label);
-        limits.push((label, in_order(&costs, &[], case.send / 2, case.duration, None, rate, false)));
+        limits.push((label, in_order(&costs, &[], case.send / 2, case.duration, None, Some(pace), false)));
     }
     // Where the windows are counted exactly, and under a quota with one replica, whose workers
     // take their units one after another in the letters' order: a quota of 21 recipients per
@@ -690,14 +701,15 @@ fn at_once(plan: &Plan, first: Duration, duration: Duration, workers: Option<(f6
 /// With `workers` (`(cycle, how many)`), each message also waits for a worker: one that sent a
 /// message sends its next a cycle (one dot to the next, as measured unbounded) later.
 ///
-/// With `rate` (`(interval, tolerance)`, in nanoseconds), each message also waits for the rate's
-/// burst and pace as a schedule places a message of several units: its units take the next
-/// places from the rate's next free one (or from when the message is ready, if later), and it
-/// goes at its last unit's place less the tolerance (the generic cell rate algorithm, for
-/// messages of one unit). Counted with the windows at once, the rate's places pass while a
-/// message waits for a window, which no budget that counts the window exactly loses (the
-/// budget's schedule runs at eight times the rate there): SES's classes read 109-113 % of it.
-/// So the judge counts the rate in order and the windows in order apart.
+/// With `rate`, each message also waits for the rate's burst and pace as a schedule places a
+/// message of several units: its units take the next places from the rate's next free one (or
+/// from when the message is ready, if later), and it goes at its last unit's place less the
+/// tolerance (the generic cell rate algorithm, for messages of one unit), or at its first
+/// unit's where the pace is kept beside a window counted exactly ([`Pace::at_first_unit`]).
+/// Counted with the windows at once, the rate's places pass while a message waits for a
+/// window, which no budget that counts the window exactly loses (the budget's schedule runs at
+/// eight times the rate there): SES's classes read 109-113 % of it. So the judge counts the
+/// rate in order and the windows in order apart.
 ///
 /// With `split`, a message that does not fit what the windows have left sends that much at once
 /// and the rest as the next message, as the service's transactions do where the budget hands out
@@ -708,7 +720,7 @@ fn in_order(
     first: Duration,
     duration: Duration,
     workers: Option<(Duration, usize)>,
-    rate: Option<(i64, i64)>,
+    rate: Option<Pace>,
     split: bool,
 ) -> u64 {
     let end = duration.as_nanos() as i64;
@@ -735,8 +747,9 @@ fn in_order(
         }
         // Its units' places: from the rate's next free one, or from when it is ready if later.
         let place = tat.max(at);
-        if let Some((interval, tolerance)) = rate {
-            at = at.max(place + i64::from(cost - 1) * interval - tolerance);
+        if let Some(Pace { interval_ns, tolerance_ns, at_first_unit }) = rate {
+            let waits_for = if at_first_unit { 0 } else { cost - 1 };
+            at = at.max(place + i64::from(waits_for) * interval_ns - tolerance_ns);
         }
         // Time only moves on, so a window that has room at `at` still has it later.
         for window in &mut counted {
@@ -751,12 +764,22 @@ fn in_order(
         for window in &mut counted {
             window.push(at, cost);
         }
-        if let Some((interval, _)) = rate {
-            tat = place + i64::from(cost) * interval;
+        if let Some(Pace { interval_ns, .. }) = rate {
+            tat = place + i64::from(cost) * interval_ns;
         }
         used += u64::from(cost);
     }
     used
+}
+
+/// The rate's pace as [`in_order`] keeps it, in nanoseconds.
+#[derive(Clone, Copy)]
+struct Pace {
+    interval_ns: i64,
+    tolerance_ns: i64,
+    /// A message goes once its first unit is due, not its last: the budget's pace beside a
+    /// window counted exactly (`Plan::pace`), which takes a message of many units as one is due.
+    at_first_unit: bool,
 }
 
 /// A window a relay counts exactly (`limit` units in any `width_ns`), fed messages in time order:
@@ -1331,7 +1354,9 @@ mod tests {
             let case = Case { recipients: MIXED.to_vec(), ..Case::load(vars.clone(), 1, workers, send, 30 * SECOND) };
             let judged = judge(&case).await;
             assert!(judged.over.is_empty(), "over: {:?}", judged.over);
-            assert!(judged.bound_by.contains("mixed sizes"), "{}", judged.bound_by);
+            // The window's 30 a second, less what one worker can carry: no pace to each
+            // message's last unit (`a_window_counted_exactly_is_judged_without_a_pace_to_each_message_last_unit`).
+            assert!(judged.binding >= 850, "{}: {}", judged.bound_by, judged.binding);
             assert!(judged.share() >= 0.95, "{workers} worker(s): {} of {}", judged.used, judged.binding);
         }
     }
@@ -1381,12 +1406,36 @@ mod tests {
         // One unit a second with a burst of 3: a message of 5 waits for its last unit's place less
         // the tolerance (4 s − 2 s), and the next, on places 5 s to 9 s, for 7 s, though the
         // window has room for both at once.
-        let rate = Some((second, 2 * second));
+        let pace = Pace { interval_ns: second, tolerance_ns: 2 * second, at_first_unit: false };
+        let rate = Some(pace);
         assert_eq!(in_order(&[5], &[(100, 100 * second)], Duration::ZERO, 1999 * MS, None, rate, false), 0);
         assert_eq!(in_order(&[5], &[(100, 100 * second)], Duration::ZERO, 6999 * MS, None, rate, false), 5);
         assert_eq!(in_order(&[5], &[(100, 100 * second)], Duration::ZERO, 7001 * MS, None, rate, false), 10);
         // Messages of one unit: the burst at once, then the pace.
         assert_eq!(in_order(&[1], &[(100, 100 * second)], Duration::ZERO, 2500 * MS, None, rate, false), 5);
+        // The pace beside a window counted exactly: a message goes once its first unit is due,
+        // at 0 s, then at 5 s − 2 s and 10 s − 2 s.
+        let paced = Some(Pace { at_first_unit: true, ..pace });
+        assert_eq!(in_order(&[5], &[(100, 100 * second)], Duration::ZERO, 2999 * MS, None, paced, false), 5);
+        assert_eq!(in_order(&[5], &[(100, 100 * second)], Duration::ZERO, 3001 * MS, None, paced, false), 10);
+        assert_eq!(in_order(&[5], &[(100, 100 * second)], Duration::ZERO, 8001 * MS, None, paced, false), 15);
+    }
+
+    /// Where the rate's window is counted exactly, the judge paces no message to its last unit:
+    /// letters of 1, 50 and 7 under 298 recipients an hour were judged against 1 recipient in
+    /// 600 s, the letter of 50 waiting 49 intervals of 12 s for a pace the budget does not keep
+    /// there, so any sending at all passed. The rate over the time binds (50), the window holds.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_counted_exactly_is_judged_without_a_pace_to_each_message_last_unit() {
+        let case = Case {
+            recipients: vec![1, 50, 7],
+            offsets_ms: vec![600_000, 0],
+            ..Case::load(in_recipients("3600s", 298, 1, None, 50), 3, 7, 2 * SECOND, 600 * SECOND)
+        };
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert_eq!((judged.binding, judged.bound_by.as_str()), (50, "298/1h"));
+        assert!(judged.share() >= REQUIRED, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
     }
 
     /// Every limit at once is what one sender could do under all of them: 110 a 10 s period with
@@ -1643,17 +1692,21 @@ mod tests {
         holds_and_uses_95(&case).await;
     }
 
-    /// A letter larger than the burst waits for the rate in order: under 587 recipients a day
-    /// with a burst of 12, letters of 1, 50 and 7 recipients, the letter of 50 goes when the
-    /// pace has brought its units, hours later, and the letters behind it wait (in order). The
-    /// judge counted the rate's units as if messages could be split, 16 in 600 s, and read the
-    /// one recipient sent as 6.2 %.
+    /// A letter larger than the burst is judged by the pace the budget keeps beside a window
+    /// counted exactly, which lets a message of many units go once one is due (`Plan::pace`):
+    /// under 587 recipients a day with a burst of 12, letters of 1, 50 and 7, the burst and the
+    /// rate over 600 s (16) bind. Paced to its last unit, the judge said 1 (the letter of 50
+    /// hours later), and the 1 recipient the budget sends in 600 s read 100 %. It is a known
+    /// gap, not a pass: the schedule, at eight times the rate there, places the 50 units
+    /// consecutively and the letter's dot at the last, 15 minutes on (bench/results.md, issue
+    /// 21, twenty-fifth stop).
     #[tokio::test(start_paused = true)]
-    async fn a_letter_larger_than_the_burst_is_judged_in_order() {
+    async fn a_letter_larger_than_the_burst_is_judged_by_the_pace_at_its_first_unit() {
         let vars = in_recipients("24h", 587, 12, None, 1_000);
         let case = Case { recipients: vec![1, 50, 7], ..Case::load(vars, 2, 3, MS, 10 * MINUTE) };
         let judged = judge(&case).await;
-        assert_eq!((judged.used, judged.binding), (1, 1), "{case}: bound by {}", judged.bound_by);
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert_eq!((judged.binding, judged.bound_by.as_str()), (16, "587/1day"), "{case}");
     }
 
     /// A letter with more recipients than the smallest window holds goes in transactions that
