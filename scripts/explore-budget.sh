@@ -16,13 +16,17 @@
 #   burst1      SIM_BURST1=1 SIM_EXPLORE=300, the same seeds        (1,500 cases)
 #   recipients  SIM_BURST1=1 SIM_RECIPIENTS=1 SIM_EXPLORE=200,
 #               seeds 21 7 11 3 5 13 17 19                          (1,600 cases)
+#   recipients-burst  SIM_RECIPIENTS=1 SIM_EXPLORE=200: budgets in recipients with bursts
+#               drawn up to the whole period, seeds 21 7 11 3 5 (1,000 cases; added at the
+#               twenty-fifth stop: no class drew a burst in recipients before)
 #   high        SIM_HIGH=1 SIM_BURST1=1 SIM_EXPLORE=100: rates of 10,000 to 100,000 a second
 #               left out of the way, the default burst, seeds 21 7 11 3 5 (500 cases)
 #
 # SIM_STALLS=every_ms:ms in the environment makes the first write to the simulated ledger in each
 # span of every_ms answer ms late, as a loaded MongoDB's now and then do (bench/results.md,
 # "twenty-third stop": with SIM_STALLS=1000:300, 219 of the 5,100 cases were below 95 %, 408 before
-# that stop's fixes; 217 since the twenty-fourth stop's).
+# that stop's fixes; 217 since the twenty-fourth stop's; 262 of 6,100 since the twenty-fifth's,
+# whose judge no longer passes what it could not fail).
 #
 # Prints, per class and seed, the cases below 95 % and the worst; then every case below 95 %.
 # Exits 1 if a case is below 95 % or over a cap (a failed run), else 0. Takes about 1.5 minutes
@@ -36,7 +40,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --min-seconds) MIN_SECONDS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -62,6 +66,7 @@ runs() {
   for seed in 21 7 11 3 5; do echo "default $seed SIM_EXPLORE=300"; done
   for seed in 21 7 11 3 5; do echo "burst1 $seed SIM_BURST1=1 SIM_EXPLORE=300"; done
   for seed in 21 7 11 3 5 13 17 19; do echo "recipients $seed SIM_BURST1=1 SIM_RECIPIENTS=1 SIM_EXPLORE=200"; done
+  for seed in 21 7 11 3 5; do echo "recipients-burst $seed SIM_RECIPIENTS=1 SIM_EXPLORE=200"; done
   for seed in 21 7 11 3 5; do echo "high $seed SIM_HIGH=1 SIM_BURST1=1 SIM_EXPLORE=100"; done
 }
 
