@@ -950,6 +950,33 @@ async fn a_budget_in_recipients_uses_its_rate() {
     assert!(took <= 83.0 / 14.0 / 0.8, "84 letters took {took:.2}s at 14 recipients/s: under 80 % of the budget");
 }
 
+/// A daily budget in recipients with a burst, as a Workspace user counting recipients writes it:
+/// 587 a day, a burst of 12, letters of 1 and of 50 recipients. The pace lets the letter of 50 go
+/// once one unit is due, and the day is untouched, so both go within seconds. The schedule, at
+/// eight times the rate, placed the 50 units 18 s apart and the letter's dot at the last: 15
+/// minutes later (`MESSAGE_SPREAD_MAX`; the simulation's sweep found it, 1 recipient in 600 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_letter_under_a_daily_budget_with_a_burst_goes_at_once() {
+    let _serial = TIMING.lock().await;
+    let sink = SmtpSink::start().await;
+    let budget = [
+        ("SMTP_RATE_LIMIT_PERIOD", "24h"),
+        ("SMTP_RATE_LIMIT_MAX_LETTERS", "587"),
+        ("SMTP_RATE_LIMIT_BURST", "12"),
+        ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+    ];
+    let app = TestApp::spawn(&sink, &budget).await;
+    app.produce(Some("small"), batch("small", 1, 1).to_string().as_bytes()).await;
+    app.produce(Some("large"), batch("large", 1, 50).to_string().as_bytes()).await;
+    let started = std::time::Instant::now();
+    let letters = app.wait_all_final(2, Duration::from_secs(30)).await;
+    println!("587 recipients a day with a burst of 12: letters of 1 and 50 final in {:.1?}", started.elapsed());
+    let mut delivered: Vec<usize> = letters.iter().map(|letter| letter.delivered.len()).collect();
+    delivered.sort();
+    assert_eq!(delivered, [1, 50], "{:?}", letters.iter().map(|l| (&l.status, &l.error)).collect::<Vec<_>>());
+    assert_each_recipient_once(&sink.received(), 51);
+}
+
 /// With `BURST=1` and the rate left high (10,000 a second), four workers on a relay that takes
 /// 150 ms before the final dot (the 354 to DATA) and 150 ms after it. Each worker sends at its
 /// pace, 4 / 0.3 s = 13.3 letters a second: every message took a fresh grant a lead ahead (half
