@@ -370,8 +370,10 @@ impl Plan {
         // units with the day untouched (587 recipients a day with a burst of 12, letters of 1, 50
         // and 7: 1 recipient in 600 s of the 16 the burst and the rate allow). Not without a
         // burst, where no pace is kept and the schedule's spread is all that paces the window.
+        // The rate's pace is kept where its window is counted exactly and there is a burst.
+        let paced = exact.is_some() && smtp.rate_burst > 1;
         let per_period = match exact {
-            Some(_) if smtp.rate_burst > 1 => (8 * i64::from(smtp.rate_max_letters))
+            Some(_) if paced => (8 * i64::from(smtp.rate_max_letters))
                 .max(i64::from(largest_cost).saturating_mul(period_ns) / MESSAGE_SPREAD_MAX.as_nanos() as i64),
             Some(_) => 8 * i64::from(smtp.rate_max_letters),
             None => unexact_per_period,
@@ -439,13 +441,10 @@ impl Plan {
             largest_cost,
             reach_ns,
             unit: smtp.rate_unit,
-            pace: match (&exact, smtp.rate_burst) {
-                (Some(_), 2..) => {
-                    let interval_ns = (period_ns as f64 / f64::from(smtp.rate_max_letters)).ceil() as i64;
-                    Some((interval_ns, i64::from(smtp.rate_burst - 1) * interval_ns))
-                }
-                _ => None,
-            },
+            pace: paced.then(|| {
+                let interval_ns = (period_ns as f64 / f64::from(smtp.rate_max_letters)).ceil() as i64;
+                (interval_ns, i64::from(smtp.rate_burst - 1) * interval_ns)
+            }),
             exact,
         }
     }
@@ -1196,7 +1195,6 @@ pub fn give_back(state: &State, plan: &Plan, now_ns: i64, runs: &[Run]) -> State
     State { version: state.version + 1, returned, ..next }
 }
 
-/// Used and remaining units of every window at `now_ns`, for the metrics.
 /// The share of the rate's window left at `now_ns` where it is counted exactly (the units
 /// charged from a window before it on, those placed ahead included), else `None`.
 pub fn exact_room(state: &State, plan: &Plan, now_ns: i64) -> Option<f64> {
@@ -1211,6 +1209,7 @@ fn counted_now(state: &State, window: &QuotaPlan, now_ns: i64) -> u64 {
     state.quotas.get(&window.key).map(|b| b.range(first_counted..).map(|(_, n)| u64::from(*n)).sum()).unwrap_or(0)
 }
 
+/// Used and remaining units of every window at `now_ns`, for the metrics.
 pub fn usage(state: &State, plan: &Plan, now_ns: i64) -> Vec<(String, u64, u64)> {
     let ahead = (state.next_ns - now_ns).max(0);
     let reserved = ((ahead as f64 / plan.interval_ns as f64).ceil() as u64).min(u64::from(plan.rate_max));

@@ -309,9 +309,9 @@ fn messages(plan: &Plan, max_recipients: u32, recipients: &[u32]) -> Vec<u32> {
 /// its turn, its units once they are near ([`Budget::bulk_wait`]), the wait before opening the
 /// transaction, the data, the dot at the unit's time or a new unit when too late for it (bounded
 /// by [`HOLD_MAX`]); the dot, if it went, in `dots`, and told to the budget as `at_dot` does
-/// ([`Budget::on_time`]: the bulk slack shrinks, and the worker's next units may be booked). Where the budget hands out fewer units than
-/// the message costs ([`Budget::take_up_to`]), the worker sends that many and the rest in its
-/// next transaction, as `deliver` does.
+/// ([`Budget::on_time`]: the bulk slack shrinks, and the worker's next units may be booked).
+/// Where the budget hands out fewer units than the message costs ([`Budget::take_up_to`]), the
+/// worker sends that many and the rest in its next transaction, as `deliver` does.
 async fn send_one(
     budget: &Arc<Budget>,
     turn: &Arc<tokio::sync::Mutex<()>>,
