@@ -266,7 +266,9 @@ pub struct Plan {
     /// per 10 s. A grant's first message goes no sooner than the rate's pace allows, less its
     /// tolerance, and moves the pace on by the grant's units (the generic cell rate algorithm,
     /// a message of many units taken as soon as one is due): a burst after idle time, then the
-    /// rate. With `BURST=1` the window is the rate's own and holds the pace by itself.
+    /// rate. With `BURST=1` the window is the rate's own and holds the rate by itself; there a
+    /// pace with no tolerance at eight times the rate is kept only where the largest message
+    /// would span more than [`MESSAGE_SPREAD_MAX`] of the schedule (see [`Plan::new`]).
     pub pace: Option<(i64, i64)>,
 }
 
@@ -368,10 +370,17 @@ impl Plan {
         // message go once one unit is due, but its units lie consecutively on the schedule and it
         // goes at the last. At eight times a daily rate a letter of 50 waited 15 minutes for its
         // units with the day untouched (587 recipients a day with a burst of 12, letters of 1, 50
-        // and 7: 1 recipient in 600 s of the 16 the burst and the rate allow). Not without a
-        // burst, where no pace is kept and the schedule's spread is all that paces the window.
-        // The rate's pace is kept where its window is counted exactly and there is a burst.
-        let paced = exact.is_some() && smtp.rate_burst > 1;
+        // and 7: 1 recipient in 600 s of the 16 the burst and the rate allow).
+        //
+        // Without a burst the same, where the largest message's units would span more than
+        // [`MESSAGE_SPREAD_MAX`] at eight times the rate: there a pace with no tolerance at eight
+        // times the rate keeps the schedule's spread (one message at once, the next after its
+        // units), and the letter of 50 goes when one unit is due rather than 49 later (763
+        // recipients a day, letters of 1, 50 and 7: 1 recipient in 600 s, of the rate's 6).
+        let eight_times_ns = spacing(8 * i64::from(smtp.rate_max_letters), 0);
+        let spans_long =
+            (i64::from(largest_cost) - 1).saturating_mul(eight_times_ns) > MESSAGE_SPREAD_MAX.as_nanos() as i64;
+        let paced = exact.is_some() && (smtp.rate_burst > 1 || spans_long);
         let per_period = match exact {
             Some(_) if paced => (8 * i64::from(smtp.rate_max_letters))
                 .max(i64::from(largest_cost).saturating_mul(period_ns) / MESSAGE_SPREAD_MAX.as_nanos() as i64),
@@ -441,9 +450,12 @@ impl Plan {
             largest_cost,
             reach_ns,
             unit: smtp.rate_unit,
-            pace: paced.then(|| {
-                let interval_ns = (period_ns as f64 / f64::from(smtp.rate_max_letters)).ceil() as i64;
-                (interval_ns, i64::from(smtp.rate_burst - 1) * interval_ns)
+            pace: paced.then(|| match smtp.rate_burst {
+                1 => (eight_times_ns, 0),
+                burst => {
+                    let interval_ns = (period_ns as f64 / f64::from(smtp.rate_max_letters)).ceil() as i64;
+                    (interval_ns, i64::from(burst - 1) * interval_ns)
+                }
             }),
             exact,
         }
@@ -542,17 +554,22 @@ impl Plan {
 
     /// Whether a transaction may carry part of its chunk ([`crate::budget::Budget::take_up_to`]):
     /// where the rate's window is counted exactly, or beside quotas in recipients, and there is
-    /// no pace. Under the pace a message goes once one of its units is due and nothing is left
-    /// over (parts would be of one unit); on the schedule alone there is no window's room to
-    /// fill, and parts of runs too short for a message cut letters into transactions of a few
-    /// recipients where the workers bound (three replicas of two workers on a 2 s relay, letters
-    /// of 1 to 10: 1,971 recipients in 30 s where whole ones sent 2,527). Beside a quota there is:
+    /// no burst's pace. Under the burst's pace a message goes once one of its units is due and
+    /// nothing is left over (parts would be of one unit). Under the pace without tolerance
+    /// (`BURST=1`, [`Plan::pace`]) the window's room is what binds, and a whole message waiting
+    /// for its room was passed by smaller ones that fit what the window freed: 47 recipients a
+    /// minute, letters of 1 to 100, two replicas of nine on a 300 ms relay, sent 97 in 180 s
+    /// where whole messages in order allow 140; in parts, 140 of 141. On the schedule alone
+    /// there is no window's room to fill, and parts of runs too short for a message cut letters
+    /// into transactions of a few recipients where the workers bound (three replicas of two
+    /// workers on a 2 s relay, letters of 1 to 10: 1,971 recipients in 30 s where whole ones sent
+    /// 2,527). Beside a quota there is:
     /// a message that went whole left the quota's rest unused until the window freed, and 15
     /// recipients per 10 minutes in transactions of 10 went 11, 10 and 10 a window
     /// (`a_quota_with_less_room_than_a_message_lends_it_to_part_of_one`).
     pub fn splits_transactions(&self) -> bool {
         let beside_quotas = self.unit == RateUnit::Recipient && !self.quotas.is_empty() && self.loose_max == 0;
-        (self.exact.is_some() || beside_quotas) && self.pace.is_none()
+        (self.exact.is_some() || beside_quotas) && self.pace.is_none_or(|(_, tolerance_ns)| tolerance_ns == 0)
     }
 
     /// The units of `run` whose due time is not before `cut_ns`, if any.
@@ -1466,6 +1483,25 @@ pub(super) mod tests {
         assert!(no_quota.exact.is_none() && no_quota.pace.is_none());
         let loose = plan("1s", "100000", "10", Some("1000000/1m"));
         assert!(loose.exact.is_none() && loose.loose_max > 0);
+    }
+
+    /// Without a burst, a pace with no tolerance at eight times the rate where the largest
+    /// message would span more than a second of the schedule (a daily budget), and transactions
+    /// that take the window's room; not where it spans less (Amazon SES's 14 recipients a second,
+    /// whose 14 units span 117 ms at eight times), where the schedule alone spreads the messages.
+    #[test]
+    fn without_a_burst_a_pace_is_kept_only_where_the_largest_message_spans_long() {
+        let daily = in_recipients("24h", "763", &[("SMTP_MAX_RECIPIENTS", "1000")]);
+        // A day and the guard (50 ms) over eight times 763.
+        let eight_times_ns = (86_400_050_000_000_f64 / (8.0 * 763.0)).ceil() as i64;
+        assert!(daily.exact.is_some());
+        assert_eq!(daily.pace, Some((eight_times_ns, 0)));
+        assert!(daily.splits_transactions());
+        // The largest message (the whole window, 763 units) within a second of the schedule.
+        assert!(i64::from(daily.largest_cost - 1) * daily.interval_ns <= 1_000_000_000, "{}", daily.interval_ns);
+        let ses = in_recipients("1s", "14", &[("SMTP_MAX_RECIPIENTS", "50")]);
+        assert!(ses.exact.is_some() && ses.pace.is_none() && ses.splits_transactions());
+        assert_eq!(ses.interval_ns, (1_007_500_000_f64 / 112.0).ceil() as i64);
     }
 
     /// Amazon SES: 14 recipients a second, 50 a message. The room for the largest message would

@@ -1710,6 +1710,35 @@ mod tests {
         assert_eq!(judged.used, 51, "{case}");
     }
 
+    /// The same without a burst: at eight times the rate the letter of 50's units lay 49
+    /// intervals of 14 s apart, and it went at the last, with the day's window empty (1 of the
+    /// rate's 6 recipients in 600 s). The pace without tolerance lets it go once one is due; the
+    /// letter of 7 then waits for the pace the 50 moved on.
+    #[tokio::test(start_paused = true)]
+    async fn a_large_letter_without_a_burst_goes_once_one_unit_is_due() {
+        let vars = in_recipients("24h", 763, 1, None, 1_000);
+        let case = Case { recipients: vec![1, 50, 7], ..Case::load(vars, 1, 4, 300 * MS, 10 * MINUTE) };
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert_eq!((judged.binding, judged.bound_by.as_str()), (6, "763/1day"), "{case}");
+        assert_eq!(judged.used, 51, "{case}");
+    }
+
+    /// Under that pace a whole message waiting for the window's room was passed by smaller ones
+    /// that fit what the window freed, and a letter's transaction of 47 (the whole window) waited
+    /// a minute more each time: 97 recipients in 180 s, where whole messages in order allow 140.
+    /// It now takes the room there is and sends the rest as the next transaction
+    /// (`Plan::splits_transactions`): 140 of the 141 the window allows.
+    #[tokio::test(start_paused = true)]
+    async fn under_the_pace_without_a_burst_a_message_takes_the_window_room_there_is() {
+        let vars = in_recipients("1m", 47, 1, None, 1_000);
+        let case = Case { recipients: vec![1, 40, 5, 100, 2], ..Case::load(vars, 2, 9, 300 * MS, 3 * MINUTE) };
+        let judged = judge(&case).await;
+        assert!(judged.over.is_empty(), "over: {:?}", judged.over);
+        assert!(judged.share() >= REQUIRED, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
+        assert_eq!(judged.binding, 141, "{case}");
+    }
+
     /// A letter with more recipients than the smallest window holds goes in transactions that
     /// each fit it (`Plan::transaction_recipients`), and the letters behind it follow. The
     /// simulation once sent it as one message and its worker waited for the budget forever:
