@@ -980,7 +980,19 @@ fn decide_units(
                 need = whole;
                 whole_at
             }
-            None => part_at,
+            // Under a pace a grant carries no more units than its message needs (below), so the
+            // part is what the window has room for, not the least the transaction may carry:
+            // taken at one unit, letters under the pace without a burst went a recipient a
+            // transaction wherever the window freed a unit at a time (47 recipients a minute,
+            // letters of 1 to 100, two replicas of nine: 59 transactions for 140 recipients, 14
+            // so; 5 for 141 on the schedule alone, which sent the 47s whole).
+            None => match whole.min(u32::try_from(room).unwrap_or(u32::MAX)) {
+                part if plan.pace.is_some() && part > need => {
+                    need = part;
+                    placed_for(start, part).0
+                }
+                _ => part_at,
+            },
         };
         if start - plan.tolerance_ns > now_ns + horizon_ns {
             let until_ns = start - plan.tolerance_ns - horizon_ns;

@@ -1728,7 +1728,9 @@ mod tests {
     /// that fit what the window freed, and a letter's transaction of 47 (the whole window) waited
     /// a minute more each time: 97 recipients in 180 s, where whole messages in order allow 140.
     /// It now takes the room there is and sends the rest as the next transaction
-    /// (`Plan::splits_transactions`): 140 of the 141 the window allows.
+    /// (`Plan::splits_transactions`): 140 of the 141 the window allows. And all the room: taken a
+    /// unit at a time, as the pace grants no more than the least asked, the 140 went in 59
+    /// transactions, where the window freed a unit at a time; 14 so.
     #[tokio::test(start_paused = true)]
     async fn under_the_pace_without_a_burst_a_message_takes_the_window_room_there_is() {
         let vars = in_recipients("1m", 47, 1, None, 1_000);
@@ -1737,6 +1739,8 @@ mod tests {
         assert!(judged.over.is_empty(), "over: {:?}", judged.over);
         assert!(judged.share() >= REQUIRED, "{} of {} ({})", judged.used, judged.binding, judged.bound_by);
         assert_eq!(judged.binding, 141, "{case}");
+        let seen = run(&case).await;
+        assert!(seen.dots.len() <= 20, "{} recipients in {} transactions", seen.used(), seen.dots.len());
     }
 
     /// A letter with more recipients than the smallest window holds goes in transactions that
