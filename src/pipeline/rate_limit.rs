@@ -290,7 +290,7 @@ impl RateLimit {
         loop {
             ticket.wait().await;
             let late = tokio::time::Instant::now().saturating_duration_since(ticket.unit);
-            if late <= budget.plan().late {
+            if late <= budget.plan().late && !ticket.unplaced {
                 budget.on_time();
                 metrics.budget_lateness.observe(late.as_secs_f64());
                 // Off unless asked for (`RUST_LOG=…,mailsender::dot=trace`): every dot's time
@@ -305,11 +305,18 @@ impl RateLimit {
                 );
                 break;
             }
-            metrics.budget_units_missed.inc_by(u64::from(ticket.units));
+            if !ticket.unplaced {
+                metrics.budget_units_missed.inc_by(u64::from(ticket.units));
+            }
             budget.missed(&ticket);
             // Too late for its unit (a slow connection, a late wake-up): the dot on it could
             // crowd the next window, so the message waits for a new one.
-            tracing::debug!(late_ms = late.as_secs_f64() * 1e3, "late for the budget's unit; taking another");
+            match ticket.unplaced {
+                true => tracing::debug!("no unit placed before a preparation was measured; taking one at the dot"),
+                false => {
+                    tracing::debug!(late_ms = late.as_secs_f64() * 1e3, "late for the budget's unit; taking another")
+                }
+            }
             match tokio::time::timeout_at(hold_until, budget.take_ready(ticket.units)).await {
                 Ok(next) if next.at <= hold_until => ticket = next,
                 _ => {
@@ -404,6 +411,28 @@ mod tests {
         let next = quota.reserve_within(2, Duration::from_secs(30), &running).await.expect("the window frees");
         let freed = next.at.duration_since(first.at);
         assert!(freed >= Duration::from_secs(20), "the next units {freed:?} after the first");
+    }
+
+    /// Where the window is counted exactly, a message other than the replica's first goes
+    /// unplaced until a preparation is measured (`Budget::probe`): it opens at once, and at its
+    /// final dot takes its units and goes, no unit counted as missed and none withdrawn.
+    #[tokio::test(start_paused = true)]
+    async fn an_unplaced_message_takes_its_units_at_its_final_dot() {
+        let config = smtp_with(1_000, 782, 1, &[("SMTP_RATE_LIMIT_UNIT", "recipient"), ("SMTP_MAX_RECIPIENTS", "50")]);
+        let metrics = Arc::new(Metrics::new());
+        let budget = Budget::new(Plan::new(&config), Arc::new(MemoryLedger::new()), metrics.clone());
+        let limit = RateLimit::new(Arc::new(budget), config.throttle_recovery_step, metrics.clone());
+        assert!(!limit.reserve(10, None).await.unplaced, "the first message's units are placed");
+        let asked = tokio::time::Instant::now();
+        let second = limit.reserve(10, None).await;
+        assert!(second.unplaced && second.at == asked, "the next opens at once, unplaced");
+        // Its preparation.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let at_dot = tokio::time::Instant::now();
+        assert!(limit.at_dot(second).await, "it goes on units taken at its dot");
+        assert!(at_dot.elapsed() < Duration::from_millis(10), "within moments: {:?}", at_dot.elapsed());
+        assert_eq!((metrics.budget_units_missed.get(), metrics.budget_withdrawn.get()), (0, 0));
+        assert!(!limit.reserve(10, None).await.unplaced, "measured: placed again");
     }
 
     /// Deterministic: tokio's paused clock only moves when every task waits, so the figures
