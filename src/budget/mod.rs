@@ -66,18 +66,6 @@ const LEAD_MAX: Duration = Duration::from_millis(1_500);
 /// their units as ever (see [`Budget::probe`]): a grant times out in a second on a database
 /// near by ([`GRANT_TIMEOUT`]).
 const PROBE_WAIT: Duration = Duration::from_secs(2);
-
-/// How far a replica's first message has gone before a preparation is measured (see
-/// [`Budget::probe`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Start {
-    /// Its units are asked for on the lead's first guess.
-    Guessing,
-    /// Written: the window's room is known.
-    Placed,
-    /// It reached its dot: the lead is measured.
-    Measured,
-}
 /// Where units lie two seconds or more apart, a grant's first unit is at least this far ahead: a
 /// first message prepared more slowly than the first guess of the lead would miss its unit, and
 /// the next one is a whole interval away (43 s for 2,000 a day).
@@ -239,8 +227,8 @@ pub struct Budget {
     preparation_ns: AtomicI64,
     /// A preparation was measured: until then it is a guess.
     preparation_measured: AtomicBool,
-    /// How far this replica's first message has gone, for the others (see [`Budget::probe`]).
-    start: tokio::sync::watch::Sender<Start>,
+    /// This replica wrote its first grant: the window's room is known (see [`Budget::probe`]).
+    first_written: tokio::sync::watch::Sender<bool>,
     /// A message of this replica took units on the lead's first guess (see [`Budget::probe`]).
     probing: AtomicBool,
     /// The units the window had left at this replica's first write, less those of the messages
@@ -339,7 +327,7 @@ impl Budget {
             available: AtomicBool::new(true),
             preparation_ns: AtomicI64::new(LEAD.as_nanos() as i64 * 2 / 3),
             preparation_measured: AtomicBool::new(false),
-            start: tokio::sync::watch::Sender::new(Start::Guessing),
+            first_written: tokio::sync::watch::Sender::new(false),
             probing: AtomicBool::new(false),
             unplaced_room: AtomicI64::new(0),
             bulk_slack_ns: AtomicI64::new(0),
@@ -432,9 +420,7 @@ impl Budget {
         let estimate = self.preparation_ns.load(Ordering::Relaxed);
         let next = if took > estimate { took } else { estimate - (estimate - took) / 4 };
         self.preparation_ns.store(next, Ordering::Relaxed);
-        if !self.preparation_measured.swap(true, Ordering::Relaxed) {
-            self.start.send_replace(Start::Measured);
-        }
+        self.preparation_measured.store(true, Ordering::Relaxed);
     }
 
     /// Whether the workers' returns are measured: only where their units may be booked
@@ -736,11 +722,10 @@ impl Budget {
         {
             return None;
         }
-        let mut start = self.start.subscribe();
+        let mut written = self.first_written.subscribe();
         // A database that does not answer holds the others this long, and no longer.
-        let reached = tokio::time::timeout(PROBE_WAIT, start.wait_for(|start| *start >= Start::Placed)).await;
-        let Ok(Ok(reached)) = reached.map(|seen| seen.map(|start| *start)) else { return None };
-        if reached != Start::Placed
+        if tokio::time::timeout(PROBE_WAIT, written.wait_for(|written| *written)).await.is_err()
+            || self.preparation_measured.load(Ordering::Relaxed)
             || self.unplaced_room.fetch_sub(i64::from(units), Ordering::Relaxed) < i64::from(units)
         {
             return None;
@@ -1491,18 +1476,16 @@ impl Budget {
                     self.clock.observe(server_ms, sent, received);
                     self.publish(&next, now_ns);
                     self.schedule_end_ns.store(next.next_ns, Ordering::Relaxed);
-                    if let Some(room) = schedule::exact_room(&next, &self.plan, now_ns) {
+                    if let Some((left, room)) = schedule::exact_room(&next, &self.plan, now_ns) {
                         self.window_roomy.store(room >= BOOKING_ROOM, Ordering::Relaxed);
-                        self.start.send_if_modified(|start| {
-                            let first = *start == Start::Guessing;
-                            if first {
-                                let limit = self.plan.exact.as_ref().map_or(0, |window| window.limit);
-                                let left = (room * f64::from(limit)) as i64;
+                        self.first_written.send_if_modified(|written| {
+                            if !*written {
                                 let soon = LEAD.as_nanos() as i64 / self.plan.interval_ns;
-                                self.unplaced_room.store(left.min(soon), Ordering::Relaxed);
-                                *start = Start::Placed;
+                                self.unplaced_room.store(soon.min(left as i64), Ordering::Relaxed);
+                                *written = true;
+                                return true;
                             }
-                            first
+                            false
                         });
                     }
                     *granting = Some(next);

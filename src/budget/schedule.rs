@@ -1224,12 +1224,13 @@ pub fn give_back(state: &State, plan: &Plan, now_ns: i64, runs: &[Run]) -> State
     State { version: state.version + 1, returned, ..next }
 }
 
-/// The share of the rate's window left at `now_ns` where it is counted exactly (the units
-/// charged from a window before it on, those placed ahead included), else `None`.
-pub fn exact_room(state: &State, plan: &Plan, now_ns: i64) -> Option<f64> {
+/// The units of the rate's window left at `now_ns` where it is counted exactly (the units
+/// charged from a window before it on, those placed ahead included), and their share of it;
+/// else `None`.
+pub fn exact_room(state: &State, plan: &Plan, now_ns: i64) -> Option<(u64, f64)> {
     let window = plan.exact.as_ref()?;
-    let used = counted_now(state, window, now_ns);
-    Some(u64::from(window.limit).saturating_sub(used) as f64 / f64::from(window.limit.max(1)))
+    let left = u64::from(window.limit).saturating_sub(counted_now(state, window, now_ns));
+    Some((left, left as f64 / f64::from(window.limit.max(1))))
 }
 
 /// The units a window counted in buckets holds at `now_ns`, those placed ahead included.
