@@ -227,6 +227,8 @@ pub struct Budget {
     preparation_ns: AtomicI64,
     /// A preparation was measured: until then it is a guess.
     preparation_measured: AtomicBool,
+    /// Woken when `preparation_measured` turns true (see [`Budget::probe`]).
+    measured: tokio::sync::Notify,
     /// This replica wrote its first grant: the window's room is known (see [`Budget::probe`]).
     first_written: tokio::sync::watch::Sender<bool>,
     /// A message of this replica took units on the lead's first guess (see [`Budget::probe`]).
@@ -327,6 +329,7 @@ impl Budget {
             available: AtomicBool::new(true),
             preparation_ns: AtomicI64::new(LEAD.as_nanos() as i64 * 2 / 3),
             preparation_measured: AtomicBool::new(false),
+            measured: tokio::sync::Notify::new(),
             first_written: tokio::sync::watch::Sender::new(false),
             probing: AtomicBool::new(false),
             unplaced_room: AtomicI64::new(0),
@@ -420,7 +423,10 @@ impl Budget {
         let estimate = self.preparation_ns.load(Ordering::Relaxed);
         let next = if took > estimate { took } else { estimate - (estimate - took) / 4 };
         self.preparation_ns.store(next, Ordering::Relaxed);
-        self.preparation_measured.store(true, Ordering::Relaxed);
+        if !self.preparation_measured.load(Ordering::Relaxed) && !self.preparation_measured.swap(true, Ordering::AcqRel)
+        {
+            self.measured.notify_waiters();
+        }
     }
 
     /// Whether the workers' returns are measured: only where their units may be booked
@@ -714,6 +720,17 @@ impl Budget {
     /// whose units lie 141 ms apart at eight times the rate, unplaced messages waited seconds
     /// at their dots, and three replicas of six on a 20 ms relay sent 86.2 % of the rate in
     /// three minutes (100 % as ever).
+    ///
+    /// Except where the schedule places the whole window within two leads
+    /// ([`Budget::window_within_two_leads`]): there a message beyond those units waits for the
+    /// replica's first preparation to be measured (at most [`PROBE_WAIT`]) and then takes its
+    /// units placed. On the guess, the units of the window after the promised ones went to
+    /// messages that would miss them, and the promised ones, asked for at their dots, found the
+    /// window spent: under 22 recipients a second, three replicas of thirteen on a 300 ms relay
+    /// sent 14 recipients in the first second and 87.3 % of the rate in 5 s (96.4 % so). Where
+    /// the window is longer, the missed units are placed again in it, and waiting cost the 2 s
+    /// relays a preparation (398 recipients per 10 s, one replica of fourteen on a 2 s relay:
+    /// 96.5 % of the rate in 30 s, 100 % on the guess).
     async fn probe(&self, units: u32) -> Option<Ticket> {
         if self.plan.exact.is_none()
             || !self.plan.quotas.is_empty()
@@ -726,8 +743,18 @@ impl Budget {
         // A database that does not answer holds the others this long, and no longer.
         if tokio::time::timeout(PROBE_WAIT, written.wait_for(|written| *written)).await.is_err()
             || self.preparation_measured.load(Ordering::Relaxed)
-            || self.unplaced_room.fetch_sub(i64::from(units), Ordering::Relaxed) < i64::from(units)
         {
+            return None;
+        }
+        if self.unplaced_room.fetch_sub(i64::from(units), Ordering::Relaxed) < i64::from(units) {
+            if self.window_within_two_leads() {
+                let measured = self.measured.notified();
+                tokio::pin!(measured);
+                measured.as_mut().enable();
+                if !self.preparation_measured.load(Ordering::Acquire) {
+                    let _ = tokio::time::timeout(PROBE_WAIT, measured).await;
+                }
+            }
             return None;
         }
         let now = Instant::now();
@@ -740,6 +767,19 @@ impl Budget {
             placed: Placed::at(0, 0),
             unplaced: true,
         })
+    }
+
+    /// Whether the schedule, at its pace, places the rate's whole window within two leads: there
+    /// a message's units placed on the lead's first guess lie in the window its replica's
+    /// unplaced messages take their units from at their dots, and if the relay prepares longer
+    /// than the guess, they are missed and the window is lost (see [`Budget::probe`]).
+    fn window_within_two_leads(&self) -> bool {
+        self.plan.exact.as_ref().is_some_and(|window| i64::from(window.limit) < 2 * self.units_in_a_lead())
+    }
+
+    /// The units the schedule places within a [`LEAD`], at its pace.
+    fn units_in_a_lead(&self) -> i64 {
+        LEAD.as_nanos() as i64 / self.plan.interval_ns
     }
 
     /// At least `least` and up to `units` consecutive units for one message.
@@ -1480,8 +1520,7 @@ impl Budget {
                         self.window_roomy.store(room >= BOOKING_ROOM, Ordering::Relaxed);
                         self.first_written.send_if_modified(|written| {
                             if !*written {
-                                let soon = LEAD.as_nanos() as i64 / self.plan.interval_ns;
-                                self.unplaced_room.store(soon.min(left as i64), Ordering::Relaxed);
+                                self.unplaced_room.store(self.units_in_a_lead().min(left as i64), Ordering::Relaxed);
                                 *written = true;
                                 return true;
                             }
@@ -1667,22 +1706,49 @@ mod tests {
         ));
         let first = budget.take_up_to(40).await;
         assert!(!first.unplaced, "the first message's units are placed");
-        let mut unplaced = 0;
-        loop {
+        for _ in 0..soon / 50 {
             let ticket = budget.take_up_to(50).await;
-            if !ticket.unplaced {
-                break;
-            }
+            assert!(ticket.unplaced, "unplaced as the lead's {soon} units allow");
             assert_eq!((ticket.units, ticket.at), (50, Instant::now()), "it goes to its dot at once");
             budget.missed(&ticket);
-            unplaced += 50;
         }
-        assert_eq!(unplaced, soon / 50 * 50, "unplaced as the lead's {soon} units allow");
         assert_eq!(budget.pool().take_expired(), (Vec::new(), Vec::new()), "nothing to give back");
         let at_dot = budget.take_ready(50).await;
         assert!(!at_dot.unplaced && at_dot.units == 50, "units taken at the dot");
+        // The window (782) lies within two leads (2 x {soon}): beyond the lead's units a message
+        // waits for the measurement, and takes placed units then.
+        let beyond = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.take_up_to(50).await }
+        });
+        tokio::time::sleep(PROBE_WAIT / 2).await;
+        assert!(!beyond.is_finished(), "it waits for a preparation to be measured");
         budget.prepared(Duration::from_millis(150));
+        let beyond = tokio::time::timeout(Duration::from_millis(100), beyond).await.unwrap().unwrap();
+        assert!(!beyond.unplaced, "measured: placed");
         assert!(!budget.take_up_to(1).await.unplaced, "measured: placed again");
+
+        // 398 per 10 s: the window is longer than two leads, and a message beyond the lead's
+        // units takes placed units at once.
+        let long = smtp(&[
+            ("SMTP_RATE_LIMIT_PERIOD", "10s"),
+            ("SMTP_RATE_LIMIT_MAX_LETTERS", "398"),
+            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+            ("SMTP_MAX_RECIPIENTS", "50"),
+        ]);
+        let budget = Arc::new(Budget::new(
+            Plan::new(&long),
+            Arc::new(MemoryLedger::slow(Duration::from_millis(2))),
+            Arc::new(Metrics::new()),
+        ));
+        assert!(!budget.window_within_two_leads());
+        assert!(!budget.take_up_to(1).await.unplaced);
+        let (mut unplaced, asked) = (0, Instant::now());
+        while budget.take_up_to(10).await.unplaced {
+            unplaced += 1;
+        }
+        assert!(unplaced > 0, "some went unplaced first");
+        assert!(asked.elapsed() < Duration::from_millis(100), "none waited: {:?}", asked.elapsed());
 
         let letters = smtp(&[("SMTP_RATE_LIMIT_PERIOD", "1s"), ("SMTP_RATE_LIMIT_MAX_LETTERS", "782")]);
         let budget =

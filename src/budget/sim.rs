@@ -1759,6 +1759,21 @@ mod tests {
         assert!(judged.share() >= REQUIRED, "{case}: {} of {}", judged.used, judged.binding);
     }
 
+    /// Where the schedule places the whole window within two leads, the messages of a replica
+    /// beyond the units it may send unplaced wait for its first preparation to be measured: on
+    /// the lead's first guess they took the window's other units, missed them on a 300 ms relay,
+    /// and the unplaced messages found the window spent at their dots. 22 recipients a second,
+    /// three replicas of thirteen: 14 recipients in the first second, 96 of 110 in 5 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_placed_within_two_leads_is_not_spent_on_the_guess() {
+        let vars = in_recipients("1s", 22, 1, None, 50);
+        let case =
+            Case { recipients: vec![1, 3, 10, 2, 7, 1, 5, 4, 9, 1], ..Case::load(vars, 3, 13, 300 * MS, 5 * SECOND) };
+        let judged = sends_within_its_caps(&case).await;
+        assert_eq!((judged.binding, judged.bound_by.as_str()), (110, "22/1s"), "{case}");
+        assert!(judged.share() >= REQUIRED, "{case}: {} of {}", judged.used, judged.binding);
+    }
+
     /// A letter with more recipients than the smallest window holds goes in transactions that
     /// each fit it (`Plan::transaction_recipients`), and the letters behind it follow. The
     /// simulation once sent it as one message and its worker waited for the budget forever:
