@@ -1613,15 +1613,17 @@ mod tests {
 
     /// A quota beside letters of mixed sizes is judged as the letters fit it in order, where
     /// one replica's workers take their units one after another: 21 recipients per 10 minutes,
-    /// sixteen workers on a 2 s relay, letters of 1 to 10 recipients. In order they fit 16, 17
-    /// and 14 in its three windows, and the budget sends those 47; judged against the quota alone
-    /// (63), it read 74.6 %.
+    /// sixteen workers on a 2 s relay, letters of 1 to 10 recipients. Whole, in order, they fit
+    /// 16, 17 and 14 in its three windows (47; judged against the quota alone, it read 74.6 %).
+    /// Since a letter may go in part under a burst's pace too, as the quota has room
+    /// ([`Plan::splits_transactions`]), they fill the three windows: 63, and the judge's order,
+    /// in parts, allows as many.
     #[tokio::test(start_paused = true)]
     async fn a_quota_beside_letters_of_mixed_sizes_is_judged_as_they_fit_in_order() {
         let vars = in_recipients("60s", 1_221, 647, Some("21/600s"), 10);
         let judged = judge(&slow_mixed_behind(vars, 16, 25 * MINUTE)).await;
         assert!(judged.bound_by.contains(MIXED_IN_ORDER), "{}", judged.bound_by);
-        assert_eq!((judged.used, judged.binding), (47, 47));
+        assert_eq!((judged.used, judged.binding), (63, 63));
     }
 
     /// Fast relays under a burst and no quota stock their units, where the window is counted
@@ -2066,6 +2068,25 @@ mod tests {
         let judged = sends_within_its_caps(&one).await;
         // Three windows of 21 (judged in order with parts, so the share alone cannot tell).
         assert!(judged.used >= 60, "{} of 63", judged.used);
+    }
+
+    /// The same under a burst's pace: a message larger than the quota's room waited whole for
+    /// the window to free, and the smaller letters behind it with it. In the third window the
+    /// quota had room for 49 and each replica's next message was a 50: 45 recipients of smaller
+    /// letters waited 7 s, and the run sent 395 recipients in 50 s where the quota allows 456
+    /// (456 so). The part is
+    /// what the quota has room for, not the one unit the pace has due.
+    #[tokio::test(start_paused = true)]
+    async fn a_quota_with_less_room_than_a_message_lends_it_to_part_of_one_under_a_burst() {
+        let vars = in_recipients("1s", 1_838, 1_264, Some("152/20s"), 50);
+        let case = Case {
+            recipients: vec![1, 40, 5, 100, 2],
+            offsets_ms: vec![600_000, 0],
+            ..Case::load(vars, 3, 11, 300 * MS, 50 * SECOND)
+        };
+        let judged = sends_within_its_caps(&case).await;
+        // Of the quota's three windows in 50 s, not of what whole letters allow in order (445).
+        assert!(judged.used >= 3 * 152 * 95 / 100, "{case}: {} of 456", judged.used);
     }
 
     /// A budget in recipients whose messages' units, on the schedule, span more than a quota's
