@@ -432,6 +432,11 @@ impl Budget {
     /// Whether the workers' returns are measured: only where their units may be booked
     /// ([`Budget::books_ahead`]), so that other budgets pay no lock a message for them.
     fn measures_returns(&self) -> bool {
+        self.window_counted_alone()
+    }
+
+    /// Whether the rate's window is counted exactly and no quota counts beside it.
+    fn window_counted_alone(&self) -> bool {
         self.plan.exact.is_some() && self.plan.quotas.is_empty()
     }
 
@@ -732,8 +737,7 @@ impl Budget {
     /// relays a preparation (398 recipients per 10 s, one replica of fourteen on a 2 s relay:
     /// 96.5 % of the rate in 30 s, 100 % on the guess).
     async fn probe(&self, units: u32) -> Option<Ticket> {
-        if self.plan.exact.is_none()
-            || !self.plan.quotas.is_empty()
+        if !self.window_counted_alone()
             || self.preparation_measured.load(Ordering::Relaxed)
             || !self.probing.swap(true, Ordering::AcqRel)
         {
@@ -1690,20 +1694,20 @@ mod tests {
     /// is not counted exactly, never go unplaced.
     #[tokio::test(start_paused = true)]
     async fn before_a_preparation_is_measured_messages_take_their_units_at_their_dots() {
-        let config = smtp(&[
-            ("SMTP_RATE_LIMIT_PERIOD", "1s"),
-            ("SMTP_RATE_LIMIT_MAX_LETTERS", "782"),
-            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
-            ("SMTP_MAX_RECIPIENTS", "50"),
-        ]);
-        let plan = Plan::new(&config);
-        let soon = u32::try_from(LEAD.as_nanos() as i64 / plan.interval_ns).unwrap();
-        assert!(plan.exact.is_some() && soon < 782 - 40, "the lead's units bind: {soon}");
-        let budget = Arc::new(Budget::new(
-            plan,
-            Arc::new(MemoryLedger::slow(Duration::from_millis(2))),
-            Arc::new(Metrics::new()),
-        ));
+        // A budget in recipients, fifty a message, on a ledger 2 ms away.
+        let in_recipients = |period: &str, max: &str| {
+            let config = smtp(&[
+                ("SMTP_RATE_LIMIT_PERIOD", period),
+                ("SMTP_RATE_LIMIT_MAX_LETTERS", max),
+                ("SMTP_RATE_LIMIT_UNIT", "recipient"),
+                ("SMTP_MAX_RECIPIENTS", "50"),
+            ]);
+            let ledger = Arc::new(MemoryLedger::slow(Duration::from_millis(2)));
+            Arc::new(Budget::new(Plan::new(&config), ledger, Arc::new(Metrics::new())))
+        };
+        let budget = in_recipients("1s", "782");
+        let soon = u32::try_from(budget.units_in_a_lead()).unwrap();
+        assert!(budget.plan.exact.is_some() && soon < 782 - 40, "the lead's units bind: {soon}");
         let first = budget.take_up_to(40).await;
         assert!(!first.unplaced, "the first message's units are placed");
         for _ in 0..soon / 50 {
@@ -1730,17 +1734,7 @@ mod tests {
 
         // 398 per 10 s: the window is longer than two leads, and a message beyond the lead's
         // units takes placed units at once.
-        let long = smtp(&[
-            ("SMTP_RATE_LIMIT_PERIOD", "10s"),
-            ("SMTP_RATE_LIMIT_MAX_LETTERS", "398"),
-            ("SMTP_RATE_LIMIT_UNIT", "recipient"),
-            ("SMTP_MAX_RECIPIENTS", "50"),
-        ]);
-        let budget = Arc::new(Budget::new(
-            Plan::new(&long),
-            Arc::new(MemoryLedger::slow(Duration::from_millis(2))),
-            Arc::new(Metrics::new()),
-        ));
+        let budget = in_recipients("10s", "398");
         assert!(!budget.window_within_two_leads());
         assert!(!budget.take_up_to(1).await.unplaced);
         let (mut unplaced, asked) = (0, Instant::now());

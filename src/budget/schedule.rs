@@ -577,7 +577,12 @@ impl Plan {
     /// (`a_quota_with_less_room_than_a_message_lends_it_to_part_of_one`).
     pub fn splits_transactions(&self) -> bool {
         let beside_quotas = self.unit == RateUnit::Recipient && !self.quotas.is_empty() && self.loose_max == 0;
-        beside_quotas || (self.exact.is_some() && self.pace.is_none_or(|(_, tolerance_ns)| tolerance_ns == 0))
+        beside_quotas || (self.exact.is_some() && !self.paced_with_burst())
+    }
+
+    /// Whether the rate's own pace is kept with a burst's tolerance ([`Plan::pace`]).
+    fn paced_with_burst(&self) -> bool {
+        self.pace.is_some_and(|(_, tolerance_ns)| tolerance_ns > 0)
     }
 
     /// The units of `run` whose due time is not before `cut_ns`, if any.
@@ -928,7 +933,7 @@ fn decide_units(
     }
     // Under a burst's pace a part is what the quotas have room for: the rate's window below
     // places the message whole (see [`Plan::splits_transactions`]).
-    if in_part && plan.pace.is_some_and(|(_, tolerance_ns)| tolerance_ns > 0) {
+    if in_part && plan.paced_with_burst() {
         need = need.max(message.min(count));
     }
     let mut start = start.max(ends_at_dot(message.min(count)));
@@ -1684,7 +1689,7 @@ pub(super) mod tests {
             "1838",
             &[("SMTP_RATE_LIMIT_BURST", "1264"), ("SMTP_QUOTAS", "152/20s"), ("SMTP_MAX_RECIPIENTS", "50")],
         );
-        assert!(plan.pace.is_some_and(|(_, tolerance_ns)| tolerance_ns > 0) && plan.splits_transactions());
+        assert!(plan.paced_with_burst() && plan.splits_transactions());
         let now = 1_000 * S;
         let grant = |state: &State, least: u32| {
             let need = Need { least, message: 50, held: None, early_ns: 0 };
