@@ -1484,7 +1484,9 @@ impl Budget {
                     Some(schedule::Asker {
                         replica: self.replica,
                         passing: far || pool.passing(),
+                        far,
                         holds_from_ns: pool.held_from(horizon_ns),
+                        lanes: pool.lanes(self.plan.interval_ns),
                     })
                 }
             };

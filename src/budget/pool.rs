@@ -440,6 +440,15 @@ impl Pool {
 
     /// The first place of a run held from `horizon_ns` on (past what the pool should cover), if
     /// any: see [`crate::budget::schedule::Asker::holds_from_ns`].
+    /// The first and last places of the strided runs (lanes) it holds.
+    pub(super) fn lanes(&self, interval_ns: i64) -> Vec<(i64, i64)> {
+        self.runs
+            .iter()
+            .filter(|run| run.stride > 1 && run.count > 0)
+            .map(|run| (run.first_ns, run.last_ns(interval_ns)))
+            .collect()
+    }
+
     pub(super) fn held_from(&self, horizon_ns: i64) -> Option<i64> {
         self.runs.iter().map(|run| run.first_ns).filter(|first_ns| *first_ns >= horizon_ns).min()
     }

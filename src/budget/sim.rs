@@ -1974,6 +1974,21 @@ mod tests {
         }
     }
 
+    /// Three replicas of ten workers on a 1 ms relay under 83,935 letters a second, clocks ten
+    /// minutes apart: the workers bind, and each replica's units pass. A replica that held a lane
+    /// took the lane beside it over the same span too, when it asked first, and the replica whose
+    /// lane it was went without units until the schedule's end (94.6 % of what the workers carry
+    /// in 5 s). Now a replica whose units pass leaves such a lane to the others
+    /// (`schedule::reuse`). Found by `SIM_HIGH=1` explorations (seed 21).
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_whose_units_pass_leaves_the_lane_beside_its_own_to_the_others() {
+        let case =
+            Case { offsets_ms: vec![600_000, 0], ..Case::load(letters("1s", 83_935, 1, None), 3, 10, MS, 5 * SECOND) };
+        let judged = sends_within_its_caps(&case).await;
+        assert_eq!(judged.bound_by, "the workers", "{case}");
+        assert!(judged.share() >= REQUIRED, "{case}: {} of {}", judged.used, judged.binding);
+    }
+
     /// Three replicas of eight workers that start together on a 20 ms relay under 960 a second,
     /// each able to send 400 a second. Each one's first grant was a lookahead of the rate (240
     /// units over 250 ms), and the three lay end to end: the second's first unit came 250 ms
