@@ -438,9 +438,8 @@ impl Pool {
         units
     }
 
-    /// The first place of a run held from `horizon_ns` on (past what the pool should cover), if
-    /// any: see [`crate::budget::schedule::Asker::holds_from_ns`].
-    /// The first and last places of the strided runs (lanes) it holds.
+    /// The first and last places of the strided runs (lanes) it holds: see
+    /// [`crate::budget::schedule::Asker::lanes`].
     pub(super) fn lanes(&self, interval_ns: i64) -> Vec<(i64, i64)> {
         self.runs
             .iter()
@@ -449,6 +448,8 @@ impl Pool {
             .collect()
     }
 
+    /// The first place of a run held from `horizon_ns` on (past what the pool should cover), if
+    /// any: see [`crate::budget::schedule::Asker::holds_from_ns`].
     pub(super) fn held_from(&self, horizon_ns: i64) -> Option<i64> {
         self.runs.iter().map(|run| run.first_ns).filter(|first_ns| *first_ns >= horizon_ns).min()
     }

@@ -828,6 +828,7 @@ struct Wanted {
     to_prepare: bool,
     /// The lanes the replica asking holds, where its units pass (else none).
     beside: Vec<(i64, i64)>,
+    /// Whether the rate is far above what the replica asking uses ([`Asker::far`]).
     far: bool,
 }
 
