@@ -843,13 +843,14 @@ fn decide_units(
 ) -> (Decision, State) {
     let Wanted { want, mut need, message, held, early_ns, stride, to_prepare, beside, far } = wanted;
     let ready_ns = ready_ns.min(lead_ns);
-    if let Some(reused) = reuse(state, plan, now_ns, now_ns + lead_ns, want.max(need), need, &beside) {
-        return reused;
-    }
-    // Only a lane beside its own was left: the replica waits for its own units rather than take
-    // the schedule on, unless the rate is far above what the replicas use (see `reuse`).
-    if !far && let Some(first_ns) = lane_beside(state, plan, now_ns + lead_ns, need, &beside) {
-        return (Decision::Wait { until_ns: first_ns, window: plan.rate_label.clone() }, state.clone());
+    match reuse(state, plan, now_ns, now_ns + lead_ns, want.max(need), need, &beside) {
+        Ok(reused) => return reused,
+        // Only a lane beside its own was left: the replica waits for its own units rather than
+        // take the schedule on, unless the rate is far above what the replicas use.
+        Err(Some(first_ns)) if !far => {
+            return (Decision::Wait { until_ns: first_ns, window: plan.rate_label.clone() }, state.clone());
+        }
+        Err(_) => {}
     }
     // A unit may be used up to the burst tolerance before its place: after idle time (or on a
     // fresh budget) the next BURST units are usable at once, whatever the period. So the horizon
@@ -1249,6 +1250,9 @@ pub fn refund_pace(mut state: State, plan: &Plan, now_ns: i64, passed: &[Placed]
 /// under 13,960 a second sent 96.5 % of what they carry; 98.6 % so), and else it waits for
 /// that lane's first place, its own units meanwhile (taking the schedule on there, three
 /// replicas of nine on a 20 ms relay under 896 a second sent 83.4 % of the rate; 95.5 % so).
+///
+/// `Err` when no lane is taken, with the first place of the first lane left for lying beside one
+/// of `beside`, if any.
 fn reuse(
     state: &State,
     plan: &Plan,
@@ -1257,9 +1261,12 @@ fn reuse(
     want: u32,
     need: u32,
     beside: &[(i64, i64)],
-) -> Option<(Decision, State)> {
+) -> Result<(Decision, State), Option<i64>> {
     let (mut returned, dead) = split_returned(&state.returned, earliest_ns, plan);
-    let index = returned.iter().position(|run| run.count >= need && !lies_beside(plan, run, beside))?;
+    let fits = |run: &Run| run.count >= need;
+    let Some(index) = returned.iter().position(|run| fits(run) && !lies_beside(plan, run, beside)) else {
+        return Err(returned.iter().find(|run| fits(run)).map(|run| run.first_ns));
+    };
     let run = &mut returned[index];
     let count = match run.stride > 1 {
         true => run.count,
@@ -1270,7 +1277,7 @@ fn reuse(
     run.count -= count;
     returned.retain(|run| run.count > 0);
     let next = refund(state, plan, now_ns, &dead);
-    Some((decision, State { version: state.version + 1, returned, ..next }))
+    Ok((decision, State { version: state.version + 1, returned, ..next }))
 }
 
 /// Whether `run` is a lane whose span meets one of the lanes in `beside`.
@@ -1278,12 +1285,6 @@ fn lies_beside(plan: &Plan, run: &Run, beside: &[(i64, i64)]) -> bool {
     let last_ns = run.last_ns(plan.interval_ns);
     run.stride > 1
         && beside.iter().any(|(first_ns, held_last_ns)| *first_ns <= last_ns && *held_last_ns >= run.first_ns)
-}
-
-/// The first place of the first lane [`reuse`] left because it lies beside one in `beside`.
-fn lane_beside(state: &State, plan: &Plan, earliest_ns: i64, need: u32, beside: &[(i64, i64)]) -> Option<i64> {
-    let (returned, _) = split_returned(&state.returned, earliest_ns, plan);
-    returned.iter().find(|run| run.count >= need && lies_beside(plan, run, beside)).map(|run| run.first_ns)
 }
 
 /// The state with `runs` given back: they join the returned units, and those already past
