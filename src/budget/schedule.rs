@@ -695,7 +695,7 @@ pub fn decide(
     ready_ns: i64,
     want: u32,
     need: impl Into<Need>,
-    asker: Option<Asker>,
+    mut asker: Option<Asker>,
 ) -> (Decision, State) {
     let Need { least: need, message, held, early_ns } = need.into();
     // The senders as this grant leaves them, where they count (`None`: as they were).
@@ -718,8 +718,9 @@ pub fn decide(
         _ => (None, 1),
     };
     let to_prepare = asker.is_some();
-    let (beside, far) = match &asker {
-        Some(Asker { passing: true, lanes, far, .. }) => (lanes.clone(), *far),
+    // The lanes move into the request: nothing below reads them from the asker again.
+    let (beside, far) = match &mut asker {
+        Some(Asker { passing: true, lanes, far, .. }) => (std::mem::take(lanes), *far),
         _ => (Vec::new(), false),
     };
     let wanted = Wanted { want, need, message, held, early_ns, stride, to_prepare, beside, far };
