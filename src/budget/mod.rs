@@ -225,6 +225,9 @@ pub struct Budget {
     available: AtomicBool,
     /// Recent slowest preparation of a transaction, in nanoseconds (see [`LEAD`]).
     preparation_ns: AtomicI64,
+    /// The same, but the first measurement replaces the guess outright: how far ahead a unit
+    /// must lie for a message still to be prepared to reach it (see [`Budget::cut_ns`]).
+    reach_ns: AtomicI64,
     /// A preparation was measured: until then it is a guess.
     preparation_measured: AtomicBool,
     /// Woken when `preparation_measured` turns true (see [`Budget::probe`]).
@@ -328,6 +331,7 @@ impl Budget {
             doomed_units: AtomicUsize::new(0),
             available: AtomicBool::new(true),
             preparation_ns: AtomicI64::new(LEAD.as_nanos() as i64 * 2 / 3),
+            reach_ns: AtomicI64::new(LEAD.as_nanos() as i64 * 2 / 3),
             preparation_measured: AtomicBool::new(false),
             measured: tokio::sync::Notify::new(),
             first_written: tokio::sync::watch::Sender::new(false),
@@ -420,9 +424,12 @@ impl Budget {
             let doomed = self.pool().doomed(now_ns, took, late_ns);
             self.doomed_units.fetch_add(doomed as usize, Ordering::Relaxed);
         }
-        let estimate = self.preparation_ns.load(Ordering::Relaxed);
-        let next = if took > estimate { took } else { estimate - (estimate - took) / 4 };
-        self.preparation_ns.store(next, Ordering::Relaxed);
+        self.preparation_ns.store(follow(self.preparation_ns.load(Ordering::Relaxed), took), Ordering::Relaxed);
+        let reach = match self.preparation_measured.load(Ordering::Relaxed) {
+            true => follow(self.reach_ns.load(Ordering::Relaxed), took),
+            false => took,
+        };
+        self.reach_ns.store(reach, Ordering::Relaxed);
         if !self.preparation_measured.load(Ordering::Relaxed) && !self.preparation_measured.swap(true, Ordering::AcqRel)
         {
             self.measured.notify_waiters();
@@ -693,11 +700,24 @@ impl Budget {
     /// transaction past a second (Postfix sleeping after its rate limit's 450s) made the
     /// preparation longer than the longest lead, every grant fell short of the cut, and the
     /// replica asked for grants in a loop and sent nothing again.
+    ///
+    /// The preparation here is the reach (`reach_ns`), which the first measurement sets outright:
+    /// the estimate falls from its first guess (67 ms) by a quarter of the difference a message,
+    /// and the cut with it kept every message of a fast relay from the units within the guess,
+    /// so each waited out what was left of it: three replicas of one worker on a 1 ms relay
+    /// under 1,669 recipients a second sent 67 recipients in their first 400 ms where the rate
+    /// brings 667, and 89.7 % of what the sizes allow in 5 s (451 and 94.1 % so). The estimate
+    /// itself keeps its pace: taken outright for the lead and the grants' places too, it moved
+    /// the bookings of windows counted exactly and the lanes of replicas that start together
+    /// (one replica of seven workers at 1,858 recipients a second 100 → 86.5 %; three of three
+    /// at 514 letters a second 96.5 → 68.3 %).
     fn cut_ns(&self, now_ns: i64, moment: Moment) -> i64 {
         let late_ns = self.plan.late.as_nanos() as i64;
         match moment {
             Moment::AtDot => now_ns - late_ns,
-            Moment::ToPrepare | Moment::Booked { .. } => now_ns - late_ns + self.preparation_within_lead_ns(),
+            Moment::ToPrepare | Moment::Booked { .. } => {
+                now_ns - late_ns + self.reach_ns.load(Ordering::Relaxed).clamp(0, self.lead_ns())
+            }
         }
     }
 
@@ -1629,6 +1649,15 @@ struct Decrement<'a>(&'a AtomicUsize);
 impl Drop for Decrement<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An estimate of the recent slowest preparation after one that took `took`: a slower one at
+/// once, a faster one by a quarter of the difference.
+fn follow(estimate_ns: i64, took_ns: i64) -> i64 {
+    match took_ns > estimate_ns {
+        true => took_ns,
+        false => estimate_ns - (estimate_ns - took_ns) / 4,
     }
 }
 
