@@ -425,13 +425,13 @@ impl Budget {
             self.doomed_units.fetch_add(doomed as usize, Ordering::Relaxed);
         }
         self.preparation_ns.store(follow(self.preparation_ns.load(Ordering::Relaxed), took), Ordering::Relaxed);
-        let reach = match self.preparation_measured.load(Ordering::Relaxed) {
-            true => follow(self.reach_ns.load(Ordering::Relaxed), took),
-            false => took,
+        let first = !self.preparation_measured.load(Ordering::Relaxed);
+        let reach = match first {
+            true => took,
+            false => follow(self.reach_ns.load(Ordering::Relaxed), took),
         };
         self.reach_ns.store(reach, Ordering::Relaxed);
-        if !self.preparation_measured.load(Ordering::Relaxed) && !self.preparation_measured.swap(true, Ordering::AcqRel)
-        {
+        if first && !self.preparation_measured.swap(true, Ordering::AcqRel) {
             self.measured.notify_waiters();
         }
     }
@@ -721,7 +721,8 @@ impl Budget {
         }
     }
 
-    /// The recent slowest preparation, never longer than the lead (see [`Budget::cut_ns`]).
+    /// The recent slowest preparation, never longer than the lead, for the reason
+    /// [`Budget::cut_ns`] gives for its reach.
     fn preparation_within_lead_ns(&self) -> i64 {
         self.preparation_ns.load(Ordering::Relaxed).clamp(0, self.lead_ns())
     }
