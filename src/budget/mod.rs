@@ -318,6 +318,8 @@ impl Budget {
         metrics.budget_available.set(1);
         let mut pool = Pool::default();
         pool.charged_at_end = plan.exact.is_some();
+        // The preparation guessed until one is measured: two thirds of the lead guessed.
+        let guessed_preparation_ns = LEAD.as_nanos() as i64 * 2 / 3;
         Budget {
             plan,
             ledger,
@@ -330,8 +332,8 @@ impl Budget {
             waiting: AtomicUsize::new(0),
             doomed_units: AtomicUsize::new(0),
             available: AtomicBool::new(true),
-            preparation_ns: AtomicI64::new(LEAD.as_nanos() as i64 * 2 / 3),
-            reach_ns: AtomicI64::new(LEAD.as_nanos() as i64 * 2 / 3),
+            preparation_ns: AtomicI64::new(guessed_preparation_ns),
+            reach_ns: AtomicI64::new(guessed_preparation_ns),
             preparation_measured: AtomicBool::new(false),
             measured: tokio::sync::Notify::new(),
             first_written: tokio::sync::watch::Sender::new(false),
