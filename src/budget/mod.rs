@@ -958,9 +958,7 @@ impl Budget {
         if let (Moment::ToPrepare, Taken::At { due_ns, .. }) = (moment, taken) {
             pool.record(now_ns, due_ns, units, LEAD_MAX.as_nanos() as i64);
         }
-        let low = pool.low(now_ns, now_ns + self.prefetch_ns(), self.plan.interval_ns);
-        drop(pool);
-        if low && !self.asks_as_needed(now_ns) {
+        if self.wants_background_grant(pool, now_ns) {
             self.refill();
         }
         let issued = Instant::now();
@@ -993,15 +991,22 @@ impl Budget {
                 let clock = budget.reading();
                 if budget.asks_again_at(clock.now_ns(), until_ns) {
                     tokio::time::sleep_until(clock.instant(until_ns)).await;
-                    let now_ns = budget.reading().now_ns();
-                    let low = budget.pool().low(now_ns, now_ns + budget.prefetch_ns(), budget.plan.interval_ns);
-                    if low && !budget.asks_as_needed(now_ns) {
+                    if budget.wants_background_grant(budget.pool(), budget.reading().now_ns()) {
                         budget.refill_once().await;
                     }
                 }
             }
             budget.refilling.store(false, Ordering::Release);
         });
+    }
+
+    /// Whether the next grant should be asked for in the background: `pool` covers less than the
+    /// prefetch span, and this replica does not ask only as its workers need
+    /// ([`Budget::asks_as_needed`], which takes the pool's lock too: the guard is released first).
+    fn wants_background_grant(&self, pool: std::sync::MutexGuard<'_, Pool>, now_ns: i64) -> bool {
+        let low = pool.low(now_ns, now_ns + self.prefetch_ns(), self.plan.interval_ns);
+        drop(pool);
+        low && !self.asks_as_needed(now_ns)
     }
 
     /// One background grant ([`Budget::refill`]); where the schedule said to wait, until when.
