@@ -62,6 +62,10 @@ pub const LOOKAHEAD: Duration = Duration::from_millis(250);
 const LEAD: Duration = Duration::from_millis(100);
 const LEAD_MIN: Duration = Duration::from_millis(1);
 const LEAD_MAX: Duration = Duration::from_millis(1_500);
+/// Where the rate's units lie closer together than this, the first messages' preparation is
+/// guessed at [`DENSE_GUESS`] rather than two thirds of [`LEAD`] (see [`guessed_preparation`]).
+const DENSE_INTERVAL: Duration = Duration::from_millis(20);
+const DENSE_GUESS: Duration = Duration::from_millis(20);
 /// How long a replica's other messages wait for its first message's grant before they take
 /// their units as ever (see [`Budget::probe`]): a grant times out in a second on a database
 /// near by ([`GRANT_TIMEOUT`]).
@@ -318,8 +322,7 @@ impl Budget {
         metrics.budget_available.set(1);
         let mut pool = Pool::default();
         pool.charged_at_end = plan.exact.is_some();
-        // The preparation guessed until one is measured: two thirds of the lead guessed.
-        let guessed_preparation_ns = LEAD.as_nanos() as i64 * 2 / 3;
+        let guessed_preparation_ns = guessed_preparation(&plan).as_nanos() as i64;
         Budget {
             plan,
             ledger,
@@ -704,9 +707,10 @@ impl Budget {
     /// replica asked for grants in a loop and sent nothing again.
     ///
     /// The preparation here is the reach (`reach_ns`), which the first measurement sets outright:
-    /// the estimate falls from its first guess (67 ms) by a quarter of the difference a message,
-    /// and the cut with it kept every message of a fast relay from the units within the guess,
-    /// so each waited out what was left of it: three replicas of one worker on a 1 ms relay
+    /// the estimate falls from its first guess (67 ms then; [`guessed_preparation`]) by a quarter
+    /// of the difference a message, and the cut with it kept every message of a fast relay from
+    /// the units within the guess, so each waited out what was left of it: three replicas of one
+    /// worker on a 1 ms relay
     /// under 1,669 recipients a second sent 67 recipients in their first 400 ms where the rate
     /// brings 667, and 89.7 % of what the sizes allow in 5 s (451 and 94.1 % so). The estimate
     /// itself keeps its pace: taken outright for the lead and the grants' places too, it moved
@@ -1632,6 +1636,34 @@ impl Budget {
             self.metrics.budget_used.get_or_create(&label).set(used as i64);
             self.metrics.budget_remaining.get_or_create(&label).set(remaining as i64);
         }
+    }
+}
+
+/// The preparation a replica guesses until its first transaction measures one: two thirds of
+/// [`LEAD`] (a lead of 100 ms), or [`DENSE_GUESS`] (20 ms) where the rate's units lie less than
+/// [`DENSE_INTERVAL`] apart.
+///
+/// The guess sets how far ahead the first grants place their units, and the dots wait for them:
+/// where units are dense that wait is dozens of units of the rate lost at every start (three
+/// replicas of eight workers on a 20 ms relay under 960 a second sent nothing in their first
+/// 110 ms, 94.8 % of the rate in 5 s; 42 ms and 95.2 % with the dense guess,
+/// `a_dense_rate_is_not_held_by_the_first_guess_of_a_lead`). A message prepared more slowly
+/// than the guess misses its unit and takes a new one at its dot ([`Budget::prepared`]), which
+/// costs a dense rate little; where units lie further apart a missed unit costs an interval, and
+/// the guess stays: three replicas of thirteen on a 300 ms relay under 22 a second (units 45 ms
+/// apart) sent 106 of 107 letters in 5 s on the longer guess, 101 on a 50 ms one. Over the 6,100
+/// explored cases, the dense guess raised 488 cases and lowered 53, none by more than 2.9 points,
+/// and the cases below 95 % went from 11 to 7; lowered for every rate, rates whose units lie
+/// 20–50 ms apart lost as much as they gained (33 cases raised, 26 lowered at 40 ms).
+///
+/// The rate's own interval, not the schedule's: where the window is counted exactly the schedule
+/// runs at eight times the rate, and SES's 14 recipients a second (units 71 ms apart) read as
+/// dense; three replicas of four on a 300 ms relay, letters of 1 to 10, fell to 94.6 % of it.
+fn guessed_preparation(plan: &Plan) -> Duration {
+    let interval_ns = plan.period_ns / i64::from(plan.rate_max.max(1));
+    match interval_ns < DENSE_INTERVAL.as_nanos() as i64 {
+        true => DENSE_GUESS,
+        false => LEAD * 2 / 3,
     }
 }
 
