@@ -710,11 +710,11 @@ impl Budget {
     /// the estimate falls from its first guess (67 ms then; [`guessed_preparation`]) by a quarter
     /// of the difference a message, and the cut with it kept every message of a fast relay from
     /// the units within the guess, so each waited out what was left of it: three replicas of one
-    /// worker on a 1 ms relay
-    /// under 1,669 recipients a second sent 67 recipients in their first 400 ms where the rate
-    /// brings 667, and 89.7 % of what the sizes allow in 5 s (451 and 94.1 % so). The estimate
-    /// itself keeps its pace: taken outright for the lead and the grants' places too, it moved
-    /// the bookings of windows counted exactly and the lanes of replicas that start together
+    /// worker on a 1 ms relay under 1,669 recipients a second sent 67 recipients in their first
+    /// 400 ms where the rate brings 667, and 89.7 % of what the sizes allow in 5 s (451 and
+    /// 94.1 % so). The estimate itself keeps its pace: taken outright for the lead and the
+    /// grants' places too, it moved the bookings of windows counted exactly and the lanes of
+    /// replicas that start together
     /// (one replica of seven workers at 1,858 recipients a second 100 → 86.5 %; three of three
     /// at 514 letters a second 96.5 → 68.3 %).
     fn cut_ns(&self, now_ns: i64, moment: Moment) -> i64 {

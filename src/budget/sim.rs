@@ -1954,7 +1954,7 @@ mod tests {
     /// a preparation (67 ms, a lead of 100 ms) where the relay prepares in 10 ms: the first dot
     /// came at 110 ms, the rate's units until then went to no one, and the run sent 4,541 of the
     /// 4,791 letters every limit at once allows in 5 s (94.8 %). Where units lie less than 20 ms
-    /// apart the guess is 20 ms (`guessed_preparation`): the first dot comes at about 45 ms.
+    /// apart the guess is 20 ms (`guessed_preparation`): the first dot at 42 ms, 4,563 letters.
     #[tokio::test(start_paused = true)]
     async fn a_dense_rate_is_not_held_by_the_first_guess_of_a_lead() {
         let case = Case::load(letters("1s", 960, 1, None), 3, 8, 20 * MS, 5 * SECOND);
