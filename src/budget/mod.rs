@@ -714,9 +714,8 @@ impl Budget {
     /// 400 ms where the rate brings 667, and 89.7 % of what the sizes allow in 5 s (451 and
     /// 94.1 % so). The estimate itself keeps its pace: taken outright for the lead and the
     /// grants' places too, it moved the bookings of windows counted exactly and the lanes of
-    /// replicas that start together
-    /// (one replica of seven workers at 1,858 recipients a second 100 → 86.5 %; three of three
-    /// at 514 letters a second 96.5 → 68.3 %).
+    /// replicas that start together (one replica of seven workers at 1,858 recipients a second
+    /// 100 → 86.5 %; three of three at 514 letters a second 96.5 → 68.3 %).
     fn cut_ns(&self, now_ns: i64, moment: Moment) -> i64 {
         let late_ns = self.plan.late.as_nanos() as i64;
         match moment {
@@ -1656,12 +1655,12 @@ impl Budget {
 /// and the cases below 95 % went from 11 to 7; lowered for every rate, rates whose units lie
 /// 20–50 ms apart lost as much as they gained (33 cases raised, 26 lowered at 40 ms).
 ///
-/// The rate's own interval, not the schedule's: where the window is counted exactly the schedule
-/// runs at eight times the rate, and SES's 14 recipients a second (units 71 ms apart) read as
-/// dense; three replicas of four on a 300 ms relay, letters of 1 to 10, fell to 94.6 % of it.
+/// The rate's own interval (what [`Plan::rate_brings_ns`] gives for one unit), not the
+/// schedule's: where the window is counted exactly the schedule runs at eight times the rate,
+/// and SES's 14 recipients a second (units 71 ms apart) read as dense; three replicas of four on
+/// a 300 ms relay, letters of 1 to 10, fell to 94.6 % of it.
 fn guessed_preparation(plan: &Plan) -> Duration {
-    let interval_ns = plan.period_ns / i64::from(plan.rate_max.max(1));
-    match interval_ns < DENSE_INTERVAL.as_nanos() as i64 {
+    match plan.rate_brings_ns(1) < DENSE_INTERVAL.as_nanos() as i64 {
         true => DENSE_GUESS,
         false => LEAD * 2 / 3,
     }
