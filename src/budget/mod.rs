@@ -160,8 +160,8 @@ const ONE_MESSAGE_SHARED_SPAN: Duration = Duration::from_secs(5);
 /// (`pool::PASSING_SHARE`): two replicas of sixteen workers on a 20 ms relay under 1,089
 /// recipients a second took runs of a tenth of a second in turn, each replica's workers used
 /// 74 % of its runs at their pace and waited through the other's, and 26 % passing was below
-/// the stride's 30 % (4,223 recipients in 5 s; 5,081 placed one message at a time). A fifth and
-/// a tenth changed that case alone in 1,600 explored.
+/// the stride's share then, 30 % (4,223 recipients in 5 s; 5,081 placed one message at a
+/// time). A fifth and a tenth changed that case alone in 1,600 explored.
 const PLACING_PASSING_SHARE: f64 = 0.1;
 
 /// When a message may be handed over: its final dot waits for `at`.

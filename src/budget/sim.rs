@@ -1963,6 +1963,26 @@ mod tests {
         assert!(first.is_some_and(|at| at < 70 * MS), "first dot at {first:?}");
     }
 
+    /// Two replicas of sixteen workers on a 1 ms relay under 13,195 letters a second, clocks ten
+    /// minutes apart. The paused clock ticks in whole milliseconds, so a worker sends a message
+    /// every 2 ms and a replica's workers carry 8,000 a second: most of a run at the rate's pace is
+    /// theirs to use, two in five of its units pass. The first runs lie end to end, and a
+    /// replica's grants go strided once a share of its units passed, judged on what passed so
+    /// far: at three tenths, the second and third grants read 29 % (369 of 1,261 at 207 ms, the
+    /// tail of the runs still ahead), the strides came at 0.32 s, tenths of a second from 0.2 s
+    /// held 910 and 851 of the rate's 1,320, and the run 62,600 of the 65,969 every limit at once
+    /// allows in 5 s (94.9 %). At a quarter (`pool::PASSING_SHARE`), strided from 0.21 s: 1,011
+    /// and 1,327, then 1,278 to 1,310 a tenth, and 63,120 (95.7 %). Found by `SIM_HIGH=1`
+    /// explorations (seed 21).
+    #[tokio::test(start_paused = true)]
+    async fn replicas_whose_workers_trail_a_dense_rate_interleave_from_their_first_runs() {
+        let case =
+            Case { offsets_ms: vec![-600_000, 0], ..Case::load(letters("1s", 13_195, 1, None), 2, 16, MS, 5 * SECOND) };
+        holds_and_uses_95(&case).await;
+        // From 0.3 s, nine tenths of the rate's 1,320 units a tenth of a second at least.
+        each_tenth_holds(&run(&case).await.per_window(100 * MS, case.duration), 3, 1_200, "both replicas");
+    }
+
     /// Two replicas of sixteen workers on a 20 ms relay under 1,089 recipients a second, letters
     /// of one, each message placed as it starts: a grant for the workers waiting, a ledger write
     /// each, the writes one after another. Each grant placed its first unit a lead from when it
