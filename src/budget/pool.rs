@@ -18,12 +18,13 @@ const PASSING_SPAN: std::time::Duration = std::time::Duration::from_secs(1);
 /// 92.1 % of it (95 % at least consecutive, `three_replicas_of_four_slow_workers_use_the_rate`).
 /// At a fifth, since a judgement is kept while strided ([`PASSING_KEPT`]), three replicas of
 /// five on a 300 ms relay at 296 per 10 s were strided for good and used 92.4 % of it (98.4 %
-/// at three tenths and at a quarter, `replicas_whose_units_pass_now_and_then_stay_consecutive`);
-/// at a half, the replicas whose workers trail the rate stayed consecutive (1,378 a second:
-/// 59.7 %). At three tenths, a replica judged at its second and third grants, while the tail of
-/// its first runs still lay ahead, read 29 % where two in five of its units were passing, and
-/// went strided only at its fourth grant: two replicas of sixteen on a 1 ms relay under 13,195 a
-/// second sent 94.9 % of it in 5 s, 95.7 % at a quarter
+/// at three tenths then, 99.0 % now at three tenths and at a quarter,
+/// `replicas_whose_units_pass_now_and_then_stay_consecutive`); at a half, the replicas whose
+/// workers trail the rate stayed consecutive (1,378 a second: 59.7 %). At three tenths, a
+/// replica judged while the tails of its first runs still lay ahead read 20 % at its second
+/// grant and 29 % at its third, where two in five of its units were passing, and went strided
+/// only at its fourth: two replicas of sixteen on a 1 ms relay under 13,195 a second sent
+/// 94.9 % of it in 5 s, 95.7 % at a quarter
 /// (`replicas_whose_workers_trail_a_dense_rate_interleave_from_their_first_runs`).
 const PASSING_SHARE: f64 = 0.25;
 /// And at least this many units a span: a single unit is a tenth of ten.
