@@ -1969,9 +1969,9 @@ mod tests {
     /// theirs to use, two in five of its units pass. The first runs lie end to end, and a
     /// replica's grants go strided once a share of its units passed, judged on what passed so
     /// far: at three tenths, the second grants read 20 % and the third 29 % (369 of 1,261 at
-    /// 207 ms, the tails of the runs still ahead), the strides came at 0.32 s, tenths of a second from 0.2 s
-    /// held 910 and 851 of the rate's 1,320, and the run 62,600 of the 65,969 every limit at once
-    /// allows in 5 s (94.9 %). At a quarter (`pool::PASSING_SHARE`), strided from 0.21 s: 1,011
+    /// 207 ms, the tails of the runs still ahead), the strides came at 0.32 s, tenths of a
+    /// second from 0.2 s held 910 and 851 of the rate's 1,320, and the run 62,600 of the 65,969
+    /// every limit at once allows in 5 s (94.9 %). At a quarter (`pool::PASSING_SHARE`), strided from 0.21 s: 1,011
     /// and 1,327, then 1,278 to 1,310 a tenth, and 63,120 (95.7 %). Found by `SIM_HIGH=1`
     /// explorations (seed 21).
     #[tokio::test(start_paused = true)]
