@@ -213,19 +213,35 @@ launch() {
     die "$name: launcher did not write $PIDS/$name.pid; see $logf"
 }
 
-# wait_port NAME PORT LOGS : wait until PORT accepts connections while the server lives.
+# wait_port NAME PORT LOGS PID : wait until PORT accepts connections while process PID lives.
+# Liveness, not pid_of: the launcher writes its pid and then execs the server, and while the kernel
+# runs that exec /proc/PID/cmdline reads empty, so a name check made then finds "no server" (CI
+# once failed on it). The pid was written by this script moments ago, so it cannot have been recycled.
 wait_port() {
-    local name=$1 port=$2 logs=$3 deadline=$((SECONDS + START_TIMEOUT))
+    local name=$1 port=$2 logs=$3 pid=$4 deadline=$((SECONDS + START_TIMEOUT))
     while ! port_open "$port"; do
-        if ! pid_of "$name" >/dev/null; then
-            tail -n 20 ${logs} >&2 2>/dev/null || true
+        if ! live "$pid"; then
+            show_logs ${logs}
             die "$name exited before listening on 127.0.0.1:$port; see $logs"
         fi
         if ((SECONDS >= deadline)); then
-            tail -n 20 ${logs} >&2 2>/dev/null || true
+            show_logs ${logs}
             die "$name did not accept connections on 127.0.0.1:$port within ${START_TIMEOUT}s; see $logs"
         fi
         sleep 0.1
+    done
+}
+
+# The end of each log, or that it is empty: a server killed before its first line leaves none.
+show_logs() {
+    local f
+    for f in "$@"; do
+        if [[ -s $f ]]; then
+            printf '[stack] the end of %s:\n' "$f" >&2
+            tail -n 20 "$f" >&2
+        else
+            printf '[stack] %s is empty or missing\n' "$f" >&2
+        fi
     done
 }
 
@@ -238,7 +254,7 @@ ensure_server() {
         if [[ $running_port != "$port" ]]; then
             log "$name: already running (pid $pid) on port $running_port, not $port; keeping it (run 'down' first to change ports)"
         fi
-        wait_port "$name" "$running_port" "$logs"
+        wait_port "$name" "$running_port" "$logs" "$pid"
         log "$name: already running (pid $pid, 127.0.0.1:$running_port)"
         echo "$running_port"; return 0
     fi
@@ -248,7 +264,7 @@ ensure_server() {
     fi
     launch "$name" "$cwd" "$logf" "$@"
     echo "$port" >"$PIDS/$name.port"
-    wait_port "$name" "$port" "$logs"
+    wait_port "$name" "$port" "$logs" "$(cat "$PIDS/$name.pid")"
     log "$name: started (pid $(cat "$PIDS/$name.pid"), 127.0.0.1:$port, logs: $logs)"
     echo "$port"
 }
@@ -312,7 +328,8 @@ cmd_up() {
             "$MAILDEV_BIN" --ip 127.0.0.1 --smtp "$SMTP_PORT" --web "$MAILDEV_WEB_PORT" --mail-directory "$RUN/maildev")
         if [[ $was_running -eq 0 || ! -s $PIDS/maildev.webport ]]; then echo "$MAILDEV_WEB_PORT" >"$PIDS/maildev.webport"; fi
         wport=$(cat "$PIDS/maildev.webport")
-        wait_port maildev "$wport" "$RUN/maildev.log" # the web UI comes up separately from SMTP
+        # The web UI comes up separately from SMTP.
+        wait_port maildev "$wport" "$RUN/maildev.log" "$(cat "$PIDS/maildev.pid")"
     elif pid_of maildev >/dev/null; then
         # Not asked for, but still running from an earlier `up`: keep advertising it.
         sport=$(cat "$PIDS/maildev.port")

@@ -142,3 +142,96 @@ async fn json_logs_carry_letter_id_and_source_key() {
         assert!(line["level"].is_string() && line["timestamp"].is_string(), "{line}");
     }
 }
+
+/// Stand-ins for the stack's servers, written where `scripts/stack.sh` looks for them under
+/// `cache`. Each listens on the port its command line names. The broker's first process shows a
+/// command line without its name for `broker_hidden_s` seconds, then execs into one that has it:
+/// the state a real server is in for an instant during its exec (its `/proc/PID/cmdline` reads
+/// empty), made to last so that a check made during it is certain to see it. With `broker_fails`,
+/// the broker prints "boom" and exits instead.
+fn fake_stack_servers(cache: &std::path::Path, broker_hidden_s: u32, broker_fails: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let write = |path: std::path::PathBuf, text: String| {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    let listen = cache.join("listen.py");
+    write(
+        listen.clone(),
+        "import socket, sys\n\
+         args = sys.argv[2:]\n\
+         if '-p' in args:\n    port = int(args[args.index('-p') + 1])\n\
+         else:\n    port = int(args[args.index('--listener-url') + 1].rsplit(':', 1)[1])\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', port))\n\
+         s.listen()\n\
+         while True:\n    s.accept()[0].close()\n"
+            .to_string(),
+    );
+    let listen = listen.display();
+    write(cache.join("venv/bin/nx-27017"), format!("#!/usr/bin/env bash\nexec python3 {listen} nx-27017 \"$@\"\n"));
+    // The second stage lives outside `tansu/` and gets the arguments from the environment, so that
+    // nothing in the first stage's command line names the broker.
+    write(
+        cache.join("stage2.sh"),
+        format!("#!/usr/bin/env bash\nsleep {broker_hidden_s}\nexec python3 {listen} tansu $FAKE_ARGS\n"),
+    );
+    let broker = if broker_fails {
+        "#!/usr/bin/env bash\necho boom >&2\nexit 3\n".to_string()
+    } else {
+        format!("#!/usr/bin/env bash\nFAKE_ARGS=\"$*\" exec -a starting bash {}\n", cache.join("stage2.sh").display())
+    };
+    write(cache.join("tansu/bin/tansu"), broker);
+}
+
+fn stack_sh(cache: &std::path::Path, kafka: u16, mongo: u16, args: &[&str]) -> (bool, String) {
+    let output = Command::new("bash")
+        .arg(repo_root().join("scripts/stack.sh"))
+        .args(args)
+        .env("MAILSENDER_CACHE", cache)
+        .env("MAILSENDER_RUN", cache.join("run"))
+        .env("KAFKA_PORT", kafka.to_string())
+        .env("MONGO_PORT", mongo.to_string())
+        .output()
+        .expect("running scripts/stack.sh");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+/// CI once failed at "tansu exited before listening" with the broker alive: `stack.sh` looked
+/// for the broker's name in `/proc/PID/cmdline` while the launcher was exec'ing it, when that
+/// file reads empty. A server it has just started is waited for while its process lives,
+/// whatever its command line shows; one that exits is still reported at once, with its log.
+#[test]
+fn stack_waits_for_a_server_it_started_while_its_process_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path();
+    // The stand-ins find the broker's name in any path that holds it.
+    assert!(!cache.display().to_string().contains("tansu"), "{}", cache.display());
+    let (kafka, mongo) = (free_port(), free_port());
+    // Stops the stand-ins even when an assertion fails.
+    struct Down<'a>(&'a std::path::Path, u16, u16);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            stack_sh(self.0, self.1, self.2, &["down"]);
+        }
+    }
+    let _down = Down(cache, kafka, mongo);
+
+    fake_stack_servers(cache, 1, false);
+    let (ok, output) = stack_sh(cache, kafka, mongo, &["up", "--no-maildev"]);
+    assert!(ok, "stack.sh up failed:\n{output}");
+    assert!(output.contains(&format!("KAFKA_BROKERS=127.0.0.1:{kafka}")), "{output}");
+    std::net::TcpStream::connect(("127.0.0.1", kafka)).expect("the broker's stand-in listens");
+    let (ok, output) = stack_sh(cache, kafka, mongo, &["down"]);
+    assert!(ok && output.contains("tansu: stopped") && output.contains("nx: stopped"), "{output}");
+
+    fake_stack_servers(cache, 0, true);
+    let started = std::time::Instant::now();
+    let (ok, output) = stack_sh(cache, kafka, mongo, &["up", "--no-maildev"]);
+    assert!(!ok, "stack.sh up passed with a broker that exits:\n{output}");
+    assert!(output.contains("tansu exited before listening") && output.contains("boom"), "{output}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?} to see the broker exit", started.elapsed());
+}
