@@ -1572,7 +1572,18 @@ impl Budget {
                 self.told_to_wait_ns.store(now_ns, Ordering::Relaxed);
                 // Nothing granted; what was given back to the quotas is still written.
                 if next == stored {
-                    *granting = Some(stored);
+                    // The state read is kept for the next decision only while no other replica
+                    // writes the schedule; else the next ask reads it again. Decided on the state
+                    // a wait had read, a replica whose strided runs lie beside the others' was
+                    // told again and again to wait for a lane they had taken since
+                    // (`schedule::reuse`), asked for its next runs only as its own ended, when
+                    // the others did, and the last of their colliding writes lost two or three of
+                    // its lane's units each round: three replicas of ten on a 20 ms relay under
+                    // 1,244 a second sent 94.8 % of the rate in 5 s, 95.6 % so. Alone, the state
+                    // read is the one stored, and a read would cost a round trip for nothing.
+                    if !self.others_wrote_within(now_ns, SHARED_SPAN) {
+                        *granting = Some(stored);
+                    }
                     return Ok(wait);
                 }
                 next = State { version: stored.version + 1, ..next };

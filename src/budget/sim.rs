@@ -1983,6 +1983,27 @@ mod tests {
         each_tenth_holds(&run(&case).await.per_window(100 * MS, case.duration), 3, 1_200, "both replicas");
     }
 
+    /// Three replicas of ten workers on a 20 ms relay under 1,244 letters a second, clocks ten
+    /// minutes apart: each replica's workers carry about 470 a second, so their grants are
+    /// strided, every third unit, and the three replicas' runs end together. A replica asking for
+    /// its next runs early was told to wait for a lane beside its own, decided on the state its
+    /// last wait had read, in which the lanes the others had taken since were still free: it
+    /// asked again only as its own run ended, when the others did too, and the last of the
+    /// colliding writes began its runs a lead from then, two or three units into its lane. Every
+    /// fifth tenth of a second from 0.4 s held 120 or 121 of the rate's 124.4, and the run 5,884
+    /// of the 6,208 every limit at once allows in 5 s (94.8 %). Now a replica that shares the
+    /// schedule reads it again after a wait (`Budget::grant`): 5,934 (95.6 %), and every tenth
+    /// from 0.4 s 122 or more. Found by `SIM_BURST1=1` explorations, with and without `SIM_RECIPIENTS=1` (seed 21).
+    #[tokio::test(start_paused = true)]
+    async fn replicas_told_to_wait_decide_again_on_the_schedule_as_it_is() {
+        let case = Case {
+            offsets_ms: vec![-600_000, 0],
+            ..Case::load(letters("1s", 1_244, 1, None), 3, 10, 20 * MS, 5 * SECOND)
+        };
+        holds_and_uses_95(&case).await;
+        each_tenth_holds(&run(&case).await.per_window(100 * MS, case.duration), 4, 122, "the three replicas");
+    }
+
     /// Two replicas of sixteen workers on a 20 ms relay under 1,089 recipients a second, letters
     /// of one, each message placed as it starts: a grant for the workers waiting, a ledger write
     /// each, the writes one after another. Each grant placed its first unit a lead from when it
