@@ -1992,8 +1992,9 @@ mod tests {
     /// colliding writes began its runs a lead from then, two or three units into its lane. Every
     /// fifth tenth of a second from 0.4 s held 120 or 121 of the rate's 124.4, and the run 5,884
     /// of the 6,208 every limit at once allows in 5 s (94.8 %). Now a replica that shares the
-    /// schedule reads it again after a wait (`Budget::grant`): 5,934 (95.6 %), and every tenth
-    /// from 0.4 s 122 or more. Found by `SIM_BURST1=1` explorations, with and without `SIM_RECIPIENTS=1` (seed 21).
+    /// schedule reads it again after a wait where any place may go to any replica
+    /// (`Budget::grant`): 5,934 (95.6 %), and every tenth from 0.4 s 122 or more. Found by
+    /// `SIM_BURST1=1` explorations, with and without `SIM_RECIPIENTS=1` (seed 21).
     #[tokio::test(start_paused = true)]
     async fn replicas_told_to_wait_decide_again_on_the_schedule_as_it_is() {
         let case = Case {
