@@ -84,6 +84,10 @@ runs | xargs -P "$(nproc)" -L 1 bash -c '
 # A case prints its share first: "  92.5 % (required 95 %) <settings> | <deployment> ...", on
 # the test's own line for the first one ("test ... ... 97.1 % ...").
 cases() { grep -hE '[0-9.]+ % \(required' "$@" | sed -E 's/^test [^ ]+ \.\.\. *//; s/^ *//'; }
+# The cases below 95 % of their binding limit, from the counts each line ends with ("used U of B"),
+# not from the share printed first: that is rounded to a tenth, and 1,376 of 1,449 (94.96 %) read
+# 95.0 and went uncounted.
+below_95() { awk '{ used = $(NF - 2); of = $NF; if (of > 0 && used < 0.95 * of) print }'; }
 
 status=0
 printf '%-11s %5s %6s %6s  %s\n' class seed cases below worst
@@ -91,7 +95,7 @@ for file in "$OUT"/*-s*.txt; do
   name="$(basename "$file" .txt)"
   class="${name%-s*}" seed="${name##*-s}"
   total="$(cases "$file" | wc -l)"
-  below="$(cases "$file" | awk '$1 < 95' | wc -l)"
+  below="$(cases "$file" | below_95 | wc -l)"
   worst="$(cases "$file" | sort -n | awk 'NR == 1 { print substr($0, 1, 90) }')"
   printf '%-11s %5s %6s %6s  %s\n' "$class" "$seed" "$total" "$below" "$worst"
   if [ "$below" -gt 0 ]; then status=1; fi
@@ -102,6 +106,6 @@ for file in "$OUT"/*-s*.txt; do
 done
 echo
 echo "below 95 %:"
-cases "$OUT"/*-s*.txt | awk '$1 < 95' | sort -n || true
+cases "$OUT"/*-s*.txt | below_95 | sort -n || true
 echo "(each class and seed's output: $OUT)"
 exit "$status"
