@@ -1007,6 +1007,14 @@ async fn a_large_letter_under_a_daily_budget_without_a_burst_goes_once_one_unit_
 /// pace, 4 / 0.3 s = 13.3 letters a second: every message took a fresh grant a lead ahead (half
 /// again its preparation) and waited the difference at its dot, 10.7 a second. Now its unit is
 /// placed a preparation ahead (`Budget::placing_lead_ns`), and the units it misses are few.
+///
+/// What is asserted is the budget's part of the pace: how long each letter waited for its unit
+/// (`mailsender_rate_limit_wait_seconds`), as in `replicas_of_slow_workers_send_at_their_pace`.
+/// The pace over the whole span, asserted before, also counts one-off stalls that are not the
+/// budget's: in the suite, beside the other tests on the same nx-27017, it read 11.10 letters a
+/// second once where 12 were asked (13.3 alone, and 13.04 with two busy loops beside it on two
+/// cores). Under 16 ms: 99 and 100 % of the letters alone, 89 % beside the busy loops; 5 %
+/// with the lead the fix replaced (10.77 letters a second).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rate_left_high_without_a_burst_sends_at_the_workers_pace() {
     let _serial = TIMING.lock().await;
@@ -1022,9 +1030,18 @@ async fn a_rate_left_high_without_a_burst_sends_at_the_workers_pace() {
     let rate = (received.len() - 1) as f64 / span(&received);
     let text = reqwest::get(format!("{}/metrics", app.http)).await.unwrap().text().await.unwrap();
     let missed = metric_value(&text, "mailsender_budget_units_missed_total").unwrap_or(0.0);
-    println!("4 workers, 300 ms transactions, 10,000/s without a burst: {rate:.2} letters/s, {missed} units missed");
+    let quick = waits_within(&text, 0.016) / received.len() as f64;
+    println!(
+        "4 workers, 300 ms transactions, 10,000/s without a burst: {rate:.2} letters/s, {missed} units missed, \
+         {:.0} % of the letters waited under 16 ms for the budget",
+        quick * 100.0
+    );
     assert_eq!(received.len(), 80);
-    assert!(rate >= 12.0, "{rate:.2} letters/s: the workers' pace is 13.3");
+    assert!(
+        quick >= 0.5,
+        "{:.0} % of the letters waited under 16 ms for the budget ({rate:.2} letters/s)",
+        quick * 100.0
+    );
     // The units missed are printed, not asserted: five or six when written, 7 to 34 since on this
     // machine at a load of 1, with the code of the twenty-third stop and the twenty-fourth's alike
     // (dots late by more than the guard after a real 150 ms wait). The pace above is what the
