@@ -210,7 +210,9 @@ fn stack_waits_for_a_server_it_started_while_its_process_lives() {
     let cache = dir.path();
     // The stand-ins find the broker's name in any path that holds it.
     assert!(!cache.display().to_string().contains("tansu"), "{}", cache.display());
-    let (kafka, mongo) = (free_port(), free_port());
+    let kafka = free_port();
+    // Two ports asked for one after the other may be the same, the first being free again.
+    let mongo = std::iter::repeat_with(free_port).find(|port| *port != kafka).unwrap();
     // Stops the stand-ins even when an assertion fails.
     struct Down<'a>(&'a std::path::Path, u16, u16);
     impl Drop for Down<'_> {

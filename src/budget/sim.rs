@@ -1989,9 +1989,9 @@ mod tests {
     /// its next runs early was told to wait for a lane beside its own, decided on the state its
     /// last wait had read, in which the lanes the others had taken since were still free: it
     /// asked again only as its own run ended, when the others did too, and the last of the
-    /// colliding writes began its runs a lead from then, two or three units into its lane. Every
-    /// fifth tenth of a second from 0.4 s held 120 or 121 of the rate's 124.4, and the run 5,884
-    /// of the 6,208 every limit at once allows in 5 s (94.8 %). Now a replica that shares the
+    /// colliding writes began its runs a lead from then, two or three units into its lane. Tenths
+    /// of a second from 0.4 s held 120 to 125 of the rate's 124.4 (122.4 on average), and the run
+    /// 5,884 of the 6,208 every limit at once allows in 5 s (94.8 %). Now a replica that shares the
     /// schedule reads it again after a wait where any place may go to any replica
     /// (`Budget::grant`): 5,934 (95.6 %), and every tenth from 0.4 s 122 or more. Found by
     /// `SIM_BURST1=1` explorations, with and without `SIM_RECIPIENTS=1` (seed 21).
