@@ -10,14 +10,20 @@ use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(60);
 
-fn check_artifacts(args: &[&str]) -> (bool, String) {
+/// Runs `scripts/NAME` with `args` and `env`: whether it succeeded, and its output and errors.
+fn script(name: &str, args: &[&str], env: &[(&str, std::ffi::OsString)]) -> (bool, String) {
     let output = Command::new("bash")
-        .arg(repo_root().join("scripts/check-artifacts.sh"))
+        .arg(repo_root().join("scripts").join(name))
         .args(args)
+        .envs(env.iter().map(|(key, value)| (key, value)))
         .output()
-        .expect("running scripts/check-artifacts.sh");
+        .unwrap_or_else(|error| panic!("running scripts/{name}: {error}"));
     let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     (output.status.success(), text)
+}
+
+fn check_artifacts(args: &[&str]) -> (bool, String) {
+    script("check-artifacts.sh", args, &[])
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -187,17 +193,13 @@ fn fake_stack_servers(cache: &std::path::Path, broker_hidden_s: u32, broker_fail
 }
 
 fn stack_sh(cache: &std::path::Path, kafka: u16, mongo: u16, args: &[&str]) -> (bool, String) {
-    let output = Command::new("bash")
-        .arg(repo_root().join("scripts/stack.sh"))
-        .args(args)
-        .env("MAILSENDER_CACHE", cache)
-        .env("MAILSENDER_RUN", cache.join("run"))
-        .env("KAFKA_PORT", kafka.to_string())
-        .env("MONGO_PORT", mongo.to_string())
-        .output()
-        .expect("running scripts/stack.sh");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    (output.status.success(), text)
+    let env = [
+        ("MAILSENDER_CACHE", cache.into()),
+        ("MAILSENDER_RUN", cache.join("run").into()),
+        ("KAFKA_PORT", kafka.to_string().into()),
+        ("MONGO_PORT", mongo.to_string().into()),
+    ];
+    script("stack.sh", args, &env)
 }
 
 /// CI once failed at "tansu exited before listening" with the broker alive: `stack.sh` looked

@@ -1886,6 +1886,11 @@ mod tests {
         each_holds_and_uses_95(&cases).await;
     }
 
+    /// What `case` sent in each tenth of a second of its run.
+    async fn tenths(case: &Case) -> Vec<u32> {
+        run(case).await.per_window(100 * MS, case.duration)
+    }
+
     /// Asserts that every tenth of a second from the `from`-th on holds `least` units or more.
     fn each_tenth_holds(tenths: &[u32], from: usize, least: u32, whose: &str) {
         for (tenth, units) in tenths.iter().enumerate().skip(from) {
@@ -1946,7 +1951,7 @@ mod tests {
             Case { recipients: vec![1], ..Case::load(in_recipients("1s", 960, 1, None, 1), 3, 8, 20 * MS, 5 * SECOND) };
         sends_within_its_caps(&case).await;
         // From 2.5 s, nine tenths of the rate's 96 units a tenth of a second at least.
-        each_tenth_holds(&run(&case).await.per_window(100 * MS, case.duration), 25, 86, "all replicas");
+        each_tenth_holds(&tenths(&case).await, 25, 86, "all replicas");
     }
 
     /// Three replicas of eight workers on a 20 ms relay under 960 letters a second (units about a
@@ -1971,16 +1976,16 @@ mod tests {
     /// far: at three tenths, the second grants read 20 % and the third 29 % (369 of 1,261 at
     /// 207 ms, the tails of the runs still ahead), the strides came at 0.32 s, tenths of a
     /// second from 0.2 s held 910 and 851 of the rate's 1,320, and the run 62,600 of the 65,969
-    /// every limit at once allows in 5 s (94.9 %). At a quarter (`pool::PASSING_SHARE`), strided from 0.21 s: 1,011
-    /// and 1,327, then 1,278 to 1,310 a tenth, and 63,120 (95.7 %). Found by `SIM_HIGH=1`
-    /// explorations (seed 21).
+    /// every limit at once allows in 5 s (94.9 %). At a quarter (`pool::PASSING_SHARE`), strided
+    /// from 0.21 s: 1,011 and 1,327, then 1,278 to 1,310 a tenth, and 63,120 (95.7 %). Found by
+    /// `SIM_HIGH=1` explorations (seed 21).
     #[tokio::test(start_paused = true)]
     async fn replicas_whose_workers_trail_a_dense_rate_interleave_from_their_first_runs() {
         let case =
             Case { offsets_ms: vec![-600_000, 0], ..Case::load(letters("1s", 13_195, 1, None), 2, 16, MS, 5 * SECOND) };
         holds_and_uses_95(&case).await;
         // From 0.3 s, nine tenths of the rate's 1,320 units a tenth of a second at least.
-        each_tenth_holds(&run(&case).await.per_window(100 * MS, case.duration), 3, 1_200, "both replicas");
+        each_tenth_holds(&tenths(&case).await, 3, 1_200, "both replicas");
     }
 
     /// Three replicas of ten workers on a 20 ms relay under 1,244 letters a second, clocks ten
@@ -2002,7 +2007,7 @@ mod tests {
             ..Case::load(letters("1s", 1_244, 1, None), 3, 10, 20 * MS, 5 * SECOND)
         };
         holds_and_uses_95(&case).await;
-        each_tenth_holds(&run(&case).await.per_window(100 * MS, case.duration), 4, 122, "the three replicas");
+        each_tenth_holds(&tenths(&case).await, 4, 122, "the three replicas");
     }
 
     /// Two replicas of sixteen workers on a 20 ms relay under 1,089 recipients a second, letters
