@@ -1094,9 +1094,7 @@ impl Budget {
         }
         let span_ns = match self.alone(now_ns) {
             true => self.prefetch_ns(),
-            false if self.shares_a_rate_far_above(now_ns) => {
-                self.lead_ns() + 2 * self.counted_round_trip_ns() + PREFETCH_MARGIN.as_nanos() as i64
-            }
+            false if self.shares_a_rate_far_above(now_ns) => self.covering_ns(self.counted_round_trip_ns()),
             false => return 0,
         };
         (span_ns / self.plan.interval_ns).clamp(0, i64::from(self.plan.max_grant)) as u32
@@ -1122,7 +1120,12 @@ impl Budget {
 
     /// How far ahead the pool should cover: the lead, two round trips and a margin.
     fn prefetch_ns(&self) -> i64 {
-        self.lead_ns() + 2 * self.round_trip_ns.load(Ordering::Relaxed) + PREFETCH_MARGIN.as_nanos() as i64
+        self.covering_ns(self.round_trip_ns.load(Ordering::Relaxed))
+    }
+
+    /// A lead, two round trips of `round_trip_ns` and a margin: the span a replica's stock covers.
+    fn covering_ns(&self, round_trip_ns: i64) -> i64 {
+        self.lead_ns() + 2 * round_trip_ns + PREFETCH_MARGIN.as_nanos() as i64
     }
 
     /// Whether the schedule's next free unit lies further ahead than the pool needs to cover and a

@@ -1088,8 +1088,8 @@ mod tests {
     /// told by its last write that the schedule's end lay that far ahead, asked only as its
     /// workers needed, and the lanes beside the long grant passed while its workers idled: two
     /// replicas of sixteen on a 20 ms relay under 33,220 a second sent 6,651 of the 7,413
-    /// letters they carry in 5 s (89.7 %), two of twelve under 23,860 4,989 of 5,484 (91.0 %),
-    /// three of eleven under 37,180 92.7 %. Found with `SIM_STALLS=1000:300`.
+    /// letters they carry in 5 s (89.7 %); two of twelve under 23,860 sent 4,989 of 5,484
+    /// (91.0 %); three of eleven under 37,180, 92.7 %. Found with `SIM_STALLS=1000:300`.
     #[tokio::test(start_paused = true)]
     async fn replicas_sharing_a_rate_far_above_span_their_round_trips_not_a_stall() {
         let cases = [(33_220, 2, 16, [0, 0]), (23_860, 2, 12, [0, 0]), (37_180, 3, 11, [600_000, 0])].map(
