@@ -964,7 +964,7 @@ mod tests {
         let judged = judge(case).await;
         assert!(judged.over.is_empty(), "over: {:?}", judged.over);
         assert!(
-            judged.share() >= 0.95,
+            judged.share() >= REQUIRED,
             "{case}: {} of {} ({}), {:.1} %",
             judged.used,
             judged.binding,
@@ -1068,16 +1068,7 @@ mod tests {
             Case::load(letters("1s", 428, 1, Some("343/60s")), 1, 8, 2 * SECOND, 150 * SECOND),
         ];
         for case in cases {
-            let judged = with_stalls(SECOND, 300 * MS, judge(&case)).await;
-            assert!(judged.over.is_empty(), "{case}: over {:?}", judged.over);
-            assert!(
-                judged.share() >= REQUIRED,
-                "{case}: {} of {} ({}), {:.1} %",
-                judged.used,
-                judged.binding,
-                judged.bound_by,
-                judged.share() * 100.0
-            );
+            with_stalls(SECOND, 300 * MS, holds_and_uses_95(&case)).await;
         }
     }
 
